@@ -1,0 +1,69 @@
+"""BadNets (Gu, Dolan-Gavitt, Garg, "BadNets: Identifying Vulnerabilities in the Machine Learning
+Model Supply Chain", 2017): a small fixed patch stamped on the image, label flipped to the target.
+
+Departures: the patch is one of three synthetic patterns (white, checkerboard, seeded random
+binary) rather than the paper's hand-drawn shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from onp_env.attacks.base import Attack, patch_origin
+from onp_env.errors import OnpError
+
+PATTERNS = ("checker", "white", "random")
+
+
+def patch_pattern(kind: str, channels: int, size: int, seed: int) -> torch.Tensor:
+    if kind == "white":
+        p = torch.ones(size, size)
+    elif kind == "checker":
+        i = torch.arange(size)
+        p = ((i[:, None] + i[None, :]) % 2 == 0).float()
+    elif kind == "random":
+        g = torch.Generator().manual_seed(seed)
+        p = (torch.rand(size, size, generator=g) > 0.5).float()
+    else:
+        raise OnpError(f"unknown patch pattern '{kind}': choose one of {', '.join(PATTERNS)}")
+    return p.expand(channels, size, size).clone()
+
+
+class Patch(Attack):
+    """Shared by attacks whose trigger is a patch pasted over the image."""
+
+    def place(self, pattern: torch.Tensor, position) -> None:
+        size = pattern.shape[-1]
+        self._rc = patch_origin(position, size, self.image_shape)
+        self._pattern = pattern
+
+    def stamp(self, x: torch.Tensor) -> torch.Tensor:
+        r, c = self._rc
+        s = self._pattern.shape[-1]
+        out = x.clone()
+        out[:, :, r : r + s, c : c + s] = self._pattern.to(x.dtype)
+        return out
+
+    def apply(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        return self.stamp(x)
+
+
+@dataclass
+class BadNetsParams:
+    patch_size: int = 3
+    """Side of the square patch, in pixels."""
+    position: str | list[int] = "bottom-right"
+    """Named corner/center or explicit [row, col] of the patch's top-left pixel."""
+    pattern: str = "checker"
+    """checker, white or random (binary, drawn with pattern_seed)."""
+    pattern_seed: int = 0
+
+
+class BadNets(Patch):
+    name = "badnets"
+    Params = BadNetsParams
+
+    def validate(self) -> None:
+        p = self.params
+        self.place(patch_pattern(p.pattern, self.image_shape[0], p.patch_size, p.pattern_seed), p.position)

@@ -1,0 +1,179 @@
+"""The config schema: dataclasses loaded from YAML with `--set key=value` overrides, strict about
+unknown keys, and hashed canonically so that identical requests share one cached artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from onp_env.errors import OnpError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Dataset name: digits, fashion-mnist, mnist or cifar10."""
+    root: str | None = None
+    """Directory of the dataset files, for datasets not bundled (see onp_env.data)."""
+    defense_fraction: float = 0.05
+    """Share of each class of the training split held out as the clean defense set."""
+    split_seed: int = 0
+    """Seed of the defense split."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    """Architecture: small_cnn, vgg or preact_resnet18."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor arguments, e.g. {width: 0.5} for preact_resnet18."""
+
+
+@dataclass
+class AttackConfig:
+    name: str = "badnets"
+    """badnets, blended, wanet, sig or trojannn."""
+    target: int = 0
+    """Target label (all-to-one)."""
+    mode: str = "all-to-one"
+    """all-to-one, or all-to-all (label y -> y + 1 mod classes)."""
+    poison_rate: float = 0.1
+    """Share of the (non-defense) training images that are poisoned."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Trigger parameters of the attack (see its Params dataclass)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    """Initial SGD learning rate (cosine-annealed to 0)."""
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: str = "none"
+    """none, crop (random 2-pixel shift) or crop-flip."""
+    threads: int = 1
+    """torch threads while training; part of the result, since float sums depend on it."""
+
+
+@dataclass
+class LabConfig:
+    """One backdoored (or clean, with attack: null) model: what `onp attack` builds."""
+
+    name: str = "model"
+    """Label for the artifact directory; not part of the hash."""
+    seed: int = 0
+    """Seed of weight initialisation, batch order and poisoned-index choice."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig | None = field(default_factory=AttackConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights (not name, not data.root)."""
+        d = to_dict(self)
+        d.pop("name")
+        d["data"].pop("root")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def to_dict(obj: Any) -> Any:
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass inside `tp`, which may be `X` or `X | None`."""
+    if dataclasses.is_dataclass(tp):
+        return tp  # type: ignore[return-value]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg  # type: ignore[return-value]
+    return None
+
+
+def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
+    """Build dataclass `cls` from nested dicts, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise OnpError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise OnpError(f"unknown key(s) {', '.join(unknown)} in {where}: valid keys are {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = _dataclass_of(hints[key])
+        if sub and value is not None:
+            value = from_dict(sub, value, f"{where}.{key}")
+        else:
+            _check_type(hints[key], value, f"{where}.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+_SCALARS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), dict: (dict,), list: (list,)}
+
+
+def _check_type(tp: Any, value: Any, where: str) -> None:
+    """Reject a wrong type (e.g. epochs: "ten"); what is inside a container is its user's to check."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    options = tuple(typing.get_origin(o) or o for o in options)
+    if value is None and type(None) in options:
+        return
+    if any(o not in _SCALARS and o is not type(None) for o in options):
+        return
+    allowed = tuple(t for o in options for t in _SCALARS.get(o, ()))
+    if isinstance(value, bool) and bool not in options:
+        allowed = ()
+    if not isinstance(value, allowed):
+        names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+        raise OnpError(f"{where} must be {names}, got {value!r}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings applied to nested dicts; values are parsed as YAML."""
+    for item in overrides:
+        if "=" not in item:
+            raise OnpError(f"--set needs key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise OnpError(f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise OnpError(f"config file {p} not found: pass a path such as configs/attack/badnets-digits.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise OnpError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise OnpError(f"{p} must hold a mapping at top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    data = read_yaml(path) if path else {}
+    return from_dict(cls, apply_overrides(data, overrides or []), str(path or "config"))

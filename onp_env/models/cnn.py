@@ -1,0 +1,45 @@
+"""Small BatchNorm CNN sized for 8x8 (digits) and 28x28 (MNIST-like) inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from onp_env.models.layers import Normalize, check_input, conv_bn_relu
+
+
+class SmallCNN(nn.Module):
+    """[conv3x3-BN-ReLU-maxpool] per entry of `channels`, then one hidden Linear layer (prunable
+    neurons) and the classifier. Pooling stops once the feature map is 1 pixel wide."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        channels: Sequence[int] = (16, 32),
+        hidden: int = 128,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ):
+        super().__init__()
+        check_input(in_shape, num_classes)
+        c, h, w = in_shape
+        self.normalize = Normalize(mean, std, c)
+        layers: list[nn.Module] = []
+        for cout in channels:
+            layers += conv_bn_relu(c, cout)
+            if min(h, w) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c = cout
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(c * h * w, hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(self.features(self.normalize(x)))
+        return self.classifier(self.relu(self.fc(x)))

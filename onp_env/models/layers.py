@@ -1,0 +1,34 @@
+"""Building blocks shared by the architectures."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std as the model's first layer, so every model eats [0, 1] pixels
+    and a trigger is defined once in pixel space. Has buffers only: nothing here is prunable."""
+
+    def __init__(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, channels: int):
+        super().__init__()
+        m = torch.tensor(mean if mean is not None else [0.0] * channels, dtype=torch.float32)
+        s = torch.tensor(std if std is not None else [1.0] * channels, dtype=torch.float32)
+        if m.numel() != channels or s.numel() != channels:
+            raise ValueError(f"mean/std need {channels} values, got {m.numel()} and {s.numel()}")
+        self.register_buffer("mean", m.view(1, -1, 1, 1))
+        self.register_buffer("std", s.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def check_input(in_shape: tuple[int, int, int], num_classes: int) -> None:
+    if len(in_shape) != 3 or min(in_shape) < 1:
+        raise ValueError(f"in_shape must be (channels, height, width), got {in_shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")

@@ -1,0 +1,52 @@
+"""VGG-style network (Simonyan & Zisserman, 2015), scaled down: conv3x3-BN-ReLU stages with
+max-pooling, then a hidden Linear layer and the classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from onp_env.models.layers import Normalize, check_input, conv_bn_relu
+
+DEFAULT_CFG: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M")
+
+
+class VGGStyle(nn.Module):
+    """`cfg` lists conv widths and "M" for 2x2 max-pooling (skipped once the map is 1 pixel wide);
+    `width` scales every conv width."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        cfg: Sequence[int | str] = DEFAULT_CFG,
+        width: float = 1.0,
+        hidden: int = 256,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ):
+        super().__init__()
+        check_input(in_shape, num_classes)
+        c, h, w = in_shape
+        self.normalize = Normalize(mean, std, c)
+        layers: list[nn.Module] = []
+        for v in cfg:
+            if v == "M":
+                if min(h, w) >= 2:
+                    layers.append(nn.MaxPool2d(2))
+                    h, w = h // 2, w // 2
+            else:
+                cout = max(1, int(round(int(v) * width)))
+                layers += conv_bn_relu(c, cout)
+                c = cout
+        self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(c * h * w, hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(self.features(self.normalize(x)))
+        return self.classifier(self.relu(self.fc(x)))

@@ -1,0 +1,99 @@
+"""Training and caching backdoored-model artifacts: `build_artifact(config)` trains once per
+config fingerprint and returns the cached directory on every later call."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import onp_env
+from onp_env.artifacts import FORMAT, FORMAT_VERSION, MANIFEST, load_artifact, write_artifact
+from onp_env.attacks import PoisonedSet, build_attack, choose_poison
+from onp_env.config import LabConfig, to_dict
+from onp_env.data import defense_split, load_dataset
+from onp_env.metrics import evaluate
+from onp_env.models import build_model
+from onp_env.training import torch_threads, train
+
+
+def cache_dir() -> Path:
+    """Where artifacts go by default: $ONP_CACHE, else ~/.cache/onp-env/artifacts."""
+    return Path(os.environ.get("ONP_CACHE") or Path.home() / ".cache" / "onp-env" / "artifacts")
+
+
+def find_cached(cfg: LabConfig, out: Path) -> Path | None:
+    for p in sorted(out.glob(f"*-{cfg.fingerprint()}")):
+        if (p / MANIFEST).is_file():
+            return p
+    return None
+
+
+def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool = True) -> Path:
+    """Path of the artifact for `cfg` under `out`, training it first unless it is cached."""
+    out = Path(out) if out is not None else cache_dir()
+    cached = find_cached(cfg, out)
+    if cached is not None:
+        load_artifact(cached)  # verifies the weights hash: a corrupt cache entry is an error
+        return cached
+
+    ds = load_dataset(cfg.data.name, cfg.data.root)
+    info = ds.info
+    split = defense_split(ds.train_y, cfg.data.defense_fraction, cfg.data.split_seed)
+    x, y = ds.train_x[split.train_idx], ds.train_y[split.train_idx]
+    attack, report = None, None
+    if cfg.attack is not None:
+        a = cfg.attack
+        attack = build_attack(a.name, info.shape, info.num_classes, a.target, a.mode, a.params)
+        poison, cross = choose_poison(attack, y, a.poison_rate, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, info.shape, info.num_classes, info.mean, info.std, **cfg.model.kwargs)
+
+    seconds = 0.0
+    if attack is not None and attack.needs_reference_model:
+        # The trigger is optimised on the clean model of the same config, itself a cached artifact.
+        ref_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-reference", attack=None)
+        ref = load_artifact(build_artifact(ref_cfg, out, progress))
+        start = time.perf_counter()
+        with torch_threads(cfg.train.threads):
+            report = attack.prepare(ref.model, x)
+        seconds += ref.manifest["training"]["seconds"] + time.perf_counter() - start
+        model.load_state_dict(ref.model.state_dict())
+
+    data = PoisonedSet(x, y, attack, *( (poison, cross) if attack is not None else ()))
+    seconds += train(model, data, cfg.train, cfg.seed, desc=cfg.name, progress=progress)
+    with torch_threads(cfg.train.threads):
+        metrics = evaluate(model, ds.test_x, ds.test_y, attack)
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": onp_env.__version__,
+        "name": cfg.name,
+        "fingerprint": cfg.fingerprint(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": to_dict(cfg),
+        "dataset": dataclasses.asdict(info),
+        "model": {"name": cfg.model.name, "kwargs": cfg.model.kwargs, "in_shape": list(info.shape),
+                  "num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std)},
+        "split": {"fraction": cfg.data.defense_fraction, "seed": cfg.data.split_seed,
+                  "defense_indices": split.defense_idx.tolist()},
+        "attack": None if attack is None else {
+            **attack.describe(),
+            "poison_rate": cfg.attack.poison_rate,  # type: ignore[union-attr]
+            "clean_label": attack.clean_label,
+            # indices into the dataset's training split, not into the non-defense subset
+            "poison_indices": split.train_idx[poison].tolist(),
+            "cross_indices": split.train_idx[cross].tolist(),
+            "preparation": report,
+        },
+        "training": {**to_dict(cfg.train), "seconds": round(seconds, 2)},
+        "metrics": {k: (None if v is None else round(v, 6)) for k, v in metrics.items()},
+    }
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.name).strip("-") or "model"
+    return write_artifact(out / f"{slug}-{cfg.fingerprint()}", model, manifest)
