@@ -1,0 +1,99 @@
+"""The `onp` command line. Every subcommand exits non-zero with a one-line reason on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from onp_env.errors import OnpError
+
+
+def _attack(args: argparse.Namespace) -> None:
+    from onp_env.config import LabConfig, load_config
+    from onp_env.zoo import build_artifact
+
+    cfg = load_config(LabConfig, args.config, args.set)
+    print(build_artifact(cfg, args.out, progress=not args.quiet))
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def summarize(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with long index lists replaced by their lengths."""
+    out = json.loads(json.dumps(manifest))
+    out["split"]["defense_indices"] = f"<{len(manifest['split']['defense_indices'])} indices>"
+    if out["attack"]:
+        for key in ("poison_indices", "cross_indices"):
+            out["attack"][key] = f"<{len(manifest['attack'][key])} indices>"
+        if out["attack"]["params"].get("pattern") is not None:
+            out["attack"]["params"]["pattern"] = "<optimised trigger>"
+    return out
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from onp_env.artifacts import load_artifact
+
+    art = load_artifact(args.artifact)
+    m = art.manifest
+    if args.json:
+        print(json.dumps(summarize(m), indent=1))
+        return
+    d, mo, a, t, mt = m["dataset"], m["model"], m["attack"], m["training"], m["metrics"]
+    rows = [
+        ("artifact", str(art.path)),
+        ("name", m["name"]),
+        ("dataset", f"{d['name']} ({'x'.join(map(str, d['shape']))}, {d['num_classes']} classes); "
+                    f"defense set {len(m['split']['defense_indices'])} images ({m['split']['fraction']:g} of train)"),
+        ("model", f"{mo['name']} {mo['kwargs'] or ''}".strip()),
+        ("attack", "none (clean model)" if a is None else
+         f"{a['name']} {a['mode']}" + (f" -> {a['target']}" if a["mode"] == "all-to-one" else "")
+         + f", rate {a['poison_rate']:g} ({len(a['poison_indices'])} images), "
+         + json.dumps(summarize(m)["attack"]["params"])),
+        ("training", f"{t['epochs']} epochs, batch {t['batch_size']}, lr {t['lr']:g}, {t['seconds']:.1f} s"),
+        ("metrics", f"ACC {_pct(mt['acc'])}   ASR {_pct(mt['asr'])}   RA {_pct(mt['ra'])}"),
+        ("weights", f"sha256 {m['weights']['sha256'][:16]}... (verified)"),
+        ("created", f"{m['created']} with onp-env {m['library_version']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onp", description="Backdoor removal by neuron pruning: lab, environment, defenses.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("attack", help="train (or find in the cache) a backdoored model; prints the artifact path")
+    a.add_argument("--config", required=True, help="YAML config, e.g. configs/attack/badnets-digits.yaml")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set attack.poison_rate=0.05 (repeatable)")
+    a.add_argument("--out", default=None, help="artifact cache directory (default: $ONP_CACHE or ~/.cache/onp-env/artifacts)")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=_attack)
+
+    i = sub.add_parser("inspect", help="print an artifact's manifest and measured ACC / ASR / RA")
+    i.add_argument("artifact", help="artifact directory")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON (index lists as counts)")
+    i.set_defaults(func=_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except OnpError as e:
+        print(f"onp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onp: interrupted (nothing half-written was kept)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

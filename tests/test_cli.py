@@ -1,0 +1,47 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onp_env.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_attack_prints_the_artifact_path_and_inspect_shows_metrics(tmp_path, capsys):
+    args = ["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "train.epochs=2",
+            "--set", "model.kwargs={hidden: 16}", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0
+    path = capsys.readouterr().out.strip()
+    assert Path(path).parent == tmp_path and (Path(path) / "manifest.json").is_file()
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "badnets all-to-one -> 0" in out and "ASR" in out and "(verified)" in out
+    assert main(["inspect", path, "--json"]) == 0
+    assert '"defense_indices": "<70 indices>"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["attack", "--config", "nope.yaml"], "config file nope.yaml not found"),
+        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "data.name=svhn"], "unknown dataset 'svhn'"),
+        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "model.name=vit"], "unknown model 'vit'"),
+        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.name=lira"], "unknown attack 'lira'"),
+        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.target=12"], "target label 12 out of range"),
+        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.poison_rate=1.2"], r"poisoning rate must be in \(0, 1\)"),
+        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "data.defense_fraction=0.001"], "leaves class"),
+        (["inspect", "/nonexistent/artifact"], "not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
+    assert main([*args, "--out", str(tmp_path)] if args[0] == "attack" else args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onp: error: ") and err.count("\n") == 1
+    assert __import__("re").search(message, err)
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "onp_env.cli", "attack", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--config" in out.stdout and "--set" in out.stdout
