@@ -45,10 +45,13 @@ def run(datasets: list[str], out: Path | None) -> str:
     for ds in datasets:
         clean = load_artifact(build_artifact(load_config(LabConfig, CONFIGS / f"clean-{ds}.yaml"), out))
         sig_bar, bar = BARS.get(ds, (None, None))
-        lines += [f"## {ds}", "",
-                  "| attack | ACC % | ΔACC | ASR % | RA % | train s | bar |",
-                  "|---|---:|---:|---:|---:|---:|---|",
-                  f"| none (clean) | {pct(clean.metrics['acc'])} | | | | {clean.manifest['training']['seconds']:.1f} | |"]
+        lines += [
+            f"## {ds}",
+            "",
+            "| attack | ACC % | ΔACC | ASR % | RA % | train s | bar |",
+            "|---|---:|---:|---:|---:|---:|---|",
+            f"| none (clean) | {pct(clean.metrics['acc'])} | | | | {clean.manifest['training']['seconds']:.1f} | |",
+        ]
         for name in ATTACKS:
             art = load_artifact(build_artifact(load_config(LabConfig, CONFIGS / f"{name}-{ds}.yaml"), out))
             m = art.metrics

@@ -81,7 +81,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def build_model_from(manifest: dict[str, Any]) -> nn.Module:
     m = manifest["model"]
-    return build_model(m["name"], tuple(m["in_shape"]), m["num_classes"], tuple(m["mean"]), tuple(m["std"]), **m["kwargs"])
+    return build_model(
+        m["name"], tuple(m["in_shape"]), m["num_classes"], tuple(m["mean"]), tuple(m["std"]), **m["kwargs"]
+    )
 
 
 @dataclass
@@ -111,7 +113,9 @@ class Artifact:
         if a is None:
             return None
         info = self.manifest["model"]
-        return build_attack(a["name"], tuple(info["in_shape"]), info["num_classes"], a["target"], a["mode"], a["params"])
+        return build_attack(
+            a["name"], tuple(info["in_shape"]), info["num_classes"], a["target"], a["mode"], a["params"]
+        )
 
     def defense_set(self, root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The clean defense images and labels (never trained on, never poisoned)."""
@@ -127,7 +131,9 @@ def load_artifact(path: str | Path) -> Artifact:
     if not weights.is_file():
         raise OnpError(f"{weights} is missing: the artifact is incomplete; recreate it with `onp attack`")
     if sha256_file(weights) != manifest["weights"]["sha256"]:
-        raise OnpError(f"{weights} does not match the SHA-256 in its manifest: the artifact is corrupt or was edited; recreate it")
+        raise OnpError(
+            f"{weights} does not match the SHA-256 in its manifest: the artifact is corrupt or was edited; recreate it"
+        )
     try:
         state = load_file(str(weights))
     except SafetensorError as e:

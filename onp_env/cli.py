@@ -46,13 +46,21 @@ def _inspect(args: argparse.Namespace) -> None:
     rows = [
         ("artifact", str(art.path)),
         ("name", m["name"]),
-        ("dataset", f"{d['name']} ({'x'.join(map(str, d['shape']))}, {d['num_classes']} classes); "
-                    f"defense set {len(m['split']['defense_indices'])} images ({m['split']['fraction']:g} of train)"),
+        (
+            "dataset",
+            f"{d['name']} ({'x'.join(map(str, d['shape']))}, {d['num_classes']} classes); "
+            f"defense set {len(m['split']['defense_indices'])} images ({m['split']['fraction']:g} of train)",
+        ),
         ("model", f"{mo['name']} {mo['kwargs'] or ''}".strip()),
-        ("attack", "none (clean model)" if a is None else
-         f"{a['name']} {a['mode']}" + (f" -> {a['target']}" if a["mode"] == "all-to-one" else "")
-         + f", rate {a['poison_rate']:g} ({len(a['poison_indices'])} images), "
-         + json.dumps(summarize(m)["attack"]["params"])),
+        (
+            "attack",
+            "none (clean model)"
+            if a is None
+            else f"{a['name']} {a['mode']}"
+            + (f" -> {a['target']}" if a["mode"] == "all-to-one" else "")
+            + f", rate {a['poison_rate']:g} ({len(a['poison_indices'])} images), "
+            + json.dumps(summarize(m)["attack"]["params"]),
+        ),
         ("training", f"{t['epochs']} epochs, batch {t['batch_size']}, lr {t['lr']:g}, {t['seconds']:.1f} s"),
         ("metrics", f"ACC {_pct(mt['acc'])}   ASR {_pct(mt['asr'])}   RA {_pct(mt['ra'])}"),
         ("weights", f"sha256 {m['weights']['sha256'][:16]}... (verified)"),
@@ -64,14 +72,23 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onp", description="Backdoor removal by neuron pruning: lab, environment, defenses.")
+    p = argparse.ArgumentParser(
+        prog="onp", description="Backdoor removal by neuron pruning: lab, environment, defenses."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("attack", help="train (or find in the cache) a backdoored model; prints the artifact path")
     a.add_argument("--config", required=True, help="YAML config, e.g. configs/attack/badnets-digits.yaml")
-    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set attack.poison_rate=0.05 (repeatable)")
-    a.add_argument("--out", default=None, help="artifact cache directory (default: $ONP_CACHE or ~/.cache/onp-env/artifacts)")
+    a.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set attack.poison_rate=0.05 (repeatable)",
+    )
+    a.add_argument(
+        "--out", default=None, help="artifact cache directory (default: $ONP_CACHE or ~/.cache/onp-env/artifacts)"
+    )
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=_attack)
 

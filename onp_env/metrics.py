@@ -55,7 +55,9 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
         model.train(was_training)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None) -> dict[str, float | None]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None
+) -> dict[str, float | None]:
     """{acc, asr, ra} of `model` on clean images `x`, `y`; asr and ra are None without an attack."""
     out: dict[str, float | None] = {"acc": accuracy(predict(model, x), y), "asr": None, "ra": None}
     if attack is not None:

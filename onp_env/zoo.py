@@ -65,7 +65,7 @@ def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool
         seconds += ref.manifest["training"]["seconds"] + time.perf_counter() - start
         model.load_state_dict(ref.model.state_dict())
 
-    data = PoisonedSet(x, y, attack, *( (poison, cross) if attack is not None else ()))
+    data = PoisonedSet(x, y, attack, *((poison, cross) if attack is not None else ()))
     seconds += train(model, data, cfg.train, cfg.seed, desc=cfg.name, progress=progress)
     with torch_threads(cfg.train.threads):
         metrics = evaluate(model, ds.test_x, ds.test_y, attack)
@@ -79,11 +79,22 @@ def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": to_dict(cfg),
         "dataset": dataclasses.asdict(info),
-        "model": {"name": cfg.model.name, "kwargs": cfg.model.kwargs, "in_shape": list(info.shape),
-                  "num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std)},
-        "split": {"fraction": cfg.data.defense_fraction, "seed": cfg.data.split_seed,
-                  "defense_indices": split.defense_idx.tolist()},
-        "attack": None if attack is None else {
+        "model": {
+            "name": cfg.model.name,
+            "kwargs": cfg.model.kwargs,
+            "in_shape": list(info.shape),
+            "num_classes": info.num_classes,
+            "mean": list(info.mean),
+            "std": list(info.std),
+        },
+        "split": {
+            "fraction": cfg.data.defense_fraction,
+            "seed": cfg.data.split_seed,
+            "defense_indices": split.defense_idx.tolist(),
+        },
+        "attack": None
+        if attack is None
+        else {
             **attack.describe(),
             "poison_rate": cfg.attack.poison_rate,  # type: ignore[union-attr]
             "clean_label": attack.clean_label,

@@ -9,7 +9,9 @@ torch.set_num_threads(1)
 
 def tiny_config(*overrides: str) -> LabConfig:
     """A digits BadNets config that trains in well under a second."""
-    return load_config(LabConfig, None, ["name=tiny", "train.epochs=3", "model.kwargs={channels: [8, 8], hidden: 16}", *overrides])
+    return load_config(
+        LabConfig, None, ["name=tiny", "train.epochs=3", "model.kwargs={channels: [8, 8], hidden: 16}", *overrides]
+    )
 
 
 @pytest.fixture(scope="session")

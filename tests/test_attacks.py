@@ -38,8 +38,10 @@ def test_blended_is_a_convex_mix_with_the_pattern():
     x = torch.rand(2, *SHAPE)
     pattern = a.apply(torch.zeros(1, *SHAPE)) / 0.3
     assert torch.allclose(a.apply(x), 0.7 * x + 0.3 * pattern)
-    assert make("blended", params={"alpha": 0.2, "test_alpha": 0.5}).apply(x, train=True).sub(x).abs().mean() < \
-        make("blended", params={"alpha": 0.2, "test_alpha": 0.5}).apply(x).sub(x).abs().mean()
+    assert (
+        make("blended", params={"alpha": 0.2, "test_alpha": 0.5}).apply(x, train=True).sub(x).abs().mean()
+        < make("blended", params={"alpha": 0.2, "test_alpha": 0.5}).apply(x).sub(x).abs().mean()
+    )
 
 
 def test_sig_adds_a_horizontal_sinusoid_and_poisons_only_the_target_class():

@@ -10,8 +10,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_attack_prints_the_artifact_path_and_inspect_shows_metrics(tmp_path, capsys):
-    args = ["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "train.epochs=2",
-            "--set", "model.kwargs={hidden: 16}", "--out", str(tmp_path), "--quiet"]
+    args = [
+        "attack",
+        "--config",
+        str(ROOT / "configs/attack/badnets-digits.yaml"),
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "model.kwargs={hidden: 16}",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert main(args) == 0
     path = capsys.readouterr().out.strip()
     assert Path(path).parent == tmp_path and (Path(path) / "manifest.json").is_file()
@@ -26,12 +36,36 @@ def test_attack_prints_the_artifact_path_and_inspect_shows_metrics(tmp_path, cap
     ("args", "message"),
     [
         (["attack", "--config", "nope.yaml"], "config file nope.yaml not found"),
-        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "data.name=svhn"], "unknown dataset 'svhn'"),
-        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "model.name=vit"], "unknown model 'vit'"),
-        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.name=lira"], "unknown attack 'lira'"),
-        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.target=12"], "target label 12 out of range"),
-        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.poison_rate=1.2"], r"poisoning rate must be in \(0, 1\)"),
-        (["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "data.defense_fraction=0.001"], "leaves class"),
+        (
+            ["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "data.name=svhn"],
+            "unknown dataset 'svhn'",
+        ),
+        (
+            ["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "model.name=vit"],
+            "unknown model 'vit'",
+        ),
+        (
+            ["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.name=lira"],
+            "unknown attack 'lira'",
+        ),
+        (
+            ["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.target=12"],
+            "target label 12 out of range",
+        ),
+        (
+            ["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.poison_rate=1.2"],
+            r"poisoning rate must be in \(0, 1\)",
+        ),
+        (
+            [
+                "attack",
+                "--config",
+                str(ROOT / "configs/attack/badnets-digits.yaml"),
+                "--set",
+                "data.defense_fraction=0.001",
+            ],
+            "leaves class",
+        ),
         (["inspect", "/nonexistent/artifact"], "not found"),
     ],
 )

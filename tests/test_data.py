@@ -17,7 +17,7 @@ def test_digits_is_embedded_and_in_unit_range():
     d = load_dataset("digits")
     assert d.info.shape == (1, 8, 8) and d.info.num_classes == 10
     assert d.train_x.shape[1:] == (1, 8, 8) and d.train_x.dtype == torch.float32
-    assert 0 <= d.train_x.min() and d.train_x.max() <= 1
+    assert d.train_x.min() >= 0 and d.train_x.max() <= 1
     assert len(d.train_x) + len(d.test_x) == 1797
     assert set(d.test_y.tolist()) == set(range(10))
     assert d.info.mean[0] == pytest.approx(d.train_x.mean().item(), abs=1e-5)

@@ -17,7 +17,12 @@ def test_artifact_holds_everything_to_rebuild_model_attack_and_defense_set(tiny_
     m = art.manifest
     assert sorted(p.name for p in tiny_artifact.iterdir()) == [MANIFEST, WEIGHTS]
     assert set(m["metrics"]) == {"acc", "asr", "ra"} and 0 <= m["metrics"]["asr"] <= 1
-    assert m["attack"]["params"] == {"patch_size": 3, "position": "bottom-right", "pattern": "checker", "pattern_seed": 0}
+    assert m["attack"]["params"] == {
+        "patch_size": 3,
+        "position": "bottom-right",
+        "pattern": "checker",
+        "pattern_seed": 0,
+    }
     assert m["config"]["train"]["epochs"] == 3 and m["fingerprint"] == tiny_config().fingerprint()
     dx, dy = art.defense_set()
     assert len(dx) == len(m["split"]["defense_indices"]) == len(dy) > 0
@@ -27,6 +32,7 @@ def test_artifact_holds_everything_to_rebuild_model_attack_and_defense_set(tiny_
     assert all(train_y[i] != 0 for i in poison)  # all-to-one poisons only non-target images
     # the stored metrics are reproduced from the rebuilt model and attack
     from onp_env.metrics import evaluate
+
     ds = art.dataset()
     again = evaluate(art.model, ds.test_x, ds.test_y, art.attack)
     assert again == pytest.approx(m["metrics"], abs=1e-6)
@@ -95,8 +101,11 @@ def test_interrupted_build_leaves_no_artifact(tmp_path, monkeypatch):
 
 
 def test_clean_model_and_trojannn_reference_share_the_cache(tmp_path):
-    trojan = load_artifact(build_artifact(
-        tiny_config("attack.name=trojannn", "attack.params={patch_size: 2, steps: 20}"), tmp_path, progress=False))
+    trojan = load_artifact(
+        build_artifact(
+            tiny_config("attack.name=trojannn", "attack.params={patch_size: 2, steps: 20}"), tmp_path, progress=False
+        )
+    )
     refs = [p for p in tmp_path.iterdir() if p.name.startswith("tiny-reference-")]
     assert len(refs) == 1
     assert build_artifact(tiny_config("attack=null"), tmp_path, progress=False) == refs[0]

@@ -46,16 +46,14 @@ class Attack(ABC):
         if mode not in MODES:
             raise OnpError(f"unknown target mode '{mode}': choose one of {', '.join(MODES)}")
         if not (isinstance(target, int) and 0 <= target < num_classes):
-            raise OnpError(
-                f"target label {target} out of range for {num_classes} classes: "
-                f"use 0..{num_classes - 1}"
-            )
+            raise OnpError(f"target label {target} out of range for {num_classes} classes: use 0..{num_classes - 1}")
         self.target, self.mode = target, mode
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
         self.validate()
 
+    @abstractmethod
     def validate(self) -> None:
-        """Raise OnpError for parameters that cannot work on this image shape."""
+        """Check the parameters against the image shape (raise OnpError) and precompute the trigger."""
 
     @abstractmethod
     def apply(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
@@ -117,7 +115,9 @@ def choose_poison(attack: Attack, y: torch.Tensor, rate: float, seed: int) -> tu
     return torch.sort(poison).values, torch.sort(cross).values
 
 
-def patch_origin(position: str | list[int] | tuple[int, int], size: int, shape: tuple[int, int, int]) -> tuple[int, int]:
+def patch_origin(
+    position: str | list[int] | tuple[int, int], size: int, shape: tuple[int, int, int]
+) -> tuple[int, int]:
     """Top-left corner of a size x size patch at a named position or explicit [row, col]."""
     _, h, w = shape
     if size < 1:

@@ -76,7 +76,9 @@ class TrojanNN(Patch):
         else:
             pattern = torch.tensor(p.pattern, dtype=torch.float32) / 255
             if pattern.shape != (c, p.patch_size, p.patch_size):
-                raise OnpError(f"trojannn pattern has shape {tuple(pattern.shape)}, expected {(c, p.patch_size, p.patch_size)}")
+                raise OnpError(
+                    f"trojannn pattern has shape {tuple(pattern.shape)}, expected {(c, p.patch_size, p.patch_size)}"
+                )
         self.place(pattern, p.position)
 
     @property
@@ -94,7 +96,9 @@ class TrojanNN(Patch):
         layer = p.layer or _default_layer(model)
         mods = dict(model.named_modules())
         if layer not in mods:
-            raise OnpError(f"trojannn layer '{layer}' not in the model: choose one of {', '.join(n for n in mods if n)}")
+            raise OnpError(
+                f"trojannn layer '{layer}' not in the model: choose one of {', '.join(n for n in mods if n)}"
+            )
         strength = _outgoing_strength(model, layer)
         chosen = torch.topk(strength, min(p.neurons, len(strength))).indices
         g = torch.Generator().manual_seed(p.seed)
@@ -126,5 +130,9 @@ class TrojanNN(Patch):
             model.train(was_training)
         p.pattern = quant.tolist()
         p.layer = layer
-        return {"layer": layer, "neurons": chosen.tolist(),
-                "activation_clean": round(before, 4), "activation_triggered": round(after, 4)}
+        return {
+            "layer": layer,
+            "neurons": chosen.tolist(),
+            "activation_clean": round(before, 4),
+            "activation_triggered": round(after, 4),
+        }

@@ -91,17 +91,24 @@ _FMNIST_HELP = (
 )
 _MNIST_HELP = "pass data.root=DIR (or set ONP_MNIST_DIR) with the four MNIST idx files"
 
-_FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
-                    "sandal", "shirt", "sneaker", "bag", "ankle-boot")
-_CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                  "dog", "frog", "horse", "ship", "truck")
+_FASHION_CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+)
+_CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 DATASETS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "digits": (_digits, _DIGIT_CLASSES),
-    "fashion-mnist": (
-        _idx_dataset(FASHION_MNIST_DEBIAN, "ONP_FASHION_MNIST_DIR", _FMNIST_HELP), _FASHION_CLASSES
-    ),
+    "fashion-mnist": (_idx_dataset(FASHION_MNIST_DEBIAN, "ONP_FASHION_MNIST_DIR", _FMNIST_HELP), _FASHION_CLASSES),
     "mnist": (_idx_dataset(None, "ONP_MNIST_DIR", _MNIST_HELP), _DIGIT_CLASSES),
     "cifar10": (_cifar10, _CIFAR_CLASSES),
 }

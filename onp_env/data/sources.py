@@ -84,12 +84,15 @@ def _cifar_bin_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     if not root.is_dir():
         raise OnpError(f"cifar10 directory {root} not found: extract cifar-10-python.tar.gz there")
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     if (root / "data_batch_1").is_file():
-        names, read = ["data_batch_%d" % i for i in range(1, 6)] + ["test_batch"], _cifar_py_batch
+        read = _cifar_py_batch
     elif (root / "data_batch_1.bin").is_file():
-        names, read = ["data_batch_%d.bin" % i for i in range(1, 6)] + ["test_batch.bin"], _cifar_bin_batch
+        names, read = [n + ".bin" for n in names], _cifar_bin_batch
     else:
-        raise OnpError(f"{root} holds no CIFAR-10 batches (data_batch_1 ... test_batch): point data.root at the extracted folder")
+        raise OnpError(
+            f"{root} holds no CIFAR-10 batches (data_batch_1 ... test_batch): point data.root at the extracted folder"
+        )
     parts = [read(root / n) for n in names]
     tx = np.concatenate([p[0] for p in parts[:5]])
     ty = np.concatenate([p[1] for p in parts[:5]])

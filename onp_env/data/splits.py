@@ -33,9 +33,7 @@ def defense_split(labels: torch.Tensor, fraction: float, seed: int) -> Split:
                 f"({len(idx)} training images): use at least {1 / len(idx):.4f}"
             )
         if k == len(idx):
-            raise OnpError(
-                f"defense fraction {fraction} leaves class {c} with no training image: use less"
-            )
+            raise OnpError(f"defense fraction {fraction} leaves class {c} with no training image: use less")
         defense.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     defense_idx = torch.sort(torch.cat(defense)).values
     keep = torch.ones(len(labels), dtype=torch.bool)
