@@ -48,7 +48,9 @@ class Attack(ABC):
         if not (isinstance(target, int) and 0 <= target < num_classes):
             raise OnpError(f"target label {target} out of range for {num_classes} classes: use 0..{num_classes - 1}")
         self.target, self.mode = target, mode
-        self.image_shape, self.num_classes = tuple(image_shape), num_classes
+        c, h, w = image_shape
+        self.image_shape: tuple[int, int, int] = (int(c), int(h), int(w))
+        self.num_classes = num_classes
         self.validate()
 
     @abstractmethod
@@ -71,6 +73,11 @@ class Attack(ABC):
         if self.clean_label:
             return y == self.target
         return self.targets(y) != y
+
+    def prepare(self, model: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
+        """Build the trigger from a trained clean `model` (attacks with needs_reference_model);
+        returns a JSON-serialisable report for the manifest."""
+        raise NotImplementedError(f"attack '{self.name}' needs no reference model")
 
     def cross_count(self, n_poison: int) -> int:
         """Extra training images carrying a non-trigger transform with their true label."""

@@ -10,6 +10,9 @@ class Normalize(nn.Module):
     """Per-channel (x - mean) / std as the model's first layer, so every model eats [0, 1] pixels
     and a trigger is defined once in pixel space. Has buffers only: nothing here is prunable."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None, channels: int):
         super().__init__()
         m = torch.tensor(mean if mean is not None else [0.0] * channels, dtype=torch.float32)

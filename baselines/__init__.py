@@ -1,0 +1,1 @@
+"""Heuristic pruning defenses (MNP, ANP, RNP, BNP/AR, Fine-Pruning, CLP). Not built yet: see the project issues."""

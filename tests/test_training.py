@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from onp_env import OnpError, build_artifact, load_artifact
+from onp_env.training import augment
+
+from .conftest import tiny_config
+
+
+def test_crop_shifts_each_image_by_at_most_two_pixels_and_flip_mirrors():
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 3, 3] = 1.0
+    out = augment(x, "crop", torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.all(out.sum((1, 2, 3)) == 1)
+    rows, cols = torch.nonzero(out[:, 0])[:, 1], torch.nonzero(out[:, 0])[:, 2]
+    assert rows.min() >= 1 and rows.max() <= 5 and cols.min() >= 1 and cols.max() <= 5
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5  # per-image shifts, not one per batch
+    flipped = augment(x, "crop-flip", torch.Generator().manual_seed(0))
+    assert torch.all(flipped.sum((1, 2, 3)) == 1)
+    assert torch.equal(augment(x, "none", torch.Generator()), x)
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["vgg", "preact_resnet18"],
+)
+def test_other_architectures_build_artifacts_that_reload(model, tmp_path):
+    kwargs = "{width: 0.125}" if model == "preact_resnet18" else "{cfg: [8, M, 8, M], hidden: 16}"
+    cfg = tiny_config(f"model.name={model}", f"model.kwargs={kwargs}", "train.epochs=1", "train.augment=crop")
+    art = load_artifact(build_artifact(cfg, tmp_path, progress=False))
+    assert art.manifest["model"]["name"] == model
+    assert art.model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_bad_training_settings_are_named(tmp_path):
+    with pytest.raises(OnpError, match="unknown augment 'rotate'"):
+        build_artifact(tiny_config("train.augment=rotate"), tmp_path, progress=False)
+    with pytest.raises(OnpError, match="epochs >= 1"):
+        build_artifact(tiny_config("train.epochs=0"), tmp_path, progress=False)
