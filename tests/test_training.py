@@ -14,7 +14,7 @@ def test_crop_shifts_each_image_by_at_most_two_pixels_and_flip_mirrors():
     assert out.shape == x.shape and torch.all(out.sum((1, 2, 3)) == 1)
     rows, cols = torch.nonzero(out[:, 0])[:, 1], torch.nonzero(out[:, 0])[:, 2]
     assert rows.min() >= 1 and rows.max() <= 5 and cols.min() >= 1 and cols.max() <= 5
-    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5  # per-image shifts, not one per batch
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5  # per-image shifts, not one per batch
     flipped = augment(x, "crop-flip", torch.Generator().manual_seed(0))
     assert torch.all(flipped.sum((1, 2, 3)) == 1)
     assert torch.equal(augment(x, "none", torch.Generator()), x)
