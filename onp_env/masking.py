@@ -32,11 +32,21 @@ class Masks:
         if semantics not in SEMANTICS:
             raise OnpError(f"unknown mask semantics '{semantics}': choose zero or gamma")
         self.model, self.layout, self.semantics = model, layout, semantics
-        modules = dict(model.named_modules())
         self.values = {layer.name: torch.ones(layer.size) for layer in layout.layers}
-        self._hooks = {
-            layer.name: modules[layer.name].register_forward_hook(self._hook(layer.name)) for layer in layout.layers
+        self._hooks = self._register(model)
+        self._others: list[dict[str, Any]] = []
+
+    def _register(self, model: nn.Module) -> dict[str, Any]:
+        modules = dict(model.named_modules())
+        return {
+            layer.name: modules[layer.name].register_forward_hook(self._hook(layer.name))
+            for layer in self.layout.layers
         }
+
+    def attach(self, model: nn.Module) -> None:
+        """Apply these same mask values to another copy of the architecture (e.g. a fine-tuned or
+        unlearned twin), so both are always pruned alike."""
+        self._others.append(self._register(model))
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor | None:
@@ -84,9 +94,10 @@ class Masks:
 
     def remove(self) -> None:
         """Detach the hooks: the model behaves as if unmasked again."""
-        for h in self._hooks.values():
-            h.remove()
-        self._hooks = {}
+        for hooks in [self._hooks, *self._others]:
+            for h in hooks.values():
+                h.remove()
+        self._hooks, self._others = {}, []
 
     def __enter__(self) -> Masks:
         return self

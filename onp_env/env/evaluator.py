@@ -1,0 +1,90 @@
+"""Predictions of a traced, masked model on a fixed batch, recomputing only what a mask change
+touches.
+
+The first call runs the whole fx graph and keeps the values later calls need. After masks change
+in some unit layers, only the graph nodes downstream of those layers run again; everything upstream
+is read from the cache. The masks themselves are forward hooks on the model's modules (see
+`onp_env.masking`), so the cached and the full evaluation compute exactly the same thing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+def without_inplace(model: nn.Module) -> nn.Module:
+    """Turn off in-place activations, which would overwrite cached values."""
+    for m in model.modules():
+        if hasattr(m, "inplace"):
+            setattr(m, "inplace", False)  # noqa: B010 (mypy: not every module declares it)
+    return model
+
+
+class Evaluator:
+    """Logits of `gm` on `x`. `cache=False` re-runs the whole graph on every call (the reference)."""
+
+    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, unit_layers: Iterable[str], cache: bool = True):
+        self.gm, self.x, self.cache = gm, x, cache
+        self.nodes = list(gm.graph.nodes)
+        self.modules = dict(gm.named_modules())
+        index = {n: i for i, n in enumerate(self.nodes)}
+        desc: dict[fx.Node, set[fx.Node]] = {}
+        for n in reversed(self.nodes):
+            desc[n] = {n}.union(*(desc[u] for u in n.users))
+        by_target = {n.target: n for n in self.nodes if n.op == "call_module"}
+        self.downstream = {name: sorted(desc[by_target[name]], key=index.__getitem__) for name in unit_layers}
+        # Values read by a recomputed node but produced outside its layer's downstream set.
+        keep: set[fx.Node] = set()
+        for run in self.downstream.values():
+            inside = set(run)
+            for n in run:
+                keep.update(a for a in n.all_input_nodes if a not in inside)
+        self.keep = keep
+        self.values: dict[fx.Node, torch.Tensor] = {}
+        self.output = self.nodes[-1]
+        self.last: torch.Tensor
+
+    def _run(self, order: list[fx.Node]) -> torch.Tensor:
+        local: dict[fx.Node, Any] = {}
+
+        def value(n: fx.Node) -> Any:
+            return local[n] if n in local else self.values[n]
+
+        for n in order:
+            args = fx.node.map_arg(n.args, value)
+            kwargs = fx.node.map_arg(n.kwargs, value)
+            out: Any
+            if n.op == "placeholder":
+                out = self.x
+            elif n.op == "get_attr":
+                out = self.gm
+                for atom in str(n.target).split("."):
+                    out = getattr(out, atom)
+            elif n.op == "call_module":
+                out = self.modules[str(n.target)](*args, **kwargs)
+            elif n.op == "call_function":
+                out = n.target(*args, **kwargs)  # type: ignore[operator]
+            elif n.op == "call_method":
+                self_arg, *rest = args
+                out = getattr(self_arg, str(n.target))(*rest, **kwargs)
+            else:  # output
+                out = args[0]
+            local[n] = out
+        if self.cache:
+            self.values.update({n: v for n, v in local.items() if n in self.keep})
+        self.last = local[self.output]
+        return self.last
+
+    @torch.inference_mode()
+    def logits(self, changed: Iterable[str] | None = None) -> torch.Tensor:
+        """Logits after masks changed in the unit layers `changed` (None: anything may have)."""
+        if not self.cache or not self.values or changed is None:
+            return self._run(self.nodes)
+        needed = set().union(*(self.downstream[c] for c in changed))
+        if not needed:
+            return self.last
+        return self._run([n for n in self.nodes if n in needed])
