@@ -1,5 +1,6 @@
 """onp-env: learned and heuristic neuron pruning against backdoors.
 
+The environment `onp_env/NeuronPruning-v0` is registered with Gymnasium on import.
 The lab: datasets (`onp_env.data`), models (`onp_env.models`), attacks (`onp_env.attacks`),
 backdoored-model artifacts (`onp_env.zoo`, `onp_env.artifacts`) and metrics (`onp_env.metrics`).
 """
@@ -10,5 +11,15 @@ from onp_env.artifacts import Artifact, load_artifact  # noqa: E402
 from onp_env.config import LabConfig, load_config  # noqa: E402
 from onp_env.errors import OnpError  # noqa: E402
 from onp_env.zoo import build_artifact  # noqa: E402
+
+
+def _register() -> None:
+    import gymnasium
+
+    if "onp_env/NeuronPruning-v0" not in gymnasium.registry:
+        gymnasium.register(id="onp_env/NeuronPruning-v0", entry_point="onp_env.env.core:NeuronPruningEnv")
+
+
+_register()
 
 __all__ = ["Artifact", "LabConfig", "OnpError", "__version__", "build_artifact", "load_artifact", "load_config"]

@@ -108,3 +108,26 @@ def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool
     }
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.name).strip("-") or "model"
     return write_artifact(out / f"{slug}-{cfg.fingerprint()}", model, manifest)
+
+
+def default_config() -> LabConfig:
+    """The embedded default model: configs/attack/badnets-digits.yaml (a test keeps them equal)."""
+    from onp_env.config import load_config
+
+    return load_config(
+        LabConfig,
+        None,
+        [
+            "name=badnets-digits",
+            "data={name: digits, defense_fraction: 0.05}",
+            "model={name: small_cnn}",
+            "train={epochs: 30, batch_size: 64, lr: 0.05, threads: 1}",
+            "attack={name: badnets, target: 0, poison_rate: 0.1, "
+            "params: {patch_size: 2, position: bottom-right, pattern: checker}}",
+        ],
+    )
+
+
+def default_artifact(progress: bool = False) -> Path:
+    """The embedded digits BadNets model, trained on first use (seconds) and cached."""
+    return build_artifact(default_config(), progress=progress)

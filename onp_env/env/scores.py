@@ -76,8 +76,11 @@ def unlearn(
 
 
 class UnlearnScore:
-    def __init__(self, model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor, seed: int = 0):
-        self.twin, self.report = unlearn(model, x, y, seed=seed)
+    def __init__(self, model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor, **kwargs: Any):
+        try:
+            self.twin, self.report = unlearn(model, x, y, **kwargs)
+        except TypeError as e:
+            raise OnpError(f"bad score_kwargs for unlearn: {e}") from e
         masks.attach(self.twin)
         self.x = x
         with torch.inference_mode():

@@ -1,7 +1,7 @@
 """Node features of the unit graph, computed from the model and *clean* defense images only.
 
-Raw per-unit statistics are z-scored within each layer so that a policy sees the same scale on
-every model; depth and width stay absolute (fractions)."""
+Raw per-unit statistics are z-scored within each layer (clipped to +-Z_CLIP) so that a policy sees
+the same scale on every model; depth and width stay absolute (fractions)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ FEATURES = (
 )
 
 
+Z_CLIP = 10.0
+
+
 def _zscore(v: torch.Tensor) -> torch.Tensor:
     std = v.std(unbiased=False)
-    return (v - v.mean()) / std if std > 1e-12 else torch.zeros_like(v)
+    return ((v - v.mean()) / std).clamp(-Z_CLIP, Z_CLIP) if std > 1e-12 else torch.zeros_like(v)
 
 
 def _rank(v: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,336 @@
+"""NeuronPruningEnv: prune the units of a backdoored network, one at a time or one layer per step.
+
+Registered as `onp_env/NeuronPruning-v0` when `onp_env` is imported. With no arguments the zoo is
+the embedded digits BadNets model (trained on first use and cached).
+
+Observation (a Dict of fixed-size padded arrays that Stable-Baselines3 can store):
+  nodes (U, F) node features (onp_env.graph.features.FEATURES), valid (U,), pruned (U,),
+  focus (U,) the units the current step acts on (layer mode; all valid units in neuron mode),
+  edge_index (2, E), edge_attr (E, 4), counts [units, edges],
+  globals [step fraction, pruned fraction, defense accuracy, accuracy drop, budget left].
+Nothing in it is derived from the trigger or the test set, whatever the reward's score source.
+
+Reward: alpha * (acc_t - acc_{t-1}) + beta * (score_{t-1} - score_t) - unit_cost * newly pruned,
+minus invalid_penalty for an invalid action and drop_penalty when the accuracy limit ends the
+episode; accuracy and score are measured on the defense set."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from onp_env.attacks import Attack
+from onp_env.config import from_dict
+from onp_env.env.config import EnvConfig
+from onp_env.env.evaluator import Evaluator, without_inplace
+from onp_env.env.scores import ANPScore, UnlearnScore, check_score
+from onp_env.errors import OnpError
+from onp_env.graph.build import EDGE_TYPES, NeuronGraph, build_graph
+from onp_env.graph.features import FEATURES, Z_CLIP
+from onp_env.graph.units import find_units
+from onp_env.masking import SEMANTICS, Masks
+
+GLOBALS = ("step_fraction", "pruned_fraction", "accuracy", "accuracy_drop", "budget_left")
+
+
+@dataclass
+class PruningTarget:
+    """A model to prune with its clean defense data; `attack` only if known (oracle score, ASR)."""
+
+    name: str
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    attack: Attack | None = None
+
+    @classmethod
+    def from_artifact(cls, path: str | Path) -> PruningTarget:
+        from onp_env.artifacts import load_artifact
+
+        art = load_artifact(path)
+        x, y = art.defense_set()
+        return cls(art.manifest["name"], art.model, x, y, art.attack)
+
+
+def _check_target(t: PruningTarget) -> None:
+    if len(t.x) == 0:
+        raise OnpError(f"{t.name}: the defense set is empty: pass at least a few clean images per class")
+    if len(t.x) != len(t.y):
+        raise OnpError(f"{t.name}: {len(t.x)} defense images but {len(t.y)} labels")
+    for name, p in t.model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise OnpError(f"{t.name}: NaN/inf values in {name}: the model is broken")
+    try:
+        with torch.no_grad():
+            out = t.model.eval()(t.x[:2])
+    except RuntimeError as e:
+        raise OnpError(f"{t.name}: defense images of shape {tuple(t.x.shape[1:])} do not fit the model ({e})") from e
+    if int(t.y.max()) >= out.shape[1] or int(t.y.min()) < 0:
+        raise OnpError(
+            f"{t.name}: defense labels span 0..{int(t.y.max())} but the model has {out.shape[1]} outputs: "
+            "mismatched class counts"
+        )
+
+
+class Task:
+    """One model prepared for pruning: its graph, masks, evaluators and backdoor score."""
+
+    def __init__(self, target: PruningTarget, cfg: EnvConfig):
+        _check_target(target)
+        check_score(cfg.score, target.attack is not None)
+        self.name, self.attack = target.name, target.attack
+        self.model = without_inplace(copy.deepcopy(target.model)).eval()
+        g = torch.Generator().manual_seed(0)
+        pick = torch.randperm(len(target.x), generator=g)[: cfg.eval_images]
+        x, y = target.x[pick], target.y[pick]
+        self.layout, gm = find_units(self.model, x[:2])
+        self.graph: NeuronGraph = build_graph(
+            self.model, self.layout, target.x, target.y, cfg.edge_k, cfg.tau, cfg.k_intra
+        )
+        self.masks = Masks(self.model, self.layout, cfg.semantics)
+        names = [lay.name for lay in self.layout.layers]
+        self.y = y
+        self.clean = Evaluator(gm, x, names, cfg.cache)
+        self.triggered: Evaluator | None = None
+        if target.attack is not None and (cfg.track_asr or cfg.score == "oracle"):
+            targets = target.attack.targets(y)
+            keep = targets != y
+            self.trigger_targets = targets[keep]
+            self.triggered = Evaluator(gm, target.attack.apply(x[keep]), names, cfg.cache)
+        self.trigger_free_score = self._score(cfg, x, y)
+        self.partners: dict[int, list[int]] = {}
+        for group in self.layout.groups:
+            for c in range(self.layout.by_name[group[0]].size):
+                units = [self.layout.by_name[name].offset + c for name in group]
+                for u in units:
+                    self.partners[u] = units
+
+    def _score(self, cfg: EnvConfig, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float] | None:
+        """The trigger-free score, or None for oracle (the ASR itself)."""
+        kw = cfg.score_kwargs
+        if cfg.score == "unlearn":
+            return UnlearnScore(self.model, self.masks, x, y, **kw)
+        if cfg.score == "anp":
+            unknown = sorted(set(kw) - {"eps", "seed"})
+            if unknown:
+                raise OnpError(f"bad score_kwargs for anp: {', '.join(unknown)}; it takes eps and seed")
+            return ANPScore(self.model, self.layout, self.masks, x, y, **kw)
+        return None
+
+    def measure(self, changed: list[str] | None) -> tuple[float, float | None, float]:
+        """(accuracy, ASR or None, backdoor score) on the defense data after masks changed."""
+        acc = (self.clean.logits(changed).argmax(1) == self.y).float().mean().item()
+        asr = None
+        if self.triggered is not None:
+            asr = (self.triggered.logits(changed).argmax(1) == self.trigger_targets).float().mean().item()
+        if self.trigger_free_score is not None:
+            return acc, asr, self.trigger_free_score()
+        assert asr is not None
+        return acc, asr, asr
+
+
+class NeuronPruningEnv(gym.Env):
+    """See the module docstring. `config` (an EnvConfig or a dict) or keyword overrides set it up;
+    `targets` replaces the artifact zoo with user models."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        config: EnvConfig | dict[str, Any] | None = None,
+        targets: list[PruningTarget] | None = None,
+        **overrides: Any,
+    ):
+        super().__init__()
+        base = dataclasses.asdict(config) if isinstance(config, EnvConfig) else dict(config or {})
+        cfg = from_dict(EnvConfig, {**base, **overrides}, "env config")
+        if cfg.action_mode not in ("neuron", "layer"):
+            raise OnpError(f"unknown action_mode '{cfg.action_mode}': choose neuron or layer")
+        if cfg.semantics not in SEMANTICS:
+            raise OnpError(f"unknown mask semantics '{cfg.semantics}': choose zero or gamma")
+        if not 0 < cfg.budget <= 1 or not 0 < cfg.max_acc_drop <= 1:
+            raise OnpError("budget and max_acc_drop must be in (0, 1]")
+        self.cfg = cfg
+        if targets is None:
+            from onp_env.zoo import default_artifact
+
+            paths = cfg.artifacts or [str(default_artifact())]
+            targets = [PruningTarget.from_artifact(p) for p in paths]
+        if not targets:
+            raise OnpError("the zoo is empty: pass artifacts or targets")
+        self.tasks = [Task(t, cfg) for t in targets]
+        self.names = [t.name for t in self.tasks]
+        biggest = max(t.graph.num_nodes for t in self.tasks)
+        self.max_units = cfg.max_units or biggest
+        if self.max_units < biggest:
+            raise OnpError(f"max_units {self.max_units} is smaller than a zoo model's {biggest} units: raise it")
+        self.max_edges = cfg.max_edges or max(max(t.graph.edge_index.shape[1] for t in self.tasks), 1)
+        if self.max_edges < max(t.graph.edge_index.shape[1] for t in self.tasks):
+            raise OnpError(f"max_edges {self.max_edges} is smaller than a zoo graph's edges: raise it")
+        self.max_layer = max(lay.size for t in self.tasks for lay in t.layout.layers)
+        self.max_steps = max(len(t.layout.layers) for t in self.tasks) if cfg.action_mode == "layer" else None
+        U, E, F = self.max_units, self.max_edges, len(FEATURES)
+        unit = spaces.Box(0.0, 1.0, (U,), np.float32)
+        self.observation_space = spaces.Dict({
+            "nodes": spaces.Box(-Z_CLIP, Z_CLIP, (U, F), np.float32),
+            "valid": unit, "pruned": unit, "focus": unit,
+            "edge_index": spaces.Box(0, max(U - 1, 0), (2, E), np.int64),
+            "edge_attr": spaces.Box(0.0, 1.0, (E, 1 + len(EDGE_TYPES)), np.float32),
+            "counts": spaces.Box(0, max(U, E), (2,), np.int64),
+            "globals": spaces.Box(-1.0, 1.0, (len(GLOBALS),), np.float32),
+        })  # fmt: skip
+        if cfg.action_mode == "neuron":
+            self.action_space: spaces.Space = spaces.Discrete(U + 1)
+        else:
+            self.action_space = spaces.MultiBinary(self.max_layer)
+        self.task = self.tasks[0]
+        self._static = [self._pad(t) for t in self.tasks]
+        self._reset_state()
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _pad(self, t: Task) -> dict[str, np.ndarray]:
+        n, e = t.graph.num_nodes, t.graph.edge_index.shape[1]
+        nodes = np.zeros((self.max_units, len(FEATURES)), np.float32)
+        nodes[:n] = t.graph.x.numpy()
+        valid = np.zeros(self.max_units, np.float32)
+        valid[:n] = 1
+        edge_index = np.zeros((2, self.max_edges), np.int64)
+        edge_index[:, :e] = t.graph.edge_index.numpy()
+        edge_attr = np.zeros((self.max_edges, 1 + len(EDGE_TYPES)), np.float32)
+        edge_attr[:e] = t.graph.edge_attr.numpy()
+        return {"nodes": nodes, "valid": valid, "edge_index": edge_index, "edge_attr": edge_attr,
+                "counts": np.array([n, e], np.int64)}  # fmt: skip
+
+    def _reset_state(self) -> None:
+        self.pruned = np.zeros(self.max_units, bool)
+        self.steps = 0
+        self.layer_step = 0
+
+    @property
+    def num_units(self) -> int:
+        return self.task.graph.num_nodes
+
+    def _focus(self) -> np.ndarray:
+        focus = np.zeros(self.max_units, np.float32)
+        if self.cfg.action_mode == "layer":
+            if self.layer_step < len(self.task.layout.layers):
+                lay = self.task.layout.layers[self.layer_step]
+                focus[lay.offset : lay.offset + lay.size] = 1
+        else:
+            focus[: self.num_units] = 1
+        return focus
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        s = self._static[self.tasks.index(self.task)]
+        nodes = s["nodes"].copy()
+        nodes[:, FEATURES.index("pruned")] = self.pruned
+        n_pruned = int(self.pruned.sum())
+        horizon = self.max_steps or max(1, int(np.ceil(self.cfg.budget * self.num_units)))
+        glob = np.array([
+            min(self.steps / horizon, 1.0),
+            n_pruned / self.num_units,
+            self.acc,
+            np.clip(self.acc0 - self.acc, -1, 1),
+            max(0.0, 1 - n_pruned / (self.cfg.budget * self.num_units)),
+        ], np.float32)  # fmt: skip
+        return {"nodes": nodes, "valid": s["valid"].copy(), "pruned": self.pruned.astype(np.float32),
+                "focus": self._focus(), "edge_index": s["edge_index"].copy(), "edge_attr": s["edge_attr"].copy(),
+                "counts": s["counts"].copy(), "globals": glob}  # fmt: skip
+
+    def action_masks(self) -> np.ndarray:
+        """Valid actions, as sb3-contrib's MaskablePPO expects them."""
+        if self.cfg.action_mode == "neuron":
+            mask = np.zeros(self.max_units + 1, bool)
+            mask[: self.num_units] = ~self.pruned[: self.num_units]
+            mask[-1] = True
+            return mask
+        # MultiBinary: a (choose 0, choose 1) pair per bit; bits outside the layer or already pruned must be 0.
+        can_prune = np.zeros(self.max_layer, bool)
+        if self.layer_step < len(self.task.layout.layers):
+            lay = self.task.layout.layers[self.layer_step]
+            can_prune[: lay.size] = ~self.pruned[lay.offset : lay.offset + lay.size]
+        return np.stack([np.ones(self.max_layer, bool), can_prune], 1).flatten()
+
+    def _info(self, **extra: Any) -> dict[str, Any]:
+        info = {"model": self.task.name, "acc": self.acc, "backdoor_score": self.score,
+                "pruned": int(self.pruned.sum()), "pruned_fraction": float(self.pruned.sum()) / self.num_units,
+                "action_mask": self.action_masks(), "invalid_action": False}  # fmt: skip
+        if self.asr is not None:
+            info["asr"] = self.asr
+        info.update(extra)
+        return info
+
+    # --- gymnasium API -------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        choice = (options or {}).get("model")
+        if choice is None:
+            index = int(self.np_random.integers(len(self.tasks)))
+        elif isinstance(choice, str):
+            if choice not in self.names:
+                raise OnpError(f"unknown model '{choice}': the zoo has {', '.join(self.names)}")
+            index = self.names.index(choice)
+        else:
+            index = int(choice)
+        self.task = self.tasks[index]
+        self.task.masks.reset()
+        self._reset_state()
+        self.acc, self.asr, self.score = self.task.measure(None)
+        self.acc0 = self.acc
+        return self._obs(), self._info()
+
+    def _units_for(self, units: list[int]) -> list[int]:
+        if not self.cfg.group:
+            return units
+        out: list[int] = []
+        for u in units:
+            out.extend(self.task.partners.get(u, [u]))
+        return sorted(set(out))
+
+    def step(self, action: Any):
+        self.steps += 1
+        if self.cfg.action_mode == "neuron":
+            a = int(action)
+            if a == self.max_units:
+                return self._obs(), 0.0, True, False, self._info(stopped=True)
+            if not 0 <= a < self.num_units or self.pruned[a]:
+                return self._obs(), -self.cfg.invalid_penalty, False, False, self._info(invalid_action=True)
+            chosen = [a]
+        else:
+            bits = np.asarray(action).astype(bool).flatten()
+            lay = self.task.layout.layers[self.layer_step]
+            picked = np.nonzero(bits[: lay.size])[0] + lay.offset
+            chosen = [int(u) for u in picked if not self.pruned[u]]
+            self.layer_step += 1
+        units = [u for u in self._units_for(chosen) if not self.pruned[u]]
+        self.pruned[units] = True
+        self.task.masks.prune(units)
+        changed = sorted({self.task.layout.locate(u)[0].name for u in units})
+        before_acc, before_score = self.acc, self.score
+        if changed:
+            self.acc, self.asr, self.score = self.task.measure(changed)
+        reward = (self.cfg.alpha * (self.acc - before_acc) + self.cfg.beta * (before_score - self.score)
+                  - self.cfg.unit_cost * len(units))  # fmt: skip
+        n_pruned = int(self.pruned.sum())
+        over_budget = n_pruned >= self.cfg.budget * self.num_units
+        collapsed = self.acc0 - self.acc > self.cfg.max_acc_drop
+        done_layers = self.cfg.action_mode == "layer" and self.layer_step >= len(self.task.layout.layers)
+        if collapsed:
+            reward -= self.cfg.drop_penalty
+        terminated = over_budget or collapsed or done_layers
+        info = self._info(units=units, over_budget=over_budget, accuracy_collapsed=collapsed)
+        return self._obs(), float(reward), terminated, False, info
+
+    def pruning_state(self) -> dict[str, Any]:
+        """The current masks as plain data (save with json), for export or later deployment."""
+        return self.task.masks.state()
