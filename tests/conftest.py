@@ -1,5 +1,11 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The embedded default model is trained on first use into the cache: keep tests out of ~/.cache.
+os.environ.setdefault("ONP_CACHE", tempfile.mkdtemp(prefix="onp-test-cache-"))
 
 from onp_env import build_artifact, load_config
 from onp_env.config import LabConfig

@@ -1,0 +1,224 @@
+import dataclasses
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from sb3_contrib import MaskablePPO
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import onp_env  # noqa: F401  (registers the environment)
+from onp_env import OnpError, build_artifact, load_artifact, load_config
+from onp_env.attacks import build_attack
+from onp_env.config import LabConfig
+from onp_env.env import ENV_ID, NeuronPruningEnv, PruningTarget
+from onp_env.masking import Masks
+from onp_env.metrics import accuracy, attack_success_rate, predict
+from onp_env.zoo import default_artifact, default_config
+
+from .test_units_masks import UserNet
+
+
+@pytest.fixture(scope="module")
+def art():
+    return load_artifact(default_artifact())
+
+
+@pytest.fixture(scope="module")
+def env():
+    return gym.make(ENV_ID)
+
+
+def test_default_model_is_the_shipped_badnets_digits_config():
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "configs/attack/badnets-digits.yaml"
+    assert default_config().fingerprint() == load_config(LabConfig, shipped).fingerprint()
+
+
+@pytest.mark.parametrize("mode", ["neuron", "layer"])
+def test_registered_env_passes_both_checkers(mode):
+    e = gym.make(ENV_ID, action_mode=mode).unwrapped
+    gym_check_env(e, skip_render_check=True)
+    with pytest.warns(UserWarning, match="unconventional shape"):  # graph arrays are 2-D by design
+        sb3_check_env(e)
+
+
+def test_maskable_ppo_runs_a_few_hundred_steps(env):
+    torch.manual_seed(0)
+    model = MaskablePPO("MultiInputPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0)
+    model.learn(256)
+    obs, _ = env.reset(seed=1)
+    action, _ = model.predict(obs, action_masks=env.unwrapped.action_masks())
+    assert env.unwrapped.action_masks()[int(action)]
+
+
+def test_random_masked_agent_runs_200_episodes(env):
+    rng = np.random.default_rng(0)
+    lengths = []
+    for ep in range(200):
+        _, info = env.reset(seed=ep)
+        done, n = False, 0
+        while not done:
+            action = rng.choice(np.flatnonzero(info["action_mask"]))
+            _, reward, term, trunc, info = env.step(action)
+            assert np.isfinite(reward) and not info["invalid_action"]
+            done, n = term or trunc, n + 1
+        lengths.append(n)
+    assert max(lengths) <= int(np.ceil(0.3 * 176)) and min(lengths) >= 1
+
+
+def _unit_activations(model, layout, x):
+    modules = dict(model.named_modules())
+    acts = {}
+    hooks = [
+        modules[lay.name].register_forward_hook(lambda m, i, o, n=lay.name: acts.__setitem__(n, o))
+        for lay in layout.layers
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return torch.cat([acts[lay.name].relu().flatten(2).mean((0, 2)) if acts[lay.name].ndim > 2
+                      else acts[lay.name].relu().mean(0) for lay in layout.layers])  # fmt: skip
+
+
+def test_oracle_pruning_of_trigger_sensitive_units_removes_the_backdoor(art):
+    e = NeuronPruningEnv(artifacts=[str(art.path)], unit_cost=0.002)
+    _, info = e.reset(seed=0)
+    assert info["asr"] > 0.9
+    task = e.task
+    x, y = art.defense_set()
+    diff = _unit_activations(art.model, task.layout, art.attack.apply(x)) - _unit_activations(art.model, task.layout, x)
+    ranking = torch.argsort(diff, descending=True).tolist()
+    twin = load_artifact(art.path).model  # independent copy, pruned through the public primitive
+    masks = Masks(twin, task.layout)
+    keep = art.attack.targets(y) != y
+    prev = info
+    for unit in ranking[:12]:
+        _, reward, _, _, info = e.step(unit)
+        masks.prune([unit])
+        acc = accuracy(predict(twin, x), y)
+        asr = attack_success_rate(predict(twin, art.attack.apply(x[keep])), y[keep], art.attack.targets(y[keep]))
+        assert info["acc"] == pytest.approx(acc, abs=1e-6) and info["asr"] == pytest.approx(asr, abs=1e-6)
+        assert info["backdoor_score"] == info["asr"]
+        expected = (info["acc"] - prev["acc"]) + (prev["asr"] - info["asr"]) - 0.002
+        assert reward == pytest.approx(expected, abs=1e-6)
+        prev = info
+    assert info["asr"] < 0.2 and info["acc"] > 0.8
+
+
+def test_observations_hold_nothing_derived_from_the_trigger(art):
+    x, y = art.defense_set()
+    other = build_attack("blended", (1, 8, 8), 10, target=5, params={"alpha": 0.5})
+    envs = [
+        NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle"),
+        NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, other)], score="oracle"),
+        NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, None)], score="anp"),
+    ]
+    obs = [e.reset(seed=0)[0] for e in envs]
+    for action in [170, 3, 40, 100, 176]:
+        for o in obs[1:]:
+            assert all(np.array_equal(obs[0][k], o[k]) for k in obs[0])
+        obs = [e.step(action)[0] for e in envs]
+
+
+def test_same_seed_same_episode_and_cache_changes_no_number(art, tmp_path):
+    second = build_artifact(dataclasses.replace(default_config(), name="second", seed=1), tmp_path, progress=False)
+    zoo = [str(art.path), str(second)]
+
+    def episode(cache, seed):
+        e = NeuronPruningEnv(artifacts=zoo, cache=cache)
+        out = [e.reset(seed=seed)[1]["model"]]
+        for a in [5, 60, 150, 20]:
+            _, reward, _, _, info = e.step(a)
+            out.append((reward, info["acc"], info["asr"]))
+        return out
+
+    assert episode(True, 3) == episode(True, 3) == episode(False, 3)
+    assert {episode(True, s)[0] for s in range(8)} == {"badnets-digits", "second"}  # chosen with np_random
+    assert NeuronPruningEnv(artifacts=zoo).reset(options={"model": "second"})[1]["model"] == "second"
+
+
+def test_invalid_actions_are_penalised_no_ops():
+    e = NeuronPruningEnv(max_units=200)
+    e.reset(seed=0)
+    e.step(7)
+    for bad in (7, 190):  # already pruned; padding beyond the model's 176 units
+        _, reward, term, _, info = e.step(bad)
+        assert info["invalid_action"] and reward == -e.cfg.invalid_penalty and not term and info["pruned"] == 1
+        assert not e.action_masks()[bad]
+    assert e.action_masks()[200]  # STOP
+    _, _, term, _, info = e.step(200)
+    assert term and info["stopped"]
+
+
+def test_layer_mode_takes_one_step_per_layer():
+    e = NeuronPruningEnv(action_mode="layer", budget=1.0, max_acc_drop=1.0)
+    obs, info = e.reset(seed=0)
+    assert e.action_space.n == 128 and info["action_mask"].shape == (256,)
+    assert obs["focus"][:16].all() and not obs["focus"][16:].any()
+    steps, term = 0, False
+    while not term:
+        bits = np.zeros(128, np.int8)
+        bits[:2] = 1
+        obs, _, term, _, info = e.step(bits)
+        steps += 1
+    assert steps == 3 and info["pruned"] == 6
+
+
+def test_group_mode_prunes_coupled_residual_channels_together(art):
+    from onp_env.models import build_model
+
+    torch.manual_seed(0)
+    x, y = art.defense_set()
+    model = build_model("preact_resnet18", (1, 8, 8), 10, width=0.125).eval()
+    e = NeuronPruningEnv(targets=[PruningTarget("resnet", model, x, y)], score="anp", group=True)
+    e.reset(seed=0)
+    group = e.task.layout.groups[0]
+    first = e.task.layout.by_name[group[0]].offset + 2
+    _, _, _, _, info = e.step(first)
+    assert info["units"] == [e.task.layout.by_name[name].offset + 2 for name in group]
+
+
+def test_a_users_model_and_defense_tensors_work_without_an_artifact():
+    torch.manual_seed(0)
+    x, y = torch.rand(40, 3, 10, 10), torch.arange(40) % 4
+    e = NeuronPruningEnv(targets=[PruningTarget("mine", UserNet(), x, y)], score="unlearn",
+                         score_kwargs={"batch_size": 8})  # fmt: skip
+    obs, info = e.reset(seed=0)
+    assert obs["counts"][0] == 6 and "asr" not in info
+    _, _, _, _, info = e.step(0)
+    assert info["pruned"] == 1
+
+
+def _user(model=None, x=None, y=None):
+    x = torch.rand(8, 3, 10, 10) if x is None else x
+    return PruningTarget("m", model or UserNet(), x, torch.zeros(len(x), dtype=torch.long) if y is None else y)
+
+
+@pytest.mark.parametrize(
+    ("target", "overrides", "message"),
+    [
+        (lambda: _user(UserNet(torch.nn.LayerNorm([6, 8, 8]))), {}, "unsupported layer 'extra' of type LayerNorm"),
+        (lambda: _user(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(300, 4))), {}, "no prunable units"),
+        (lambda: _user(x=torch.rand(0, 3, 10, 10)), {}, "defense set is empty"),
+        (lambda: _user(y=torch.arange(8)), {}, "mismatched class counts"),
+        (lambda: _user(x=torch.rand(8, 1, 10, 10)), {}, "do not fit the model"),
+        (lambda: _user(), {"score": "oracle"}, "needs the model's trigger"),
+        (lambda: _user(), {"action_mode": "swap"}, "unknown action_mode"),
+        (lambda: _user(), {"score_kwargs": {"steps": 3}}, "bad score_kwargs for anp"),
+    ],
+)
+def test_bad_targets_and_settings_are_clear_errors(target, overrides, message):
+    with pytest.raises(OnpError, match=message):
+        NeuronPruningEnv(targets=[target()], **{"score": "anp", **overrides})
+
+
+def test_nan_weights_are_refused():
+    net = UserNet()
+    with torch.no_grad():
+        net.conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(OnpError, match="NaN/inf values in conv.weight"):
+        NeuronPruningEnv(targets=[_user(net)], score="anp")
