@@ -45,6 +45,7 @@ def run(datasets: list[str], out: Path | None) -> str:
     for ds in datasets:
         clean = load_artifact(build_artifact(load_config(LabConfig, CONFIGS / f"clean-{ds}.yaml"), out))
         sig_bar, bar = BARS.get(ds, (None, None))
+        notes: list[str] = []
         lines += [
             f"## {ds}",
             "",
@@ -61,7 +62,14 @@ def run(datasets: list[str], out: Path | None) -> str:
                 f"| {name} | {pct(m['acc'])} | {100 * (m['acc'] - clean.metrics['acc']):+.2f} | {pct(m['asr'])} "
                 f"| {pct(m['ra'])} | {art.manifest['training']['seconds']:.1f} | {verdict} |"
             )
-        lines.append("")
+            prep = art.manifest["attack"]["preparation"]
+            if prep:
+                notes.append(
+                    f"TrojanNN on {ds}: the optimised trigger raises the mean pre-activation of {prep['layer']} "
+                    f"neuron(s) {prep['neurons']} from {prep['activation_clean']:.2f} to {prep['activation_triggered']:.2f} "
+                    "on training images."
+                )
+        lines += ["", *notes, ""] if notes else [""]
     return "\n".join(lines)
 
 

@@ -3,8 +3,9 @@ Label Poisoning", ICIP 2019): clean-label; a horizontal sinusoid
 x' = clip(x + delta * sin(2 pi j f / W)) is added to images *of the target class only*, whose
 labels stay correct. At test time the signal is added to images of other classes.
 
-Departures: none in the signal; the paper's delta = 20 (of 255) at training time is the default
-and `test_delta` lets the test-time signal be stronger, as the paper does in some experiments."""
+Departures: none in the signal; the paper's delta = 20 (of 255) at training time is the default.
+`test_delta` lets the test-time signal be stronger than the poisoning one (the attacker controls
+test inputs); the shipped Fashion-MNIST config uses it and says why."""
 
 from __future__ import annotations
 

@@ -89,6 +89,7 @@ class Task:
         _check_target(target)
         check_score(cfg.score, target.attack is not None)
         self.name, self.attack = target.name, target.attack
+        self.source_model, self.defense = target.model, (target.x, target.y)  # for policies that plan on them
         self.model = without_inplace(copy.deepcopy(target.model)).eval()
         g = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(target.x), generator=g)[: cfg.eval_images]

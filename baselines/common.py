@@ -1,0 +1,131 @@
+"""The one interface every baseline defense implements, and its wrapper as an environment policy.
+
+A defense sees a model and the clean defense set, nothing else: no test data, no trigger. It
+scores every prunable unit (higher = more suspicious), chooses units to prune by its own paper's
+rule, and prunes through the shared primitive (onp_env.masking.Masks)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from onp_env.errors import OnpError
+from onp_env.graph.units import UnitLayout, find_units
+from onp_env.masking import Masks
+
+
+@dataclass
+class DefenseResult:
+    method: str
+    scores: torch.Tensor
+    """(units,) suspicion per unit; -inf for units the method cannot judge."""
+    pruned: list[int]
+    """Flat unit indices the method prunes, most suspicious first."""
+    masks: dict[str, Any]
+    """Masks.state() of the pruned model: plain data."""
+    model: nn.Module
+    """The original weights with the pruned units removed (masks folded in)."""
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+    finetuned: nn.Module | None = None
+    """For methods that fine-tune after pruning: the fine-tuned model."""
+
+
+class Defense(ABC):
+    """Subclasses set `name`, `Params` (a dataclass of the paper's defaults), `scores` and `select`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, semantics: str = "zero", seed: int = 0, **params: Any):
+        fields = {f.name for f in dataclasses.fields(self.Params)}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise OnpError(f"unknown parameter(s) {', '.join(unknown)} for {self.name}: valid are {', '.join(sorted(fields))}")
+        self.params = self.Params(**params)
+        self.semantics, self.seed = semantics, seed
+
+    @abstractmethod
+    def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Suspicion of every unit (higher = prune first)."""
+
+    @abstractmethod
+    def select(self, scores: torch.Tensor, model: nn.Module, layout: UnitLayout, x: torch.Tensor,
+               y: torch.Tensor) -> list[int]:  # fmt: skip
+        """Units to prune by the method's own rule, most suspicious first."""
+
+    def finetune(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> nn.Module | None:
+        """Methods that repair the pruned model override this."""
+        return None
+
+    def plan(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[UnitLayout, torch.Tensor, list[int]]:
+        """(layout, scores, units to prune) without touching `model`."""
+        if len(x) == 0:
+            raise OnpError(f"{self.name} needs a non-empty defense set")
+        work = copy.deepcopy(model).eval()
+        layout, _ = find_units(work, x[:2])
+        torch.manual_seed(self.seed)
+        s = self.scores(work, layout, x, y)
+        return layout, s, self.select(s, work, layout, x, y)
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> DefenseResult:
+        start = time.perf_counter()
+        layout, s, pruned = self.plan(model, x, y)
+        target = copy.deepcopy(model).eval()
+        with Masks(target, layout, self.semantics) as masks:
+            masks.prune(pruned)
+            pruned_model, state = masks.export(), masks.state()
+        finetuned = self.finetune(pruned_model, x, y)
+        details = {"params": dataclasses.asdict(self.params), "semantics": self.semantics, "seed": self.seed}
+        return DefenseResult(self.name, s, pruned, state, pruned_model, time.perf_counter() - start, details, finetuned)
+
+
+def top_units(scores: torch.Tensor, keep: torch.Tensor) -> list[int]:
+    """Indices where `keep` holds, ordered by descending score (ties by index: deterministic)."""
+    idx = torch.nonzero(keep).flatten()
+    order = torch.argsort(-scores[idx], stable=True)
+    return idx[order].tolist()
+
+
+class BaselinePolicy:
+    """A defense as a policy for NeuronPruningEnv (neuron mode): on the first step of an episode it
+    plans on the env's current model and defense set, then prunes its chosen units one per step,
+    most suspicious first, and STOPs when its own rule says so."""
+
+    def __init__(self, defense: Defense):
+        self.defense = defense
+        self._queue: list[int] = []
+
+    def act(self, env: Any) -> int:
+        e = env.unwrapped
+        if e.cfg.action_mode != "neuron":
+            raise OnpError("baseline policies act in action_mode='neuron'")
+        if e.steps == 0:
+            _, _, pruned = self.defense.plan(e.task.source_model, *e.task.defense)
+            self._queue = list(pruned)
+        while self._queue and e.pruned[self._queue[0]]:  # already pruned, e.g. with its residual group
+            self._queue.pop(0)
+        return self._queue.pop(0) if self._queue else e.max_units
+
+
+def run_policy(policy: BaselinePolicy, env: Any, seed: int | None = None,
+               options: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """One episode; returns the info dicts of every step (the episode record)."""
+    _, info = env.reset(seed=seed, options=options)
+    record = [info]
+    done = False
+    while not done:
+        _, reward, term, trunc, info = env.step(policy.act(env))
+        record.append({**info, "reward": reward})
+        done = term or trunc
+    return record
+
+
+__all__ = ["BaselinePolicy", "Defense", "DefenseResult", "run_policy", "top_units"]
