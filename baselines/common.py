@@ -48,7 +48,8 @@ class Defense(ABC):
         fields = {f.name for f in dataclasses.fields(self.Params)}
         unknown = sorted(set(params) - fields)
         if unknown:
-            raise OnpError(f"unknown parameter(s) {', '.join(unknown)} for {self.name}: valid are {', '.join(sorted(fields))}")
+            valid = ", ".join(sorted(fields))
+            raise OnpError(f"unknown parameter(s) {', '.join(unknown)} for {self.name}: valid are {valid}")
         self.params = self.Params(**params)
         self.semantics, self.seed = semantics, seed
 

@@ -64,10 +64,10 @@ def run(datasets: list[str], out: Path | None) -> str:
             )
             prep = art.manifest["attack"]["preparation"]
             if prep:
+                before, after = prep["activation_clean"], prep["activation_triggered"]
                 notes.append(
                     f"TrojanNN on {ds}: the optimised trigger raises the mean pre-activation of {prep['layer']} "
-                    f"neuron(s) {prep['neurons']} from {prep['activation_clean']:.2f} to {prep['activation_triggered']:.2f} "
-                    "on training images."
+                    f"neuron(s) {prep['neurons']} from {before:.2f} to {after:.2f} on training images."
                 )
         lines += ["", *notes, ""] if notes else [""]
     return "\n".join(lines)
