@@ -62,8 +62,9 @@ class Defense(ABC):
                y: torch.Tensor) -> list[int]:  # fmt: skip
         """Units to prune by the method's own rule, most suspicious first."""
 
-    def finetune(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> nn.Module | None:
-        """Methods that repair the pruned model override this."""
+    def finetune(self, model: nn.Module, layout: UnitLayout, pruned: list[int], x: torch.Tensor,
+                 y: torch.Tensor) -> nn.Module | None:  # fmt: skip
+        """Methods that repair the pruned model override this (pruned units must stay pruned)."""
         return None
 
     def plan(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[UnitLayout, torch.Tensor, list[int]]:
@@ -83,7 +84,7 @@ class Defense(ABC):
         with Masks(target, layout, self.semantics) as masks:
             masks.prune(pruned)
             pruned_model, state = masks.export(), masks.state()
-        finetuned = self.finetune(pruned_model, x, y)
+        finetuned = self.finetune(pruned_model, layout, pruned, x, y)
         details = {"params": dataclasses.asdict(self.params), "semantics": self.semantics, "seed": self.seed}
         return DefenseResult(self.name, s, pruned, state, pruned_model, time.perf_counter() - start, details, finetuned)
 

@@ -1,0 +1,110 @@
+import pytest
+import torch
+from torch import nn
+
+from baselines.anp import ANP
+from baselines.clp import CLP
+from baselines.common import BaselinePolicy, run_policy
+from baselines.controls import Magnitude, Random
+from baselines.fine_pruning import FinePruning
+from onp_env import OnpError
+from onp_env.env import NeuronPruningEnv, PruningTarget
+from onp_env.graph.units import find_units
+from onp_env.models import build_model
+
+QUICK = {"anp": {"iterations": 5}, "fp": {"finetune_epochs": 1}}
+METHODS = [Magnitude, Random, CLP, FinePruning, ANP]
+
+
+def data(shape=(1, 8, 8), n=40):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, *shape, generator=g), torch.arange(n) % 10
+
+
+def cnn():
+    torch.manual_seed(0)
+    return build_model("small_cnn", (1, 8, 8), 10).eval()
+
+
+def make(cls, **kw):
+    return cls(**{**QUICK.get(cls.name, {}), **kw})
+
+
+def test_clp_finds_a_channel_whose_kernel_norm_was_inflated():
+    model = cnn()
+    with torch.no_grad():
+        model.features[4].weight[7] *= 25
+    result = make(CLP).run(model, *data())
+    layout, _ = find_units(model, data()[0][:2])
+    assert result.pruned[0] == layout.by_name["features.5"].offset + 7
+    assert torch.isinf(result.scores[layout.by_name["fc"].offset :]).all()  # Linear units: no bound
+
+
+def test_fine_pruning_ranks_a_dormant_last_conv_channel_first_and_keeps_it_pruned_when_tuning():
+    model = cnn()
+    with torch.no_grad():
+        model.features[5].bias[3] = -50.0  # channel 3 of the last conv never fires on clean data
+    result = make(FinePruning).run(model, *data())
+    layout, _ = find_units(model, data()[0][:2])
+    unit = layout.by_name["features.5"].offset + 3
+    assert result.pruned[0] == unit
+    assert result.finetuned is not None
+    assert result.finetuned.features[5].weight[3] == 0 and result.finetuned.features[5].bias[3] == 0
+
+
+def test_magnitude_prunes_the_smallest_gamma_first():
+    model = cnn()
+    with torch.no_grad():
+        model.features[1].weight.fill_(1.0)
+        model.features[1].weight[5] = 1e-3
+    assert make(Magnitude).run(model, *data()).pruned[0] == 5
+
+
+def test_anp_masks_stay_in_unit_interval_and_are_deterministic():
+    model = cnn()
+    x, y = data()
+    layout, _ = find_units(model, x[:2])
+    anp = make(ANP, iterations=20)
+    m1 = anp.optimise_masks(cnn(), layout, x, y)
+    m2 = anp.optimise_masks(cnn(), layout, x, y)
+    assert torch.equal(m1, m2) and m1.min() >= 0 and m1.max() <= 1 and (m1 < 1).any()
+    result = anp.run(model, x, y)
+    assert all(param.requires_grad for param in model.parameters())
+    assert sorted(result.pruned) == sorted(torch.nonzero(1 - result.scores < 0.2).flatten().tolist())
+
+
+ARCHS = [("small_cnn", {}), ("vgg", {"width": 0.25}), ("preact_resnet18", {"width": 0.125})]
+
+
+@pytest.mark.parametrize("cls", METHODS)
+@pytest.mark.parametrize(("arch", "kw"), ARCHS)
+def test_every_method_runs_on_the_zoo_architectures_deterministically(cls, arch, kw):
+    torch.manual_seed(0)
+    model = build_model(arch, (1, 8, 8), 10, **kw).eval()
+    x, y = data()
+    a, b = make(cls, seed=3).run(model, x, y), make(cls, seed=3).run(model, x, y)
+    assert a.pruned == b.pruned and torch.equal(a.scores, b.scores)
+    assert a.model(x[:2]).shape == (2, 10)
+
+
+def test_methods_that_need_convolutions_say_so():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    for cls in (CLP, FinePruning):
+        with pytest.raises(OnpError, match="needs (Conv2d|a Conv2d)"):
+            make(cls).run(mlp, *data())
+    with pytest.raises(OnpError, match="unknown parameter"):
+        CLP(k=2)
+
+
+@pytest.mark.parametrize("cls", METHODS)
+def test_policies_in_the_env_end_with_the_standalone_masks(cls):
+    model = cnn()
+    with torch.no_grad():
+        model.features[4].weight[7] *= 25  # gives CLP something to prune
+    x, y = data()
+    env = NeuronPruningEnv(targets=[PruningTarget("m", model, x, y)], score="anp", budget=1.0, max_acc_drop=1.0)
+    policy = BaselinePolicy(make(cls, seed=1))
+    record = run_policy(policy, env, seed=0)
+    standalone = make(cls, seed=1).run(model, x, y)
+    assert sorted(env.task.masks.pruned()) == sorted(standalone.pruned)
+    assert record[-1]["pruned"] == len(standalone.pruned) and record[-1].get("stopped")
