@@ -52,6 +52,8 @@ class Defense(ABC):
             raise OnpError(f"unknown parameter(s) {', '.join(unknown)} for {self.name}: valid are {valid}")
         self.params = self.Params(**params)
         self.semantics, self.seed = semantics, seed
+        self.extra: dict[str, Any] = {}
+        """What a method measured on its way (e.g. whether unlearning reached its threshold)."""
 
     @abstractmethod
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,9 +64,9 @@ class Defense(ABC):
                y: torch.Tensor) -> list[int]:  # fmt: skip
         """Units to prune by the method's own rule, most suspicious first."""
 
-    def finetune(self, model: nn.Module, layout: UnitLayout, pruned: list[int], x: torch.Tensor,
-                 y: torch.Tensor) -> nn.Module | None:  # fmt: skip
-        """Methods that repair the pruned model override this (pruned units must stay pruned)."""
+    def finetune(self, original: nn.Module, pruned_model: nn.Module, layout: UnitLayout, pruned: list[int],
+                 x: torch.Tensor, y: torch.Tensor) -> nn.Module | None:  # fmt: skip
+        """Methods that repair or purify after pruning override this."""
         return None
 
     def plan(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[UnitLayout, torch.Tensor, list[int]]:
@@ -73,6 +75,7 @@ class Defense(ABC):
             raise OnpError(f"{self.name} needs a non-empty defense set")
         work = copy.deepcopy(model).eval()
         layout, _ = find_units(work, x[:2])
+        self.extra = {}
         torch.manual_seed(self.seed)
         s = self.scores(work, layout, x, y)
         return layout, s, self.select(s, work, layout, x, y)
@@ -84,8 +87,9 @@ class Defense(ABC):
         with Masks(target, layout, self.semantics) as masks:
             masks.prune(pruned)
             pruned_model, state = masks.export(), masks.state()
-        finetuned = self.finetune(pruned_model, layout, pruned, x, y)
-        details = {"params": dataclasses.asdict(self.params), "semantics": self.semantics, "seed": self.seed}
+        finetuned = self.finetune(model, pruned_model, layout, pruned, x, y)
+        details = {"params": dataclasses.asdict(self.params), "semantics": self.semantics, "seed": self.seed,
+                   **self.extra}  # fmt: skip
         return DefenseResult(self.name, s, pruned, state, pruned_model, time.perf_counter() - start, details, finetuned)
 
 

@@ -53,6 +53,7 @@ class FinePruning(Defense):
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         name = last_conv_layer(model, layout)
+        self.extra["layer"] = name
         lay = layout.by_name[name]
         out = torch.full((layout.num_units,), float("-inf"))
         out[lay.offset : lay.offset + lay.size] = -activation_stats(model, layout, x, y)[name]["act_mean"]
@@ -75,8 +76,8 @@ class FinePruning(Defense):
                 chosen.append(u)
         return chosen
 
-    def finetune(self, model, layout, pruned, x, y) -> nn.Module:
-        tuned = copy.deepcopy(model)
+    def finetune(self, original, pruned_model, layout, pruned, x, y) -> nn.Module:
+        tuned = copy.deepcopy(pruned_model)
         p = self.params
         cfg = TrainConfig(epochs=p.finetune_epochs, batch_size=p.batch_size, lr=p.lr, threads=torch.get_num_threads())
         with Masks(tuned, layout, self.semantics) as masks:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,10 @@ def train(
     seed: int,
     desc: str = "train",
     progress: bool = True,
+    after_step: Callable[[float], None] | None = None,
 ) -> float:
-    """Train `model` in place; returns the seconds it took."""
+    """Train `model` in place; returns the seconds it took. `after_step(lr)` runs after every
+    optimiser step (e.g. a defense's extra regularisation)."""
     if cfg.augment not in AUGMENTS:
         raise OnpError(f"unknown augment '{cfg.augment}': choose one of {', '.join(AUGMENTS)}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
@@ -74,6 +76,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if after_step is not None:
+                    after_step(float(sched.get_last_lr()[0]))
                 sched.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)

@@ -3,17 +3,26 @@ import torch
 from torch import nn
 
 from baselines.anp import ANP
+from baselines.bnp import BNP
 from baselines.clp import CLP
 from baselines.common import BaselinePolicy, run_policy
 from baselines.controls import Magnitude, Random
 from baselines.fine_pruning import FinePruning
+from baselines.mnp import MNP
+from baselines.rnp import RNP
 from onp_env import OnpError
 from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.graph.units import find_units
 from onp_env.models import build_model
 
-QUICK = {"anp": {"iterations": 5}, "fp": {"finetune_epochs": 1}}
-METHODS = [Magnitude, Random, CLP, FinePruning, ANP]
+QUICK = {
+    "anp": {"iterations": 5},
+    "fp": {"finetune_epochs": 1},
+    "rnp": {"unlearn_epochs": 2, "recover_epochs": 2, "batch_size": 16},
+    "mnp": {"suppress_epochs": 2, "mask_epochs": 2, "batch_size": 16},
+    "bnp": {"epochs": 1},
+}
+METHODS = [Magnitude, Random, CLP, FinePruning, ANP, RNP, MNP, BNP]
 
 
 def data(shape=(1, 8, 8), n=40):
@@ -108,3 +117,38 @@ def test_policies_in_the_env_end_with_the_standalone_masks(cls):
     standalone = make(cls, seed=1).run(model, x, y)
     assert sorted(env.task.masks.pruned()) == sorted(standalone.pruned)
     assert record[-1]["pruned"] == len(standalone.pruned) and record[-1].get("stopped")
+
+
+def test_rnp_unlearns_to_the_threshold_and_prunes_the_original_weights():
+    from onp_env import load_artifact
+    from onp_env.zoo import default_artifact
+
+    art = load_artifact(default_artifact())
+    x, y = art.defense_set()
+    result = RNP(batch_size=16).run(art.model, x, y)
+    unlearning = result.details["unlearning"]
+    assert unlearning["reached_threshold"] and unlearning["final_batch_acc"] <= 0.2
+    assert result.pruned, "recovering masks on the unlearned model leaves some below 0.2"
+    original, pruned = art.model.state_dict(), result.model.state_dict()
+    for name in ("features.0.weight", "features.4.weight", "classifier.weight"):  # not unit parameters
+        assert torch.equal(original[name], pruned[name])
+
+
+def test_bnp_marks_the_least_salient_unit_and_adaptive_regularisation_shrinks_it():
+    model = cnn()
+    with torch.no_grad():
+        model.fc.weight[9] *= 0.0  # neuron 9 of the hidden Linear layer does nothing on clean data
+        model.fc.bias[9] = 0.3
+        model.classifier.weight[:, 9] = 0.0
+    layout, _ = find_units(model, data()[0][:2])
+    result = make(BNP, epochs=3).run(model, *data())
+    assert layout.by_name["fc"].offset + 9 in result.pruned[:9]
+    tuned = result.finetuned
+    assert tuned is not None and abs(tuned.fc.bias[9].item()) < 0.3
+    assert result.model.fc.bias[9] == 0  # the pruned model removes it
+
+
+def test_mnp_reports_its_magnitude_saliency_correlation():
+    result = make(MNP).run(cnn(), *data())
+    corr = result.details["magnitude_saliency_correlation"]
+    assert -1 <= corr <= 1 and "suppression" in result.details

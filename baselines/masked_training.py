@@ -1,0 +1,70 @@
+"""Learnable unit masks: the optimisation shared by the mask-learning defenses (RNP's recovery,
+MNP's elimination). A mask m in [0, 1] per unit scales the unit's weight part (BatchNorm gamma,
+Linear weight row) and keeps its bias: y' = m * (y - bias) + bias, as the released RNP code does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from onp_env.graph.units import UnitLayout
+
+
+@contextmanager
+def learnable_masks(model: nn.Module, layout: UnitLayout) -> Iterator[torch.Tensor]:
+    """Hooks a flat (units,) mask tensor with requires_grad into `model` for the duration."""
+    mask = torch.ones(layout.num_units, requires_grad=True)
+    modules = dict(model.named_modules())
+    hooks = []
+    for lay in layout.layers:
+        lo, hi = lay.offset, lay.offset + lay.size
+
+        def hook(mod: nn.Module, inp: Any, out: torch.Tensor, lo: int = lo, hi: int = hi) -> torch.Tensor:
+            shape = (1, -1) + (1,) * (out.ndim - 2)
+            b0: torch.Tensor | None = getattr(mod, "bias", None)
+            bias = b0.view(shape) if b0 is not None else torch.zeros(shape)
+            return mask[lo:hi].view(shape) * (out - bias) + bias
+
+        hooks.append(modules[lay.name].register_forward_hook(hook))
+    try:
+        yield mask
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def train_masks(
+    model: nn.Module,
+    layout: UnitLayout,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    epochs: int,
+    lr: float,
+    momentum: float,
+    batch_size: int,
+    seed: int,
+) -> torch.Tensor:
+    """Minimise loss_fn(logits, labels, mask) over the masks only (weights frozen, BatchNorm in
+    train mode as in the released mask-learning code), SGD with momentum, masks clamped to [0, 1]
+    after every step. Returns the final masks."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    with learnable_masks(model, layout) as mask:
+        opt = torch.optim.SGD([mask], lr=lr, momentum=momentum)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=g).split(batch_size):
+                loss = loss_fn(model(x[idx]), y[idx], mask)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    mask.clamp_(0, 1)
+        model.eval()
+        return mask.detach().clone()
