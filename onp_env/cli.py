@@ -71,6 +71,34 @@ def _inspect(args: argparse.Namespace) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def _defend(args: argparse.Namespace) -> None:
+    # The CLI is the one place where the lab meets the baselines; the lab's library never imports them.
+    import yaml
+
+    from baselines.run import defend_artifact
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise OnpError(f"--set needs key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(raw)
+    out, report = defend_artifact(args.artifact, args.method, overrides, args.out)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    b = report["before"]
+    print(f"{report['method']}: pruned {report['pruned']} units in {report['seconds']:.1f} s "
+          f"on {report['defense_images']} defense images")  # fmt: skip
+    print(f"  before  ACC {_pct(b['acc'])}  ASR {_pct(b['asr'])}  RA {_pct(b['ra'])}")
+    print(f"  after   ACC {_pct(report['acc'])}  ASR {_pct(report['asr'])}  RA {_pct(report['ra'])}  "
+          f"DER {report['der'] if report['der'] is None else round(report['der'], 4)}")  # fmt: skip
+    if "finetuned" in report:
+        f = report["finetuned"]
+        print(f"  tuned   ACC {_pct(f['acc'])}  ASR {_pct(f['asr'])}  RA {_pct(f['ra'])}  DER {round(f['der'], 4)}")
+    print(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="onp", description="Backdoor removal by neuron pruning: lab, environment, defenses."
@@ -96,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact", help="artifact directory")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON (index lists as counts)")
     i.set_defaults(func=_inspect)
+
+    d = sub.add_parser("defend", help="run a pruning defense on an artifact; writes the pruned model and report.json")
+    d.add_argument("--method", required=True, help="mnp, anp, rnp, bnp, fp, clp, magnitude or random")
+    d.add_argument("--artifact", required=True, help="artifact directory (from onp attack)")
+    d.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method parameter (e.g. iterations=500), or defense_fraction / semantics / seed",
+    )
+    d.add_argument("--out", default=None, help="output directory (default: next to the artifact cache)")
+    d.add_argument("--json", action="store_true", help="print report.json instead of a summary")
+    d.set_defaults(func=_defend)
     return p
 
 

@@ -79,3 +79,29 @@ def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "onp_env.cli", "attack", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--config" in out.stdout and "--set" in out.stdout
+
+
+def test_defend_writes_a_pruned_artifact_and_report(tmp_path, capsys):
+    import json
+
+    from onp_env import load_artifact
+    from onp_env.zoo import default_artifact
+
+    art = default_artifact()
+    out = tmp_path / "fp"
+    assert (
+        main(["defend", "--method", "fp", "--artifact", str(art), "--out", str(out), "--set", "finetune_epochs=1"]) == 0
+    )
+    assert "ACC" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert {"method", "acc", "asr", "ra", "der", "pruned", "seconds", "before", "finetuned"} <= set(report)
+    assert report["method"] == "fp" and report["pruned"] == len(load_artifact(out).manifest["defense"]["pruned_units"])
+    assert load_artifact(out / "finetuned").metrics["acc"] == report["finetuned"]["acc"]
+    assert main(["defend", "--method", "clp", "--artifact", str(art), "--out", str(out)]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+    assert main(["defend", "--method", "anp", "--artifact", str(art), "--out", str(tmp_path / "x"),
+                 "--set", "defense_fraction=0.5"]) == 2  # fmt: skip
+    assert "defense_fraction must be in (0, 0.05]" in capsys.readouterr().err
+    assert main(["defend", "--method", "rnp", "--artifact", str(art), "--out", str(tmp_path / "y"),
+                 "--set", "defense_fraction=0.03", "--set", "unlearn_epochs=1", "--set", "recover_epochs=1", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["defense_images"] < 70
