@@ -102,7 +102,7 @@ def test_defend_writes_a_pruned_artifact_and_report(tmp_path, capsys):
     assert main(["defend", "--method", "anp", "--artifact", str(art), "--out", str(tmp_path / "x"),
                  "--set", "defense_fraction=0.5"]) == 2  # fmt: skip
     assert "defense_fraction must be in (0, 0.05]" in capsys.readouterr().err
-    quick = ["--set", "unlearn_epochs=1", "--set", "recover_epochs=1", "--json"]
-    rnp = ["defend", "--method", "rnp", "--artifact", str(art), "--out", str(tmp_path / "y"), "--set", "defense_fraction=0.03"]
+    quick = ["--set", "unlearn_epochs=1", "--set", "recover_epochs=1", "--set", "defense_fraction=0.03", "--json"]
+    rnp = ["defend", "--method", "rnp", "--artifact", str(art), "--out", str(tmp_path / "y")]
     assert main(rnp + quick) == 0
     assert json.loads(capsys.readouterr().out)["defense_images"] < 70
