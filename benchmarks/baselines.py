@@ -13,17 +13,21 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from baselines import DEFENSES
-from baselines.run import defend_artifact
-from onp_env import build_artifact, load_config
-from onp_env.config import LabConfig
-
 HERE = Path(__file__).resolve().parent
+# This file is named like the `baselines` package: keep its folder off the import path.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+import torch  # noqa: E402
+
+from baselines import DEFENSES  # noqa: E402
+from baselines.run import defend_artifact  # noqa: E402
+from onp_env import build_artifact, load_config  # noqa: E402
+from onp_env.config import LabConfig  # noqa: E402
+
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 
 
