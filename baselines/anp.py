@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from baselines.common import Defense, top_units
 from onp_env.graph.units import UnitLayout
+from onp_env.masking import split_output
 
 
 @dataclass
@@ -60,10 +61,7 @@ class ANP(Defense):
             lo, hi = lay.offset, lay.offset + lay.size
 
             def hook(mod: nn.Module, inp: Any, out: torch.Tensor, lo: int = lo, hi: int = hi) -> torch.Tensor:
-                shape = (1, -1) + (1,) * (out.ndim - 2)
-                b0: torch.Tensor | None = getattr(mod, "bias", None)
-                bias = b0.view(shape) if b0 is not None else torch.zeros(shape)
-                core = out - bias  # weight * normalised input
+                core, bias, shape = split_output(mod, out)
                 m = mask[lo:hi].view(shape)
                 if not state["perturbed"]:
                     return m * core + bias

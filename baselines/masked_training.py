@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from onp_env.graph.units import UnitLayout
+from onp_env.masking import split_output
 
 
 @contextmanager
@@ -24,10 +25,8 @@ def learnable_masks(model: nn.Module, layout: UnitLayout) -> Iterator[torch.Tens
         lo, hi = lay.offset, lay.offset + lay.size
 
         def hook(mod: nn.Module, inp: Any, out: torch.Tensor, lo: int = lo, hi: int = hi) -> torch.Tensor:
-            shape = (1, -1) + (1,) * (out.ndim - 2)
-            b0: torch.Tensor | None = getattr(mod, "bias", None)
-            bias = b0.view(shape) if b0 is not None else torch.zeros(shape)
-            return mask[lo:hi].view(shape) * (out - bias) + bias
+            core, bias, shape = split_output(mod, out)
+            return mask[lo:hi].view(shape) * core + bias
 
         hooks.append(modules[lay.name].register_forward_hook(hook))
     try:

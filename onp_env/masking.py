@@ -25,6 +25,15 @@ from onp_env.graph.units import UnitLayout
 SEMANTICS = ("zero", "gamma")
 
 
+def split_output(module: nn.Module, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """(weight part, bias part, per-unit broadcast shape) of a BatchNorm or Linear output:
+    out = weight part + bias, with the bias zero where the module has none."""
+    shape = (1, -1) + (1,) * (out.ndim - 2)
+    b: torch.Tensor | None = getattr(module, "bias", None)
+    bias = b.view(shape) if b is not None else torch.zeros(shape, dtype=out.dtype)
+    return out - bias, bias, shape
+
+
 class Masks:
     """Masks over the units of `layout` (from `find_units(model, ...)`), hooked into `model`."""
 
@@ -53,15 +62,9 @@ class Masks:
             m = self.values[name]
             if bool((m == 1).all()):
                 return None
-            shape = (1, -1) + (1,) * (out.ndim - 2)
+            core, bias, shape = split_output(module, out)
             m = m.to(out.dtype).view(shape)
-            if self.semantics == "zero":
-                return out * m
-            bias = getattr(module, "bias", None)
-            if bias is None:
-                return out * m
-            shift = bias.view(shape)
-            return m * (out - shift) + shift
+            return out * m if self.semantics == "zero" else m * core + bias
 
         return hook
 

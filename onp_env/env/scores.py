@@ -22,7 +22,7 @@ from torch import nn
 
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
-from onp_env.masking import Masks
+from onp_env.masking import Masks, split_output
 
 SCORES = ("oracle", "unlearn", "anp")
 
@@ -115,11 +115,9 @@ class ANPScore:
             alive = (self.masks.values[lay.name] > 0).float()
 
             def perturb(m: nn.Module, i: object, out: torch.Tensor, d=d * alive, b=b * alive) -> torch.Tensor:
-                shape = (1, -1) + (1,) * (out.ndim - 2)
-                b0: torch.Tensor | None = getattr(m, "bias", None)
-                bias = b0.view(shape) if b0 is not None else torch.zeros(shape)
-                # weight * (1 + d) and bias * (1 + b): y' = y + d * (y - bias) + b * bias
-                return out + d.view(shape) * (out - bias) + b.view(shape) * bias
+                core, bias, shape = split_output(m, out)
+                # weight * (1 + d) and bias * (1 + b): y' = y + d * core + b * bias
+                return out + d.view(shape) * core + b.view(shape) * bias
 
             hooks.append(modules[lay.name].register_forward_hook(perturb))
         try:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from onp_env.models.layers import Normalize, check_input, conv_bn_relu
+from onp_env.models.layers import ConvClassifier, Normalize, check_input, conv_bn_relu
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(ConvClassifier):
     """[conv3x3-BN-ReLU-maxpool] per entry of `channels`, then one hidden Linear layer (prunable
     neurons) and the classifier. Pooling stops once the feature map is 1 pixel wide."""
 
@@ -35,11 +34,4 @@ class SmallCNN(nn.Module):
                 h, w = h // 2, w // 2
             c = cout
         self.features = nn.Sequential(*layers)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(c * h * w, hidden)
-        self.relu = nn.ReLU(inplace=True)
-        self.classifier = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.flatten(self.features(self.normalize(x)))
-        return self.classifier(self.relu(self.fc(x)))
+        self.add_head(c, h, w, hidden, num_classes)

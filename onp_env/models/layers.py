@@ -35,3 +35,21 @@ def check_input(in_shape: tuple[int, int, int], num_classes: int) -> None:
         raise ValueError(f"in_shape must be (channels, height, width), got {in_shape}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+
+
+class ConvClassifier(nn.Module):
+    """normalize -> features -> flatten -> fc (hidden, prunable neurons) -> ReLU -> classifier.
+    Subclasses build `features` and call `add_head` with the feature map's final shape."""
+
+    normalize: Normalize
+    features: nn.Sequential
+
+    def add_head(self, c: int, h: int, w: int, hidden: int, num_classes: int) -> None:
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(c * h * w, hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(self.features(self.normalize(x)))
+        return self.classifier(self.relu(self.fc(x)))

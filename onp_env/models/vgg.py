@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from onp_env.models.layers import Normalize, check_input, conv_bn_relu
+from onp_env.models.layers import ConvClassifier, Normalize, check_input, conv_bn_relu
 
 DEFAULT_CFG: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M")
 
 
-class VGGStyle(nn.Module):
+class VGGStyle(ConvClassifier):
     """`cfg` lists conv widths and "M" for 2x2 max-pooling (skipped once the map is 1 pixel wide);
     `width` scales every conv width."""
 
@@ -42,11 +41,4 @@ class VGGStyle(nn.Module):
                 layers += conv_bn_relu(c, cout)
                 c = cout
         self.features = nn.Sequential(*layers)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(c * h * w, hidden)
-        self.relu = nn.ReLU(inplace=True)
-        self.classifier = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.flatten(self.features(self.normalize(x)))
-        return self.classifier(self.relu(self.fc(x)))
+        self.add_head(c, h, w, hidden, num_classes)
