@@ -29,7 +29,7 @@ def summarize(manifest: dict[str, Any]) -> dict[str, Any]:
     if out["attack"]:
         for key in ("poison_indices", "cross_indices"):
             out["attack"][key] = f"<{len(manifest['attack'][key])} indices>"
-        if out["attack"]["params"].get("pattern") is not None:
+        if isinstance(out["attack"]["params"].get("pattern"), list):  # TrojanNN's optimised pixels
             out["attack"]["params"]["pattern"] = "<optimised trigger>"
     return out
 

@@ -28,6 +28,7 @@ def test_attack_prints_the_artifact_path_and_inspect_shows_metrics(tmp_path, cap
     assert main(["inspect", path]) == 0
     out = capsys.readouterr().out
     assert "badnets all-to-one -> 0" in out and "ASR" in out and "(verified)" in out
+    assert '"pattern": "checker"' in out
     assert main(["inspect", path, "--json"]) == 0
     assert '"defense_indices": "<70 indices>"' in capsys.readouterr().out
 
