@@ -80,10 +80,8 @@ class ANP(Defense):
                         noise_b.uniform_(-p.eps, p.eps, generator=g)
                     state["perturbed"] = True
                     for _ in range(p.anp_steps):
-                        gw, gb = torch.autograd.grad(F.cross_entropy(model(xb), yb), [noise_w, noise_b])
-                        with torch.no_grad():
-                            noise_w += p.eps / p.anp_steps * gw.sign()
-                            noise_b += p.eps / p.anp_steps * gb.sign()
+                        grads = torch.autograd.grad(F.cross_entropy(model(xb), yb), [noise_w, noise_b])
+                        self.ascend((noise_w, noise_b), grads)
                 state["perturbed"] = False
                 loss = p.alpha * F.cross_entropy(model(xb), yb)
                 if p.eps > 0:
@@ -100,6 +98,12 @@ class ANP(Defense):
                 h.remove()
             model.eval()
         return mask.detach()
+
+    def ascend(self, noise: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...]) -> None:
+        """One signed ascent step of size eps / anp_steps on the perturbations, no projection."""
+        with torch.no_grad():
+            for n, g in zip(noise, grads, strict=True):
+                n += self.params.eps / self.params.anp_steps * g.sign()
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return 1 - self.optimise_masks(model, layout, x, y)

@@ -152,3 +152,26 @@ def test_mnp_reports_its_magnitude_saliency_correlation():
     result = make(MNP).run(cnn(), *data())
     corr = result.details["magnitude_saliency_correlation"]
     assert -1 <= corr <= 1 and "suppression" in result.details
+
+
+def test_anp_perturbation_starts_in_the_box_and_takes_one_signed_step(monkeypatch):
+    model = cnn()
+    x, y = data()
+    layout, _ = find_units(model, x[:2])
+    anp = make(ANP, iterations=3, anp_steps=2)
+    seen = []
+    real = ANP.ascend
+
+    def record(self, noise, grads):
+        before = [n.detach().clone() for n in noise]
+        real(self, noise, grads)
+        seen.append((before, [g.clone() for g in grads], [n.detach().clone() for n in noise]))
+
+    monkeypatch.setattr(ANP, "ascend", record)
+    anp.optimise_masks(model, layout, x, y)
+    assert len(seen) == 3 * 2
+    for i, (before, grads, after) in enumerate(seen):
+        for b, g, a in zip(before, grads, after, strict=True):
+            if i % 2 == 0:  # first step of an iteration starts from U[-eps, eps]
+                assert b.abs().max() <= 0.4
+            torch.testing.assert_close(a, b + 0.2 * g.sign(), rtol=0, atol=1e-6)
