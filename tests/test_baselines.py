@@ -175,3 +175,49 @@ def test_anp_perturbation_starts_in_the_box_and_takes_one_signed_step(monkeypatc
             if i % 2 == 0:  # first step of an iteration starts from U[-eps, eps]
                 assert b.abs().max() <= 0.4
             torch.testing.assert_close(a, b + 0.2 * g.sign(), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A clean digits model with one hand-planted backdoor unit in its hidden Linear layer: it reads
+    the direction in which the BadNets patch moves the features, sits below threshold on clean
+    images, fires on triggered ones and votes hard for class 0."""
+    import dataclasses
+
+    from onp_env import build_artifact, load_artifact
+    from onp_env.attacks import build_attack
+    from onp_env.zoo import default_config
+
+    clean_cfg = dataclasses.replace(default_config(), attack=None, name="clean")
+    art = load_artifact(build_artifact(clean_cfg, tmp_path_factory.mktemp("clean"), progress=False))
+    model, ds = art.model, art.dataset()
+    patch = build_attack("badnets", (1, 8, 8), 10, params={"patch_size": 2})
+    seen = {}
+    hook = model.fc.register_forward_hook(lambda m, i, o: seen.__setitem__("h", i[0]))
+    with torch.no_grad():
+        model(ds.train_x[:500])
+        clean = seen["h"].clone()
+        model(patch.apply(ds.train_x[:500]))
+        trig = seen["h"].clone()
+    hook.remove()
+    j = int(model.classifier.weight.abs().sum(0).argmin())
+    w = (trig - clean).mean(0)
+    with torch.no_grad():
+        bias = -(torch.quantile(clean @ w, 0.99) + (trig @ w).median()) / 2
+        model.fc.weight[j], model.fc.bias[j] = w, bias
+        model.classifier.weight[:, j] = 0
+        model.classifier.weight[0, j] = 30 / (trig @ w + bias).clamp_min(0).mean()
+    x, y = art.defense_set()
+    layout, _ = find_units(model, x[:2])
+    return model, x, y, layout.by_name["fc"].offset + j
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw"), [(ANP, {"iterations": 300}), (RNP, {"batch_size": 16}), (MNP, {"batch_size": 16})]
+)
+def test_mask_learning_defenses_rank_a_planted_backdoor_unit_most_suspicious(planted, cls, kw):
+    model, x, y, unit = planted
+    result = cls(**kw).run(model, x, y)
+    top = result.scores.max()
+    assert result.scores[unit] == top and unit in result.pruned  # its mask went to 0...
+    assert (result.scores == top).sum() < 0.15 * len(result.scores)  # ...with fewer than 15% of the units
