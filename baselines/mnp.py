@@ -84,13 +84,16 @@ class MNP(Defense):
     name = "mnp"
     Params = MNPParams
 
+    def suppress(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[nn.Module, dict]:
+        """Clean suppression on a copy: maximise L - mu ||w||^2 (SGD weight decay 2 mu)."""
+        p = self.params
+        return unlearn(model, x, y, lr=p.suppress_lr, weight_decay=2 * p.mu, batch_size=p.batch_size,
+                       max_epochs=p.suppress_epochs, clean_threshold=p.clean_threshold, seed=self.seed)  # fmt: skip
+
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params
         self.extra["magnitude_saliency_correlation"] = magnitude_saliency_correlation(model, layout, x, y)
-        exposed, self.extra["suppression"] = unlearn(
-            model, x, y, lr=p.suppress_lr, weight_decay=2 * p.mu, batch_size=p.batch_size,
-            max_epochs=p.suppress_epochs, clean_threshold=p.clean_threshold, seed=self.seed,
-        )  # fmt: skip
+        exposed, self.extra["suppression"] = self.suppress(model, x, y)
         mag = unit_magnitudes(exposed, layout)
 
         def loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

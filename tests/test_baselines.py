@@ -221,3 +221,13 @@ def test_mask_learning_defenses_rank_a_planted_backdoor_unit_most_suspicious(pla
     top = result.scores.max()
     assert result.scores[unit] == top and unit in result.pruned  # its mask went to 0...
     assert (result.scores == top).sum() < 0.15 * len(result.scores)  # ...with fewer than 15% of the units
+
+
+def test_mnp_suppression_shrinks_clean_units_more_than_the_planted_one(planted):
+    model, x, y, unit = planted
+    exposed, report = MNP().suppress(model, x, y)
+    assert report["reached_threshold"]
+    ratio = exposed.fc.weight.norm(dim=1) / model.fc.weight.norm(dim=1)
+    j = unit - (16 + 32)  # fc units follow the two BatchNorm layers
+    clean = torch.cat([ratio[:j], ratio[j + 1 :]])
+    assert (clean < ratio[j]).all()
