@@ -25,8 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from baselines.common import Defense, top_units
+from baselines.masked_training import unit_hooks
 from onp_env.graph.units import UnitLayout
-from onp_env.masking import split_output
 
 
 @dataclass
@@ -55,22 +55,16 @@ class ANP(Defense):
         noise_w = torch.zeros(layout.num_units, requires_grad=True)
         noise_b = torch.zeros(layout.num_units, requires_grad=True)
         state: dict[str, Any] = {"perturbed": False}
-        modules = dict(model.named_modules())
-        hooks = []
-        for lay in layout.layers:
-            lo, hi = lay.offset, lay.offset + lay.size
 
-            def hook(mod: nn.Module, inp: Any, out: torch.Tensor, lo: int = lo, hi: int = hi) -> torch.Tensor:
-                core, bias, shape = split_output(mod, out)
-                m = mask[lo:hi].view(shape)
-                if not state["perturbed"]:
-                    return m * core + bias
-                return (m + noise_w[lo:hi].view(shape)) * core + bias * (1 + noise_b[lo:hi].view(shape))
+        def masked(core: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...], units: slice) -> torch.Tensor:
+            m = mask[units].view(shape)
+            if not state["perturbed"]:
+                return m * core + bias
+            return (m + noise_w[units].view(shape)) * core + bias * (1 + noise_b[units].view(shape))
 
-            hooks.append(modules[lay.name].register_forward_hook(hook))
         mask_opt = torch.optim.SGD([mask], lr=p.lr, momentum=p.momentum)
         g = torch.Generator().manual_seed(self.seed)
-        try:
+        with unit_hooks(model, layout, masked):
             for _ in tqdm(range(p.iterations), desc="anp", disable=not p.progress, leave=False):
                 idx = torch.randint(len(x), (p.batch_size,), generator=g)
                 xb, yb = x[idx], y[idx]
@@ -93,10 +87,7 @@ class ANP(Defense):
                 mask_opt.step()
                 with torch.no_grad():
                     mask.clamp_(0, 1)
-        finally:
-            for h in hooks:
-                h.remove()
-            model.eval()
+        model.eval()
         return mask.detach()
 
     def ascend(self, noise: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...]) -> None:

@@ -14,26 +14,36 @@ from torch import nn
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import split_output
 
+Transform = Callable[[torch.Tensor, torch.Tensor, tuple[int, ...], slice], torch.Tensor]
+
+
+@contextmanager
+def unit_hooks(model: nn.Module, layout: UnitLayout, transform: Transform) -> Iterator[None]:
+    """While active, every unit layer's output becomes transform(weight part, bias, broadcast shape,
+    slice of the layer's units in flat order)."""
+    modules = dict(model.named_modules())
+    hooks = []
+    for lay in layout.layers:
+        units = slice(lay.offset, lay.offset + lay.size)
+
+        def hook(mod: nn.Module, inp: Any, out: torch.Tensor, units: slice = units) -> torch.Tensor:
+            core, bias, shape = split_output(mod, out)
+            return transform(core, bias, shape, units)
+
+        hooks.append(modules[lay.name].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
 
 @contextmanager
 def learnable_masks(model: nn.Module, layout: UnitLayout) -> Iterator[torch.Tensor]:
     """Hooks a flat (units,) mask tensor with requires_grad into `model` for the duration."""
     mask = torch.ones(layout.num_units, requires_grad=True)
-    modules = dict(model.named_modules())
-    hooks = []
-    for lay in layout.layers:
-        lo, hi = lay.offset, lay.offset + lay.size
-
-        def hook(mod: nn.Module, inp: Any, out: torch.Tensor, lo: int = lo, hi: int = hi) -> torch.Tensor:
-            core, bias, shape = split_output(mod, out)
-            return mask[lo:hi].view(shape) * core + bias
-
-        hooks.append(modules[lay.name].register_forward_hook(hook))
-    try:
+    with unit_hooks(model, layout, lambda core, bias, shape, units: mask[units].view(shape) * core + bias):
         yield mask
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def train_masks(

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from onp_env.models.layers import ConvClassifier, Normalize, check_input, conv_bn_relu
+from onp_env.models.layers import ConvClassifier, conv_bn_relu
 
 
 class SmallCNN(ConvClassifier):
@@ -22,10 +22,8 @@ class SmallCNN(ConvClassifier):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
     ):
-        super().__init__()
-        check_input(in_shape, num_classes)
+        super().__init__(in_shape, num_classes, mean, std)
         c, h, w = in_shape
-        self.normalize = Normalize(mean, std, c)
         layers: list[nn.Module] = []
         for cout in channels:
             layers += conv_bn_relu(c, cout)

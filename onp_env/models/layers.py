@@ -41,8 +41,18 @@ class ConvClassifier(nn.Module):
     """normalize -> features -> flatten -> fc (hidden, prunable neurons) -> ReLU -> classifier.
     Subclasses build `features` and call `add_head` with the feature map's final shape."""
 
-    normalize: Normalize
     features: nn.Sequential
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        mean: tuple[float, ...] | None,
+        std: tuple[float, ...] | None,
+    ):
+        super().__init__()
+        check_input(in_shape, num_classes)
+        self.normalize = Normalize(mean, std, in_shape[0])
 
     def add_head(self, c: int, h: int, w: int, hidden: int, num_classes: int) -> None:
         self.flatten = nn.Flatten()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from onp_env.models.layers import ConvClassifier, Normalize, check_input, conv_bn_relu
+from onp_env.models.layers import ConvClassifier, conv_bn_relu
 
 DEFAULT_CFG: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M")
 
@@ -26,10 +26,8 @@ class VGGStyle(ConvClassifier):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
     ):
-        super().__init__()
-        check_input(in_shape, num_classes)
+        super().__init__(in_shape, num_classes, mean, std)
         c, h, w = in_shape
-        self.normalize = Normalize(mean, std, c)
         layers: list[nn.Module] = []
         for v in cfg:
             if v == "M":
