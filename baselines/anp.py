@@ -10,14 +10,20 @@ masks, clamped to [0, 1]. BatchNorm uses batch statistics (train mode) throughou
 ends below the threshold (0.2) are pruned in the *original* weights. Defaults: eps 0.4, alpha 0.2,
 2000 iterations.
 
+Implementation: the clean and perturbed halves of the mask loss are back-propagated separately (the
+gradient of each mask is the same two-term sum); `parallel=True` runs the clean half on a second core
+while the perturbation is found, with bit-identical masks (tested; speed in
+benchmarks/results/anp_speed.md).
+
 Departures: hidden Linear neurons are treated like BatchNorm channels (weight row for gamma, bias for
 beta), since on small CNNs the backdoor sits partly there; the pruned model uses this project's
 mask semantics (zero by default; the released code zeroes only gamma: use semantics="gamma")."""
 
 from __future__ import annotations
 
+import copy
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +46,9 @@ class ANPParams:
     momentum: float = 0.9
     threshold: float = 0.2
     progress: bool = False
+    parallel: bool = False
+    """Run the clean half of each mask step in a second thread (same numbers, bit for bit; faster
+    with two cores; see benchmarks/results/anp_speed.md)."""
 
 
 class ANP(Defense):
@@ -50,40 +59,48 @@ class ANP(Defense):
         p = self.params
         for q in model.parameters():
             q.requires_grad_(False)
+        clean_model = copy.deepcopy(model)  # its own BatchNorm buffers: the clean pass may run in another thread
         model.train()
+        clean_model.train()
         mask = torch.ones(layout.num_units, requires_grad=True)
         noise_w = torch.zeros(layout.num_units, requires_grad=True)
         noise_b = torch.zeros(layout.num_units, requires_grad=True)
-        state: dict[str, Any] = {"perturbed": False}
 
-        def masked(core: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...], units: slice) -> torch.Tensor:
-            m = mask[units].view(shape)
-            if not state["perturbed"]:
-                return m * core + bias
-            return (m + noise_w[units].view(shape)) * core + bias * (1 + noise_b[units].view(shape))
+        def clean(core: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...], units: slice) -> torch.Tensor:
+            return mask[units].view(shape) * core + bias
 
+        def perturbed(core: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...], units: slice) -> torch.Tensor:
+            m = mask[units].view(shape) + noise_w[units].view(shape)
+            return m * core + bias * (1 + noise_b[units].view(shape))
+
+        def clean_step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+            (p.alpha * F.cross_entropy(clean_model(xb), yb)).backward()
+
+        net = model if p.eps > 0 else clean_model
         mask_opt = torch.optim.SGD([mask], lr=p.lr, momentum=p.momentum)
         g = torch.Generator().manual_seed(self.seed)
-        with unit_hooks(model, layout, masked):
+        pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        with pool, unit_hooks(clean_model, layout, clean), unit_hooks(model, layout, perturbed):
             for _ in tqdm(range(p.iterations), desc="anp", disable=not p.progress, leave=False):
                 idx = torch.randint(len(x), (p.batch_size,), generator=g)
                 xb, yb = x[idx], y[idx]
+                mask_opt.zero_grad()
+                # The clean term does not depend on the perturbation: with parallel=True it runs on the
+                # other core while the perturbation is found. Each mask gradient is then the sum of one
+                # clean and one perturbed contribution, and that sum does not depend on the order.
+                pending = pool.submit(clean_step, xb, yb) if p.parallel else None
+                if pending is None:
+                    clean_step(xb, yb)
                 if p.eps > 0:
                     with torch.no_grad():
                         noise_w.uniform_(-p.eps, p.eps, generator=g)
                         noise_b.uniform_(-p.eps, p.eps, generator=g)
-                    state["perturbed"] = True
                     for _ in range(p.anp_steps):
-                        grads = torch.autograd.grad(F.cross_entropy(model(xb), yb), [noise_w, noise_b])
+                        grads = torch.autograd.grad(F.cross_entropy(net(xb), yb), [noise_w, noise_b])
                         self.ascend((noise_w, noise_b), grads)
-                state["perturbed"] = False
-                loss = p.alpha * F.cross_entropy(model(xb), yb)
-                if p.eps > 0:
-                    state["perturbed"] = True
-                    loss = loss + (1 - p.alpha) * F.cross_entropy(model(xb), yb)
-                    state["perturbed"] = False
-                mask_opt.zero_grad()
-                loss.backward()
+                    ((1 - p.alpha) * F.cross_entropy(net(xb), yb)).backward()
+                if pending is not None:
+                    pending.result()
                 mask_opt.step()
                 with torch.no_grad():
                     mask.clamp_(0, 1)

@@ -5,6 +5,7 @@ afterwards, to report ACC / ASR / RA / DER."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from baselines import build_defense
+from baselines import DEFENSES, build_defense
 from onp_env.artifacts import Artifact, load_artifact, write_artifact
 from onp_env.data import defense_split
 from onp_env.errors import OnpError
@@ -52,10 +53,14 @@ def _measure(model: nn.Module, art: Artifact, before: dict[str, Any]) -> dict[st
 
 
 def defend_artifact(path: str | Path, method: str, overrides: dict[str, Any] | None = None,
-                    out: str | Path | None = None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
-    """Run `method` on the artifact at `path`; returns (output directory, report)."""
+                    out: str | Path | None = None, progress: bool = False) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    """Run `method` on the artifact at `path`; returns (output directory, report). `progress` shows
+    a progress bar for methods with a long optimisation loop (on stderr)."""
     art = load_artifact(path)
     overrides = dict(overrides or {})
+    has_bar = method in DEFENSES and "progress" in {f.name for f in dataclasses.fields(DEFENSES[method].Params)}
+    if progress and has_bar:
+        overrides.setdefault("progress", True)
     run = {k: overrides.pop(k) for k in RUN_KEYS if k in overrides}
     x, y = defense_subset(art, run.get("defense_fraction"), run.get("seed", 0))
     defense = build_defense(method, semantics=run.get("semantics", "zero"), seed=run.get("seed", 0), **overrides)

@@ -83,7 +83,7 @@ def _defend(args: argparse.Namespace) -> None:
             raise OnpError(f"--set needs key=value, got '{item}'")
         key, raw = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(raw)
-    out, report = defend_artifact(args.artifact, args.method, overrides, args.out)
+    out, report = defend_artifact(args.artifact, args.method, overrides, args.out, progress=True)
     if args.json:
         print(json.dumps(report, indent=1))
         return

@@ -231,3 +231,12 @@ def test_mnp_suppression_shrinks_clean_units_more_than_the_planted_one(planted):
     j = unit - (16 + 32)  # fc units follow the two BatchNorm layers
     clean = torch.cat([ratio[:j], ratio[j + 1 :]])
     assert (clean < ratio[j]).all()
+
+
+def test_parallel_anp_gives_bit_identical_masks():
+    model = cnn()
+    x, y = data()
+    layout, _ = find_units(model, x[:2])
+    sequential = make(ANP, iterations=30, seed=4).optimise_masks(cnn(), layout, x, y)
+    parallel = make(ANP, iterations=30, seed=4, parallel=True).optimise_masks(cnn(), layout, x, y)
+    assert torch.equal(sequential, parallel) and (sequential < 1).any()
