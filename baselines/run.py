@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 from torch import nn
 
 from baselines import DEFENSES, build_defense
-from onp_env.artifacts import Artifact, load_artifact, write_artifact
+from onp_env.artifacts import Artifact, load_artifact, write_artifact, write_text_atomic
 from onp_env.data import defense_split
 from onp_env.errors import OnpError
 from onp_env.metrics import der, evaluate
@@ -88,7 +86,5 @@ def defend_artifact(path: str | Path, method: str, overrides: dict[str, Any] | N
     if result.finetuned is not None:
         write_artifact(out / "finetuned", result.finetuned, {**manifest, "metrics": {
             k: report["finetuned"][k] for k in ("acc", "asr", "ra")}})  # fmt: skip
-    with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as f:
-        json.dump(report, f, indent=1)
-    os.replace(f.name, out / "report.json")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     return out, report

@@ -13,7 +13,6 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 from baselines.anp import ANP  # noqa: E402
 from baselines.run import defense_subset  # noqa: E402
 from onp_env import build_artifact, load_artifact, load_config  # noqa: E402
+from onp_env.artifacts import write_text_atomic  # noqa: E402
 from onp_env.config import LabConfig  # noqa: E402
 
 
@@ -66,9 +66,7 @@ def main() -> None:
         "statistics was 0.94-0.96x (the CPU is compute-bound).",
         "",
     ])  # fmt: skip
-    with tempfile.NamedTemporaryFile("w", dir=args.results.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, args.results)
+    write_text_atomic(args.results, text)
     print(text)
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
 
 from onp_env import build_artifact, load_artifact, load_config
+from onp_env.artifacts import write_text_atomic
 from onp_env.config import LabConfig
 
 HERE = Path(__file__).resolve().parent
@@ -80,10 +80,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=HERE / "results" / "attacks.md")
     args = p.parse_args()
     text = run(args.datasets, args.out)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.results.parent, delete=False, suffix=".tmp") as f:
-        f.write(text + "\n")
-    os.replace(f.name, args.results)
+    write_text_atomic(args.results, text + "\n")
     print(text)
 
 

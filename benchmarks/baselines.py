@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -26,6 +25,7 @@ import torch  # noqa: E402
 from baselines import DEFENSES  # noqa: E402
 from baselines.run import defend_artifact  # noqa: E402
 from onp_env import build_artifact, load_config  # noqa: E402
+from onp_env.artifacts import write_text_atomic  # noqa: E402
 from onp_env.config import LabConfig  # noqa: E402
 
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
@@ -97,12 +97,8 @@ def main() -> None:
         *table(reports),
         "",
     ]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    jsonl = "\n".join(json.dumps(r) for r in reports) + "\n"
-    for path, text in ((args.results, "\n".join(lines)), (args.results.with_suffix(".jsonl"), jsonl)):
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            f.write(text)
-        os.replace(f.name, path)
+    write_text_atomic(args.results, "\n".join(lines))
+    write_text_atomic(args.results.with_suffix(".jsonl"), "\n".join(json.dumps(r) for r in reports) + "\n")
     print("\n".join(lines))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from onp_env import build_artifact, load_config
+from onp_env.artifacts import write_text_atomic
 from onp_env.attacks import build_attack
 from onp_env.config import LabConfig
 from onp_env.env import NeuronPruningEnv, PruningTarget
@@ -127,10 +127,7 @@ def main() -> None:
         *graph_table(),
     ]
     text = "\n".join(lines) + "\n"
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=args.results.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, args.results)
+    write_text_atomic(args.results, text)
     print(text)
 
 

@@ -42,6 +42,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary sibling and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
 def write_artifact(dest: Path, model: nn.Module, manifest: dict[str, Any]) -> Path:
     """Write weights + manifest to `dest` atomically; returns `dest`. If another writer got
     there first with a complete artifact, keeps theirs."""

@@ -73,16 +73,10 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def _defend(args: argparse.Namespace) -> None:
     # The CLI is the one place where the lab meets the baselines; the lab's library never imports them.
-    import yaml
-
     from baselines.run import defend_artifact
+    from onp_env.config import apply_overrides
 
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise OnpError(f"--set needs key=value, got '{item}'")
-        key, raw = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(raw)
+    overrides = apply_overrides({}, args.set)
     out, report = defend_artifact(args.artifact, args.method, overrides, args.out, progress=True)
     if args.json:
         print(json.dumps(report, indent=1))
