@@ -107,6 +107,10 @@ def test_oracle_pruning_of_trigger_sensitive_units_removes_the_backdoor(art):
         assert reward == pytest.approx(expected, abs=1e-6)
         prev = info
     assert info["asr"] < 0.2 and info["acc"] > 0.8
+    saved = e.pruning_state()  # plain data, reloadable into the independent copy's masks
+    again = Masks(load_artifact(art.path).model, task.layout)
+    again.load_state(saved)
+    assert sorted(again.pruned()) == sorted(ranking[:12]) == sorted(masks.pruned())
 
 
 def test_observations_hold_nothing_derived_from_the_trigger(art):

@@ -194,7 +194,7 @@ class NeuronPruningEnv(gym.Env):
             self.action_space: spaces.Space = spaces.Discrete(U + 1)
         else:
             self.action_space = spaces.MultiBinary(self.max_layer)
-        self.task = self.tasks[0]
+        self.task, self.task_index = self.tasks[0], 0
         self._static = [self._pad(t) for t in self.tasks]
         self._reset_state()
 
@@ -232,7 +232,7 @@ class NeuronPruningEnv(gym.Env):
         return focus
 
     def _obs(self) -> dict[str, np.ndarray]:
-        s = self._static[self.tasks.index(self.task)]
+        s = self._static[self.task_index]
         nodes = s["nodes"].copy()
         nodes[:, FEATURES.index("pruned")] = self.pruned
         n_pruned = int(self.pruned.sum())
@@ -283,7 +283,7 @@ class NeuronPruningEnv(gym.Env):
             index = self.names.index(choice)
         else:
             index = int(choice)
-        self.task = self.tasks[index]
+        self.task, self.task_index = self.tasks[index], index
         self.task.masks.reset()
         self._reset_state()
         self.acc, self.asr, self.score = self.task.measure(None)

@@ -89,12 +89,6 @@ class UnitLayout:
                 return layer, unit - layer.offset
         raise IndexError(f"unit {unit} out of range: the model has {self.num_units} units")
 
-    def group_of(self, layer: str) -> tuple[str, ...]:
-        for g in self.groups:
-            if layer in g:
-                return g
-        return (layer,)
-
 
 class _Spaces:
     """Union-find over channel spaces: a residual addition merges the spaces of its inputs."""
