@@ -13,15 +13,15 @@ from baselines.controls import Magnitude, Random
 from baselines.fine_pruning import FinePruning
 from baselines.mnp import MNP
 from baselines.rnp import RNP
-from onp_env.errors import OnpError
+from onp_env.registry import defense_class
 
 DEFENSES: dict[str, type[Defense]] = {d.name: d for d in (MNP, ANP, RNP, BNP, FinePruning, CLP, Magnitude, Random)}
+"""The heuristic baselines of this package (all registered in onp_env.registry, with the learned one)."""
 
 
 def build_defense(name: str, **params: Any) -> Defense:
-    if name not in DEFENSES:
-        raise OnpError(f"unknown defense '{name}': choose one of {', '.join(DEFENSES)}")
-    return DEFENSES[name](**params)
+    """Any registered defense (onp_env.registry), heuristic or learned, by name."""
+    return defense_class(name)(**params)
 
 
 __all__ = ["DEFENSES", "BaselinePolicy", "Defense", "DefenseResult", "build_defense", "run_policy"]

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from baselines import DEFENSES, build_defense
+from baselines import build_defense
 from onp_env.artifacts import Artifact, load_artifact, write_artifact, write_text_atomic
 from onp_env.data import defense_split
 from onp_env.errors import OnpError
 from onp_env.metrics import der, evaluate
+from onp_env.registry import defense_class
 from onp_env.zoo import cache_dir
 
 RUN_KEYS = ("defense_fraction", "semantics", "seed")
@@ -56,7 +57,7 @@ def defend_artifact(path: str | Path, method: str, overrides: dict[str, Any] | N
     a progress bar for methods with a long optimisation loop (on stderr)."""
     art = load_artifact(path)
     overrides = dict(overrides or {})
-    has_bar = method in DEFENSES and "progress" in {f.name for f in dataclasses.fields(DEFENSES[method].Params)}
+    has_bar = "progress" in {f.name for f in dataclasses.fields(defense_class(method).Params)}
     if progress and has_bar:
         overrides.setdefault("progress", True)
     run = {k: overrides.pop(k) for k in RUN_KEYS if k in overrides}

@@ -77,6 +77,10 @@ def _defend(args: argparse.Namespace) -> None:
     from onp_env.config import apply_overrides
 
     overrides = apply_overrides({}, args.set)
+    if args.agent is not None:
+        overrides["agent"] = args.agent
+    elif args.method == "onp":
+        raise OnpError("--method onp needs --agent DIR (an agent from `onp train-agent`)")
     out, report = defend_artifact(args.artifact, args.method, overrides, args.out, progress=True)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -91,6 +95,15 @@ def _defend(args: argparse.Namespace) -> None:
         f = report["finetuned"]
         print(f"  tuned   ACC {_pct(f['acc'])}  ASR {_pct(f['asr'])}  RA {_pct(f['ra'])}  DER {round(f['der'], 4)}")
     print(out)
+
+
+def _train_agent(args: argparse.Namespace) -> None:
+    from agents.config import load_agent_config
+    from agents.train import train_agent
+
+    cfg = load_agent_config(args.config, args.set)
+    out = args.out or f"runs/agents/{cfg.name}"
+    print(train_agent(cfg, out, resume=args.resume, progress=not args.quiet))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_inspect)
 
     d = sub.add_parser("defend", help="run a pruning defense on an artifact; writes the pruned model and report.json")
-    d.add_argument("--method", required=True, help="mnp, anp, rnp, bnp, fp, clp, magnitude or random")
+    d.add_argument(
+        "--method",
+        required=True,
+        help="onp (learned; needs --agent), mnp, anp, rnp, bnp, fp, clp, "
+        "magnitude, random, or another registered defense",
+    )
+    d.add_argument("--agent", default=None, help="agent directory for --method onp (from onp train-agent)")
     d.add_argument("--artifact", required=True, help="artifact directory (from onp attack)")
     d.add_argument(
         "--set",
@@ -132,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output directory (default: next to the artifact cache)")
     d.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     d.set_defaults(func=_defend)
+
+    t = sub.add_parser("train-agent", help="train a GNN pruning policy on shadow models (MaskablePPO)")
+    t.add_argument("--config", required=True, help="YAML config, e.g. configs/agent/digits.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set ppo.total_steps=5000 (repeatable)")  # fmt: skip
+    t.add_argument("--out", default=None, help="run folder (default: runs/agents/NAME)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train_agent)
     return p
 
 

@@ -113,14 +113,21 @@ def test_oracle_pruning_of_trigger_sensitive_units_removes_the_backdoor(art):
     assert sorted(again.pruned()) == sorted(ranking[:12]) == sorted(masks.pruned())
 
 
-def test_observations_hold_nothing_derived_from_the_trigger(art):
+SHORT_SIGNALS = {"mnp": {"suppress_epochs": 2, "mask_epochs": 2}, "anp": {"iterations": 10},
+                 "rnp": {"unlearn_epochs": 2, "recover_epochs": 2}}  # fmt: skip
+
+
+@pytest.mark.parametrize("features", [[], ["dynamic"], ["dynamic", "mnp", "anp", "rnp"]])
+def test_observations_hold_nothing_derived_from_the_trigger(art, features):
     x, y = art.defense_set()
     other = build_attack("blended", (1, 8, 8), 10, target=5, params={"alpha": 0.5})
+    kw = {"features": features, "signal_params": {k: v for k, v in SHORT_SIGNALS.items() if k in features}}
     envs = [
-        NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle"),
-        NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, other)], score="oracle"),
-        NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, None)], score="anp"),
+        NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle", **kw),
+        NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, other)], score="oracle", **kw),
+        NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, None)], score="anp", **kw),
     ]
+    assert envs[0].observation_space["nodes"].shape[1] == len(envs[0].feature_names)
     obs = [e.reset(seed=0)[0] for e in envs]
     for action in [170, 3, 40, 100, 176]:
         for o in obs[1:]:
@@ -226,3 +233,36 @@ def test_nan_weights_are_refused():
         net.conv.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(OnpError, match="NaN/inf values in conv.weight"):
         NeuronPruningEnv(targets=[_user(net)], score="anp")
+
+
+def test_dynamic_features_are_the_pruned_models_clean_activations(art):
+    e = NeuronPruningEnv(features=["dynamic"])
+    obs, _ = e.reset(seed=0)
+    layout, x = e.task.layout, e.task.clean.x
+
+    def stats(units):
+        model = load_artifact(art.path).model
+        acts = {}
+        modules = dict(model.named_modules())
+        with Masks(model, layout) as masks, torch.no_grad():
+            for lay in layout.layers:  # registered after the mask hooks: sees masked outputs
+                modules[lay.name].register_forward_hook(lambda m, i, o, n=lay.name: acts.__setitem__(n, o))
+            masks.prune(units)
+            model(x)
+        out = {}
+        for lay in layout.layers:
+            a = acts[lay.name].relu().transpose(0, 1).flatten(1)  # (units, images x positions)
+            out[lay.name] = torch.stack([a.mean(1), a.std(1, unbiased=False)], 1)
+        return out
+
+    base = stats([])
+    for a in (150, 20, 2):
+        obs, *_ = e.step(a)
+    now = stats([150, 20, 2])
+    cols = [e.feature_names.index("act_mean_now"), e.feature_names.index("act_std_now")]
+    for lay in layout.layers:
+        mu, sd = base[lay.name].mean(0), base[lay.name].std(0, unbiased=False).clamp_min(1e-6)
+        expected = ((now[lay.name] - mu) / sd).clamp(-10, 10)
+        got = torch.as_tensor(obs["nodes"][lay.offset : lay.offset + lay.size][:, cols])
+        assert torch.allclose(got, expected, atol=1e-4), lay.name
+    assert obs["nodes"][2, cols[0]] < obs["nodes"][3, cols[0]]  # the pruned unit reads silent

@@ -17,7 +17,8 @@ class EnvConfig:
     semantics: str = "zero"
     """Mask semantics: zero (unit outputs 0) or gamma (only the BatchNorm weight is masked)."""
     score: str = "oracle"
-    """Backdoor score: oracle (needs the trigger), unlearn or anp (trigger-free)."""
+    """Backdoor score: oracle (needs the trigger), unlearn or anp (trigger-free), or none (no backdoor
+    term: for deploying a learned policy, whose reward nobody reads)."""
     score_kwargs: dict[str, Any] = field(default_factory=dict)
     """Settings of the score: for unlearn those of onp_env.env.scores.unlearn (lr, batch_size, max_epochs,
     clean_threshold, ...); for anp, eps."""
@@ -48,5 +49,12 @@ class EnvConfig:
     """Most intra-layer edges per node."""
     cache: bool = True
     """Recompute only downstream of the changed layer (False: full re-evaluation, same numbers)."""
+    features: list[str] = field(default_factory=lambda: ["dynamic"])
+    """Node feature sets beyond the static ones (onp_env.env.signals): dynamic (activation statistics
+    of the current pruned model, every step) and the trigger-free signals mnp, anp, rnp (computed once
+    per model)."""
+    signal_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Settings of each signal's defense, overriding onp_env.env.signals.SIGNAL_DEFAULTS, e.g.
+    {anp: {iterations: 500}}."""
     track_asr: bool = True
     """Report ASR on triggered defense images in info when the attack is known (never observed)."""

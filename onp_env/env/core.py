@@ -4,7 +4,9 @@ Registered as `onp_env/NeuronPruning-v0` when `onp_env` is imported. With no arg
 the embedded digits BadNets model (trained on first use and cached).
 
 Observation (a Dict of fixed-size padded arrays that Stable-Baselines3 can store):
-  nodes (U, F) node features (onp_env.graph.features.FEATURES), valid (U,), pruned (U,),
+  nodes (U, F) node features named by `env.feature_names`: the static FEATURES
+  (onp_env.graph.features), then the configured feature sets (onp_env.env.signals: signals computed
+  once per model, and the `dynamic` activation statistics of the current pruned model), valid (U,), pruned (U,),
   focus (U,) the units the current step acts on (layer mode; all valid units in neuron mode),
   edge_index (2, E), edge_attr (E, 4), counts [units, edges],
   globals [step fraction, pruned fraction, defense accuracy, accuracy drop, budget left].
@@ -34,6 +36,7 @@ from onp_env.config import from_dict
 from onp_env.env.config import EnvConfig
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.env.scores import ANPScore, UnlearnScore, check_score
+from onp_env.env.signals import DYNAMIC, DynamicStats, check_feature_sets, feature_names, signal_columns
 from onp_env.errors import OnpError
 from onp_env.graph.build import EDGE_TYPES, NeuronGraph, build_graph
 from onp_env.graph.features import FEATURES, Z_CLIP
@@ -101,7 +104,9 @@ class Task:
         self.masks = Masks(self.model, self.layout, cfg.semantics)
         names = [lay.name for lay in self.layout.layers]
         self.y = y
-        self.clean = Evaluator(gm, x, names, cfg.cache)
+        self.dynamic = DynamicStats(self.layout) if "dynamic" in cfg.features else None
+        self.clean = Evaluator(gm, x, names, cfg.cache, watch=self.dynamic is not None)
+        self.signals = signal_columns(cfg.features, cfg.signal_params, target.model, self.layout, target.x, target.y)
         self.triggered: Evaluator | None = None
         if target.attack is not None and (cfg.track_asr or cfg.score == "oracle"):
             targets = target.attack.targets(y)
@@ -121,6 +126,8 @@ class Task:
         kw = cfg.score_kwargs
         if cfg.score == "unlearn":
             return UnlearnScore(self.model, self.masks, x, y, **kw)
+        if cfg.score == "none":
+            return lambda: 0.0
         if cfg.score == "anp":
             unknown = sorted(set(kw) - {"eps", "seed"})
             if unknown:
@@ -131,6 +138,8 @@ class Task:
     def measure(self, changed: list[str] | None) -> tuple[float, float | None, float]:
         """(accuracy, ASR or None, backdoor score) on the defense data after masks changed."""
         acc = (self.clean.logits(changed).argmax(1) == self.y).float().mean().item()
+        if self.dynamic is not None:
+            self.dynamic.update(self.clean.fresh)
         asr = None
         if self.triggered is not None:
             asr = (self.triggered.logits(changed).argmax(1) == self.trigger_targets).float().mean().item()
@@ -161,7 +170,9 @@ class NeuronPruningEnv(gym.Env):
             raise OnpError(f"unknown mask semantics '{cfg.semantics}': choose zero or gamma")
         if not 0 < cfg.budget <= 1 or not 0 < cfg.max_acc_drop <= 1:
             raise OnpError("budget and max_acc_drop must be in (0, 1]")
+        check_feature_sets(cfg.features, cfg.signal_params)
         self.cfg = cfg
+        self.feature_names = feature_names(FEATURES, cfg.features)
         if targets is None:
             from onp_env.zoo import default_artifact
 
@@ -180,7 +191,7 @@ class NeuronPruningEnv(gym.Env):
             raise OnpError(f"max_edges {self.max_edges} is smaller than a zoo graph's edges: raise it")
         self.max_layer = max(lay.size for t in self.tasks for lay in t.layout.layers)
         self.max_steps = max(len(t.layout.layers) for t in self.tasks) if cfg.action_mode == "layer" else None
-        U, E, F = self.max_units, self.max_edges, len(FEATURES)
+        U, E, F = self.max_units, self.max_edges, len(self.feature_names)
         unit = spaces.Box(0.0, 1.0, (U,), np.float32)
         self.observation_space = spaces.Dict({
             "nodes": spaces.Box(-Z_CLIP, Z_CLIP, (U, F), np.float32),
@@ -201,8 +212,9 @@ class NeuronPruningEnv(gym.Env):
     # --- helpers -------------------------------------------------------------------------------
     def _pad(self, t: Task) -> dict[str, np.ndarray]:
         n, e = t.graph.num_nodes, t.graph.edge_index.shape[1]
-        nodes = np.zeros((self.max_units, len(FEATURES)), np.float32)
-        nodes[:n] = t.graph.x.numpy()
+        nodes = np.zeros((self.max_units, len(self.feature_names)), np.float32)
+        nodes[:n, : len(FEATURES)] = t.graph.x.numpy()
+        nodes[:n, len(FEATURES) : len(FEATURES) + t.signals.shape[1]] = t.signals.numpy()
         valid = np.zeros(self.max_units, np.float32)
         valid[:n] = 1
         edge_index = np.zeros((2, self.max_edges), np.int64)
@@ -235,6 +247,8 @@ class NeuronPruningEnv(gym.Env):
         s = self._static[self.task_index]
         nodes = s["nodes"].copy()
         nodes[:, FEATURES.index("pruned")] = self.pruned
+        if self.task.dynamic is not None:
+            nodes[: self.num_units, -len(DYNAMIC) :] = self.task.dynamic.values.numpy()
         n_pruned = int(self.pruned.sum())
         horizon = self.max_steps or max(1, int(np.ceil(self.cfg.budget * self.num_units)))
         glob = np.array([

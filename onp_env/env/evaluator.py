@@ -25,9 +25,13 @@ def without_inplace(model: nn.Module) -> nn.Module:
 
 
 class Evaluator:
-    """Logits of `gm` on `x`. `cache=False` re-runs the whole graph on every call (the reference)."""
+    """Logits of `gm` on `x`. `cache=False` re-runs the whole graph on every call (the reference).
+    With `watch=True`, `fresh` holds the (masked) outputs of the unit layers that the last call
+    recomputed, for the environment's dynamic features."""
 
-    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, unit_layers: Iterable[str], cache: bool = True):
+    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, unit_layers: Iterable[str], cache: bool = True,
+                 watch: bool = False):  # fmt: skip
+        unit_layers = list(unit_layers)
         self.gm, self.x, self.cache = gm, x, cache
         self.nodes = list(gm.graph.nodes)
         self.modules = dict(gm.named_modules())
@@ -47,6 +51,8 @@ class Evaluator:
         self.values: dict[fx.Node, torch.Tensor] = {}
         self.output = self.nodes[-1]
         self.last: torch.Tensor
+        self.watched = {by_target[name]: name for name in unit_layers} if watch else {}
+        self.fresh: dict[str, torch.Tensor] = {}
 
     def _run(self, order: list[fx.Node]) -> torch.Tensor:
         local: dict[fx.Node, Any] = {}
@@ -77,6 +83,7 @@ class Evaluator:
         if self.cache:
             self.values.update({n: v for n, v in local.items() if n in self.keep})
         self.last = local[self.output]
+        self.fresh = {name: local[n] for n, name in self.watched.items() if n in local}
         return self.last
 
     @torch.inference_mode()
@@ -86,5 +93,6 @@ class Evaluator:
             return self._run(self.nodes)
         needed = set().union(*(self.downstream[c] for c in changed))
         if not needed:
+            self.fresh = {}
             return self.last
         return self._run([n for n in self.nodes if n in needed])

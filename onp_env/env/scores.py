@@ -24,7 +24,7 @@ from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import Masks, split_output
 
-SCORES = ("oracle", "unlearn", "anp")
+SCORES = ("oracle", "unlearn", "anp", "none")
 
 
 def unlearn(

@@ -1,0 +1,112 @@
+"""ONP, the learned defense: a GNN pruning policy trained on shadow models (agents.train), run on a
+model whose trigger nobody knows.
+
+Li, Yu, Yi, "Rethinking Pruning for Backdoor Mitigation: An Optimization Perspective", arXiv
+2405.17746 (2024) model the network as neuron-connectivity graphs (L1 kernel strengths, cosine-
+similarity links, clean activation features) and learn a pruning policy with GNN-based RL from a
+small clean set. Their GNN, RL algorithm and reward are not published in what we could read; here
+they are this project's documented choices: a GATv2/GCN/GraphSAGE policy trained with MaskablePPO
+on the oracle reward of shadow models (onp_env.env), one unit per step until STOP or the budget.
+Departures: one graph for the whole network (typed inter-layer, skip and intra-layer edges) instead
+of one per layer; hidden Linear units are prunable; optional trigger-free signals from other
+defenses (onp_env.env.signals) join the node features.
+
+Deployment sees only the model and its clean defense set: the environment runs with score `none`
+and no attack, so nothing the policy reads can come from the trigger or the test split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.features import to_graph_batch
+from agents.io import Agent, load_agent
+from baselines.common import Defense
+from onp_env.env import NeuronPruningEnv, PruningTarget
+from onp_env.errors import OnpError
+from onp_env.graph.units import UnitLayout
+
+
+@dataclass
+class ONPParams:
+    agent: str = ""
+    """Agent directory written by `onp train-agent` (policy.safetensors + agent.json)."""
+    deterministic: bool = True
+    """Take the most likely action (False: sample it, seeded by the defense's seed)."""
+    budget: float | None = None
+    """Largest share of units to prune (default: the training environment's budget)."""
+
+
+@torch.inference_mode()
+def act(agent: Agent, env: NeuronPruningEnv, obs: dict[str, np.ndarray], deterministic: bool = True,
+        rng: np.random.Generator | None = None) -> Any:  # fmt: skip
+    """The policy's action for one observation of `env`, restricted to its valid actions."""
+    g = to_graph_batch({k: torch.as_tensor(v).float()[None] for k, v in obs.items()}, agent.policy.reverse_edges)
+    unit, stop, _ = agent.net(g)
+    mask = torch.as_tensor(env.action_masks())
+    if env.cfg.action_mode == "neuron":
+        logits = agent.net.neuron_logits(unit, stop)[0].masked_fill(~mask, -torch.inf)
+        if deterministic or rng is None:
+            return int(logits.argmax())
+        p = torch.softmax(logits.double(), 0).numpy()
+        return int(rng.choice(len(p), p=p / p.sum()))
+    bits = int(env.action_space.n)  # type: ignore[attr-defined]
+    prune = agent.net.layer_logits(unit, g, bits)[0].view(bits, 2)[:, 1]
+    allowed = mask.view(bits, 2)[:, 1]
+    if deterministic or rng is None:
+        return ((prune > 0) & allowed).numpy().astype(np.int8)
+    return ((rng.random(bits) < torch.sigmoid(prune).numpy()) & allowed.numpy()).astype(np.int8)
+
+
+def deploy(agent: Agent, model: nn.Module, x: torch.Tensor, y: torch.Tensor, deterministic: bool = True,
+           budget: float | None = None, seed: int = 0) -> tuple[list[int], list[dict[str, Any]]]:  # fmt: skip
+    """Run the policy on `model` with its clean defense data (x, y): (units pruned in order, the
+    info of every step)."""
+    cfg = agent.env if budget is None else replace(agent.env, budget=budget)
+    env = NeuronPruningEnv(cfg, targets=[PruningTarget("deploy", model, x, y)])
+    if env.feature_names != tuple(agent.meta["feature_names"]):
+        raise OnpError(f"the environment's features {env.feature_names} differ from the agent's: retrain the agent")
+    rng = np.random.default_rng(seed)
+    obs, info = env.reset(seed=seed)
+    record, order, done = [info], [], False
+    while not done:
+        obs, _, term, trunc, info = env.step(act(agent, env, obs, deterministic, rng))
+        order.extend(info.get("units", []))
+        record.append({k: v for k, v in info.items() if k != "action_mask"})
+        done = term or trunc
+    return order, record
+
+
+class ONP(Defense):
+    name = "onp"
+    Params = ONPParams
+
+    def __init__(self, semantics: str = "zero", seed: int = 0, **params: Any):
+        super().__init__(semantics, seed, **params)
+        if not self.params.agent:
+            raise OnpError("onp needs an agent: pass --agent DIR (from `onp train-agent`)")
+        if self.params.budget is not None and not 0 < self.params.budget <= 1:
+            raise OnpError("budget must be in (0, 1]")
+        self.agent = load_agent(self.params.agent)  # validated before any expensive step
+        if self.agent.env.semantics != semantics:
+            self.agent.env = replace(self.agent.env, semantics=semantics)
+
+    def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pruning order as a score: the first pruned unit scores highest, unpruned units -inf."""
+        order, record = deploy(self.agent, model, x, y, self.params.deterministic, self.params.budget, self.seed)
+        self._order = order
+        last = record[-1]
+        self.extra["sequence"] = [f"{layout.locate(u)[0].name}[{layout.locate(u)[1]}]" for u in order]
+        reasons = [("stopped", "policy"), ("over_budget", "budget"), ("accuracy_collapsed", "accuracy limit")]
+        self.extra["stopped_by"] = next((why for key, why in reasons if last.get(key)), "end of layers")
+        self.extra["defense_accuracy"] = last["acc"]
+        s = torch.full((layout.num_units,), -torch.inf)
+        s[order] = -torch.arange(len(order), dtype=torch.float32)
+        return s
+
+    def select(self, scores, model, layout, x, y) -> list[int]:
+        return list(self._order)

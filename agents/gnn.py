@@ -1,0 +1,115 @@
+"""The graph policy network: a torch-geometric GNN over the unit graph, one logit per unit, and a
+pooled graph embedding (with the environment's global features) for the STOP logit and the value.
+
+It never depends on how many units the model has: trained on one zoo, it runs on a graph of any
+size, and every per-unit output follows its unit when the units are permuted (message passing and
+mean/max pooling are permutation-equivariant / invariant)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch_geometric.nn import GATv2Conv, GCNConv, SAGEConv, global_max_pool, global_mean_pool
+
+from agents.features import GraphBatch
+
+GNN_TYPES = ("gcn", "gat", "sage")
+NEG = -1e8
+"""Logit of a padded unit: never chosen, even without an action mask."""
+
+
+@dataclass
+class PolicyConfig:
+    gnn: str = "gcn"
+    """Message passing: gcn (GCNConv, edge weight), gat (GATv2Conv, all edge attributes) or sage
+    (SAGEConv, mean aggregation, edges unweighted)."""
+    hidden: int = 64
+    """Width of node and graph embeddings."""
+    layers: int = 3
+    """Message-passing layers."""
+    heads: int = 4
+    """Attention heads (gat only); hidden must be divisible by it."""
+    reverse_edges: bool = True
+    """Also pass messages against the data flow (see agents.features)."""
+
+
+LIMITS = {"hidden": (4, 1024), "layers": (1, 16), "heads": (1, 16)}
+"""Bounds of PolicyConfig's sizes: a crafted agent config must not allocate arbitrary memory."""
+
+
+def _mlp(*dims: int) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        mods.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            mods.append(nn.ReLU())
+    return nn.Sequential(*mods)
+
+
+class GraphPolicyNet(nn.Module):
+    def __init__(self, cfg: PolicyConfig, node_dim: int, edge_dim: int, global_dim: int):
+        super().__init__()
+        h = cfg.hidden
+        self.cfg = cfg
+        self.inp = _mlp(node_dim, h, h)
+        self.convs = nn.ModuleList()
+        for _ in range(cfg.layers):
+            if cfg.gnn == "gcn":
+                conv: nn.Module = GCNConv(h, h)
+            elif cfg.gnn == "gat":
+                conv = GATv2Conv(h, h // cfg.heads, heads=cfg.heads, edge_dim=edge_dim)
+            else:
+                conv = SAGEConv(h, h)
+            self.convs.append(conv)
+        self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in range(cfg.layers))
+        self.graph = _mlp(2 * h + global_dim, h, h)
+        self.unit_head = _mlp(2 * h, h, 1)
+        self.stop_head = _mlp(h, h, 1)
+        self.value_head = _mlp(h, h, 1)
+        for head in (self.unit_head, self.stop_head):  # near-uniform first policy
+            last = head[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.bias)
+            last.weight.data.mul_(0.01)
+
+    def _conv(self, conv: nn.Module, h: torch.Tensor, g: GraphBatch) -> torch.Tensor:
+        if self.cfg.gnn == "gcn":
+            return conv(h, g.edge_index, g.edge_attr[:, 0])
+        if self.cfg.gnn == "gat":
+            return conv(h, g.edge_index, g.edge_attr)
+        return conv(h, g.edge_index)
+
+    def encode(self, g: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(node embeddings (N, H), graph embeddings (B, H))."""
+        h = self.inp(g.x)
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            h = h + torch.relu(norm(self._conv(conv, h, g)))
+        pooled = torch.cat([global_mean_pool(h, g.batch, g.num_graphs), global_max_pool(h, g.batch, g.num_graphs),
+                            g.globals], 1)  # fmt: skip
+        return h, self.graph(pooled)
+
+    def forward(self, g: GraphBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unit logits (B, U) with NEG at padding, STOP logits (B,), values (B,))."""
+        h, z = self.encode(g)
+        unit = self.unit_head(torch.cat([h, z[g.batch]], 1)).squeeze(1)
+        logits = torch.full((g.num_graphs, g.width), NEG, dtype=unit.dtype, device=unit.device)
+        logits[g.batch, g.pos] = unit
+        return logits, self.stop_head(z).squeeze(1), self.value_head(z).squeeze(1)
+
+    @staticmethod
+    def neuron_logits(unit: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+        """Discrete(U + 1) logits: one per unit, STOP last."""
+        return torch.cat([unit, stop[:, None]], 1)
+
+    @staticmethod
+    def layer_logits(unit: torch.Tensor, g: GraphBatch, bits: int) -> torch.Tensor:
+        """MultiBinary(bits) logits in sb3-contrib's (don't prune, prune) pairs: bit i is the i-th
+        unit of the focused layer."""
+        b = g.num_graphs
+        fb, fpos = g.batch[g.focus], g.pos[g.focus]
+        start = torch.full((b,), g.width, dtype=fpos.dtype, device=fpos.device).scatter_reduce(0, fb, fpos, "amin")
+        prune = torch.zeros(b, bits, dtype=unit.dtype, device=unit.device)
+        prune[fb, fpos - start[fb]] = unit[fb, fpos]
+        return torch.stack([torch.zeros_like(prune), prune], 2).flatten(1)

@@ -1,0 +1,145 @@
+"""The deployable agent: a directory with `policy.safetensors` (the GraphPolicyNet weights) and
+`agent.json` (policy, environment and feature config, training summary, SHA-256 of the weights).
+
+Loading unpickles nothing and treats the directory as hostile input: fixed file names (the JSON
+names no path), no symlinks, a size cap on the JSON, the config validated against its schema and
+bounds, the SHA-256 checked, and the tensor shapes in the safetensors header compared with the
+network the config describes (built on the meta device, which allocates nothing) before any weight
+is read. The SB3 zip of a training run is for resuming that run only: it holds cloudpickled
+objects and must never be loaded from someone else."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+import onp_env
+from agents.config import check_policy
+from agents.gnn import GraphPolicyNet, PolicyConfig
+from agents.policy import build_net
+from onp_env.artifacts import sha256_file
+from onp_env.config import from_dict, to_dict
+from onp_env.env import GLOBALS, EnvConfig
+from onp_env.env.signals import check_feature_sets, feature_names
+from onp_env.errors import OnpError
+from onp_env.graph.build import EDGE_TYPES
+from onp_env.graph.features import FEATURES
+
+FORMAT, FORMAT_VERSION = "onp-env/agent", 1
+WEIGHTS, CONFIG = "policy.safetensors", "agent.json"
+MAX_JSON_BYTES = 1 << 20
+
+
+@dataclass
+class Agent:
+    path: Path | None
+    net: GraphPolicyNet
+    policy: PolicyConfig
+    env: EnvConfig
+    """The environment settings the policy was trained with (artifacts empty, score none)."""
+    meta: dict[str, Any]
+
+
+def deploy_env_config(env: EnvConfig) -> EnvConfig:
+    """The training env's settings for deployment: no zoo, no padding sizes, no backdoor score."""
+    return dataclasses.replace(env, artifacts=[], max_units=None, max_edges=None, score="none", score_kwargs={},
+                               track_asr=False)  # fmt: skip
+
+
+def save_agent(dest: Path, net: GraphPolicyNet, policy: PolicyConfig, env: EnvConfig, training: dict[str, Any]) -> Path:
+    """Write the agent directory atomically (temporary sibling + rename); refuses to overwrite."""
+    if dest.exists():
+        raise OnpError(f"{dest} already exists: pass another output or remove it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS))
+        env_cfg = deploy_env_config(env)
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": onp_env.__version__,
+            "policy": to_dict(policy), "env": to_dict(env_cfg),
+            "feature_names": list(feature_names(FEATURES, env_cfg.features)), "globals": list(GLOBALS),
+            "edge_types": list(EDGE_TYPES), "training": training, "sha256": sha256_file(tmp / WEIGHTS),
+        }  # fmt: skip
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+        os.rename(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _regular_file(path: Path, what: str) -> Path:
+    if path.is_symlink() or not path.is_file():
+        raise OnpError(f"{path} is missing or not a regular file: {what}")
+    return path
+
+
+def load_agent(path: str | Path) -> Agent:
+    root = Path(path)
+    if not root.is_dir():
+        raise OnpError(f"agent {root} not found: train one with `onp train-agent --config configs/agent/digits.yaml`")
+    cfg_file = _regular_file(root / CONFIG, "not an agent directory (train one with `onp train-agent`)")
+    if cfg_file.stat().st_size > MAX_JSON_BYTES:
+        raise OnpError(f"{cfg_file} is larger than {MAX_JSON_BYTES} bytes: not an agent config")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OnpError(f"{cfg_file} is not valid JSON ({e}): the agent is corrupt; retrain or re-download it") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise OnpError(f"{root} is not an {FORMAT} v{FORMAT_VERSION} directory: retrain it with this onp-env")
+    for key, kind in (("policy", dict), ("env", dict), ("feature_names", list), ("globals", list),
+                      ("edge_types", list), ("sha256", str)):  # fmt: skip
+        if not isinstance(meta.get(key), kind):
+            raise OnpError(f"{cfg_file}: '{key}' is missing or not a {kind.__name__}: the agent config is corrupt")
+    policy = from_dict(PolicyConfig, meta["policy"], f"{cfg_file}:policy")
+    check_policy(policy)
+    env = from_dict(EnvConfig, meta["env"], f"{cfg_file}:env")
+    check_feature_sets(env.features, env.signal_params)
+    expected = list(feature_names(FEATURES, env.features))
+    if meta["feature_names"] != expected or meta["globals"] != list(GLOBALS) or meta["edge_types"] != list(EDGE_TYPES):
+        raise OnpError(
+            f"{root}: the agent's observation features {meta['feature_names']} do not match this onp-env's "
+            f"{expected}: retrain the agent with this version"
+        )
+    weights = _regular_file(root / WEIGHTS, "the agent is incomplete; retrain it")
+    if sha256_file(weights) != meta["sha256"]:
+        raise OnpError(f"{weights} does not match the SHA-256 in {CONFIG}: the agent is corrupt or was edited")
+    with torch.device("meta"):
+        skeleton = _net(policy, env)
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    try:
+        with safe_open(str(weights), "pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as e:
+        raise OnpError(f"{weights} is not a readable safetensors file ({e}): the agent is corrupt") from e
+    if have != want:
+        diff = sorted(set(have.items()) ^ set(want.items()))[:2]
+        raise OnpError(f"{weights} does not fit the policy described in {CONFIG} (e.g. {diff}): the agent is corrupt")
+    net = _net(policy, env)
+    state = load_file(str(weights))
+    if not all(torch.isfinite(v).all() for v in state.values()):
+        raise OnpError(f"{weights} has NaN/inf weights: the agent is broken; retrain it")
+    net.load_state_dict(state)
+    return Agent(root, net.eval(), policy, env, meta)
+
+
+def _net(policy: PolicyConfig, env: EnvConfig) -> GraphPolicyNet:
+    from gymnasium import spaces
+
+    nodes = len(feature_names(FEATURES, env.features))
+    space = spaces.Dict({
+        "nodes": spaces.Box(-1, 1, (1, nodes)), "edge_attr": spaces.Box(0, 1, (1, 1 + len(EDGE_TYPES))),
+        "globals": spaces.Box(-1, 1, (len(GLOBALS),)),
+    })  # fmt: skip
+    return build_net(policy, space)

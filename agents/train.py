@@ -1,0 +1,190 @@
+"""`onp train-agent`: a GNN pruning policy trained with MaskablePPO on shadow models.
+
+Read top to bottom, `train_agent` does:
+1. check the config and the output folder (before anything expensive);
+2. build the shadow zoo (attacks x seeds) through the lab's artifact cache;
+3. make the environments (oracle reward: the shadow models' triggers are known);
+4. optionally warm-start the policy by cloning the oracle expert (agents.expert);
+5. run PPO with a progress bar, CSV/TensorBoard logs and an atomic checkpoint every
+   `checkpoint_every` steps; `resume=True` continues from the last checkpoint (step counter,
+   optimizer state and all);
+6. save the deployable agent (agents.io: safetensors + JSON, no pickle).
+
+Run folder: config.json, checkpoint.zip (SB3's zip, for resuming *this* run only: it holds
+cloudpickled objects), logs/ (progress.csv, TensorBoard events), imitation.json, agent/."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gymnasium as gym
+import torch
+from sb3_contrib import MaskablePPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from tqdm.auto import tqdm
+
+from agents.config import AgentConfig, validate
+from agents.expert import clone, collect
+from agents.io import save_agent
+from agents.policy import GraphMaskablePolicy
+from onp_env.artifacts import write_text_atomic
+from onp_env.config import LabConfig, to_dict
+from onp_env.env import EnvConfig, NeuronPruningEnv
+from onp_env.errors import OnpError
+from onp_env.zoo import build_artifact
+
+CONFIG, CHECKPOINT, AGENT = "config.json", "checkpoint.zip", "agent"
+
+
+def zoo_configs(cfg: AgentConfig) -> list[LabConfig]:
+    """One LabConfig per shadow model: base x attacks x seeds."""
+    out = []
+    for attack in cfg.attack_configs():
+        for seed in cfg.zoo.seeds:
+            name = f"{cfg.name}-shadow-{attack.name}-s{seed}"
+            out.append(dataclasses.replace(cfg.zoo.base, name=name, seed=seed, attack=attack))
+    return out
+
+
+def build_zoo(cfg: AgentConfig, cache: str | Path | None = None, progress: bool = True) -> list[str]:
+    """Artifact directories of the shadow models (trained on first use, then cached)."""
+    labs = zoo_configs(cfg)
+    return [str(build_artifact(lab, cache, progress)) for lab in tqdm(labs, desc="shadow models", disable=not progress)]
+
+
+def _make_env(env_cfg: EnvConfig, rank: int) -> Callable[[], gym.Env]:
+    def make() -> gym.Env:
+        torch.set_num_threads(1)
+        return Monitor(NeuronPruningEnv(env_cfg), info_keywords=("acc", "asr", "pruned"))
+
+    return make
+
+
+class Progress(BaseCallback):
+    """A tqdm bar over environment steps, and an atomic checkpoint every `every` steps."""
+
+    def __init__(self, total: int, every: int, path: Path, show: bool):
+        super().__init__()
+        self.total, self.every, self.path, self.show = total, every, path, show
+        self.last_saved = 0
+
+    def _on_training_start(self) -> None:
+        self.bar = tqdm(total=self.total, initial=self.model.num_timesteps, desc="ppo", unit="step",
+                        disable=not self.show)  # fmt: skip
+        self.last_saved = self.model.num_timesteps
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.model.num_timesteps - self.bar.n)
+        if self.model.num_timesteps - self.last_saved >= self.every:
+            save_checkpoint(self.model, self.path)
+            self.last_saved = self.model.num_timesteps
+        return True
+
+    def _on_training_end(self) -> None:
+        self.bar.close()
+
+
+def save_checkpoint(model: BaseAlgorithm, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.zip")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _check_out(cfg: AgentConfig, out: Path, resume: bool) -> bool:
+    """Whether the run resumes from a checkpoint; refuses to mix two configs in one folder."""
+    if out.exists() and not out.is_dir():
+        raise OnpError(f"{out} is a file: --out must be a directory")
+    saved = out / CONFIG
+    if not resume:
+        if out.exists() and any(out.iterdir()):
+            raise OnpError(f"{out} is not empty: pass --resume to continue that run, or another --out")
+        return False
+    if not saved.is_file():
+        raise OnpError(f"{out} holds no run to resume (no {CONFIG}): start it without --resume")
+    if json.loads(saved.read_text()) != to_dict(cfg):
+        raise OnpError(f"the config differs from the one {out} was started with: resume with the same config and --set")
+    if (out / AGENT).exists():
+        raise OnpError(f"{out} is finished ({out / AGENT} exists): nothing to resume")
+    return (out / CHECKPOINT).is_file()
+
+
+def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: str | Path | None = None,
+                progress: bool = True) -> Path:  # fmt: skip
+    """Train an agent into the run folder `out`; returns the deployable agent's directory."""
+    # 1. checks
+    validate(cfg)
+    out = Path(out)
+    has_checkpoint = _check_out(cfg, out, resume)
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OnpError("device cuda requested but torch sees no GPU: use device=cpu or auto")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / CONFIG, json.dumps(to_dict(cfg), indent=1))
+    torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+
+    # 2. shadow models
+    artifacts = build_zoo(cfg, cache, progress)
+    env_cfg = dataclasses.replace(cfg.env, artifacts=artifacts, score="oracle")
+
+    # 3. environments
+    fns = [_make_env(env_cfg, i) for i in range(cfg.n_envs)]
+    vec: VecEnv = SubprocVecEnv(fns, start_method="spawn") if cfg.vec_env == "subproc" else DummyVecEnv(fns)
+    formats = ["csv"]
+    try:
+        import tensorboard  # noqa: F401
+
+        formats.append("tensorboard")
+    except ImportError:
+        pass
+    logger = configure(str(out / "logs"), formats)
+    p = cfg.ppo
+    try:
+        if has_checkpoint:
+            model = MaskablePPO.load(out / CHECKPOINT, env=vec, device=device)
+        else:
+            model = MaskablePPO(
+                GraphMaskablePolicy, vec, learning_rate=p.lr, n_steps=p.n_steps, batch_size=p.batch_size,
+                n_epochs=p.n_epochs, gamma=p.gamma, gae_lambda=p.gae_lambda, clip_range=p.clip_range,
+                ent_coef=p.ent_coef, vf_coef=p.vf_coef, max_grad_norm=p.max_grad_norm, seed=cfg.seed,
+                device=device, policy_kwargs={"policy": to_dict(cfg.policy)},
+            )  # fmt: skip
+            # 4. warm start
+            if cfg.imitation.episodes:
+                expert_env = NeuronPruningEnv(env_cfg)
+                data = collect(expert_env, cfg.imitation, cfg.seed, progress)
+                losses = clone(model.policy, data, cfg.imitation, cfg.seed, progress)
+                write_text_atomic(out / "imitation.json", json.dumps({"samples": len(data[1]), "losses": losses}))
+            save_checkpoint(model, out / CHECKPOINT)
+        model.set_logger(logger)
+
+        # 5. PPO
+        remaining = max(p.total_steps - model.num_timesteps, 0)
+        if remaining:
+            callback = Progress(p.total_steps, cfg.checkpoint_every, out / CHECKPOINT, progress)
+            model.learn(remaining, callback=callback, reset_num_timesteps=False)
+            save_checkpoint(model, out / CHECKPOINT)
+    finally:
+        vec.close()
+
+    # 6. the deployable agent
+    training = {
+        "steps": int(model.num_timesteps), "seed": cfg.seed, "shadow_models": [Path(a).name for a in artifacts],
+        "imitation_episodes": cfg.imitation.episodes, "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+    policy = model.policy
+    assert isinstance(policy, GraphMaskablePolicy)
+    return save_agent(out / AGENT, policy.net, policy.policy_cfg, cfg.env, training)

@@ -1,0 +1,103 @@
+"""Node feature sets beyond the static graph features (onp_env.graph.features.FEATURES).
+
+- `dynamic`: the clean activation mean and std of every unit *in the current pruned model*, read
+  from the evaluator's cached forward pass on the defense batch after every step, and z-scored with
+  the layer's statistics of the unpruned model, so that the policy sees how each unit's response
+  moves as the network is cut (a pruned unit reads as the layer's silent extreme).
+- signals, computed once per model when the environment prepares it: the unit scores of a registered
+  defense (onp_env.registry), run on the model and its clean defense set only, with short settings
+  (SIGNAL_DEFAULTS, overridable through EnvConfig.signal_params), z-scored per layer:
+  `mnp` (MNP's masks learnt after clean suppression: magnitude against clean saliency),
+  `anp` (a short ANP run: masks under adversarial neuron perturbation),
+  `rnp` (RNP's recovery masks on the unlearned twin).
+  They cost seconds per model (see benchmarks), and none of them sees the trigger or the test split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from onp_env.errors import OnpError
+from onp_env.graph.features import Z_CLIP
+from onp_env.graph.units import UnitLayout
+from onp_env.registry import defense_class
+
+DYNAMIC = ("act_mean_now", "act_std_now")
+SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnp": {},
+    "anp": {"iterations": 200},
+    "rnp": {},
+}
+FEATURE_SETS = ("dynamic", *SIGNAL_DEFAULTS)
+
+
+def check_feature_sets(names: list[str], params: dict[str, Any]) -> None:
+    unknown = [n for n in names if n not in FEATURE_SETS]
+    if unknown:
+        raise OnpError(f"unknown feature set(s) {', '.join(unknown)}: choose from {', '.join(FEATURE_SETS)}")
+    if len(set(names)) != len(names):
+        raise OnpError(f"feature sets listed twice in {names}: list each once")
+    stray = sorted(set(params) - set(names))
+    if stray:
+        raise OnpError(f"signal_params for {', '.join(stray)}, which is not in features: add it or drop its params")
+
+
+def feature_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
+    """Column names of the observation's node features: static, then signals, then dynamic."""
+    signals = tuple(f"signal_{s}" for s in sets if s != "dynamic")
+    return base + signals + (DYNAMIC if "dynamic" in sets else ())
+
+
+def layer_zscore(v: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
+    out = torch.zeros(len(v))
+    for lay in layout.layers:
+        seg = v[lay.offset : lay.offset + lay.size].float()
+        std = seg.std(unbiased=False)
+        if std > 1e-12:
+            out[lay.offset : lay.offset + lay.size] = ((seg - seg.mean()) / std).clamp(-Z_CLIP, Z_CLIP)
+    return out
+
+
+def signal_columns(sets: list[str], params: dict[str, Any], model: nn.Module, layout: UnitLayout,
+                   x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:  # fmt: skip
+    """(units, number of signal sets) z-scored unit scores of the named defenses."""
+    cols = []
+    for name in (s for s in sets if s != "dynamic"):
+        kwargs = {**SIGNAL_DEFAULTS[name], **params.get(name, {})}
+        try:
+            defense = defense_class(name)(seed=seed, **kwargs)
+        except TypeError as e:
+            raise OnpError(f"bad signal_params for {name}: {e}") from e
+        plan_layout, scores, _ = defense.plan(model, x, y)
+        if [lay.name for lay in plan_layout.layers] != [lay.name for lay in layout.layers]:
+            raise OnpError(f"signal {name} traced other unit layers than the environment: unsupported model")
+        cols.append(layer_zscore(scores.nan_to_num(0.0, 0.0, 0.0), layout))
+    return torch.stack(cols, 1) if cols else torch.zeros(layout.num_units, 0)
+
+
+class DynamicStats:
+    """Per-unit clean activation mean/std of the current (masked) model, from unit-layer outputs of
+    the evaluator's last pass, z-scored with the unpruned model's per-layer statistics."""
+
+    def __init__(self, layout: UnitLayout):
+        self.layout = layout
+        self.values = torch.zeros(layout.num_units, len(DYNAMIC))
+        self.norm: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _stats(out: torch.Tensor) -> torch.Tensor:
+        a = out.relu().flatten(2) if out.ndim > 2 else out.relu().unsqueeze(-1)
+        a = a.transpose(0, 1).flatten(1)  # (units, images x positions)
+        return torch.stack([a.mean(1), a.std(1, unbiased=False)], 1)
+
+    def update(self, outputs: dict[str, torch.Tensor]) -> None:
+        for name, out in outputs.items():
+            lay = self.layout.by_name[name]
+            s = self._stats(out)
+            if name not in self.norm:  # the first pass is the unpruned model
+                self.norm[name] = torch.stack([s.mean(0), s.std(0, unbiased=False).clamp_min(1e-6)])
+            mu, sd = self.norm[name]
+            self.values[lay.offset : lay.offset + lay.size] = ((s - mu) / sd).clamp(-Z_CLIP, Z_CLIP)

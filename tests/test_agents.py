@@ -1,0 +1,242 @@
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from agents.config import load_agent_config
+from agents.defense import deploy
+from agents.features import to_graph_batch
+from agents.gnn import PolicyConfig
+from agents.io import load_agent
+from agents.policy import build_net
+from agents.train import train_agent, zoo_configs
+from onp_env import OnpError, build_artifact, load_artifact
+from onp_env.cli import main
+from onp_env.env import NeuronPruningEnv
+from onp_env.zoo import default_artifact
+
+CONFIG = "configs/agent/digits.yaml"
+TINY = [
+    "zoo.base.model.kwargs={channels: [8, 8], hidden: 16}",
+    "zoo.base.train.epochs=5",
+    "zoo.seeds=[1]",
+    "ppo.total_steps=256",
+    "ppo.n_steps=128",
+    "ppo.n_epochs=2",
+    "imitation.episodes=1",
+    "imitation.epochs=2",
+    "checkpoint_every=64",
+]
+
+
+@pytest.fixture(scope="module")
+def agent_dir(tmp_path_factory):
+    cfg = load_agent_config(CONFIG, TINY)
+    return train_agent(cfg, tmp_path_factory.mktemp("run") / "tiny", progress=False)
+
+
+def _obs_tensors(obs):
+    return {k: torch.as_tensor(v).float()[None] for k, v in obs.items()}
+
+
+def test_graph_batch_drops_padding_and_restores_integer_edges():
+    env = NeuronPruningEnv(max_units=200, max_edges=5000)
+    obs, _ = env.reset(seed=0)
+    n, e = obs["counts"]
+    two = {k: torch.as_tensor(np.stack([v, v])).float() for k, v in obs.items()}
+    g = to_graph_batch(two, reverse_edges=False)
+    assert g.x.shape == (2 * n, obs["nodes"].shape[1]) and g.edge_index.shape == (2, 2 * e)
+    assert g.edge_index.dtype == torch.long and int(g.edge_index[:, e:].min()) == n  # second graph shifted
+    assert torch.equal(g.edge_index[:, :e], torch.as_tensor(obs["edge_index"][:, :e]))
+    r = to_graph_batch(two, reverse_edges=True)
+    assert r.edge_index.shape[1] == 4 * e and r.edge_attr.shape[1] == obs["edge_attr"].shape[1] + 1
+
+
+@pytest.mark.parametrize("gnn", ["gcn", "gat", "sage"])
+def test_policy_logits_follow_a_permutation_of_the_units(gnn):
+    torch.manual_seed(0)
+    env = NeuronPruningEnv()
+    env.reset(seed=0)
+    for a in (3, 150, 40):
+        obs, *_ = env.step(a)
+    net = build_net(PolicyConfig(gnn=gnn, hidden=32, heads=4), env.observation_space).eval()
+    n = int(obs["counts"][0])
+    perm = np.random.default_rng(0).permutation(n)  # unit i moves to row perm[i]
+    moved = {k: v.copy() for k, v in obs.items()}
+    for key in ("nodes", "valid", "pruned", "focus"):
+        moved[key][perm] = obs[key][:n]
+    e = int(obs["counts"][1])
+    moved["edge_index"][:, :e] = perm[obs["edge_index"][:, :e]]
+    with torch.no_grad():
+        unit, stop, value = net(to_graph_batch(_obs_tensors(obs)))
+        unit2, stop2, value2 = net(to_graph_batch(_obs_tensors(moved)))
+    assert torch.allclose(unit2[0, perm], unit[0, :n], atol=1e-4)
+    assert torch.allclose(stop, stop2, atol=1e-4) and torch.allclose(value, value2, atol=1e-4)
+
+
+def test_layer_mode_bits_are_the_focused_layers_units():
+    env = NeuronPruningEnv(action_mode="layer")
+    env.reset(seed=0)
+    obs, *_ = env.step(np.zeros(env.action_space.n, np.int8))  # layer 0 done: focus on layer 1
+    lay = env.task.layout.layers[1]
+    net = build_net(PolicyConfig(), env.observation_space).eval()
+    with torch.no_grad():
+        g = to_graph_batch(_obs_tensors(obs))
+        unit, _, _ = net(g)
+        pairs = net.layer_logits(unit, g, env.action_space.n).view(-1, 2)
+    assert torch.equal(pairs[: lay.size, 1], unit[0, lay.offset : lay.offset + lay.size])
+    assert not pairs[lay.size :].any() and not pairs[:, 0].any()
+
+
+def test_train_save_load_and_deploy_on_a_model_of_an_unseen_seed(agent_dir, tmp_path, capsys):
+    meta = json.loads((agent_dir / "agent.json").read_text())
+    assert meta["training"]["steps"] == 256 and meta["env"]["score"] == "none"
+    assert (agent_dir.parent / "logs" / "progress.csv").is_file() and (agent_dir.parent / "imitation.json").is_file()
+    cfg = load_agent_config(CONFIG, TINY)
+    shadow_seeds = {lab.seed for lab in zoo_configs(cfg)}
+    held_out = dataclasses.replace(zoo_configs(cfg)[0], name="held-out", seed=9)
+    assert held_out.seed not in shadow_seeds
+    art = build_artifact(held_out, progress=False)
+    code = main(["defend", "--method", "onp", "--agent", str(agent_dir), "--artifact", str(art),
+                 "--out", str(tmp_path / "d"), "--json"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["method"] == "onp"
+    assert report["pruned"] == len(report["details"]["sequence"]) >= 0
+    assert {"acc", "asr", "ra", "der", "seconds", "before"} <= set(report)
+    pruned = load_artifact(tmp_path / "d").manifest["defense"]["pruned_units"]
+    assert len(pruned) == report["pruned"]
+    assert report["details"]["stopped_by"] in ("policy", "budget", "accuracy limit")
+
+
+def test_a_policy_trained_on_small_models_deploys_on_a_wider_one(agent_dir):
+    agent = load_agent(agent_dir)
+    wide = load_artifact(default_artifact())  # 176 units; the shadow models have 32
+    order, record = deploy(agent, wide.model, *wide.defense_set())
+    assert all(0 <= u < 176 for u in order) and len(order) == len(set(order)) == record[-1]["pruned"]
+    assert record[-1]["pruned"] <= int(np.ceil(agent.env.budget * 176))
+
+
+def test_resume_continues_the_step_counter_and_optimizer(tmp_path, monkeypatch):
+    import agents.train as train
+
+    cfg = load_agent_config(CONFIG, [*TINY, "imitation.episodes=0"])
+    real_step = train.Progress._on_step
+
+    def interrupted(self):
+        keep_going = real_step(self)
+        if self.model.num_timesteps >= 192:  # after the first update (n_steps 128), checkpointed at 192
+            raise KeyboardInterrupt
+        return keep_going
+
+    monkeypatch.setattr(train.Progress, "_on_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_agent(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(train.Progress, "_on_step", real_step)
+    assert (tmp_path / "run" / "checkpoint.zip").is_file() and not (tmp_path / "run" / "agent").exists()
+    with pytest.raises(OnpError, match="not empty"):
+        train_agent(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(OnpError, match="differs"):
+        train_agent(load_agent_config(CONFIG, [*TINY, "imitation.episodes=0", "seed=5"]), tmp_path / "run",
+                    resume=True, progress=False)  # fmt: skip
+
+    seen = {}
+    real_learn = train.MaskablePPO.learn
+
+    def spy(self, total, **kw):
+        seen["start"] = self.num_timesteps
+        seen["adam_steps"] = max(int(s["step"]) for s in self.policy.optimizer.state_dict()["state"].values())
+        return real_learn(self, total, **kw)
+
+    monkeypatch.setattr(train.MaskablePPO, "learn", spy)
+    agent = train_agent(cfg, tmp_path / "run", resume=True, progress=False)
+    assert seen["start"] == 192 and seen["adam_steps"] > 0  # continued, not restarted
+    # PPO finishes whole rollouts: 192 + one rollout of 128 (a restarted run would stop at 256)
+    assert json.loads((agent / "agent.json").read_text())["training"]["steps"] == 192 + 128
+
+
+def _tampered(agent_dir, tmp_path, edit):
+    copy = tmp_path / "agent"
+    shutil.copytree(agent_dir, copy)
+    edit(copy)
+    return copy
+
+
+def _edit_json(**changes):
+    def edit(d):
+        meta = json.loads((d / "agent.json").read_text())
+        for path, value in changes.items():
+            node = meta
+            *parents, last = path.split("__")
+            for p in parents:
+                node = node[p]
+            node[last] = value
+        (d / "agent.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _symlink_weights(d):
+    (d / "policy.safetensors").rename(d / "real.safetensors")
+    (d / "policy.safetensors").symlink_to(d / "real.safetensors")
+
+
+def _flip_a_byte(d):
+    data = bytearray((d / "policy.safetensors").read_bytes())
+    data[-1] ^= 1
+    (d / "policy.safetensors").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: shutil.rmtree(d), "not found"),
+        (lambda d: (d / "agent.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "agent.json").write_text("[1, 2]"), "not an onp-env/agent"),
+        (_edit_json(env__features=[]), "do not match"),
+        (_edit_json(env__features=["dynamic", "telepathy"]), "unknown feature set"),
+        (_edit_json(policy__hidden=1 << 20), "out of range"),
+        (_edit_json(policy__hidden=32), "does not fit"),
+        (_edit_json(policy__gnn="transformer"), "unknown gnn"),
+        (_edit_json(policy__layers="three"), "must be int"),
+        (_edit_json(sha256=None), "'sha256' is missing"),
+        (_symlink_weights, "not a regular file"),
+        (_flip_a_byte, "SHA-256"),
+        (lambda d: (d / "policy.safetensors").unlink(), "not a regular file"),
+    ],
+)
+def test_missing_corrupt_or_crafted_agents_are_clear_errors(agent_dir, tmp_path, edit, message):
+    with pytest.raises(OnpError, match=message):
+        load_agent(_tampered(agent_dir, tmp_path, edit))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["policy.gnn=transformer"], "unknown gnn"),
+        (["env.features=[dynamic, tea_leaves]"], "unknown feature set"),
+        (["env.signal_params={anp: {iterations: 5}}"], "not in features"),
+        (["policy.hidden=30", "policy.gnn=gat", "policy.heads=4"], "not divisible"),
+        (["zoo.seeds=[]"], "must not be empty"),
+        (["zoo.attacks=[{name: badnets, colour: red}]"], "unknown key"),
+        (["n_envs=0"], "at least 1"),
+        (["env.action_mode=layer"], "imitation needs"),
+    ],
+)
+def test_bad_agent_configs_fail_before_any_work(overrides, message):
+    with pytest.raises(OnpError, match=message):
+        load_agent_config(CONFIG, overrides)
+
+
+def test_cli_onp_without_agent_or_with_a_bad_one_exits_2(tmp_path, capsys):
+    art = str(default_artifact())
+    assert main(["defend", "--method", "onp", "--artifact", art, "--out", str(tmp_path / "a")]) == 2
+    assert "needs --agent" in capsys.readouterr().err
+    code = main(
+        ["defend", "--method", "onp", "--agent", str(tmp_path), "--artifact", art, "--out", str(tmp_path / "b")]
+    )
+    assert code == 2 and "not an agent directory" in capsys.readouterr().err
+    assert main(["train-agent", "--config", CONFIG, "--set", "policy.gnn=mlp", "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
