@@ -91,6 +91,21 @@ def test_layer_mode_bits_are_the_focused_layers_units():
     assert not pairs[lay.size :].any() and not pairs[:, 0].any()
 
 
+def test_maskable_ppo_trains_the_graph_policy_in_layer_mode(tmp_path):
+    from sb3_contrib import MaskablePPO
+
+    from agents.policy import GraphMaskablePolicy
+
+    env = NeuronPruningEnv(action_mode="layer")
+    model = MaskablePPO(GraphMaskablePolicy, env, n_steps=32, batch_size=16, n_epochs=1, seed=0)
+    model.learn(64)
+    obs, _ = env.reset(seed=0)
+    action, _ = model.predict(obs, action_masks=env.action_masks())
+    assert action.shape == env.action_space.shape and set(np.unique(action)) <= {0, 1}
+    model.save(tmp_path / "m.zip")
+    assert MaskablePPO.load(tmp_path / "m.zip").policy.policy_cfg == model.policy.policy_cfg
+
+
 def test_train_save_load_and_deploy_on_a_model_of_an_unseen_seed(agent_dir, tmp_path, capsys):
     meta = json.loads((agent_dir / "agent.json").read_text())
     assert meta["training"]["steps"] == 256 and meta["env"]["score"] == "none"

@@ -9,7 +9,8 @@
 - `anp` (trigger-free, after ANP, Wu & Wang, NeurIPS 2021): under an adversarial perturbation of
   the unpruned units' BatchNorm weight and bias (Linear units: weight row and bias), a backdoored
   network collapses onto its target. The score is the share of clean defense images predicted as
-  the most frequent label under that perturbation."""
+  the most frequent label under that perturbation.
+- `none`: no backdoor term (always 0): for deploying a learned policy, where no reward is read."""
 
 from __future__ import annotations
 

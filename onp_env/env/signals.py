@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from onp_env.errors import OnpError
-from onp_env.graph.features import Z_CLIP
+from onp_env.graph.features import Z_CLIP, zscore
 from onp_env.graph.units import UnitLayout
 from onp_env.registry import defense_class
 
@@ -52,13 +52,7 @@ def feature_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
 
 
 def layer_zscore(v: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
-    out = torch.zeros(len(v))
-    for lay in layout.layers:
-        seg = v[lay.offset : lay.offset + lay.size].float()
-        std = seg.std(unbiased=False)
-        if std > 1e-12:
-            out[lay.offset : lay.offset + lay.size] = ((seg - seg.mean()) / std).clamp(-Z_CLIP, Z_CLIP)
-    return out
+    return torch.cat([zscore(v[lay.offset : lay.offset + lay.size].float()) for lay in layout.layers])
 
 
 def signal_columns(sets: list[str], params: dict[str, Any], model: nn.Module, layout: UnitLayout,

@@ -29,7 +29,7 @@ FEATURES = (
 Z_CLIP = 10.0
 
 
-def _zscore(v: torch.Tensor) -> torch.Tensor:
+def zscore(v: torch.Tensor) -> torch.Tensor:
     std = v.std(unbiased=False)
     return ((v - v.mean()) / std).clamp(-Z_CLIP, Z_CLIP) if std > 1e-12 else torch.zeros_like(v)
 
@@ -108,12 +108,12 @@ def node_features(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torc
                 torch.full((lay.size,), lay.depth / max(n_layers - 1, 1)),
                 torch.full((lay.size,), lay.size / widest),
                 torch.full((lay.size,), float(lay.kind == "bn")),
-                _zscore(gamma),
-                _zscore(beta),
-                _zscore(l1),
-                _zscore(s["act_mean"]),
-                _zscore(s["act_std"]),
-                _zscore(s["saliency"]),
+                zscore(gamma),
+                zscore(beta),
+                zscore(l1),
+                zscore(s["act_mean"]),
+                zscore(s["act_std"]),
+                zscore(s["saliency"]),
                 _rank(magnitude) - _rank(s["saliency"]),
                 torch.zeros(lay.size),
             ]
