@@ -46,6 +46,7 @@ CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random")
 HELD_OUT_SEEDS = (101, 102, 103)
+KEPT = ("acc", "asr", "ra", "der", "pruned", "seconds", "before", "units")
 ABLATIONS = {
     "gnn=gat": ["policy.gnn=gat", "policy.hidden=32", "policy.heads=2"],
     "gnn=sage": ["policy.gnn=sage"],
@@ -87,7 +88,7 @@ def oracle_cell(art_path: Path, fraction: float, env_cfg) -> dict:
     after = evaluate(model, ds.test_x, ds.test_y, art.attack)
     before = {k: art.metrics[k] for k in ("acc", "asr", "ra")}
     return {"method": "oracle", **after, "der": der(before, after), "pruned": len(pruned), "seconds": seconds,
-            "before": before, "defense_images": len(x)}  # fmt: skip
+            "before": before, "defense_images": len(x), "units": pruned}  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> None:
@@ -133,8 +134,9 @@ def run(args: argparse.Namespace) -> None:
                         if out.exists():  # a cell killed after writing its folder: redo it
                             shutil.rmtree(out)
                         _, report = defend_artifact(art, name, params, out)
+                        report["units"] = load_artifact(out).manifest["defense"]["pruned_units"]
                     row = {"key": key, "attack": held, "seed": seed, "fraction": fraction, "method": method,
-                           **{k: report[k] for k in ("acc", "asr", "ra", "der", "pruned", "seconds", "before")},
+                           **{k: report[k] for k in KEPT},
                            "wall_seconds": round(time.perf_counter() - start, 2), "host": platform.node(),
                            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
                     if method in variants:
@@ -166,8 +168,8 @@ def report_md(results: Path, out: Path) -> None:
         "held-out models, in % (DER in %). Seconds: the defense alone, 1-2 torch threads on a shared 2-core CPU "
         f"({platform.machine()}, torch {torch.__version__}).",
         "",
-        "| attack | defense data | method | n | ACC % | ASR % | RA % | DER % | pruned | seconds |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| attack | defense data | method | n | ACC % | ASR % | RA % | DER % | pruned | oracle units hit % | seconds |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -175,18 +177,26 @@ def report_md(results: Path, out: Path) -> None:
     for (attack, fraction), rs in groups.items():
         before = [r["before"] for r in rs if r["method"] == "oracle"] or [rs[0]["before"]]
         lines.append(f"| **{attack}** | {fraction:.0%} | *before* | {len(before)} | {_ms([b['acc'] for b in before])} "
-                     f"| {_ms([b['asr'] for b in before])} | {_ms([b['ra'] for b in before])} | | | |")  # fmt: skip
+                     f"| {_ms([b['asr'] for b in before])} | {_ms([b['ra'] for b in before])} | | | | |")  # fmt: skip
+        oracle = {r["seed"]: set(r["units"]) for r in rs if r["method"] == "oracle"}
         best = max((statistics.mean([r["der"] for r in rs if r["method"] == m]), m) for m in {r["method"] for r in rs}
                    if m != "oracle")  # fmt: skip
         for m in sorted({r["method"] for r in rs}, key=lambda m: order.index(m) if m in order else 99):
             sel = [r for r in rs if r["method"] == m]
             name = f"**{m}**" if m == best[1] else m
+            hits = [len(oracle[r["seed"]] & set(r["units"])) / len(oracle[r["seed"]]) for r in sel
+                    if oracle.get(r["seed"])]  # fmt: skip
             lines.append(
                 f"| | | {name} | {len(sel)} | {_ms([r['acc'] for r in sel])} | {_ms([r['asr'] for r in sel])} "
                 f"| {_ms([r['ra'] for r in sel])} | {_ms([r['der'] for r in sel])} "
-                f"| {_ms([r['pruned'] for r in sel], 1)} | {_ms([r['seconds'] for r in sel], 1)} |"
+                f"| {_ms([r['pruned'] for r in sel], 1)} | {_ms(hits)} | {_ms([r['seconds'] for r in sel], 1)} |"
             )
-    lines += ["", "Bold: best mean DER of the defenses in that group (oracle excluded).", ""]
+    lines += [
+        "",
+        "Bold: best mean DER of the defenses in that group (oracle excluded). Oracle's units hit: share of "
+        "the units the oracle expert pruned on the same model that the method also pruned.",
+        "",
+    ]
     write_text_atomic(out, "\n".join(lines))
 
 
