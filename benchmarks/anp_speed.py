@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from baselines.anp import ANP
+from baselines.run import defense_subset
+from onp_env import build_artifact, load_artifact, load_config
+from onp_env.artifacts import write_text_atomic
+from onp_env.config import LabConfig
+
 HERE = Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/baselines.py shadows the package
-
-import torch  # noqa: E402
-
-from baselines.anp import ANP  # noqa: E402
-from baselines.run import defense_subset  # noqa: E402
-from onp_env import build_artifact, load_artifact, load_config  # noqa: E402
-from onp_env.artifacts import write_text_atomic  # noqa: E402
-from onp_env.config import LabConfig  # noqa: E402
 
 
 def main() -> None:

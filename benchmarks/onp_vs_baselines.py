@@ -21,26 +21,24 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
+from agents.config import load_agent_config
+from agents.expert import OracleExpert, run_expert
+from agents.train import train_agent, zoo_configs
+from baselines.run import defend_artifact, defense_subset
+from onp_env import build_artifact, load_artifact
+from onp_env.artifacts import write_text_atomic
+from onp_env.config import AttackConfig, from_dict
+from onp_env.env import NeuronPruningEnv, PruningTarget
+from onp_env.masking import Masks
+from onp_env.metrics import der, evaluate
+
 HERE = Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # a file here shares `baselines`' name
-
-import torch  # noqa: E402
-
-from agents.config import load_agent_config  # noqa: E402
-from agents.expert import OracleExpert, run_expert  # noqa: E402
-from agents.train import train_agent, zoo_configs  # noqa: E402
-from baselines.run import defend_artifact, defense_subset  # noqa: E402
-from onp_env import build_artifact, load_artifact  # noqa: E402
-from onp_env.artifacts import write_text_atomic  # noqa: E402
-from onp_env.config import AttackConfig, from_dict  # noqa: E402
-from onp_env.env import NeuronPruningEnv, PruningTarget  # noqa: E402
-from onp_env.masking import Masks  # noqa: E402
-from onp_env.metrics import der, evaluate  # noqa: E402
 
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")

@@ -1,7 +1,7 @@
 """Every baseline defense on every Fashion-MNIST attack model of the lab, with 1% and 5% of the
 training split as defense data, at each method's paper defaults.
 
-    python benchmarks/baselines.py [--methods ...] [--attacks ...] [--fractions 0.01 0.05]
+    python benchmarks/baseline_defenses.py [--methods ...] [--attacks ...] [--fractions 0.01 0.05]
 
 Resumable: each cell writes its defended artifact and report.json under --runs and is skipped when
 that report exists. Writes benchmarks/results/baselines.md and baselines.jsonl (one report a cell).
@@ -13,20 +13,17 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
+import torch
+
+from baselines import DEFENSES
+from baselines.run import defend_artifact
+from onp_env import build_artifact, load_config
+from onp_env.artifacts import write_text_atomic
+from onp_env.config import LabConfig
+
 HERE = Path(__file__).resolve().parent
-# This file is named like the `baselines` package: keep its folder off the import path.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-import torch  # noqa: E402
-
-from baselines import DEFENSES  # noqa: E402
-from baselines.run import defend_artifact  # noqa: E402
-from onp_env import build_artifact, load_config  # noqa: E402
-from onp_env.artifacts import write_text_atomic  # noqa: E402
-from onp_env.config import LabConfig  # noqa: E402
 
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 
@@ -87,7 +84,7 @@ def main() -> None:
     lines = [
         f"# Baseline defenses on {args.dataset}",
         "",
-        "`python benchmarks/baselines.py`: each method at its paper's defaults (see its module docstring for "
+        "`python benchmarks/baseline_defenses.py`: each method at its paper's defaults (see its module docstring for "
         "every departure), on the small-CNN models of `benchmarks/results/attacks.md`, with the given share of "
         "the training split as clean defense data (a stratified part of the artifact's 5% defense set). "
         "ACC/ASR/RA on the test split, reported only; DER = (max(0, ASR drop) - max(0, ACC drop) + 1) / 2. "
