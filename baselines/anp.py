@@ -1,5 +1,5 @@
 """ANP, Adversarial Neuron Pruning (Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep
-Models", NeurIPS 2021), following the authors' released procedure (shared/docs/METHODS.md).
+Models", NeurIPS 2021), following the authors' released procedure (docs/methods.md).
 
 Every unit k gets a mask m_k in [0, 1] (init 1) and perturbations d_k (on its weight) and x_k (on
 its bias). Perturbed forward: weight * (m + d), bias * (1 + x); clean forward: weight * m. Per

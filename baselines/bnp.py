@@ -1,5 +1,5 @@
 """BNP/AR, identifying and purifying bad neurons (Fan et al., 2022). Only a summary was available
-(shared/docs/METHODS.md: [partial]).
+(docs/methods.md: [partial]).
 
 - Benign salience [paper]: first-order Taylor estimate of the clean-loss change if unit k is
   removed, E_x |sum over positions of a_k * dL/da_k| on the defense set; the units with the lowest

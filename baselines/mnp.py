@@ -1,6 +1,6 @@
 """MNP, Magnitude-based Neuron Pruning (Li, Jiang, Yi, 2024). Only a summary of the paper was
 available; each step below says whether it follows the paper or is this project's reading
-(shared/docs/METHODS.md).
+(docs/methods.md).
 
 Observation [paper]: a neuron's magnitude tracks its saliency on clean data; backdoor neurons break
 this (large magnitude, small clean saliency).

@@ -1,6 +1,6 @@
 """RNP, Reconstructive Neuron Pruning (Li, Lyu, Ma, Koren, Lyu, Li, Jiang, "Reconstructive Neuron
 Pruning for Backdoor Defense", ICML 2023), following the released procedure
-(shared/docs/METHODS.md):
+(docs/methods.md):
 
 1. unlearn: gradient ascent on the clean loss of a copy of the model over the defense set (SGD lr
    0.01, momentum 0.9, weight decay 5e-4, steps at epochs 10 and 20, gradient-norm clip 20, at most

@@ -1,6 +1,6 @@
 """ACC, ASR, RA and DER: implemented once, used by every method and report.
 
-Definitions (shared/docs/METHODS.md): ACC = clean test accuracy; ASR = share of triggered images
+Definitions (docs/methods.md): ACC = clean test accuracy; ASR = share of triggered images
 *whose true label is not their target* that are classified as the target; RA = accuracy of those
 same triggered images against their true labels; DER = (max(0, ASR_b - ASR_a) -
 max(0, ACC_b - ACC_a) + 1) / 2, in [0, 1], where a drop in accuracy *lowers* DER."""

@@ -48,7 +48,7 @@ def unlearn(
 
     Departure from the released code: the threshold is checked on every batch (its accuracy before
     the update), not at epoch ends; on small models the epoch-end check overshoots into a degenerate
-    model (shared/docs/METHODS.md)."""
+    model (docs/methods.md)."""
     twin = copy.deepcopy(model)
     twin.train()
     opt = torch.optim.SGD(twin.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
