@@ -61,7 +61,7 @@ def build_zoo(cfg: AgentConfig, cache: str | Path | None = None, progress: bool 
     return [str(build_artifact(lab, cache, progress)) for lab in tqdm(labs, desc="shadow models", disable=not progress)]
 
 
-def _make_env(env_cfg: EnvConfig, rank: int) -> Callable[[], gym.Env]:
+def _make_env(env_cfg: EnvConfig) -> Callable[[], gym.Env]:
     def make() -> gym.Env:
         torch.set_num_threads(1)
         return Monitor(NeuronPruningEnv(env_cfg), info_keywords=("acc", "asr", "pruned"))
@@ -141,7 +141,7 @@ def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: 
     env_cfg = dataclasses.replace(cfg.env, artifacts=artifacts, score="oracle")
 
     # 3. environments
-    fns = [_make_env(env_cfg, i) for i in range(cfg.n_envs)]
+    fns = [_make_env(env_cfg)] * cfg.n_envs
     vec: VecEnv = SubprocVecEnv(fns, start_method="spawn") if cfg.vec_env == "subproc" else DummyVecEnv(fns)
     formats = ["csv"]
     try:
