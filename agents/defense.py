@@ -100,7 +100,7 @@ class ONP(Defense):
         order, record = deploy(self.agent, model, x, y, self.params.deterministic, self.params.budget, self.seed)
         self._order = order
         last = record[-1]
-        self.extra["sequence"] = [f"{layout.locate(u)[0].name}[{layout.locate(u)[1]}]" for u in order]
+        self.extra["sequence"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, order)]
         reasons = [("stopped", "policy"), ("over_budget", "budget"), ("accuracy_collapsed", "accuracy limit")]
         self.extra["stopped_by"] = next((why for key, why in reasons if last.get(key)), "end of layers")
         self.extra["defense_accuracy"] = last["acc"]

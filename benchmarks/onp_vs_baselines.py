@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from agents.config import load_agent_config
+from agents.config import AgentConfig, load_agent_config
 from agents.expert import OracleExpert, run_expert
 from agents.train import train_agent, zoo_configs
 from baselines.run import defend_artifact, defense_subset
@@ -69,17 +69,17 @@ def done_keys(path: Path) -> set[str]:
     return {json.loads(line)["key"] for line in path.read_text().splitlines() if line} if path.is_file() else set()
 
 
-def oracle_cell(art_path: Path, fraction: float, env_cfg) -> dict:
+def oracle_cell(art_path: Path, fraction: float, cfg: AgentConfig) -> dict:
     """The oracle expert (trigger known) through the same environment: the upper reference."""
     art = load_artifact(art_path)
     x, y = defense_subset(art, fraction)
     start = time.perf_counter()
-    env = NeuronPruningEnv(dataclasses.replace(env_cfg, artifacts=[], score="oracle"),
+    env = NeuronPruningEnv(dataclasses.replace(cfg.env, artifacts=[], score="oracle"),
                            targets=[PruningTarget("held-out", art.model, x, y, art.attack)])  # fmt: skip
-    _, _, _, info = run_expert(env, OracleExpert(load_agent_config(str(CONFIG), []).imitation), 0, {})
+    run_expert(env, OracleExpert(cfg.imitation), 0, {})
     pruned = env.task.masks.pruned()
     seconds = time.perf_counter() - start
-    with Masks(load_artifact(art_path).model, env.task.layout) as masks:
+    with Masks(art.model, env.task.layout) as masks:  # the env pruned its own copy: art.model is intact
         masks.prune(pruned)
         model = masks.export()
     ds = art.dataset()
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> None:
                         continue
                     start = time.perf_counter()
                     if method == "oracle":
-                        report = oracle_cell(art, fraction, base.env)
+                        report = oracle_cell(art, fraction, base)
                     else:
                         name = "onp" if method in variants else method
                         params = {"defense_fraction": fraction}
