@@ -17,15 +17,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import shutil
 import statistics
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from agents.config import AgentConfig, load_agent_config
 from agents.expert import OracleExpert, run_expert
@@ -33,7 +36,7 @@ from agents.train import train_agent, zoo_configs
 from baselines.run import defend_artifact, defense_subset
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import write_text_atomic
-from onp_env.config import AttackConfig, from_dict
+from onp_env.config import AttackConfig, LabConfig, from_dict
 from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.masking import Masks
 from onp_env.metrics import der, evaluate
@@ -52,7 +55,7 @@ ABLATIONS = {
     "dynamic only": ["env.features=[dynamic]"],
     "no imitation": ["imitation.episodes=0"],
     "imitation only": ["ppo.total_steps=0"],
-    "2x steps": ["ppo.total_steps=16384"],
+    "half the steps": ["ppo.total_steps=4096"],
 }
 
 
@@ -89,61 +92,130 @@ def oracle_cell(art_path: Path, fraction: float, cfg: AgentConfig) -> dict:
             "before": before, "defense_images": len(x), "units": pruned}  # fmt: skip
 
 
+def _worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def build_model(lab: LabConfig) -> tuple[str, float]:
+    """A model through the lab's cache; its training seconds (0 when it was already cached)."""
+    path = build_artifact(lab, progress=False)
+    return str(path), load_artifact(path).manifest["training"]["seconds"]
+
+
+def train_variant(sets: list[str], out: Path) -> float:
+    """Train (or resume) one agent; the seconds its training took, from its agent.json."""
+    cfg = load_agent_config(str(CONFIG), sets)
+    if not (out / "agent").exists():
+        train_agent(cfg, out, resume=(out / "config.json").is_file(), progress=False)
+    return json.loads((out / "agent" / "agent.json").read_text())["training"]["seconds"]
+
+
+def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path | None, runs: Path) -> dict:
+    """One method on one held-out model with one defense-data fraction: the cell's JSON row."""
+    start = time.perf_counter()
+    art = load_artifact(art_path)
+    if method == "oracle":
+        report = oracle_cell(art, fraction, load_agent_config(str(CONFIG), []))
+    else:
+        name = "onp" if agent is not None else method
+        params: dict = {"defense_fraction": fraction}
+        if agent is not None:
+            params["agent"] = str(agent)
+        if name == "anp":
+            params["parallel"] = True  # bit-identical masks, 1.42x (benchmarks/results/anp_speed.md)
+        out = runs / "defenses" / key
+        if out.exists():  # a cell killed after writing its folder: redo it
+            shutil.rmtree(out)
+        _, report = defend_artifact(art, name, params, out)
+        report["units"] = load_artifact(out).manifest["defense"]["pruned_units"]
+    attack, seed, _, _ = key.split("/")
+    row = {"key": key, "attack": attack, "seed": int(seed[1:]), "fraction": fraction, "method": method,
+           **{k: report[k] for k in KEPT},
+           "wall_seconds": round(time.perf_counter() - start, 2), "host": platform.node(),
+           "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    if agent is not None:
+        row["sequence"] = report["details"].get("sequence")
+    return row
+
+
 def run(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
+    """Models, then agents and baseline cells side by side, then each agent's cells once it is trained:
+    one task per worker process (1 torch thread each); this driver is the only writer of onp.jsonl."""
     results = args.results.with_suffix(".jsonl")
     finished = done_keys(results)
     base = load_agent_config(str(CONFIG), [])
-    for fold, held in enumerate(args.attacks):
-        variants = {"onp": []} | (ABLATIONS if args.ablations and fold == 0 else {})
-        shadow = [a for a in base.zoo.attacks if a["name"] != held]
-        held_attack = next(a for a in base.zoo.attacks if a["name"] == held)
-        agents = {}
-        for variant, sets in variants.items():
-            cfg = load_agent_config(str(CONFIG), [f"zoo.attacks={json.dumps(shadow)}", *sets])
-            out = args.runs / f"without-{held}" / variant.replace(" ", "-").replace("=", "-")
-            agents[variant] = out / "agent"
-            if not agents[variant].exists():
-                print(f"[{held}] training agent '{variant}'", flush=True)
-                train_agent(cfg, out, resume=(out / "config.json").is_file(), progress=not args.quiet)
-        lab = dataclasses.replace(zoo_configs(base)[0], attack=None)
+    lab = dataclasses.replace(zoo_configs(base)[0], attack=None)
+
+    def cost(what: str, seconds: float) -> None:
+        """A training cost as a row of its own, so that the report's cost comes from onp.jsonl too."""
+        if f"cost/{what}" not in finished:
+            append(results, {"key": f"cost/{what}", "kind": "cost", "seconds": seconds})
+            finished.add(f"cost/{what}")
+
+    held_labs = {}
+    for held in args.attacks:
+        attack = from_dict(AttackConfig, next(a for a in base.zoo.attacks if a["name"] == held), "held-out attack")
         for seed in HELD_OUT_SEEDS[: args.models]:
-            attack = from_dict(AttackConfig, held_attack, "held-out attack")
-            held_cfg = dataclasses.replace(lab, name=f"held-out-{held}-s{seed}", seed=seed, attack=attack)
-            art = build_artifact(held_cfg, progress=not args.quiet)
+            held_labs[held, seed] = dataclasses.replace(lab, name=f"held-out-{held}-s{seed}", seed=seed, attack=attack)
+    variants = {}  # (held attack, variant) -> (overrides, run folder)
+    for fold, held in enumerate(args.attacks):
+        shadow = [a for a in base.zoo.attacks if a["name"] != held]
+        for variant, sets in ({"onp": []} | (ABLATIONS if args.ablations and fold == 0 else {})).items():
+            out = args.runs / f"without-{held}" / variant.replace(" ", "-").replace("=", "-")
+            variants[held, variant] = ([f"zoo.attacks={json.dumps(shadow)}", *sets], out)
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, ctx, initializer=_worker, initargs=(args.threads,)) as pool:
+        # 1. every model (shadow zoo and held-out), each trained once into the cache
+        labs = {lab.name: lab for lab in zoo_configs(base)} | {lab.name: lab for lab in held_labs.values()}
+        paths = {}
+        futures = {pool.submit(build_model, lab): name for name, lab in labs.items()}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="models", disable=args.quiet):
+            paths[futures[fut]], seconds = fut.result()
+            cost(f"model/{futures[fut]}", seconds)
+
+        # 2. agents and cells, at most one task per worker in flight, by priority: an agent's cells as
+        # soon as it is trained, then the protocol's agents, the baseline cells, the ablation agents
+        ready: list[tuple[int, int, tuple]] = []
+        for (held, variant), (sets, out) in variants.items():
+            ready.append((1 if variant == "onp" else 3, len(ready), ("agent", held, variant, sets, out)))
+        waiting: dict[tuple[str, str], list[tuple]] = {}
+        for (held, seed), hl in held_labs.items():
             for fraction in args.fractions:
                 ablate = fraction == max(args.fractions)
-                methods = [*(variants if ablate else ["onp"]), "oracle", *BASELINES]
-                for method in methods:
+                for variant in [v for (h, v) in variants if h == held and (ablate or v == "onp")]:
+                    key = f"{held}/s{seed}/{fraction:g}/{variant}"
+                    if key not in finished:
+                        waiting.setdefault((held, variant), []).append((key, paths[hl.name], fraction, variant))
+                for method in ["oracle", *BASELINES]:
                     key = f"{held}/s{seed}/{fraction:g}/{method}"
-                    if key in finished:
-                        continue
-                    start = time.perf_counter()
-                    if method == "oracle":
-                        report = oracle_cell(art, fraction, base)
-                    else:
-                        name = "onp" if method in variants else method
-                        params = {"defense_fraction": fraction}
-                        if name == "onp":
-                            params["agent"] = str(agents[method])
-                        if name == "anp":
-                            params["parallel"] = True  # bit-identical masks, 1.42x (benchmarks/results/anp_speed.md)
-                        out = args.runs / "defenses" / key
-                        if out.exists():  # a cell killed after writing its folder: redo it
-                            shutil.rmtree(out)
-                        _, report = defend_artifact(art, name, params, out)
-                        report["units"] = load_artifact(out).manifest["defense"]["pruned_units"]
-                    row = {"key": key, "attack": held, "seed": seed, "fraction": fraction, "method": method,
-                           **{k: report[k] for k in KEPT},
-                           "wall_seconds": round(time.perf_counter() - start, 2), "host": platform.node(),
-                           "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-                    if method in variants:
-                        row["sequence"] = report["details"].get("sequence")
-                    append(results, row)
-                    finished.add(key)
-                    print(f"{key}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} DER {row['der']:.3f} "
-                          f"pruned {row['pruned']} in {row['seconds']:.1f} s", flush=True)  # fmt: skip
-                    report_md(results, args.results)
+                    if key not in finished:
+                        ready.append((2, len(ready), ("cell", key, paths[hl.name], fraction, method, None)))
+        bar = tqdm(total=sum(t[2][0] == "cell" for t in ready) + sum(map(len, waiting.values())), desc="cells",
+                   disable=args.quiet)  # fmt: skip
+        running: dict[Future, tuple] = {}
+        while ready or running:
+            ready.sort()
+            while ready and len(running) < args.workers:
+                task = ready.pop(0)[2]
+                fn = train_variant if task[0] == "agent" else run_cell
+                running[pool.submit(fn, *task[3:] if task[0] == "agent" else (*task[1:], args.runs))] = task
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task = running.pop(fut)
+                if task[0] == "agent":
+                    _, held, variant, _, out = task
+                    cost(f"agent/{held}/{variant}", fut.result())
+                    for c in waiting.pop((held, variant), []):
+                        ready.append((0, len(ready), ("cell", *c, out / "agent")))
+                    continue
+                row = fut.result()
+                append(results, row)
+                bar.update()
+                bar.write(f"{row['key']}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} DER {row['der']:.3f} "
+                          f"pruned {row['pruned']} in {row['seconds']:.1f} s")  # fmt: skip
+                report_md(results, args.results)
+        bar.close()
 
 
 def _ms(values: list[float], scale: float = 100.0) -> str:
@@ -153,48 +225,99 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+def _row(name: str, sel: list[dict], oracle: dict[int, set]) -> str:
+    hits = [len(oracle[r["seed"]] & set(r["units"])) / len(oracle[r["seed"]]) for r in sel if oracle.get(r["seed"])]
+    lost = [r["before"]["acc"] - r["acc"] for r in sel]
+    return (f"| {name} | {len(sel)} | {_ms([r['acc'] for r in sel])} | {_ms(lost)} | {_ms([r['asr'] for r in sel])} "
+            f"| {_ms([r['ra'] for r in sel])} | {_ms([r['der'] for r in sel])} | {_ms([r['pruned'] for r in sel], 1)} "
+            f"| {_ms(hits)} | {_ms([r['seconds'] for r in sel], 1)} |")  # fmt: skip
+
+
+HEADER = ["| method | n | ACC % | ACC lost | ASR % | RA % | DER % | pruned | oracle units hit % | seconds |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+
+
 def report_md(results: Path, out: Path) -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line]
-    order = ["onp", "oracle", *BASELINES, *ABLATIONS]
+    costs = {r["key"]: r["seconds"] for r in rows if r.get("kind") == "cost"}
+    cells = [r for r in rows if r.get("kind") is None]
+    main, ablation = ["onp", "oracle", *BASELINES], [m for m in ABLATIONS if any(r["method"] == m for r in cells)]
+    oracle = {(r["attack"], r["seed"], r["fraction"]): set(r["units"]) for r in cells if r["method"] == "oracle"}
+
+    def units_of(rs: list[dict]) -> dict[int, set]:
+        return {r["seed"]: oracle.get((r["attack"], r["seed"], r["fraction"]), set()) for r in rs}
+
     lines = [
         "# ONP (learned) against every baseline: leave-one-attack-out on Fashion-MNIST",
         "",
         "Generated by `python benchmarks/onp_vs_baselines.py` from `onp.jsonl` alone. Per held-out attack, the "
-        "agent is trained on small-CNN shadow models of the four other attacks (seeds 1-2) and deployed on held-out "
-        f"models of that attack (seeds {', '.join(map(str, HELD_OUT_SEEDS))}); every baseline runs on the same "
-        "models and defense data. `oracle` knows the trigger (upper reference, not a defense). Mean ± std over "
-        "held-out models, in % (DER in %). Seconds: the defense alone, 1-2 torch threads on a shared 2-core CPU "
+        "agent (configs/agent/fashion-mnist.yaml) is trained on small-CNN shadow models of the four other attacks "
+        f"(seeds 1-2) and deployed on held-out models of that attack (seeds {', '.join(map(str, HELD_OUT_SEEDS))}); "
+        "every baseline runs at its paper's defaults on the same models and defense data. `oracle` knows the "
+        "trigger (upper reference, not a defense). Mean ± std over cells, in %; ACC lost in points. Seconds: the "
+        "defense alone, one torch thread per worker, two workers on a shared 2-core CPU "
         f"({platform.machine()}, torch {torch.__version__}).",
         "",
-        "| attack | defense data | method | n | ACC % | ASR % | RA % | DER % | pruned | oracle units hit % | seconds |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["attack"], r["fraction"]), []).append(r)
-    for (attack, fraction), rs in groups.items():
-        before = [r["before"] for r in rs if r["method"] == "oracle"] or [rs[0]["before"]]
-        lines.append(f"| **{attack}** | {fraction:.0%} | *before* | {len(before)} | {_ms([b['acc'] for b in before])} "
-                     f"| {_ms([b['asr'] for b in before])} | {_ms([b['ra'] for b in before])} | | | | |")  # fmt: skip
-        oracle = {r["seed"]: set(r["units"]) for r in rs if r["method"] == "oracle"}
-        best = max((statistics.mean([r["der"] for r in rs if r["method"] == m]), m) for m in {r["method"] for r in rs}
-                   if m != "oracle")  # fmt: skip
-        for m in sorted({r["method"] for r in rs}, key=lambda m: order.index(m) if m in order else 99):
-            sel = [r for r in rs if r["method"] == m]
-            name = f"**{m}**" if m == best[1] else m
-            hits = [len(oracle[r["seed"]] & set(r["units"])) / len(oracle[r["seed"]]) for r in sel
-                    if oracle.get(r["seed"])]  # fmt: skip
-            lines.append(
-                f"| | | {name} | {len(sel)} | {_ms([r['acc'] for r in sel])} | {_ms([r['asr'] for r in sel])} "
-                f"| {_ms([r['ra'] for r in sel])} | {_ms([r['der'] for r in sel])} "
-                f"| {_ms([r['pruned'] for r in sel], 1)} | {_ms(hits)} | {_ms([r['seconds'] for r in sel], 1)} |"
-            )
+    for fraction in sorted({r["fraction"] for r in cells}):
+        at = [r for r in cells if r["fraction"] == fraction]
+        attacks = list(dict.fromkeys(r["attack"] for r in at))
+        lines += [f"## All held-out attacks, {fraction:.0%} defense data ({', '.join(attacks)})", "", *HEADER]
+        for m in main:
+            sel = [r for r in at if r["method"] == m]
+            if sel:
+                lines.append(_row(m, sel, units_of(sel)))
+        anp = {(r["attack"], r["seed"]): r["seconds"] for r in at if r["method"] == "anp"}
+        ratio = [r["seconds"] / anp[r["attack"], r["seed"]] for r in at if r["method"] == "onp"
+                 and anp.get((r["attack"], r["seed"]))]  # fmt: skip
+        if ratio:
+            lines += ["", f"ONP's seconds to defend / ANP's (2000 iterations) on the same model: mean "
+                          f"{statistics.mean(ratio):.3f}, max {max(ratio):.3f} over {len(ratio)} models."]  # fmt: skip
+        lines.append("")
+    lines += ["## Per held-out attack", ""]
+    for attack in dict.fromkeys(r["attack"] for r in cells):
+        for fraction in sorted({r["fraction"] for r in cells if r["attack"] == attack}):
+            rs = [r for r in cells if r["attack"] == attack and r["fraction"] == fraction]
+            before = [r["before"] for r in rs if r["method"] == "oracle"] or [rs[0]["before"]]
+            lines += [f"### {attack}, {fraction:.0%} defense data", "",
+                      f"Before: ACC {_ms([b['acc'] for b in before])}, ASR {_ms([b['asr'] for b in before])}, "
+                      f"RA {_ms([b['ra'] for b in before])} ({len(before)} models).", "", *HEADER]  # fmt: skip
+            ders = {m: statistics.mean([r["der"] for r in rs if r["method"] == m]) for m in main
+                    if m != "oracle" and any(r["method"] == m for r in rs)}  # fmt: skip
+            best = max(ders, key=ders.__getitem__) if ders else None
+            for m in main + ablation:
+                sel = [r for r in rs if r["method"] == m]
+                if sel:
+                    lines.append(_row(f"**{m}**" if m == best else m, sel, units_of(sel)))
+            lines.append("")
     lines += [
-        "",
-        "Bold: best mean DER of the defenses in that group (oracle excluded). Oracle's units hit: share of "
-        "the units the oracle expert pruned on the same model that the method also pruned.",
+        "Bold: best mean DER of the defenses (oracle and ablations excluded). Oracle units hit: share of the "
+        "units the oracle expert pruned on the same model and data that the method also pruned. Ablation rows "
+        "(held-out attack of the first fold, largest fraction) name what they change against `onp`: "
+        + "; ".join(f"`{k}` = {' '.join(v)}" for k, v in ABLATIONS.items())
+        + ".",
         "",
     ]
+    if costs:
+        model = sum(v for k, v in costs.items() if k.startswith("cost/model/"))
+        agent = sum(v for k, v in costs.items() if k.startswith("cost/agent/"))
+        cell = sum(r["wall_seconds"] for r in cells)
+        n_models = sum(k.startswith("cost/model/") for k in costs)
+        n_agents = sum(k.startswith("cost/agent/") for k in costs)
+        lines += [
+            "## What it cost",
+            "",
+            "| part | count | worker-hours |",
+            "|---|---:|---:|",
+            f"| models (shadow and held-out) | {n_models} | {model / 3600:.2f} |",
+            f"| agents (protocol and ablations) | {n_agents} | {agent / 3600:.2f} |",
+            f"| cells (every method on every model) | {len(cells)} | {cell / 3600:.2f} |",
+            f"| **total** | | **{(model + agent + cell) / 3600:.2f}** |",
+            "",
+            "Worker-hours are summed over the worker processes (one torch thread each); with two workers on the "
+            "2-core machine the wall-clock time is about half the total.",
+            "",
+        ]
     write_text_atomic(out, "\n".join(lines))
 
 
@@ -204,7 +327,8 @@ def main() -> None:
     p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.05])
     p.add_argument("--models", type=int, default=3, help="held-out models per attack")
     p.add_argument("--ablations", action="store_true", help="also train and deploy the ablation variants")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="worker processes (workers x threads <= cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true", help="regenerate onp.md from onp.jsonl")
     p.add_argument("--runs", type=Path, default=HERE / "runs" / "onp")
