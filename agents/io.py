@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import onp_env
 from agents.config import check_policy
 from agents.gnn import GraphPolicyNet, PolicyConfig
 from agents.policy import build_net
-from onp_env.artifacts import sha256_file
+from onp_env.artifacts import check_weights_fit, read_json, regular_file, sha256_file
 from onp_env.config import from_dict, to_dict
 from onp_env.env import GLOBALS, EnvConfig
 from onp_env.env.signals import check_feature_sets, feature_names
@@ -79,23 +78,12 @@ def save_agent(dest: Path, net: GraphPolicyNet, policy: PolicyConfig, env: EnvCo
     return dest
 
 
-def _regular_file(path: Path, what: str) -> Path:
-    if path.is_symlink() or not path.is_file():
-        raise OnpError(f"{path} is missing or not a regular file: {what}")
-    return path
-
-
 def load_agent(path: str | Path) -> Agent:
     root = Path(path)
     if not root.is_dir():
         raise OnpError(f"agent {root} not found: train one with `onp train-agent --config configs/agent/digits.yaml`")
-    cfg_file = _regular_file(root / CONFIG, "not an agent directory (train one with `onp train-agent`)")
-    if cfg_file.stat().st_size > MAX_JSON_BYTES:
-        raise OnpError(f"{cfg_file} is larger than {MAX_JSON_BYTES} bytes: not an agent config")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OnpError(f"{cfg_file} is not valid JSON ({e}): the agent is corrupt; retrain or re-download it") from e
+    cfg_file = root / CONFIG
+    meta = read_json(cfg_file, MAX_JSON_BYTES, "not an agent directory (train one with `onp train-agent`)")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise OnpError(f"{root} is not an {FORMAT} v{FORMAT_VERSION} directory: retrain it with this onp-env")
     for key, kind in (("policy", dict), ("env", dict), ("feature_names", list), ("globals", list),
@@ -112,20 +100,12 @@ def load_agent(path: str | Path) -> Agent:
             f"{root}: the agent's observation features {meta['feature_names']} do not match this onp-env's "
             f"{expected}: retrain the agent with this version"
         )
-    weights = _regular_file(root / WEIGHTS, "the agent is incomplete; retrain it")
+    weights = regular_file(root / WEIGHTS, "the agent is incomplete; retrain it")
     if sha256_file(weights) != meta["sha256"]:
         raise OnpError(f"{weights} does not match the SHA-256 in {CONFIG}: the agent is corrupt or was edited")
     with torch.device("meta"):
         skeleton = _net(policy, env)
-    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    try:
-        with safe_open(str(weights), "pt") as f:
-            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as e:
-        raise OnpError(f"{weights} is not a readable safetensors file ({e}): the agent is corrupt") from e
-    if have != want:
-        diff = sorted(set(have.items()) ^ set(want.items()))[:2]
-        raise OnpError(f"{weights} does not fit the policy described in {CONFIG} (e.g. {diff}): the agent is corrupt")
+    check_weights_fit(weights, skeleton, f"the policy described in {CONFIG}")
     net = _net(policy, env)
     state = load_file(str(weights))
     if not all(torch.isfinite(v).all() for v in state.values()):

@@ -32,20 +32,25 @@ from tqdm.auto import tqdm
 
 from baselines.common import Defense, top_units
 from baselines.masked_training import unit_hooks
+from onp_env.config import bounded
 from onp_env.graph.units import UnitLayout
 
 
 @dataclass
 class ANPParams:
-    eps: float = 0.4
-    alpha: float = 0.2
-    anp_steps: int = 1
-    iterations: int = 2000
-    batch_size: int = 128
-    lr: float = 0.2
-    momentum: float = 0.9
-    threshold: float = 0.2
+    eps: float = bounded(0.4, ge=0)
+    """Perturbation budget: d and x are drawn from [-eps, eps] (0: no perturbation)."""
+    alpha: float = bounded(0.2, ge=0, le=1)
+    """Weight of the clean loss; 1 - alpha weighs the perturbed one."""
+    anp_steps: int = bounded(1, ge=1)
+    iterations: int = bounded(2000, ge=1)
+    batch_size: int = bounded(128, ge=1)
+    lr: float = bounded(0.2, gt=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    threshold: float = bounded(0.2, ge=0, le=1)
+    """Units whose mask (in [0, 1]) ends below this are pruned."""
     progress: bool = False
+    """A progress bar of the iterations on stderr."""
     parallel: bool = False
     """Run the clean half of each mask step in a second thread (same numbers, bit for bit; faster
     with two cores; see benchmarks/results/anp_speed.md)."""

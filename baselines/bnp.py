@@ -21,7 +21,7 @@ from torch import nn
 
 from baselines.common import Defense, top_units
 from onp_env.attacks import PoisonedSet
-from onp_env.config import TrainConfig
+from onp_env.config import TrainConfig, bounded
 from onp_env.graph.features import activation_stats
 from onp_env.graph.units import UnitLayout
 from onp_env.training import train
@@ -29,14 +29,17 @@ from onp_env.training import train
 
 @dataclass
 class BNPParams:
-    ratio: float = 0.05
+    ratio: float = bounded(0.05, ge=0, le=1)
     """Share of all units marked bad."""
-    epochs: int = 10
-    lr: float = 0.01
-    reg: float = 0.05
+    epochs: int = bounded(10, ge=1)
+    lr: float = bounded(0.01, gt=0)
+    reg: float = bounded(0.05, ge=0)
     """Adaptive-regularisation strength."""
-    rms_decay: float = 0.9
-    batch_size: int = 64
+    rms_decay: float = bounded(0.9, ge=0, lt=1)
+    """Decay of the running root-mean-square of each marked parameter."""
+    batch_size: int = bounded(64, ge=1)
+    progress: bool = False
+    """A progress bar of the fine-tuning on stderr."""
 
 
 class BNP(Defense):
@@ -69,6 +72,6 @@ class BNP(Defense):
                     param[rows] -= lr * p.reg * param[rows] / (ms.sqrt() + 1e-8)
 
         cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, threads=torch.get_num_threads())
-        train(tuned, PoisonedSet(x, y), cfg, self.seed, desc="bnp: adaptive regularisation", progress=False,
+        train(tuned, PoisonedSet(x, y), cfg, self.seed, desc="bnp: adaptive regularisation", progress=p.progress,
               after_step=shrink)  # fmt: skip
         return tuned

@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from baselines.common import Defense, top_units
+from onp_env.config import bounded
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 
 
 @dataclass
 class CLPParams:
-    u: float = 3.0
-    """Threshold in standard deviations above the layer mean."""
+    u: float = bounded(3.0, ge=0)
+    """Threshold in standard deviations above the layer mean (below 0 it would prune most of every
+    layer)."""
 
 
 class CLP(Defense):

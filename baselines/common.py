@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from onp_env.config import from_dict
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
@@ -45,12 +46,8 @@ class Defense(ABC):
     Params: ClassVar[type]
 
     def __init__(self, semantics: str = "zero", seed: int = 0, **params: Any):
-        fields = {f.name for f in dataclasses.fields(self.Params)}
-        unknown = sorted(set(params) - fields)
-        if unknown:
-            valid = ", ".join(sorted(fields))
-            raise OnpError(f"unknown parameter(s) {', '.join(unknown)} for {self.name}: valid are {valid}")
-        self.params = self.Params(**params)
+        # typed and range-checked against the Params dataclass (onp_env.config.bounded), one place for all
+        self.params: Any = from_dict(self.Params, params, f"{self.name} parameters")
         self.semantics, self.seed = semantics, seed
         self.extra: dict[str, Any] = {}
         """What a method measured on its way (e.g. whether unlearning reached its threshold)."""

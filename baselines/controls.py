@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from baselines.common import Defense, top_units
+from onp_env.config import bounded
 from onp_env.graph.units import UnitLayout
 
 
 @dataclass
 class RatioParams:
-    ratio: float = 0.05
+    ratio: float = bounded(0.05, ge=0, le=1)
     """Share of all units to prune."""
 
 

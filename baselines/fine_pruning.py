@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from baselines.common import Defense, top_units
 from onp_env.attacks import PoisonedSet
-from onp_env.config import TrainConfig
+from onp_env.config import TrainConfig, bounded
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.errors import OnpError
 from onp_env.graph.features import activation_stats
@@ -32,11 +33,13 @@ from onp_env.training import train
 
 @dataclass
 class FinePruningParams:
-    max_acc_drop: float = 0.05
+    max_acc_drop: float = bounded(0.05, ge=0, le=1)
     """Stop before defense-set accuracy falls more than this below the unpruned model's."""
-    finetune_epochs: int = 10
-    lr: float = 0.01
-    batch_size: int = 64
+    finetune_epochs: int = bounded(10, ge=1)
+    lr: float = bounded(0.01, gt=0)
+    batch_size: int = bounded(64, ge=1)
+    progress: bool = False
+    """Progress bars of the pruning sweep and the fine-tuning on stderr."""
 
 
 def last_conv_layer(model: nn.Module, layout: UnitLayout) -> str:
@@ -68,12 +71,13 @@ class FinePruning(Defense):
             ev = Evaluator(gm, x, [name])
             base = (ev.logits().argmax(1) == y).float().mean().item()
             chosen: list[int] = []
-            for u in order[:-1]:  # never the whole layer
-                masks.prune([u])
-                acc = (ev.logits([name]).argmax(1) == y).float().mean().item()
-                if base - acc > self.params.max_acc_drop:
-                    break
-                chosen.append(u)
+            with tqdm(order[:-1], desc="fp: pruning", disable=not self.params.progress, leave=False) as sweep:
+                for u in sweep:  # never the whole layer
+                    masks.prune([u])
+                    acc = (ev.logits([name]).argmax(1) == y).float().mean().item()
+                    if base - acc > self.params.max_acc_drop:
+                        break
+                    chosen.append(u)
         return chosen
 
     def finetune(self, original, pruned_model, layout, pruned, x, y) -> nn.Module:
@@ -82,5 +86,5 @@ class FinePruning(Defense):
         cfg = TrainConfig(epochs=p.finetune_epochs, batch_size=p.batch_size, lr=p.lr, threads=torch.get_num_threads())
         with Masks(tuned, layout, self.semantics) as masks:
             masks.prune(pruned)
-            train(tuned, PoisonedSet(x, y), cfg, self.seed, desc="fine-pruning: fine-tune", progress=False)
+            train(tuned, PoisonedSet(x, y), cfg, self.seed, desc="fp: fine-tuning", progress=p.progress)
             return masks.export()

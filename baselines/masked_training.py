@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import split_output
@@ -57,15 +58,19 @@ def train_masks(
     momentum: float,
     batch_size: int,
     seed: int,
+    progress: bool = False,
+    desc: str = "masks",
 ) -> torch.Tensor:
     """Minimise loss_fn(logits, labels, mask) over the masks only (weights frozen, BatchNorm in
     train mode as in the released mask-learning code), SGD with momentum, masks clamped to [0, 1]
-    after every step. Returns the final masks."""
+    after every step. Returns the final masks. `progress`: a bar of the steps on stderr."""
     for p in model.parameters():
         p.requires_grad_(False)
     model.train()
     g = torch.Generator().manual_seed(seed)
-    with learnable_masks(model, layout) as mask:
+    steps = epochs * -(-len(x) // batch_size)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    with bar, learnable_masks(model, layout) as mask:
         opt = torch.optim.SGD([mask], lr=lr, momentum=momentum)
         for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=g).split(batch_size):
@@ -75,5 +80,6 @@ def train_masks(
                 opt.step()
                 with torch.no_grad():
                     mask.clamp_(0, 1)
+                bar.update()
         model.eval()
         return mask.detach().clone()

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from baselines.common import Defense, top_units
 from baselines.masked_training import train_masks
+from onp_env.config import bounded
 from onp_env.env.scores import unlearn
 from onp_env.graph.features import activation_stats
 from onp_env.graph.units import UnitLayout
@@ -37,17 +39,22 @@ from onp_env.graph.units import UnitLayout
 
 @dataclass
 class MNPParams:
-    mu: float = 5e-4
+    mu: float = bounded(5e-4, ge=0)
     """L2 penalty of the clean suppression."""
-    suppress_lr: float = 0.01
-    suppress_epochs: int = 20
-    clean_threshold: float = 0.2
-    batch_size: int = 128
-    lam: float = 1.0
+    suppress_lr: float = bounded(0.01, gt=0)
+    suppress_epochs: int = bounded(20, ge=1)
+    """Most epochs of clean suppression (it stops earlier at clean_threshold)."""
+    clean_threshold: float = bounded(0.2, ge=0, le=1)
+    """Suppression stops once the defense accuracy is at most this."""
+    batch_size: int = bounded(128, ge=1)
+    lam: float = bounded(1.0, ge=0)
     """Strength of the magnitude penalty on the masks."""
-    mask_lr: float = 0.2
-    mask_epochs: int = 20
-    threshold: float = 0.2
+    mask_lr: float = bounded(0.2, gt=0)
+    mask_epochs: int = bounded(20, ge=1)
+    threshold: float = bounded(0.2, ge=0, le=1)
+    """Units whose mask (in [0, 1]) ends below this are pruned."""
+    progress: bool = False
+    """Progress bars of suppression and mask learning on stderr."""
 
 
 def unit_magnitudes(model: nn.Module, layout: UnitLayout) -> torch.Tensor:
@@ -93,14 +100,17 @@ class MNP(Defense):
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params
         self.extra["magnitude_saliency_correlation"] = magnitude_saliency_correlation(model, layout, x, y)
-        exposed, self.extra["suppression"] = self.suppress(model, x, y)
+        # unlearn reports nothing while it runs: a one-step bar at least names the step
+        with tqdm(total=1, desc="mnp: suppressing", disable=not p.progress, leave=False) as bar:
+            exposed, self.extra["suppression"] = self.suppress(model, x, y)
+            bar.update()
         mag = unit_magnitudes(exposed, layout)
 
         def loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits, labels) + p.lam * (mask * mag).mean()
 
         masks = train_masks(copy.deepcopy(model), layout, x, y, loss, p.mask_epochs, p.mask_lr, 0.9,
-                            p.batch_size, self.seed)  # fmt: skip
+                            p.batch_size, self.seed, p.progress, "mnp: learning masks")  # fmt: skip
         return 1 - masks
 
     def select(self, scores, model, layout, x, y) -> list[int]:

@@ -22,23 +22,31 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from baselines.common import Defense, top_units
 from baselines.masked_training import train_masks
+from onp_env.config import bounded
 from onp_env.env.scores import unlearn
 from onp_env.graph.units import UnitLayout
 
 
 @dataclass
 class RNPParams:
-    unlearn_lr: float = 0.01
-    unlearn_epochs: int = 20
-    clean_threshold: float = 0.2
-    batch_size: int = 128
-    recover_lr: float = 0.2
-    recover_epochs: int = 20
-    alpha: float = 0.2
-    threshold: float = 0.2
+    unlearn_lr: float = bounded(0.01, gt=0)
+    unlearn_epochs: int = bounded(20, ge=1)
+    """Most epochs of unlearning (it stops earlier at clean_threshold)."""
+    clean_threshold: float = bounded(0.2, ge=0, le=1)
+    """Unlearning stops once the defense accuracy is at most this."""
+    batch_size: int = bounded(128, ge=1)
+    recover_lr: float = bounded(0.2, gt=0)
+    recover_epochs: int = bounded(20, ge=1)
+    alpha: float = bounded(0.2, gt=0)
+    """Weight of the clean cross-entropy in the recovery loss (0 would leave every mask at 1)."""
+    threshold: float = bounded(0.2, ge=0, le=1)
+    """Units whose recovered mask (in [0, 1]) ends below this are pruned."""
+    progress: bool = False
+    """Progress bars of unlearning and recovery on stderr."""
 
 
 class RNP(Defense):
@@ -47,13 +55,16 @@ class RNP(Defense):
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params
-        twin, report = unlearn(model, x, y, lr=p.unlearn_lr, batch_size=p.batch_size, max_epochs=p.unlearn_epochs,
-                               clean_threshold=p.clean_threshold, seed=self.seed)  # fmt: skip
+        # unlearn reports nothing while it runs: a one-step bar at least names the step
+        with tqdm(total=1, desc="rnp: unlearning", disable=not p.progress, leave=False) as bar:
+            twin, report = unlearn(model, x, y, lr=p.unlearn_lr, batch_size=p.batch_size, max_epochs=p.unlearn_epochs,
+                                   clean_threshold=p.clean_threshold, seed=self.seed)  # fmt: skip
+            bar.update()
         self.extra["unlearning"] = report
         masks = train_masks(
             copy.deepcopy(twin), layout, x, y,
             lambda logits, labels, m: p.alpha * F.cross_entropy(logits, labels),
-            p.recover_epochs, p.recover_lr, 0.9, p.batch_size, self.seed,
+            p.recover_epochs, p.recover_lr, 0.9, p.batch_size, self.seed, p.progress, "rnp: recovering masks",
         )  # fmt: skip
         return 1 - masks
 

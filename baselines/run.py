@@ -1,13 +1,21 @@
 """A defense applied to an artifact: the pruned model in the artifact format, and report.json.
 
 Only the artifact's defense set is given to the defense; the test split and the trigger are used
-afterwards, to report ACC / ASR / RA / DER."""
+afterwards, to report ACC / ASR / RA / DER.
+
+Everything a run is given (method, its parameters, the run keys, the output folder) is checked
+before the defense starts, and the output folder appears whole or not at all: it is built in a
+hidden sibling folder and renamed into place."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,15 +23,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from baselines import build_defense
+from baselines.common import Defense, DefenseResult
 from onp_env.artifacts import Artifact, load_artifact, write_artifact, write_text_atomic
+from onp_env.config import bounded, from_dict
 from onp_env.data import defense_split
 from onp_env.errors import OnpError
+from onp_env.masking import SEMANTICS
 from onp_env.metrics import der, evaluate
 from onp_env.registry import defense_class
 from onp_env.zoo import cache_dir
 
-RUN_KEYS = ("defense_fraction", "semantics", "seed")
+
+@dataclass
+class RunParams:
+    """The keys of a defense run that are not the method's own parameters."""
+
+    defense_fraction: float | None = bounded(None, gt=0, lt=1)
+    """Share of the training split given to the defense, at most the artifact's defense set (its
+    split.fraction); None: the whole defense set."""
+    semantics: str = "zero"
+    """How a pruned unit is removed: zero (its whole output) or gamma (only the BatchNorm weight)."""
+    seed: int = bounded(0, ge=0, lt=2**63)
+    """Seed of the defense and of the defense_fraction subset."""
+
+
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunParams))
 
 
 def defense_subset(art: Artifact, fraction: float | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,18 +75,31 @@ def _measure(model: nn.Module, art: Artifact, before: dict[str, Any]) -> dict[st
     return m
 
 
-def defend_artifact(path: str | Path, method: str, overrides: dict[str, Any] | None = None,
-                    out: str | Path | None = None, progress: bool = False) -> tuple[Path, dict[str, Any]]:  # fmt: skip
-    """Run `method` on the artifact at `path`; returns (output directory, report). `progress` shows
-    a progress bar for methods with a long optimisation loop (on stderr)."""
-    art = load_artifact(path)
-    overrides = dict(overrides or {})
-    has_bar = "progress" in {f.name for f in dataclasses.fields(defense_class(method).Params)}
-    if progress and has_bar:
-        overrides.setdefault("progress", True)
-    run = {k: overrides.pop(k) for k in RUN_KEYS if k in overrides}
-    x, y = defense_subset(art, run.get("defense_fraction"), run.get("seed", 0))
-    defense = build_defense(method, semantics=run.get("semantics", "zero"), seed=run.get("seed", 0), **overrides)
+def _check_output(out: Path) -> None:
+    """Refuse an output folder that exists or cannot be a folder, before any work is done."""
+    if out.exists() or out.is_symlink():
+        raise OnpError(f"{out} already exists: pass another --out or remove it")
+    for parent in out.parents:  # the nearest existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise OnpError(f"cannot write {out}: {parent} is a file, not a folder; pass another --out")
+            return
+
+
+def _staging_folder(out: Path) -> Path:
+    """A fresh hidden folder beside `out` (same file system, so the final rename is atomic); making
+    it is also the test that `out` can be written at all. A run killed outright leaves only this
+    folder behind, under another name than `out`, so it never blocks the next run."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise OnpError(f"cannot write {out}: {e.strerror or e}; pass another --out") from e
+
+
+def _run(defense: Defense, method: str, art: Artifact, x: torch.Tensor,
+         y: torch.Tensor) -> tuple[DefenseResult, dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The defense and its measurements: (result, report, manifest of the pruned model)."""
     start = time.perf_counter()
     result = defense.run(art.model, x, y)
     seconds = time.perf_counter() - start
@@ -74,18 +111,52 @@ def defend_artifact(path: str | Path, method: str, overrides: dict[str, Any] | N
     }  # fmt: skip
     if result.finetuned is not None:
         report["finetuned"] = _measure(result.finetuned, art, before)
-    out = Path(out) if out is not None else cache_dir().parent / "defenses" / art.path.name / method
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        raise OnpError(f"{out} already exists: pass another --out or remove it")
     manifest = {**art.manifest, "name": f"{art.manifest['name']}-{method}",
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "metrics": {k: after[k] for k in ("acc", "asr", "ra")},
                 "defense": {"method": method, "source": art.manifest["fingerprint"], "pruned_units": result.pruned,
                             "masks": result.masks, "details": result.details}}  # fmt: skip
-    write_artifact(out, result.model, manifest)
+    return result, report, manifest
+
+
+def _write(folder: Path, result: DefenseResult, report: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """The output folder: the pruned model as an artifact, finetuned/ (if any) and report.json."""
+    write_artifact(folder, result.model, manifest)
     if result.finetuned is not None:
-        write_artifact(out / "finetuned", result.finetuned, {**manifest, "metrics": {
+        write_artifact(folder / "finetuned", result.finetuned, {**manifest, "metrics": {
             k: report["finetuned"][k] for k in ("acc", "asr", "ra")}})  # fmt: skip
-    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(folder / "report.json", json.dumps(report, indent=1))
+
+
+def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[str, Any] | None = None,
+                    out: str | Path | None = None, progress: bool = False) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    """Run `method` on the artifact at `path` (or an already loaded Artifact); returns (output
+    directory, report). `overrides` holds the method's parameters and the run keys (RunParams);
+    `progress` shows progress bars (on stderr) for methods with long steps.
+
+    Everything is checked before the defense runs, and `out` is written whole or not at all."""
+    cls = defense_class(method)
+    if out is not None:
+        _check_output(Path(out))
+    overrides = dict(overrides or {})
+    run = from_dict(RunParams, {k: overrides.pop(k) for k in RUN_KEYS if k in overrides}, f"{method} run")
+    if run.semantics not in SEMANTICS:
+        raise OnpError(f"{method} run.semantics must be one of {', '.join(SEMANTICS)}, got {run.semantics!r}")
+    if progress and "progress" in {f.name for f in dataclasses.fields(cls.Params)}:
+        overrides.setdefault("progress", True)
+    defense = cls(semantics=run.semantics, seed=run.seed, **overrides)  # checks its parameters' types and ranges
+    art = path if isinstance(path, Artifact) else load_artifact(path)
+    x, y = defense_subset(art, run.defense_fraction, run.seed)
+    out = Path(out) if out is not None else cache_dir().parent / "defenses" / art.path.name / method
+    _check_output(out)
+    staging = _staging_folder(out)
+    try:
+        result, report, manifest = _run(defense, method, art, x, y)
+        folder = staging / "out"  # built whole here, then renamed into place in one step
+        _write(folder, result, report, manifest)
+        if out.exists():  # made by someone else while the defense ran: never replace it
+            raise OnpError(f"{out} already exists: pass another --out or remove it")
+        os.rename(folder, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out, report

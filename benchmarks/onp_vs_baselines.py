@@ -113,9 +113,8 @@ def train_variant(sets: list[str], out: Path) -> float:
 def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path | None, runs: Path) -> dict:
     """One method on one held-out model with one defense-data fraction: the cell's JSON row."""
     start = time.perf_counter()
-    art = load_artifact(art_path)
     if method == "oracle":
-        report = oracle_cell(art, fraction, load_agent_config(str(CONFIG), []))
+        report = oracle_cell(Path(art_path), fraction, load_agent_config(str(CONFIG), []))
     else:
         name = "onp" if agent is not None else method
         params: dict = {"defense_fraction": fraction}
@@ -126,7 +125,7 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
         out = runs / "defenses" / key
         if out.exists():  # a cell killed after writing its folder: redo it
             shutil.rmtree(out)
-        _, report = defend_artifact(art, name, params, out)
+        _, report = defend_artifact(art_path, name, params, out)
         report["units"] = load_artifact(out).manifest["defense"]["pruned_units"]
     attack, seed, _, _ = key.split("/")
     row = {"key": key, "attack": attack, "seed": int(seed[1:]), "fraction": fraction, "method": method,

@@ -16,6 +16,9 @@ from onp_env.zoo import build_artifact  # noqa: E402
 def _register() -> None:
     import gymnasium
 
+    # No max_episode_steps (TimeLimit): the limit depends on the model's unit count, known only once
+    # its artifact is loaded, and on the budget and zoo passed to make(); one fixed number would cut
+    # short the episodes of larger models. The env truncates itself instead (NeuronPruningEnv.step_limit).
     if "onp_env/NeuronPruning-v0" not in gymnasium.registry:
         gymnasium.register(id="onp_env/NeuronPruning-v0", entry_point="onp_env.env.core:NeuronPruningEnv")
 

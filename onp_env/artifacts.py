@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,12 +26,11 @@ from onp_env.attacks import Attack, build_attack
 from onp_env.config import LabConfig, from_dict
 from onp_env.data import Dataset, load_dataset
 from onp_env.errors import OnpError
+from onp_env.manifest import WEIGHTS, check_indices_fit, check_manifest
 from onp_env.models import build_model
 
-FORMAT = "onp-env/artifact"
-FORMAT_VERSION = 1
-WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
+DATA_ROOT_ENV = "ONP_DATA_ROOT"
 
 
 def sha256_file(path: Path) -> str:
@@ -58,7 +57,7 @@ def write_artifact(dest: Path, model: nn.Module, manifest: dict[str, Any]) -> Pa
     try:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
-        manifest = {**manifest, "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)}}
+        manifest = {**manifest, "weights": {"sha256": sha256_file(tmp / WEIGHTS)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         try:
             os.rename(tmp, dest)
@@ -71,20 +70,58 @@ def write_artifact(dest: Path, model: nn.Module, manifest: dict[str, Any]) -> Pa
     return dest
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_PARAMETERS = 500_000_000
+
+
+def regular_file(path: Path, fix: str) -> Path:
+    """`path` if it is a regular file, not a symlink, inside its parent folder; else an OnpError."""
+    if path.is_symlink() or not path.is_file():
+        raise OnpError(f"{path} is missing, a link or not a regular file: {fix}")
+    return path
+
+
+def read_json(path: Path, limit: int, fix: str) -> Any:
+    """A size-capped JSON file (checked before reading): a crafted file cannot exhaust memory."""
+    regular_file(path, fix)
+    if path.stat().st_size > limit:
+        raise OnpError(f"{path} is larger than {limit} bytes: {fix}")
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OnpError(f"{path} is not valid JSON ({e}): {fix}") from e
+
+
+def header_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of every tensor in a safetensors file, from its header alone."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise OnpError(f"{path} is not a readable safetensors file ({e}): the file is corrupt; recreate it") from e
+
+
+def check_weights_fit(path: Path, skeleton: nn.Module, what: str) -> None:
+    """The file's tensors (names, shapes, dtypes) must be exactly those of `skeleton`, a model built
+    on the meta device (no memory): checked before any weight is read or any real model built."""
+    want = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in skeleton.state_dict().items()}
+    have = {k: (s, _DTYPES.get(d, d)) for k, (s, d) in header_shapes(path).items()}
+    if have != want:
+        diff = sorted(set(have.items()) ^ set(want.items()), key=str)[:2]
+        raise OnpError(f"{path} does not fit {what} (e.g. {diff}): the file is corrupt or crafted; recreate it")
+
+
+_DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
+    """The validated manifest of the artifact folder `path` (see onp_env.manifest)."""
     if not path.is_dir():
         raise OnpError(f"artifact {path} not found: create one with `onp attack --config ...`")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise OnpError(f"{path} has no {MANIFEST}: not an artifact (or an interrupted write); recreate it") from None
-    except json.JSONDecodeError as e:
-        raise OnpError(f"{path / MANIFEST} is corrupt ({e.msg}): recreate the artifact with `onp attack`") from e
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise OnpError(
-            f"{path} is not an {FORMAT} v{FORMAT_VERSION} artifact: recreate it with this version of onp-env"
-        )
-    return manifest
+    raw = read_json(path / MANIFEST, MAX_MANIFEST_BYTES, "not an artifact (or an interrupted write); recreate it")
+    check_manifest(raw, str(path / MANIFEST))
+    return raw
 
 
 def build_model_from(manifest: dict[str, Any]) -> nn.Module:
@@ -111,9 +148,16 @@ class Artifact:
         return from_dict(LabConfig, self.manifest["config"], f"{self.path}/{MANIFEST}:config")
 
     def dataset(self, root: str | None = None) -> Dataset:
-        """The dataset it was trained on (`root` overrides the directory recorded at training)."""
+        """The dataset it was trained on, from `root`, else $ONP_DATA_ROOT, else the dataset's built-in
+        location. The directory recorded in the manifest is never followed: it could point anywhere."""
         d = self.manifest["config"]["data"]
-        return load_dataset(d["name"], root or d["root"])
+        root = root or os.environ.get(DATA_ROOT_ENV)
+        if root is None and d["root"] is not None:
+            raise OnpError(
+                f"{self.path} was trained on {d['name']} from a directory of your own, and a manifest's paths are not "
+                f"followed: pass the dataset directory (onp defend --data-root DIR, or {DATA_ROOT_ENV}=DIR)"
+            )
+        return load_dataset(d["name"], root)
 
     @cached_property
     def attack(self) -> Attack | None:
@@ -128,20 +172,29 @@ class Artifact:
     def defense_set(self, root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The clean defense images and labels (never trained on, never poisoned)."""
         ds = self.dataset(root)
-        idx = torch.tensor(self.manifest["split"]["defense_indices"], dtype=torch.long)
+        indices = self.manifest["split"]["defense_indices"]
+        check_indices_fit(indices, len(ds.train_y), f"{self.path / MANIFEST}:split.defense_indices")
+        idx = torch.tensor(indices, dtype=torch.long)
         return ds.train_x[idx], ds.train_y[idx]
 
 
 def load_artifact(path: str | Path) -> Artifact:
+    """Load and verify an artifact; a crafted one is refused (exit 2 from the CLI) before anything
+    is allocated: fixed file names, no links, a schema-checked manifest, the SHA-256, and the
+    weights' shapes from the safetensors header against the architecture built on the meta device."""
     path = Path(path)
     manifest = read_manifest(path)
-    weights = path / manifest["weights"]["file"]
-    if not weights.is_file():
-        raise OnpError(f"{weights} is missing: the artifact is incomplete; recreate it with `onp attack`")
+    weights = regular_file(path / WEIGHTS, "the artifact is incomplete; recreate it with `onp attack`")
     if sha256_file(weights) != manifest["weights"]["sha256"]:
         raise OnpError(
             f"{weights} does not match the SHA-256 in its manifest: the artifact is corrupt or was edited; recreate it"
         )
+    with torch.device("meta"):
+        skeleton = build_model_from(manifest)
+    count = sum(p.numel() for p in skeleton.parameters())
+    if count > MAX_PARAMETERS:
+        raise OnpError(f"{path}: the manifest describes a model of {count:,} parameters (at most {MAX_PARAMETERS:,})")
+    check_weights_fit(weights, skeleton, f"architecture {manifest['model']['name']} of its manifest")
     try:
         state = load_file(str(weights))
     except SafetensorError as e:
@@ -150,10 +203,6 @@ def load_artifact(path: str | Path) -> Artifact:
     if bad:
         raise OnpError(f"{weights} has NaN/inf values in {', '.join(bad[:3])}: the model is broken; retrain it")
     model = build_model_from(manifest)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise OnpError(f"{weights} does not fit architecture {manifest['model']['name']}: {first}") from e
+    model.load_state_dict(state)
     model.eval()
     return Artifact(path, manifest, model)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -74,6 +76,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _defend(args: argparse.Namespace) -> None:
     # The CLI is the one place where the lab meets the baselines; the lab's library never imports them.
     from baselines.run import defend_artifact
+    from onp_env.artifacts import DATA_ROOT_ENV
     from onp_env.config import apply_overrides
 
     overrides = apply_overrides({}, args.set)
@@ -81,7 +84,9 @@ def _defend(args: argparse.Namespace) -> None:
         overrides["agent"] = args.agent
     elif args.method == "onp":
         raise OnpError("--method onp needs --agent DIR (an agent from `onp train-agent`)")
-    out, report = defend_artifact(args.artifact, args.method, overrides, args.out, progress=True)
+    if args.data_root is not None:
+        os.environ[DATA_ROOT_ENV] = args.data_root
+    out, report = defend_artifact(args.artifact, args.method, overrides, args.out, progress=not args.quiet)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -149,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a method parameter (e.g. iterations=500), or defense_fraction / semantics / seed",
     )
     d.add_argument("--out", default=None, help="output directory (default: next to the artifact cache)")
+    d.add_argument("--data-root", default=None,
+                   help="dataset folder for artifacts trained on data of your own (a manifest's paths are not "
+                        "followed; default: $ONP_DATA_ROOT)")  # fmt: skip
     d.add_argument("--json", action="store_true", help="print report.json instead of a summary")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_defend)
 
     t = sub.add_parser("train-agent", help="train a GNN pruning policy on shadow models (MaskablePPO)")
@@ -173,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onp: interrupted (nothing half-written was kept)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader left early (`onp inspect A | head -1`): not an error; silence the flush at exit
+        with contextlib.suppress(OSError, ValueError):  # a stdout without a descriptor (captured in tests)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a process stopped by a closed pipe
     return 0
 
 

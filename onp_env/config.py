@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,28 @@ import yaml
 from onp_env.errors import OnpError
 
 T = TypeVar("T")
+BOUNDS = ("ge", "gt", "le", "lt")
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:  # fmt: skip
+    """A dataclass field with a documented range, checked by from_dict (and so by every loader of
+    configs and parameters): e.g. `lr: float = bounded(0.01, gt=0)`."""
+    bounds = {k: v for k, v in zip(BOUNDS, (ge, gt, le, lt), strict=True) if v is not None}
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def _check_bounds(value: Any, bounds: dict[str, float], where: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if not math.isfinite(value):
+        raise OnpError(f"{where} must be a finite number, got {value!r}")
+    ok = {"ge": value >= bounds.get("ge", value), "gt": "gt" not in bounds or value > bounds["gt"],
+          "le": value <= bounds.get("le", value), "lt": "lt" not in bounds or value < bounds["lt"]}  # fmt: skip
+    if not all(ok.values()):
+        words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        rule = " and ".join(f"{words[k]} {v:g}" for k, v in bounds.items())
+        raise OnpError(f"{where} must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -25,9 +48,9 @@ class DataConfig:
     """Dataset name: digits, fashion-mnist, mnist or cifar10."""
     root: str | None = None
     """Directory of the dataset files, for datasets not bundled (see onp_env.data)."""
-    defense_fraction: float = 0.05
+    defense_fraction: float = bounded(0.05, gt=0, lt=1)
     """Share of each class of the training split held out as the clean defense set."""
-    split_seed: int = 0
+    split_seed: int = bounded(0, ge=0)
     """Seed of the defense split."""
 
 
@@ -43,11 +66,11 @@ class ModelConfig:
 class AttackConfig:
     name: str = "badnets"
     """badnets, blended, wanet, sig or trojannn."""
-    target: int = 0
+    target: int = bounded(0, ge=0)
     """Target label (all-to-one)."""
     mode: str = "all-to-one"
     """all-to-one, or all-to-all (label y -> y + 1 mod classes)."""
-    poison_rate: float = 0.1
+    poison_rate: float = bounded(0.1, gt=0, lt=1)
     """Share of the (non-defense) training images that are poisoned."""
     params: dict[str, Any] = field(default_factory=dict)
     """Trigger parameters of the attack (see its Params dataclass)."""
@@ -55,15 +78,15 @@ class AttackConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.05
+    epochs: int = bounded(30, ge=1, le=100_000)
+    batch_size: int = bounded(64, ge=1, le=1_000_000)
+    lr: float = bounded(0.05, gt=0)
     """Initial SGD learning rate (cosine-annealed to 0)."""
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(5e-4, ge=0)
     augment: str = "none"
     """none, crop (random 2-pixel shift) or crop-flip."""
-    threads: int = 1
+    threads: int = bounded(1, ge=1, le=1024)
     """torch threads while training; part of the result, since float sums depend on it."""
 
 
@@ -73,7 +96,7 @@ class LabConfig:
 
     name: str = "model"
     """Label for the artifact directory; not part of the hash."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     """Seed of weight initialisation, batch order and poisoned-index choice."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -113,6 +136,11 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise OnpError(f"unknown key(s) {', '.join(unknown)} in {where}: valid keys are {', '.join(sorted(names))}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    if missing:
+        raise OnpError(f"{where} lacks required key(s) {', '.join(missing)}")
     kwargs = {}
     for key, value in data.items():
         sub = _dataclass_of(hints[key])
@@ -120,6 +148,9 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
             value = from_dict(sub, value, f"{where}.{key}")
         else:
             _check_type(hints[key], value, f"{where}.{key}")
+            _check_bounds(value, fields[key].metadata.get("bounds", {}), f"{where}.{key}")
+            if hints[key] in (float, float | None) and isinstance(value, int):
+                value = float(value)
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -128,8 +159,14 @@ _SCALARS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), dict: 
 
 
 def _check_type(tp: Any, value: Any, where: str) -> None:
-    """Reject a wrong type (e.g. epochs: "ten"); what is inside a container is its user's to check."""
+    """Reject a wrong type (e.g. epochs: "ten"), and a wrong element of a `list[scalar]`; what is
+    inside a dict is its user's to check."""
     options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for o in options:
+        (elem,) = typing.get_args(o) if typing.get_origin(o) is list and typing.get_args(o) else (None,)
+        if elem in _SCALARS and isinstance(value, list):
+            for i, v in enumerate(value):
+                _check_type(elem, v, f"{where}[{i}]")
     options = tuple(typing.get_origin(o) or o for o in options)
     if value is None and type(None) in options:
         return
@@ -150,6 +187,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise OnpError(f"--set needs key=value, got '{item}'")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise OnpError(f"--set '{item}': the key needs dotted names such as train.epochs")
         node = data
         for p in parts[:-1]:
             if node.get(p) is None:
@@ -157,20 +196,48 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node[p]
             if not isinstance(node, dict):
                 raise OnpError(f"--set {key}: '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw, f"--set {key}")
     return data
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """safe_load without aliases (a few aliased lines can expand into gigabytes: "billion laughs") and
+    without explicit tags (plain data is all a config holds)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed", event.start_mark)
+        if getattr(event, "tag", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "YAML tags (!name) are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Plain YAML data (no tags, no aliases), or a one-line OnpError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())[:200]
+        raise OnpError(f"{where} is not valid YAML ({first}): fix it (tags and aliases are refused)") from e
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise OnpError(f"config file {p} not found: pass a path such as configs/attack/badnets-digits.yaml")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise OnpError(f"{p} is larger than {MAX_CONFIG_BYTES} bytes: not a config file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise OnpError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OnpError(f"{p} is not UTF-8 text: pass a YAML config file") from None
+    data = parse_yaml(text, str(p)) or {}
     if not isinstance(data, dict):
-        raise OnpError(f"{p} must hold a mapping at top level")
+        raise OnpError(f"{p} must hold a mapping at top level, got {type(data).__name__}")
     return data
 
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 import onp_env
-from onp_env.artifacts import FORMAT, FORMAT_VERSION, MANIFEST, load_artifact, write_artifact
+from onp_env.artifacts import MANIFEST, load_artifact, write_artifact
 from onp_env.attacks import PoisonedSet, build_attack, choose_poison
 from onp_env.config import LabConfig, to_dict
 from onp_env.data import defense_split, load_dataset
+from onp_env.errors import OnpError
+from onp_env.manifest import FORMAT, FORMAT_VERSION
 from onp_env.metrics import evaluate
 from onp_env.models import build_model
 from onp_env.training import torch_threads, train
@@ -37,6 +39,10 @@ def find_cached(cfg: LabConfig, out: Path) -> Path | None:
 def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool = True) -> Path:
     """Path of the artifact for `cfg` under `out`, training it first unless it is cached."""
     out = Path(out) if out is not None else cache_dir()
+    try:  # before any training: a bad output folder must not cost minutes to discover
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OnpError(f"cannot use {out} as the artifact folder ({e.strerror}): pass another --out DIR") from e
     cached = find_cached(cfg, out)
     if cached is not None:
         load_artifact(cached)  # verifies the weights hash: a corrupt cache entry is an error

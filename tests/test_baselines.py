@@ -101,7 +101,7 @@ def test_methods_that_need_convolutions_say_so():
     for cls in (CLP, FinePruning):
         with pytest.raises(OnpError, match="needs (Conv2d|a Conv2d)"):
             make(cls).run(mlp, *data())
-    with pytest.raises(OnpError, match="unknown parameter"):
+    with pytest.raises(OnpError, match="unknown key"):
         CLP(k=2)
 
 

@@ -55,7 +55,7 @@ def test_attack_prints_the_artifact_path_and_inspect_shows_metrics(tmp_path, cap
         ),
         (
             ["attack", "--config", str(ROOT / "configs/attack/badnets-digits.yaml"), "--set", "attack.poison_rate=1.2"],
-            r"poisoning rate must be in \(0, 1\)",
+            r"poison_rate must be > 0 and < 1",
         ),
         (
             [

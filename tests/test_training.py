@@ -35,5 +35,5 @@ def test_other_architectures_build_artifacts_that_reload(model, tmp_path):
 def test_bad_training_settings_are_named(tmp_path):
     with pytest.raises(OnpError, match="unknown augment 'rotate'"):
         build_artifact(tiny_config("train.augment=rotate"), tmp_path, progress=False)
-    with pytest.raises(OnpError, match="epochs >= 1"):
+    with pytest.raises(OnpError, match="epochs must be >= 1"):
         build_artifact(tiny_config("train.epochs=0"), tmp_path, progress=False)

@@ -83,10 +83,10 @@ def test_corrupt_or_missing_artifacts_are_clear_errors(copy, tmp_path):
     with pytest.raises(OnpError, match="not found: create one with `onp attack"):
         load_artifact(tmp_path / "absent")
     (copy / MANIFEST).write_text("{not json")
-    with pytest.raises(OnpError, match="manifest.json is corrupt"):
+    with pytest.raises(OnpError, match="manifest.json is not valid JSON"):
         load_artifact(copy)
     (copy / MANIFEST).unlink()
-    with pytest.raises(OnpError, match="has no manifest.json"):
+    with pytest.raises(OnpError, match="manifest.json is missing"):
         load_artifact(copy)
 
 

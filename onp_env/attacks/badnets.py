@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from onp_env.attacks.base import Attack, patch_origin
+from onp_env.config import bounded
 from onp_env.errors import OnpError
 
 PATTERNS = ("checker", "white", "random")
@@ -51,13 +52,13 @@ class Patch(Attack):
 
 @dataclass
 class BadNetsParams:
-    patch_size: int = 3
+    patch_size: int = bounded(3, ge=1)
     """Side of the square patch, in pixels."""
     position: str | list[int] = "bottom-right"
     """Named corner/center or explicit [row, col] of the patch's top-left pixel."""
     pattern: str = "checker"
     """checker, white or random (binary, drawn with pattern_seed)."""
-    pattern_seed: int = 0
+    pattern_seed: int = bounded(0, ge=0)
 
 
 class BadNets(Patch):

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from onp_env.config import from_dict
 from onp_env.errors import OnpError
 
 MODES = ("all-to-one", "all-to-all")
@@ -35,14 +36,8 @@ class Attack(ABC):
         image_shape: tuple[int, int, int],
         num_classes: int,
     ):
-        fields = {f.name for f in dataclasses.fields(self.Params)}
-        unknown = sorted(set(params) - fields)
-        if unknown:
-            raise OnpError(
-                f"unknown parameter(s) {', '.join(unknown)} for attack '{self.name}': "
-                f"valid ones are {', '.join(sorted(fields))}"
-            )
-        self.params = self.Params(**params)
+        # typed and range-checked against the Params dataclass (onp_env.config.bounded)
+        self.params: Any = from_dict(self.Params, params, f"attack '{self.name}' parameters")
         if mode not in MODES:
             raise OnpError(f"unknown target mode '{mode}': choose one of {', '.join(MODES)}")
         if not (isinstance(target, int) and 0 <= target < num_classes):

@@ -12,18 +12,19 @@ from dataclasses import dataclass
 import torch
 
 from onp_env.attacks.base import Attack, check_unit
+from onp_env.config import bounded
 from onp_env.errors import OnpError
 
 
 @dataclass
 class BlendedParams:
-    alpha: float = 0.2
+    alpha: float = bounded(0.2, ge=0, le=1)
     """Blend weight of the pattern during poisoning, in [0, 1]."""
-    test_alpha: float | None = None
+    test_alpha: float | None = bounded(None, ge=0, le=1)
     """Blend weight at test time (default: alpha)."""
     pattern: str = "random"
     """random (uniform noise, drawn with pattern_seed) or checker."""
-    pattern_seed: int = 0
+    pattern_seed: int = bounded(0, ge=0)
 
 
 class Blended(Attack):

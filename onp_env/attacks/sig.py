@@ -15,16 +15,17 @@ from dataclasses import dataclass
 import torch
 
 from onp_env.attacks.base import Attack, check_unit
+from onp_env.config import bounded
 from onp_env.errors import OnpError
 
 
 @dataclass
 class SIGParams:
-    delta: float = 20 / 255
+    delta: float = bounded(20 / 255, gt=0, le=1)
     """Amplitude of the sinusoid during poisoning, in [0, 1] pixel units."""
-    test_delta: float | None = None
+    test_delta: float | None = bounded(None, gt=0, le=1)
     """Amplitude at test time (default: delta)."""
-    frequency: float = 6.0
+    frequency: float = bounded(6.0, gt=0)
     """Periods across the image width."""
 
 

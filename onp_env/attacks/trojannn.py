@@ -20,20 +20,21 @@ import torch
 from torch import nn
 
 from onp_env.attacks.badnets import Patch
+from onp_env.config import bounded
 from onp_env.errors import OnpError
 
 
 @dataclass
 class TrojanNNParams:
-    patch_size: int = 3
+    patch_size: int = bounded(3, ge=1)
     position: str | list[int] = "bottom-right"
     layer: str | None = None
     """Module whose output neurons the trigger excites (default: last hidden Linear layer)."""
-    neurons: int = 1
-    steps: int = 300
-    lr: float = 0.1
-    batch: int = 256
-    seed: int = 0
+    neurons: int = bounded(1, ge=1)
+    steps: int = bounded(300, ge=1, le=1_000_000)
+    lr: float = bounded(0.1, gt=0)
+    batch: int = bounded(256, ge=1, le=1_000_000)
+    seed: int = bounded(0, ge=0)
     pattern: list | None = None
     """The optimised trigger as 0-255 integers shaped (C, size, size); filled by `prepare`."""
 

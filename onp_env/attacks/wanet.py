@@ -15,21 +15,22 @@ import torch
 import torch.nn.functional as F
 
 from onp_env.attacks.base import Attack
+from onp_env.config import bounded
 from onp_env.errors import OnpError
 
 
 @dataclass
 class WaNetParams:
-    k: int = 4
+    k: int = bounded(4, ge=2)
     """Side of the random control grid."""
-    s: float = 0.5
+    s: float = bounded(0.5, gt=0)
     """Warping strength."""
-    grid_rescale: float = 1.0
+    grid_rescale: float = bounded(1.0, gt=0)
     noise: bool = True
     """Noise mode: add cross images (warp + random noise, true label)."""
-    cross_ratio: float = 2.0
+    cross_ratio: float = bounded(2.0, ge=0)
     """Cross images per poisoned image in noise mode."""
-    grid_seed: int = 0
+    grid_seed: int = bounded(0, ge=0)
 
 
 class WaNet(Attack):

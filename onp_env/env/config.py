@@ -1,9 +1,24 @@
-"""Settings of NeuronPruningEnv, in the project's one config schema (see onp_env.config)."""
+"""Settings of NeuronPruningEnv, in the project's one config schema (see onp_env.config).
+
+Ranges are declared on the fields with `bounded`, so every loader (YAML, `--set`, saved agents) checks
+them through from_dict; `EnvConfig.validate` adds the checks a range cannot express (allowed names,
+finite numbers) and is what the environment runs, since Python users build EnvConfig(...) directly."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from onp_env.config import bounded, from_dict
+from onp_env.env.scores import SCORES
+from onp_env.env.signals import check_feature_sets
+from onp_env.errors import OnpError
+from onp_env.masking import SEMANTICS
+
+ACTION_MODES = ("neuron", "layer")
 
 
 @dataclass
@@ -26,26 +41,26 @@ class EnvConfig:
     """Weight of the change in clean defense accuracy."""
     beta: float = 1.0
     """Weight of the drop in backdoor score."""
-    unit_cost: float = 0.001
+    unit_cost: float = bounded(0.001, ge=0)
     """Cost per pruned unit."""
-    invalid_penalty: float = 0.01
+    invalid_penalty: float = bounded(0.01, ge=0)
     """Penalty of an invalid action (padding, already pruned), which is otherwise a no-op."""
-    budget: float = 0.3
+    budget: float = bounded(0.3, gt=0, le=1)
     """Episode ends once this fraction of the model's units is pruned."""
-    max_acc_drop: float = 0.2
+    max_acc_drop: float = bounded(0.2, gt=0, le=1)
     """Episode ends, with drop_penalty, once defense accuracy falls this far below its start."""
-    drop_penalty: float = 1.0
-    max_units: int | None = None
+    drop_penalty: float = bounded(1.0, ge=0)
+    max_units: int | None = bounded(None, ge=1)
     """Padding size of node arrays (default: the largest model of the zoo)."""
-    max_edges: int | None = None
+    max_edges: int | None = bounded(None, ge=1)
     """Padding size of edge arrays (default: the largest graph of the zoo)."""
-    eval_images: int = 512
+    eval_images: int = bounded(512, ge=1)
     """Defense images used for rewards (a seeded subset when the defense set is larger)."""
-    edge_k: int = 8
+    edge_k: int = bounded(8, ge=1)
     """Strongest incoming inter-layer edges kept per node."""
-    tau: float = 0.5
+    tau: float = bounded(0.5, ge=-1, le=1)
     """Cosine-similarity threshold of intra-layer edges."""
-    k_intra: int = 4
+    k_intra: int = bounded(4, ge=1)
     """Most intra-layer edges per node."""
     cache: bool = True
     """Recompute only downstream of the changed layer (False: full re-evaluation, same numbers)."""
@@ -58,3 +73,25 @@ class EnvConfig:
     {anp: {iterations: 500}}."""
     track_asr: bool = True
     """Report ASR on triggered defense images in info when the attack is known (never observed)."""
+
+    @classmethod
+    def load(cls, data: dict[str, Any], where: str = "env config") -> EnvConfig:
+        """Build from a mapping and check every field; OnpError names the field and the fix."""
+        data = dict(data)
+        if isinstance(data.get("artifacts"), list):  # Path objects are fine in Python; the schema holds str
+            data["artifacts"] = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in data["artifacts"]]
+        for key, value in data.items():
+            if isinstance(value, float) and not math.isfinite(value):  # NaN would pass silently into rewards
+                raise OnpError(f"{where}.{key} must be a finite number, got {value!r}")
+        cfg = from_dict(cls, data, where)
+        for key, allowed in (("action_mode", ACTION_MODES), ("semantics", SEMANTICS), ("score", SCORES)):
+            value = getattr(cfg, key)
+            if value not in allowed:
+                raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")
+        check_feature_sets(cfg.features, cfg.signal_params)
+        return cfg
+
+    def validate(self, where: str = "env config") -> EnvConfig:
+        """The same checks as for a loaded config, for one built in Python; returns a normalised copy
+        (ints of float fields become floats)."""
+        return type(self).load(dataclasses.asdict(self), where)

@@ -14,12 +14,19 @@ Nothing in it is derived from the trigger or the test set, whatever the reward's
 
 Reward: alpha * (acc_t - acc_{t-1}) + beta * (score_{t-1} - score_t) - unit_cost * newly pruned,
 minus invalid_penalty for an invalid action and drop_penalty when the accuracy limit ends the
-episode; accuracy and score are measured on the defense set."""
+episode; accuracy and score are measured on the defense set.
+
+Episode end: terminated by STOP, the budget, the accuracy limit or (layer mode) the last layer;
+truncated at the step limit (see `NeuronPruningEnv.step_limit`), which only a policy that keeps
+taking invalid actions reaches. Errors: a malformed action or reset option raises OnpError; stepping
+before reset() or after the episode ended raises gymnasium.error.ResetNeeded, as gymnasium's own
+order-enforcing wrapper does."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +36,23 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.error import ResetNeeded
 from torch import nn
 
 from onp_env.attacks import Attack
-from onp_env.config import from_dict
 from onp_env.env.config import EnvConfig
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.env.scores import ANPScore, UnlearnScore, check_score
-from onp_env.env.signals import DYNAMIC, DynamicStats, check_feature_sets, feature_names, signal_columns
+from onp_env.env.signals import DYNAMIC, DynamicStats, feature_names, signal_columns
 from onp_env.errors import OnpError
 from onp_env.graph.build import EDGE_TYPES, NeuronGraph, build_graph
 from onp_env.graph.features import FEATURES, Z_CLIP
 from onp_env.graph.units import find_units
-from onp_env.masking import SEMANTICS, Masks
+from onp_env.masking import Masks
 
 GLOBALS = ("step_fraction", "pruned_fraction", "accuracy", "accuracy_drop", "budget_left")
+STEP_MARGIN = 16
+"""Invalid actions allowed beyond the budget's units, so that a model of a handful of units still has room."""
 
 
 @dataclass
@@ -151,7 +160,8 @@ class Task:
 
 class NeuronPruningEnv(gym.Env):
     """See the module docstring. `config` (an EnvConfig or a dict) or keyword overrides set it up;
-    `targets` replaces the artifact zoo with user models."""
+    `targets` replaces the artifact zoo with user models; `step_limit` replaces the derived step limit
+    (it is no config field so that configs, and the runs resumed from them, keep their keys)."""
 
     metadata = {"render_modes": []}
 
@@ -159,18 +169,16 @@ class NeuronPruningEnv(gym.Env):
         self,
         config: EnvConfig | dict[str, Any] | None = None,
         targets: list[PruningTarget] | None = None,
+        step_limit: int | None = None,
         **overrides: Any,
     ):
         super().__init__()
         base = dataclasses.asdict(config) if isinstance(config, EnvConfig) else dict(config or {})
-        cfg = from_dict(EnvConfig, {**base, **overrides}, "env config")
-        if cfg.action_mode not in ("neuron", "layer"):
-            raise OnpError(f"unknown action_mode '{cfg.action_mode}': choose neuron or layer")
-        if cfg.semantics not in SEMANTICS:
-            raise OnpError(f"unknown mask semantics '{cfg.semantics}': choose zero or gamma")
-        if not 0 < cfg.budget <= 1 or not 0 < cfg.max_acc_drop <= 1:
-            raise OnpError("budget and max_acc_drop must be in (0, 1]")
-        check_feature_sets(cfg.features, cfg.signal_params)
+        cfg = EnvConfig.load({**base, **overrides})
+        whole = isinstance(step_limit, (int, np.integer)) and not isinstance(step_limit, bool)
+        if step_limit is not None and not (whole and step_limit >= 1):
+            raise OnpError(f"step_limit must be a whole number >= 1, or None to derive it, got {step_limit!r}")
+        self._fixed_step_limit = None if step_limit is None else int(step_limit)
         self.cfg = cfg
         self.feature_names = feature_names(FEATURES, cfg.features)
         if targets is None:
@@ -190,7 +198,8 @@ class NeuronPruningEnv(gym.Env):
         if self.max_edges < max(t.graph.edge_index.shape[1] for t in self.tasks):
             raise OnpError(f"max_edges {self.max_edges} is smaller than a zoo graph's edges: raise it")
         self.max_layer = max(lay.size for t in self.tasks for lay in t.layout.layers)
-        self.max_steps = max(len(t.layout.layers) for t in self.tasks) if cfg.action_mode == "layer" else None
+        # step_fraction's horizon in the observation (trained policies read it: keep its definition)
+        self.layer_horizon = max(len(t.layout.layers) for t in self.tasks) if cfg.action_mode == "layer" else None
         U, E, F = self.max_units, self.max_edges, len(self.feature_names)
         unit = spaces.Box(0.0, 1.0, (U,), np.float32)
         self.observation_space = spaces.Dict({
@@ -208,6 +217,7 @@ class NeuronPruningEnv(gym.Env):
         self.task, self.task_index = self.tasks[0], 0
         self._static = [self._pad(t) for t in self.tasks]
         self._reset_state()
+        self._needs_reset = True  # reset() measures the starting accuracy that step() compares with
 
     # --- helpers -------------------------------------------------------------------------------
     def _pad(self, t: Task) -> dict[str, np.ndarray]:
@@ -228,6 +238,19 @@ class NeuronPruningEnv(gym.Env):
         self.pruned = np.zeros(self.max_units, bool)
         self.steps = 0
         self.layer_step = 0
+        self.step_limit = self._step_limit()
+
+    def _step_limit(self) -> int:
+        """Steps after which the episode is truncated. Neuron mode: 2 * ceil(budget * units) +
+        STEP_MARGIN for the current model, i.e. the most valid steps an episode can take (each prunes
+        at least one unit, and the budget ends it) plus as many invalid ones and a margin; a policy
+        that follows the action mask never reaches it. Layer mode: the model's layer count, where the
+        episode terminates anyway. The constructor's `step_limit` replaces both."""
+        if self._fixed_step_limit is not None:
+            return self._fixed_step_limit
+        if self.cfg.action_mode == "layer":
+            return len(self.task.layout.layers)
+        return 2 * int(np.ceil(self.cfg.budget * self.num_units)) + STEP_MARGIN
 
     @property
     def num_units(self) -> int:
@@ -250,7 +273,7 @@ class NeuronPruningEnv(gym.Env):
         if self.task.dynamic is not None:
             nodes[: self.num_units, -len(DYNAMIC) :] = self.task.dynamic.values.numpy()
         n_pruned = int(self.pruned.sum())
-        horizon = self.max_steps or max(1, int(np.ceil(self.cfg.budget * self.num_units)))
+        horizon = self.layer_horizon or max(1, int(np.ceil(self.cfg.budget * self.num_units)))
         glob = np.array([
             min(self.steps / horizon, 1.0),
             n_pruned / self.num_units,
@@ -286,22 +309,41 @@ class NeuronPruningEnv(gym.Env):
         return info
 
     # --- gymnasium API -------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
-        choice = (options or {}).get("model")
+    def _model_index(self, options: dict[str, Any] | None) -> int | None:
+        """The zoo index that reset's `model` option asks for (a name or an index), None for random."""
+        options = options or {}
+        if not isinstance(options, dict):
+            raise OnpError(f"reset options must be a dict such as {{'model': 0}}, got {type(options).__name__}")
+        unknown = sorted(map(str, set(options) - {"model"}))
+        if unknown:
+            raise OnpError(f"unknown reset option(s) {', '.join(unknown)}: the env takes only 'model'")
+        choice = options.get("model")
         if choice is None:
-            index = int(self.np_random.integers(len(self.tasks)))
-        elif isinstance(choice, str):
+            return None
+        if isinstance(choice, str):
             if choice not in self.names:
                 raise OnpError(f"unknown model '{choice}': the zoo has {', '.join(self.names)}")
-            index = self.names.index(choice)
-        else:
-            index = int(choice)
+            return self.names.index(choice)
+        # bool is an int, and -1 would silently pick the last model: both are refused
+        whole = isinstance(choice, (int, np.integer)) and not isinstance(choice, (bool, np.bool_))
+        if whole and 0 <= choice < len(self.tasks):
+            return int(choice)
+        raise OnpError(
+            f"reset option model={choice!r} is not a model of the zoo: pass a name ({', '.join(self.names)}) "
+            f"or an index in 0..{len(self.tasks) - 1}"
+        )
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        index = self._model_index(options)  # checked first: a bad option leaves the env as it was
+        super().reset(seed=seed)
+        if index is None:
+            index = int(self.np_random.integers(len(self.tasks)))
         self.task, self.task_index = self.tasks[index], index
         self.task.masks.reset()
         self._reset_state()
         self.acc, self.asr, self.score = self.task.measure(None)
         self.acc0 = self.acc
+        self._needs_reset = False
         return self._obs(), self._info()
 
     def _units_for(self, units: list[int]) -> list[int]:
@@ -312,17 +354,52 @@ class NeuronPruningEnv(gym.Env):
             out.extend(self.task.partners.get(u, [u]))
         return sorted(set(out))
 
+    def _neuron_action(self, action: Any) -> int:
+        """The unit index (or max_units: STOP) of a Discrete action; anything else is an OnpError."""
+        a = action.reshape(()) if isinstance(action, np.ndarray) and action.size == 1 else action  # from predict()
+        boolean = isinstance(a, bool) or getattr(a, "dtype", None) in (np.bool_, torch.bool)
+        try:  # anything integral (int, numpy or torch integer scalars); a float or a string is a caller's bug
+            index = -1 if boolean else operator.index(a)
+        except TypeError:
+            index = -1
+        if 0 <= index <= self.max_units:
+            return index
+        raise OnpError(
+            f"neuron-mode action must be an integer in 0..{self.max_units} ({self.max_units} is STOP), got {action!r}"
+        )
+
+    def _layer_action(self, action: Any) -> np.ndarray:
+        """The bits of a MultiBinary action, one per unit of the widest layer; anything else is an OnpError."""
+        a = np.asarray(action)
+        if a.shape != (self.max_layer,) or a.dtype.kind not in "biuf" or not np.isin(a, (0, 1)).all():
+            raise OnpError(
+                f"layer-mode action must be {self.max_layer} bits of 0/1 (one per unit of the widest layer), "
+                f"got shape {a.shape} of dtype {a.dtype}"
+            )
+        return a.astype(bool)
+
+    def _finish(self, obs: dict[str, np.ndarray], reward: float, terminated: bool, info: dict[str, Any]):
+        """The step's result, truncated at the step limit unless the episode ended on its own."""
+        truncated = not terminated and self.steps >= self.step_limit
+        self._needs_reset = terminated or truncated
+        return obs, reward, terminated, truncated, info
+
     def step(self, action: Any):
-        self.steps += 1
+        if self._needs_reset:
+            raise ResetNeeded(
+                "the episode has not started or is over (terminated or truncated): call env.reset() before step()"
+            )
         if self.cfg.action_mode == "neuron":
-            a = int(action)
+            a = self._neuron_action(action)  # checked before counting: a bad action changes nothing
+            self.steps += 1
             if a == self.max_units:
-                return self._obs(), 0.0, True, False, self._info(stopped=True)
-            if not 0 <= a < self.num_units or self.pruned[a]:
-                return self._obs(), -self.cfg.invalid_penalty, False, False, self._info(invalid_action=True)
+                return self._finish(self._obs(), 0.0, True, self._info(stopped=True))
+            if a >= self.num_units or self.pruned[a]:
+                return self._finish(self._obs(), -self.cfg.invalid_penalty, False, self._info(invalid_action=True))
             chosen = [a]
         else:
-            bits = np.asarray(action).astype(bool).flatten()
+            bits = self._layer_action(action)
+            self.steps += 1
             lay = self.task.layout.layers[self.layer_step]
             picked = np.nonzero(bits[: lay.size])[0] + lay.offset
             chosen = [int(u) for u in picked if not self.pruned[u]]
@@ -344,7 +421,7 @@ class NeuronPruningEnv(gym.Env):
             reward -= self.cfg.drop_penalty
         terminated = over_budget or collapsed or done_layers
         info = self._info(units=units, over_budget=over_budget, accuracy_collapsed=collapsed)
-        return self._obs(), float(reward), terminated, False, info
+        return self._finish(self._obs(), float(reward), terminated, info)
 
     def pruning_state(self) -> dict[str, Any]:
         """The current masks as plain data (save with json), for export or later deployment."""

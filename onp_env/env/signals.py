@@ -27,7 +27,8 @@ from onp_env.registry import defense_class
 
 DYNAMIC = ("act_mean_now", "act_std_now")
 SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnp": {"mask_epochs": 5},  # MNP's own 20 epochs: 3x the time, no better ranking (benchmarks/results/signal_cost.md)
+    # MNP's own 20 mask epochs: 3x the time, no better ranking (benchmarks/results/signal_cost.md)
+    "mnp": {"mask_epochs": 5},
     "anp": {"iterations": 200},
     "rnp": {},
 }
