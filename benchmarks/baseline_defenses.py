@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from baselines import DEFENSES
-from baselines.run import defend_artifact
 from onp_env import build_artifact, load_config
 from onp_env.artifacts import write_text_atomic
 from onp_env.config import LabConfig
+from onp_env.defend import defend_artifact
 
 HERE = Path(__file__).resolve().parent
 

@@ -33,10 +33,10 @@ from tqdm import tqdm
 from agents.config import AgentConfig, load_agent_config
 from agents.expert import OracleExpert, run_expert
 from agents.train import train_agent, zoo_configs
-from baselines.run import defend_artifact, defense_subset
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import write_text_atomic
 from onp_env.config import AttackConfig, LabConfig, from_dict
+from onp_env.defend import defend_artifact, defense_subset
 from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.masking import Masks
 from onp_env.metrics import der, evaluate

@@ -1,4 +1,7 @@
-"""The `onp` command line. Every subcommand exits non-zero with a one-line reason on bad input."""
+"""The `onp` command line. Every subcommand exits non-zero with a one-line reason on bad input.
+
+The lab's commands live here; packages above the lab add theirs through the entry points of group
+`onp_env.commands` (onp_env.registry), as the agents package adds `train-agent`."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import sys
 from typing import Any
 
 from onp_env.errors import OnpError
+from onp_env.registry import command_plugins
 
 
 def _attack(args: argparse.Namespace) -> None:
@@ -74,10 +78,9 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _defend(args: argparse.Namespace) -> None:
-    # The CLI is the one place where the lab meets the baselines; the lab's library never imports them.
-    from baselines.run import defend_artifact
     from onp_env.artifacts import DATA_ROOT_ENV
     from onp_env.config import apply_overrides
+    from onp_env.defend import defend_artifact  # finds the method in onp_env.registry
 
     overrides = apply_overrides({}, args.set)
     if args.agent is not None:
@@ -100,15 +103,6 @@ def _defend(args: argparse.Namespace) -> None:
         f = report["finetuned"]
         print(f"  tuned   ACC {_pct(f['acc'])}  ASR {_pct(f['asr'])}  RA {_pct(f['ra'])}  DER {round(f['der'], 4)}")
     print(out)
-
-
-def _train_agent(args: argparse.Namespace) -> None:
-    from agents.config import load_agent_config
-    from agents.train import train_agent
-
-    cfg = load_agent_config(args.config, args.set)
-    out = args.out or f"runs/agents/{cfg.name}"
-    print(train_agent(cfg, out, resume=args.resume, progress=not args.quiet))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,14 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_defend)
 
-    t = sub.add_parser("train-agent", help="train a GNN pruning policy on shadow models (MaskablePPO)")
-    t.add_argument("--config", required=True, help="YAML config, e.g. configs/agent/digits.yaml")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set ppo.total_steps=5000 (repeatable)")  # fmt: skip
-    t.add_argument("--out", default=None, help="run folder (default: runs/agents/NAME)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
-    t.set_defaults(func=_train_agent)
+    for add_command in command_plugins():  # e.g. train-agent, from the agents package
+        add_command(sub)
     return p
 
 

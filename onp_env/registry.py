@@ -11,6 +11,7 @@ every unit from the model and clean defense data; see baselines.common.Defense).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -18,11 +19,18 @@ from typing import Any
 from onp_env.errors import OnpError
 
 GROUP = "onp_env.defenses"
+COMMANDS = "onp_env.commands"
 
 
 @cache
 def _entries() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def command_plugins() -> list[Callable[[Any], None]]:
+    """`add(subparsers)` functions of the `onp` subcommands that other packages declare (group
+    onp_env.commands), each adding its parser with `func` set; sorted by name."""
+    return [ep.load() for ep in sorted(entry_points(group=COMMANDS), key=lambda ep: ep.name)]
 
 
 def defense_names() -> list[str]:

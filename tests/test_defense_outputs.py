@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import baselines.run as run_module
+import onp_env.defend as run_module
 from baselines import DEFENSES
 from baselines.anp import ANP
 from baselines.bnp import BNP
@@ -20,8 +20,8 @@ from baselines.controls import Magnitude, Random
 from baselines.fine_pruning import FinePruning
 from baselines.mnp import MNP
 from baselines.rnp import RNP
-from baselines.run import defend_artifact
 from onp_env import OnpError, load_artifact
+from onp_env.defend import defend_artifact
 
 FAST = {
     "fp": {"finetune_epochs": 1},
@@ -32,7 +32,7 @@ FAST = {
 
 
 def failing(monkeypatch: pytest.MonkeyPatch, name: str, when, exc: BaseException) -> None:
-    """Make baselines.run's `name` (a writer taking the destination first) raise `exc` for the
+    """Make onp_env.defend's `name` (a writer taking the destination first) raise `exc` for the
     destinations where `when(dest)` holds."""
     real = getattr(run_module, name)
 

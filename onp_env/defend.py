@@ -1,5 +1,10 @@
 """A defense applied to an artifact: the pruned model in the artifact format, and report.json.
 
+The defense is any registered one (onp_env.registry: the heuristic baselines, the learned ONP, or a
+user's own), found by name, so that the lab and its CLI never import the packages above them; its
+`run(model, x, y)` returns a result with the pruned `model`, `pruned` units, `masks`, `details` and
+an optional `finetuned` model (baselines.common.DefenseResult).
+
 Only the artifact's defense set is given to the defense; the test split and the trigger are used
 afterwards, to report ACC / ASR / RA / DER.
 
@@ -23,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from baselines.common import Defense, DefenseResult
 from onp_env.artifacts import Artifact, load_artifact, write_artifact, write_text_atomic
 from onp_env.config import bounded, from_dict
 from onp_env.data import defense_split
@@ -97,8 +101,8 @@ def _staging_folder(out: Path) -> Path:
         raise OnpError(f"cannot write {out}: {e.strerror or e}; pass another --out") from e
 
 
-def _run(defense: Defense, method: str, art: Artifact, x: torch.Tensor,
-         y: torch.Tensor) -> tuple[DefenseResult, dict[str, Any], dict[str, Any]]:  # fmt: skip
+def _run(defense: Any, method: str, art: Artifact, x: torch.Tensor,
+         y: torch.Tensor) -> tuple[Any, dict[str, Any], dict[str, Any]]:  # fmt: skip
     """The defense and its measurements: (result, report, manifest of the pruned model)."""
     start = time.perf_counter()
     result = defense.run(art.model, x, y)
@@ -119,7 +123,7 @@ def _run(defense: Defense, method: str, art: Artifact, x: torch.Tensor,
     return result, report, manifest
 
 
-def _write(folder: Path, result: DefenseResult, report: dict[str, Any], manifest: dict[str, Any]) -> None:
+def _write(folder: Path, result: Any, report: dict[str, Any], manifest: dict[str, Any]) -> None:
     """The output folder: the pruned model as an artifact, finetuned/ (if any) and report.json."""
     write_artifact(folder, result.model, manifest)
     if result.finetuned is not None:
