@@ -16,16 +16,22 @@ and no attack, so nothing the policy reads can come from the trigger or the test
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from agents.config import AgentConfig, load_agent_config, validate
 from agents.features import to_graph_batch
 from agents.io import Agent, load_agent
+from agents.train import AGENT, train_agent
 from baselines.common import Defense
+from onp_env.config import apply_overrides, from_dict, to_dict
 from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
@@ -94,6 +100,28 @@ class ONP(Defense):
         self.agent = load_agent(self.params.agent)  # validated before any expensive step
         if self.agent.env.semantics != semantics:
             self.agent.env = replace(self.agent.env, semantics=semantics)
+
+    @classmethod
+    def prepare(cls, params: dict[str, Any], workdir: Path | None, progress: bool = True) -> dict[str, Any]:
+        """For `onp bench`: `agent_config` (a YAML path or a mapping, with `agent_set` overrides) is
+        trained into `workdir` (resuming a run cut short; reused when trained) and replaced by the
+        `agent` it yields. With workdir None, only checks the config (before any expensive step)."""
+        params = dict(params)
+        source, sets = params.pop("agent_config", None), params.pop("agent_set", [])
+        if source is None:
+            return params
+        if isinstance(source, dict):
+            cfg = from_dict(AgentConfig, apply_overrides(json.loads(json.dumps(source)), sets), "onp agent_config")
+            validate(cfg)
+        else:
+            cfg = load_agent_config(str(source), sets)
+        if workdir is None:
+            return {**params, "agent": "<trained by prepare>"}
+        blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+        out = workdir / f"agent-{cfg.name}-{hashlib.sha256(blob).hexdigest()[:12]}"
+        if not (out / AGENT).is_dir():
+            train_agent(cfg, out, resume=(out / "config.json").is_file(), progress=progress)
+        return {**params, "agent": str(out / AGENT)}
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Pruning order as a score: the first pruned unit scores highest, unpruned units -inf."""

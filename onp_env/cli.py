@@ -105,6 +105,30 @@ def _defend(args: argparse.Namespace) -> None:
     print(out)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from onp_env.bench.report import write_report
+
+    if args.what:
+        if args.what[0] != "report" or len(args.what) != 2:
+            raise OnpError("usage: onp bench --config FILE [...], or onp bench report DIR")
+        print(write_report(args.what[1]))
+        return
+    if args.config is None:
+        raise OnpError("onp bench needs --config FILE (e.g. configs/bench/quick.yaml), or: onp bench report DIR")
+    from onp_env.bench.config import load_bench_config
+    from onp_env.bench.run import run_bench
+
+    cfg = load_bench_config(args.config, args.set)
+    out = args.out or f"runs/bench/{cfg.name}"
+    print(run_bench(cfg, out, args.executor, args.address, args.workers, args.resume, progress=not args.quiet))
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from onp_env.bench.quickstart import run_quickstart
+
+    run_quickstart(args.out, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="onp", description="Backdoor removal by neuron pruning: lab, environment, defenses."
@@ -154,6 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_defend)
+
+    b = sub.add_parser("bench", help="the benchmark grid (models x attacks x defenses x seeds x fractions)")
+    b.add_argument(
+        "what", nargs="*", metavar="report DIR", help="regenerate DIR/results.md and plots from results.jsonl"
+    )
+    b.add_argument("--config", default=None, help="YAML grid, e.g. configs/bench/quick.yaml")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a grid value")
+    b.add_argument("--executor", default="local", choices=["local", "ray"], help="process pool here, or Ray")
+    b.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    b.add_argument("--workers", type=int, default=None, help="worker processes (default: the config's)")
+    b.add_argument("--resume", action="store_true", help="continue the grid in --out, skipping finished cells")
+    b.add_argument("--out", default=None, help="output folder (default: runs/bench/NAME)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_bench)
+
+    q = sub.add_parser("quickstart", help="the first run: digits model, every defense, a short ONP; in minutes")
+    q.add_argument("--out", default="runs/quickstart", help="output folder (continued if it exists)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_quickstart)
 
     for add_command in command_plugins():  # e.g. train-agent, from the agents package
         add_command(sub)

@@ -1,0 +1,251 @@
+"""`onp bench`: the grid's models, then the learned defenses' preparation (agent training), then one
+cell per (model, fraction, defense), on a local process pool or a Ray cluster.
+
+Each finished cell is one JSON line in results.jsonl, appended and fsync'd by this driver alone, so a
+killed run loses at most the cells in flight, and `--resume` skips the cells already there (none is
+counted twice). Seeds are per cell (the model's seed), never per worker: executors give identical
+numbers. With Ray, artifacts and agents travel as bytes through the object store, so workers need
+no shared disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import onp_env
+from onp_env.artifacts import write_text_atomic
+from onp_env.bench.config import BenchConfig, DefenseSpec, model_key
+from onp_env.config import LabConfig, to_dict
+from onp_env.errors import OnpError
+from onp_env.registry import defense_class
+
+RESULTS, CONFIG = "results.jsonl", "config.json"
+
+
+def append(path: Path, row: dict[str, Any]) -> None:
+    """One finished cell, durably."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def drop_partial_line(path: Path) -> None:
+    """A crash in the middle of an append leaves a line without its newline: cut it (the cell is redone)."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            write_text_atomic(path, data[: data.rfind(b"\n") + 1].decode())
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file; a last line cut short by a crash is ignored (it is redone)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+# --- what travels to a worker without a shared disk ---------------------------------------------
+def pack(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def unpack(files: dict[str, bytes] | None, folder: Path) -> Path:
+    """`folder` as packed elsewhere (kept if this machine has it already)."""
+    if files is not None and not folder.exists():
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}")
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --- the tasks (module level: they run in worker processes) -------------------------------------
+def build_model_task(lab: dict[str, Any], threads: int, ship: bool) -> tuple[str, dict[str, bytes] | None]:
+    from onp_env.config import from_dict
+    from onp_env.zoo import build_artifact
+
+    torch.set_num_threads(threads)
+    path = build_artifact(from_dict(LabConfig, lab, "bench model"), progress=False)
+    return str(path), pack(path) if ship else None
+
+
+def prepare_task(spec: dict[str, Any], workdir: str, threads: int, ship: bool) -> tuple[dict[str, Any], Any]:
+    """A learned defense's preparation (e.g. training its agent); its parameters for the cells."""
+    torch.set_num_threads(threads)
+    params = defense_class(spec["name"]).prepare(dict(spec["params"]), Path(workdir), progress=False)
+    agent = params.get("agent")
+    return params, pack(Path(agent)) if ship and agent else None
+
+
+def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict[str, Any],
+              params: dict[str, Any], agent_files: dict[str, bytes] | None, fraction: float, seed: int,
+              workdir: str, threads: int) -> dict[str, Any]:  # fmt: skip
+    from onp_env.artifacts import load_artifact
+    from onp_env.defend import defend_artifact
+
+    torch.set_num_threads(threads)
+    art_path = unpack(art_files, Path(art))
+    if agent_files is not None:
+        params = {**params, "agent": str(unpack(agent_files, Path(params["agent"])))}
+    out = Path(workdir) / "defenses" / key
+    if out.exists():  # a cell killed after writing its folder and before its row: redo it
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    _, report = defend_artifact(art_path, spec["name"], {**params, "defense_fraction": fraction, "seed": seed}, out)
+    manifest = load_artifact(out).manifest
+    return {
+        "key": key, "defense": DefenseSpec(**spec).key, "method": spec["name"], "params": spec["params"],
+        "fraction": fraction, "seed": seed, "config": manifest["config"],
+        **{k: report[k] for k in ("acc", "asr", "ra", "der", "before", "pruned", "seconds", "defense_images")},
+        "finetuned": report.get("finetuned"), "units": manifest["defense"]["pruned_units"],
+        "wall_seconds": round(time.perf_counter() - start, 2), "version": onp_env.__version__,
+        "host": platform.node(), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
+# --- executors ------------------------------------------------------------------------------------
+class LocalExecutor:
+    """A process pool of `workers` on this machine (spawned: no torch state is forked)."""
+
+    ships = False
+
+    def __init__(self, workers: int):
+        self.pool = ProcessPoolExecutor(workers, get_context("spawn"))
+
+    def submit(self, fn: Callable[..., Any], *args: Any, cpus: int = 1) -> Future:
+        return self.pool.submit(fn, *args)
+
+    def completed(self, pending: set[Any]) -> Iterator[tuple[Any, Any]]:
+        """(handle, result) as tasks finish; a task's exception is raised here."""
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                pending.discard(fut)
+                yield fut, fut.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+class RayExecutor:
+    """Each task a Ray task with its CPU request, on the cluster at `address` or a local one."""
+
+    ships = True
+
+    def __init__(self, address: str | None):
+        try:
+            import ray
+        except ImportError:
+            raise OnpError('--executor ray needs Ray: pip install "onp-env[ray]"') from None
+        self.ray = ray
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, cpus: int = 1) -> Any:
+        return self.ray.remote(num_cpus=cpus)(fn).remote(*args)
+
+    def completed(self, pending: set[Any]) -> Iterator[tuple[Any, Any]]:
+        while pending:
+            done, _ = self.ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                pending.discard(ref)
+                yield ref, self.ray.get(ref)
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+# --- the driver ---------------------------------------------------------------------------------
+def _check_out(cfg: BenchConfig, out: Path, resume: bool) -> None:
+    saved = out / CONFIG
+    if saved.is_file():
+        if not resume:
+            raise OnpError(f"{out} holds a benchmark already: pass --resume to continue it, or another --out")
+        if json.loads(saved.read_text()) != to_dict(cfg):
+            raise OnpError(
+                f"{out} holds a benchmark of another config: resume it with that config, or use another --out"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise OnpError(f"{out} exists and is not a benchmark folder: pass another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OnpError(f"cannot write {out} ({e.strerror}): pass another --out") from e
+    write_text_atomic(saved, json.dumps(to_dict(cfg), indent=1))
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", address: str | None = None,
+              workers: int | None = None, resume: bool = False, progress: bool = True) -> Path:  # fmt: skip
+    """Run (or continue) the grid into `out`; returns the path of results.md."""
+    from onp_env.bench.report import write_report
+
+    out = Path(out)
+    if executor not in ("local", "ray"):
+        raise OnpError(f"unknown executor '{executor}': choose local or ray")
+    workers = workers or cfg.workers
+    if workers < 1:
+        raise OnpError("--workers must be >= 1")
+    if executor == "local" and workers * cfg.threads > (os.cpu_count() or 1):
+        raise OnpError(f"{workers} workers x {cfg.threads} threads exceed this machine's {os.cpu_count()} cores: "
+                       "lower --workers or threads")  # fmt: skip
+    pool: LocalExecutor | RayExecutor = LocalExecutor(workers) if executor == "local" else RayExecutor(address)
+    _check_out(cfg, out, resume)
+    results = out / RESULTS
+    drop_partial_line(results)
+    finished = {r["key"] for r in read_rows(results)}
+    labs, specs = cfg.labs(), cfg.defense_specs()
+    cells = [(lab, fraction, spec) for lab in labs for fraction in cfg.fractions for spec in specs]
+    todo = [c for c in cells if f"{model_key(c[0])}/{c[1]:g}/{c[2].key}" not in finished]
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
+    try:
+        needed = {model_key(c[0]): c[0] for c in todo}
+        models: dict[str, tuple[str, Any]] = {}
+        handles = {pool.submit(build_model_task, to_dict(lab), cfg.threads, pool.ships, cpus=cfg.threads): key
+                   for key, lab in needed.items()}  # fmt: skip
+        for h, result in tqdm(pool.completed(set(handles)), total=len(handles), desc="models", disable=not progress,
+                              leave=False):  # fmt: skip
+            models[handles[h]] = result
+        prepared: dict[str, tuple[dict[str, Any], Any]] = {}
+        learned = {s.key: s for s in specs if hasattr(defense_class(s.name), "prepare")}
+        learned = {k: s for k, s in learned.items() if any(c[2].key == k for c in todo)}
+        handles = {pool.submit(prepare_task, to_dict(s), str(out / "prepared"), cfg.threads, pool.ships,
+                               cpus=cfg.threads): k for k, s in learned.items()}  # fmt: skip
+        for h, result in tqdm(pool.completed(set(handles)), total=len(handles), desc="learned defenses",
+                              disable=not progress, leave=False):  # fmt: skip
+            prepared[handles[h]] = result
+        handles = {}
+        for lab, fraction, spec in todo:
+            key = f"{model_key(lab)}/{fraction:g}/{spec.key}"
+            art, art_files = models[model_key(lab)]
+            params, agent_files = prepared.get(spec.key, (spec.params, None))
+            handles[pool.submit(cell_task, key, art, art_files, to_dict(spec), params, agent_files, fraction,
+                                lab.seed, str(out), cfg.threads, cpus=cfg.threads)] = key  # fmt: skip
+        for _, row in pool.completed(set(handles)):
+            append(results, row)
+            bar.update()
+            write_report(out, plots=False)  # the table follows the data; plots at the end
+    finally:
+        bar.close()
+        pool.close()
+    return write_report(out)

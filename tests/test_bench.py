@@ -1,0 +1,113 @@
+"""`onp bench`: a tiny grid end to end, resume without double counting, reports from the results
+file alone, identical numbers for any worker count, and bad grids refused before any work."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from onp_env import OnpError
+from onp_env.bench.config import BenchConfig, check, load_bench_config
+from onp_env.bench.run import RESULTS, read_rows, run_bench
+from onp_env.cli import main
+from onp_env.config import from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "tiny", "models": [{"name": "small_cnn", "kwargs": {"channels": [8, 8], "hidden": 16}}],
+    "attacks": [{"name": "badnets"}, {"name": "blended"}], "train": {"epochs": 3}, "seeds": [101, 102],
+    "fractions": [0.02, 0.05], "defenses": [{"name": "magnitude"}, {"name": "random", "params": {"ratio": 0.1}},
+                                            {"name": "clp"}],
+}  # fmt: skip
+
+
+def tiny(**changes):
+    cfg = from_dict(BenchConfig, {**TINY, **changes}, "tiny")
+    check(cfg)
+    return cfg
+
+
+def test_a_grid_runs_resumes_and_reports(tmp_path):
+    report = run_bench(tiny(), tmp_path / "b", progress=False)
+    rows = read_rows(tmp_path / "b" / RESULTS)
+    assert len(rows) == 2 * 2 * 2 * 3 == len({r["key"] for r in rows})
+    r = rows[0]
+    assert {"acc", "asr", "ra", "der", "before", "pruned", "units", "seconds", "version", "host", "config"} <= set(r)
+    text = report.read_text()
+    assert "### DER" in text and "**" in text and "2% defense data" in text
+    for name in ("asr_acc_vs_pruned.png", "der.png", "seconds.png"):
+        assert (tmp_path / "b" / "plots" / name).stat().st_size > 5000
+    # a killed run: drop two cells (and leave a half line), resume redoes exactly those
+    lines = (tmp_path / "b" / RESULTS).read_text().splitlines()
+    (tmp_path / "b" / RESULTS).write_text("\n".join(lines[:-2]) + '\n{"key": "cut sh')
+    with pytest.raises(OnpError, match="pass --resume"):
+        run_bench(tiny(), tmp_path / "b", progress=False)
+    run_bench(tiny(), tmp_path / "b", resume=True, progress=False)
+    again = read_rows(tmp_path / "b" / RESULTS)
+    assert len(again) == 24 and {r["key"] for r in again} == {r["key"] for r in rows}
+    redone = {r["key"]: r for r in again[-2:]}
+    assert all(redone[k]["units"] == next(r for r in rows if r["key"] == k)["units"] for k in redone)
+    # the report comes from the results file alone
+    (tmp_path / "b" / "results.md").unlink()
+    assert main(["bench", "report", str(tmp_path / "b")]) == 0 and (tmp_path / "b" / "results.md").is_file()
+
+
+def test_worker_count_does_not_change_the_numbers(tmp_path):
+    one = run_bench(tiny(attacks=[{"name": "badnets"}], fractions=[0.05]), tmp_path / "one", workers=1,
+                    progress=False)  # fmt: skip
+    two = run_bench(tiny(attacks=[{"name": "badnets"}], fractions=[0.05]), tmp_path / "two", workers=2,
+                    progress=False)  # fmt: skip
+
+    def strip(p):
+        return sorted((r["key"], r["acc"], r["asr"], r["units"]) for r in read_rows(p.parent / RESULTS))
+
+    assert strip(one) == strip(two)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"defenses": [{"name": "nope"}]}, "unknown defense 'nope'"),
+        ({"defenses": [{"name": "magnitude", "params": {"ratio": 5}}]}, "ratio must be"),
+        ({"defenses": [{"name": "magnitude"}, {"name": "magnitude"}]}, "repeat a label"),
+        ({"fractions": [0.0]}, "fractions"),
+        ({"seeds": []}, "seeds is empty"),
+        ({"workers": 0}, "workers must be >= 1"),
+        ({"attacks": [{"name": "badnets", "poison_rate": 2}]}, "poison_rate"),
+        ({"defenses": [{"name": "onp", "params": {"agent_config": {"zoo": {"seeds": "x"}}}}]}, "seeds"),
+    ],
+)
+def test_bad_grids_are_refused_before_any_work(change, match):
+    with pytest.raises(OnpError, match=match):
+        tiny(**change)
+
+
+def test_cli_bench_exit_codes(tmp_path, capsys, monkeypatch):
+    assert main(["bench"]) == 2
+    assert main(["bench", "report", str(tmp_path)]) == 2
+    monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without the optional extra
+    quick = str(ROOT / "configs/bench/quick.yaml")
+    args = ["bench", "--config", quick, "--executor", "ray", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert 'pip install "onp-env[ray]"' in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_shipped_bench_configs_load():
+    for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
+        cfg = load_bench_config(path)
+        assert cfg.defenses and json.dumps(cfg.datasets)
+
+
+@pytest.mark.slow  # starting Ray costs minutes on 2 cores
+def test_ray_gives_the_same_numbers_as_the_local_pool(tmp_path):
+    pytest.importorskip("ray")  # the optional extra: pip install "onp-env[ray]"
+    grid = tiny(attacks=[{"name": "badnets"}], seeds=[101], fractions=[0.05])
+    local = run_bench(grid, tmp_path / "local", workers=1, progress=False)
+    remote = run_bench(grid, tmp_path / "ray", executor="ray", progress=False)
+
+    def strip(p):
+        return sorted((r["key"], r["acc"], r["asr"], r["units"]) for r in read_rows(p.parent / RESULTS))
+
+    assert strip(local) == strip(remote)
