@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
-import os
 import platform
 import shutil
 import statistics
@@ -35,6 +34,7 @@ from agents.expert import OracleExpert, run_expert
 from agents.train import train_agent, zoo_configs
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import write_text_atomic
+from onp_env.bench.run import append, read_rows
 from onp_env.config import AttackConfig, LabConfig, from_dict
 from onp_env.defend import defend_artifact, defense_subset
 from onp_env.env import NeuronPruningEnv, PruningTarget
@@ -59,17 +59,8 @@ ABLATIONS = {
 }
 
 
-def append(path: Path, row: dict) -> None:
-    """One finished cell, durably: a killed run loses at most the cell in flight."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def done_keys(path: Path) -> set[str]:
-    return {json.loads(line)["key"] for line in path.read_text().splitlines() if line} if path.is_file() else set()
+    return {r["key"] for r in read_rows(path)}
 
 
 def oracle_cell(art_path: Path, fraction: float, cfg: AgentConfig) -> dict:
@@ -237,7 +228,7 @@ HEADER = ["| method | n | ACC % | ACC lost | ASR % | RA % | DER % | pruned | ora
 
 
 def report_md(results: Path, out: Path) -> None:
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line]
+    rows = read_rows(results)
     costs = {r["key"]: r["seconds"] for r in rows if r.get("kind") == "cost"}
     cells = [r for r in rows if r.get("kind") is None]
     main, ablation = ["onp", "oracle", *BASELINES], [m for m in ABLATIONS if any(r["method"] == m for r in cells)]
