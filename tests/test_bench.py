@@ -16,9 +16,8 @@ from onp_env.config import from_dict
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "name": "tiny", "models": [{"name": "small_cnn", "kwargs": {"channels": [8, 8], "hidden": 16}}],
-    "attacks": [{"name": "badnets"}, {"name": "blended"}], "train": {"epochs": 3}, "seeds": [101, 102],
-    "fractions": [0.02, 0.05], "defenses": [{"name": "magnitude"}, {"name": "random", "params": {"ratio": 0.1}},
-                                            {"name": "clp"}],
+    "attacks": [{"name": "badnets"}], "train": {"epochs": 3}, "seeds": [101, 102], "fractions": [0.02, 0.05],
+    "defenses": [{"name": "magnitude"}, {"name": "random", "params": {"ratio": 0.1}}],
 }  # fmt: skip
 
 
@@ -31,7 +30,7 @@ def tiny(**changes):
 def test_a_grid_runs_resumes_and_reports(tmp_path):
     report = run_bench(tiny(), tmp_path / "b", progress=False)
     rows = read_rows(tmp_path / "b" / RESULTS)
-    assert len(rows) == 2 * 2 * 2 * 3 == len({r["key"] for r in rows})
+    assert len(rows) == 2 * 2 * 2 == len({r["key"] for r in rows})
     r = rows[0]
     assert {"acc", "asr", "ra", "der", "before", "pruned", "units", "seconds", "version", "host", "config"} <= set(r)
     text = report.read_text()
@@ -45,7 +44,7 @@ def test_a_grid_runs_resumes_and_reports(tmp_path):
         run_bench(tiny(), tmp_path / "b", progress=False)
     run_bench(tiny(), tmp_path / "b", resume=True, progress=False)
     again = read_rows(tmp_path / "b" / RESULTS)
-    assert len(again) == 24 and {r["key"] for r in again} == {r["key"] for r in rows}
+    assert len(again) == 8 and {r["key"] for r in again} == {r["key"] for r in rows}
     redone = {r["key"]: r for r in again[-2:]}
     assert all(redone[k]["units"] == next(r for r in rows if r["key"] == k)["units"] for k in redone)
     # the report comes from the results file alone
@@ -54,10 +53,8 @@ def test_a_grid_runs_resumes_and_reports(tmp_path):
 
 
 def test_worker_count_does_not_change_the_numbers(tmp_path):
-    one = run_bench(tiny(attacks=[{"name": "badnets"}], fractions=[0.05]), tmp_path / "one", workers=1,
-                    progress=False)  # fmt: skip
-    two = run_bench(tiny(attacks=[{"name": "badnets"}], fractions=[0.05]), tmp_path / "two", workers=2,
-                    progress=False)  # fmt: skip
+    one = run_bench(tiny(fractions=[0.05]), tmp_path / "one", workers=1, progress=False)
+    two = run_bench(tiny(fractions=[0.05]), tmp_path / "two", workers=2, progress=False)
 
     def strip(p):
         return sorted((r["key"], r["acc"], r["asr"], r["units"]) for r in read_rows(p.parent / RESULTS))

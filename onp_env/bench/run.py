@@ -127,15 +127,20 @@ def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict
 
 # --- executors ------------------------------------------------------------------------------------
 class LocalExecutor:
-    """A process pool of `workers` on this machine (spawned: no torch state is forked)."""
+    """A process pool of `workers` on this machine (spawned: no torch state is forked); one worker
+    runs the tasks in this process instead (same per-cell seeds, so the same numbers)."""
 
     ships = False
 
     def __init__(self, workers: int):
-        self.pool = ProcessPoolExecutor(workers, get_context("spawn"))
+        self.pool = ProcessPoolExecutor(workers, get_context("spawn")) if workers > 1 else None
 
     def submit(self, fn: Callable[..., Any], *args: Any, cpus: int = 1) -> Future:
-        return self.pool.submit(fn, *args)
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        fut: Future = Future()
+        fut.set_result(fn(*args))  # an exception propagates here, as from a worker's result()
+        return fut
 
     def completed(self, pending: set[Any]) -> Iterator[tuple[Any, Any]]:
         """(handle, result) as tasks finish; a task's exception is raised here."""
@@ -146,7 +151,8 @@ class LocalExecutor:
                 yield fut, fut.result()
 
     def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 class RayExecutor:
