@@ -21,7 +21,7 @@ from onp_env.errors import OnpError
 from onp_env.manifest import FORMAT, FORMAT_VERSION
 from onp_env.metrics import evaluate
 from onp_env.models import build_model
-from onp_env.training import torch_threads, train
+from onp_env.training import AUGMENTS, torch_threads, train
 
 
 def cache_dir() -> Path:
@@ -39,6 +39,8 @@ def find_cached(cfg: LabConfig, out: Path) -> Path | None:
 def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool = True) -> Path:
     """Path of the artifact for `cfg` under `out`, training it first unless it is cached."""
     out = Path(out) if out is not None else cache_dir()
+    if cfg.train.augment not in AUGMENTS:  # before the reference model a TrojanNN trigger needs
+        raise OnpError(f"unknown augment '{cfg.train.augment}': choose one of {', '.join(AUGMENTS)}")
     try:  # before any training: a bad output folder must not cost minutes to discover
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
