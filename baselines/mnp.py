@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from baselines.common import Defense, top_units
 from baselines.masked_training import train_masks
@@ -95,15 +94,13 @@ class MNP(Defense):
         """Clean suppression on a copy: maximise L - mu ||w||^2 (SGD weight decay 2 mu)."""
         p = self.params
         return unlearn(model, x, y, lr=p.suppress_lr, weight_decay=2 * p.mu, batch_size=p.batch_size,
-                       max_epochs=p.suppress_epochs, clean_threshold=p.clean_threshold, seed=self.seed)  # fmt: skip
+                       max_epochs=p.suppress_epochs, clean_threshold=p.clean_threshold, seed=self.seed,
+                       progress=p.progress, desc="mnp: suppressing")  # fmt: skip
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params
         self.extra["magnitude_saliency_correlation"] = magnitude_saliency_correlation(model, layout, x, y)
-        # unlearn reports nothing while it runs: a one-step bar at least names the step
-        with tqdm(total=1, desc="mnp: suppressing", disable=not p.progress, leave=False) as bar:
-            exposed, self.extra["suppression"] = self.suppress(model, x, y)
-            bar.update()
+        exposed, self.extra["suppression"] = self.suppress(model, x, y)
         mag = unit_magnitudes(exposed, layout)
 
         def loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from baselines.common import Defense, top_units
 from baselines.masked_training import train_masks
@@ -55,11 +54,9 @@ class RNP(Defense):
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params
-        # unlearn reports nothing while it runs: a one-step bar at least names the step
-        with tqdm(total=1, desc="rnp: unlearning", disable=not p.progress, leave=False) as bar:
-            twin, report = unlearn(model, x, y, lr=p.unlearn_lr, batch_size=p.batch_size, max_epochs=p.unlearn_epochs,
-                                   clean_threshold=p.clean_threshold, seed=self.seed)  # fmt: skip
-            bar.update()
+        twin, report = unlearn(model, x, y, lr=p.unlearn_lr, batch_size=p.batch_size, max_epochs=p.unlearn_epochs,
+                               clean_threshold=p.clean_threshold, seed=self.seed, progress=p.progress,
+                               desc="rnp: unlearning")  # fmt: skip
         self.extra["unlearning"] = report
         masks = train_masks(
             copy.deepcopy(twin), layout, x, y,

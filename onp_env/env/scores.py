@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
@@ -40,6 +41,8 @@ def unlearn(
     clean_threshold: float = 0.2,
     clip: float = 20.0,
     seed: int = 0,
+    progress: bool = False,
+    desc: str = "unlearning",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """RNP's neuron-level unlearning on a copy of `model`: gradient ascent on the clean
     cross-entropy, all weights trainable, BatchNorm in train mode, SGD with the released schedule
@@ -48,7 +51,8 @@ def unlearn(
 
     Departure from the released code: the threshold is checked on every batch (its accuracy before
     the update), not at epoch ends; on small models the epoch-end check overshoots into a degenerate
-    model (docs/methods.md)."""
+    model (docs/methods.md). `progress`: a bar of the batches on stderr (its total is the
+    max_epochs bound; it stops early at the threshold)."""
     twin = copy.deepcopy(model)
     twin.train()
     opt = torch.optim.SGD(twin.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -56,6 +60,7 @@ def unlearn(
     g = torch.Generator().manual_seed(seed)
     steps, acc = 0, 1.0
     done = False
+    bar = tqdm(total=max_epochs * -(-len(x) // batch_size), desc=desc, disable=not progress, leave=False)
     for _ in range(max_epochs):
         for idx in torch.randperm(len(x), generator=g).split(batch_size):
             out = twin(x[idx])
@@ -69,9 +74,11 @@ def unlearn(
             nn.utils.clip_grad_norm_(twin.parameters(), clip)
             opt.step()
             steps += 1
+            bar.update()
         if done:
             break
         sched.step()
+    bar.close()
     twin.eval()
     return twin, {"steps": steps, "final_batch_acc": acc, "reached_threshold": done}
 
