@@ -88,6 +88,9 @@ class TrainConfig:
     """none, crop (random 2-pixel shift) or crop-flip."""
     threads: int = bounded(1, ge=1, le=1024)
     """torch threads while training; part of the result, since float sums depend on it."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or auto (a GPU when torch sees one): where training runs. Part of the
+    result (GPU kernels sum in other orders); metrics and defenses then take the model on the CPU."""
 
 
 @dataclass
@@ -108,6 +111,8 @@ class LabConfig:
         d = to_dict(self)
         d.pop("name")
         d["data"].pop("root")
+        if d["train"]["device"] == "cpu":  # the default hashes as before the field existed: caches stay valid
+            d["train"].pop("device")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

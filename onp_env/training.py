@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from onp_env.attacks.poison import PoisonedSet
 from onp_env.config import TrainConfig
+from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 
 AUGMENTS = ("none", "crop", "crop-flip")
@@ -55,13 +56,15 @@ def train(
     progress: bool = True,
     after_step: Callable[[float], None] | None = None,
 ) -> float:
-    """Train `model` in place; returns the seconds it took. `after_step(lr)` runs after every
-    optimiser step (e.g. a defense's extra regularisation)."""
+    """Train `model` in place on `cfg.device` (it is returned to the CPU); returns the seconds it
+    took. `after_step(lr)` runs after every optimiser step (e.g. a defense's extra regularisation)."""
     if cfg.augment not in AUGMENTS:
         raise OnpError(f"unknown augment '{cfg.augment}': choose one of {', '.join(AUGMENTS)}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise OnpError("train needs epochs >= 1, batch_size >= 1 and lr > 0")
-    g = torch.Generator().manual_seed(seed)
+    device = resolve_device(cfg.device)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: batch order and augmentation match across devices
+    model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * -(-len(data) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -70,7 +73,7 @@ def train(
     with torch_threads(cfg.threads), tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
         for _ in range(cfg.epochs):
             for x, y in data.batches(cfg.batch_size, g):
-                loss = F.cross_entropy(model(augment(x, cfg.augment, g)), y)
+                loss = F.cross_entropy(model(augment(x, cfg.augment, g).to(device)), y.to(device))
                 if not torch.isfinite(loss):
                     raise OnpError(f"training diverged (loss {loss.item()}): lower train.lr (now {cfg.lr})")
                 opt.zero_grad(set_to_none=True)
@@ -81,5 +84,5 @@ def train(
                 sched.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.eval()
+    model.eval().cpu()  # artifacts, metrics and defenses take it on the CPU
     return time.perf_counter() - start

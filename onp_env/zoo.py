@@ -17,6 +17,7 @@ from onp_env.artifacts import MANIFEST, load_artifact, write_artifact
 from onp_env.attacks import PoisonedSet, build_attack, choose_poison
 from onp_env.config import LabConfig, to_dict
 from onp_env.data import defense_split, load_dataset
+from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.manifest import FORMAT, FORMAT_VERSION
 from onp_env.metrics import evaluate
@@ -41,6 +42,7 @@ def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool
     out = Path(out) if out is not None else cache_dir()
     if cfg.train.augment not in AUGMENTS:  # before the reference model a TrojanNN trigger needs
         raise OnpError(f"unknown augment '{cfg.train.augment}': choose one of {', '.join(AUGMENTS)}")
+    resolve_device(cfg.train.device)
     try:  # before any training: a bad output folder must not cost minutes to discover
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -197,6 +197,7 @@ def test_attack_with_a_file_as_output_fails_before_training(tmp_path, capsys, no
         ("attack.poison_rate=5", "poison_rate must be > 0 and < 1"),
         ("data.defense_fraction=.nan", "must be a finite number"),
         ("train.augment=rotate", "unknown augment 'rotate'"),
+        ("train.device=tpu", "unknown device 'tpu'"),
     ],
 )
 def test_attack_parameters_are_typed_and_ranged_before_training(tmp_path, capsys, no_training, override, match):
