@@ -56,6 +56,7 @@ ABLATIONS = {
     "no imitation": ["imitation.episodes=0"],
     "imitation only": ["ppo.total_steps=0"],
     "half the steps": ["ppo.total_steps=4096"],
+    "dense oracle reward": ["env.score_kwargs={kind: confidence}"],
 }
 
 

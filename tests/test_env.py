@@ -266,3 +266,19 @@ def test_dynamic_features_are_the_pruned_models_clean_activations(art):
         got = torch.as_tensor(obs["nodes"][lay.offset : lay.offset + lay.size][:, cols])
         assert torch.allclose(got, expected, atol=1e-4), lay.name
     assert obs["nodes"][2, cols[0]] < obs["nodes"][3, cols[0]]  # the pruned unit reads silent
+
+
+def test_dense_oracle_reward_is_the_target_confidence_and_changes_no_observation(art):
+    asr_env = NeuronPruningEnv(artifacts=[str(art.path)])
+    dense = NeuronPruningEnv(artifacts=[str(art.path)], score_kwargs={"kind": "confidence"})
+    (o1, i1), (o2, i2) = asr_env.reset(seed=0), dense.reset(seed=0)
+    assert all(np.array_equal(o1[k], o2[k]) for k in o1)
+    t = dense.task
+    logits = t.triggered.logits(None)
+    expected = logits.softmax(1).gather(1, t.trigger_targets[:, None]).mean().item()
+    assert i2["backdoor_score"] == pytest.approx(expected) and 0 < expected <= 1 and i2["asr"] == i1["asr"]
+    for a in [5, 60, 150]:
+        s1, s2 = asr_env.step(a), dense.step(a)
+        assert all(np.array_equal(s1[0][k], s2[0][k]) for k in s1[0])
+    with pytest.raises(OnpError, match="kind: asr or confidence"):
+        NeuronPruningEnv(artifacts=[str(art.path)], score_kwargs={"kind": "logit"})

@@ -117,6 +117,7 @@ class Task:
         self.clean = Evaluator(gm, x, names, cfg.cache, watch=self.dynamic is not None)
         self.signals = signal_columns(cfg.features, cfg.signal_params, target.model, self.layout, target.x, target.y)
         self.triggered: Evaluator | None = None
+        self.confidence = False
         if target.attack is not None and (cfg.track_asr or cfg.score == "oracle"):
             targets = target.attack.targets(y)
             keep = targets != y
@@ -131,8 +132,13 @@ class Task:
                     self.partners[u] = units
 
     def _score(self, cfg: EnvConfig, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float] | None:
-        """The trigger-free score, or None for oracle (the ASR itself)."""
+        """The trigger-free score, or None for oracle (the ASR itself, or the target confidence)."""
         kw = cfg.score_kwargs
+        if cfg.score == "oracle":
+            if set(kw) - {"kind"} or kw.get("kind", "asr") not in ("asr", "confidence"):
+                raise OnpError(f"bad score_kwargs for oracle: {kw}; it takes kind: asr or confidence")
+            self.confidence = kw.get("kind") == "confidence"
+            return None
         if cfg.score == "unlearn":
             return UnlearnScore(self.model, self.masks, x, y, **kw)
         if cfg.score == "none":
@@ -149,13 +155,16 @@ class Task:
         acc = (self.clean.logits(changed).argmax(1) == self.y).float().mean().item()
         if self.dynamic is not None:
             self.dynamic.update(self.clean.fresh)
-        asr = None
+        asr, confidence = None, 0.0
         if self.triggered is not None:
-            asr = (self.triggered.logits(changed).argmax(1) == self.trigger_targets).float().mean().item()
+            logits = self.triggered.logits(changed)
+            asr = (logits.argmax(1) == self.trigger_targets).float().mean().item()
+            if self.confidence:
+                confidence = logits.softmax(1).gather(1, self.trigger_targets[:, None]).mean().item()
         if self.trigger_free_score is not None:
             return acc, asr, self.trigger_free_score()
         assert asr is not None
-        return acc, asr, asr
+        return acc, asr, confidence if self.confidence else asr
 
 
 class NeuronPruningEnv(gym.Env):

@@ -1,6 +1,8 @@
 """Backdoor scores for the environment's reward, from the defense set only.
 
-- `oracle`: attack success rate on triggered defense images. Needs the trigger: for training on
+- `oracle`: attack success rate on triggered defense images (score_kwargs {kind: confidence}: their
+  mean softmax probability of the target label instead, which falls with every backdoor unit cut
+  rather than only once the last one goes: a denser reward). Needs the trigger: for training on
   shadow models whose attack is known, never for deployment.
 - `unlearn` (trigger-free, after RNP, Li et al., ICML 2023): an unlearned twin of the model (clean
   loss maximised until its defense accuracy collapses) sends clean images to the backdoor label
