@@ -78,7 +78,6 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _defend(args: argparse.Namespace) -> None:
-    from onp_env.artifacts import DATA_ROOT_ENV
     from onp_env.config import apply_overrides
     from onp_env.defend import defend_artifact  # finds the method in onp_env.registry
 
@@ -87,9 +86,8 @@ def _defend(args: argparse.Namespace) -> None:
         overrides["agent"] = args.agent
     elif args.method == "onp":
         raise OnpError("--method onp needs --agent DIR (an agent from `onp train-agent`)")
-    if args.data_root is not None:
-        os.environ[DATA_ROOT_ENV] = args.data_root
-    out, report = defend_artifact(args.artifact, args.method, overrides, args.out, progress=not args.quiet)
+    out, report = defend_artifact(args.artifact, args.method, overrides, args.out, progress=not args.quiet,
+                                  data_root=args.data_root)  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))
         return

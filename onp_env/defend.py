@@ -54,10 +54,19 @@ class RunParams:
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunParams))
 
 
-def defense_subset(art: Artifact, fraction: float | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def check_run(run: dict[str, Any], where: str) -> RunParams:
+    """The run keys (defense_fraction, semantics, seed), typed and checked."""
+    params = from_dict(RunParams, run, f"{where} run")
+    if params.semantics not in SEMANTICS:
+        raise OnpError(f"{where} run.semantics must be one of {', '.join(SEMANTICS)}, got {params.semantics!r}")
+    return params
+
+
+def defense_subset(art: Artifact, fraction: float | None, seed: int = 0,
+                   root: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The artifact's defense set, or a stratified, seeded part of it that is `fraction` of the
     training split (e.g. 0.01 of a 0.05 defense set keeps a fifth of each class)."""
-    x, y = art.defense_set()
+    x, y = art.defense_set(root)
     held = art.manifest["split"]["fraction"]
     if fraction is None or fraction == held:
         return x, y
@@ -69,9 +78,11 @@ def defense_subset(art: Artifact, fraction: float | None, seed: int = 0) -> tupl
     return x[keep], y[keep]
 
 
-def _measure(model: nn.Module, art: Artifact, before: dict[str, Any]) -> dict[str, Any]:
-    ds = art.dataset()
+def _measure(model: nn.Module, art: Artifact, before: dict[str, Any] | None, root: str | None) -> dict[str, Any]:
+    ds = art.dataset(root)
     m = evaluate(model, ds.test_x, ds.test_y, art.attack)
+    if before is None:
+        return m
     if m["asr"] is not None and before["asr"] is not None:
         m["der"] = der(before, m)  # type: ignore[arg-type]
     else:
@@ -101,20 +112,19 @@ def _staging_folder(out: Path) -> Path:
         raise OnpError(f"cannot write {out}: {e.strerror or e}; pass another --out") from e
 
 
-def _run(defense: Any, method: str, art: Artifact, x: torch.Tensor,
-         y: torch.Tensor) -> tuple[Any, dict[str, Any], dict[str, Any]]:  # fmt: skip
+def _run(defense: Any, method: str, art: Artifact, x: torch.Tensor, y: torch.Tensor, before: dict[str, Any],
+         root: str | None) -> tuple[Any, dict[str, Any], dict[str, Any]]:  # fmt: skip
     """The defense and its measurements: (result, report, manifest of the pruned model)."""
     start = time.perf_counter()
     result = defense.run(art.model, x, y)
     seconds = time.perf_counter() - start
-    before = {k: art.metrics[k] for k in ("acc", "asr", "ra")}
-    after = _measure(result.model, art, before)
+    after = _measure(result.model, art, before, root)
     report: dict[str, Any] = {
         "method": method, **after, "pruned": len(result.pruned), "seconds": round(seconds, 2), "before": before,
         "defense_images": len(x), "artifact": str(art.path), "details": result.details,
     }  # fmt: skip
     if result.finetuned is not None:
-        report["finetuned"] = _measure(result.finetuned, art, before)
+        report["finetuned"] = _measure(result.finetuned, art, before, root)
     manifest = {**art.manifest, "name": f"{art.manifest['name']}-{method}",
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "metrics": {k: after[k] for k in ("acc", "asr", "ra")},
@@ -133,29 +143,32 @@ def _write(folder: Path, result: Any, report: dict[str, Any], manifest: dict[str
 
 
 def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[str, Any] | None = None,
-                    out: str | Path | None = None, progress: bool = False) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+                    out: str | Path | None = None, progress: bool = False,
+                    data_root: str | None = None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Run `method` on the artifact at `path` (or an already loaded Artifact); returns (output
     directory, report). `overrides` holds the method's parameters and the run keys (RunParams);
-    `progress` shows progress bars (on stderr) for methods with long steps.
+    `progress` shows progress bars (on stderr) for methods with long steps; `data_root` is the
+    dataset folder for artifacts trained on data of your own (a manifest's own path is not followed).
 
     Everything is checked before the defense runs, and `out` is written whole or not at all."""
     cls = defense_class(method)
     if out is not None:
         _check_output(Path(out))
     overrides = dict(overrides or {})
-    run = from_dict(RunParams, {k: overrides.pop(k) for k in RUN_KEYS if k in overrides}, f"{method} run")
-    if run.semantics not in SEMANTICS:
-        raise OnpError(f"{method} run.semantics must be one of {', '.join(SEMANTICS)}, got {run.semantics!r}")
+    run = check_run({k: overrides.pop(k) for k in RUN_KEYS if k in overrides}, method)
     if progress and "progress" in {f.name for f in dataclasses.fields(cls.Params)}:
         overrides.setdefault("progress", True)
     defense = cls(semantics=run.semantics, seed=run.seed, **overrides)  # checks its parameters' types and ranges
     art = path if isinstance(path, Artifact) else load_artifact(path)
-    x, y = defense_subset(art, run.defense_fraction, run.seed)
+    x, y = defense_subset(art, run.defense_fraction, run.seed, data_root)
     out = Path(out) if out is not None else cache_dir().parent / "defenses" / art.path.name / method
     _check_output(out)
+    # measured, not the manifest's claim (a crafted manifest could inflate the DER); this also builds
+    # the attack and reads the test split, so a broken artifact fails before the defense runs
+    before = {k: v for k, v in _measure(art.model, art, None, data_root).items() if k in ("acc", "asr", "ra")}
     staging = _staging_folder(out)
     try:
-        result, report, manifest = _run(defense, method, art, x, y)
+        result, report, manifest = _run(defense, method, art, x, y, before, data_root)
         folder = staging / "out"  # built whole here, then renamed into place in one step
         _write(folder, result, report, manifest)
         if out.exists():  # made by someone else while the defense ran: never replace it

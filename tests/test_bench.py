@@ -73,6 +73,19 @@ def test_worker_count_does_not_change_the_numbers(tmp_path):
         ({"workers": 0}, "workers must be >= 1"),
         ({"attacks": [{"name": "badnets", "poison_rate": 2}]}, "poison_rate"),
         ({"defenses": [{"name": "onp", "params": {"agent_config": {"zoo": {"seeds": "x"}}}}]}, "seeds"),
+        ({"defenses": [{"name": "magnitude", "label": "../../../../tmp/victim"}]}, "becomes a folder name"),
+        ({"name": "../up"}, "becomes a folder name"),
+        ({"defenses": [{"name": "magnitude", "params": {"seed": 3}}]}, "come from the grid"),
+        ({"defenses": [{"name": "magnitude", "params": {"semantics": "bogus"}}]}, "semantics must be one of"),
+        ({"attacks": [{"name": "badnets"}, {"name": "badnets", "params": {"patch_size": 2}}]}, "lists a name twice"),
+        ({"attacks": [{"name": "nope"}]}, "unknown attack 'nope'"),
+        ({"attacks": [{"name": "badnets", "params": {"patch_size": 50}}]}, "patch"),
+        ({"attacks": [{"name": "badnets", "target": 12}]}, "target label 12"),
+        ({"models": [{"name": "small_cnn", "kwargs": {"depth": 3}}]}, "bad arguments for model"),
+        ({"train": {"augment": "zzz"}}, "unknown augment"),
+        ({"train": {"device": "tpu"}}, "unknown device"),
+        ({"fractions": [0.05, 0.0500000001]}, "distinct"),
+        ({"seeds": [2**64]}, "seeds"),
     ],
 )
 def test_bad_grids_are_refused_before_any_work(change, match):
@@ -108,3 +121,40 @@ def test_ray_gives_the_same_numbers_as_the_local_pool(tmp_path):
         return sorted((r["key"], r["acc"], r["asr"], r["units"]) for r in read_rows(p.parent / RESULTS))
 
     assert strip(local) == strip(remote)
+
+
+def test_one_worker_writes_each_cell_before_the_next(tmp_path, monkeypatch):
+    import onp_env.bench.run as run_module
+
+    real, calls = run_module.cell_task, []
+
+    def killed_at_the_third(*args):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(run_module, "cell_task", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny(), tmp_path / "b", workers=1, progress=False)
+    assert len(read_rows(tmp_path / "b" / RESULTS)) == 2  # the two finished cells were kept
+    monkeypatch.setattr(run_module, "cell_task", real)
+    run_bench(tiny(), tmp_path / "b", workers=1, resume=True, progress=False)
+    assert len({r["key"] for r in read_rows(tmp_path / "b" / RESULTS)}) == 8
+
+
+def test_resume_ignores_worker_counts_but_not_a_corrupt_folder(tmp_path):
+    run_bench(tiny(fractions=[0.05], seeds=[101]), tmp_path / "b", workers=1, progress=False)
+    run_bench(tiny(fractions=[0.05], seeds=[101], workers=2), tmp_path / "b", resume=True, progress=False)
+    (tmp_path / "b" / "config.json").write_text("{broken")
+    with pytest.raises(OnpError, match="is corrupt"):
+        run_bench(tiny(fractions=[0.05], seeds=[101]), tmp_path / "b", resume=True, progress=False)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/abs", "a/../../b"])
+def test_shipped_files_cannot_leave_their_folder(tmp_path, name):
+    from onp_env.bench.run import unpack
+
+    with pytest.raises(OnpError, match="leaves"):
+        unpack({name: b"x"}, tmp_path / "art")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "art").exists()

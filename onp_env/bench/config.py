@@ -5,10 +5,14 @@ every defense-data fraction. Defenses are registered names (onp_env.registry) wi
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from onp_env.attacks import build_attack
 from onp_env.config import (
     AttackConfig,
     DataConfig,
@@ -20,8 +24,13 @@ from onp_env.config import (
     from_dict,
     read_yaml,
 )
+from onp_env.data import load_dataset
+from onp_env.defend import RUN_KEYS, check_run
+from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
+from onp_env.models import build_model
 from onp_env.registry import defense_class
+from onp_env.training import AUGMENTS
 
 MAX_CELLS = 100_000
 
@@ -87,29 +96,64 @@ def model_key(lab: LabConfig) -> str:
     return f"{lab.data.name}/{lab.model.name}/{lab.attack.name}/s{lab.seed}"
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+"""Names that become folder names (the grid's, each defense's label): no separators, no dot-names."""
+
+
+def _check_labs(cfg: BenchConfig) -> None:
+    """Every model of the grid is buildable: attack against the data, architecture (on the meta
+    device: nothing allocated), device and augmentation, before any of them trains."""
+    for what, entries in (("datasets", cfg.datasets), ("models", cfg.models), ("attacks", cfg.attacks)):
+        names = [e.get("name") for e in entries]
+        if len(set(names)) != len(names):
+            raise OnpError(f"bench.{what} lists a name twice ({names}): a grid holds one setting per name; "
+                           "split it into two configs")  # fmt: skip
+    infos = {d.name: load_dataset(d.name, d.root).info for d in cfg.data()}
+    resolve_device(cfg.train.device)
+    if cfg.train.augment not in AUGMENTS:
+        raise OnpError(f"unknown augment '{cfg.train.augment}': choose one of {', '.join(AUGMENTS)}")
+    for lab in cfg.labs():
+        info, a = infos[lab.data.name], lab.attack
+        assert a is not None
+        build_attack(a.name, info.shape, info.num_classes, a.target, a.mode, a.params)
+        with torch.device("meta"):
+            build_model(lab.model.name, info.shape, info.num_classes, info.mean, info.std, **lab.model.kwargs)
+
+
 def check(cfg: BenchConfig) -> None:
     """Everything that can be checked before the first model trains."""
     for what in ("datasets", "models", "attacks", "seeds", "fractions", "defenses"):
         if not getattr(cfg, what):
             raise OnpError(f"bench.{what} is empty: list at least one")
-    if any(not 0 < f < 1 for f in cfg.fractions) or len(set(cfg.fractions)) != len(cfg.fractions):
+    if not NAME.fullmatch(cfg.name):
+        raise OnpError(f"bench.name {cfg.name!r} becomes a folder name: use letters, digits, _ . + - only")
+    shown = [f"{f:g}" for f in cfg.fractions]
+    if any(not 0 < f < 1 for f in cfg.fractions) or len(set(shown)) != len(shown):
         raise OnpError(f"bench.fractions {cfg.fractions} must be distinct shares in (0, 1), e.g. [0.01, 0.05]")
-    if any(s < 0 for s in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
-        raise OnpError(f"bench.seeds {cfg.seeds} must be distinct non-negative integers")
+    if any(not 0 <= s < 2**63 for s in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise OnpError(f"bench.seeds {cfg.seeds} must be distinct integers in 0..2**63-1")
     specs = cfg.defense_specs()
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys):
         raise OnpError(f"bench.defenses repeat a label ({keys}): give each spec a distinct label")
     for spec in specs:
+        if not NAME.fullmatch(spec.key):
+            raise OnpError(f"defense label {spec.key!r} becomes a folder name: use letters, digits, _ . + - only")
+        grid_keys = sorted(set(spec.params) & {"defense_fraction", "seed"})
+        if grid_keys:
+            raise OnpError(f"defense {spec.key}: {', '.join(grid_keys)} come from the grid (fractions, seeds)")
+        run = {k: spec.params[k] for k in RUN_KEYS if k in spec.params}
+        check_run(run, spec.key)
+        params = {k: v for k, v in spec.params.items() if k not in RUN_KEYS}
         cls = defense_class(spec.name)
         if hasattr(cls, "prepare"):  # a learned defense: its preparation's inputs (e.g. the agent config)
-            cls.prepare(spec.params, None)
+            cls.prepare(params, None)
         else:
-            cls(**spec.params)
-    labs = cfg.labs()
-    cells = len(labs) * len(cfg.fractions) * len(specs)
+            cls(**params)
+    cells = len(cfg.labs()) * len(cfg.fractions) * len(specs)
     if cells > MAX_CELLS:
         raise OnpError(f"the grid has {cells} cells (at most {MAX_CELLS}): split it into several configs")
+    _check_labs(cfg)
 
 
 def load_bench_config(path: str | Path, overrides: list[str] | None = None) -> BenchConfig:

@@ -56,7 +56,7 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
         means, errs = [], []
         for attack in attacks:
             v = [100 * r["der"] for r in rows if r["defense"] == d and _attack(r) == attack and r["der"] is not None]
-            means.append(statistics.mean(v) if v else 0.0)
+            means.append(statistics.mean(v) if v else float("nan"))  # missing: no bar, not a zero
             errs.append(statistics.stdev(v) if len(v) > 1 else 0.0)
         ax.bar([k + i * width for k in range(len(attacks))], means, width, yerr=errs, color=colours[d], label=d)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
@@ -64,7 +64,7 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
     ax.set_ylabel("DER, % (50 = no effect)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"DER per defense and attack ({fraction:.0%} defense data)")
+    ax.set_title(f"DER per defense and attack ({fraction * 100:g}% defense data)")
     names.append(_save(fig, folder / "der.png"))
 
     fig, ax = plt.subplots(figsize=(6.0, 0.45 * len(defenses) + 1.2))

@@ -12,8 +12,10 @@ from typing import Any
 from onp_env.bench.config import BenchConfig, check
 from onp_env.bench.run import run_bench
 from onp_env.config import from_dict
-from onp_env.registry import defense_class, defense_names
+from onp_env.registry import defense_names
 
+HEURISTICS = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random")
+"""A fixed list (not every registered name), so that installing a plugin does not change the grid."""
 PATCH = {"patch_size": 2, "position": "bottom-right", "pattern": "checker"}
 AGENT: dict[str, Any] = {
     "name": "quickstart",
@@ -29,7 +31,7 @@ AGENT: dict[str, Any] = {
 
 
 def quick_config() -> BenchConfig:
-    heuristics = [{"name": n} for n in defense_names() if not hasattr(defense_class(n), "prepare")]
+    heuristics = [{"name": n} for n in HEURISTICS if n in defense_names()]
     learned = [{"name": "onp", "params": {"agent_config": AGENT}}] if "onp" in defense_names() else []
     cfg = from_dict(BenchConfig, {
         "name": "quickstart", "datasets": [{"name": "digits"}], "models": [{"name": "small_cnn"}],

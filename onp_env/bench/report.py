@@ -56,7 +56,7 @@ def write_report(out: str | Path, plots: bool = True) -> Path:
     out = Path(out)
     from onp_env.bench.run import RESULTS, read_rows
 
-    rows = read_rows(out / RESULTS)
+    rows = list({r["key"]: r for r in read_rows(out / RESULTS)}.values())  # a key twice counts once (the last)
     if not rows:
         raise OnpError(f"{out / RESULTS} holds no finished cell: run `onp bench --config ...` first")
     for r in rows:
@@ -71,7 +71,14 @@ def write_report(out: str | Path, plots: bool = True) -> Path:
         "",
     ]
     for (fraction,), rs in sorted(_group(rows, "fraction").items()):
-        lines += [f"## {fraction:.0%} defense data", "", "### DER (higher is better)", "", *table(rs, "der", "max"), ""]
+        lines += [
+            f"## {fraction * 100:g}% defense data",
+            "",
+            "### DER (higher is better)",
+            "",
+            *table(rs, "der", "max"),
+            "",
+        ]
         lines += ["### ASR after (lower is better)", "", *table(rs, "asr_after", "min"), ""]
         lines += ["### Clean accuracy lost, points (lower is better)", "", *table(rs, "acc_lost", "min"), ""]
         secs = _group(rs, "defense")

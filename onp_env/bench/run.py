@@ -68,9 +68,18 @@ def pack(folder: Path) -> dict[str, bytes]:
 
 
 def unpack(files: dict[str, bytes] | None, folder: Path) -> Path:
-    """`folder` as packed elsewhere (kept if this machine has it already)."""
+    """`folder` as packed elsewhere (kept if this machine has it already); names stay inside it."""
     if files is not None and not folder.exists():
+        if not files:
+            raise OnpError(f"nothing was shipped for {folder}: the driver's copy is empty")
         tmp = folder.with_name(f".{folder.name}.{os.getpid()}")
+        for name in files:
+            if (
+                Path(name).is_absolute()
+                or ".." in Path(name).parts
+                or not (tmp / name).resolve().is_relative_to(tmp.resolve())
+            ):
+                raise OnpError(f"refusing shipped file name {name!r}: it leaves {folder}")
         for name, data in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
@@ -101,7 +110,7 @@ def prepare_task(spec: dict[str, Any], workdir: str, threads: int, ship: bool) -
 
 def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict[str, Any],
               params: dict[str, Any], agent_files: dict[str, bytes] | None, fraction: float, seed: int,
-              workdir: str, threads: int) -> dict[str, Any]:  # fmt: skip
+              workdir: str, threads: int, data_root: str | None) -> dict[str, Any]:  # fmt: skip
     from onp_env.artifacts import load_artifact
     from onp_env.defend import defend_artifact
 
@@ -110,10 +119,13 @@ def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict
     if agent_files is not None:
         params = {**params, "agent": str(unpack(agent_files, Path(params["agent"])))}
     out = Path(workdir) / "defenses" / key
+    if not out.resolve().is_relative_to((Path(workdir) / "defenses").resolve()):  # labels are checked; be sure
+        raise OnpError(f"cell {key!r} would write outside {workdir}")
     if out.exists():  # a cell killed after writing its folder and before its row: redo it
         shutil.rmtree(out)
     start = time.perf_counter()
-    _, report = defend_artifact(art_path, spec["name"], {**params, "defense_fraction": fraction, "seed": seed}, out)
+    run = {**params, "defense_fraction": fraction, "seed": seed}
+    _, report = defend_artifact(art_path, spec["name"], run, out, data_root=data_root)
     manifest = load_artifact(out).manifest
     return {
         "key": key, "defense": DefenseSpec(**spec).key, "method": spec["name"], "params": spec["params"],
@@ -126,6 +138,14 @@ def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict
 
 
 # --- executors ------------------------------------------------------------------------------------
+class _Deferred:
+    """A task of the in-process executor: run when its result is asked for, one at a time, so that
+    each finished cell is written before the next starts."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]):
+        self.fn, self.args = fn, args
+
+
 class LocalExecutor:
     """A process pool of `workers` on this machine (spawned: no torch state is forked); one worker
     runs the tasks in this process instead (same per-cell seeds, so the same numbers)."""
@@ -135,15 +155,17 @@ class LocalExecutor:
     def __init__(self, workers: int):
         self.pool = ProcessPoolExecutor(workers, get_context("spawn")) if workers > 1 else None
 
-    def submit(self, fn: Callable[..., Any], *args: Any, cpus: int = 1) -> Future:
-        if self.pool is not None:
-            return self.pool.submit(fn, *args)
-        fut: Future = Future()
-        fut.set_result(fn(*args))  # an exception propagates here, as from a worker's result()
-        return fut
+    def submit(self, fn: Callable[..., Any], *args: Any, cpus: int = 1) -> Future | _Deferred:
+        return self.pool.submit(fn, *args) if self.pool is not None else _Deferred(fn, args)
+
+    def put(self, value: Any) -> Any:
+        return value
 
     def completed(self, pending: set[Any]) -> Iterator[tuple[Any, Any]]:
         """(handle, result) as tasks finish; a task's exception is raised here."""
+        for task in [t for t in pending if isinstance(t, _Deferred)]:
+            pending.discard(task)
+            yield task, task.fn(*task.args)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -155,40 +177,63 @@ class LocalExecutor:
             self.pool.shutdown(cancel_futures=True)
 
 
+def ray_module() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise OnpError('--executor ray needs Ray: pip install "onp-env[ray]"') from None
+    return ray
+
+
 class RayExecutor:
     """Each task a Ray task with its CPU request, on the cluster at `address` or a local one."""
 
     ships = True
 
     def __init__(self, address: str | None):
-        try:
-            import ray
-        except ImportError:
-            raise OnpError('--executor ray needs Ray: pip install "onp-env[ray]"') from None
-        self.ray = ray
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        self.ray = ray_module()
+        self.ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
 
     def submit(self, fn: Callable[..., Any], *args: Any, cpus: int = 1) -> Any:
         return self.ray.remote(num_cpus=cpus)(fn).remote(*args)
+
+    def put(self, value: Any) -> Any:
+        """One copy in the object store, shared by every task it is passed to."""
+        return self.ray.put(value) if value is not None else None
 
     def completed(self, pending: set[Any]) -> Iterator[tuple[Any, Any]]:
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
             for ref in done:
                 pending.discard(ref)
-                yield ref, self.ray.get(ref)
+                try:
+                    result = self.ray.get(ref)
+                except self.ray.exceptions.RayTaskError as e:  # a worker's bad input stays one line
+                    if isinstance(e.cause, OnpError):
+                        raise OnpError(str(e.cause)) from None
+                    raise
+                yield ref, result
 
     def close(self) -> None:
         self.ray.shutdown()
 
 
 # --- the driver ---------------------------------------------------------------------------------
+def _grid(d: dict[str, Any]) -> dict[str, Any]:
+    """What makes the numbers: the config without how many workers and threads ran it."""
+    return {k: v for k, v in d.items() if k not in ("workers", "threads")}
+
+
 def _check_out(cfg: BenchConfig, out: Path, resume: bool) -> None:
     saved = out / CONFIG
     if saved.is_file():
         if not resume:
             raise OnpError(f"{out} holds a benchmark already: pass --resume to continue it, or another --out")
-        if json.loads(saved.read_text()) != to_dict(cfg):
+        try:
+            before = json.loads(saved.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+            raise OnpError(f"{saved} is corrupt: remove the folder or pass another --out") from None
+        if not isinstance(before, dict) or _grid(before) != _grid(to_dict(cfg)):
             raise OnpError(
                 f"{out} holds a benchmark of another config: resume it with that config, or use another --out"
             )
@@ -206,17 +251,20 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     """Run (or continue) the grid into `out`; returns the path of results.md."""
     from onp_env.bench.report import write_report
 
-    out = Path(out)
+    out = Path(out).resolve()  # workers (and Ray nodes) must not read it against their own directory
     if executor not in ("local", "ray"):
         raise OnpError(f"unknown executor '{executor}': choose local or ray")
-    workers = workers or cfg.workers
+    workers = cfg.workers if workers is None else workers
     if workers < 1:
         raise OnpError("--workers must be >= 1")
-    if executor == "local" and workers * cfg.threads > (os.cpu_count() or 1):
-        raise OnpError(f"{workers} workers x {cfg.threads} threads exceed this machine's {os.cpu_count()} cores: "
-                       "lower --workers or threads")  # fmt: skip
-    pool: LocalExecutor | RayExecutor = LocalExecutor(workers) if executor == "local" else RayExecutor(address)
+    threads = max(cfg.threads, cfg.train.threads)
+    if executor == "local" and workers * threads > (os.cpu_count() or 1):
+        raise OnpError(f"{workers} workers x {threads} threads exceed this machine's {os.cpu_count()} cores: "
+                       "lower --workers, threads or train.threads")  # fmt: skip
+    if executor == "ray":
+        ray_module()  # refused before anything is written
     _check_out(cfg, out, resume)
+    pool: LocalExecutor | RayExecutor = LocalExecutor(workers) if executor == "local" else RayExecutor(address)
     results = out / RESULTS
     drop_partial_line(results)
     finished = {r["key"] for r in read_rows(results)}
@@ -224,14 +272,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     cells = [(lab, fraction, spec) for lab in labs for fraction in cfg.fractions for spec in specs]
     todo = [c for c in cells if f"{model_key(c[0])}/{c[1]:g}/{c[2].key}" not in finished]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
-    try:
+    try:  # the pool is closed whatever happens
         needed = {model_key(c[0]): c[0] for c in todo}
         models: dict[str, tuple[str, Any]] = {}
-        handles = {pool.submit(build_model_task, to_dict(lab), cfg.threads, pool.ships, cpus=cfg.threads): key
-                   for key, lab in needed.items()}  # fmt: skip
+        handles = {pool.submit(build_model_task, to_dict(lab), cfg.train.threads, pool.ships,
+                               cpus=cfg.train.threads): key for key, lab in needed.items()}  # fmt: skip
         for h, result in tqdm(pool.completed(set(handles)), total=len(handles), desc="models", disable=not progress,
                               leave=False):  # fmt: skip
-            models[handles[h]] = result
+            models[handles[h]] = (result[0], pool.put(result[1]))
         prepared: dict[str, tuple[dict[str, Any], Any]] = {}
         learned = {s.key: s for s in specs if hasattr(defense_class(s.name), "prepare")}
         learned = {k: s for k, s in learned.items() if any(c[2].key == k for c in todo)}
@@ -239,14 +287,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
                                cpus=cfg.threads): k for k, s in learned.items()}  # fmt: skip
         for h, result in tqdm(pool.completed(set(handles)), total=len(handles), desc="learned defenses",
                               disable=not progress, leave=False):  # fmt: skip
-            prepared[handles[h]] = result
+            prepared[handles[h]] = (result[0], pool.put(result[1]))
         handles = {}
         for lab, fraction, spec in todo:
             key = f"{model_key(lab)}/{fraction:g}/{spec.key}"
             art, art_files = models[model_key(lab)]
             params, agent_files = prepared.get(spec.key, (spec.params, None))
             handles[pool.submit(cell_task, key, art, art_files, to_dict(spec), params, agent_files, fraction,
-                                lab.seed, str(out), cfg.threads, cpus=cfg.threads)] = key  # fmt: skip
+                                lab.seed, str(out), cfg.threads, lab.data.root, cpus=cfg.threads)] = key  # fmt: skip
         for _, row in pool.completed(set(handles)):
             append(results, row)
             bar.update()
