@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import secrets
 import shutil
-import tempfile
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +30,7 @@ from onp_env.config import LabConfig, from_dict
 from onp_env.data import Dataset, load_dataset
 from onp_env.errors import OnpError
 from onp_env.manifest import WEIGHTS, check_indices_fit, check_manifest
-from onp_env.models import build_model
+from onp_env.models import Normalize, build_model
 
 MANIFEST = "manifest.json"
 DATA_ROOT_ENV = "ONP_DATA_ROOT"
@@ -41,24 +44,47 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fresh_name(parent: Path, prefix: str, suffix: str, make: Callable[[Path], object]) -> Path:
+    """A new entry `parent/prefix<random>suffix` made by `make(path)` (which fails if it exists)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            make(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name in {parent}")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary sibling and a rename: readers never see half a file."""
+    """Write `text` to `path` through a temporary sibling and a rename: readers never see half a file.
+    The file is created like any `open(path, "w")`: its mode follows the umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
+    fds: list[int] = []
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    tmp = _fresh_name(path.parent, f".{path.name}.", ".tmp", lambda p: fds.append(os.open(p, flags, 0o666)))
+    try:
+        with os.fdopen(fds[0], "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_artifact(dest: Path, model: nn.Module, manifest: dict[str, Any]) -> Path:
     """Write weights + manifest to `dest` atomically; returns `dest`. If another writer got
-    there first with a complete artifact, keeps theirs."""
+    there first with a complete artifact, keeps theirs. The folder and files get the modes a plain
+    mkdir and open give (the umask decides), so a shared cache stays readable by its group."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = _fresh_name(dest.parent, f".{dest.name}.", "", lambda p: p.mkdir(0o777))
     try:
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         manifest = {**manifest, "weights": {"sha256": sha256_file(tmp / WEIGHTS)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        # safetensors creates its file 0600: give it the mode open() just gave the manifest
+        os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / MANIFEST).stat().st_mode))
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -81,15 +107,35 @@ def regular_file(path: Path, fix: str) -> Path:
     return path
 
 
+class _NotFinite(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(f"the number {text[:40]} overflows to infinity")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotFinite(f"{name} is not a number JSON allows")
+
+
 def read_json(path: Path, limit: int, fix: str) -> Any:
-    """A size-capped JSON file (checked before reading): a crafted file cannot exhaust memory."""
+    """A size-capped JSON file (checked before reading): a crafted file cannot exhaust memory. NaN,
+    Infinity and numbers that overflow to them are refused: no field of ours may hold them."""
     regular_file(path, fix)
     if path.stat().st_size > limit:
         raise OnpError(f"{path} is larger than {limit} bytes: {fix}")
+    data = path.read_bytes()
     try:
-        return json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OnpError(f"{path} is not valid JSON ({e}): {fix}") from e
+        return json.loads(data, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError:
+        raise OnpError(f"{path} nests too deeply to be ours: {fix}") from None
+    except ValueError as e:  # bad JSON or UTF-8, NaN/Infinity, an integer beyond Python's digit limit
+        first = " ".join(str(e).split())[:200]
+        raise OnpError(f"{path} is not valid JSON ({first}): {fix}") from e
 
 
 def header_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -157,7 +203,15 @@ class Artifact:
                 f"{self.path} was trained on {d['name']} from a directory of your own, and a manifest's paths are not "
                 f"followed: pass the dataset directory (onp defend --data-root DIR, or {DATA_ROOT_ENV}=DIR)"
             )
-        return load_dataset(d["name"], root)
+        ds = load_dataset(d["name"], root)
+        want = self.manifest["dataset"]
+        if list(ds.info.shape) != list(want["shape"]) or ds.info.num_classes != want["num_classes"]:
+            raise OnpError(
+                f"{self.path} was trained on {d['name']} images shaped {want['shape']} in {want['num_classes']} "
+                f"classes, but the {d['name']} found holds {list(ds.info.shape)} in {ds.info.num_classes}: pass the "
+                f"dataset it was trained on (onp defend --data-root DIR, or {DATA_ROOT_ENV}=DIR)"
+            )
+        return ds
 
     @cached_property
     def attack(self) -> Attack | None:
@@ -204,5 +258,41 @@ def load_artifact(path: str | Path) -> Artifact:
         raise OnpError(f"{weights} has NaN/inf values in {', '.join(bad[:3])}: the model is broken; retrain it")
     model = build_model_from(manifest)
     model.load_state_dict(state)
+    check_buffers(model, manifest["model"], weights)
     model.eval()
-    return Artifact(path, manifest, model)
+    art = Artifact(path, manifest, model)
+    try:  # built now, not on first use: a bad trigger must be refused before a defense runs
+        attack = art.attack
+    except OnpError as e:
+        raise OnpError(f"{path / MANIFEST}:attack does not describe a valid attack: {e}") from e
+    where, info = f"{path / MANIFEST}:attack", manifest["attack"]
+    if attack is not None and attack.clean_label != info["clean_label"]:
+        raise OnpError(f"{where}.clean_label is {str(info['clean_label']).lower()} but {attack.name} is "
+                       f"{'' if attack.clean_label else 'not '}clean-label: the manifest is corrupt or crafted; "
+                       f"recreate it")  # fmt: skip
+    if attack is not None and not getattr(attack, "prepared", True):
+        raise OnpError(f"{where}.params.pattern is missing: a {attack.name} artifact records its optimised trigger; "
+                       f"the manifest is corrupt or crafted, recreate it")  # fmt: skip
+    return art
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def check_buffers(model: nn.Module, info: dict[str, Any], weights: Path) -> None:
+    """Buffers the weights file sets must agree with the manifest and be usable: the input
+    normalisation (Normalize's mean/std) must be the manifest's model mean/std, with std > 0, and
+    every BatchNorm running variance must be >= 0 (else the model outputs NaN)."""
+    fix = "the file is corrupt or crafted; recreate the artifact"
+    for name, module in model.named_modules():
+        if isinstance(module, Normalize):
+            mean = torch.tensor(info["mean"], dtype=torch.float32)
+            std = torch.tensor(info["std"], dtype=torch.float32)
+            if not (torch.allclose(module.mean.flatten(), mean) and torch.allclose(module.std.flatten(), std)):
+                raise OnpError(f"{weights}: the input normalisation {name}.mean/std it holds differs from the "
+                               f"manifest's model mean/std: {fix}")  # fmt: skip
+            if not bool((module.std > 0).all()):
+                raise OnpError(f"{weights}: {name}.std has a value <= 0: {fix}")
+        var = module.running_var if isinstance(module, BATCH_NORMS) else None
+        if var is not None and not bool((var >= 0).all()):
+            raise OnpError(f"{weights}: {name}.running_var has a negative variance: {fix}")

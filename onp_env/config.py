@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,17 +30,40 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
     return field(default=default, metadata={"bounds": bounds})
 
 
+SEED_LIMIT = 2**63
+"""Seeds stay below this: torch.Generator.manual_seed takes 64-bit values."""
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters, for error messages about untrusted values (an int of
+    more than sys.get_int_max_str_digits() digits has no repr at all)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"a value too large to show (over {sys.get_int_max_str_digits()} digits)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show_bound(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def _check_bounds(value: Any, bounds: dict[str, float], where: str) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
-    if not math.isfinite(value):
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    rule = " and ".join(f"{words[k]} {_show_bound(v)}" for k, v in bounds.items())
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond any float: out of every range a config field has
+        raise OnpError(f"{where} must be a finite number{' ' + rule if rule else ''}, got an integer of "
+                       f"{int(value).bit_length()} bits") from None  # fmt: skip
+    if not finite:
         raise OnpError(f"{where} must be a finite number, got {value!r}")
     ok = {"ge": value >= bounds.get("ge", value), "gt": "gt" not in bounds or value > bounds["gt"],
           "le": value <= bounds.get("le", value), "lt": "lt" not in bounds or value < bounds["lt"]}  # fmt: skip
     if not all(ok.values()):
-        words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-        rule = " and ".join(f"{words[k]} {v:g}" for k, v in bounds.items())
-        raise OnpError(f"{where} must be {rule}, got {value!r}")
+        raise OnpError(f"{where} must be {rule}, got {short_repr(value)}")
 
 
 @dataclass
@@ -50,7 +74,7 @@ class DataConfig:
     """Directory of the dataset files, for datasets not bundled (see onp_env.data)."""
     defense_fraction: float = bounded(0.05, gt=0, lt=1)
     """Share of each class of the training split held out as the clean defense set."""
-    split_seed: int = bounded(0, ge=0)
+    split_seed: int = bounded(0, ge=0, lt=SEED_LIMIT)
     """Seed of the defense split."""
 
 
@@ -99,7 +123,7 @@ class LabConfig:
 
     name: str = "model"
     """Label for the artifact directory; not part of the hash."""
-    seed: int = bounded(0, ge=0)
+    seed: int = bounded(0, ge=0, lt=SEED_LIMIT)
     """Seed of weight initialisation, batch order and poisoned-index choice."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,8 +160,12 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     """Build dataclass `cls` from nested dicts, rejecting unknown keys by name."""
     if not isinstance(data, dict):
         raise OnpError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if not isinstance(key, str):
+            raise OnpError(f"{where} has the key {short_repr(key)}, which is not a name: keys are text, one of "
+                           f"{', '.join(sorted(names))}")  # fmt: skip
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - names)
     if unknown:
         raise OnpError(f"unknown key(s) {', '.join(unknown)} in {where}: valid keys are {', '.join(sorted(names))}")
@@ -182,7 +210,7 @@ def _check_type(tp: Any, value: Any, where: str) -> None:
         allowed = ()
     if not isinstance(value, allowed):
         names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-        raise OnpError(f"{where} must be {names}, got {value!r}")
+        raise OnpError(f"{where} must be {names}, got {short_repr(value)}")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -209,8 +237,14 @@ MAX_CONFIG_BYTES = 1 << 20
 
 
 class _PlainLoader(yaml.SafeLoader):
-    """safe_load without aliases (a few aliased lines can expand into gigabytes: "billion laughs") and
-    without explicit tags (plain data is all a config holds)."""
+    """safe_load without aliases (a few aliased lines can expand into gigabytes: "billion laughs"),
+    without explicit tags (plain data is all a config holds) and without implicit timestamps
+    (`2001-01-01` stays the string it looks like, not a date no config field can hold)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
@@ -225,7 +259,9 @@ def parse_yaml(text: str, where: str) -> Any:
     """Plain YAML data (no tags, no aliases), or a one-line OnpError naming `where`."""
     try:
         return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as e:
+    except RecursionError:
+        raise OnpError(f"{where} nests too deeply to be a config: flatten it") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer beyond Python's digit limit
         first = " ".join(str(e).split())[:200]
         raise OnpError(f"{where} is not valid YAML ({first}): fix it (tags and aliases are refused)") from e
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from onp_env.attacks.base import Attack, patch_origin
-from onp_env.config import bounded
+from onp_env.config import SEED_LIMIT, bounded
 from onp_env.errors import OnpError
 
 PATTERNS = ("checker", "white", "random")
@@ -32,12 +32,14 @@ def patch_pattern(kind: str, channels: int, size: int, seed: int) -> torch.Tenso
 
 
 class Patch(Attack):
-    """Shared by attacks whose trigger is a patch pasted over the image."""
+    """Shared by attacks whose trigger is a patch pasted over the image. `locate` checks that the
+    patch fits the image and must come before the pattern is built: a crafted patch_size would
+    otherwise allocate its (C, size, size) pattern first."""
 
-    def place(self, pattern: torch.Tensor, position) -> None:
-        size = pattern.shape[-1]
+    _pattern: torch.Tensor
+
+    def locate(self, size: int, position: str | list[int]) -> None:
         self._rc = patch_origin(position, size, self.image_shape)
-        self._pattern = pattern
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         r, c = self._rc
@@ -58,7 +60,7 @@ class BadNetsParams:
     """Named corner/center or explicit [row, col] of the patch's top-left pixel."""
     pattern: str = "checker"
     """checker, white or random (binary, drawn with pattern_seed)."""
-    pattern_seed: int = bounded(0, ge=0)
+    pattern_seed: int = bounded(0, ge=0, lt=SEED_LIMIT)
 
 
 class BadNets(Patch):
@@ -67,4 +69,7 @@ class BadNets(Patch):
 
     def validate(self) -> None:
         p = self.params
-        self.place(patch_pattern(p.pattern, self.image_shape[0], p.patch_size, p.pattern_seed), p.position)
+        if p.pattern not in PATTERNS:
+            raise OnpError(f"unknown patch pattern '{p.pattern}': choose one of {', '.join(PATTERNS)}")
+        self.locate(p.patch_size, p.position)  # before the pattern is built: patch_size must fit the image
+        self._pattern = patch_pattern(p.pattern, self.image_shape[0], p.patch_size, p.pattern_seed)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from onp_env.config import from_dict
+from onp_env.config import from_dict, short_repr
 from onp_env.errors import OnpError
 
 MODES = ("all-to-one", "all-to-all")
@@ -141,6 +141,10 @@ def patch_origin(
         if size + 2 > w:
             c = 0 if position != "center" else c
     else:
+        if len(position) != 2:
+            raise OnpError(
+                f"patch position {short_repr(list(position))} must be [row, col] or one of {', '.join(POSITIONS)}"
+            )
         r, c = (int(v) for v in position)
     if r < 0 or c < 0 or r + size > h or c + size > w:
         raise OnpError(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from onp_env.attacks.base import Attack, check_unit
-from onp_env.config import bounded
+from onp_env.config import SEED_LIMIT, bounded
 from onp_env.errors import OnpError
 
 
@@ -24,7 +24,7 @@ class BlendedParams:
     """Blend weight at test time (default: alpha)."""
     pattern: str = "random"
     """random (uniform noise, drawn with pattern_seed) or checker."""
-    pattern_seed: int = bounded(0, ge=0)
+    pattern_seed: int = bounded(0, ge=0, lt=SEED_LIMIT)
 
 
 class Blended(Attack):

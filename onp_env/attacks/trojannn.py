@@ -15,12 +15,13 @@ attacker has the training data and fine-tunes the whole network from the referen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from onp_env.attacks.badnets import Patch
-from onp_env.config import bounded
+from onp_env.config import SEED_LIMIT, bounded, short_repr
 from onp_env.errors import OnpError
 
 
@@ -34,9 +35,32 @@ class TrojanNNParams:
     steps: int = bounded(300, ge=1, le=1_000_000)
     lr: float = bounded(0.1, gt=0)
     batch: int = bounded(256, ge=1, le=1_000_000)
-    seed: int = bounded(0, ge=0)
+    seed: int = bounded(0, ge=0, lt=SEED_LIMIT)
     pattern: list | None = None
     """The optimised trigger as 0-255 integers shaped (C, size, size); filled by `prepare`."""
+
+
+def check_pattern(pattern: Any, shape: tuple[int, int, int]) -> None:
+    """A recorded trigger must be nested lists shaped `shape` of pixel values in 0..255, checked
+    before torch sees it (an artifact's params are untrusted); the error names the entry."""
+    c, h, w = shape
+    fix = "the trigger is corrupt or crafted; rerun the attack to optimise it again"
+
+    def need(where: str, row: Any, n: int) -> None:
+        if not isinstance(row, list) or len(row) != n:
+            got = f"{len(row)} entries" if isinstance(row, list) else short_repr(row, 40)
+            raise OnpError(f"trojannn {where} must be a list of {n} entries (the pattern is shaped [{c}, {h}, {w}]), "
+                           f"got {got}: {fix}")  # fmt: skip
+
+    need("pattern", pattern, c)
+    for i, plane in enumerate(pattern):
+        need(f"pattern[{i}]", plane, h)
+        for j, row in enumerate(plane):
+            need(f"pattern[{i}][{j}]", row, w)
+            for k, v in enumerate(row):
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 255:
+                    raise OnpError(f"trojannn pattern[{i}][{j}][{k}] must be a pixel value in 0..255, got "
+                                   f"{short_repr(v, 40)}: {fix}")  # fmt: skip
 
 
 def _default_layer(model: nn.Module) -> str:
@@ -72,15 +96,16 @@ class TrojanNN(Patch):
     def validate(self) -> None:
         p = self.params
         c = self.image_shape[0]
+        self.locate(p.patch_size, p.position)  # before any tensor: patch_size must fit the image
         if p.pattern is None:
-            pattern = torch.full((c, p.patch_size, p.patch_size), 0.5)  # placeholder until prepare()
-        else:
-            pattern = torch.tensor(p.pattern, dtype=torch.float32) / 255
-            if pattern.shape != (c, p.patch_size, p.patch_size):
-                raise OnpError(
-                    f"trojannn pattern has shape {tuple(pattern.shape)}, expected {(c, p.patch_size, p.patch_size)}"
-                )
-        self.place(pattern, p.position)
+            self._pattern = torch.full((c, p.patch_size, p.patch_size), 0.5)  # placeholder until prepare()
+            return
+        check_pattern(p.pattern, (c, p.patch_size, p.patch_size))
+        try:
+            self._pattern = torch.tensor(p.pattern, dtype=torch.float32) / 255
+        except (TypeError, ValueError, OverflowError, RuntimeError) as e:  # check_pattern should have caught it
+            raise OnpError(f"trojannn pattern is not a (C, size, size) array of pixel values ({e}): rerun the attack "
+                           f"to optimise it again") from e  # fmt: skip
 
     @property
     def prepared(self) -> bool:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from onp_env.attacks.base import Attack
-from onp_env.config import bounded
+from onp_env.config import SEED_LIMIT, bounded
 from onp_env.errors import OnpError
 
 
@@ -30,7 +30,7 @@ class WaNetParams:
     """Noise mode: add cross images (warp + random noise, true label)."""
     cross_ratio: float = bounded(2.0, ge=0)
     """Cross images per poisoned image in noise mode."""
-    grid_seed: int = bounded(0, ge=0)
+    grid_seed: int = bounded(0, ge=0, lt=SEED_LIMIT)
 
 
 class WaNet(Attack):
