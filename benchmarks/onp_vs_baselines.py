@@ -251,9 +251,18 @@ def report_md(results: Path, out: Path) -> None:
         "",
     ]
     for fraction in sorted({r["fraction"] for r in cells}):
-        at = [r for r in cells if r["fraction"] == fraction]
+        # paired: only the held-out models on which every method has run (a partial run compares like with like)
+        methods: dict[tuple, set] = {}
+        for r in cells:
+            if r["fraction"] == fraction:
+                methods.setdefault((r["attack"], r["seed"]), set()).add(r["method"])
+        complete = {k for k, v in methods.items() if set(main) <= v}
+        at = [r for r in cells if r["fraction"] == fraction and (r["attack"], r["seed"]) in complete]
+        if not at:
+            continue
         attacks = list(dict.fromkeys(r["attack"] for r in at))
-        lines += [f"## All held-out attacks, {fraction:.0%} defense data ({', '.join(attacks)})", "", *HEADER]
+        lines += [f"## All held-out attacks, {fraction:.0%} defense data ({', '.join(attacks)}; "
+                  f"{len(complete)} models on which every method ran)", "", *HEADER]  # fmt: skip
         for m in main:
             sel = [r for r in at if r["method"] == m]
             if sel:
