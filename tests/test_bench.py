@@ -135,12 +135,13 @@ def test_one_worker_writes_each_cell_before_the_next(tmp_path, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(run_module, "cell_task", killed_at_the_third)
+    grid = tiny(fractions=[0.05])
     with pytest.raises(KeyboardInterrupt):
-        run_bench(tiny(), tmp_path / "b", workers=1, progress=False)
+        run_bench(grid, tmp_path / "b", workers=1, progress=False)
     assert len(read_rows(tmp_path / "b" / RESULTS)) == 2  # the two finished cells were kept
     monkeypatch.setattr(run_module, "cell_task", real)
-    run_bench(tiny(), tmp_path / "b", workers=1, resume=True, progress=False)
-    assert len({r["key"] for r in read_rows(tmp_path / "b" / RESULTS)}) == 8
+    run_bench(grid, tmp_path / "b", workers=1, resume=True, progress=False)
+    assert len({r["key"] for r in read_rows(tmp_path / "b" / RESULTS)}) == 4
 
 
 def test_resume_ignores_worker_counts_but_not_a_corrupt_folder(tmp_path):
