@@ -37,7 +37,7 @@ from agents.expert import clone, collect
 from agents.io import save_agent
 from agents.policy import GraphMaskablePolicy
 from onp_env.artifacts import write_text_atomic
-from onp_env.config import LabConfig, to_dict
+from onp_env.config import LabConfig, from_dict, to_dict
 from onp_env.env import EnvConfig, NeuronPruningEnv
 from onp_env.errors import OnpError
 from onp_env.zoo import build_artifact
@@ -110,7 +110,11 @@ def _check_out(cfg: AgentConfig, out: Path, resume: bool) -> bool:
         return False
     if not saved.is_file():
         raise OnpError(f"{out} holds no run to resume (no {CONFIG}): start it without --resume")
-    if json.loads(saved.read_text()) != to_dict(cfg):
+    try:  # through the schema: a field added since the run started takes its default, as it did then
+        before = to_dict(from_dict(AgentConfig, json.loads(saved.read_text()), str(saved)))
+    except (json.JSONDecodeError, UnicodeDecodeError, OnpError):
+        before = None
+    if before != to_dict(cfg):
         raise OnpError(f"the config differs from the one {out} was started with: resume with the same config and --set")
     if (out / AGENT).exists():
         raise OnpError(f"{out} is finished ({out / AGENT} exists): nothing to resume")
