@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import onp_env
 from onp_env.artifacts import write_text_atomic
 from onp_env.bench.config import BenchConfig, DefenseSpec, model_key
-from onp_env.config import LabConfig, to_dict
+from onp_env.config import LabConfig, from_dict, to_dict
 from onp_env.errors import OnpError
 from onp_env.registry import defense_class
 
@@ -229,11 +229,11 @@ def _check_out(cfg: BenchConfig, out: Path, resume: bool) -> None:
     if saved.is_file():
         if not resume:
             raise OnpError(f"{out} holds a benchmark already: pass --resume to continue it, or another --out")
-        try:
-            before = json.loads(saved.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
+        try:  # through the schema: a field added since the run started takes its default, as it did then
+            before = to_dict(from_dict(BenchConfig, json.loads(saved.read_text()), str(saved)))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError, OnpError):
             raise OnpError(f"{saved} is corrupt: remove the folder or pass another --out") from None
-        if not isinstance(before, dict) or _grid(before) != _grid(to_dict(cfg)):
+        if _grid(before) != _grid(to_dict(cfg)):
             raise OnpError(
                 f"{out} holds a benchmark of another config: resume it with that config, or use another --out"
             )
