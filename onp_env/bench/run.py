@@ -92,7 +92,6 @@ def unpack(files: dict[str, bytes] | None, folder: Path) -> Path:
 
 # --- the tasks (module level: they run in worker processes) -------------------------------------
 def build_model_task(lab: dict[str, Any], threads: int, ship: bool) -> tuple[str, dict[str, bytes] | None]:
-    from onp_env.config import from_dict
     from onp_env.zoo import build_artifact
 
     torch.set_num_threads(threads)
