@@ -114,7 +114,7 @@ class TrainConfig:
     """torch threads while training; part of the result, since float sums depend on it."""
     device: str = "cpu"
     """cpu, cuda, cuda:N or auto (a GPU when torch sees one): where training runs. Part of the
-    result (GPU kernels sum in other orders); metrics and defenses then take the model on the CPU."""
+    result (GPU kernels sum in other orders); the trained model is returned on the CPU."""
 
 
 @dataclass

@@ -112,6 +112,8 @@ def no_work(monkeypatch):
         ("magnitude", {"seed": "abc"}, "seed must be int"),
         ("magnitude", {"seed": 1.5}, "seed must be int"),
         ("magnitude", {"seed": -1}, "seed must be >= 0"),
+        ("magnitude", {"device": "tpu"}, "unknown device 'tpu'"),
+        ("magnitude", {"device": "cuda:x"}, "unknown device 'cuda:x'"),
     ],
 )
 def test_bad_inputs_are_refused_before_the_defense_runs(tiny_artifact, tmp_path, no_work, method, overrides, match):
