@@ -8,11 +8,10 @@ from typing import Any
 
 from agents.gnn import GNN_TYPES, LIMITS, PolicyConfig
 from onp_env.config import AttackConfig, LabConfig, from_dict
+from onp_env.devices import resolve_device
 from onp_env.env.config import EnvConfig
 from onp_env.env.signals import check_feature_sets
 from onp_env.errors import OnpError
-
-DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass
@@ -83,7 +82,8 @@ class AgentConfig:
     threads: int = 1
     """torch threads of the training process (small graphs run fastest on one)."""
     device: str = "cpu"
-    """cpu, cuda or auto (cuda when available) for the policy."""
+    """cpu, cuda, cuda:N or auto (a GPU when torch sees one) for the policy; env.device places the
+    environments' models."""
 
     def attack_configs(self) -> list[AttackConfig]:
         return [from_dict(AttackConfig, a, f"zoo.attacks[{i}]") for i, a in enumerate(self.zoo.attacks)]
@@ -109,8 +109,8 @@ def validate(cfg: AgentConfig) -> None:
         raise OnpError("zoo.attacks and zoo.seeds must not be empty: the agent needs shadow models")
     if cfg.vec_env not in ("dummy", "subproc"):
         raise OnpError(f"vec_env '{cfg.vec_env}' unknown: choose dummy or subproc")
-    if cfg.device not in DEVICES:
-        raise OnpError(f"device '{cfg.device}' unknown: choose cpu, cuda or auto")
+    resolve_device(cfg.device)
+    resolve_device(cfg.env.device)
     checks = {
         "n_envs": cfg.n_envs, "threads": cfg.threads, "checkpoint_every": cfg.checkpoint_every,
         "ppo.n_steps": cfg.ppo.n_steps, "ppo.batch_size": cfg.ppo.batch_size, "ppo.n_epochs": cfg.ppo.n_epochs,

@@ -238,6 +238,8 @@ def test_missing_corrupt_or_crafted_agents_are_clear_errors(agent_dir, tmp_path,
         (["zoo.attacks=[{name: badnets, colour: red}]"], "unknown key"),
         (["n_envs=0"], "at least 1"),
         (["env.action_mode=layer"], "imitation needs"),
+        (["device=tpu"], "unknown device 'tpu'"),
+        (["env.device=cuda:x"], "unknown device 'cuda:x'"),
     ],
 )
 def test_bad_agent_configs_fail_before_any_work(overrides, message):
