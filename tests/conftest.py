@@ -23,6 +23,18 @@ def tiny_config(*overrides: str) -> LabConfig:
     )
 
 
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if any defense starts working."""
+    from baselines.common import Defense
+
+    def ran(*args, **kwargs):
+        pytest.fail("the defense ran before its inputs were checked")
+
+    monkeypatch.setattr(Defense, "run", ran)
+    monkeypatch.setattr(Defense, "plan", ran)
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory):
     return build_artifact(tiny_config(), tmp_path_factory.mktemp("zoo"), progress=False)

@@ -85,17 +85,6 @@ def test_a_loaded_artifact_is_accepted_and_a_stale_staging_folder_does_not_block
     assert (out / "report.json").is_file() and report["pruned"] > 0
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if any defense starts working."""
-
-    def ran(*args, **kwargs):
-        pytest.fail("the defense ran before its inputs were checked")
-
-    monkeypatch.setattr(Defense, "run", ran)
-    monkeypatch.setattr(Defense, "plan", ran)
-
-
 @pytest.mark.parametrize(
     ("method", "overrides", "match"),
     [

@@ -14,7 +14,6 @@ from agents.gnn import PolicyConfig
 from agents.io import save_agent
 from agents.policy import build_net
 from baselines import DEFENSES
-from baselines.common import Defense
 from onp_env import OnpError, load_artifact
 from onp_env.bench.config import BenchConfig, check
 from onp_env.cli import main
@@ -23,13 +22,8 @@ from onp_env.defend import defend_artifact
 from onp_env.devices import device_of
 from onp_env.env import EnvConfig, NeuronPruningEnv
 
-QUICK = {
-    "anp": {"iterations": 5},
-    "fp": {"finetune_epochs": 1},
-    "rnp": {"unlearn_epochs": 2, "recover_epochs": 2, "batch_size": 16},
-    "mnp": {"suppress_epochs": 2, "mask_epochs": 2, "batch_size": 16},
-    "bnp": {"epochs": 1},
-}
+from .test_baselines import QUICK
+
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that torch sees")
 
 
@@ -37,15 +31,6 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that
 def no_gpu(monkeypatch):
     """As on a machine without a GPU, whatever this one has."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    def ran(*args, **kwargs):
-        pytest.fail("the defense ran before its inputs were checked")
-
-    monkeypatch.setattr(Defense, "run", ran)
-    monkeypatch.setattr(Defense, "plan", ran)
 
 
 def _defend(art, method, tmp_path, **run):
