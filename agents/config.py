@@ -1,18 +1,22 @@
 """The config of `onp train-agent`, in the project's one config schema (onp_env.config): YAML with
-`--set key=value` overrides, strict about unknown keys and types."""
+`--set key=value` overrides, strict about unknown keys and types.
+
+Numeric ranges are declared on the fields with `bounded`, so every loader (YAML, `--set`, saved
+agents) checks them through from_dict; `validate` re-checks them for a config built in Python and
+adds the checks a range cannot express (names, divisibility, non-empty zoo, devices)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.gnn import GNN_TYPES, LIMITS, PolicyConfig
-from onp_env.config import AttackConfig, LabConfig, from_dict
+from agents.gnn import GNN_TYPES, PolicyConfig
+from onp_env.config import SEED_LIMIT, AttackConfig, LabConfig, bounded, from_dict
+from onp_env.devices import resolve_device
 from onp_env.env.config import EnvConfig
 from onp_env.env.signals import check_feature_sets
 from onp_env.errors import OnpError
-
-DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass
@@ -24,84 +28,98 @@ class ZooConfig:
     """Dataset, model, training and default attack settings shared by every shadow model."""
     attacks: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "badnets"}])
     """Attack configs (each as `attack` in configs/attack/*.yaml); they replace base.attack."""
-    seeds: list[int] = field(default_factory=lambda: [1, 2])
-    """Model seeds; held-out evaluation models must use other seeds."""
+    seeds: list[int] = bounded([1, 2], ge=0, lt=SEED_LIMIT)
+    """Model seeds (each becomes the LabConfig seed of its shadow models); held-out evaluation
+    models must use other seeds."""
 
 
 @dataclass
 class PPOConfig:
-    total_steps: int = 20_000
-    """Environment steps of PPO (all vector envs together)."""
-    n_steps: int = 256
+    total_steps: int = bounded(20_000, ge=0)
+    """Environment steps of PPO (all vector envs together); 0: imitation only."""
+    n_steps: int = bounded(256, ge=1)
     """Steps per env between updates."""
-    batch_size: int = 64
-    n_epochs: int = 4
-    lr: float = 3e-4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_range: float = 0.2
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
+    batch_size: int = bounded(64, ge=1)
+    """Minibatch size of the PPO updates."""
+    n_epochs: int = bounded(4, ge=1)
+    """Passes over each rollout."""
+    lr: float = bounded(3e-4, gt=0)
+    """Adam learning rate."""
+    gamma: float = bounded(0.99, ge=0, le=1)
+    """Discount factor."""
+    gae_lambda: float = bounded(0.95, ge=0, le=1)
+    """GAE bias/variance trade-off."""
+    clip_range: float = bounded(0.2, gt=0)
+    """PPO clipping of the probability ratio to [1 - clip_range, 1 + clip_range]."""
+    ent_coef: float = bounded(0.01, ge=0)
+    """Weight of the entropy bonus."""
+    vf_coef: float = bounded(0.5, ge=0)
+    """Weight of the value loss."""
+    max_grad_norm: float = bounded(0.5, gt=0)
+    """Gradient-norm clipping (0 would zero every gradient)."""
 
 
 @dataclass
 class ImitationConfig:
     """Warm start by behaviour cloning of the oracle expert (agents.expert), before PPO."""
 
-    episodes: int = 0
+    episodes: int = bounded(0, ge=0)
     """Expert episodes per shadow model (0: no warm start). The first follows the expert exactly,
     later ones take a random valid unit with probability `noise` at each step, so the student also
     sees states off the expert's path."""
-    noise: float = 0.2
-    epochs: int = 30
-    lr: float = 1e-3
-    batch_size: int = 64
-    stop_asr: float = 0.05
+    noise: float = bounded(0.2, ge=0, le=1)
+    """Probability of a random valid unit instead of the expert's at each step (after the first episode)."""
+    epochs: int = bounded(30, ge=1)
+    """Behaviour-cloning epochs over the expert's samples."""
+    lr: float = bounded(1e-3, gt=0)
+    """Adam learning rate of behaviour cloning."""
+    batch_size: int = bounded(64, ge=1)
+    """Minibatch size of behaviour cloning."""
+    stop_asr: float = bounded(0.05, ge=0, le=1)
     """The expert stops once ASR on the triggered defense images is at most this."""
-    candidates: int = 16
+    candidates: int = bounded(16, ge=1)
     """The expert's greedy step tries the top units of its activation-gap ranking only."""
 
 
 @dataclass
 class AgentConfig:
     name: str = "agent"
-    seed: int = 0
-    """Seeds PPO, the policy's initialisation and the environments (not the shadow models: zoo.seeds)."""
+    seed: int = bounded(0, ge=0, lt=2**32)
+    """Seeds PPO, the policy's initialisation and the environments (not the shadow models: zoo.seeds).
+    Below 2**32: stable-baselines3 passes it to numpy.random.seed."""
     zoo: ZooConfig = field(default_factory=ZooConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     """Environment settings; the zoo fills `artifacts`, training always uses the oracle score."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     imitation: ImitationConfig = field(default_factory=ImitationConfig)
-    n_envs: int = 1
+    n_envs: int = bounded(1, ge=1)
     """Parallel environments."""
     vec_env: str = "dummy"
     """dummy (one process) or subproc (one process per env)."""
-    checkpoint_every: int = 2048
+    checkpoint_every: int = bounded(2048, ge=1)
     """Environment steps between resumable checkpoints."""
-    threads: int = 1
+    threads: int = bounded(1, ge=1)
     """torch threads of the training process (small graphs run fastest on one)."""
     device: str = "cpu"
-    """cpu, cuda or auto (cuda when available) for the policy."""
+    """cpu, cuda, cuda:N or auto (a GPU when torch sees one) for the policy; env.device places the
+    environments' models."""
 
     def attack_configs(self) -> list[AttackConfig]:
         return [from_dict(AttackConfig, a, f"zoo.attacks[{i}]") for i, a in enumerate(self.zoo.attacks)]
 
 
 def check_policy(cfg: PolicyConfig) -> None:
+    """What the field ranges of PolicyConfig (checked by from_dict) cannot express."""
     if cfg.gnn not in GNN_TYPES:
         raise OnpError(f"unknown gnn '{cfg.gnn}': choose one of {', '.join(GNN_TYPES)}")
-    for key, (lo, hi) in LIMITS.items():
-        v = getattr(cfg, key)
-        if not lo <= v <= hi:
-            raise OnpError(f"policy.{key} = {v} is out of range: use {lo}..{hi}")
     if cfg.gnn == "gat" and cfg.hidden % cfg.heads:
         raise OnpError(f"policy.hidden {cfg.hidden} is not divisible by policy.heads {cfg.heads}: change either")
 
 
-def validate(cfg: AgentConfig) -> None:
+def validate(cfg: AgentConfig, where: str = "agent config") -> None:
     """Every check that needs no model: run before anything expensive starts."""
+    from_dict(AgentConfig, dataclasses.asdict(cfg), where)  # types and ranges of a config built in Python
     check_policy(cfg.policy)
     check_feature_sets(cfg.env.features, cfg.env.signal_params)
     cfg.attack_configs()
@@ -109,19 +127,8 @@ def validate(cfg: AgentConfig) -> None:
         raise OnpError("zoo.attacks and zoo.seeds must not be empty: the agent needs shadow models")
     if cfg.vec_env not in ("dummy", "subproc"):
         raise OnpError(f"vec_env '{cfg.vec_env}' unknown: choose dummy or subproc")
-    if cfg.device not in DEVICES:
-        raise OnpError(f"device '{cfg.device}' unknown: choose cpu, cuda or auto")
-    checks = {
-        "n_envs": cfg.n_envs, "threads": cfg.threads, "checkpoint_every": cfg.checkpoint_every,
-        "ppo.n_steps": cfg.ppo.n_steps, "ppo.batch_size": cfg.ppo.batch_size, "ppo.n_epochs": cfg.ppo.n_epochs,
-    }  # fmt: skip
-    for key, v in checks.items():
-        if v < 1:
-            raise OnpError(f"{key} must be at least 1, got {v}")
-    if cfg.ppo.total_steps < 0 or cfg.imitation.episodes < 0:
-        raise OnpError("ppo.total_steps and imitation.episodes must not be negative")
-    if not 0 <= cfg.imitation.noise <= 1:
-        raise OnpError("imitation.noise must be in [0, 1]")
+    resolve_device(cfg.device)
+    resolve_device(cfg.env.device)
     if cfg.imitation.episodes and cfg.env.action_mode != "neuron":
         raise OnpError("imitation needs env.action_mode=neuron (the expert prunes one unit per step)")
 

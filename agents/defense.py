@@ -32,6 +32,7 @@ from agents.io import Agent, load_agent
 from agents.train import AGENT, train_agent
 from baselines.common import Defense
 from onp_env.config import apply_overrides, from_dict, to_dict
+from onp_env.devices import device_of
 from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
@@ -51,17 +52,19 @@ class ONPParams:
 def act(agent: Agent, env: NeuronPruningEnv, obs: dict[str, np.ndarray], deterministic: bool = True,
         rng: np.random.Generator | None = None) -> Any:  # fmt: skip
     """The policy's action for one observation of `env`, restricted to its valid actions."""
-    g = to_graph_batch({k: torch.as_tensor(v).float()[None] for k, v in obs.items()}, agent.policy.reverse_edges)
+    device = device_of(agent.net)
+    obs_t = {k: torch.as_tensor(v).float()[None].to(device) for k, v in obs.items()}
+    g = to_graph_batch(obs_t, agent.policy.reverse_edges)
     unit, stop, _ = agent.net(g)
     mask = torch.as_tensor(env.action_masks())
     if env.cfg.action_mode == "neuron":
-        logits = agent.net.neuron_logits(unit, stop)[0].masked_fill(~mask, -torch.inf)
+        logits = agent.net.neuron_logits(unit, stop)[0].cpu().masked_fill(~mask, -torch.inf)
         if deterministic or rng is None:
             return int(logits.argmax())
         p = torch.softmax(logits.double(), 0).numpy()
         return int(rng.choice(len(p), p=p / p.sum()))
     bits = int(env.action_space.n)  # type: ignore[attr-defined]
-    prune = agent.net.layer_logits(unit, g, bits)[0].view(bits, 2)[:, 1]
+    prune = agent.net.layer_logits(unit, g, bits)[0].cpu().view(bits, 2)[:, 1]
     allowed = mask.view(bits, 2)[:, 1]
     if deterministic or rng is None:
         return ((prune > 0) & allowed).numpy().astype(np.int8)
@@ -71,7 +74,7 @@ def act(agent: Agent, env: NeuronPruningEnv, obs: dict[str, np.ndarray], determi
 def deploy(agent: Agent, model: nn.Module, x: torch.Tensor, y: torch.Tensor, deterministic: bool = True,
            budget: float | None = None, seed: int = 0) -> tuple[list[int], list[dict[str, Any]]]:  # fmt: skip
     """Run the policy on `model` with its clean defense data (x, y): (units pruned in order, the
-    info of every step)."""
+    info of every step). The environment runs on `agent.env.device`, the policy where `agent.net` is."""
     cfg = agent.env if budget is None else replace(agent.env, budget=budget)
     env = NeuronPruningEnv(cfg, targets=[PruningTarget("deploy", model, x, y)])
     if env.feature_names != tuple(agent.meta["feature_names"]):
@@ -91,15 +94,15 @@ class ONP(Defense):
     name = "onp"
     Params = ONPParams
 
-    def __init__(self, semantics: str = "zero", seed: int = 0, **params: Any):
-        super().__init__(semantics, seed, **params)
+    def __init__(self, semantics: str = "zero", seed: int = 0, device: str = "cpu", **params: Any):
+        super().__init__(semantics, seed, device, **params)
         if not self.params.agent:
             raise OnpError("onp needs an agent: pass --agent DIR (from `onp train-agent`)")
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
         self.agent = load_agent(self.params.agent)  # validated before any expensive step
-        if self.agent.env.semantics != semantics:
-            self.agent.env = replace(self.agent.env, semantics=semantics)
+        self.agent.env = replace(self.agent.env, semantics=semantics, device=str(self.device))
+        self.agent.net.to(self.device)
 
     @classmethod
     def prepare(cls, params: dict[str, Any], workdir: Path | None, progress: bool = True) -> dict[str, Any]:

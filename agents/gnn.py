@@ -14,6 +14,7 @@ from torch import nn
 from torch_geometric.nn import GATv2Conv, GCNConv, SAGEConv, global_max_pool, global_mean_pool
 
 from agents.features import GraphBatch
+from onp_env.config import bounded
 
 GNN_TYPES = ("gcn", "gat", "sage")
 NEG = -1e8
@@ -22,21 +23,20 @@ NEG = -1e8
 
 @dataclass
 class PolicyConfig:
+    """The sizes are bounded (checked by from_dict, so by every loader of agent configs and saved
+    agents): a crafted agent config must not allocate arbitrary memory."""
+
     gnn: str = "gcn"
     """Message passing: gcn (GCNConv, edge weight), gat (GATv2Conv, all edge attributes) or sage
     (SAGEConv, mean aggregation, edges unweighted)."""
-    hidden: int = 64
+    hidden: int = bounded(64, ge=4, le=1024)
     """Width of node and graph embeddings."""
-    layers: int = 3
+    layers: int = bounded(3, ge=1, le=16)
     """Message-passing layers."""
-    heads: int = 4
+    heads: int = bounded(4, ge=1, le=16)
     """Attention heads (gat only); hidden must be divisible by it."""
     reverse_edges: bool = True
     """Also pass messages against the data flow (see agents.features)."""
-
-
-LIMITS = {"hidden": (4, 1024), "layers": (1, 16), "heads": (1, 16)}
-"""Bounds of PolicyConfig's sizes: a crafted agent config must not allocate arbitrary memory."""
 
 
 def _mlp(*dims: int) -> nn.Sequential:

@@ -50,9 +50,10 @@ class Agent:
 
 
 def deploy_env_config(env: EnvConfig) -> EnvConfig:
-    """The training env's settings for deployment: no zoo, no padding sizes, no backdoor score."""
+    """The training env's settings for deployment: no zoo, no padding sizes, no backdoor score, and
+    the CPU (where it deploys is the deploying defense's choice, not the training machine's)."""
     return dataclasses.replace(env, artifacts=[], max_units=None, max_edges=None, score="none", score_kwargs={},
-                               track_asr=False)  # fmt: skip
+                               track_asr=False, device="cpu")  # fmt: skip
 
 
 def save_agent(dest: Path, net: GraphPolicyNet, policy: PolicyConfig, env: EnvConfig, training: dict[str, Any]) -> Path:

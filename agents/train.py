@@ -38,6 +38,7 @@ from agents.io import save_agent
 from agents.policy import GraphMaskablePolicy
 from onp_env.artifacts import write_text_atomic
 from onp_env.config import LabConfig, from_dict, to_dict
+from onp_env.devices import resolve_device
 from onp_env.env import EnvConfig, NeuronPruningEnv
 from onp_env.errors import OnpError
 from onp_env.zoo import build_artifact
@@ -128,13 +129,7 @@ def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: 
     validate(cfg)
     out = Path(out)
     has_checkpoint = _check_out(cfg, out, resume)
-    device = (
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
-    if device == "cuda" and not torch.cuda.is_available():
-        raise OnpError("device cuda requested but torch sees no GPU: use device=cpu or auto")
+    device = resolve_device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / CONFIG, json.dumps(to_dict(cfg), indent=1))
     torch.set_num_threads(cfg.threads)

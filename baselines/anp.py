@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from baselines.common import Defense, top_units
 from baselines.masked_training import unit_hooks
 from onp_env.config import bounded
+from onp_env.devices import device_of
 from onp_env.graph.units import UnitLayout
 
 
@@ -67,9 +68,10 @@ class ANP(Defense):
         clean_model = copy.deepcopy(model)  # its own BatchNorm buffers: the clean pass may run in another thread
         model.train()
         clean_model.train()
-        mask = torch.ones(layout.num_units, requires_grad=True)
-        noise_w = torch.zeros(layout.num_units, requires_grad=True)
-        noise_b = torch.zeros(layout.num_units, requires_grad=True)
+        device = device_of(model)
+        mask = torch.ones(layout.num_units, requires_grad=True, device=device)
+        noise_w = torch.zeros(layout.num_units, requires_grad=True, device=device)
+        noise_b = torch.zeros(layout.num_units, requires_grad=True, device=device)
 
         def clean(core: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...], units: slice) -> torch.Tensor:
             return mask[units].view(shape) * core + bias
@@ -97,9 +99,9 @@ class ANP(Defense):
                 if pending is None:
                     clean_step(xb, yb)
                 if p.eps > 0:
-                    with torch.no_grad():
-                        noise_w.uniform_(-p.eps, p.eps, generator=g)
-                        noise_b.uniform_(-p.eps, p.eps, generator=g)
+                    with torch.no_grad():  # drawn on the CPU: the same perturbations on every device
+                        noise_w.copy_(torch.empty(layout.num_units).uniform_(-p.eps, p.eps, generator=g))
+                        noise_b.copy_(torch.empty(layout.num_units).uniform_(-p.eps, p.eps, generator=g))
                     for _ in range(p.anp_steps):
                         grads = torch.autograd.grad(F.cross_entropy(net(xb), yb), [noise_w, noise_b])
                         self.ascend((noise_w, noise_b), grads)

@@ -59,9 +59,10 @@ class BNP(Defense):
         modules = dict(tuned.named_modules())
         targets: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, row indices of marked units)
         for lay in layout.layers:
-            rows = torch.tensor([u - lay.offset for u in pruned if lay.offset <= u < lay.offset + lay.size])
+            mod = modules[lay.name]
+            rows = torch.tensor([u - lay.offset for u in pruned if lay.offset <= u < lay.offset + lay.size],
+                                dtype=torch.long, device=mod.weight.device)  # fmt: skip
             if len(rows):
-                mod = modules[lay.name]
                 targets += [(mod.weight, rows)] + ([(mod.bias, rows)] if mod.bias is not None else [])
         mean_sq = [param.detach()[rows].pow(2).clone() for param, rows in targets]
 
@@ -71,7 +72,8 @@ class BNP(Defense):
                     ms.mul_(p.rms_decay).add_((1 - p.rms_decay) * param[rows].pow(2))
                     param[rows] -= lr * p.reg * param[rows] / (ms.sqrt() + 1e-8)
 
-        cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, threads=torch.get_num_threads())
+        cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, threads=torch.get_num_threads(),
+                          device=str(self.device))  # fmt: skip
         train(tuned, PoisonedSet(x, y), cfg, self.seed, desc="bnp: adaptive regularisation", progress=p.progress,
               after_step=shrink)  # fmt: skip
         return tuned

@@ -19,6 +19,7 @@ from torch import nn
 
 from baselines.common import Defense, top_units
 from onp_env.config import bounded
+from onp_env.devices import device_of
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 
@@ -51,7 +52,7 @@ class CLP(Defense):
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         bounds = self.upper_bounds(model, layout)
-        out = torch.full((layout.num_units,), float("-inf"))
+        out = torch.full((layout.num_units,), float("-inf"), device=device_of(model))
         for name, b in bounds.items():
             lay = layout.by_name[name]
             std = b.std(unbiased=False)

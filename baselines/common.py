@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from onp_env.config import from_dict
+from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
@@ -40,15 +41,20 @@ class DefenseResult:
 
 
 class Defense(ABC):
-    """Subclasses set `name`, `Params` (a dataclass of the paper's defaults), `scores` and `select`."""
+    """Subclasses set `name`, `Params` (a dataclass of the paper's defaults), `scores` and `select`.
+
+    `device` (cpu, cuda, cuda:N or auto) is where the scoring and pruning run: `plan` and `run` take
+    the model and data anywhere and hand back models, scores and units on the CPU. Randomness comes
+    from CPU generators, so a seed draws the same numbers on every device."""
 
     name: ClassVar[str]
     Params: ClassVar[type]
 
-    def __init__(self, semantics: str = "zero", seed: int = 0, **params: Any):
+    def __init__(self, semantics: str = "zero", seed: int = 0, device: str = "cpu", **params: Any):
         # typed and range-checked against the Params dataclass (onp_env.config.bounded), one place for all
         self.params: Any = from_dict(self.Params, params, f"{self.name} parameters")
         self.semantics, self.seed = semantics, seed
+        self.device = resolve_device(device)
         self.extra: dict[str, Any] = {}
         """What a method measured on its way (e.g. whether unlearning reached its threshold)."""
 
@@ -63,31 +69,35 @@ class Defense(ABC):
 
     def finetune(self, original: nn.Module, pruned_model: nn.Module, layout: UnitLayout, pruned: list[int],
                  x: torch.Tensor, y: torch.Tensor) -> nn.Module | None:  # fmt: skip
-        """Methods that repair or purify after pruning override this."""
+        """Methods that repair or purify after pruning override this; models and data are on the
+        defense's device."""
         return None
 
     def plan(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[UnitLayout, torch.Tensor, list[int]]:
-        """(layout, scores, units to prune) without touching `model`."""
+        """(layout, scores on the CPU, units to prune) without touching `model`."""
         if len(x) == 0:
             raise OnpError(f"{self.name} needs a non-empty defense set")
-        work = copy.deepcopy(model).eval()
+        work = copy.deepcopy(model).to(self.device).eval()
+        x, y = x.to(self.device), y.to(self.device)
         layout, _ = find_units(work, x[:2])
         self.extra = {}
         torch.manual_seed(self.seed)
-        s = self.scores(work, layout, x, y)
+        s = self.scores(work, layout, x, y).cpu()
         return layout, s, self.select(s, work, layout, x, y)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> DefenseResult:
         start = time.perf_counter()
         layout, s, pruned = self.plan(model, x, y)
-        target = copy.deepcopy(model).eval()
+        target = copy.deepcopy(model).to(self.device).eval()
         with Masks(target, layout, self.semantics) as masks:
             masks.prune(pruned)
             pruned_model, state = masks.export(), masks.state()
-        finetuned = self.finetune(model, pruned_model, layout, pruned, x, y)
+        # the hooks are gone: `target` is the unpruned model, on the device like the data
+        finetuned = self.finetune(target, pruned_model, layout, pruned, x.to(self.device), y.to(self.device))
         details = {"params": dataclasses.asdict(self.params), "semantics": self.semantics, "seed": self.seed,
                    **self.extra}  # fmt: skip
-        return DefenseResult(self.name, s, pruned, state, pruned_model, time.perf_counter() - start, details, finetuned)
+        return DefenseResult(self.name, s, pruned, state, pruned_model.cpu(), time.perf_counter() - start, details,
+                             None if finetuned is None else finetuned.cpu())  # fmt: skip
 
 
 def top_units(scores: torch.Tensor, keep: torch.Tensor) -> list[int]:

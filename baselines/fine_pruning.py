@@ -83,7 +83,8 @@ class FinePruning(Defense):
     def finetune(self, original, pruned_model, layout, pruned, x, y) -> nn.Module:
         tuned = copy.deepcopy(pruned_model)
         p = self.params
-        cfg = TrainConfig(epochs=p.finetune_epochs, batch_size=p.batch_size, lr=p.lr, threads=torch.get_num_threads())
+        cfg = TrainConfig(epochs=p.finetune_epochs, batch_size=p.batch_size, lr=p.lr, threads=torch.get_num_threads(),
+                          device=str(self.device))  # fmt: skip
         with Masks(tuned, layout, self.semantics) as masks:
             masks.prune(pruned)
             train(tuned, PoisonedSet(x, y), cfg, self.seed, desc="fp: fine-tuning", progress=p.progress)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from onp_env.devices import device_of
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import split_output
 
@@ -42,7 +43,7 @@ def unit_hooks(model: nn.Module, layout: UnitLayout, transform: Transform) -> It
 @contextmanager
 def learnable_masks(model: nn.Module, layout: UnitLayout) -> Iterator[torch.Tensor]:
     """Hooks a flat (units,) mask tensor with requires_grad into `model` for the duration."""
-    mask = torch.ones(layout.num_units, requires_grad=True)
+    mask = torch.ones(layout.num_units, requires_grad=True, device=device_of(model))
     with unit_hooks(model, layout, lambda core, bias, shape, units: mask[units].view(shape) * core + bias):
         yield mask
 

@@ -76,7 +76,7 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def magnitude_saliency_correlation(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean over unit layers of Spearman(magnitude, clean Taylor saliency)."""
-    mags = unit_magnitudes(model, layout)
+    mags = unit_magnitudes(model, layout).cpu()  # beside the saliency, which activation_stats gives on the CPU
     stats = activation_stats(model, layout, x, y)
     per_layer = [
         _spearman(mags[lay.offset : lay.offset + lay.size], stats[lay.name]["saliency"])

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a method parameter (e.g. iterations=500), or defense_fraction / semantics / seed",
+        help="a method parameter (e.g. iterations=500), or defense_fraction / semantics / seed / device",
     )
     d.add_argument("--out", default=None, help="output directory (default: next to the artifact cache)")
     d.add_argument("--data-root", default=None,

@@ -25,8 +25,12 @@ BOUNDS = ("ge", "gt", "le", "lt")
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
             lt: float | None = None) -> Any:  # fmt: skip
     """A dataclass field with a documented range, checked by from_dict (and so by every loader of
-    configs and parameters): e.g. `lr: float = bounded(0.01, gt=0)`."""
+    configs and parameters): e.g. `lr: float = bounded(0.01, gt=0)`. On a list field (`seeds:
+    list[int] = bounded([1, 2], ge=0)`) the range holds for every element, and each instance gets
+    its own copy of the default list."""
     bounds = {k: v for k, v in zip(BOUNDS, (ge, gt, le, lt), strict=True) if v is not None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"bounds": bounds})
     return field(default=default, metadata={"bounds": bounds})
 
 
@@ -49,6 +53,10 @@ def _show_bound(v: float) -> str:
 
 
 def _check_bounds(value: Any, bounds: dict[str, float], where: str) -> None:
+    if isinstance(value, list) and bounds:
+        for i, v in enumerate(value):
+            _check_bounds(v, bounds, f"{where}[{i}]")
+        return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -114,7 +122,7 @@ class TrainConfig:
     """torch threads while training; part of the result, since float sums depend on it."""
     device: str = "cpu"
     """cpu, cuda, cuda:N or auto (a GPU when torch sees one): where training runs. Part of the
-    result (GPU kernels sum in other orders); metrics and defenses then take the model on the CPU."""
+    result (GPU kernels sum in other orders); the trained model is returned on the CPU."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ hidden sibling folder and renamed into place."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ from torch import nn
 from onp_env.artifacts import Artifact, load_artifact, write_artifact, write_text_atomic
 from onp_env.config import bounded, from_dict
 from onp_env.data import defense_split
+from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.masking import SEMANTICS
 from onp_env.metrics import der, evaluate
@@ -49,16 +51,20 @@ class RunParams:
     """How a pruned unit is removed: zero (its whole output) or gamma (only the BatchNorm weight)."""
     seed: int = bounded(0, ge=0, lt=2**63)
     """Seed of the defense and of the defense_fraction subset."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or auto (a GPU when torch sees one): where the defense runs and the model is
+    measured. Part of the result (GPU kernels sum in other orders); the outputs are written as always."""
 
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunParams))
 
 
 def check_run(run: dict[str, Any], where: str) -> RunParams:
-    """The run keys (defense_fraction, semantics, seed), typed and checked."""
+    """The run keys (defense_fraction, semantics, seed, device), typed and checked."""
     params = from_dict(RunParams, run, f"{where} run")
     if params.semantics not in SEMANTICS:
         raise OnpError(f"{where} run.semantics must be one of {', '.join(SEMANTICS)}, got {params.semantics!r}")
+    resolve_device(params.device)
     return params
 
 
@@ -78,9 +84,10 @@ def defense_subset(art: Artifact, fraction: float | None, seed: int = 0,
     return x[keep], y[keep]
 
 
-def _measure(model: nn.Module, art: Artifact, before: dict[str, Any] | None, root: str | None) -> dict[str, Any]:
+def _measure(model: nn.Module, art: Artifact, before: dict[str, Any] | None, root: str | None,
+             device: torch.device) -> dict[str, Any]:  # fmt: skip
     ds = art.dataset(root)
-    m = evaluate(model, ds.test_x, ds.test_y, art.attack)
+    m = evaluate(copy.deepcopy(model).to(device), ds.test_x, ds.test_y, art.attack)  # a copy: writers take the CPU one
     if before is None:
         return m
     if m["asr"] is not None and before["asr"] is not None:
@@ -113,18 +120,18 @@ def _staging_folder(out: Path) -> Path:
 
 
 def _run(defense: Any, method: str, art: Artifact, x: torch.Tensor, y: torch.Tensor, before: dict[str, Any],
-         root: str | None) -> tuple[Any, dict[str, Any], dict[str, Any]]:  # fmt: skip
+         root: str | None, device: torch.device) -> tuple[Any, dict[str, Any], dict[str, Any]]:  # fmt: skip
     """The defense and its measurements: (result, report, manifest of the pruned model)."""
     start = time.perf_counter()
     result = defense.run(art.model, x, y)
     seconds = time.perf_counter() - start
-    after = _measure(result.model, art, before, root)
+    after = _measure(result.model, art, before, root, device)
     report: dict[str, Any] = {
         "method": method, **after, "pruned": len(result.pruned), "seconds": round(seconds, 2), "before": before,
         "defense_images": len(x), "artifact": str(art.path), "details": result.details,
     }  # fmt: skip
     if result.finetuned is not None:
-        report["finetuned"] = _measure(result.finetuned, art, before, root)
+        report["finetuned"] = _measure(result.finetuned, art, before, root, device)
     manifest = {**art.manifest, "name": f"{art.manifest['name']}-{method}",
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "metrics": {k: after[k] for k in ("acc", "asr", "ra")},
@@ -158,17 +165,19 @@ def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[st
     run = check_run({k: overrides.pop(k) for k in RUN_KEYS if k in overrides}, method)
     if progress and "progress" in {f.name for f in dataclasses.fields(cls.Params)}:
         overrides.setdefault("progress", True)
-    defense = cls(semantics=run.semantics, seed=run.seed, **overrides)  # checks its parameters' types and ranges
+    device = resolve_device(run.device)
+    # checks its parameters' types and ranges
+    defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **overrides)
     art = path if isinstance(path, Artifact) else load_artifact(path)
     x, y = defense_subset(art, run.defense_fraction, run.seed, data_root)
     out = Path(out) if out is not None else cache_dir().parent / "defenses" / art.path.name / method
     _check_output(out)
     # measured, not the manifest's claim (a crafted manifest could inflate the DER); this also builds
     # the attack and reads the test split, so a broken artifact fails before the defense runs
-    before = {k: v for k, v in _measure(art.model, art, None, data_root).items() if k in ("acc", "asr", "ra")}
+    before = {k: v for k, v in _measure(art.model, art, None, data_root, device).items() if k in ("acc", "asr", "ra")}
     staging = _staging_folder(out)
     try:
-        result, report, manifest = _run(defense, method, art, x, y, before, data_root)
+        result, report, manifest = _run(defense, method, art, x, y, before, data_root, device)
         folder = staging / "out"  # built whole here, then renamed into place in one step
         _write(folder, result, report, manifest)
         if out.exists():  # made by someone else while the defense ran: never replace it

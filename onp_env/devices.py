@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
+from torch import nn
 
 from onp_env.errors import OnpError
 
@@ -24,3 +27,10 @@ def resolve_device(name: str) -> torch.device:
         if index >= torch.cuda.device_count():
             raise OnpError(f"device {name} requested but torch sees {torch.cuda.device_count()} GPU(s)")
     return torch.device(name)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where `module` runs: the device of its first parameter or buffer, the CPU if it has none."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return torch.device("cpu")

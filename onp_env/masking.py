@@ -30,7 +30,7 @@ def split_output(module: nn.Module, out: torch.Tensor) -> tuple[torch.Tensor, to
     out = weight part + bias, with the bias zero where the module has none."""
     shape = (1, -1) + (1,) * (out.ndim - 2)
     b: torch.Tensor | None = getattr(module, "bias", None)
-    bias = b.view(shape) if b is not None else torch.zeros(shape, dtype=out.dtype)
+    bias = b.view(shape) if b is not None else torch.zeros(shape, dtype=out.dtype, device=out.device)
     return out - bias, bias, shape
 
 
@@ -63,7 +63,7 @@ class Masks:
             if bool((m == 1).all()):
                 return None
             core, bias, shape = split_output(module, out)
-            m = m.to(out.dtype).view(shape)
+            m = m.to(out.device, out.dtype).view(shape)  # the values stay on the CPU, where edits are cheap
             return out * m if self.semantics == "zero" else m * core + bias
 
         return hook
@@ -79,7 +79,7 @@ class Masks:
         """Soft or hard mask values for one layer, each in [0, 1]."""
         if name not in self.values:
             raise OnpError(f"'{name}' is not a unit layer: choose one of {', '.join(self.values)}")
-        v = torch.as_tensor(values, dtype=torch.float32).detach().flatten()
+        v = torch.as_tensor(values, dtype=torch.float32).detach().flatten().cpu()
         if v.numel() != self.values[name].numel():
             raise OnpError(f"mask for '{name}' needs {self.values[name].numel()} values, got {v.numel()}")
         if not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
@@ -134,7 +134,8 @@ class Masks:
             modules[name]._forward_hooks.pop(handle.id, None)
         with torch.no_grad():
             for layer in self.layout.layers:
-                m, mod = self.values[layer.name], modules[layer.name]
+                mod = modules[layer.name]
+                m = self.values[layer.name].to(mod.weight.device)
                 w = m.view(-1, *([1] * (mod.weight.ndim - 1)))
                 mod.weight.mul_(w)
                 if self.semantics == "zero" and mod.bias is not None:

@@ -1,12 +1,13 @@
 import dataclasses
 import json
 import shutil
+import typing
 
 import numpy as np
 import pytest
 import torch
 
-from agents.config import load_agent_config
+from agents.config import AgentConfig, ImitationConfig, PPOConfig, ZooConfig, load_agent_config, validate
 from agents.defense import deploy
 from agents.features import to_graph_batch
 from agents.gnn import PolicyConfig
@@ -15,6 +16,7 @@ from agents.policy import build_net
 from agents.train import train_agent, zoo_configs
 from onp_env import OnpError, build_artifact, load_artifact
 from onp_env.cli import main
+from onp_env.config import from_dict
 from onp_env.env import NeuronPruningEnv
 from onp_env.zoo import default_artifact
 
@@ -212,7 +214,7 @@ def _flip_a_byte(d):
         (lambda d: (d / "agent.json").write_text("[1, 2]"), "not an onp-env/agent"),
         (_edit_json(env__features=[]), "do not match"),
         (_edit_json(env__features=["dynamic", "telepathy"]), "unknown feature set"),
-        (_edit_json(policy__hidden=1 << 20), "out of range"),
+        (_edit_json(policy__hidden=1 << 20), r"agent\.json:policy\.hidden must be >= 4 and <= 1024, got 1048576"),
         (_edit_json(policy__hidden=32), "does not fit"),
         (_edit_json(policy__gnn="transformer"), "unknown gnn"),
         (_edit_json(policy__layers="three"), "must be int"),
@@ -236,13 +238,49 @@ def test_missing_corrupt_or_crafted_agents_are_clear_errors(agent_dir, tmp_path,
         (["policy.hidden=30", "policy.gnn=gat", "policy.heads=4"], "not divisible"),
         (["zoo.seeds=[]"], "must not be empty"),
         (["zoo.attacks=[{name: badnets, colour: red}]"], "unknown key"),
-        (["n_envs=0"], "at least 1"),
+        (["n_envs=0"], r"digits\.yaml\.n_envs must be >= 1, got 0"),
+        (["ppo.total_steps=-1"], r"\.ppo\.total_steps must be >= 0, got -1"),
+        (["ppo.batch_size=0"], r"\.ppo\.batch_size must be >= 1"),
+        (["ppo.lr=0"], r"\.ppo\.lr must be > 0, got 0"),
+        (["ppo.gamma=1.01"], r"\.ppo\.gamma must be >= 0 and <= 1"),
+        (["ppo.clip_range=.nan"], r"\.ppo\.clip_range must be a finite number"),
+        (["imitation.noise=1.5"], r"\.imitation\.noise must be >= 0 and <= 1, got 1\.5"),
+        (["imitation.episodes=-1"], r"\.imitation\.episodes must be >= 0"),
+        (["policy.hidden=2"], r"\.policy\.hidden must be >= 4 and <= 1024, got 2"),
+        (["policy.layers=17"], r"\.policy\.layers must be >= 1 and <= 16"),
+        (["zoo.seeds=[1, -1]"], r"\.zoo\.seeds\[1\] must be >= 0"),
+        (["seed=4294967296"], r"\.seed must be >= 0 and < 4294967296"),
         (["env.action_mode=layer"], "imitation needs"),
+        (["device=tpu"], "unknown device 'tpu'"),
+        (["env.device=cuda:x"], "unknown device 'cuda:x'"),
     ],
 )
 def test_bad_agent_configs_fail_before_any_work(overrides, message):
     with pytest.raises(OnpError, match=message):
         load_agent_config(CONFIG, overrides)
+
+
+AGENT_CONFIGS = [AgentConfig, ZooConfig, PPOConfig, ImitationConfig, PolicyConfig]
+NUMERIC = (int, float, int | None, float | None, list[int], list[float])
+
+
+@pytest.mark.parametrize("cls", AGENT_CONFIGS, ids=[c.__name__ for c in AGENT_CONFIGS])
+def test_every_numeric_agent_config_field_has_a_range_that_holds_its_default(cls):
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    unranged = [f.name for f in fields if hints[f.name] in NUMERIC and not f.metadata.get("bounds")]
+    assert unranged == [], f"{cls.__name__}: no declared range for {unranged}"
+    defaults = dataclasses.asdict(cls())
+    assert dataclasses.asdict(from_dict(cls, defaults)) == defaults  # the defaults pass their own checks
+
+
+def test_validate_checks_the_ranges_of_a_config_built_in_python():
+    validate(AgentConfig())
+    with pytest.raises(OnpError, match=r"agent config\.ppo\.ent_coef must be >= 0, got -0\.1"):
+        validate(AgentConfig(ppo=PPOConfig(ent_coef=-0.1)))
+    with pytest.raises(OnpError, match=r"agent config\.policy\.heads must be >= 1 and <= 16, got 0"):
+        validate(AgentConfig(policy=PolicyConfig(heads=0)))
+    assert ZooConfig().seeds is not ZooConfig().seeds  # a list default is copied, not shared
 
 
 def test_cli_onp_without_agent_or_with_a_bad_one_exits_2(tmp_path, capsys):

@@ -12,6 +12,9 @@ from onp_env.bench.config import BenchConfig, check, load_bench_config
 from onp_env.bench.run import RESULTS, read_rows, run_bench
 from onp_env.cli import main
 from onp_env.config import from_dict
+from onp_env.registry import defense_names
+
+from .conftest import fake_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -84,6 +87,7 @@ def test_worker_count_does_not_change_the_numbers(tmp_path):
         ({"models": [{"name": "small_cnn", "kwargs": {"depth": 3}}]}, "bad arguments for model"),
         ({"train": {"augment": "zzz"}}, "unknown augment"),
         ({"train": {"device": "tpu"}}, "unknown device"),
+        ({"defenses": [{"name": "magnitude", "params": {"device": "tpu"}}]}, "unknown device 'tpu'"),
         ({"fractions": [0.05, 0.0500000001]}, "distinct"),
         ({"seeds": [2**64]}, "seeds"),
     ],
@@ -104,10 +108,25 @@ def test_cli_bench_exit_codes(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
-def test_shipped_bench_configs_load():
+def test_shipped_bench_configs_load(tmp_path):
+    cifar = [f"datasets=[{{name: cifar10, root: {fake_cifar10(tmp_path / 'cifar')}}}]"]  # data of your own
     for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
-        cfg = load_bench_config(path)
+        cfg = load_bench_config(path, cifar if path.stem == "cifar10" else [])
         assert cfg.defenses and json.dumps(cfg.datasets)
+
+
+def test_the_cifar10_grid_names_its_directory_and_runs_everything_on_the_gpu(tmp_path, monkeypatch):
+    path = ROOT / "configs" / "bench" / "cifar10.yaml"
+    monkeypatch.delenv("ONP_CIFAR10_DIR", raising=False)
+    with pytest.raises(OnpError, match=r"^cifar10 needs its directory: .*ONP_CIFAR10_DIR"):
+        load_bench_config(path)
+    with pytest.raises(OnpError, match="not found: extract cifar-10-python.tar.gz there"):
+        load_bench_config(path, [f"datasets=[{{name: cifar10, root: {tmp_path / 'nowhere'}}}]"])
+    cfg = load_bench_config(path, [f"datasets=[{{name: cifar10, root: {fake_cifar10(tmp_path / 'cifar')}}}]"])
+    assert [m["name"] for m in cfg.models] == ["preact_resnet18"]
+    assert [a["name"] for a in cfg.attacks] == ["badnets", "blended", "wanet"]
+    assert cfg.train.device == "auto" and all(s.params.get("device") == "auto" for s in cfg.defense_specs())
+    assert sorted(s.name for s in cfg.defense_specs()) == defense_names()  # every defense, the learned one too
 
 
 @pytest.mark.slow  # starting Ray costs minutes on 2 cores

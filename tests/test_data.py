@@ -12,6 +12,8 @@ from onp_env.data import defense_split, load_dataset
 from onp_env.data.datasets import FASHION_MNIST_DEBIAN
 from onp_env.data.sources import read_cifar10, read_idx
 
+from .conftest import fake_cifar10
+
 
 def test_digits_is_embedded_and_in_unit_range():
     d = load_dataset("digits")
@@ -85,10 +87,7 @@ def test_corrupt_idx_file_is_an_error(tmp_path):
 
 
 def test_cifar10_python_batches_without_unsafe_unpickling(tmp_path):
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [1, 2, 3, 4]}
-        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    fake_cifar10(tmp_path)
     d = load_dataset("cifar10", str(tmp_path))
     assert d.train_x.shape == (20, 3, 32, 32) and d.info.num_classes == 10
 

@@ -85,17 +85,6 @@ def test_a_loaded_artifact_is_accepted_and_a_stale_staging_folder_does_not_block
     assert (out / "report.json").is_file() and report["pruned"] > 0
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if any defense starts working."""
-
-    def ran(*args, **kwargs):
-        pytest.fail("the defense ran before its inputs were checked")
-
-    monkeypatch.setattr(Defense, "run", ran)
-    monkeypatch.setattr(Defense, "plan", ran)
-
-
 @pytest.mark.parametrize(
     ("method", "overrides", "match"),
     [
@@ -112,6 +101,8 @@ def no_work(monkeypatch):
         ("magnitude", {"seed": "abc"}, "seed must be int"),
         ("magnitude", {"seed": 1.5}, "seed must be int"),
         ("magnitude", {"seed": -1}, "seed must be >= 0"),
+        ("magnitude", {"device": "tpu"}, "unknown device 'tpu'"),
+        ("magnitude", {"device": "cuda:x"}, "unknown device 'cuda:x'"),
     ],
 )
 def test_bad_inputs_are_refused_before_the_defense_runs(tiny_artifact, tmp_path, no_work, method, overrides, match):

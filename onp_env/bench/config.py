@@ -40,7 +40,8 @@ class DefenseSpec:
     name: str
     """A registered defense (onp defend --method NAME)."""
     params: dict[str, Any] = field(default_factory=dict)
-    """Its parameters; a learned one may take what its `prepare` understands (onp: agent_config)."""
+    """Its parameters and run keys (semantics, device: onp_env.defend.RunParams); a learned one may
+    take what its `prepare` understands (onp: agent_config)."""
     label: str | None = None
     """Its name in the tables (default: name); two specs of one defense need distinct labels."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onp_env.config import bounded, from_dict
+from onp_env.devices import resolve_device
 from onp_env.env.scores import SCORES
 from onp_env.env.signals import check_feature_sets
 from onp_env.errors import OnpError
@@ -73,6 +74,9 @@ class EnvConfig:
     {anp: {iterations: 500}}."""
     track_asr: bool = True
     """Report ASR on triggered defense images in info when the attack is known (never observed)."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or auto (a GPU when torch sees one): where the models are evaluated and the
+    graph and signals computed; observations and infos are on the CPU (numpy) wherever that is."""
 
     @classmethod
     def load(cls, data: dict[str, Any], where: str = "env config") -> EnvConfig:
@@ -89,6 +93,7 @@ class EnvConfig:
             if value not in allowed:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")
         check_feature_sets(cfg.features, cfg.signal_params)
+        resolve_device(cfg.device)  # a GPU that is not there fails here, before any model is prepared
         return cfg
 
     def validate(self, where: str = "env config") -> EnvConfig:

@@ -40,6 +40,7 @@ from gymnasium.error import ResetNeeded
 from torch import nn
 
 from onp_env.attacks import Attack
+from onp_env.devices import resolve_device
 from onp_env.env.config import EnvConfig
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.env.scores import ANPScore, UnlearnScore, check_score
@@ -102,27 +103,30 @@ class Task:
         check_score(cfg.score, target.attack is not None)
         self.name, self.attack = target.name, target.attack
         self.source_model, self.defense = target.model, (target.x, target.y)  # for policies that plan on them
-        self.model = without_inplace(copy.deepcopy(target.model)).eval()
+        device = resolve_device(cfg.device)
+        self.model = without_inplace(copy.deepcopy(target.model)).to(device).eval()
         g = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(target.x), generator=g)[: cfg.eval_images]
-        x, y = target.x[pick], target.y[pick]
+        x, y = target.x[pick].to(device), target.y[pick].to(device)
         self.layout, gm = find_units(self.model, x[:2])
         self.graph: NeuronGraph = build_graph(
-            self.model, self.layout, target.x, target.y, cfg.edge_k, cfg.tau, cfg.k_intra
+            self.model, self.layout, target.x.to(device), target.y.to(device), cfg.edge_k, cfg.tau, cfg.k_intra
         )
         self.masks = Masks(self.model, self.layout, cfg.semantics)
         names = [lay.name for lay in self.layout.layers]
         self.y = y
         self.dynamic = DynamicStats(self.layout) if "dynamic" in cfg.features else None
         self.clean = Evaluator(gm, x, names, cfg.cache, watch=self.dynamic is not None)
-        self.signals = signal_columns(cfg.features, cfg.signal_params, target.model, self.layout, target.x, target.y)
+        self.signals = signal_columns(cfg.features, cfg.signal_params, target.model, self.layout, target.x, target.y,
+                                      device=cfg.device)  # fmt: skip
         self.triggered: Evaluator | None = None
         self.confidence = False
         if target.attack is not None and (cfg.track_asr or cfg.score == "oracle"):
             targets = target.attack.targets(y)
             keep = targets != y
             self.trigger_targets = targets[keep]
-            self.triggered = Evaluator(gm, target.attack.apply(x[keep]), names, cfg.cache)
+            triggered = target.attack.apply(x[keep].cpu()).to(device)  # attacks keep their triggers on the CPU
+            self.triggered = Evaluator(gm, triggered, names, cfg.cache)
         self.trigger_free_score = self._score(cfg, x, y)
         self.partners: dict[int, list[int]] = {}
         for group in self.layout.groups:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from onp_env.devices import device_of
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import Masks, split_output
@@ -110,10 +111,10 @@ class ANPScore:
     def __init__(self, model: nn.Module, layout: UnitLayout, masks: Masks, x: torch.Tensor, y: torch.Tensor,
                  eps: float = 0.4, seed: int = 0):  # fmt: skip
         self.model, self.layout, self.masks, self.x, self.y, self.eps = model, layout, masks, x, y, eps
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)  # on the CPU: the same start on every device
 
         def uniform(n: int) -> torch.Tensor:
-            return (torch.rand(n, generator=g) * 2 - 1) * eps
+            return ((torch.rand(n, generator=g) * 2 - 1) * eps).to(device_of(model))
 
         self.start = {lay.name: (uniform(lay.size), uniform(lay.size)) for lay in layout.layers}
 
@@ -122,7 +123,7 @@ class ANPScore:
         hooks = []
         for lay in self.layout.layers:
             d, b = delta[lay.name]
-            alive = (self.masks.values[lay.name] > 0).float()
+            alive = (self.masks.values[lay.name] > 0).float().to(d.device)
 
             def perturb(m: nn.Module, i: object, out: torch.Tensor, d=d * alive, b=b * alive) -> torch.Tensor:
                 core, bias, shape = split_output(m, out)

@@ -57,13 +57,14 @@ def layer_zscore(v: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
 
 
 def signal_columns(sets: list[str], params: dict[str, Any], model: nn.Module, layout: UnitLayout,
-                   x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:  # fmt: skip
-    """(units, number of signal sets) z-scored unit scores of the named defenses."""
+                   x: torch.Tensor, y: torch.Tensor, seed: int = 0, device: str = "cpu") -> torch.Tensor:  # fmt: skip
+    """(units, number of signal sets) z-scored unit scores of the named defenses, each run on
+    `device`; the columns are on the CPU."""
     cols = []
     for name in (s for s in sets if s != "dynamic"):
         kwargs = {**SIGNAL_DEFAULTS[name], **params.get(name, {})}
         try:
-            defense = defense_class(name)(seed=seed, **kwargs)
+            defense = defense_class(name)(seed=seed, device=device, **kwargs)
         except TypeError as e:
             raise OnpError(f"bad signal_params for {name}: {e}") from e
         plan_layout, scores, _ = defense.plan(model, x, y)
@@ -91,7 +92,7 @@ class DynamicStats:
     def update(self, outputs: dict[str, torch.Tensor]) -> None:
         for name, out in outputs.items():
             lay = self.layout.by_name[name]
-            s = self._stats(out)
+            s = self._stats(out).cpu()  # the values become observations (numpy)
             if name not in self.norm:  # the first pass is the unpruned model
                 self.norm[name] = torch.stack([s.mean(0), s.std(0, unbiased=False).clamp_min(1e-6)])
             mu, sd = self.norm[name]

@@ -66,8 +66,8 @@ class NeuronGraph:
 
 
 def _kernel_l1(mod: nn.Conv2d | nn.Linear, fan: int) -> torch.Tensor:
-    """(out, in_units) L1 norms of W[j, i] with `fan` input columns per unit."""
-    w = mod.weight.detach().abs()
+    """(out, in_units) L1 norms of W[j, i] with `fan` input columns per unit, on the CPU."""
+    w = mod.weight.detach().abs().cpu()
     if w.ndim == 4:
         return w.sum((2, 3))
     return w.view(w.shape[0], -1, fan).sum(2)
@@ -90,7 +90,8 @@ def build_graph(
     tau: float = 0.5,
     k_intra: int = 4,
 ) -> NeuronGraph:
-    """Graph of `model` from clean defense images (x, y) only."""
+    """Graph of `model` from clean defense images (x, y) only, on the CPU: the activation statistics
+    are computed on the model's device (x must be there too), the edges from weights on the CPU."""
     modules: dict[str, Any] = dict(model.named_modules())
     by = layout.by_name
     src_all, dst_all, w_all, t_all = [], [], [], []
@@ -115,7 +116,7 @@ def build_graph(
         for lay in layout.layers:
             if lay.producer is None or lay.size < 2:
                 continue
-            v = modules[lay.producer].weight.detach().flatten(1)
+            v = modules[lay.producer].weight.detach().flatten(1).cpu()
             v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
             sim = v @ v.t()
             sim.fill_diagonal_(-1.0)

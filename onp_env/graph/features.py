@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onp_env.devices import device_of
 from onp_env.graph.units import UnitLayout
 
 FEATURES = (
@@ -41,7 +42,8 @@ def _rank(v: torch.Tensor) -> torch.Tensor:
 def activation_stats(
     model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per unit layer: post-ReLU activation mean/std and Taylor saliency on clean (x, y)."""
+    """Per unit layer: post-ReLU activation mean/std and Taylor saliency on clean (x, y), on the
+    CPU (summed on the model's device)."""
     modules = dict(model.named_modules())
     outs: dict[str, torch.Tensor] = {}
     hooks = []
@@ -52,7 +54,8 @@ def activation_stats(
             outs[name] = o
 
         hooks.append(modules[layer.name].register_forward_hook(keep))
-    sums = {lay.name: torch.zeros(lay.size, dtype=torch.float64) for lay in layout.layers}
+    device = device_of(model)
+    sums = {lay.name: torch.zeros(lay.size, dtype=torch.float64, device=device) for lay in layout.layers}
     sq = {k: torch.zeros_like(v) for k, v in sums.items()}
     sal = {k: torch.zeros_like(v) for k, v in sums.items()}
     count = {k: 0 for k in sums}
@@ -80,7 +83,8 @@ def activation_stats(
     for name in sums:
         mean = sums[name] / count[name]
         std = (sq[name] / count[name] - mean**2).clamp_min(0).sqrt()
-        stats[name] = {"act_mean": mean.float(), "act_std": std.float(), "saliency": (sal[name] / len(x)).float()}
+        stats[name] = {"act_mean": mean.float().cpu(), "act_std": std.float().cpu(),
+                       "saliency": (sal[name] / len(x)).float().cpu()}  # fmt: skip
     return stats
 
 
@@ -102,6 +106,7 @@ def node_features(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torc
                 l1 = w.abs().flatten(1).sum(1)
             else:
                 l1 = torch.zeros(lay.size)
+            gamma, beta, l1 = gamma.cpu(), beta.cpu(), l1.cpu()  # beside the activation statistics, on the CPU
             magnitude = l1 if lay.producer is not None else gamma.abs()
             s = stats[lay.name]
             cols = [
