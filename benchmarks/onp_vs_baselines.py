@@ -216,8 +216,13 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
     return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def _row(name: str, sel: list[dict], oracle: dict[int, set]) -> str:
-    hits = [len(oracle[r["seed"]] & set(r["units"])) / len(oracle[r["seed"]]) for r in sel if oracle.get(r["seed"])]
+def _cell(r: dict) -> tuple:
+    return r["attack"], r["seed"], r["fraction"]
+
+
+def _row(name: str, sel: list[dict], oracle: dict[tuple, set]) -> str:
+    """One method's table row; `oracle` holds the oracle's units per (attack, seed, fraction)."""
+    hits = [len(oracle[_cell(r)] & set(r["units"])) / len(oracle[_cell(r)]) for r in sel if oracle.get(_cell(r))]
     lost = [r["before"]["acc"] - r["acc"] for r in sel]
     return (f"| {name} | {len(sel)} | {_ms([r['acc'] for r in sel])} | {_ms(lost)} | {_ms([r['asr'] for r in sel])} "
             f"| {_ms([r['ra'] for r in sel])} | {_ms([r['der'] for r in sel])} | {_ms([r['pruned'] for r in sel], 1)} "
@@ -233,10 +238,7 @@ def report_md(results: Path, out: Path) -> None:
     costs = {r["key"]: r["seconds"] for r in rows if r.get("kind") == "cost"}
     cells = [r for r in rows if r.get("kind") is None]
     main, ablation = ["onp", "oracle", *BASELINES], [m for m in ABLATIONS if any(r["method"] == m for r in cells)]
-    oracle = {(r["attack"], r["seed"], r["fraction"]): set(r["units"]) for r in cells if r["method"] == "oracle"}
-
-    def units_of(rs: list[dict]) -> dict[int, set]:
-        return {r["seed"]: oracle.get((r["attack"], r["seed"], r["fraction"]), set()) for r in rs}
+    oracle = {_cell(r): set(r["units"]) for r in cells if r["method"] == "oracle"}
 
     lines = [
         "# ONP (learned) against every baseline: leave-one-attack-out on Fashion-MNIST",
@@ -266,7 +268,7 @@ def report_md(results: Path, out: Path) -> None:
         for m in main:
             sel = [r for r in at if r["method"] == m]
             if sel:
-                lines.append(_row(m, sel, units_of(sel)))
+                lines.append(_row(m, sel, oracle))
         anp = {(r["attack"], r["seed"]): r["seconds"] for r in at if r["method"] == "anp"}
         ratio = [r["seconds"] / anp[r["attack"], r["seed"]] for r in at if r["method"] == "onp"
                  and anp.get((r["attack"], r["seed"]))]  # fmt: skip
@@ -288,7 +290,7 @@ def report_md(results: Path, out: Path) -> None:
             for m in main + ablation:
                 sel = [r for r in rs if r["method"] == m]
                 if sel:
-                    lines.append(_row(f"**{m}**" if m == best else m, sel, units_of(sel)))
+                    lines.append(_row(f"**{m}**" if m == best else m, sel, oracle))
             lines.append("")
     lines += [
         "Bold: best mean DER of the defenses (oracle and ablations excluded). Oracle units hit: share of the "
