@@ -15,7 +15,6 @@ from agents.gnn import GNN_TYPES, PolicyConfig
 from onp_env.config import SEED_LIMIT, AttackConfig, LabConfig, bounded, from_dict
 from onp_env.devices import resolve_device
 from onp_env.env.config import EnvConfig
-from onp_env.env.signals import check_feature_sets
 from onp_env.errors import OnpError
 
 
@@ -121,14 +120,17 @@ def validate(cfg: AgentConfig, where: str = "agent config") -> None:
     """Every check that needs no model: run before anything expensive starts."""
     from_dict(AgentConfig, dataclasses.asdict(cfg), where)  # types and ranges of a config built in Python
     check_policy(cfg.policy)
-    check_feature_sets(cfg.env.features, cfg.env.signal_params)
+    cfg.env.validate(f"{where}.env")  # names (score, semantics, action mode, feature sets) and device
     cfg.attack_configs()
     if not cfg.zoo.seeds or not cfg.zoo.attacks:
         raise OnpError("zoo.attacks and zoo.seeds must not be empty: the agent needs shadow models")
     if cfg.vec_env not in ("dummy", "subproc"):
         raise OnpError(f"vec_env '{cfg.vec_env}' unknown: choose dummy or subproc")
     resolve_device(cfg.device)
-    resolve_device(cfg.env.device)
+    if cfg.ppo.total_steps and cfg.ppo.n_steps * cfg.n_envs < 2:
+        raise OnpError("ppo.n_steps x n_envs must be at least 2 (PPO's rollout buffer): raise ppo.n_steps")
+    if cfg.ppo.total_steps and cfg.ppo.batch_size < 2:
+        raise OnpError("ppo.batch_size must be at least 2 (PPO normalises advantages per minibatch): raise it")
     if cfg.imitation.episodes and cfg.env.action_mode != "neuron":
         raise OnpError("imitation needs env.action_mode=neuron (the expert prunes one unit per step)")
 

@@ -253,6 +253,10 @@ def test_missing_corrupt_or_crafted_agents_are_clear_errors(agent_dir, tmp_path,
         (["env.action_mode=layer"], "imitation needs"),
         (["device=tpu"], "unknown device 'tpu'"),
         (["env.device=cuda:x"], "unknown device 'cuda:x'"),
+        (["env.score=psychic"], "unknown score 'psychic'"),
+        (["env.semantics=half"], "unknown semantics 'half'"),
+        (["ppo.n_steps=1"], r"n_steps x n_envs must be at least 2"),
+        (["ppo.batch_size=1"], r"ppo\.batch_size must be at least 2"),
     ],
 )
 def test_bad_agent_configs_fail_before_any_work(overrides, message):
