@@ -139,5 +139,5 @@ def load_agent_config(path: str | None, overrides: list[str]) -> AgentConfig:
     from onp_env.config import load_config
 
     cfg = load_config(AgentConfig, path, overrides)
-    validate(cfg)
+    validate(cfg, str(path or "agent config"))
     return cfg
