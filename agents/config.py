@@ -58,6 +58,9 @@ class PPOConfig:
     """Gradient-norm clipping (0 would zero every gradient)."""
 
 
+IMITATION_TARGETS = ("next", "remaining")
+
+
 @dataclass
 class ImitationConfig:
     """Warm start by behaviour cloning of the oracle expert (agents.expert), before PPO."""
@@ -78,6 +81,11 @@ class ImitationConfig:
     """The expert stops once ASR on the triggered defense images is at most this."""
     candidates: int = bounded(16, ge=1)
     """The expert's greedy step tries the top units of its activation-gap ranking only."""
+    target: str = "next"
+    """What the student is taught at each step: next (the expert's action; cross-entropy) or remaining
+    (any unit the expert prunes from this step to the end of the episode: minus the log of their total
+    probability; the order in which the greedy expert cuts a backdoor spread over many units carries
+    little information, and this target does not penalise another order). STOP steps teach STOP."""
 
 
 @dataclass
@@ -131,6 +139,10 @@ def validate(cfg: AgentConfig, where: str = "agent config") -> None:
         raise OnpError("ppo.n_steps x n_envs must be at least 2 (PPO's rollout buffer): raise ppo.n_steps")
     if cfg.ppo.total_steps and cfg.ppo.batch_size < 2:
         raise OnpError("ppo.batch_size must be at least 2 (PPO normalises advantages per minibatch): raise it")
+    if cfg.imitation.target not in IMITATION_TARGETS:
+        raise OnpError(
+            f"unknown imitation.target '{cfg.imitation.target}': choose one of {', '.join(IMITATION_TARGETS)}"
+        )
     if cfg.imitation.episodes and cfg.env.action_mode != "neuron":
         raise OnpError("imitation needs env.action_mode=neuron (the expert prunes one unit per step)")
 

@@ -90,26 +90,41 @@ def run_expert(env: NeuronPruningEnv, expert: OracleExpert, seed: int, options: 
     return observations, actions, masks, info
 
 
+def targets(actions: list[int], n_actions: int, kind: str) -> list[np.ndarray]:
+    """One boolean row per step over the actions (units, STOP last) that count as the expert's: its
+    own action (next), or every unit it prunes from this step on (remaining; all still valid, since
+    pruning only ever removes actions)."""
+    stop, out = n_actions - 1, []
+    for t, a in enumerate(actions):
+        row = np.zeros(n_actions, dtype=bool)
+        row[a] = True
+        if kind == "remaining" and a != stop:
+            row[[u for u in actions[t:] if u != stop]] = True
+        out.append(row)
+    return out
+
+
 def collect(env: NeuronPruningEnv, cfg: ImitationConfig, seed: int, progress: bool = True):
-    """Expert episodes on every model of the env's zoo."""
+    """Expert episodes on every model of the env's zoo: (observations, target rows, action masks)."""
     expert, rng = OracleExpert(cfg), np.random.default_rng(seed)
     data: tuple[list, list, list] = ([], [], [])
     jobs = [(name, k) for name in env.names for k in range(cfg.episodes)]
     for i, (name, k) in enumerate(tqdm(jobs, desc="expert episodes", disable=not progress, leave=False)):
         o, a, m, _ = run_expert(env, expert, seed + i, {"model": name}, cfg.noise if k else 0.0, rng)
         data[0].extend(o)
-        data[1].extend(a)
+        data[1].extend(targets(a, env.max_units + 1, cfg.target))
         data[2].extend(m)
     return data
 
 
 def clone(policy: Any, data: tuple[list, list, list], cfg: ImitationConfig, seed: int,
           progress: bool = True) -> list[float]:  # fmt: skip
-    """Behaviour cloning of (observations, actions, masks) into an agents.policy.GraphMaskablePolicy:
-    maximise the masked log-likelihood of the expert's actions. Returns the mean loss per epoch."""
-    observations, actions, masks = data
+    """Behaviour cloning of (observations, target rows, masks) into an agents.policy.GraphMaskablePolicy:
+    maximise the log of the masked policy's total probability on each step's target actions (with
+    one target, its log-likelihood). Returns the mean loss per epoch."""
+    observations, rows, masks = data
     obs = {k: torch.as_tensor(np.stack([o[k] for o in observations])).float() for k in observations[0]}
-    act = torch.as_tensor(actions)
+    target = torch.as_tensor(np.stack(rows))
     mask = torch.as_tensor(np.stack(masks))
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(seed)
@@ -117,14 +132,15 @@ def clone(policy: Any, data: tuple[list, list, list], cfg: ImitationConfig, seed
     policy.set_training_mode(True)
     for _ in tqdm(range(cfg.epochs), desc="behaviour cloning", disable=not progress, leave=False):
         total = 0.0
-        for idx in torch.randperm(len(act), generator=g).split(cfg.batch_size):
+        for idx in torch.randperm(len(target), generator=g).split(cfg.batch_size):
             batch = {k: v[idx].to(policy.device) for k, v in obs.items()}
-            _, log_prob, _ = policy.evaluate_actions(batch, act[idx].to(policy.device), mask[idx].numpy())
-            loss = -log_prob.mean()
+            log_p = policy.get_distribution(batch, mask[idx].numpy()).distribution.logits  # normalised
+            hit = target[idx].to(log_p.device)
+            loss = -torch.logsumexp(log_p.masked_fill(~hit, float("-inf")), 1).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        losses.append(total / len(act))
+        losses.append(total / len(target))
     policy.set_training_mode(False)
     return losses

@@ -9,10 +9,11 @@ import torch
 
 from agents.config import AgentConfig, ImitationConfig, PPOConfig, ZooConfig, load_agent_config, validate
 from agents.defense import deploy
+from agents.expert import clone, collect, targets
 from agents.features import to_graph_batch
 from agents.gnn import PolicyConfig
 from agents.io import load_agent
-from agents.policy import build_net
+from agents.policy import GraphMaskablePolicy, build_net
 from agents.train import train_agent, zoo_configs
 from onp_env import OnpError, build_artifact, load_artifact
 from onp_env.cli import main
@@ -254,6 +255,7 @@ def test_missing_corrupt_or_crafted_agents_are_clear_errors(agent_dir, tmp_path,
         (["device=tpu"], "unknown device 'tpu'"),
         (["env.device=cuda:x"], "unknown device 'cuda:x'"),
         (["env.score=psychic"], "unknown score 'psychic'"),
+        (["imitation.target=first"], "unknown imitation.target 'first'"),
         (["env.semantics=half"], "unknown semantics 'half'"),
         (["ppo.n_steps=1"], r"n_steps x n_envs must be at least 2"),
         (["ppo.batch_size=1"], r"ppo\.batch_size must be at least 2"),
@@ -276,6 +278,24 @@ def test_every_numeric_agent_config_field_has_a_range_that_holds_its_default(cls
     assert unranged == [], f"{cls.__name__}: no declared range for {unranged}"
     defaults = dataclasses.asdict(cls())
     assert dataclasses.asdict(from_dict(cls, defaults)) == defaults  # the defaults pass their own checks
+
+
+def test_imitation_targets_are_the_expert_action_or_every_unit_it_still_prunes():
+    stop = 6
+    actions = [2, 4, 1, stop]
+    rows = lambda kind: [set(np.flatnonzero(r).tolist()) for r in targets(actions, stop + 1, kind)]  # noqa: E731
+    assert rows("next") == [{2}, {4}, {1}, {stop}]
+    assert rows("remaining") == [{1, 2, 4}, {1, 4}, {1}, {stop}]
+
+
+def test_behaviour_cloning_on_the_remaining_target_lowers_its_loss():
+    cfg = ImitationConfig(episodes=1, epochs=8, lr=1e-2, target="remaining", candidates=2)
+    env = NeuronPruningEnv(eval_images=64)
+    policy = GraphMaskablePolicy(env.observation_space, env.action_space, lambda _: cfg.lr)
+    data = collect(env, cfg, seed=0, progress=False)
+    assert sum(r.sum() for r in data[1]) > len(data[1])  # some steps have several targets
+    losses = clone(policy, data, cfg, seed=0, progress=False)
+    assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0]
 
 
 def test_validate_checks_the_ranges_of_a_config_built_in_python():
