@@ -5,7 +5,9 @@
 1. Steps per second with and without the downstream activation cache, same action sequence, for
    the small CNN on Fashion-MNIST (the BadNets artifact of configs/attack/) and PreAct-ResNet-18
    (random weights, 28x28 inputs); also checks that both give identical rewards.
-2. Graph build time, edges and observation bytes against the number of units.
+2. Episodes per second when every reset restores the first reset's full pass (the default) or runs
+   it again, for short training-like episodes of the protocol's agent settings; same rewards checked.
+3. Graph build time, edges and observation bytes against the number of units.
 Writes benchmarks/results/env_speed.md."""
 
 from __future__ import annotations
@@ -70,6 +72,31 @@ def speed_table(steps: int, cnn_target: PruningTarget) -> list[str]:
     return rows
 
 
+def episodes_per_second(target: PruningTarget, episodes: int, restore: bool) -> tuple[float, list[float]]:
+    """Ten random units per episode, with the protocol agent's settings (configs/agent/fashion-mnist.yaml)."""
+    env = NeuronPruningEnv(targets=[target], features=["dynamic"], eval_images=256, budget=1.0, max_acc_drop=1.0)
+    rng, rewards = np.random.default_rng(0), []
+    start = time.perf_counter()
+    for k in range(episodes):
+        if not restore:
+            env.task._start = None
+        env.reset(seed=k)
+        for a in rng.permutation(env.num_units)[:10]:
+            rewards.append(env.step(int(a))[1])
+    return episodes / (time.perf_counter() - start), rewards
+
+
+def reset_table(episodes: int, cnn_target: PruningTarget) -> list[str]:
+    fast, r1 = episodes_per_second(cnn_target, episodes, True)
+    slow, r2 = episodes_per_second(cnn_target, episodes, False)
+    rows = ["| model | episodes | episodes/s restored | episodes/s full pass | speedup | identical rewards |",
+            "|---|---:|---:|---:|---:|---|",
+            f"| small CNN, Fashion-MNIST BadNets | {episodes} | {fast:.2f} | {slow:.2f} | {fast / slow:.2f}x "
+            f"| {r1 == r2} |"]  # fmt: skip
+    print(rows[-1], flush=True)
+    return rows
+
+
 def graph_table() -> list[str]:
     cases = [
         ("small_cnn", {"channels": [8, 16], "hidden": 64}),
@@ -119,6 +146,13 @@ def main() -> None:
         "Each step prunes one unit and re-evaluates clean and triggered defense images (oracle score).",
         "",
         *speed_table(args.steps, cnn),
+        "",
+        "## Resets: the first reset's pass restored versus run again",
+        "",
+        "Episodes of 10 random units after a reset (dynamic features, 256 evaluation images: the protocol "
+        "agent's settings); every episode starts from the same unpruned model.",
+        "",
+        *reset_table(max(args.steps // 2, 5), cnn),
         "",
         "## Graph size, build time and observation bytes",
         "",

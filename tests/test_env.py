@@ -152,6 +152,33 @@ def test_same_seed_same_episode_and_cache_changes_no_number(art, tmp_path):
     assert NeuronPruningEnv(artifacts=zoo).reset(options={"model": "second"})[1]["model"] == "second"
 
 
+@pytest.mark.parametrize("score", ["oracle", "anp"])
+def test_later_resets_restore_the_first_ones_pass_exactly(score):
+    def episodes(restore):
+        e = NeuronPruningEnv(features=["dynamic"], score=score, eval_images=128)
+        rng, out = np.random.default_rng(0), []
+        for k in range(4):
+            if not restore:
+                e.task._start = None  # the full pass on every reset: the reference
+            obs, info = e.reset(seed=k)
+            out.append((obs, info["acc"], info["asr"]))
+            for _ in range(6):
+                obs, reward, done, _, info = e.step(int(rng.choice(np.flatnonzero(e.action_masks()[:-1]))))
+                out.append((obs, reward, info["acc"], info["asr"]))
+                if done:
+                    break
+        return out
+
+    fast, reference = episodes(True), episodes(False)
+    assert len(fast) == len(reference)
+    for a, b in zip(fast, reference, strict=True):
+        for x, y in zip(a, b, strict=True):
+            if isinstance(x, dict):
+                assert all(np.array_equal(x[k], y[k]) for k in x)
+            else:
+                assert x == y
+
+
 def test_invalid_actions_are_penalised_no_ops():
     e = NeuronPruningEnv(max_units=200)
     e.reset(seed=0)

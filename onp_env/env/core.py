@@ -128,6 +128,7 @@ class Task:
             triggered = target.attack.apply(x[keep].cpu()).to(device)  # attacks keep their triggers on the CPU
             self.triggered = Evaluator(gm, triggered, names, cfg.cache)
         self.trigger_free_score = self._score(cfg, x, y)
+        self._start: tuple[tuple[float, float | None, float], list[Any]] | None = None
         self.partners: dict[int, list[int]] = {}
         for group in self.layout.groups:
             for c in range(self.layout.by_name[group[0]].size):
@@ -169,6 +170,26 @@ class Task:
             return acc, asr, self.trigger_free_score()
         assert asr is not None
         return acc, asr, confidence if self.confidence else asr
+
+    def measure_start(self) -> tuple[float, float | None, float]:
+        """measure(None) right after masks.reset(). Every episode starts from the same unpruned model,
+        so its full pass runs on the first reset only; later resets restore the evaluators' caches and
+        the dynamic statistics it left (the trigger-free score, which may be stateful, runs again)."""
+        evaluators = [e for e in (self.clean, self.triggered) if e is not None]
+        if self._start is None:
+            result = self.measure(None)
+            state = [(dict(e.values), e.last, dict(e.fresh)) for e in evaluators]
+            dynamic = None if self.dynamic is None else self.dynamic.values.clone()
+            self._start = (result, [state, dynamic])
+            return result
+        (acc, asr, score), (state, dynamic) = self._start
+        for e, (values, last, fresh) in zip(evaluators, state, strict=True):  # cached tensors are never mutated
+            e.values, e.last, e.fresh = dict(values), last, dict(fresh)
+        if self.dynamic is not None:
+            self.dynamic.values = dynamic.clone()
+        if self.trigger_free_score is not None:
+            score = self.trigger_free_score()
+        return acc, asr, score
 
 
 class NeuronPruningEnv(gym.Env):
@@ -354,7 +375,7 @@ class NeuronPruningEnv(gym.Env):
         self.task, self.task_index = self.tasks[index], index
         self.task.masks.reset()
         self._reset_state()
-        self.acc, self.asr, self.score = self.task.measure(None)
+        self.acc, self.asr, self.score = self.task.measure_start()
         self.acc0 = self.acc
         self._needs_reset = False
         return self._obs(), self._info()
