@@ -11,7 +11,8 @@ Read top to bottom, `train_agent` does:
 6. save the deployable agent (agents.io: safetensors + JSON, no pickle).
 
 Run folder: config.json, checkpoint.zip (SB3's zip, for resuming *this* run only: it holds
-cloudpickled objects), logs/ (progress.csv, TensorBoard events), imitation.json, agent/."""
+cloudpickled objects), seconds.json (training time up to the checkpoint), logs/ (progress.csv,
+TensorBoard events), imitation.json, agent/."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from onp_env.env import EnvConfig, NeuronPruningEnv
 from onp_env.errors import OnpError
 from onp_env.zoo import build_artifact
 
-CONFIG, CHECKPOINT, AGENT = "config.json", "checkpoint.zip", "agent"
+CONFIG, CHECKPOINT, AGENT, SECONDS = "config.json", "checkpoint.zip", "agent", "seconds.json"
 
 
 def zoo_configs(cfg: AgentConfig) -> list[LabConfig]:
@@ -71,11 +72,11 @@ def _make_env(env_cfg: EnvConfig) -> Callable[[], gym.Env]:
 
 
 class Progress(BaseCallback):
-    """A tqdm bar over environment steps, and an atomic checkpoint every `every` steps."""
+    """A tqdm bar over environment steps, and `save` (an atomic checkpoint) every `every` steps."""
 
-    def __init__(self, total: int, every: int, path: Path, show: bool):
+    def __init__(self, total: int, every: int, save: Callable[[], None], show: bool):
         super().__init__()
-        self.total, self.every, self.path, self.show = total, every, path, show
+        self.total, self.every, self.save, self.show = total, every, save, show
         self.last_saved = 0
 
     def _on_training_start(self) -> None:
@@ -86,7 +87,7 @@ class Progress(BaseCallback):
     def _on_step(self) -> bool:
         self.bar.update(self.model.num_timesteps - self.bar.n)
         if self.model.num_timesteps - self.last_saved >= self.every:
-            save_checkpoint(self.model, self.path)
+            self.save()
             self.last_saved = self.model.num_timesteps
         return True
 
@@ -122,6 +123,15 @@ def _check_out(cfg: AgentConfig, out: Path, resume: bool) -> bool:
     return (out / CHECKPOINT).is_file()
 
 
+def _seconds_spent(out: Path) -> float:
+    """Training seconds up to the checkpoint being resumed (0 when unknown: it only feeds reports)."""
+    try:
+        seconds = float(json.loads((out / SECONDS).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+    return seconds if 0 <= seconds < float("inf") else 0.0
+
+
 def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: str | Path | None = None,
                 progress: bool = True) -> Path:  # fmt: skip
     """Train an agent into the run folder `out`; returns the deployable agent's directory."""
@@ -134,6 +144,12 @@ def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: 
     write_text_atomic(out / CONFIG, json.dumps(to_dict(cfg), indent=1))
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
+    spent = _seconds_spent(out) if has_checkpoint else 0.0
+
+    def checkpoint() -> None:
+        """The SB3 zip, then the seconds spent so far: a resumed run reports its whole training time."""
+        save_checkpoint(model, out / CHECKPOINT)
+        write_text_atomic(out / SECONDS, json.dumps({"seconds": spent + time.perf_counter() - start}))
 
     # 2. shadow models
     artifacts = build_zoo(cfg, cache, progress)
@@ -167,22 +183,22 @@ def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: 
                 data = collect(expert_env, cfg.imitation, cfg.seed, progress)
                 losses = clone(model.policy, data, cfg.imitation, cfg.seed, progress)
                 write_text_atomic(out / "imitation.json", json.dumps({"samples": len(data[1]), "losses": losses}))
-            save_checkpoint(model, out / CHECKPOINT)
+            checkpoint()
         model.set_logger(logger)
 
         # 5. PPO
         remaining = max(p.total_steps - model.num_timesteps, 0)
         if remaining:
-            callback = Progress(p.total_steps, cfg.checkpoint_every, out / CHECKPOINT, progress)
+            callback = Progress(p.total_steps, cfg.checkpoint_every, checkpoint, progress)
             model.learn(remaining, callback=callback, reset_num_timesteps=False)
-            save_checkpoint(model, out / CHECKPOINT)
+            checkpoint()
     finally:
         vec.close()
 
     # 6. the deployable agent
     training = {
         "steps": int(model.num_timesteps), "seed": cfg.seed, "shadow_models": [Path(a).name for a in artifacts],
-        "imitation_episodes": cfg.imitation.episodes, "seconds": round(time.perf_counter() - start, 1),
+        "imitation_episodes": cfg.imitation.episodes, "seconds": round(spent + time.perf_counter() - start, 1),
     }  # fmt: skip
     policy = model.policy
     assert isinstance(policy, GraphMaskablePolicy)

@@ -169,10 +169,14 @@ def test_resume_continues_the_step_counter_and_optimizer(tmp_path, monkeypatch):
         return real_learn(self, total, **kw)
 
     monkeypatch.setattr(train.MaskablePPO, "learn", spy)
+    assert json.loads((tmp_path / "run" / "seconds.json").read_text())["seconds"] > 0
+    (tmp_path / "run" / "seconds.json").write_text('{"seconds": 1000.0}')  # the interrupted part's time, say
     agent = train_agent(cfg, tmp_path / "run", resume=True, progress=False)
     assert seen["start"] == 192 and seen["adam_steps"] > 0  # continued, not restarted
+    training = json.loads((agent / "agent.json").read_text())["training"]
     # PPO finishes whole rollouts: 192 + one rollout of 128 (a restarted run would stop at 256)
-    assert json.loads((agent / "agent.json").read_text())["training"]["steps"] == 192 + 128
+    assert training["steps"] == 192 + 128
+    assert 1000 < training["seconds"] < 2000  # the time before the interruption counts too
 
 
 def _tampered(agent_dir, tmp_path, edit):
