@@ -1,12 +1,17 @@
 """The learned defense against every baseline: leave-one-attack-out on Fashion-MNIST.
 
     python benchmarks/onp_vs_baselines.py [--attacks ...] [--fractions 0.01 0.05] [--report-only]
+    python benchmarks/onp_vs_baselines.py --seeds 104 105 106 --methods oracle mnp random \
+        --variants "imitation target=remaining" --results benchmarks/results/onp_fresh.md
 
 For each held-out attack A: train an agent (configs/agent/fashion-mnist.yaml) on the shadow models
 of the four other attacks, build held-out models of A with seeds no shadow model uses, and run on
 each of them, with 1% and 5% of the training split as defense data: ONP (the agent), every
 registered baseline at its paper's defaults, and the oracle expert as the upper reference (it uses
 the trigger; no defense does). Then the ablations (--ablations), on the first held-out attack at 5%.
+--variants runs chosen ablation variants on every fold and fraction instead: a variant picked from the
+ablation table has to be confirmed on held-out models the pick did not see (--seeds, a --results file
+of its own), or the test models will have chosen it.
 
 Resumable and crash-safe: agent runs resume from their checkpoints, artifacts come from the lab's
 cache, and every finished cell is one fsync'd JSON line in benchmarks/results/onp.jsonl; a cell
@@ -46,8 +51,10 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random")
-HELD_OUT_SEEDS = (101, 102, 103)
 KEPT = ("acc", "asr", "ra", "der", "pruned", "seconds", "before", "units")
+# The protocol ran (onp.jsonl) before the agent config's default imitation target became `remaining`
+# (confirmed on fresh held-out seeds: onp_fresh.md); every variant keeps the target it was run with.
+PROTOCOL = ["imitation.target=next"]
 ABLATIONS = {  # in the order they train: the most telling first, so that a partial run still says most
     "dense oracle reward": ["env.score_kwargs={kind: confidence}"],
     "imitation only": ["ppo.total_steps=0"],
@@ -91,7 +98,7 @@ def _worker(threads: int) -> None:
 
 
 def build_model(lab: LabConfig) -> tuple[str, float]:
-    """A model through the lab's cache; its training seconds (0 when it was already cached)."""
+    """A model through the lab's cache; its training seconds from its manifest (a cached model's too)."""
     path = build_artifact(lab, progress=False)
     return str(path), load_artifact(path).manifest["training"]["seconds"]
 
@@ -148,14 +155,15 @@ def run(args: argparse.Namespace) -> None:
     held_labs = {}
     for held in args.attacks:
         attack = from_dict(AttackConfig, next(a for a in base.zoo.attacks if a["name"] == held), "held-out attack")
-        for seed in HELD_OUT_SEEDS[: args.models]:
+        for seed in args.seeds[: args.models]:
             held_labs[held, seed] = dataclasses.replace(lab, name=f"held-out-{held}-s{seed}", seed=seed, attack=attack)
     variants = {}  # (held attack, variant) -> (overrides, run folder)
     for fold, held in enumerate(args.attacks):
         shadow = [a for a in base.zoo.attacks if a["name"] != held]
-        for variant, sets in ({"onp": []} | (ABLATIONS if args.ablations and fold == 0 else {})).items():
+        extra = {v: ABLATIONS[v] for v in args.variants} | (ABLATIONS if args.ablations and fold == 0 else {})
+        for variant, sets in ({"onp": []} | extra).items():
             out = args.runs / f"without-{held}" / variant.replace(" ", "-").replace("=", "-")
-            variants[held, variant] = ([f"zoo.attacks={json.dumps(shadow)}", *sets], out)
+            variants[held, variant] = ([f"zoo.attacks={json.dumps(shadow)}", *PROTOCOL, *sets], out)
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, ctx, initializer=_worker, initargs=(args.threads,)) as pool:
@@ -171,16 +179,16 @@ def run(args: argparse.Namespace) -> None:
         # soon as it is trained, then the protocol's agents, the baseline cells, the ablation agents
         ready: list[tuple[int, int, tuple]] = []
         for (held, variant), (sets, out) in variants.items():
-            ready.append((1 if variant == "onp" else 3, len(ready), ("agent", held, variant, sets, out)))
+            ready.append((1 if variant in ("onp", *args.variants) else 3, len(ready), ("agent", held, variant, sets, out)))
         waiting: dict[tuple[str, str], list[tuple]] = {}
         for (held, seed), hl in held_labs.items():
             for fraction in args.fractions:
                 ablate = fraction == max(args.fractions)
-                for variant in [v for (h, v) in variants if h == held and (ablate or v == "onp")]:
+                for variant in [v for (h, v) in variants if h == held and (ablate or v in ("onp", *args.variants))]:
                     key = f"{held}/s{seed}/{fraction:g}/{variant}"
                     if key not in finished:
                         waiting.setdefault((held, variant), []).append((key, paths[hl.name], fraction, variant))
-                for method in ["oracle", *BASELINES]:
+                for method in args.methods:
                     key = f"{held}/s{seed}/{fraction:g}/{method}"
                     if key not in finished:
                         ready.append((2, len(ready), ("cell", key, paths[hl.name], fraction, method, None)))
@@ -239,16 +247,21 @@ def report_md(results: Path, out: Path) -> None:
     rows = read_rows(results)
     costs = {r["key"]: r["seconds"] for r in rows if r.get("kind") == "cost"}
     cells = [r for r in rows if r.get("kind") is None]
-    main, ablation = ["onp", "oracle", *BASELINES], [m for m in ABLATIONS if any(r["method"] == m for r in cells)]
+    # a variant deployed on more than one held-out attack ran on every fold (--variants): a main row
+    folds = {m: {r["attack"] for r in cells if r["method"] == m} for m in ["onp", *ABLATIONS, "oracle", *BASELINES]}
+    main = [m for m in folds if folds[m] and (m not in ABLATIONS or len(folds[m]) > 1)]
+    ablation = [m for m in ABLATIONS if folds[m]]
+    single = [m for m in ABLATIONS if len(folds[m]) == 1]  # the ablation proper: one held-out attack
+    seeds = sorted({r["seed"] for r in cells})
     oracle = {_cell(r): set(r["units"]) for r in cells if r["method"] == "oracle"}
 
     lines = [
         "# ONP (learned) against every baseline: leave-one-attack-out on Fashion-MNIST",
         "",
-        "Generated by `python benchmarks/onp_vs_baselines.py` from `onp.jsonl` alone. Per held-out attack, the "
-        "agent (configs/agent/fashion-mnist.yaml) is trained on small-CNN shadow models of the four other attacks "
-        f"(seeds 1-2) and deployed on held-out models of that attack (seeds {', '.join(map(str, HELD_OUT_SEEDS))}); "
-        "every baseline runs at its paper's defaults on the same models and defense data. `oracle` knows the "
+        f"Generated by `python benchmarks/onp_vs_baselines.py` from `{results.name}` alone. Per held-out attack, "
+        f"the agent (configs/agent/fashion-mnist.yaml with `{' '.join(PROTOCOL)}`) is trained on small-CNN shadow models of the four other attacks "
+        f"(seeds 1-2) and deployed on held-out models of that attack (seeds {', '.join(map(str, seeds))}); "
+        "each baseline runs at its paper's defaults on the same models and defense data. `oracle` knows the "
         "trigger (upper reference, not a defense). Mean ± std over cells, in %; ACC lost in points. Seconds: the "
         "defense alone, one torch thread per worker, two workers on a shared 2-core CPU "
         f"({platform.machine()}, torch {torch.__version__}).",
@@ -299,17 +312,17 @@ def report_md(results: Path, out: Path) -> None:
         "expert pruned on the same model and data that the method also pruned.",
         "",
     ]
-    lines += _ablations_md(cells, costs, ablation, oracle)
+    if single:
+        lines += _ablations_md(cells, costs, ablation, oracle, next(iter(folds[single[0]])))
     if costs:
         lines += _cost_md(cells, costs)
     write_text_atomic(out, "\n".join(lines))
 
 
-def _ablations_md(cells: list[dict], costs: dict[str, float], ablation: list[str], oracle: dict) -> list[str]:
-    """One variant per row against `onp` on the ablation's held-out models and fraction."""
-    if not ablation:
-        return []
-    attack, fraction = next((r["attack"], r["fraction"]) for r in cells if r["method"] in ablation)
+def _ablations_md(cells: list[dict], costs: dict[str, float], ablation: list[str], oracle: dict,
+                  attack: str) -> list[str]:  # fmt: skip
+    """One variant per row against `onp` on the ablation's held-out attack, at its largest fraction."""
+    fraction = max(r["fraction"] for r in cells if r["method"] in ablation and r["attack"] == attack)
     lines = ["## Ablations", "",
              f"Held-out {attack}, {fraction:.0%} defense data, the same shadow and held-out models for every "
              "variant; each changes one thing against `onp` (its `--set` overrides). Agent hours: its training, "
@@ -331,14 +344,16 @@ def _ablations_md(cells: list[dict], costs: dict[str, float], ablation: list[str
 
 
 def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
-    """Worker-hours of the protocol (every model, the five agents, every main cell) and of the ablations."""
+    """Worker-hours of the protocol (every model, the `onp` agents, every cell of onp, the oracle and the
+    baselines) and of the variants and ablations."""
     main = {"onp", "oracle", *BASELINES}
     model = sum(v for k, v in costs.items() if k.startswith("cost/model/"))
     agents = {k: v for k, v in costs.items() if k.startswith("cost/agent/")}
-    agent = sum(v for k, v in agents.items() if k.endswith("/onp"))
+    ours = {k for k in agents if k.endswith("/onp")}
+    agent = sum(agents[k] for k in ours)
     cell = sum(r["wall_seconds"] for r in cells if r["method"] in main)
     n_cells = sum(r["method"] in main for r in cells)
-    abl_agent = sum(v for k, v in agents.items() if not k.endswith("/onp"))
+    abl_agent = sum(v for k, v in agents.items() if k not in ours)
     abl_cell = sum(r["wall_seconds"] for r in cells if r["method"] not in main)
     total = model + agent + cell
     return [
@@ -347,11 +362,11 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
         "| part | count | worker-hours |",
         "|---|---:|---:|",
         f"| models (shadow and held-out) | {sum(k.startswith('cost/model/') for k in costs)} | {model / 3600:.2f} |",
-        f"| agents of the protocol | {sum(k.endswith('/onp') for k in agents)} | {agent / 3600:.2f} |",
+        f"| agents of the protocol | {len(ours)} | {agent / 3600:.2f} |",
         f"| cells (every method on every model) | {n_cells} | {cell / 3600:.2f} |",
         f"| **protocol** | | **{total / 3600:.2f}** |",
-        f"| ablation agents | {len(agents) - sum(k.endswith('/onp') for k in agents)} | {abl_agent / 3600:.2f} |",
-        f"| ablation cells | {len(cells) - n_cells} | {abl_cell / 3600:.2f} |",
+        f"| variant and ablation agents | {len(agents) - len(ours)} | {abl_agent / 3600:.2f} |",
+        f"| variant and ablation cells | {len(cells) - n_cells} | {abl_cell / 3600:.2f} |",
         "",
         "Worker-hours are summed over the worker processes (one torch thread each); with two workers on the "
         f"2-core machine the protocol's wall-clock time is about half its total, {total / 7200:.1f} h.",
@@ -364,6 +379,11 @@ def main() -> None:
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.05])
     p.add_argument("--models", type=int, default=3, help="held-out models per attack")
+    p.add_argument("--seeds", nargs="+", type=int, default=[101, 102, 103], help="held-out model seeds")
+    p.add_argument("--methods", nargs="+", default=["oracle", *BASELINES], choices=["oracle", *BASELINES],
+                   help="reference and baselines to run beside ONP")  # fmt: skip
+    p.add_argument("--variants", nargs="+", default=[], choices=list(ABLATIONS),
+                   help="ablation variants to train and deploy on every fold and fraction, like onp")  # fmt: skip
     p.add_argument("--ablations", action="store_true", help="also train and deploy the ablation variants")
     p.add_argument("--workers", type=int, default=2, help="worker processes (workers x threads <= cores)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
