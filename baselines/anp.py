@@ -7,17 +7,22 @@ iteration, on a batch of 128 defense images drawn with replacement: draw d, x ~ 
 take `anp_steps` signed ascent steps of size eps / anp_steps on the perturbed loss (no projection);
 then one SGD step (lr 0.2, momentum 0.9) on alpha * CE(clean) + (1 - alpha) * CE(perturbed) for the
 masks, clamped to [0, 1]. BatchNorm uses batch statistics (train mode) throughout. Units whose mask
-ends below the threshold (0.2) are pruned in the *original* weights. Defaults: eps 0.4, alpha 0.2,
-2000 iterations.
+ends at or below the threshold (0.2) are pruned in the *original* weights. Defaults: eps 0.4, alpha
+0.2, 2000 iterations. Every batch goes through `augment`: the released code's random crop (padding 4
+on 32x32) + horizontal flip by default on colour images, none on grayscale ones (see the parameter).
 
 Implementation: the clean and perturbed halves of the mask loss are back-propagated separately (the
 gradient of each mask is the same two-term sum); `parallel=True` runs the clean half on a second core
 while the perturbation is found, with bit-identical masks (tested; speed in
 benchmarks/results/anp_speed.md).
 
-Departures: hidden Linear neurons are treated like BatchNorm channels (weight row for gamma, bias for
-beta), since on small CNNs the backdoor sits partly there; the pruned model uses this project's
-mask semantics (zero by default; the released code zeroes only gamma: use semantics="gamma")."""
+Departures from the released code:
+- hidden Linear neurons are treated like BatchNorm channels (weight row for gamma, bias for beta),
+  since on small CNNs the backdoor sits partly there;
+- the pruned model uses this project's mask semantics, `zero` by default (the unit outputs 0); the
+  released code zeroes only gamma, so the channel outputs its beta: semantics="gamma";
+- no augmentation on grayscale data by default (`augment: auto`), where the released code always
+  crops and flips."""
 
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from baselines.masked_training import unit_hooks
 from onp_env.config import bounded
 from onp_env.devices import device_of
 from onp_env.graph.units import UnitLayout
+from onp_env.training import augment_defense_batch, check_defense_augment, defense_augment
 
 
 @dataclass
@@ -49,12 +55,18 @@ class ANPParams:
     lr: float = bounded(0.2, gt=0)
     momentum: float = bounded(0.9, ge=0, lt=1)
     threshold: float = bounded(0.2, ge=0, le=1)
-    """Units whose mask (in [0, 1]) ends below this are pruned."""
+    """Units whose mask (in [0, 1]) ends at or below this are pruned."""
+    augment: str = "auto"
+    """Augmentation of every defense batch: none, crop, crop-flip, or auto (crop-flip on colour
+    images as released, none on grayscale ones: flipping digits is wrong)."""
     progress: bool = False
     """A progress bar of the iterations on stderr."""
     parallel: bool = False
     """Run the clean half of each mask step in a second thread (same numbers, bit for bit; faster
     with two cores; see benchmarks/results/anp_speed.md)."""
+
+    def __post_init__(self) -> None:
+        check_defense_augment(self.augment)
 
 
 class ANP(Defense):
@@ -86,11 +98,12 @@ class ANP(Defense):
         net = model if p.eps > 0 else clean_model
         mask_opt = torch.optim.SGD([mask], lr=p.lr, momentum=p.momentum)
         g = torch.Generator().manual_seed(self.seed)
+        self.extra["augment"] = kind = defense_augment(p.augment, x)
         pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
         with pool, unit_hooks(clean_model, layout, clean), unit_hooks(model, layout, perturbed):
             for _ in tqdm(range(p.iterations), desc="anp", disable=not p.progress, leave=False):
                 idx = torch.randint(len(x), (p.batch_size,), generator=g)
-                xb, yb = x[idx], y[idx]
+                xb, yb = augment_defense_batch(x[idx], kind, g), y[idx]
                 mask_opt.zero_grad()
                 # The clean term does not depend on the perturbation: with parallel=True it runs on the
                 # other core while the perturbation is found. Each mask gradient is then the sum of one
@@ -124,4 +137,4 @@ class ANP(Defense):
         return 1 - self.optimise_masks(model, layout, x, y)
 
     def select(self, scores, model, layout, x, y) -> list[int]:
-        return top_units(scores, (1 - scores) < self.params.threshold)
+        return top_units(scores, (1 - scores) <= self.params.threshold)

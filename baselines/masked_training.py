@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from onp_env.devices import device_of
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import split_output
+from onp_env.training import augment_defense_batch
 
 Transform = Callable[[torch.Tensor, torch.Tensor, tuple[int, ...], slice], torch.Tensor]
 
@@ -61,10 +62,12 @@ def train_masks(
     seed: int,
     progress: bool = False,
     desc: str = "masks",
+    augment: str = "none",
 ) -> torch.Tensor:
     """Minimise loss_fn(logits, labels, mask) over the masks only (weights frozen, BatchNorm in
     train mode as in the released mask-learning code), SGD with momentum, masks clamped to [0, 1]
-    after every step. Returns the final masks. `progress`: a bar of the steps on stderr."""
+    after every step. Returns the final masks. `progress`: a bar of the steps on stderr; `augment`
+    (none, crop or crop-flip): every batch augmented (onp_env.training.augment_defense_batch)."""
     for p in model.parameters():
         p.requires_grad_(False)
     model.train()
@@ -75,7 +78,7 @@ def train_masks(
         opt = torch.optim.SGD([mask], lr=lr, momentum=momentum)
         for _ in range(epochs):
             for idx in torch.randperm(len(x), generator=g).split(batch_size):
-                loss = loss_fn(model(x[idx]), y[idx], mask)
+                loss = loss_fn(model(augment_defense_batch(x[idx], augment, g)), y[idx], mask)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

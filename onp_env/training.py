@@ -31,20 +31,51 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def augment(x: torch.Tensor, kind: str, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """A random crop of the zero-padded images (a shift of up to `pad` pixels) and, for crop-flip, a
+    horizontal flip of half of them. `g` is a CPU generator: the same draws on every device."""
     if kind == "none":
         return x
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(-1, x.shape[1], -1, w + 2 * pad)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    rows = torch.arange(h, device=x.device)
+    rows = (dy[:, None] + rows[None, :])[:, None, :, None].expand(-1, x.shape[1], -1, w + 2 * pad)
     out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(-1, x.shape[1], h, -1)
+    cols = torch.arange(w, device=x.device)
+    cols = (dx[:, None] + cols[None, :])[:, None, None, :].expand(-1, x.shape[1], h, -1)
     out = out.gather(3, cols)
     if kind == "crop-flip":
-        flip = torch.rand(n, generator=g) < 0.5
+        flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out
+
+
+DEFENSE_AUGMENTS = ("auto", *AUGMENTS)
+"""Augmentations of the defense set for the mask-learning defenses (ANP, RNP)."""
+
+
+def check_defense_augment(kind: str) -> None:
+    if kind not in DEFENSE_AUGMENTS:
+        raise OnpError(f"unknown augment '{kind}': choose one of {', '.join(DEFENSE_AUGMENTS)}")
+
+
+def defense_augment(kind: str, x: torch.Tensor) -> str:
+    """The augmentation `kind` means for defense images `x`. `auto`: crop-flip for colour images
+    (the released ANP and RNP code's CIFAR-10 setting), none for grayscale ones (flipping a digit
+    changes what it shows, and the lab trains its grayscale models without augmentation)."""
+    check_defense_augment(kind)
+    if kind == "auto":
+        return "crop-flip" if x.ndim == 4 and x.shape[1] == 3 else "none"
+    if kind != "none" and x.ndim != 4:
+        raise OnpError(f"augment '{kind}' needs images (batch, channels, height, width): set augment: none")
+    return kind
+
+
+def augment_defense_batch(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
+    """`augment` with the released code's padding scaled to the image: 4 pixels on 32x32 images
+    (an eighth of the width, at least 1)."""
+    return augment(x, kind, g, pad=max(1, x.shape[-1] // 8))
 
 
 def train(

@@ -240,3 +240,38 @@ def test_parallel_anp_gives_bit_identical_masks():
     sequential = make(ANP, iterations=30, seed=4).optimise_masks(cnn(), layout, x, y)
     parallel = make(ANP, iterations=30, seed=4, parallel=True).optimise_masks(cnn(), layout, x, y)
     assert torch.equal(sequential, parallel) and (sequential < 1).any()
+
+
+def test_defense_augmentation_follows_the_images_and_rejects_what_it_cannot_do():
+    from onp_env.training import augment_defense_batch, defense_augment
+
+    gray, colour = data()[0], data((3, 32, 32))[0]
+    assert defense_augment("auto", gray) == "none" and defense_augment("auto", colour) == "crop-flip"
+    assert defense_augment("crop", gray) == "crop"
+    with pytest.raises(OnpError, match="needs images"):
+        defense_augment("crop", gray.flatten(1))
+    for cls in (ANP, RNP):
+        with pytest.raises(OnpError, match="unknown augment 'flip'"):
+            cls(augment="flip")
+    shifted = augment_defense_batch(torch.ones(64, 1, 32, 32), "crop", torch.Generator().manual_seed(0))
+    zero_rows = (shifted == 0).all(3).squeeze(1).sum(1)  # padding shifted into view: 4 pixels at most on 32x32
+    assert zero_rows.max() == 4 and (zero_rows < 4).any()
+
+
+@pytest.mark.parametrize("cls", [ANP, RNP])
+def test_augmented_mask_learning_is_seeded_and_reported(cls):
+    model = cnn()
+    x, y = data()
+    plain = make(cls, seed=2, augment="none").run(model, x, y)
+    auto = make(cls, seed=2).run(model, x, y)  # grayscale: auto means none
+    a, b = make(cls, seed=2, augment="crop").run(model, x, y), make(cls, seed=2, augment="crop").run(model, x, y)
+    assert torch.equal(plain.scores, auto.scores) and auto.details["augment"] == "none"
+    assert torch.equal(a.scores, b.scores) and a.details["augment"] == "crop"
+    assert not torch.equal(a.scores, plain.scores)
+
+
+@pytest.mark.parametrize("cls", [ANP, RNP])
+def test_anp_and_rnp_prune_masks_at_the_threshold_as_released(cls):
+    scores = 1 - torch.tensor([0.0, 0.5, 1.0, 0.1])  # masks
+    assert cls(threshold=0.0).select(scores, None, None, None, None) == [0]
+    assert cls(threshold=0.5).select(scores, None, None, None, None) == [0, 3, 1]
