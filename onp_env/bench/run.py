@@ -161,11 +161,14 @@ class LocalExecutor:
         return value
 
     def completed(self, pending: set[Any]) -> Iterator[tuple[Any, Any]]:
-        """(handle, result) as tasks finish; a task's exception is raised here."""
-        for task in [t for t in pending if isinstance(t, _Deferred)]:
-            pending.discard(task)
-            yield task, task.fn(*task.args)
+        """(handle, result) as tasks finish, until `pending` is empty (tasks added to it meanwhile
+        included); a task's exception is raised here."""
         while pending:
+            deferred = [t for t in pending if isinstance(t, _Deferred)]
+            if deferred:
+                pending.discard(deferred[0])
+                yield deferred[0], deferred[0].fn(*deferred[0].args)
+                continue
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
                 pending.discard(fut)
@@ -201,6 +204,7 @@ class RayExecutor:
         return self.ray.put(value) if value is not None else None
 
     def completed(self, pending: set[Any]) -> Iterator[tuple[Any, Any]]:
+        """As LocalExecutor.completed."""
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -271,34 +275,54 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     cells = [(lab, fraction, spec) for lab in labs for fraction in cfg.fractions for spec in specs]
     todo = [c for c in cells if f"{model_key(c[0])}/{c[1]:g}/{c[2].key}" not in finished]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
-    try:  # the pool is closed whatever happens
-        needed = {model_key(c[0]): c[0] for c in todo}
-        models: dict[str, tuple[str, Any]] = {}
-        handles = {pool.submit(build_model_task, to_dict(lab), cfg.train.threads, pool.ships,
-                               cpus=cfg.train.threads): key for key, lab in needed.items()}  # fmt: skip
-        for h, result in tqdm(pool.completed(set(handles)), total=len(handles), desc="models", disable=not progress,
-                              leave=False):  # fmt: skip
-            models[handles[h]] = (result[0], pool.put(result[1]))
-        prepared: dict[str, tuple[dict[str, Any], Any]] = {}
-        learned = {s.key: s for s in specs if hasattr(defense_class(s.name), "prepare")}
-        learned = {k: s for k, s in learned.items() if any(c[2].key == k for c in todo)}
-        handles = {pool.submit(prepare_task, to_dict(s), str(out / "prepared"), cfg.threads, pool.ships,
-                               cpus=cfg.threads): k for k, s in learned.items()}  # fmt: skip
-        for h, result in tqdm(pool.completed(set(handles)), total=len(handles), desc="learned defenses",
-                              disable=not progress, leave=False):  # fmt: skip
-            prepared[handles[h]] = (result[0], pool.put(result[1]))
-        handles = {}
-        for lab, fraction, spec in todo:
+    needed = {model_key(c[0]): c[0] for c in todo}
+    learned = {s.key: s for s in specs if hasattr(defense_class(s.name), "prepare")}
+    learned = {k: s for k, s in learned.items() if any(c[2].key == k for c in todo)}
+    setup = tqdm(total=len(needed) + len(learned), desc="models and agents", disable=not progress, leave=False)
+    # Cells are submitted as soon as what they need exists: heuristic cells run beside the agents'
+    # training instead of waiting for it; per-cell seeds keep the numbers independent of the order.
+    models: dict[str, tuple[str, Any]] = {}
+    prepared: dict[str, tuple[dict[str, Any], Any]] = {}
+    waiting, pending, role = list(todo), set(), {}
+
+    def submit(what: tuple[str, str], fn: Callable[..., Any], *args: Any, cpus: int) -> None:
+        handle = pool.submit(fn, *args, cpus=cpus)
+        pending.add(handle)
+        role[handle] = what
+
+    def release() -> None:
+        nonlocal waiting
+        ready = [c for c in waiting if model_key(c[0]) in models and (c[2].key not in learned or c[2].key in prepared)]
+        waiting = [c for c in waiting if c not in ready]
+        for lab, fraction, spec in ready:
             key = f"{model_key(lab)}/{fraction:g}/{spec.key}"
             art, art_files = models[model_key(lab)]
             params, agent_files = prepared.get(spec.key, (spec.params, None))
-            handles[pool.submit(cell_task, key, art, art_files, to_dict(spec), params, agent_files, fraction,
-                                lab.seed, str(out), cfg.threads, lab.data.root, cpus=cfg.threads)] = key  # fmt: skip
-        for _, row in pool.completed(set(handles)):
-            append(results, row)
-            bar.update()
-            write_report(out, plots=False)  # the table follows the data; plots at the end
+            submit(("cell", key), cell_task, key, art, art_files, to_dict(spec), params, agent_files, fraction,
+                   lab.seed, str(out), cfg.threads, lab.data.root, cpus=cfg.threads)  # fmt: skip
+
+    try:  # the pool is closed whatever happens
+        for k, s in learned.items():  # first: the longest tasks
+            submit(("prepare", k), prepare_task, to_dict(s), str(out / "prepared"), cfg.threads, pool.ships,
+                   cpus=cfg.threads)  # fmt: skip
+        for key, lab in needed.items():
+            submit(("model", key), build_model_task, to_dict(lab), cfg.train.threads, pool.ships,
+                   cpus=cfg.train.threads)  # fmt: skip
+        for handle, result in pool.completed(pending):
+            kind, key = role.pop(handle)
+            if kind == "cell":
+                append(results, result)
+                bar.update()
+                write_report(out, plots=False)  # the table follows the data; plots at the end
+                continue
+            if kind == "model":
+                models[key] = (result[0], pool.put(result[1]))
+            else:
+                prepared[key] = (result[0], pool.put(result[1]))
+            setup.update()
+            release()
     finally:
+        setup.close()
         bar.close()
         pool.close()
     return write_report(out)
