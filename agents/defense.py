@@ -110,14 +110,10 @@ class ONP(Defense):
         trained into `workdir` (resuming a run cut short; reused when trained) and replaced by the
         `agent` it yields. With workdir None, only checks the config (before any expensive step)."""
         params = dict(params)
-        source, sets = params.pop("agent_config", None), params.pop("agent_set", [])
-        if source is None:
+        cfg = cls._agent_config(params)
+        params.pop("agent_config", None), params.pop("agent_set", None)
+        if cfg is None:
             return params
-        if isinstance(source, dict):
-            cfg = from_dict(AgentConfig, apply_overrides(json.loads(json.dumps(source)), sets), "onp agent_config")
-            validate(cfg)
-        else:
-            cfg = load_agent_config(str(source), sets)
         if workdir is None:
             return {**params, "agent": "<trained by prepare>"}
         blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
@@ -125,6 +121,25 @@ class ONP(Defense):
         if not (out / AGENT).is_dir():
             train_agent(cfg, out, resume=(out / "config.json").is_file(), progress=progress)
         return {**params, "agent": str(out / AGENT)}
+
+    @classmethod
+    def prepare_cpus(cls, params: dict[str, Any]) -> int:
+        """Cores the preparation keeps busy: the agent's torch threads, or its subprocess envs."""
+        cfg = cls._agent_config(params)
+        if cfg is None:
+            return 1
+        return max(cfg.threads, cfg.n_envs if cfg.vec_env == "subproc" else 1)
+
+    @staticmethod
+    def _agent_config(params: dict[str, Any]) -> AgentConfig | None:
+        source, sets = params.get("agent_config"), params.get("agent_set", [])
+        if source is None:
+            return None
+        if isinstance(source, dict):
+            cfg = from_dict(AgentConfig, apply_overrides(json.loads(json.dumps(source)), sets), "onp agent_config")
+            validate(cfg)
+            return cfg
+        return load_agent_config(str(source), sets)
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Pruning order as a score: the first pruned unit scores highest, unpruned units -inf."""

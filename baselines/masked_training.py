@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from onp_env.devices import device_of
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import split_output
-from onp_env.training import augment_defense_batch
+from onp_env.training import augment_defense_batch, defense_augment
 
 Transform = Callable[[torch.Tensor, torch.Tensor, tuple[int, ...], slice], torch.Tensor]
 
@@ -67,7 +67,8 @@ def train_masks(
     """Minimise loss_fn(logits, labels, mask) over the masks only (weights frozen, BatchNorm in
     train mode as in the released mask-learning code), SGD with momentum, masks clamped to [0, 1]
     after every step. Returns the final masks. `progress`: a bar of the steps on stderr; `augment`
-    (none, crop or crop-flip): every batch augmented (onp_env.training.augment_defense_batch)."""
+    (none, crop, crop-flip or auto): every batch augmented (onp_env.training.augment_defense_batch)."""
+    augment = defense_augment(augment, x)
     for p in model.parameters():
         p.requires_grad_(False)
     model.train()

@@ -33,6 +33,8 @@ def torch_threads(n: int) -> Iterator[None]:
 def augment(x: torch.Tensor, kind: str, g: torch.Generator, pad: int = 2) -> torch.Tensor:
     """A random crop of the zero-padded images (a shift of up to `pad` pixels) and, for crop-flip, a
     horizontal flip of half of them. `g` is a CPU generator: the same draws on every device."""
+    if kind not in AUGMENTS:
+        raise OnpError(f"unknown augment '{kind}': choose one of {', '.join(AUGMENTS)}")
     if kind == "none":
         return x
     n, _, h, w = x.shape
@@ -63,7 +65,7 @@ def check_defense_augment(kind: str) -> None:
 def defense_augment(kind: str, x: torch.Tensor) -> str:
     """The augmentation `kind` means for defense images `x`. `auto`: crop-flip for colour images
     (the released ANP and RNP code's CIFAR-10 setting), none for grayscale ones (flipping a digit
-    changes what it shows, and the lab trains its grayscale models without augmentation)."""
+    changes what it shows, and the lab's default training config trains without augmentation)."""
     check_defense_augment(kind)
     if kind == "auto":
         return "crop-flip" if x.ndim == 4 and x.shape[1] == 3 else "none"

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from baselines.anp import ANP
@@ -275,3 +276,24 @@ def test_anp_and_rnp_prune_masks_at_the_threshold_as_released(cls):
     scores = 1 - torch.tensor([0.0, 0.5, 1.0, 0.1])  # masks
     assert cls(threshold=0.0).select(scores, None, None, None, None) == [0]
     assert cls(threshold=0.5).select(scores, None, None, None, None) == [0, 3, 1]
+
+
+def test_recovery_masks_see_the_augmentation_and_none_draws_nothing():
+    from baselines.masked_training import train_masks
+    from onp_env.training import augment_defense_batch
+
+    model = cnn()
+    x, y = data()
+    layout, _ = find_units(model, x[:2])
+
+    def loss(logits, labels, mask):
+        return F.cross_entropy(logits, labels)
+
+    plain = train_masks(cnn(), layout, x, y, loss, 2, 0.2, 0.9, 16, 0)
+    cropped = train_masks(cnn(), layout, x, y, loss, 2, 0.2, 0.9, 16, 0, augment="crop")
+    assert not torch.equal(plain, cropped)
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    assert augment_defense_batch(x, "none", g) is x and torch.equal(g.get_state(), before)
+    with pytest.raises(OnpError, match="unknown augment"):
+        train_masks(cnn(), layout, x, y, loss, 1, 0.2, 0.9, 16, 0, augment="flip")

@@ -3,15 +3,20 @@ file alone, identical numbers for any worker count, and bad grids refused before
 
 import json
 import sys
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
+import torch
 
+import onp_env.registry as registry
+from baselines.common import Defense, top_units
 from onp_env import OnpError
 from onp_env.bench.config import BenchConfig, check, load_bench_config
 from onp_env.bench.run import RESULTS, read_rows, run_bench
 from onp_env.cli import main
-from onp_env.config import from_dict
+from onp_env.config import bounded, from_dict
 from onp_env.registry import defense_names
 
 from .conftest import fake_cifar10
@@ -178,3 +183,39 @@ def test_shipped_files_cannot_leave_their_folder(tmp_path, name):
     with pytest.raises(OnpError, match="leaves"):
         unpack({name: b"x"}, tmp_path / "art")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "art").exists()
+
+
+@dataclass
+class PreparedParams:
+    count: int = bounded(1, ge=0)
+    prepared: bool = False
+
+
+class Prepared(Defense):
+    """A learned defense in miniature: `prepare` runs once before its cells and sets `prepared`."""
+
+    name = "prepared"
+    Params = PreparedParams
+
+    @classmethod
+    def prepare(cls, params, workdir, progress=True):
+        return {**params, "prepared": workdir is not None}
+
+    def scores(self, model, layout, x, y):
+        return torch.arange(layout.num_units, dtype=torch.float)
+
+    def select(self, scores, model, layout, x, y):
+        if not self.params.prepared:
+            raise OnpError("a cell of a learned defense ran before its preparation")
+        return top_units(scores, torch.ones_like(scores, dtype=torch.bool))[: self.params.count]
+
+
+def test_a_learned_defenses_cells_wait_for_its_preparation(tmp_path, monkeypatch):
+    entries = dict(registry._entries())
+    entries["prepared"] = EntryPoint("prepared", "tests.test_bench:Prepared", registry.GROUP)
+    monkeypatch.setattr(registry, "_entries", lambda: entries)
+    grid = tiny(defenses=[{"name": "magnitude"}, {"name": "prepared", "params": {"count": 2}}])
+    run_bench(grid, tmp_path / "b", workers=1, progress=False)
+    rows = read_rows(tmp_path / "b" / RESULTS)
+    assert len(rows) == len({r["key"] for r in rows}) == 8
+    assert sorted(r["pruned"] for r in rows if r["method"] == "prepared") == [2] * 4

@@ -1,5 +1,6 @@
-"""`onp bench`: the grid's models, then the learned defenses' preparation (agent training), then one
-cell per (model, fraction, defense), on a local process pool or a Ray cluster.
+"""`onp bench`: the grid's models, the learned defenses' preparation (agent training) and one cell
+per (model, fraction, defense), on a local process pool or a Ray cluster; each cell starts as soon as
+its model (and its agent) exist, so heuristic cells run beside an agent's training.
 
 Each finished cell is one JSON line in results.jsonl, appended and fsync'd by this driver alone, so a
 killed run loses at most the cells in flight, and `--resume` skips the cells already there (none is
@@ -260,10 +261,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     workers = cfg.workers if workers is None else workers
     if workers < 1:
         raise OnpError("--workers must be >= 1")
-    threads = max(cfg.threads, cfg.train.threads)
+    learned = {s.key: s for s in cfg.defense_specs() if hasattr(defense_class(s.name), "prepare")}
+    # an agent trains beside cells: the cores it keeps busy count like a cell's threads
+    prep_cpus = {k: max(cfg.threads, getattr(defense_class(s.name), "prepare_cpus", lambda p: 1)(s.params))
+                 for k, s in learned.items()}  # fmt: skip
+    threads = max(cfg.threads, cfg.train.threads, *prep_cpus.values())
     if executor == "local" and workers * threads > (os.cpu_count() or 1):
         raise OnpError(f"{workers} workers x {threads} threads exceed this machine's {os.cpu_count()} cores: "
-                       "lower --workers, threads or train.threads")  # fmt: skip
+                       "lower --workers, threads, train.threads or the agent config's threads or n_envs")  # fmt: skip
     if executor == "ray":
         ray_module()  # refused before anything is written
     _check_out(cfg, out, resume)
@@ -276,7 +281,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     todo = [c for c in cells if f"{model_key(c[0])}/{c[1]:g}/{c[2].key}" not in finished]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     needed = {model_key(c[0]): c[0] for c in todo}
-    learned = {s.key: s for s in specs if hasattr(defense_class(s.name), "prepare")}
     learned = {k: s for k, s in learned.items() if any(c[2].key == k for c in todo)}
     setup = tqdm(total=len(needed) + len(learned), desc="models and agents", disable=not progress, leave=False)
     # Cells are submitted as soon as what they need exists: heuristic cells run beside the agents'
@@ -304,7 +308,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     try:  # the pool is closed whatever happens
         for k, s in learned.items():  # first: the longest tasks
             submit(("prepare", k), prepare_task, to_dict(s), str(out / "prepared"), cfg.threads, pool.ships,
-                   cpus=cfg.threads)  # fmt: skip
+                   cpus=prep_cpus[k])  # fmt: skip
         for key, lab in needed.items():
             submit(("model", key), build_model_task, to_dict(lab), cfg.train.threads, pool.ships,
                    cpus=cfg.train.threads)  # fmt: skip

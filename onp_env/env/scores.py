@@ -28,7 +28,7 @@ from onp_env.devices import device_of
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import Masks, split_output
-from onp_env.training import augment_defense_batch
+from onp_env.training import augment_defense_batch, defense_augment
 
 SCORES = ("oracle", "unlearn", "anp", "none")
 
@@ -52,8 +52,9 @@ def unlearn(
     """RNP's neuron-level unlearning on a copy of `model`: gradient ascent on the clean
     cross-entropy, all weights trainable, BatchNorm in train mode, SGD with the released schedule
     (learning-rate steps x0.1 at epochs 10 and 20), until the defense-set accuracy is <=
-    `clean_threshold`. `augment` (none, crop or crop-flip) augments every batch as the released code
-    does (onp_env.training.augment_defense_batch).
+    `clean_threshold`, for at most `max_epochs` (20 here, for the env's `unlearn` score and MNP's
+    suppression; RNP passes the released 21). `augment` (onp_env.training.defense_augment: none,
+    crop, crop-flip or auto) augments every batch as the released code does.
 
     Departures from the released code (docs/methods.md): the gradient norm is clipped to `clip`
     (the released code calls its clip before backward(), so it never clips, and run that way the
@@ -61,6 +62,7 @@ def unlearn(
     accuracy before the update), not at epoch ends, since on small models the epoch-end check
     overshoots into a degenerate model. `progress`: a bar of the batches on stderr (its total is the
     max_epochs bound; it stops early at the threshold)."""
+    augment = defense_augment(augment, x)
     twin = copy.deepcopy(model)
     twin.train()
     opt = torch.optim.SGD(twin.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -29,8 +29,9 @@ DYNAMIC = ("act_mean_now", "act_std_now")
 SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
     # MNP's own 20 mask epochs: 3x the time, no better ranking (benchmarks/results/signal_cost.md)
     "mnp": {"mask_epochs": 5},
-    "anp": {"iterations": 200},
-    "rnp": {},
+    # no augmentation on any images: colour models' signal columns stay those that trained agents saw
+    "anp": {"iterations": 200, "augment": "none"},
+    "rnp": {"augment": "none"},
 }
 FEATURE_SETS = ("dynamic", *SIGNAL_DEFAULTS)
 
