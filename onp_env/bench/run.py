@@ -261,7 +261,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     workers = cfg.workers if workers is None else workers
     if workers < 1:
         raise OnpError("--workers must be >= 1")
-    learned = {s.key: s for s in cfg.defense_specs() if hasattr(defense_class(s.name), "prepare")}
+    labs, specs = cfg.labs(), cfg.defense_specs()
+    learned = {s.key: s for s in specs if hasattr(defense_class(s.name), "prepare")}
     # an agent trains beside cells: the cores it keeps busy count like a cell's threads
     prep_cpus = {k: max(cfg.threads, getattr(defense_class(s.name), "prepare_cpus", lambda p: 1)(s.params))
                  for k, s in learned.items()}  # fmt: skip
@@ -276,7 +277,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     results = out / RESULTS
     drop_partial_line(results)
     finished = {r["key"] for r in read_rows(results)}
-    labs, specs = cfg.labs(), cfg.defense_specs()
     cells = [(lab, fraction, spec) for lab in labs for fraction in cfg.fractions for spec in specs]
     todo = [c for c in cells if f"{model_key(c[0])}/{c[1]:g}/{c[2].key}" not in finished]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
