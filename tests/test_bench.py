@@ -14,6 +14,7 @@ import onp_env.registry as registry
 from baselines.common import Defense, top_units
 from onp_env import OnpError
 from onp_env.bench.config import BenchConfig, check, load_bench_config
+from onp_env.bench.report import table
 from onp_env.bench.run import RESULTS, read_rows, run_bench
 from onp_env.cli import main
 from onp_env.config import bounded, from_dict
@@ -134,12 +135,13 @@ def test_the_cifar10_grid_names_its_directory_and_runs_everything_on_the_gpu(tmp
     assert sorted(s.name for s in cfg.defense_specs()) == defense_names()  # every defense, the learned one too
 
 
-@pytest.mark.slow  # starting Ray costs minutes on 2 cores
-def test_ray_gives_the_same_numbers_as_the_local_pool(tmp_path):
+@pytest.mark.slow  # the quickstart's grid twice: about 10 minutes on 2 cores
+def test_ray_gives_the_same_numbers_as_the_local_pool_on_the_quick_grid(tmp_path, monkeypatch):
     pytest.importorskip("ray")  # the optional extra: pip install "onp-env[ray]"
-    grid = tiny(attacks=[{"name": "badnets"}], seeds=[101], fractions=[0.05])
-    local = run_bench(grid, tmp_path / "local", workers=1, progress=False)
-    remote = run_bench(grid, tmp_path / "ray", executor="ray", progress=False)
+    monkeypatch.chdir(ROOT)  # the grid names its agent config relative to the repository
+    grid = load_bench_config(ROOT / "configs" / "bench" / "quick.yaml")
+    local = run_bench(grid, tmp_path / "local", progress=False)
+    remote = run_bench(grid, tmp_path / "ray", executor="ray", progress=False)  # a local 2-CPU cluster
 
     def strip(p):
         return sorted((r["key"], r["acc"], r["asr"], r["units"]) for r in read_rows(p.parent / RESULTS))
@@ -219,3 +221,18 @@ def test_a_learned_defenses_cells_wait_for_its_preparation(tmp_path, monkeypatch
     rows = read_rows(tmp_path / "b" / RESULTS)
     assert len(rows) == len({r["key"] for r in rows}) == 8
     assert sorted(r["pruned"] for r in rows if r["method"] == "prepared") == [2] * 4
+
+
+def test_tables_rank_defenses_and_average_all_attacks_only_where_complete():
+    def row(defense, attack, der):
+        cfg = {"attack": {"name": attack}, "data": {"name": "d"}, "model": {"name": "m"}}
+        return {"defense": defense, "config": cfg, "der": der}
+
+    rows = [row("a", "x", 0.6), row("a", "y", 0.8), row("b", "x", 0.9), row("b", "x", 0.7), row("b", "y", 0.9)]
+    rows += [row("c", "x", 0.99)]  # a partial run: c has not reached attack y
+    lines = table(rows, "der", "max")
+    assert lines[0] == "| defense | x (d, m) | y (d, m) | all attacks |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| c", "| b", "| a"]  # by mean DER
+    assert lines[2] == "| c | **99.0** |  |  |"
+    assert lines[3] == "| b | 80.0 ± 14.1 | **90.0** | **83.3 ± 11.5** |"
+    assert lines[4] == "| a | 60.0 | 80.0 | 70.0 ± 14.1 |"
