@@ -66,6 +66,8 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     "gnn=gat": ["policy.gnn=gat", "policy.hidden=32", "policy.heads=2"],
     "imitation target=remaining": ["imitation.target=remaining"],
     "imitation 6 episodes": ["imitation.episodes=6"],
+    # the config's current default target at half the PPO steps: what would fit the protocol into 3 hours
+    "remaining at half the steps": ["imitation.target=remaining", "ppo.total_steps=4096"],
 }
 
 
@@ -358,6 +360,14 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
     abl_agent = sum(v for k, v in agents.items() if k not in ours)
     abl_cell = sum(r["wall_seconds"] for r in cells if r["method"] not in main)
     total = model + agent + cell
+    swaps = []  # a variant run on every fold, as the protocol's learned agent in onp's place
+    for m in sorted({r["method"] for r in cells if r["method"] in ABLATIONS}):
+        if len({r["attack"] for r in cells if r["method"] == m}) > 1:
+            m_agent = sum(v for k, v in agents.items() if k.endswith(f"/{m}"))
+            m_cell = sum(r["wall_seconds"] for r in cells if r["method"] == m)
+            onp_cell = sum(r["wall_seconds"] for r in cells if r["method"] == "onp")
+            t = (model + m_agent + cell - onp_cell + m_cell) / 3600
+            swaps.append(f"| protocol with `{m}` in onp's place | | {t:.2f} (about {t / 2:.1f} h on 2 workers) |")
     return [
         "## What it cost",
         "",
@@ -367,6 +377,7 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
         f"| agents of the protocol | {len(ours)} | {agent / 3600:.2f} |",
         f"| cells (every method on every model) | {n_cells} | {cell / 3600:.2f} |",
         f"| **protocol** | | **{total / 3600:.2f}** |",
+        *swaps,
         f"| variant and ablation agents | {len(agents) - len(ours)} | {abl_agent / 3600:.2f} |",
         f"| variant and ablation cells | {len(cells) - n_cells} | {abl_cell / 3600:.2f} |",
         "",

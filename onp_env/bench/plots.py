@@ -63,7 +63,7 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(attacks))], attacks, fontsize=8)
     ax.set_ylabel("DER, % (50 = no effect)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0))  # beside the bars, never over them
     ax.set_title(f"DER per defense and attack ({fraction * 100:g}% defense data)")
     names.append(_save(fig, folder / "der.png"))
 
