@@ -66,7 +66,7 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     "gnn=gat": ["policy.gnn=gat", "policy.hidden=32", "policy.heads=2"],
     "imitation target=remaining": ["imitation.target=remaining"],
     "imitation 6 episodes": ["imitation.episodes=6"],
-    # the config's current default target at half the PPO steps: what would fit the protocol into 3 hours
+    # the config's current default target at half the PPO steps: does halving PPO cost DER?
     "remaining at half the steps": ["imitation.target=remaining", "ppo.total_steps=4096"],
 }
 
@@ -246,6 +246,12 @@ HEADER = ["| method | n | ACC % | ACC lost | ASR % | RA % | DER % | pruned | ora
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
 
 
+def everywhere(cells: list[dict], method: str) -> bool:
+    """Whether a variant ran on more than one fold and on every fold onp ran on (--variants, finished)."""
+    folds = {r["attack"] for r in cells if r["method"] == method}
+    return len(folds) > 1 and folds >= {r["attack"] for r in cells if r["method"] == "onp"}
+
+
 def report_md(results: Path, out: Path) -> None:
     rows = read_rows(results)
     costs = {r["key"]: r["seconds"] for r in rows if r.get("kind") == "cost"}
@@ -253,7 +259,7 @@ def report_md(results: Path, out: Path) -> None:
     # a variant run on every fold onp ran on (--variants) is a main row; until then (a run in progress)
     # it would shrink the paired comparison to the models it has reached, so it waits
     folds = {m: {r["attack"] for r in cells if r["method"] == m} for m in ["onp", *ABLATIONS, "oracle", *BASELINES]}
-    main = [m for m in folds if folds[m] and (m not in ABLATIONS or len(folds[m]) > 1 and folds[m] >= folds["onp"])]
+    main = [m for m in folds if folds[m] and (m not in ABLATIONS or everywhere(cells, m))]
     ablation = [m for m in ABLATIONS if folds[m]]
     single = [m for m in ABLATIONS if len(folds[m]) == 1]  # the ablation proper: one held-out attack
     seeds = sorted({r["seed"] for r in cells})
@@ -362,10 +368,8 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
     abl_cell = sum(r["wall_seconds"] for r in cells if r["method"] not in main)
     total = model + agent + cell
     swaps = []  # a variant run on every fold, as the protocol's learned agent in onp's place
-    onp_folds = {r["attack"] for r in cells if r["method"] == "onp"}
     for m in sorted({r["method"] for r in cells if r["method"] in ABLATIONS}):
-        m_folds = {r["attack"] for r in cells if r["method"] == m}
-        if len(m_folds) > 1 and m_folds >= onp_folds:  # measured in full: every fold's agent and cells
+        if everywhere(cells, m):  # measured in full: every fold's agent and cells
             m_agent = sum(v for k, v in agents.items() if k.endswith(f"/{m}"))
             m_cell = sum(r["wall_seconds"] for r in cells if r["method"] == m)
             onp_cell = sum(r["wall_seconds"] for r in cells if r["method"] == "onp")
