@@ -31,6 +31,7 @@ from agents.features import to_graph_batch
 from agents.io import Agent, load_agent
 from agents.train import AGENT, train_agent
 from baselines.common import Defense
+from onp_env.attacks.base import Attack
 from onp_env.config import apply_overrides, from_dict, to_dict
 from onp_env.devices import device_of
 from onp_env.env import NeuronPruningEnv, PruningTarget
@@ -72,11 +73,15 @@ def act(agent: Agent, env: NeuronPruningEnv, obs: dict[str, np.ndarray], determi
 
 
 def deploy(agent: Agent, model: nn.Module, x: torch.Tensor, y: torch.Tensor, deterministic: bool = True,
-           budget: float | None = None, seed: int = 0) -> tuple[list[int], list[dict[str, Any]]]:  # fmt: skip
+           budget: float | None = None, seed: int = 0, max_acc_drop: float | None = None,
+           attack: Attack | None = None) -> tuple[list[int], list[dict[str, Any]]]:  # fmt: skip
     """Run the policy on `model` with its clean defense data (x, y): (units pruned in order, the
-    info of every step). The environment runs on `agent.env.device`, the policy where `agent.net` is."""
-    cfg = agent.env if budget is None else replace(agent.env, budget=budget)
-    env = NeuronPruningEnv(cfg, targets=[PruningTarget("deploy", model, x, y)])
+    info of every step). The environment runs on `agent.env.device`, the policy where `agent.net` is.
+    `attack`, for analysis on models whose trigger is known: each step's info then holds the ASR on
+    triggered defense images, which the observation never sees (no defense passes it)."""
+    cfg = replace(agent.env, **{k: v for k, v in [("budget", budget), ("max_acc_drop", max_acc_drop)] if v is not None})
+    env = NeuronPruningEnv(replace(cfg, track_asr=attack is not None),
+                           targets=[PruningTarget("deploy", model, x, y, attack)])  # fmt: skip
     if env.feature_names != tuple(agent.meta["feature_names"]):
         raise OnpError(f"the environment's features {env.feature_names} differ from the agent's: retrain the agent")
     rng = np.random.default_rng(seed)

@@ -137,6 +137,18 @@ def test_a_policy_trained_on_small_models_deploys_on_a_wider_one(agent_dir):
     assert record[-1]["pruned"] <= int(np.ceil(agent.env.budget * 176))
 
 
+def test_deploying_with_the_attack_known_reports_asr_and_prunes_the_same_units(agent_dir):
+    agent = load_agent(agent_dir)
+    art = load_artifact(default_artifact())
+    x, y = art.defense_set()
+    order, record = deploy(agent, art.model, x, y)
+    seen, traced = deploy(agent, art.model, x, y, attack=art.attack)
+    assert seen == order and "asr" not in record[-1]  # the observation never sees the trigger
+    assert all(0 <= r["asr"] <= 1 for r in traced)
+    looser, _ = deploy(agent, art.model, x, y, max_acc_drop=1.0)  # a limit only ends the episode
+    assert looser[: len(order)] == order
+
+
 def test_resume_continues_the_step_counter_and_optimizer(tmp_path, monkeypatch):
     import agents.train as train
 
