@@ -19,6 +19,8 @@ from onp_env import OnpError, build_artifact, load_artifact
 from onp_env.cli import main
 from onp_env.config import from_dict
 from onp_env.env import NeuronPruningEnv
+from onp_env.graph.units import find_units
+from onp_env.models import build_model
 from onp_env.zoo import default_artifact
 
 CONFIG = "configs/agent/digits.yaml"
@@ -135,6 +137,17 @@ def test_a_policy_trained_on_small_models_deploys_on_a_wider_one(agent_dir):
     order, record = deploy(agent, wide.model, *wide.defense_set())
     assert all(0 <= u < 176 for u in order) and len(order) == len(set(order)) == record[-1]["pruned"]
     assert record[-1]["pruned"] <= int(np.ceil(agent.env.budget * 176))
+
+
+def test_a_policy_trained_on_small_cnns_deploys_on_a_residual_network(agent_dir):
+    agent = load_agent(agent_dir)
+    x, y = load_artifact(default_artifact()).defense_set()
+    model = build_model("preact_resnet18", tuple(x.shape[1:]), 10, width=0.125).eval()
+    layout, _ = find_units(model, x[:2])
+    order, record = deploy(agent, model, x, y, deterministic=False, budget=0.05, seed=1)  # sampled: it prunes
+    assert len(order) == len(set(order)) == record[-1]["pruned"] > 0
+    assert all(0 <= u < layout.num_units for u in order)
+    assert len(order) <= int(np.ceil(0.05 * layout.num_units))
 
 
 def test_deploying_with_the_attack_known_reports_asr_and_prunes_the_same_units(agent_dir):
