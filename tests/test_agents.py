@@ -141,7 +141,7 @@ def test_a_policy_trained_on_small_models_deploys_on_a_wider_one(agent_dir):
 
 def test_a_policy_trained_on_small_cnns_deploys_on_a_residual_network(agent_dir):
     agent = load_agent(agent_dir)
-    x, y = load_artifact(default_artifact()).defense_set()
+    x, y = (t[:100] for t in load_artifact(default_artifact()).defense_set())
     model = build_model("preact_resnet18", tuple(x.shape[1:]), 10, width=0.125).eval()
     layout, _ = find_units(model, x[:2])
     order, record = deploy(agent, model, x, y, deterministic=False, budget=0.05, seed=1)  # sampled: it prunes
