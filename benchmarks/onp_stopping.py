@@ -57,7 +57,7 @@ ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 AGENT = "onp"  # the protocol's agent: the config as shipped
 HELD_SEEDS = (101, 102, 103)
 FRACTIONS = (0.01, 0.05)
-DEPLOYED = 0.1  # configs/agent/fashion-mnist.yaml env.max_acc_drop
+DEPLOYED = load_agent_config(str(CONFIG), []).env.max_acc_drop  # the deployed rule's limit
 GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 1.0)
 
 
@@ -108,16 +108,14 @@ def trace(fold: str, role: str, art_path: str, fraction: float) -> dict:
 def jobs() -> list[tuple[str, str, str, float]]:
     """(fold, role, artifact, fraction) for every shadow and held-out model of every fold, from the cache."""
     base = load_agent_config(str(CONFIG), [])
-    shadow = {lab.attack.name: [] for lab in zoo_configs(base)}
-    for lab in zoo_configs(base):
-        shadow[lab.attack.name].append(str(build_artifact(lab, progress=False)))
+    shadow = [(lab.attack.name, str(build_artifact(lab, progress=False))) for lab in zoo_configs(base)]
     lab = dataclasses.replace(zoo_configs(base)[0], attack=None)
     out = []
     for fold in ATTACKS:
         attack = from_dict(AttackConfig, next(a for a in base.zoo.attacks if a["name"] == fold), "held-out attack")
         held = [dataclasses.replace(lab, name=f"held-out-{fold}-s{s}", seed=s, attack=attack) for s in HELD_SEEDS]
         for fraction in FRACTIONS:
-            out += [(fold, "shadow", p, fraction) for a, ps in shadow.items() if a != fold for p in ps]
+            out += [(fold, "shadow", p, fraction) for a, p in shadow if a != fold]
             out += [(fold, "held-out", str(build_artifact(h, progress=False)), fraction) for h in held]
     return out
 
@@ -125,10 +123,9 @@ def jobs() -> list[tuple[str, str, str, float]]:
 def run(workers: int) -> None:
     done = {r["key"] for r in read_rows(RESULTS)}
     todo = []
-    for job in jobs():
-        name = load_artifact(job[2]).manifest["config"]["name"]
-        if f"{job[0]}/{job[1]}/{name}/{job[3]:g}" not in done:
-            todo.append(job)
+    for fold, role, path, fraction in jobs():  # an artifact folder is its config's name and hash
+        if f"{fold}/{role}/{Path(path).name.rsplit('-', 1)[0]}/{fraction:g}" not in done:
+            todo.append((fold, role, path, fraction))
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(trace, *job) for job in todo]
         for fut in tqdm(as_completed(futures), total=len(futures), desc="deploys"):
@@ -157,16 +154,16 @@ def picked(rows: list[dict], fold: str, fraction: float) -> tuple[str, float] | 
     return best, score[best]
 
 
-def _reproduces(row: dict) -> bool:
+def _reproduces(row: dict, protocol: dict[str, list[int]]) -> bool:
     """Whether the deployed rule's units are those the protocol's cell pruned (onp.jsonl)."""
     key = f"{row['fold']}/s{row['model'].rsplit('-s', 1)[1]}/{row['fraction']:g}/onp"
-    cell = next((r for r in read_rows(PROTOCOL) if r["key"] == key), None)
     n = lengths(row["acc"])["deployed"]
-    return cell is not None and cell["units"] == row["order"][: sum(row["steps"][: n + 1])]
+    return protocol.get(key) == row["order"][: sum(row["steps"][: n + 1])]
 
 
 def report() -> None:
     rows = read_rows(RESULTS)
+    protocol = {r["key"]: r["units"] for r in read_rows(PROTOCOL) if r.get("method") == "onp"}
     lines = [
         "# When should ONP stop? A defense-accuracy limit calibrated on shadow models",
         "",
@@ -203,7 +200,7 @@ def report() -> None:
                         f"{_ms([a['der'] for _, a, _ in sel])} | {_ms([n for *_, n in sel], 1)} |"
                     )
         grid = {t: statistics.fmean(r["test"][str(lengths(r["acc"])[f"{t:g}"])]["der"] for r in held) for t in GRID}
-        same = sum(_reproduces(r) for r in held)
+        same = sum(_reproduces(r, protocol) for r in held)
         lines += ["", f"Across the grid the held-out mean DER spans {min(grid.values()):.1%} (limit "
                   f"{min(grid, key=grid.get):g}) to {max(grid.values()):.1%} (limit {max(grid, key=grid.get):g}; "
                   "a choice made with the test models, so not a defense). The deployed rule's units equal those of "
