@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,18 +181,17 @@ def test_anp_perturbation_starts_in_the_box_and_takes_one_signed_step(monkeypatc
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
+def planted():
     """A clean digits model with one hand-planted backdoor unit in its hidden Linear layer: it reads
     the direction in which the BadNets patch moves the features, sits below threshold on clean
     images, fires on triggered ones and votes hard for class 0."""
-    import dataclasses
-
-    from onp_env import build_artifact, load_artifact
+    from onp_env import build_artifact, load_artifact, load_config
     from onp_env.attacks import build_attack
-    from onp_env.zoo import default_config
+    from onp_env.config import LabConfig
 
-    clean_cfg = dataclasses.replace(default_config(), attack=None, name="clean")
-    art = load_artifact(build_artifact(clean_cfg, tmp_path_factory.mktemp("clean"), progress=False))
+    # through the session cache: the attack-quality tests train the same clean model
+    clean_cfg = load_config(LabConfig, Path(__file__).resolve().parents[1] / "configs" / "attack" / "clean-digits.yaml")
+    art = load_artifact(build_artifact(clean_cfg, progress=False))
     model, ds = art.model, art.dataset()
     patch = build_attack("badnets", (1, 8, 8), 10, params={"patch_size": 2})
     seen = {}
@@ -214,7 +215,7 @@ def planted(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("cls", "kw"), [(ANP, {"iterations": 300}), (RNP, {"batch_size": 16}), (MNP, {"batch_size": 16})]
+    ("cls", "kw"), [(ANP, {"iterations": 150}), (RNP, {"batch_size": 16}), (MNP, {"batch_size": 16})]
 )
 def test_mask_learning_defenses_rank_a_planted_backdoor_unit_most_suspicious(planted, cls, kw):
     model, x, y, unit = planted
