@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,13 +183,11 @@ def planted():
     """A clean digits model with one hand-planted backdoor unit in its hidden Linear layer: it reads
     the direction in which the BadNets patch moves the features, sits below threshold on clean
     images, fires on triggered ones and votes hard for class 0."""
-    from onp_env import build_artifact, load_artifact, load_config
     from onp_env.attacks import build_attack
-    from onp_env.config import LabConfig
 
-    # through the session cache: the attack-quality tests train the same clean model
-    clean_cfg = load_config(LabConfig, Path(__file__).resolve().parents[1] / "configs" / "attack" / "clean-digits.yaml")
-    art = load_artifact(build_artifact(clean_cfg, progress=False))
+    from .test_attack_quality import _build
+
+    art = _build("clean")  # the attack-quality tests' clean model, through the session cache
     model, ds = art.model, art.dataset()
     patch = build_attack("badnets", (1, 8, 8), 10, params={"patch_size": 2})
     seen = {}
