@@ -79,8 +79,8 @@ def deploy(agent: Agent, model: nn.Module, x: torch.Tensor, y: torch.Tensor, det
     info of every step). The environment runs on `agent.env.device`, the policy where `agent.net` is.
     `attack`, for analysis on models whose trigger is known: each step's info then holds the ASR on
     triggered defense images, which the observation never sees (no defense passes it)."""
-    cfg = replace(agent.env, **{k: v for k, v in [("budget", budget), ("max_acc_drop", max_acc_drop)] if v is not None})
-    env = NeuronPruningEnv(replace(cfg, track_asr=attack is not None),
+    limits = {k: v for k, v in {"budget": budget, "max_acc_drop": max_acc_drop}.items() if v is not None}
+    env = NeuronPruningEnv(replace(agent.env, **limits, track_asr=attack is not None),
                            targets=[PruningTarget("deploy", model, x, y, attack)])  # fmt: skip
     if env.feature_names != tuple(agent.meta["feature_names"]):
         raise OnpError(f"the environment's features {env.feature_names} differ from the agent's: retrain the agent")
