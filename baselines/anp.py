@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ class ANPParams:
     """A progress bar of the iterations on stderr."""
     parallel: bool = False
     """Run the clean half of each mask step in a second thread (same numbers, bit for bit; faster
-    with two cores; see benchmarks/results/anp_speed.md)."""
+    with two cores, which `onp bench` reserves for the cell; see benchmarks/results/anp_speed.md)."""
 
     def __post_init__(self) -> None:
         check_defense_augment(self.augment)
@@ -72,6 +73,11 @@ class ANPParams:
 class ANP(Defense):
     name = "anp"
     Params = ANPParams
+
+    @classmethod
+    def cell_cpus(cls, params: dict[str, Any], threads: int) -> int:
+        """`parallel` runs the clean half in a second thread with as many torch threads."""
+        return 2 * threads if params.get("parallel") is True else threads
 
     def optimise_masks(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = self.params

@@ -58,6 +58,12 @@ class Defense(ABC):
         self.extra: dict[str, Any] = {}
         """What a method measured on its way (e.g. whether unlearning reached its threshold)."""
 
+    @classmethod
+    def cell_cpus(cls, params: dict[str, Any], threads: int) -> int:
+        """Cores one run with these parameters keeps busy when torch has `threads` threads: what
+        `onp bench` reserves for its cell. Methods that start threads of their own override it."""
+        return threads
+
     @abstractmethod
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Suspicion of every unit (higher = prune first)."""

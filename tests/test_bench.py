@@ -170,6 +170,60 @@ def test_one_worker_writes_each_cell_before_the_next(tmp_path, monkeypatch):
     assert len({r["key"] for r in read_rows(tmp_path / "b" / RESULTS)}) == 4
 
 
+def _named(name):
+    return name
+
+
+def test_the_local_pool_reserves_each_tasks_cores():
+    from concurrent.futures import Future
+
+    from onp_env.bench.run import LocalExecutor
+
+    started: dict[str, Future] = {}
+
+    class Pool:  # starts nothing: the test finishes each task by hand
+        def submit(self, fn, name):
+            started[name] = Future()
+            return started[name]
+
+    pool = LocalExecutor(2, cores=2)
+    pool.close()
+    pool.pool = Pool()
+    pending = {pool.submit(_named, "a", cpus=1), pool.submit(_named, "two", cpus=2), pool.submit(_named, "b")}
+    assert list(started) == ["a", "b"]  # the 2-core task waits, the 1-core one behind it starts
+    finished = pool.completed(pending)
+    started["a"].set_result("a")
+    assert next(finished)[1] == "a" and list(started) == ["a", "b"]  # one core free: not enough
+    started["b"].set_result("b")
+    assert next(finished)[1] == "b" and list(started) == ["a", "b", "two"]
+    pending.add(pool.submit(_named, "huge", cpus=8))
+    pending.add(pool.submit(_named, "c"))
+    assert list(started) == ["a", "b", "two"]  # `two` holds both cores
+    started["two"].set_result("two")
+    assert next(finished)[1] == "two" and list(started)[3:] == ["huge"]  # more than the machine: alone
+    started["huge"].set_result("huge")
+    assert next(finished)[1] == "huge" and list(started)[4:] == ["c"]
+    started["c"].set_result("c")
+    assert next(finished)[1] == "c" and not pending
+
+
+def test_bench_cells_reserve_the_cores_their_defense_uses(tmp_path, monkeypatch):
+    from onp_env.bench.run import LocalExecutor, cell_task
+
+    real, asked = LocalExecutor.submit, []
+
+    def spy(self, fn, *args, cpus=1):
+        if fn is cell_task:
+            asked.append((args[3]["name"], cpus))
+        return real(self, fn, *args, cpus=cpus)
+
+    monkeypatch.setattr(LocalExecutor, "submit", spy)
+    anp = {"name": "anp", "params": {"parallel": True, "iterations": 2}}
+    grid = tiny(fractions=[0.05], seeds=[101], defenses=[{"name": "magnitude"}, anp])
+    run_bench(grid, tmp_path / "b", workers=1, progress=False)
+    assert sorted(asked) == [("anp", 2), ("magnitude", 1)]
+
+
 def test_resume_ignores_worker_counts_but_not_a_corrupt_folder(tmp_path):
     run_bench(tiny(fractions=[0.05], seeds=[101]), tmp_path / "b", workers=1, progress=False)
     run_bench(tiny(fractions=[0.05], seeds=[101], workers=2), tmp_path / "b", resume=True, progress=False)

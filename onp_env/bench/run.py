@@ -146,17 +146,47 @@ class _Deferred:
         self.fn, self.args = fn, args
 
 
+class _Queued:
+    """A task of the local pool: waits in the pool's queue until `cpus` cores are free."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], cpus: int):
+        self.fn, self.args, self.cpus = fn, args, cpus
+        self.future: Future | None = None
+
+
 class LocalExecutor:
     """A process pool of `workers` on this machine (spawned: no torch state is forked); one worker
-    runs the tasks in this process instead (same per-cell seeds, so the same numbers)."""
+    runs the tasks in this process instead (same per-cell seeds, so the same numbers).
+
+    At most `workers` tasks run at once, and a task holds its `cpus` cores while it runs: it starts
+    only when they are free (a task submitted later starts first if it fits), so a cell that runs two
+    threads never shares two cores with two other tasks; a task asking for more than `cores` runs
+    alone."""
 
     ships = False
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, cores: int):
         self.pool = ProcessPoolExecutor(workers, get_context("spawn")) if workers > 1 else None
+        self.workers, self.cores = workers, cores
+        self.queue: list[_Queued] = []
+        self.running: set[_Queued] = set()
 
-    def submit(self, fn: Callable[..., Any], *args: Any, cpus: int = 1) -> Future | _Deferred:
-        return self.pool.submit(fn, *args) if self.pool is not None else _Deferred(fn, args)
+    def submit(self, fn: Callable[..., Any], *args: Any, cpus: int = 1) -> _Queued | _Deferred:
+        if self.pool is None:
+            return _Deferred(fn, args)
+        task = _Queued(fn, args, min(cpus, self.cores))
+        self.queue.append(task)
+        self._start()
+        return task
+
+    def _start(self) -> None:
+        assert self.pool is not None
+        for task in list(self.queue):
+            busy = sum(t.cpus for t in self.running)
+            if len(self.running) < self.workers and busy + task.cpus <= self.cores:
+                self.queue.remove(task)
+                self.running.add(task)
+                task.future = self.pool.submit(task.fn, *task.args)
 
     def put(self, value: Any) -> Any:
         return value
@@ -170,10 +200,14 @@ class LocalExecutor:
                 pending.discard(deferred[0])
                 yield deferred[0], deferred[0].fn(*deferred[0].args)
                 continue
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            running = {t.future: t for t in pending if t.future is not None}
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                pending.discard(fut)
-                yield fut, fut.result()
+                task = running[fut]
+                pending.discard(task)
+                self.running.discard(task)
+                self._start()
+                yield task, fut.result()
 
     def close(self) -> None:
         if self.pool is not None:
@@ -266,6 +300,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     # an agent trains beside cells: the cores it keeps busy count like a cell's threads
     prep_cpus = {k: max(cfg.threads, getattr(defense_class(s.name), "prepare_cpus", lambda p: 1)(s.params))
                  for k, s in learned.items()}  # fmt: skip
+    # a cell may keep more cores busy than its torch threads (ANP's `parallel`): the pool reserves them
+    cell_cpus = {s.key: getattr(defense_class(s.name), "cell_cpus", lambda p, t: t)(s.params, cfg.threads)
+                 for s in specs}  # fmt: skip
     threads = max(cfg.threads, cfg.train.threads, *prep_cpus.values())
     if executor == "local" and workers * threads > (os.cpu_count() or 1):
         raise OnpError(f"{workers} workers x {threads} threads exceed this machine's {os.cpu_count()} cores: "
@@ -273,7 +310,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     if executor == "ray":
         ray_module()  # refused before anything is written
     _check_out(cfg, out, resume)
-    pool: LocalExecutor | RayExecutor = LocalExecutor(workers) if executor == "local" else RayExecutor(address)
+    pool: LocalExecutor | RayExecutor
+    pool = LocalExecutor(workers, os.cpu_count() or 1) if executor == "local" else RayExecutor(address)
     results = out / RESULTS
     drop_partial_line(results)
     finished = {r["key"] for r in read_rows(results)}
@@ -303,7 +341,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
             art, art_files = models[model_key(lab)]
             params, agent_files = prepared.get(spec.key, (spec.params, None))
             submit(("cell", key), cell_task, key, art, art_files, to_dict(spec), params, agent_files, fraction,
-                   lab.seed, str(out), cfg.threads, lab.data.root, cpus=cfg.threads)  # fmt: skip
+                   lab.seed, str(out), cfg.threads, lab.data.root, cpus=cell_cpus[spec.key])  # fmt: skip
 
     try:  # the pool is closed whatever happens
         for k, s in learned.items():  # first: the longest tasks
