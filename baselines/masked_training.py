@@ -13,11 +13,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onp_env.devices import device_of
+from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import split_output
 from onp_env.training import augment_defense_batch, defense_augment
 
 Transform = Callable[[torch.Tensor, torch.Tensor, tuple[int, ...], slice], torch.Tensor]
+
+
+MASK_BN = ("train", "eval")
+
+
+def check_mask_bn(bn: str) -> None:
+    if bn not in MASK_BN:
+        raise OnpError(f"unknown mask_bn '{bn}': choose one of {', '.join(MASK_BN)}")
 
 
 @contextmanager
@@ -63,15 +72,18 @@ def train_masks(
     progress: bool = False,
     desc: str = "masks",
     augment: str = "none",
+    bn: str = "train",
 ) -> torch.Tensor:
-    """Minimise loss_fn(logits, labels, mask) over the masks only (weights frozen, BatchNorm in
-    train mode as in the released mask-learning code), SGD with momentum, masks clamped to [0, 1]
-    after every step. Returns the final masks. `progress`: a bar of the steps on stderr; `augment`
-    (none, crop, crop-flip or auto): every batch augmented (onp_env.training.augment_defense_batch)."""
+    """Minimise loss_fn(logits, labels, mask) over the masks only (weights frozen), SGD with
+    momentum, masks clamped to [0, 1] after every step. Returns the final masks. `progress`: a bar of
+    the steps on stderr; `augment` (none, crop, crop-flip or auto): every batch augmented
+    (onp_env.training.augment_defense_batch); `bn` (MASK_BN): BatchNorm with batch statistics
+    (`train`, as in the released mask-learning code) or the running ones (`eval`)."""
+    check_mask_bn(bn)
     augment = defense_augment(augment, x)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.train()
+    model.train(bn == "train")
     g = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(x) // batch_size)
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)

@@ -15,6 +15,8 @@ this (large magnitude, small clean saliency).
    *original* weights low; masks are learnt on the original model (SGD lr 0.2, momentum 0.9, 20
    epochs, clamped to [0, 1], as RNP's recovery).
 4. Units whose mask ends below 0.2 are pruned [convention].
+BatchNorm uses batch statistics while the masks are learnt, as in RNP's recovery; `mask_bn: eval`
+uses the running ones [ours].
 Detection [partial]: the mean over layers of the Spearman correlation between unit magnitude and
 clean Taylor saliency is reported as `magnitude_saliency_correlation` (lower = more suspicious).
 Magnitude: |gamma| of BatchNorm channels, L2 norm of the weight row of Linear neurons."""
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.common import Defense, top_units
-from baselines.masked_training import train_masks
+from baselines.masked_training import check_mask_bn, train_masks
 from onp_env.config import bounded
 from onp_env.env.scores import unlearn
 from onp_env.graph.features import activation_stats
@@ -54,6 +56,12 @@ class MNPParams:
     """Units whose mask (in [0, 1]) ends below this are pruned."""
     progress: bool = False
     """Progress bars of suppression and mask learning on stderr."""
+    mask_bn: str = "train"
+    """BatchNorm while the masks are learnt: train (batch statistics, as released) or eval (running
+    statistics, so that a BatchNorm downstream cannot renormalise a shrinking mask away)."""
+
+    def __post_init__(self) -> None:
+        check_mask_bn(self.mask_bn)
 
 
 def unit_magnitudes(model: nn.Module, layout: UnitLayout) -> torch.Tensor:
@@ -107,7 +115,7 @@ class MNP(Defense):
             return F.cross_entropy(logits, labels) + p.lam * (mask * mag).mean()
 
         masks = train_masks(copy.deepcopy(model), layout, x, y, loss, p.mask_epochs, p.mask_lr, 0.9,
-                            p.batch_size, self.seed, p.progress, "mnp: learning masks")  # fmt: skip
+                            p.batch_size, self.seed, p.progress, "mnp: learning masks", bn=p.mask_bn)  # fmt: skip
         return 1 - masks
 
     def select(self, scores, model, layout, x, y) -> list[int]:

@@ -21,7 +21,9 @@ Departures from the released code:
 - the pruned model uses this project's mask semantics, `zero` by default (the unit outputs 0); the
   released code zeroes only the BatchNorm weight, so the channel outputs its beta: semantics="gamma";
 - no augmentation on grayscale data by default (`augment: auto`), where the released code always
-  crops and flips."""
+  crops and flips.
+An option the released code lacks: `mask_bn: eval` learns the masks with BatchNorm on its running
+statistics (the default, `train`, uses batch statistics as released)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.common import Defense, top_units
-from baselines.masked_training import train_masks
+from baselines.masked_training import check_mask_bn, train_masks
 from onp_env.config import bounded
 from onp_env.env.scores import unlearn
 from onp_env.graph.units import UnitLayout
@@ -59,9 +61,13 @@ class RNPParams:
     on colour images as released, none on grayscale ones: flipping digits is wrong)."""
     progress: bool = False
     """Progress bars of unlearning and recovery on stderr."""
+    mask_bn: str = "train"
+    """BatchNorm while the masks are learnt: train (batch statistics, as released) or eval (running
+    statistics, so that a BatchNorm downstream cannot renormalise a shrinking mask away)."""
 
     def __post_init__(self) -> None:
         check_defense_augment(self.augment)
+        check_mask_bn(self.mask_bn)
 
 
 class RNP(Defense):
@@ -79,6 +85,7 @@ class RNP(Defense):
             copy.deepcopy(twin), layout, x, y,
             lambda logits, labels, m: p.alpha * F.cross_entropy(logits, labels),
             p.recover_epochs, p.recover_lr, 0.9, p.batch_size, self.seed, p.progress, "rnp: recovering masks", kind,
+            p.mask_bn,
         )  # fmt: skip
         return 1 - masks
 

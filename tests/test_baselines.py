@@ -294,3 +294,29 @@ def test_recovery_masks_see_the_augmentation_and_none_draws_nothing():
     assert augment_defense_batch(x, "none", g) is x and torch.equal(g.get_state(), before)
     with pytest.raises(OnpError, match="unknown augment"):
         train_masks(cnn(), layout, x, y, loss, 1, 0.2, 0.9, 16, 0, augment="flip")
+
+
+def test_mask_bn_eval_learns_masks_on_the_running_statistics():
+    from baselines.masked_training import train_masks
+
+    x, y = data()
+    layout, _ = find_units(cnn(), x[:2])
+
+    def loss(logits, labels, mask):
+        return F.cross_entropy(logits, labels) + mask.mean()
+
+    def running(model):
+        return [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    learnt = {}
+    for bn in ("train", "eval"):
+        model = cnn()
+        before = running(model)
+        learnt[bn] = train_masks(model, layout, x, y, loss, 2, 0.2, 0.9, 16, 0, bn=bn)
+        moved = [not torch.equal(a, b) for a, b in zip(before, running(model), strict=True)]
+        assert all(moved) if bn == "train" else not any(moved)  # eval: batch statistics never used
+    assert not torch.equal(learnt["train"], learnt["eval"])
+    for cls in (RNP, MNP):
+        assert make(cls, mask_bn="eval").run(cnn(), x, y).details["params"]["mask_bn"] == "eval"
+        with pytest.raises(OnpError, match="unknown mask_bn 'frozen'"):
+            cls(mask_bn="frozen")
