@@ -14,19 +14,25 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import onp_env
 from agents.config import check_policy
 from agents.gnn import GraphPolicyNet, PolicyConfig
 from agents.policy import build_net
-from onp_env.artifacts import check_weights_fit, read_json, regular_file, sha256_file
+from onp_env.artifacts import (
+    check_weights_fit,
+    read_json,
+    regular_file,
+    save_tensors,
+    sha256_file,
+    staging_folder,
+)
 from onp_env.config import from_dict, to_dict
 from onp_env.env import GLOBALS, EnvConfig
 from onp_env.env.signals import check_feature_sets, feature_names
@@ -60,10 +66,9 @@ def save_agent(dest: Path, net: GraphPolicyNet, policy: PolicyConfig, env: EnvCo
     """Write the agent directory atomically (temporary sibling + rename); refuses to overwrite."""
     if dest.exists():
         raise OnpError(f"{dest} already exists: pass another output or remove it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = staging_folder(dest)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS))
+        save_tensors(net.state_dict(), tmp / WEIGHTS)
         env_cfg = deploy_env_config(env)
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": onp_env.__version__,

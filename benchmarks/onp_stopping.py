@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
+from rows import exit_2_on_bad_input, read_protocol, read_stopping
 from tqdm import tqdm
 
 from agents.config import load_agent_config
@@ -41,12 +42,12 @@ from agents.io import load_agent
 from agents.train import zoo_configs
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import write_text_atomic
-from onp_env.bench.run import append, read_rows
 from onp_env.config import AttackConfig, from_dict
 from onp_env.defend import defense_subset
 from onp_env.graph.units import find_units
 from onp_env.masking import Masks
 from onp_env.metrics import der, evaluate
+from onp_env.results import append
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
@@ -121,7 +122,7 @@ def jobs() -> list[tuple[str, str, str, float]]:
 
 
 def run(workers: int) -> None:
-    done = {r["key"] for r in read_rows(RESULTS)}
+    done = {r["key"] for r in read_stopping(RESULTS)}
     todo = []
     for fold, role, path, fraction in jobs():  # an artifact folder is its config's name and hash
         if f"{fold}/{role}/{Path(path).name.rsplit('-', 1)[0]}/{fraction:g}" not in done:
@@ -162,8 +163,8 @@ def _reproduces(row: dict, protocol: dict[str, list[int]]) -> bool:
 
 
 def report() -> None:
-    rows = read_rows(RESULTS)
-    protocol = {r["key"]: r["units"] for r in read_rows(PROTOCOL) if r.get("method") == "onp"}
+    rows = read_stopping(RESULTS)
+    protocol = {r["key"]: r["units"] for r in read_protocol(PROTOCOL) if r.get("method") == "onp"}
     lines = [
         "# When should ONP stop? A defense-accuracy limit calibrated on shadow models",
         "",
@@ -222,4 +223,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_2_on_bad_input(main)

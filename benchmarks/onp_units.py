@@ -13,9 +13,10 @@ import argparse
 import statistics
 from pathlib import Path
 
+from rows import exit_2_on_bad_input, read_protocol
+
 from onp_env import load_artifact
 from onp_env.artifacts import write_text_atomic
-from onp_env.bench.run import read_rows
 from onp_env.graph.units import find_units
 from onp_env.zoo import cache_dir
 
@@ -28,7 +29,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=HERE / "results" / "onp.jsonl")
     p.add_argument("--cache", type=Path, default=HERE / "runs" / "cache")
     args = p.parse_args()
-    rows = [r for r in read_rows(args.results) if r.get("kind") is None]
+    rows = [r for r in read_protocol(args.results) if r.get("kind") is None]
     oracle = {(r["attack"], r["seed"], r["fraction"]): set(r["units"]) for r in rows if r["method"] == "oracle"}
     layouts: dict[tuple[str, int], list[tuple[str, int, int]]] = {}
     table: dict[tuple[str, float, str], list[tuple[list[int], list[int]]]] = {}
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_2_on_bad_input(main)

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from rows import exit_2_on_bad_input, read_protocol
 from tqdm import tqdm
 
 from agents.config import AgentConfig, load_agent_config
@@ -39,12 +40,12 @@ from agents.expert import OracleExpert, run_expert
 from agents.train import train_agent, zoo_configs
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import write_text_atomic
-from onp_env.bench.run import append, read_rows
 from onp_env.config import AttackConfig, LabConfig, from_dict
 from onp_env.defend import defend_artifact, defense_subset
 from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.masking import Masks
 from onp_env.metrics import der, evaluate
+from onp_env.results import append
 
 HERE = Path(__file__).resolve().parent
 
@@ -73,7 +74,7 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
 
 
 def done_keys(path: Path) -> set[str]:
-    return {r["key"] for r in read_rows(path)}
+    return {r["key"] for r in read_protocol(path)}
 
 
 def oracle_cell(art_path: Path, fraction: float, cfg: AgentConfig) -> dict:
@@ -254,7 +255,7 @@ def everywhere(cells: list[dict], method: str) -> bool:
 
 
 def report_md(results: Path, out: Path) -> None:
-    rows = read_rows(results)
+    rows = read_protocol(results)
     costs = {r["key"]: r["seconds"] for r in rows if r.get("kind") == "cost"}
     cells = [r for r in rows if r.get("kind") is None]
     # a variant run on every fold onp ran on (--variants) is a main row; until then (a run in progress)
@@ -421,4 +422,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_2_on_bad_input(main)

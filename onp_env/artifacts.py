@@ -13,7 +13,6 @@ import math
 import os
 import secrets
 import shutil
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from onp_env.attacks import Attack, build_attack
@@ -72,19 +71,28 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def staging_folder(dest: Path) -> Path:
+    """A new hidden sibling of `dest` (same file system: renaming it into place is atomic), made
+    like a plain mkdir: its mode follows the umask (tempfile.mkdtemp would make it 0700)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return _fresh_name(dest.parent, f".{dest.name}.", "", lambda p: p.mkdir(0o777))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written through open(), so its mode follows the umask like every other
+    file the project writes (safetensors' own save_file creates it 0600)."""
+    path.write_bytes(save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}))
+
+
 def write_artifact(dest: Path, model: nn.Module, manifest: dict[str, Any]) -> Path:
     """Write weights + manifest to `dest` atomically; returns `dest`. If another writer got
     there first with a complete artifact, keeps theirs. The folder and files get the modes a plain
     mkdir and open give (the umask decides), so a shared cache stays readable by its group."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_name(dest.parent, f".{dest.name}.", "", lambda p: p.mkdir(0o777))
+    tmp = staging_folder(dest)
     try:
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS))
+        save_tensors(model.state_dict(), tmp / WEIGHTS)
         manifest = {**manifest, "weights": {"sha256": sha256_file(tmp / WEIGHTS)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        # safetensors creates its file 0600: give it the mode open() just gave the manifest
-        os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / MANIFEST).stat().st_mode))
         try:
             os.rename(tmp, dest)
         except OSError:

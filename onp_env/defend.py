@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from onp_env.artifacts import Artifact, load_artifact, write_artifact, write_text_atomic
+from onp_env.artifacts import Artifact, load_artifact, staging_folder, write_artifact, write_text_atomic
 from onp_env.config import bounded, from_dict
 from onp_env.data import defense_split
 from onp_env.devices import resolve_device
@@ -113,8 +112,7 @@ def _staging_folder(out: Path) -> Path:
     it is also the test that `out` can be written at all. A run killed outright leaves only this
     folder behind, under another name than `out`, so it never blocks the next run."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        return staging_folder(out)
     except OSError as e:
         raise OnpError(f"cannot write {out}: {e.strerror or e}; pass another --out") from e
 

@@ -23,7 +23,9 @@ from onp_env.graph.units import find_units
 from onp_env.models import build_model
 from onp_env.zoo import default_artifact
 
-CONFIG = "configs/agent/digits.yaml"
+from .conftest import ROOT
+
+CONFIG = str(ROOT / "configs" / "agent" / "digits.yaml")
 TINY = [
     "zoo.base.model.kwargs={channels: [8, 8], hidden: 16}",
     "zoo.base.train.epochs=5",

@@ -15,12 +15,12 @@ from baselines.common import Defense, top_units
 from onp_env import OnpError
 from onp_env.bench.config import BenchConfig, check, load_bench_config
 from onp_env.bench.report import table
-from onp_env.bench.run import RESULTS, read_rows, run_bench
+from onp_env.bench.run import RESULTS, read_cells, run_bench
 from onp_env.cli import main
 from onp_env.config import bounded, from_dict
 from onp_env.registry import defense_names
 
-from .conftest import fake_cifar10
+from .conftest import fake_cifar10, fake_idx_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -38,7 +38,7 @@ def tiny(**changes):
 
 def test_a_grid_runs_resumes_and_reports(tmp_path):
     report = run_bench(tiny(), tmp_path / "b", progress=False)
-    rows = read_rows(tmp_path / "b" / RESULTS)
+    rows = read_cells(tmp_path / "b" / RESULTS)
     assert len(rows) == 2 * 2 * 2 == len({r["key"] for r in rows})
     r = rows[0]
     assert {"acc", "asr", "ra", "der", "before", "pruned", "units", "seconds", "version", "host", "config"} <= set(r)
@@ -52,7 +52,7 @@ def test_a_grid_runs_resumes_and_reports(tmp_path):
     with pytest.raises(OnpError, match="pass --resume"):
         run_bench(tiny(), tmp_path / "b", progress=False)
     run_bench(tiny(), tmp_path / "b", resume=True, progress=False)
-    again = read_rows(tmp_path / "b" / RESULTS)
+    again = read_cells(tmp_path / "b" / RESULTS)
     assert len(again) == 8 and {r["key"] for r in again} == {r["key"] for r in rows}
     redone = {r["key"]: r for r in again[-2:]}
     assert all(redone[k]["units"] == next(r for r in rows if r["key"] == k)["units"] for k in redone)
@@ -66,7 +66,7 @@ def test_worker_count_does_not_change_the_numbers(tmp_path):
     two = run_bench(tiny(fractions=[0.05], seeds=[101]), tmp_path / "two", workers=2, progress=False)
 
     def strip(p):
-        return sorted((r["key"], r["acc"], r["asr"], r["units"]) for r in read_rows(p.parent / RESULTS))
+        return sorted((r["key"], r["acc"], r["asr"], r["units"]) for r in read_cells(p.parent / RESULTS))
 
     assert strip(one) == strip(two)
 
@@ -104,6 +104,7 @@ def test_bad_grids_are_refused_before_any_work(change, match):
 
 
 def test_cli_bench_exit_codes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # quick.yaml names its agent config relative to the repository, as users run it
     assert main(["bench"]) == 2
     assert main(["bench", "report", str(tmp_path)]) == 2
     monkeypatch.setitem(sys.modules, "ray", None)  # as on a machine without the optional extra
@@ -114,7 +115,10 @@ def test_cli_bench_exit_codes(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
-def test_shipped_bench_configs_load(tmp_path):
+def test_shipped_bench_configs_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # their agent_config paths are relative to the repository
+    # Their schema is checked on stand-in data of the right shape: Fashion-MNIST is optional here.
+    monkeypatch.setenv("ONP_FASHION_MNIST_DIR", str(fake_idx_dataset(tmp_path / "fashion-mnist")))
     cifar = [f"datasets=[{{name: cifar10, root: {fake_cifar10(tmp_path / 'cifar')}}}]"]  # data of your own
     for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
         cfg = load_bench_config(path, cifar if path.stem == "cifar10" else [])
@@ -122,8 +126,8 @@ def test_shipped_bench_configs_load(tmp_path):
 
 
 def test_the_cifar10_grid_names_its_directory_and_runs_everything_on_the_gpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
     path = ROOT / "configs" / "bench" / "cifar10.yaml"
-    monkeypatch.delenv("ONP_CIFAR10_DIR", raising=False)
     with pytest.raises(OnpError, match=r"^cifar10 needs its directory: .*ONP_CIFAR10_DIR"):
         load_bench_config(path)
     with pytest.raises(OnpError, match="not found: extract cifar-10-python.tar.gz there"):
@@ -144,7 +148,7 @@ def test_ray_gives_the_same_numbers_as_the_local_pool_on_the_quick_grid(tmp_path
     remote = run_bench(grid, tmp_path / "ray", executor="ray", progress=False)  # a local 2-CPU cluster
 
     def strip(p):
-        return sorted((r["key"], r["acc"], r["asr"], r["units"]) for r in read_rows(p.parent / RESULTS))
+        return sorted((r["key"], r["acc"], r["asr"], r["units"]) for r in read_cells(p.parent / RESULTS))
 
     assert strip(local) == strip(remote)
 
@@ -164,10 +168,10 @@ def test_one_worker_writes_each_cell_before_the_next(tmp_path, monkeypatch):
     grid = tiny(fractions=[0.05])
     with pytest.raises(KeyboardInterrupt):
         run_bench(grid, tmp_path / "b", workers=1, progress=False)
-    assert len(read_rows(tmp_path / "b" / RESULTS)) == 2  # the two finished cells were kept
+    assert len(read_cells(tmp_path / "b" / RESULTS)) == 2  # the two finished cells were kept
     monkeypatch.setattr(run_module, "cell_task", real)
     run_bench(grid, tmp_path / "b", workers=1, resume=True, progress=False)
-    assert len({r["key"] for r in read_rows(tmp_path / "b" / RESULTS)}) == 4
+    assert len({r["key"] for r in read_cells(tmp_path / "b" / RESULTS)}) == 4
 
 
 def _named(name):
@@ -272,7 +276,7 @@ def test_a_learned_defenses_cells_wait_for_its_preparation(tmp_path, monkeypatch
     monkeypatch.setattr(registry, "_entries", lambda: entries)
     grid = tiny(defenses=[{"name": "magnitude"}, {"name": "prepared", "params": {"count": 2}}])
     run_bench(grid, tmp_path / "b", workers=1, progress=False)
-    rows = read_rows(tmp_path / "b" / RESULTS)
+    rows = read_cells(tmp_path / "b" / RESULTS)
     assert len(rows) == len({r["key"] for r in rows}) == 8
     assert sorted(r["pruned"] for r in rows if r["method"] == "prepared") == [2] * 4
 

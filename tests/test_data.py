@@ -1,18 +1,14 @@
-import gzip
 import os
 import pickle
-import struct
 
-import numpy as np
 import pytest
 import torch
 
 from onp_env import OnpError
 from onp_env.data import defense_split, load_dataset
-from onp_env.data.datasets import FASHION_MNIST_DEBIAN
 from onp_env.data.sources import read_cifar10, read_idx
 
-from .conftest import fake_cifar10
+from .conftest import FASHION_MNIST, fake_cifar10, fake_idx_dataset, needs_fashion_mnist
 
 
 def test_digits_is_embedded_and_in_unit_range():
@@ -61,20 +57,17 @@ def test_missing_dataset_directory_says_how_to_get_it(tmp_path):
         load_dataset("cifar10")
 
 
-def _write_idx(path, array, gz=False):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    blob = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(blob)
-
-
 def test_idx_directory_loads_as_mnist(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 30), ("t10k", 10)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 5, 6)), gz=True)
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
-    d = load_dataset("mnist", str(tmp_path))
+    d = load_dataset("mnist", str(fake_idx_dataset(tmp_path, size=(5, 6))))
     assert d.train_x.shape == (30, 1, 5, 6) and d.test_y.tolist() == list(range(10))
     assert d.train_x.max() <= 1
+
+
+def test_the_cache_follows_the_folder_an_environment_variable_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONP_MNIST_DIR", str(fake_idx_dataset(tmp_path / "a", size=(5, 6))))
+    assert load_dataset("mnist").info.shape == (1, 5, 6)
+    monkeypatch.setenv("ONP_MNIST_DIR", str(fake_idx_dataset(tmp_path / "b", size=(7, 7))))
+    assert load_dataset("mnist").info.shape == (1, 7, 7)  # not the first folder's, cached under root None
 
 
 def test_corrupt_idx_file_is_an_error(tmp_path):
@@ -100,12 +93,9 @@ def test_cifar10_python_batches_without_unsafe_unpickling(tmp_path):
         read_cifar10(tmp_path)
 
 
-@pytest.mark.skipif(
-    not FASHION_MNIST_DEBIAN.is_dir() and not os.environ.get("CI"),
-    reason="apt-get install dataset-fashion-mnist (CI installs it)",
-)
+@needs_fashion_mnist
 def test_fashion_mnist_from_the_debian_package():
-    d = load_dataset("fashion-mnist")
+    d = load_dataset("fashion-mnist", FASHION_MNIST)
     assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
     assert torch.bincount(d.train_y).tolist() == [6000] * 10
     assert d.info.class_names[9] == "ankle-boot"

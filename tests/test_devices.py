@@ -22,6 +22,7 @@ from onp_env.defend import defend_artifact
 from onp_env.devices import device_of
 from onp_env.env import EnvConfig, NeuronPruningEnv
 
+from .conftest import ROOT
 from .test_baselines import QUICK
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that torch sees")
@@ -99,7 +100,7 @@ def test_env_agent_and_bench_configs_refuse_a_missing_gpu(no_gpu, monkeypatch):
     assert EnvConfig(device="auto").validate().device == "auto"  # auto is the CPU here
     for key in ("device", "env.device"):
         with pytest.raises(OnpError, match="torch sees no GPU"):
-            load_agent_config("configs/agent/digits.yaml", [f"{key}=cuda"])
+            load_agent_config(str(ROOT / "configs" / "agent" / "digits.yaml"), [f"{key}=cuda"])
     grid = {"models": [{"name": "small_cnn"}], "defenses": [{"name": "magnitude", "params": {"device": "cuda"}}]}
     with pytest.raises(OnpError, match="torch sees no GPU"):
         check(from_dict(BenchConfig, grid, "grid"))

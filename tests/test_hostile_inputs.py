@@ -102,7 +102,6 @@ def test_linked_weights_or_manifest_are_refused(copy, tiny_artifact, tmp_path):
 
 @pytest.mark.parametrize("root", ["/etc", "../../somewhere", "data"])
 def test_a_manifests_dataset_folder_is_not_followed(copy, root, monkeypatch):
-    monkeypatch.delenv("ONP_DATA_ROOT", raising=False)
     art = load_artifact(edit(copy, lambda m: m["config"]["data"].update(root=root)))
     with pytest.raises(OnpError, match="paths are not followed: pass the dataset directory"):
         art.defense_set()

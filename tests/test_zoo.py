@@ -94,7 +94,7 @@ def test_interrupted_build_leaves_no_artifact(tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("onp_env.artifacts.save_file", interrupted)
+    monkeypatch.setattr("onp_env.artifacts.save_tensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_artifact(tiny_config("seed=7"), tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []

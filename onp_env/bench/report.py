@@ -78,9 +78,9 @@ def _shown(path: Path) -> str:
 
 def write_report(out: str | Path, plots: bool = True) -> Path:
     out = Path(out)
-    from onp_env.bench.run import CONFIG, RESULTS, read_rows
+    from onp_env.bench.run import CONFIG, RESULTS, read_cells
 
-    rows = list({r["key"]: r for r in read_rows(out / RESULTS)}.values())  # a key twice counts once (the last)
+    rows = list({r["key"]: r for r in read_cells(out / RESULTS)}.values())  # a key twice counts once (the last)
     if not rows:
         raise OnpError(f"{out / RESULTS} holds no finished cell: run `onp bench --config ...` first")
     for r in rows:

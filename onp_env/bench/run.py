@@ -31,36 +31,49 @@ from onp_env.bench.config import BenchConfig, DefenseSpec, model_key
 from onp_env.config import LabConfig, from_dict, to_dict
 from onp_env.errors import OnpError
 from onp_env.registry import defense_class
+from onp_env.results import (
+    ANY,
+    COUNT,
+    FRACTION,
+    MEASURES,
+    NUMBER,
+    TEXT,
+    Schema,
+    append,
+    end_last_line,
+    list_of,
+    read_rows,
+)
 
 RESULTS, CONFIG = "results.jsonl", "config.json"
 
 
-def append(path: Path, row: dict[str, Any]) -> None:
-    """One finished cell, durably."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _cell_key(row: dict[str, Any]) -> str | None:
+    c = row["config"]
+    model = f"{c['data']['name']}/{c['model']['name']}/{c['attack']['name']}/s{row['seed']}"
+    key = f"{model}/{row['fraction']:g}/{row['defense']}"
+    return None if row["key"] == key else f"its key {row['key']!r} does not match its fields ({key!r})"
 
 
-def drop_partial_line(path: Path) -> None:
-    """A crash in the middle of an append leaves a line without its newline: cut it (the cell is redone)."""
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            write_text_atomic(path, data[: data.rfind(b"\n") + 1].decode())
+_NAMED = Schema("named entry", {"name": TEXT})
+CELL = Schema(
+    "bench cell",
+    {
+        "key": TEXT, "defense": TEXT, "method": TEXT, "params": ANY, "fraction": FRACTION, "seed": COUNT,
+        "config": Schema("lab config", {"data": _NAMED, "model": _NAMED, "attack": _NAMED}),
+        "acc": FRACTION, "asr": FRACTION, "ra": FRACTION, "der": FRACTION, "before": MEASURES,
+        "pruned": COUNT, "seconds": NUMBER, "units": list_of(COUNT),
+    },
+    consistent=_cell_key,
+)  # fmt: skip
+"""A row of results.jsonl: one defense on one model at one defense-data fraction."""
+
+FIX = "delete that line (`onp bench --resume` redoes its cell) or restore the file from its source"
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a results file; a last line cut short by a crash is ignored (it is redone)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+def read_cells(path: Path) -> list[dict[str, Any]]:
+    """The cells of a results.jsonl, each checked (onp_env.results.read_rows)."""
+    return read_rows(path, CELL, fix=FIX)
 
 
 # --- what travels to a worker without a shared disk ---------------------------------------------
@@ -313,9 +326,13 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     pool: LocalExecutor | RayExecutor
     pool = LocalExecutor(workers, os.cpu_count() or 1) if executor == "local" else RayExecutor(address)
     results = out / RESULTS
-    drop_partial_line(results)
-    finished = {r["key"] for r in read_rows(results)}
+    finished = {r["key"] for r in read_cells(results)}  # checked (and a cut-short line told) before it changes
+    end_last_line(results)
     cells = [(lab, fraction, spec) for lab in labs for fraction in cfg.fractions for spec in specs]
+    keys = {f"{model_key(c[0])}/{c[1]:g}/{c[2].key}" for c in cells}
+    if foreign := sorted(finished - keys):
+        raise OnpError(f"{results} holds {len(foreign)} cell(s) this grid does not have (first: {foreign[0]!r}): "
+                       "it is another grid's file; resume with that grid's config or pass another --out")  # fmt: skip
     todo = [c for c in cells if f"{model_key(c[0])}/{c[1]:g}/{c[2].key}" not in finished]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     needed = {model_key(c[0]): c[0] for c in todo}

@@ -46,7 +46,7 @@ def _to_tensors(x: np.ndarray, y: np.ndarray, scale: float) -> tuple[torch.Tenso
     return xt.contiguous(), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
-def _digits(root: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+def _digits(where: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -61,26 +61,39 @@ def _digits(root: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return x[~test], y[~test], x[test], y[test], 16.0
 
 
-def _idx_dataset(default: Path | None, env_var: str, how_to_get: str):
-    def load(root: str | None):
+def _embedded(root: str | None) -> None:
+    return None
+
+
+def _idx_folder(default: Path | None, env_var: str, how_to_get: str) -> Callable[[str | None], Path]:
+    def locate(root: str | None) -> Path:
         where = Path(root) if root else Path(os.environ.get(env_var, "") or (default or ""))
         if not str(where) or not where.is_dir():
             shown = str(where) if str(where) else "(none given)"
             raise OnpError(f"dataset directory {shown} not found: {how_to_get}")
-        tx, ty = sources.read_idx_pair(where, "train")
-        vx, vy = sources.read_idx_pair(where, "t10k")
-        return tx, ty, vx, vy, 255.0
+        return where
 
-    return load
+    return locate
 
 
-def _cifar10(root: str | None):
-    where = Path(root or os.environ.get("ONP_CIFAR10_DIR", ""))
+def _read_idx(where: Path | None):
+    assert where is not None
+    tx, ty = sources.read_idx_pair(where, "train")
+    vx, vy = sources.read_idx_pair(where, "t10k")
+    return tx, ty, vx, vy, 255.0
+
+
+def _cifar10_folder(root: str | None) -> Path:
     if not root and not os.environ.get("ONP_CIFAR10_DIR"):
         raise OnpError(
             "cifar10 needs its directory: pass data.root=DIR (or set ONP_CIFAR10_DIR) pointing at "
             "the extracted 'cifar-10-batches-py' (or '-bin') folder from the CIFAR-10 site"
         )
+    return Path(root or os.environ["ONP_CIFAR10_DIR"])
+
+
+def _read_cifar10(where: Path | None):
+    assert where is not None
     tx, ty, vx, vy = sources.read_cifar10(where)
     return tx, ty, vx, vy, 255.0
 
@@ -106,24 +119,39 @@ _FASHION_CLASSES = (
 _CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
-DATASETS: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "digits": (_digits, _DIGIT_CLASSES),
-    "fashion-mnist": (_idx_dataset(FASHION_MNIST_DEBIAN, "ONP_FASHION_MNIST_DIR", _FMNIST_HELP), _FASHION_CLASSES),
-    "mnist": (_idx_dataset(None, "ONP_MNIST_DIR", _MNIST_HELP), _DIGIT_CLASSES),
-    "cifar10": (_cifar10, _CIFAR_CLASSES),
+
+@dataclass(frozen=True)
+class Source:
+    locate: Callable[[str | None], Path | None]
+    """Where the data lies for a `data.root` (None: the default place); raises OnpError if absent."""
+    read: Callable[[Path | None], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]]
+    """(train x, train y, test x, test y, pixel scale) from that place."""
+    classes: tuple[str, ...]
+
+
+_FASHION_MNIST = _idx_folder(FASHION_MNIST_DEBIAN, "ONP_FASHION_MNIST_DIR", _FMNIST_HELP)
+DATASETS: dict[str, Source] = {
+    "digits": Source(_embedded, _digits, _DIGIT_CLASSES),
+    "fashion-mnist": Source(_FASHION_MNIST, _read_idx, _FASHION_CLASSES),
+    "mnist": Source(_idx_folder(None, "ONP_MNIST_DIR", _MNIST_HELP), _read_idx, _DIGIT_CLASSES),
+    "cifar10": Source(_cifar10_folder, _read_cifar10, _CIFAR_CLASSES),
 }
 
+# Keyed by the folder the data was read from, not by the `root` asked for: with no root, the folder
+# comes from an environment variable or the default place, and those can change within a process.
 _CACHE: dict[tuple[str, str | None], Dataset] = {}
 
 
 def load_dataset(name: str, root: str | None = None) -> Dataset:
-    """Load a registered dataset. Results are cached in memory per (name, root)."""
+    """Load a registered dataset. Results are cached in memory per (name, folder read)."""
     if name not in DATASETS:
         raise OnpError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
-    key = (name, root)
+    source = DATASETS[name]
+    where = source.locate(root)
+    key = (name, str(where.resolve()) if where else None)
     if key not in _CACHE:
-        loader, classes = DATASETS[name]
-        tx, ty, vx, vy, scale = loader(root)
+        classes = source.classes
+        tx, ty, vx, vy, scale = source.read(where)
         train_x, train_y = _to_tensors(tx, ty, scale)
         test_x, test_y = _to_tensors(vx, vy, scale)
         dims = (0, 2, 3)

@@ -1,0 +1,99 @@
+"""The rows of the benchmark scripts' results files (onp.jsonl, onp_fresh.jsonl, onp_stopping.jsonl),
+checked on every read like `onp bench`'s (onp_env.results): a report or a resume never reads a
+field of a row that is not what the writing script wrote."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from onp_env.errors import OnpError
+from onp_env.results import (
+    ABSENT,
+    COUNT,
+    FRACTION,
+    MEASURES,
+    NUMBER,
+    TEXT,
+    Schema,
+    list_of,
+    read_rows,
+    values_of,
+)
+
+FIX = "delete that line (the script redoes its work when run again) or restore the file from git"
+
+
+def _protocol_key(row: dict[str, Any]) -> str | None:
+    key = f"{row['attack']}/s{row['seed']}/{row['fraction']:g}/{row['method']}"
+    return None if row["key"] == key else f"its key {row['key']!r} does not match its fields ({key!r})"
+
+
+PROTOCOL_CELL = Schema(
+    "protocol cell",
+    {
+        "key": TEXT, "attack": TEXT, "seed": COUNT, "fraction": FRACTION, "method": TEXT,
+        "acc": FRACTION, "asr": FRACTION, "ra": FRACTION, "der": FRACTION, "before": MEASURES,
+        "pruned": COUNT, "seconds": NUMBER, "units": list_of(COUNT),
+    },
+    when={"kind": ABSENT},
+    consistent=_protocol_key,
+)  # fmt: skip
+"""A method on one held-out model at one defense-data fraction (onp_vs_baselines.py)."""
+
+COST = Schema(
+    "cost",
+    {"key": TEXT, "seconds": NUMBER},
+    when={"kind": "cost"},
+    consistent=lambda r: None if r["key"].startswith("cost/") else f"its key {r['key']!r} does not start with cost/",
+)
+"""The seconds a shadow model, a held-out model or an agent took to build (onp_vs_baselines.py)."""
+
+
+def read_protocol(path: Path) -> list[dict[str, Any]]:
+    """onp.jsonl or onp_fresh.jsonl: protocol cells and cost rows."""
+    return read_rows(path, PROTOCOL_CELL, COST, fix=FIX)
+
+
+def _trace_consistent(row: dict[str, Any]) -> str | None:
+    key = f"{row['fold']}/{row['role']}/{row['model']}/{row['fraction']:g}"
+    if row["key"] != key:
+        return f"its key {row['key']!r} does not match its fields ({key!r})"
+    if len(row["acc"]) != len(row["steps"]) or len(row["order"]) != sum(row["steps"]):
+        return "its acc, steps and order lists disagree in length"
+    if "asr" in row and len(row["asr"]) != len(row["acc"]):
+        return "its acc and asr lists disagree in length"
+    return None
+
+
+_TRACE = {
+    "key": TEXT, "fold": TEXT, "model": TEXT, "attack": TEXT, "fraction": FRACTION,
+    "order": list_of(COUNT), "steps": list_of(COUNT), "acc": list_of(FRACTION),
+}  # fmt: skip
+SHADOW_TRACE = Schema(
+    "shadow trace", {**_TRACE, "asr": list_of(FRACTION)}, when={"role": "shadow"}, consistent=_trace_consistent
+)
+"""One agent's pruning sequence on a shadow model, with ACC and ASR on its defense images after each step."""
+HELD_OUT_TRACE = Schema(
+    "held-out trace",
+    {**_TRACE, "before": MEASURES, "test": values_of(Schema("test measures", {**MEASURES.fields, "der": FRACTION}))},
+    when={"role": "held-out"},
+    consistent=_trace_consistent,
+)
+"""The same on a held-out model: defense-image ACC per step, test measures where each rule cuts."""
+
+
+def read_stopping(path: Path) -> list[dict[str, Any]]:
+    """onp_stopping.jsonl: traces of shadow and held-out models."""
+    return read_rows(path, SHADOW_TRACE, HELD_OUT_TRACE, fix=FIX)
+
+
+def exit_2_on_bad_input(main: Callable[[], None]) -> None:
+    """Run a script's main as `onp` runs a command: bad input ends it with code 2 and one line."""
+    try:
+        main()
+    except OnpError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,230 @@
+"""Results files are input too: every reader (`onp bench report`, `onp bench --resume`, the benchmark
+scripts' reports and resumes) checks each row against its schema. Only a last line cut short by a
+crash is dropped, and said so; anything else is one line naming the file, the line and the fix."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onp_env import OnpError
+from onp_env.bench.config import BenchConfig, check
+from onp_env.bench.run import RESULTS, read_cells, run_bench
+from onp_env.cli import main
+from onp_env.config import from_dict
+from onp_env.results import append, end_last_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark_rows():
+    """benchmarks/rows.py, loaded from its file (the scripts import it as a sibling)."""
+    spec = importlib.util.spec_from_file_location("benchmark_rows", ROOT / "benchmarks" / "rows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ROWS = _benchmark_rows()
+BEFORE = {"acc": 0.9, "asr": 1.0, "ra": 0.0}
+PROTOCOL = {"key": "badnets/s101/0.05/onp", "attack": "badnets", "seed": 101, "fraction": 0.05, "method": "onp",
+            "acc": 0.88, "asr": 0.05, "ra": 0.6, "der": 0.95, "before": BEFORE, "pruned": 2, "seconds": 3.5,
+            "units": [4, 7]}  # fmt: skip
+COST = {"key": "cost/model/shadow-badnets-s1", "kind": "cost", "seconds": 81.5}
+SHADOW = {"key": "badnets/shadow/m-s1/0.01", "fold": "badnets", "role": "shadow", "model": "m-s1",
+          "attack": "blended", "fraction": 0.01, "order": [3, 5], "steps": [0, 1, 1], "acc": [0.9, 0.9, 0.8],
+          "asr": [1.0, 0.5, 0.1]}  # fmt: skip
+HELD_OUT = {**{k: v for k, v in SHADOW.items() if k != "asr"}, "key": "badnets/held-out/m-s1/0.01", "role": "held-out",
+            "before": BEFORE, "test": {"2": {**BEFORE, "der": 0.5}}}  # fmt: skip
+TINY = {
+    "name": "tiny", "models": [{"name": "small_cnn", "kwargs": {"channels": [8, 8], "hidden": 16}}],
+    "attacks": [{"name": "badnets"}], "train": {"epochs": 3}, "seeds": [101], "fractions": [0.05],
+    "defenses": [{"name": "magnitude"}, {"name": "random", "params": {"ratio": 0.1}}],
+}  # fmt: skip
+
+
+def tiny() -> BenchConfig:
+    cfg = from_dict(BenchConfig, TINY, "tiny")
+    check(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished two-cell benchmark folder; tests damage copies of it."""
+    out = tmp_path_factory.mktemp("bench") / "b"
+    run_bench(tiny(), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def bench(finished, tmp_path) -> Path:
+    return Path(shutil.copytree(finished, tmp_path / "b"))
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _write(path: Path, lines: list[str], newline: bool = True) -> None:
+    path.write_text("\n".join(lines) + ("\n" if newline else ""))
+
+
+# The damage every reader is tried with: (what is done to a file of good lines, message expected).
+DAMAGE = [
+    (lambda ls: [ls[0], "{not json", *ls[1:]], r"line 2: not a JSON row"),
+    (lambda ls: [ls[0], "[1, 2, 3]", *ls[1:]], r"line 2: not a row of this file"),
+    (lambda ls: [ls[0], '"a string"', *ls[1:]], r"line 2: not a row of this file"),
+    (lambda ls: [*ls, '{"key": "x", "kind": "something else", "role": "other"}'],
+     r"line 3: (not a row of this file|field '\w+' is missing)"),
+    (lambda ls: [ls[0], json.dumps({k: v for k, v in json.loads(ls[1]).items() if k != "fraction"})],
+     r"line 2: field 'fraction' is missing"),
+    (lambda ls: [ls[0], json.dumps({**json.loads(ls[1]), "fraction": "high"})],
+     r"line 2: field 'fraction' must be a number in \[0, 1\]"),
+    (lambda ls: [ls[0], json.dumps({**json.loads(ls[1]), "fraction": 1.5})],
+     r"line 2: field 'fraction' must be a number in \[0, 1\]"),
+    (lambda ls: [ls[0], ls[1].replace('"fraction": ', '"fraction": NaN, "x": ', 1)], r"line 2: not a JSON row"),
+    (lambda ls: [ls[0], json.dumps({**json.loads(ls[1]), "key": "someone/else"})],
+     r"line 2: its key 'someone/else' does not match"),
+    (lambda ls: [ls[0], "", ls[1]], r"line 2: not a JSON row"),
+    (lambda ls: ["{cut" + ls[0], *ls[1:]], r"line 1: not a JSON row"),  # a damaged line that is not the last
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage, match", DAMAGE)
+@pytest.mark.parametrize(
+    "reader, good",
+    [
+        (read_cells, None),  # a bench's results.jsonl: rows from the fixture
+        (ROWS.read_protocol, [PROTOCOL, {**PROTOCOL, "key": "badnets/s101/0.05/mnp", "method": "mnp"}]),
+        (ROWS.read_stopping, [SHADOW, HELD_OUT]),
+    ],
+    ids=["bench", "onp.jsonl", "onp_stopping.jsonl"],
+)
+def test_every_reader_refuses_damaged_and_foreign_rows_with_file_and_line(
+    reader, good, damage, match, finished, tmp_path
+):
+    path = tmp_path / "rows.jsonl"
+    lines = _lines(finished / RESULTS) if good is None else [json.dumps(r) for r in good]
+    _write(path, lines)
+    assert len(reader(path)) == 2
+    _write(path, damage(lines))
+    with pytest.raises(OnpError, match=rf"^{path}, {match}.*; (delete that line|.*restore)"):
+        reader(path)
+
+
+@pytest.mark.parametrize(
+    "reader, good",
+    [(read_cells, None), (ROWS.read_protocol, [PROTOCOL, COST]), (ROWS.read_stopping, [SHADOW, HELD_OUT])],
+    ids=["bench", "onp.jsonl", "onp_stopping.jsonl"],
+)
+def test_every_reader_drops_a_last_line_cut_short_and_says_so(reader, good, finished, tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    lines = _lines(finished / RESULTS) if good is None else [json.dumps(r) for r in good]
+    _write(path, [lines[0], lines[1][: len(lines[1]) // 2]], newline=False)
+    assert len(reader(path)) == 1
+    assert "dropped its last line (2), cut short by a crash" in capsys.readouterr().err
+    _write(path, [lines[0], lines[1][: len(lines[1]) // 2]], newline=True)  # a newline after it: not a crash
+    with pytest.raises(OnpError, match="line 2: not a JSON row"):
+        reader(path)
+    assert reader(tmp_path / "absent.jsonl") == []
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(OnpError, match="not UTF-8"):
+        reader(path)
+
+
+@pytest.mark.parametrize("file", ["bench", "protocol", "stopping"])
+def test_every_reader_refuses_the_rows_of_the_other_files(file, finished, tmp_path):
+    own = {
+        "bench": [json.loads(_lines(finished / RESULTS)[0])],
+        "protocol": [PROTOCOL, COST],
+        "stopping": [SHADOW, HELD_OUT],
+    }
+    reader = {"bench": read_cells, "protocol": ROWS.read_protocol, "stopping": ROWS.read_stopping}[file]
+    path = tmp_path / "rows.jsonl"
+    for other, rows in own.items():
+        for row in rows:
+            _write(path, [json.dumps(row)])
+            if other == file:
+                assert reader(path) == [row]
+            else:
+                with pytest.raises(OnpError, match=rf"^{path}, line 1: "):
+                    reader(path)
+
+
+def test_bench_report_exits_2_with_one_line_on_a_damaged_row(bench, capsys):
+    lines = _lines(bench / RESULTS)
+    _write(bench / RESULTS, [lines[0], json.dumps([1]), lines[1]])
+    assert main(["bench", "report", str(bench)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"onp: error: {bench / RESULTS}, line 2: not a row of this file") and err.count("\n") == 1
+    _write(bench / RESULTS, [lines[0], json.dumps({k: v for k, v in json.loads(lines[1]).items() if k != "asr"})])
+    assert main(["bench", "report", str(bench)]) == 2
+    assert "line 2: field 'asr' is missing" in capsys.readouterr().err
+
+
+def test_bench_report_tells_of_a_dropped_last_line(bench, capsys):
+    lines = _lines(bench / RESULTS)
+    _write(bench / RESULTS, [lines[0], lines[1][:40]], newline=False)
+    assert main(["bench", "report", str(bench)]) == 0
+    assert "dropped its last line (2)" in capsys.readouterr().err
+    assert "(1 cells)" in (bench / "results.md").read_text()
+
+
+def test_resume_refuses_a_damaged_file_before_any_work_and_leaves_it_as_it_was(bench, no_work):
+    lines = _lines(bench / RESULTS)
+    _write(bench / RESULTS, [lines[0], '{"key": 1', lines[1]])
+    before = (bench / RESULTS).read_bytes()
+    with pytest.raises(OnpError, match=r"results\.jsonl, line 2: not a JSON row"):
+        run_bench(tiny(), bench, resume=True, progress=False)
+    assert (bench / RESULTS).read_bytes() == before
+
+
+def test_resume_refuses_another_grids_cells(bench, no_work):
+    row = json.loads(_lines(bench / RESULTS)[0])
+    row["config"]["attack"]["name"], row["key"] = "blended", row["key"].replace("badnets", "blended")
+    append(bench / RESULTS, row)
+    with pytest.raises(OnpError, match="1 cell\\(s\\) this grid does not have .*another grid's file"):
+        run_bench(tiny(), bench, resume=True, progress=False)
+
+
+def test_resume_after_a_crash_mid_append_redoes_the_cut_cell_once(bench, capsys):
+    lines = _lines(bench / RESULTS)
+    _write(bench / RESULTS, [lines[0], lines[1][:-5]], newline=False)
+    run_bench(tiny(), bench, resume=True, progress=False)
+    assert "dropped its last line" in capsys.readouterr().err
+    again = read_cells(bench / RESULTS)
+    assert sorted(r["key"] for r in again) == sorted(json.loads(s)["key"] for s in lines)
+
+
+def test_a_whole_last_row_without_its_newline_is_kept_and_ended(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    _write(path, [json.dumps(PROTOCOL), json.dumps(COST)], newline=False)
+    assert len(ROWS.read_protocol(path)) == 2
+    end_last_line(path)
+    append(path, {**PROTOCOL, "key": "badnets/s101/0.05/mnp", "method": "mnp"})
+    assert [r["key"] for r in ROWS.read_protocol(path)] == [PROTOCOL["key"], COST["key"], "badnets/s101/0.05/mnp"]
+
+
+def test_the_committed_results_files_pass_their_readers():
+    results = ROOT / "benchmarks" / "results"
+    for name in ("onp.jsonl", "onp_fresh.jsonl"):
+        assert ROWS.read_protocol(results / name)
+    assert ROWS.read_stopping(results / "onp_stopping.jsonl")
+    for folder in sorted(results.glob("bench-*")):
+        assert read_cells(folder / RESULTS)
+
+
+def test_a_benchmark_script_exits_2_with_one_line_on_a_damaged_file(tmp_path):
+    path = tmp_path / "onp.jsonl"
+    _write(path, [json.dumps(PROTOCOL), json.dumps({**PROTOCOL, "asr": None})])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "onp_units.py"), "--results", str(path), "--cache", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"onp_units.py: error: {path}, line 2: field 'asr' must be a number in [0, 1]; {ROWS.FIX}\n"
