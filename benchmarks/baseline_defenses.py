@@ -16,6 +16,7 @@ import platform
 from pathlib import Path
 
 import torch
+from rows import exit_2_on_bad_input, read_report
 
 from baselines import DEFENSES
 from onp_env import build_artifact, load_config
@@ -35,7 +36,7 @@ def pct(v: float | None) -> str:
 def cell(dataset: str, attack: str, method: str, fraction: float, runs: Path) -> dict:
     out = runs / dataset / attack / f"{fraction:g}" / method
     if (out / "report.json").is_file():
-        return json.loads((out / "report.json").read_text())
+        return read_report(out / "report.json")
     art = build_artifact(load_config(LabConfig, HERE.parent / "configs" / "attack" / f"{attack}-{dataset}.yaml"))
     _, report = defend_artifact(art, method, {"defense_fraction": fraction}, out)
     return report
@@ -100,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_2_on_bad_input(main)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from onp_env.artifacts import read_json
 from onp_env.errors import OnpError
 from onp_env.results import (
     ABSENT,
@@ -16,9 +17,12 @@ from onp_env.results import (
     FRACTION,
     MEASURES,
     NUMBER,
+    REAL,
     TEXT,
     Schema,
+    check_row,
     list_of,
+    optional,
     read_rows,
     values_of,
 )
@@ -88,6 +92,30 @@ HELD_OUT_TRACE = Schema(
 def read_stopping(path: Path) -> list[dict[str, Any]]:
     """onp_stopping.jsonl: traces of shadow and held-out models."""
     return read_rows(path, SHADOW_TRACE, HELD_OUT_TRACE, fix=FIX)
+
+
+MARGIN = Schema("margin", {"key": TEXT, "measure": TEXT, "seed": COUNT, "values": values_of(REAL)})
+"""One learning test's measured quantities at one seed (test_margins.py)."""
+
+
+def read_margins(path: Path) -> list[dict[str, Any]]:
+    return read_rows(path, MARGIN, fix=FIX)
+
+
+REPORT = Schema(
+    "defense report",
+    {
+        "method": TEXT, "acc": FRACTION, "asr": FRACTION, "ra": FRACTION, "der": optional(FRACTION),
+        "pruned": COUNT, "seconds": NUMBER, "before": MEASURES, "defense_images": COUNT,
+    },
+)  # fmt: skip
+"""A defended model's report.json (onp_env.defend), as baseline_defenses.py resumes from it."""
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A report.json left by an earlier run, checked like a results row."""
+    fix = "remove its folder: the script redoes that cell"
+    return check_row(read_json(path, 64 << 20, fix), (REPORT,), str(path), fix)
 
 
 def exit_2_on_bad_input(main: Callable[[], None]) -> None:

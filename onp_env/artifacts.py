@@ -130,6 +130,11 @@ def _no_constant(name: str) -> Any:
     raise _NotFinite(f"{name} is not a number JSON allows")
 
 
+def loads_finite(data: str | bytes) -> Any:
+    """json.loads refusing NaN, Infinity and numbers that overflow to them (ValueError)."""
+    return json.loads(data, parse_float=_finite_float, parse_constant=_no_constant)
+
+
 def read_json(path: Path, limit: int, fix: str) -> Any:
     """A size-capped JSON file (checked before reading): a crafted file cannot exhaust memory. NaN,
     Infinity and numbers that overflow to them are refused: no field of ours may hold them."""
@@ -138,7 +143,7 @@ def read_json(path: Path, limit: int, fix: str) -> Any:
         raise OnpError(f"{path} is larger than {limit} bytes: {fix}")
     data = path.read_bytes()
     try:
-        return json.loads(data, parse_float=_finite_float, parse_constant=_no_constant)
+        return loads_finite(data)
     except RecursionError:
         raise OnpError(f"{path} nests too deeply to be ours: {fix}") from None
     except ValueError as e:  # bad JSON or UTF-8, NaN/Infinity, an integer beyond Python's digit limit

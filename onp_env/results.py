@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onp_env.artifacts import write_text_atomic
+from onp_env.artifacts import loads_finite, write_text_atomic
 from onp_env.errors import OnpError
 
 Check = Callable[[Any], str | None]
@@ -27,6 +27,10 @@ Check = Callable[[Any], str | None]
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _real(v: Any) -> str | None:
+    return None if _is_number(v) else "must be a finite number"
 
 
 def _number(v: Any) -> str | None:
@@ -79,6 +83,7 @@ def _anything(v: Any) -> str | None:
     return None
 
 
+REAL: Check = _real
 NUMBER: Check = _number
 FRACTION: Check = _fraction
 COUNT: Check = _count
@@ -100,7 +105,7 @@ class Schema:
 
     def problem(self, row: Any) -> str | None:
         if not isinstance(row, dict):
-            return f"a {self.what} row must be a JSON object, got {type(row).__name__}"
+            return f"must be a JSON object, got {type(row).__name__}"
         for name, check in self.fields.items():
             if name not in row:
                 return f"field '{name}' is missing"
@@ -114,6 +119,7 @@ class Schema:
 
 
 ABSENT = object()
+"""As a value in `when`: the row must not have that field (onp.jsonl's cells have no `kind`)."""
 
 MEASURES = Schema("measures", {"acc": FRACTION, "asr": FRACTION, "ra": FRACTION})
 """ACC, ASR and RA of a model, as fractions (a row's `before`)."""
@@ -142,6 +148,10 @@ def end_last_line(path: Path) -> None:
                 write_text_atomic(path, data.decode("utf-8", errors="replace") + "\n")
 
 
+MAX_RESULTS_BYTES = 1 << 30
+"""A 100,000-cell bench writes about 250 MB; a larger file is not ours and is refused before it is read."""
+
+
 def _say(message: str) -> None:
     print(f"onp: note: {message}", file=sys.stderr)
 
@@ -154,6 +164,10 @@ def read_rows(path: Path, *schemas: Schema, fix: str, say: Callable[[str], None]
     """
     if not path.is_file():
         return []
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        raise OnpError(
+            f"{path} is larger than {MAX_RESULTS_BYTES >> 20} MiB, more than any results file of ours: {fix}"
+        )
     try:
         data = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -167,21 +181,21 @@ def read_rows(path: Path, *schemas: Schema, fix: str, say: Callable[[str], None]
     rows = []
     for n, line in enumerate(lines, 1):
         try:
-            row = json.loads(line, parse_constant=_no_constant)
-        except (json.JSONDecodeError, ValueError, RecursionError):
+            row = loads_finite(line)
+        except (ValueError, RecursionError):
             if cut_short and n == len(lines):
                 say(f"{path}: dropped its last line ({n}), cut short by a crash; its work is redone on --resume")
                 break
             raise OnpError(f"{path}, line {n}: not a JSON row; {fix}") from None
-        rows.append(_checked(row, schemas, f"{path}, line {n}", fix))
+        rows.append(check_row(row, schemas, f"{path}, line {n}", fix))
     return rows
 
 
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number")
-
-
-def _checked(row: Any, schemas: tuple[Schema, ...], where: str, fix: str) -> dict[str, Any]:
+def check_row(row: Any, schemas: tuple[Schema, ...], where: str, fix: str) -> dict[str, Any]:
+    """`row` if it is a row of one of `schemas` (the first whose `when` matches); else an OnpError
+    '{where}: {problem}; {fix}'."""
+    if not isinstance(row, dict):
+        raise OnpError(f"{where}: must be a JSON object, got {type(row).__name__}; {fix}")
     schema = next((s for s in schemas if s.matches(row)), None)
     if schema is None:
         kinds = " or ".join(s.what for s in schemas)

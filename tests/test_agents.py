@@ -141,12 +141,19 @@ def test_a_policy_trained_on_small_models_deploys_on_a_wider_one(agent_dir):
     assert record[-1]["pruned"] <= int(np.ceil(agent.env.budget * 176))
 
 
-def test_a_policy_trained_on_small_cnns_deploys_on_a_residual_network(agent_dir):
+def deploy_on_a_resnet(agent_dir, seed: int = 1):
+    """The tiny agent, sampling with `seed`, on a PreAct-ResNet-18 initialised with `seed`."""
     agent = load_agent(agent_dir)
     x, y = (t[:100] for t in load_artifact(default_artifact()).defense_set())
+    torch.manual_seed(seed)
     model = build_model("preact_resnet18", tuple(x.shape[1:]), 10, width=0.125).eval()
     layout, _ = find_units(model, x[:2])
-    order, record = deploy(agent, model, x, y, deterministic=False, budget=0.05, seed=1)  # sampled: it prunes
+    order, record = deploy(agent, model, x, y, deterministic=False, budget=0.05, seed=seed)
+    return layout, order, record
+
+
+def test_a_policy_trained_on_small_cnns_deploys_on_a_residual_network(agent_dir):
+    layout, order, record = deploy_on_a_resnet(agent_dir)  # sampled: it prunes
     assert len(order) == len(set(order)) == record[-1]["pruned"] > 0
     assert all(0 <= u < layout.num_units for u in order)
     assert len(order) <= int(np.ceil(0.05 * layout.num_units))
@@ -319,13 +326,24 @@ def test_imitation_targets_are_the_expert_action_or_every_unit_it_still_prunes()
     assert rows("remaining") == [{1, 2, 4}, {1, 4}, {1}, {stop}]
 
 
-def test_behaviour_cloning_on_the_remaining_target_lowers_its_loss():
+def behaviour_cloning(seed: int = 0):
+    """Imitation of the `remaining` target on the default model: episodes, policy and batches seeded."""
     cfg = ImitationConfig(episodes=1, epochs=8, lr=1e-2, target="remaining", candidates=2)
     env = NeuronPruningEnv(eval_images=64)
+    torch.manual_seed(seed)  # the policy's initial weights
     policy = GraphMaskablePolicy(env.observation_space, env.action_space, lambda _: cfg.lr)
-    data = collect(env, cfg, seed=0, progress=False)
+    data = collect(env, cfg, seed=seed, progress=False)
+    return data, clone(policy, data, cfg, seed=seed, progress=False)
+
+
+def behaviour_cloning_loss(seed: int) -> dict[str, float]:
+    _, losses = behaviour_cloning(seed)
+    return {"last_over_first": float(losses[-1] / losses[0])}
+
+
+def test_behaviour_cloning_on_the_remaining_target_lowers_its_loss():
+    data, losses = behaviour_cloning()
     assert sum(r.sum() for r in data[1]) > len(data[1])  # some steps have several targets
-    losses = clone(policy, data, cfg, seed=0, progress=False)
     assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0]
 
 

@@ -26,13 +26,13 @@ QUICK = {
 METHODS = [Magnitude, Random, CLP, FinePruning, ANP, RNP, MNP, BNP]
 
 
-def data(shape=(1, 8, 8), n=40):
-    g = torch.Generator().manual_seed(0)
+def data(shape=(1, 8, 8), n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
     return torch.rand(n, *shape, generator=g), torch.arange(n) % 10
 
 
-def cnn():
-    torch.manual_seed(0)
+def cnn(seed=0):
+    torch.manual_seed(seed)
     return build_model("small_cnn", (1, 8, 8), 10).eval()
 
 
@@ -68,6 +68,14 @@ def test_magnitude_prunes_the_smallest_gamma_first():
         model.features[1].weight.fill_(1.0)
         model.features[1].weight[5] = 1e-3
     assert make(Magnitude).run(model, *data()).pruned[0] == 5
+
+
+def anp_masks_move(seed: int, iterations: int = 20) -> dict[str, float]:
+    """The smallest mask ANP leaves after `iterations` on a random CNN and random images (all seeded)."""
+    x, y = data(seed=seed)
+    layout, _ = find_units(cnn(seed), x[:2])
+    masks = make(ANP, iterations=iterations, seed=seed).optimise_masks(cnn(seed), layout, x, y)
+    return {"min_mask": float(masks.min())}
 
 
 def test_anp_masks_stay_in_unit_interval_and_are_deterministic():
@@ -120,13 +128,30 @@ def test_policies_in_the_env_end_with_the_standalone_masks(cls):
     assert record[-1]["pruned"] == len(standalone.pruned) and record[-1].get("stopped")
 
 
-def test_rnp_unlearns_to_the_threshold_and_prunes_the_original_weights():
-    from onp_env import load_artifact
-    from onp_env.zoo import default_artifact
+def rnp_on_the_default_model(seed: int = 0):
+    """RNP (batch 16) on the embedded default BadNets model trained with `seed`, itself seeded so."""
+    import dataclasses
 
-    art = load_artifact(default_artifact())
+    from onp_env import build_artifact, load_artifact
+    from onp_env.zoo import default_config
+
+    art = load_artifact(build_artifact(dataclasses.replace(default_config(), seed=seed), progress=False))
     x, y = art.defense_set()
-    result = RNP(batch_size=16).run(art.model, x, y)
+    return art, RNP(batch_size=16, seed=seed).run(art.model, x, y)
+
+
+def rnp_unlearning(seed: int) -> dict[str, float]:
+    _, result = rnp_on_the_default_model(seed)
+    u = result.details["unlearning"]
+    return {
+        "reached": float(u["reached_threshold"]),
+        "final_batch_acc": u["final_batch_acc"],
+        "pruned": len(result.pruned),
+    }
+
+
+def test_rnp_unlearns_to_the_threshold_and_prunes_the_original_weights():
+    art, result = rnp_on_the_default_model()
     unlearning = result.details["unlearning"]
     assert unlearning["reached_threshold"] and unlearning["final_batch_acc"] <= 0.2
     assert result.pruned, "recovering masks on the unlearned model leaves some below 0.2"
@@ -135,15 +160,26 @@ def test_rnp_unlearns_to_the_threshold_and_prunes_the_original_weights():
         assert torch.equal(original[name], pruned[name])
 
 
-def test_bnp_marks_the_least_salient_unit_and_adaptive_regularisation_shrinks_it():
-    model = cnn()
+def bnp_on_a_dead_unit(seed: int = 0):
+    """BNP (3 epochs) on a CNN whose hidden unit 9 does nothing on clean data but carries a bias."""
+    model = cnn(seed)
     with torch.no_grad():
         model.fc.weight[9] *= 0.0  # neuron 9 of the hidden Linear layer does nothing on clean data
         model.fc.bias[9] = 0.3
         model.classifier.weight[:, 9] = 0.0
     layout, _ = find_units(model, data()[0][:2])
-    result = make(BNP, epochs=3).run(model, *data())
-    assert layout.by_name["fc"].offset + 9 in result.pruned[:9]
+    return layout.by_name["fc"].offset + 9, make(BNP, epochs=3, seed=seed).run(model, *data(seed=seed))
+
+
+def bnp_dead_unit(seed: int) -> dict[str, float]:
+    unit, result = bnp_on_a_dead_unit(seed)
+    return {"position": result.pruned.index(unit) if unit in result.pruned else len(result.pruned),
+            "tuned_bias": abs(result.finetuned.fc.bias[9].item())}  # fmt: skip
+
+
+def test_bnp_marks_the_least_salient_unit_and_adaptive_regularisation_shrinks_it():
+    unit, result = bnp_on_a_dead_unit()
+    assert unit in result.pruned[:9]
     tuned = result.finetuned
     assert tuned is not None and abs(tuned.fc.bias[9].item()) < 0.3
     assert result.model.fc.bias[9] == 0  # the pruned model removes it
@@ -178,16 +214,15 @@ def test_anp_perturbation_starts_in_the_box_and_takes_one_signed_step(monkeypatc
             torch.testing.assert_close(a, b + 0.2 * g.sign(), rtol=0, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def planted():
-    """A clean digits model with one hand-planted backdoor unit in its hidden Linear layer: it reads
-    the direction in which the BadNets patch moves the features, sits below threshold on clean
-    images, fires on triggered ones and votes hard for class 0."""
+def plant_backdoor_unit(seed: int = 0):
+    """A clean digits model (trained with `seed`) with one hand-planted backdoor unit in its hidden
+    Linear layer: it reads the direction in which the BadNets patch moves the features, sits below
+    threshold on clean images, fires on triggered ones and votes hard for class 0."""
     from onp_env.attacks import build_attack
 
     from .test_attack_quality import _build
 
-    art = _build("clean")  # the attack-quality tests' clean model, through the session cache
+    art = _build("clean", seed)  # the attack-quality tests' clean model, through the session cache
     model, ds = art.model, art.dataset()
     patch = build_attack("badnets", (1, 8, 8), 10, params={"patch_size": 2})
     seen = {}
@@ -210,25 +245,46 @@ def planted():
     return model, x, y, layout.by_name["fc"].offset + j
 
 
-@pytest.mark.parametrize(
-    ("cls", "kw"), [(ANP, {"iterations": 150}), (RNP, {"batch_size": 16}), (MNP, {"batch_size": 16})]
-)
-def test_mask_learning_defenses_rank_a_planted_backdoor_unit_most_suspicious(planted, cls, kw):
-    model, x, y, unit = planted
-    result = cls(**kw).run(model, x, y)
+@pytest.fixture(scope="module")
+def planted():
+    return plant_backdoor_unit()
+
+
+MASK_LEARNERS = {"anp": (ANP, {"iterations": 150}), "rnp": (RNP, {"batch_size": 16}), "mnp": (MNP, {"batch_size": 16})}
+
+
+def planted_unit_rank(method: str, seed: int, planted=None) -> dict[str, float]:
+    """Where a mask-learning defense ranks the planted unit: units scored above it, the share of
+    units tied at the top score, whether it pruned it (model and defense seeded with `seed`)."""
+    model, x, y, unit = planted or plant_backdoor_unit(seed)
+    cls, kw = MASK_LEARNERS[method]
+    result = cls(**kw, seed=seed).run(model, x, y)
     top = result.scores.max()
-    assert result.scores[unit] == top and unit in result.pruned  # its mask went to 0...
-    assert (result.scores == top).sum() < 0.15 * len(result.scores)  # ...with fewer than 15% of the units
+    return {"above": int((result.scores > result.scores[unit]).sum()), "pruned": float(unit in result.pruned),
+            "tied_top_share": float((result.scores == top).sum()) / len(result.scores)}  # fmt: skip
 
 
-def test_mnp_suppression_shrinks_clean_units_more_than_the_planted_one(planted):
-    model, x, y, unit = planted
-    exposed, report = MNP().suppress(model, x, y)
-    assert report["reached_threshold"]
+@pytest.mark.parametrize("method", list(MASK_LEARNERS))
+def test_mask_learning_defenses_rank_a_planted_backdoor_unit_most_suspicious(planted, method):
+    m = planted_unit_rank(method, 0, planted)
+    assert m["above"] == 0 and m["pruned"]  # its mask went to 0...
+    assert m["tied_top_share"] < 0.15  # ...with fewer than 15% of the units
+
+
+def mnp_suppression(seed: int, planted=None) -> dict[str, float]:
+    """MNP's suppression on the planted model: whether it reached its threshold, and how much less
+    the clean hidden units' weight norms kept than the planted one's (> 0: all clean ones shrank more)."""
+    model, x, y, unit = planted or plant_backdoor_unit(seed)
+    exposed, report = MNP(seed=seed).suppress(model, x, y)
     ratio = exposed.fc.weight.norm(dim=1) / model.fc.weight.norm(dim=1)
     j = unit - (16 + 32)  # fc units follow the two BatchNorm layers
     clean = torch.cat([ratio[:j], ratio[j + 1 :]])
-    assert (clean < ratio[j]).all()
+    return {"reached": float(report["reached_threshold"]), "margin": float((ratio[j] - clean.max()).detach())}
+
+
+def test_mnp_suppression_shrinks_clean_units_more_than_the_planted_one(planted):
+    m = mnp_suppression(0, planted)
+    assert m["reached"] and m["margin"] > 0
 
 
 def test_parallel_anp_gives_bit_identical_masks():

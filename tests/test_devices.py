@@ -25,7 +25,9 @@ from onp_env.env import EnvConfig, NeuronPruningEnv
 from .conftest import ROOT
 from .test_baselines import QUICK
 
-GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU that torch sees")
+GPU = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU that torch sees: a GPU machine with a CUDA build of torch"
+)
 
 
 @pytest.fixture

@@ -84,6 +84,21 @@ def _unit_activations(model, layout, x):
                       else acts[lay.name].relu().mean(0) for lay in layout.layers])  # fmt: skip
 
 
+def oracle_pruning(seed: int, units: int = 12) -> dict[str, float]:
+    """Defense-set ACC and ASR of the default BadNets model trained with `seed` once its `units` most
+    trigger-sensitive units (clean-vs-triggered activation gap) are pruned: the test below, without the env."""
+    from onp_env.graph.units import find_units
+
+    art = load_artifact(build_artifact(dataclasses.replace(default_config(), seed=seed), progress=False))
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    gap = _unit_activations(art.model, layout, art.attack.apply(x)) - _unit_activations(art.model, layout, x)
+    Masks(art.model, layout).prune(torch.argsort(gap, descending=True)[:units].tolist())
+    keep = art.attack.targets(y) != y
+    asr = attack_success_rate(predict(art.model, art.attack.apply(x[keep])), y[keep], art.attack.targets(y[keep]))
+    return {"acc": accuracy(predict(art.model, x), y), "asr": asr}
+
+
 def test_oracle_pruning_of_trigger_sensitive_units_removes_the_backdoor(art):
     e = NeuronPruningEnv(artifacts=[str(art.path)], unit_cost=0.002)
     _, info = e.reset(seed=0)

@@ -77,8 +77,8 @@ def _write(path: Path, lines: list[str], newline: bool = True) -> None:
 # The damage every reader is tried with: (what is done to a file of good lines, message expected).
 DAMAGE = [
     (lambda ls: [ls[0], "{not json", *ls[1:]], r"line 2: not a JSON row"),
-    (lambda ls: [ls[0], "[1, 2, 3]", *ls[1:]], r"line 2: not a row of this file"),
-    (lambda ls: [ls[0], '"a string"', *ls[1:]], r"line 2: not a row of this file"),
+    (lambda ls: [ls[0], "[1, 2, 3]", *ls[1:]], r"line 2: must be a JSON object, got list"),
+    (lambda ls: [ls[0], '"a string"', *ls[1:]], r"line 2: must be a JSON object, got str"),
     (lambda ls: [*ls, '{"key": "x", "kind": "something else", "role": "other"}'],
      r"line 3: (not a row of this file|field '\w+' is missing)"),
     (lambda ls: [ls[0], json.dumps({k: v for k, v in json.loads(ls[1]).items() if k != "fraction"})],
@@ -161,7 +161,7 @@ def test_bench_report_exits_2_with_one_line_on_a_damaged_row(bench, capsys):
     _write(bench / RESULTS, [lines[0], json.dumps([1]), lines[1]])
     assert main(["bench", "report", str(bench)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"onp: error: {bench / RESULTS}, line 2: not a row of this file") and err.count("\n") == 1
+    assert err.startswith(f"onp: error: {bench / RESULTS}, line 2: must be a JSON object") and err.count("\n") == 1
     _write(bench / RESULTS, [lines[0], json.dumps({k: v for k, v in json.loads(lines[1]).items() if k != "asr"})])
     assert main(["bench", "report", str(bench)]) == 2
     assert "line 2: field 'asr' is missing" in capsys.readouterr().err
@@ -228,3 +228,37 @@ def test_a_benchmark_script_exits_2_with_one_line_on_a_damaged_file(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"onp_units.py: error: {path}, line 2: field 'asr' must be a number in [0, 1]; {ROWS.FIX}\n"
+
+
+def test_the_margins_reader_refuses_damaged_rows(tmp_path):
+    path = tmp_path / "test_margins.jsonl"
+    good = {"key": "m/0", "measure": "m", "seed": 0, "values": {"asr": 0.95, "margin": -0.01}}
+    _write(path, [json.dumps(good)])
+    assert ROWS.read_margins(path) == [good]
+    for bad, match in [
+        ({**good, "values": {"asr": "high"}}, "in 'values'|field 'values' entry 'asr': must be a finite number"),
+        ({k: v for k, v in good.items() if k != "seed"}, "field 'seed' is missing"),
+        (PROTOCOL, "field 'measure' is missing"),
+    ]:
+        _write(path, [json.dumps(good), json.dumps(bad)])
+        with pytest.raises(OnpError, match=rf"^{path}, line 2: .*({match})"):
+            ROWS.read_margins(path)
+
+
+def test_a_report_json_is_checked_before_a_script_resumes_from_it(tiny_artifact, tmp_path):
+    from onp_env.defend import defend_artifact
+
+    out, report = defend_artifact(tiny_artifact, "magnitude", {"ratio": 0.1}, tmp_path / "cell")
+    assert ROWS.read_report(out / "report.json") == report
+    for damage, match in [
+        (lambda r: {**r, "asr": 2.0}, "field 'asr' must be a number in \\[0, 1\\]"),
+        (lambda r: {k: v for k, v in r.items() if k != "before"}, "field 'before' is missing"),
+        (lambda r: {**r, "before": {"acc": 0.9}}, "in 'before': field 'asr' is missing"),
+        (lambda r: [r], "must be a JSON object, got list"),
+    ]:
+        (out / "report.json").write_text(json.dumps(damage(report)))
+        with pytest.raises(OnpError, match=rf"^{out / 'report.json'}: {match}; remove its folder"):
+            ROWS.read_report(out / "report.json")
+    (out / "report.json").write_text('{"acc": 1e999}')
+    with pytest.raises(OnpError, match="not valid JSON .*overflows"):
+        ROWS.read_report(out / "report.json")

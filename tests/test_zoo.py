@@ -100,12 +100,21 @@ def test_interrupted_build_leaves_no_artifact(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def tiny_trojannn(folder, seed: int = 0):
+    cfg = tiny_config("attack.name=trojannn", "attack.params={patch_size: 2, steps: 20}", f"seed={seed}")
+    return load_artifact(build_artifact(cfg, folder, progress=False))
+
+
+def tiny_trojannn_excitation(seed: int) -> dict[str, float]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        prep = tiny_trojannn(folder, seed).manifest["attack"]["preparation"]
+    return {"triggered_minus_clean": prep["activation_triggered"] - prep["activation_clean"]}
+
+
 def test_clean_model_and_trojannn_reference_share_the_cache(tmp_path):
-    trojan = load_artifact(
-        build_artifact(
-            tiny_config("attack.name=trojannn", "attack.params={patch_size: 2, steps: 20}"), tmp_path, progress=False
-        )
-    )
+    trojan = tiny_trojannn(tmp_path)
     refs = [p for p in tmp_path.iterdir() if p.name.startswith("tiny-reference-")]
     assert len(refs) == 1
     assert build_artifact(tiny_config("attack=null"), tmp_path, progress=False) == refs[0]
