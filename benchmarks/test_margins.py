@@ -65,62 +65,83 @@ def resnet_deploy(seed: int) -> dict[str, float]:
     return {"pruned": record[-1]["pruned"]}
 
 
-# measure -> (function of the seed, {quantity: (the test's bar as text, whether a value passes)})
-Bars = dict[str, tuple[str, Callable[[float], bool]]]
+# measure -> (function of the seed, {quantity: (the test's bar as text, whether a seed's values pass)})
+Bars = dict[str, tuple[str, Callable[[dict[str, float]], bool]]]
+
+
+def bar(text: str, ok: Callable[[float], bool], quantity: str) -> tuple[str, Callable[[dict[str, float]], bool]]:
+    return text, lambda values: ok(values[quantity])
+
+
 MEASURES: dict[str, tuple[Callable[[int], dict[str, float]], Bars]] = {
     **{
         f"attack quality: {a}": (
             lambda s, a=a: test_attack_quality.attack_quality(a, s),
-            {"asr": (">= 0.90", lambda v: v >= 0.90), "acc_lost": ("<= 0.03", lambda v: v <= 0.03)},
+            {
+                "asr": bar(f">= {low:.2f}", lambda v, low=low: v >= low, "asr"),
+                "acc_lost": bar("<= 0.03", lambda v: v <= 0.03, "acc_lost"),
+            },
         )
-        for a in ("badnets", "blended", "wanet", "trojannn")
+        for a, low in test_attack_quality.MIN_ASR.items()
     },
     **{
         f"planted unit ranked first: {m}": (
             lambda s, m=m: test_baselines.planted_unit_rank(m, s),
             {
-                "above": ("== 0", lambda v: v == 0),
-                "pruned": ("== 1", lambda v: v == 1),
-                "tied_top_share": ("< 0.15", lambda v: v < 0.15),
+                "above": bar("== 0" + (" (3 of seeds 0-4)" if m == "rnp" else ""), lambda v: v == 0, "above"),
+                "pruned": bar("== 1" + (" (3 of seeds 0-4)" if m == "rnp" else ""), lambda v: v == 1, "pruned"),
+                "tied_top_share": bar("< 0.25", lambda v: v < 0.25, "tied_top_share"),
             },
         )
         for m in test_baselines.MASK_LEARNERS
     },
     "MNP suppression spares the planted unit": (
         test_baselines.mnp_suppression,
-        {"reached": ("== 1", lambda v: v == 1), "margin": ("> 0", lambda v: v > 0)},
+        {
+            "reached": bar("1 of seeds 0-4", lambda v: v == 1, "reached"),
+            "margin": ("> 0.05 where reached", lambda values: not values["reached"] or values["margin"] > 0.05),
+        },
     ),
     "RNP unlearning on the default model": (
         test_baselines.rnp_unlearning,
         {
-            "reached": ("== 1", lambda v: v == 1),
-            "final_batch_acc": ("<= 0.2", lambda v: v <= 0.2),
-            "pruned": ("> 0", lambda v: v > 0),
+            "reached": bar("== 1", lambda v: v == 1, "reached"),
+            "final_batch_acc": bar("<= 0.2", lambda v: v <= 0.2, "final_batch_acc"),
+            "pruned": bar("> 0", lambda v: v > 0, "pruned"),
         },
     ),
     "BNP finds a dead unit": (
         test_baselines.bnp_dead_unit,
-        {"position": ("< 9", lambda v: v < 9), "tuned_bias": ("< 0.3", lambda v: v < 0.3)},
+        {
+            "position": bar("< 9", lambda v: v < 9, "position"),
+            "tuned_bias": bar("< 0.3", lambda v: v < 0.3, "tuned_bias"),
+        },
     ),
-    "ANP masks move in 20 iterations": (test_baselines.anp_masks_move, {"min_mask": ("< 1", lambda v: v < 1)}),
+    "ANP masks move in 20 iterations": (
+        test_baselines.anp_masks_move,
+        {"min_mask": bar("< 1", lambda v: v < 1, "min_mask")},
+    ),
     "TrojanNN trigger excites its neuron (MLP)": (
         test_attacks.trojannn_excitation,
-        {"triggered_minus_clean": ("> 0", lambda v: v > 0)},
+        {"triggered_minus_clean": bar("> 0", lambda v: v > 0, "triggered_minus_clean")},
     ),
     "TrojanNN trigger excites its neuron (tiny CNN)": (
         test_zoo.tiny_trojannn_excitation,
-        {"triggered_minus_clean": ("> 0", lambda v: v > 0)},
+        {"triggered_minus_clean": bar("> 0", lambda v: v > 0, "triggered_minus_clean")},
     ),
-    "oracle prunes 12 units of the default model": (
+    "oracle prunes 20 units of the default model": (
         test_env.oracle_pruning,
-        {"asr": ("< 0.2", lambda v: v < 0.2), "acc": ("> 0.8", lambda v: v > 0.8)},
+        {"asr": bar("< 0.2", lambda v: v < 0.2, "asr"), "acc": bar("> 0.8", lambda v: v > 0.8, "acc")},
     ),
     "behaviour cloning lowers its loss": (
         test_agents.behaviour_cloning_loss,
-        {"last_over_first": ("< 0.8", lambda v: v < 0.8)},
+        {"last_over_first": bar("< 0.95", lambda v: v < 0.95, "last_over_first")},
     ),
-    "tiny agent prunes a ResNet (sampled)": (resnet_deploy, {"pruned": ("> 0", lambda v: v > 0)}),
-    "README MNP example keeps accuracy": (test_readme.own_model_accuracy, {"acc": ("> 0.5", lambda v: v > 0.5)}),
+    "tiny agent prunes a ResNet (sampled)": (resnet_deploy, {"pruned": bar("> 0", lambda v: v > 0, "pruned")}),
+    "README MNP example keeps accuracy": (
+        test_readme.own_model_accuracy,
+        {"acc": bar("> 0.5", lambda v: v > 0.5, "acc")},
+    ),
 }
 
 
@@ -150,7 +171,8 @@ def report(seeds: int) -> None:
         f"{datetime.now(timezone.utc).date()} ({platform.machine()}, torch {torch.__version__}, 1 thread). "
         f"Each test that trains something and asserts a bar runs at seed 0; here its own measure "
         f"(the function it calls, in tests/) runs with seeds 0-{seeds - 1} for everything it seeds. "
-        "`misses`: seeds whose value fails the test's bar.",
+        "`misses`: seeds whose value fails the test's bar. Where a property holds on most seeds but not "
+        "all, the test asserts it on a majority of seeds 0-4 (the bar says so).",
         "",
         "| measure | quantity | bar | seed 0 | min | median | max | misses |",
         "|---|---|---|---:|---:|---:|---:|---:|",
@@ -159,12 +181,12 @@ def report(seeds: int) -> None:
         got = {r["seed"]: r["values"] for r in rows if r["measure"] == name and r["seed"] < seeds}
         if not got:
             continue
-        for quantity, (bar, ok) in bars.items():
+        for quantity, (text, ok) in bars.items():
             values = [got[s][quantity] for s in sorted(got)]
-            misses = [s for s in sorted(got) if not ok(got[s][quantity])]
+            misses = [s for s in sorted(got) if not ok(got[s])]
             shown = f"{len(misses)} of {len(values)}" + (f" (seeds {', '.join(map(str, misses))})" if misses else "")
             lines.append(
-                f"| {name} | {quantity} | {bar} | {_fmt(got[0][quantity]) if 0 in got else '-'} | {_fmt(min(values))} "
+                f"| {name} | {quantity} | {text} | {_fmt(got[0][quantity]) if 0 in got else '-'} | {_fmt(min(values))} "
                 f"| {_fmt(statistics.median(values))} | {_fmt(max(values))} | {shown} |"
             )
     write_text_atomic(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")

@@ -153,7 +153,7 @@ def deploy_on_a_resnet(agent_dir, seed: int = 1):
 
 
 def test_a_policy_trained_on_small_cnns_deploys_on_a_residual_network(agent_dir):
-    layout, order, record = deploy_on_a_resnet(agent_dir)  # sampled: it prunes
+    layout, order, record = deploy_on_a_resnet(agent_dir)  # sampled: it prunes (9-25 units over seeds 0-19)
     assert len(order) == len(set(order)) == record[-1]["pruned"] > 0
     assert all(0 <= u < layout.num_units for u in order)
     assert len(order) <= int(np.ceil(0.05 * layout.num_units))
@@ -344,7 +344,9 @@ def behaviour_cloning_loss(seed: int) -> dict[str, float]:
 def test_behaviour_cloning_on_the_remaining_target_lowers_its_loss():
     data, losses = behaviour_cloning()
     assert sum(r.sum() for r in data[1]) > len(data[1])  # some steps have several targets
-    assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0]
+    # last/first epoch loss over seeds 0-19 (policy, episodes, batches): 0.28-0.90, median 0.62; the
+    # earlier bar of 0.8 failed on 4 of them (it depended on which tests had drawn from torch before)
+    assert np.isfinite(losses).all() and losses[-1] < 0.95 * losses[0]
 
 
 def test_validate_checks_the_ranges_of_a_config_built_in_python():

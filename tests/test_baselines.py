@@ -79,6 +79,7 @@ def anp_masks_move(seed: int, iterations: int = 20) -> dict[str, float]:
 
 
 def test_anp_masks_stay_in_unit_interval_and_are_deterministic():
+    # Over seeds 0-19 the smallest mask after 20 iterations is 0.14-0.68: some mask always moves.
     model = cnn()
     x, y = data()
     layout, _ = find_units(model, x[:2])
@@ -151,6 +152,8 @@ def rnp_unlearning(seed: int) -> dict[str, float]:
 
 
 def test_rnp_unlearns_to_the_threshold_and_prunes_the_original_weights():
+    # Over model and defense seeds 0-19: the threshold is reached on all 20 (final batch accuracy
+    # 0-0.19: reaching it means <= 0.2), and 16-49 units are pruned.
     art, result = rnp_on_the_default_model()
     unlearning = result.details["unlearning"]
     assert unlearning["reached_threshold"] and unlearning["final_batch_acc"] <= 0.2
@@ -178,6 +181,8 @@ def bnp_dead_unit(seed: int) -> dict[str, float]:
 
 
 def test_bnp_marks_the_least_salient_unit_and_adaptive_regularisation_shrinks_it():
+    # Over seeds 0-19: the dead unit is pruned at position 1-5, and its bias ends at 0.299 on every
+    # seed: no data gradient reaches it, only the regulariser's shrink (by design, not by luck).
     unit, result = bnp_on_a_dead_unit()
     assert unit in result.pruned[:9]
     tuned = result.finetuned
@@ -250,6 +255,12 @@ def planted():
     return plant_backdoor_unit()
 
 
+@pytest.fixture(scope="module")
+def planted_seeds():
+    """The planted model at seeds 0-4: for the properties that hold on most seeds, not on every one."""
+    return {seed: plant_backdoor_unit(seed) for seed in range(5)}
+
+
 MASK_LEARNERS = {"anp": (ANP, {"iterations": 150}), "rnp": (RNP, {"batch_size": 16}), "mnp": (MNP, {"batch_size": 16})}
 
 
@@ -264,11 +275,22 @@ def planted_unit_rank(method: str, seed: int, planted=None) -> dict[str, float]:
             "tied_top_share": float((result.scores == top).sum()) / len(result.scores)}  # fmt: skip
 
 
-@pytest.mark.parametrize("method", list(MASK_LEARNERS))
+# Over seeds 0-19 (model and defense; benchmarks/results/test_margins.md): ANP and MNP rank the planted
+# unit first and prune it on all 20, with 6.3-13.6% (ANP) and 0.6-16.5% (MNP) of the units tied at
+# the top. RNP does so on 18 of 20 (on seeds 3 and 16, 93-94 units score above it), with 5.7-20.5% tied.
+@pytest.mark.parametrize("method", ["anp", "mnp"])
 def test_mask_learning_defenses_rank_a_planted_backdoor_unit_most_suspicious(planted, method):
     m = planted_unit_rank(method, 0, planted)
     assert m["above"] == 0 and m["pruned"]  # its mask went to 0...
-    assert m["tied_top_share"] < 0.15  # ...with fewer than 15% of the units
+    assert m["tied_top_share"] < 0.25  # ...with a quarter of the units at most
+
+
+def test_rnp_ranks_a_planted_backdoor_unit_most_suspicious_on_most_seeds(planted_seeds):
+    # 3 of 5 at least: with the measured 18 of 20, the chance that a machine whose numbers differ
+    # from ours sees fewer is under 1% (binomial)
+    ranks = [planted_unit_rank("rnp", seed, planted) for seed, planted in planted_seeds.items()]
+    assert sum(m["above"] == 0 and m["pruned"] == 1 for m in ranks) >= 3
+    assert all(m["tied_top_share"] < 0.25 for m in ranks)
 
 
 def mnp_suppression(seed: int, planted=None) -> dict[str, float]:
@@ -282,9 +304,13 @@ def mnp_suppression(seed: int, planted=None) -> dict[str, float]:
     return {"reached": float(report["reached_threshold"]), "margin": float((ratio[j] - clean.max()).detach())}
 
 
-def test_mnp_suppression_shrinks_clean_units_more_than_the_planted_one(planted):
-    m = mnp_suppression(0, planted)
-    assert m["reached"] and m["margin"] > 0
+def test_mnp_suppression_shrinks_clean_units_more_than_the_planted_one(planted_seeds):
+    # Over seeds 0-19: suppression reaches its threshold on 13; on each of those the planted unit keeps
+    # 0.11-0.57 more of its weight norm than any clean unit. Where it stops short (7 of 20), the
+    # planted unit ties with the most-kept clean one (margin -0.007 to 0.14). P(none of 5 reach) < 1%.
+    runs = [mnp_suppression(seed, planted) for seed, planted in planted_seeds.items()]
+    reached = [m for m in runs if m["reached"]]
+    assert reached and all(m["margin"] > 0.05 for m in reached)
 
 
 def test_parallel_anp_gives_bit_identical_masks():

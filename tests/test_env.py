@@ -84,7 +84,7 @@ def _unit_activations(model, layout, x):
                       else acts[lay.name].relu().mean(0) for lay in layout.layers])  # fmt: skip
 
 
-def oracle_pruning(seed: int, units: int = 12) -> dict[str, float]:
+def oracle_pruning(seed: int, units: int = 20) -> dict[str, float]:
     """Defense-set ACC and ASR of the default BadNets model trained with `seed` once its `units` most
     trigger-sensitive units (clean-vs-triggered activation gap) are pruned: the test below, without the env."""
     from onp_env.graph.units import find_units
@@ -111,7 +111,9 @@ def test_oracle_pruning_of_trigger_sensitive_units_removes_the_backdoor(art):
     masks = Masks(twin, task.layout)
     keep = art.attack.targets(y) != y
     prev = info
-    for unit in ranking[:12]:
+    # Over model seeds 0-19, after 20 units: defense-set ASR 0-11%, accuracy 86-99% (after 12 units
+    # ASR was 0-64% and missed this bar on 10 of 20 seeds; benchmarks/results/test_margins.md).
+    for unit in ranking[:20]:
         _, reward, _, _, info = e.step(unit)
         masks.prune([unit])
         acc = accuracy(predict(twin, x), y)
@@ -125,7 +127,7 @@ def test_oracle_pruning_of_trigger_sensitive_units_removes_the_backdoor(art):
     saved = e.pruning_state()  # plain data, reloadable into the independent copy's masks
     again = Masks(load_artifact(art.path).model, task.layout)
     again.load_state(saved)
-    assert sorted(again.pruned()) == sorted(ranking[:12]) == sorted(masks.pruned())
+    assert sorted(again.pruned()) == sorted(ranking[:20]) == sorted(masks.pruned())
 
 
 SHORT_SIGNALS = {"mnp": {"suppress_epochs": 2, "mask_epochs": 2}, "anp": {"iterations": 10},
