@@ -1,6 +1,7 @@
 import gzip
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 import zlib
@@ -10,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-# The embedded default model is trained on first use into the cache: keep tests out of ~/.cache and
-# out of a cache the user's own ONP_CACHE names (its artifacts may come from another version).
-os.environ["ONP_CACHE"] = tempfile.mkdtemp(prefix="onp-test-cache-")
-
 from onp_env import build_artifact, load_config
 from onp_env.config import LabConfig
 from onp_env.data.datasets import FASHION_MNIST_DEBIAN
 
+# The embedded default model is trained on first use into the cache: keep tests out of ~/.cache and
+# out of a cache the user's own ONP_CACHE names (its artifacts may come from another version).
+CACHE = tempfile.mkdtemp(prefix="onp-test-cache-")
+os.environ["ONP_CACHE"] = CACHE
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,10 @@ def _seed(item: pytest.Item, offset: int) -> None:
     base = item.config.getoption("randomly_seed", default=None)
     base = base if isinstance(base, int) else 0  # -p no:randomly: a fixed seed per test
     torch.manual_seed((base + zlib.crc32(item.nodeid.encode()) + offset) % 2**32)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
