@@ -141,7 +141,7 @@ def end_last_line(path: Path) -> None:
         if data and not data.endswith(b"\n"):
             head, _, last = data.rpartition(b"\n")
             try:
-                json.loads(last)
+                loads_finite(last)  # as read_rows parses it: what it kept stays, what it dropped goes
             except (ValueError, RecursionError):
                 write_text_atomic(path, (head + b"\n" if head else b"").decode("utf-8", errors="replace"))
             else:

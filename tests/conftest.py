@@ -17,8 +17,9 @@ from onp_env.data.datasets import FASHION_MNIST_DEBIAN
 
 # The embedded default model is trained on first use into the cache: keep tests out of ~/.cache and
 # out of a cache the user's own ONP_CACHE names (its artifacts may come from another version).
-CACHE = tempfile.mkdtemp(prefix="onp-test-cache-")
-os.environ["ONP_CACHE"] = CACHE
+# A folder below the session's own: `onp defend` without --out writes beside the cache.
+CACHE = Path(tempfile.mkdtemp(prefix="onp-test-")) / "artifacts"
+os.environ["ONP_CACHE"] = str(CACHE)
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def _seed(item: pytest.Item, offset: int) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    shutil.rmtree(CACHE, ignore_errors=True)
+    shutil.rmtree(CACHE.parent, ignore_errors=True)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

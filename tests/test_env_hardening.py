@@ -112,7 +112,8 @@ class TestSettings:
 
 class TestResetOptions:
     @pytest.fixture(scope="class")
-    def zoo(self):
+    @classmethod
+    def zoo(cls):
         return NeuronPruningEnv(targets=[_target("a"), _target("b")], score="none")
 
     @pytest.mark.parametrize(
