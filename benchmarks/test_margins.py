@@ -38,6 +38,7 @@ from tests import (  # noqa: E402
     test_baselines,
     test_env,
     test_readme,
+    test_signals,
     test_zoo,
 )
 
@@ -138,6 +139,28 @@ MEASURES: dict[str, tuple[Callable[[int], dict[str, float]], Bars]] = {
         {"last_over_first": bar("< 0.95", lambda v: v < 0.95, "last_over_first")},
     ),
     "tiny agent prunes a ResNet (sampled)": (resnet_deploy, {"pruned": bar("> 0", lambda v: v > 0, "pruned")}),
+    "inversion on the BadNets model": (
+        test_signals.inversion_on_badnets,
+        {
+            "names_target": bar("== 1", lambda v: v == 1, "names_target"),
+            "anomaly_index": bar("> 2", lambda v: v > 2, "anomaly_index"),
+            "auc_oracle_12": bar("> 0.9", lambda v: v > 0.9, "auc_oracle_12"),
+        },
+    ),
+    "NC on the BadNets model": (
+        lambda s: test_signals.nc_on("badnets", s),
+        {
+            "flagged": bar("== 1", lambda v: v == 1, "flagged"),
+            "names_target": bar("== 1", lambda v: v == 1, "names_target"),
+            "pruned": bar("> 0", lambda v: v > 0, "pruned"),
+            "asr_after": bar("< 0.5", lambda v: v < 0.5, "asr_after"),
+            "acc_lost": bar("< 0.1", lambda v: v < 0.1, "acc_lost"),
+        },
+    ),
+    "NC on the clean model": (
+        lambda s: test_signals.nc_on("clean", s),
+        {"flagged": bar("== 0", lambda v: v == 0, "flagged"), "pruned": bar("== 0", lambda v: v == 0, "pruned")},
+    ),
     "README MNP example keeps accuracy": (
         test_readme.own_model_accuracy,
         {"acc": bar("> 0.5", lambda v: v > 0.5, "acc")},

@@ -103,6 +103,16 @@ def _defend(args: argparse.Namespace) -> None:
     print(out)
 
 
+def _detect(args: argparse.Namespace) -> None:
+    from onp_env.config import apply_overrides
+    from onp_env.detect import detect_artifact, format_detection
+
+    params = apply_overrides({}, args.set)
+    run = {k: params.pop(k) for k in ("seed", "device", "defense_fraction") if k in params}
+    found = detect_artifact(args.artifact, params, args.threshold, data_root=args.data_root, **run)
+    print(json.dumps(found, indent=1) if args.json else "\n".join(format_detection(found)))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from onp_env.bench.report import write_report
 
@@ -176,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print report.json instead of a summary")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_defend)
+
+    t = sub.add_parser("detect", help="is this model backdoored, and toward which class? (trigger inversion)")
+    t.add_argument("artifact", help="artifact directory (from onp attack, or a model of your own)")
+    t.add_argument("--threshold", type=float, default=2.0, help="anomaly index above which a class is flagged")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an inversion parameter (e.g. steps=500, images=512), or seed / device / defense_fraction")
+    t.add_argument("--data-root", default=None, help="dataset folder for artifacts trained on data of your own")
+    t.add_argument("--json", action="store_true", help="print the verdict and evidence as JSON")
+    t.set_defaults(func=_detect)
 
     b = sub.add_parser("bench", help="the benchmark grid (models x attacks x defenses x seeds x fractions)")
     b.add_argument(

@@ -10,6 +10,7 @@ from baselines.common import BaselinePolicy, run_policy
 from baselines.controls import Magnitude, Random
 from baselines.fine_pruning import FinePruning
 from baselines.mnp import MNP
+from baselines.nc import NC
 from baselines.rnp import RNP
 from onp_env import OnpError
 from onp_env.env import NeuronPruningEnv, PruningTarget
@@ -22,8 +23,9 @@ QUICK = {
     "rnp": {"unlearn_epochs": 2, "recover_epochs": 2, "batch_size": 16},
     "mnp": {"suppress_epochs": 2, "mask_epochs": 2, "batch_size": 16},
     "bnp": {"epochs": 1},
+    "nc": {"steps": 20, "images": 32},
 }
-METHODS = [Magnitude, Random, CLP, FinePruning, ANP, RNP, MNP, BNP]
+METHODS = [Magnitude, Random, CLP, FinePruning, ANP, RNP, MNP, BNP, NC]
 
 
 def data(shape=(1, 8, 8), n=40, seed=0):

@@ -131,10 +131,11 @@ def test_oracle_pruning_of_trigger_sensitive_units_removes_the_backdoor(art):
 
 
 SHORT_SIGNALS = {"mnp": {"suppress_epochs": 2, "mask_epochs": 2}, "anp": {"iterations": 10},
-                 "rnp": {"unlearn_epochs": 2, "recover_epochs": 2}}  # fmt: skip
+                 "rnp": {"unlearn_epochs": 2, "recover_epochs": 2},
+                 "inversion": {"steps": 40, "images": 64}}  # fmt: skip
 
 
-@pytest.mark.parametrize("features", [[], ["dynamic"], ["dynamic", "mnp", "anp", "rnp"]])
+@pytest.mark.parametrize("features", [[], ["dynamic"], ["dynamic", "mnp", "anp", "rnp"], ["inversion"]])
 def test_observations_hold_nothing_derived_from_the_trigger(art, features):
     x, y = art.defense_set()
     other = build_attack("blended", (1, 8, 8), 10, target=5, params={"alpha": 0.5})

@@ -10,6 +10,9 @@
   `mnp` (MNP's masks learnt after clean suppression: magnitude against clean saliency),
   `anp` (a short ANP run: masks under adversarial neuron perturbation),
   `rnp` (RNP's recovery masks on the unlearned twin).
+- signals of onp_env.signals, computed the same way through their own interface:
+  `inversion` (Neural Cleanse's trigger inversion for every class at once; per unit, the activation
+  gap of the most anomalous class's inverted trigger: the oracle's quantity, trigger synthesized).
   They cost seconds per model (see benchmarks), and none of them sees the trigger or the test split.
 """
 
@@ -24,6 +27,7 @@ from onp_env.errors import OnpError
 from onp_env.graph.features import Z_CLIP, zscore
 from onp_env.graph.units import UnitLayout
 from onp_env.registry import defense_class
+from onp_env.signals import SIGNALS
 
 DYNAMIC = ("act_mean_now", "act_std_now")
 SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -33,7 +37,7 @@ SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "anp": {"iterations": 200, "augment": "none"},
     "rnp": {"augment": "none"},
 }
-FEATURE_SETS = ("dynamic", *SIGNAL_DEFAULTS)
+FEATURE_SETS = ("dynamic", *SIGNAL_DEFAULTS, *SIGNALS)
 
 
 def check_feature_sets(names: list[str], params: dict[str, Any]) -> None:
@@ -45,6 +49,8 @@ def check_feature_sets(names: list[str], params: dict[str, Any]) -> None:
     stray = sorted(set(params) - set(names))
     if stray:
         raise OnpError(f"signal_params for {', '.join(stray)}, which is not in features: add it or drop its params")
+    for name in (n for n in names if n in SIGNALS):
+        SIGNALS[name](**params.get(name, {}))  # types and ranges, before any model is prepared
 
 
 def feature_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
@@ -63,6 +69,10 @@ def signal_columns(sets: list[str], params: dict[str, Any], model: nn.Module, la
     `device`; the columns are on the CPU."""
     cols = []
     for name in (s for s in sets if s != "dynamic"):
+        if name in SIGNALS:
+            signal = SIGNALS[name](seed=seed, device=device, **params.get(name, {}))
+            cols.append(layer_zscore(signal.compute(model, layout, x, y).units.nan_to_num(0.0, 0.0, 0.0), layout))
+            continue
         kwargs = {**SIGNAL_DEFAULTS[name], **params.get(name, {})}
         try:
             defense = defense_class(name)(seed=seed, device=device, **kwargs)

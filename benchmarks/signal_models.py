@@ -1,0 +1,61 @@
+"""The held-out Fashion-MNIST models on which trigger-free signals and detection are measured.
+
+    python benchmarks/signal_models.py [--workers 2]
+
+Per attack of the agent config's zoo (configs/agent/fashion-mnist.yaml: its recipe and trigger
+settings), three models with seeds 101-103, each with another target class (0, 3, 7): a signal or
+a detector that always names class 0 cannot look good here. Three clean models (seeds 101-103)
+for detection. Trained through the lab cache in benchmarks/runs/cache (resumable: a finished model
+is never trained twice)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm import tqdm
+
+from agents.config import load_agent_config
+from onp_env import build_artifact
+from onp_env.config import LabConfig
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "runs" / "cache"
+SEEDS_TARGETS = ((101, 0), (102, 3), (103, 7))
+
+
+def held_out() -> list[LabConfig]:
+    """(attack models, 5 x 3) then (clean models, 3)."""
+    cfg = load_agent_config(str(HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"), [])
+    base = cfg.zoo.base
+    out = []
+    for attack in cfg.attack_configs():
+        for seed, target in SEEDS_TARGETS:
+            a = dataclasses.replace(attack, target=target)
+            out.append(dataclasses.replace(base, name=f"signals-{attack.name}-s{seed}-t{target}", seed=seed, attack=a))
+    out += [dataclasses.replace(base, name=f"signals-clean-s{s}", seed=s, attack=None) for s, _ in SEEDS_TARGETS]
+    return out
+
+
+def _build(lab: LabConfig) -> str:
+    import torch
+
+    torch.set_num_threads(1)
+    return str(build_artifact(lab, CACHE, progress=False))
+
+
+def build_all(workers: int) -> list[str]:
+    labs = held_out()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(tqdm(pool.map(_build, labs), total=len(labs), desc="models"))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    for path in build_all(p.parse_args().workers):
+        print(path)

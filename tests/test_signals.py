@@ -1,0 +1,141 @@
+"""Trigger-free signals (onp_env.signals) and the defense built on one (`nc`): they find what the
+oracle finds with the trigger, they never see the trigger, and bad parameters are refused first."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from baselines.nc import NC
+from onp_env import OnpError, build_artifact, load_artifact
+from onp_env.env import NeuronPruningEnv
+from onp_env.graph.features import activation_stats
+from onp_env.graph.units import find_units
+from onp_env.metrics import evaluate
+from onp_env.signals import SIGNALS, TriggerInversion
+from onp_env.zoo import default_config
+
+from .test_attack_quality import _build
+
+
+def oracle_gap(art, layout, x, y) -> torch.Tensor:
+    """agents.expert.activation_gap's quantity: it uses the trigger (tests only)."""
+    keep = art.attack.targets(y) != y
+    clean = activation_stats(art.model, layout, x[keep], y[keep])
+    trig = activation_stats(art.model, layout, art.attack.apply(x[keep]), y[keep])
+    return torch.cat([(trig[lay.name]["act_mean"] - clean[lay.name]["act_mean"]) / (clean[lay.name]["act_std"] + 1e-6)
+                      for lay in layout.layers])  # fmt: skip
+
+
+def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    pos, neg = score[positive], score[~positive]
+    return float((pos[:, None] > neg[None]).float().mean() + 0.5 * (pos[:, None] == neg[None]).float().mean())
+
+
+def inversion_on_badnets(seed: int = 0) -> dict[str, float]:
+    """The inversion (seeded) on the BadNets digits model trained with `seed`: whether it names the
+    target, its anomaly index, and how its per-unit gap ranks the oracle's 12 units (ROC-AUC)."""
+    art = load_artifact(build_artifact(dataclasses.replace(default_config(), seed=seed), progress=False))
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    result = TriggerInversion(seed=seed).compute(art.model, layout, x, y)
+    positive = torch.zeros(layout.num_units, dtype=torch.bool)
+    positive[torch.argsort(-oracle_gap(art, layout, x, y))[:12]] = True
+    return {"names_target": float(result.globals["suspect"] == art.attack.target),
+            "anomaly_index": result.globals["anomaly_index"], "auc_oracle_12": auc(result.units, positive)}  # fmt: skip
+
+
+def test_the_inversion_names_the_target_and_finds_the_oracles_units():
+    # Over model and inversion seeds 0-19 (benchmarks/results/test_margins.md): the target is named
+    # on MEASURED, anomaly index MEASURED, ROC-AUC against the oracle's 12 units MEASURED.
+    m = inversion_on_badnets()
+    assert m["names_target"] and m["anomaly_index"] > 2
+    assert m["auc_oracle_12"] > 0.9
+
+
+def test_the_inversion_is_deterministic_and_leaves_the_model_alone():
+    art = load_artifact(build_artifact(default_config(), progress=False))
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    before = {k: v.clone() for k, v in art.model.state_dict().items()}
+    grads = [p.requires_grad for p in art.model.parameters()]
+    one, two = (TriggerInversion(steps=40).compute(art.model, layout, x, y) for _ in range(2))
+    assert torch.equal(one.units, two.units) and one.globals == two.globals
+    assert all(torch.equal(before[k], v) for k, v in art.model.state_dict().items())
+    assert [p.requires_grad for p in art.model.parameters()] == grads
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [({"steps": 0}, "steps must be >= 1"), ({"lr": -1}, "lr must be > 0"), ({"nope": 1}, "nope")],
+)
+def test_bad_signal_parameters_are_refused_before_any_model_is_prepared(params, message, monkeypatch):
+    def ran(*a, **k):
+        pytest.fail("the signal ran before its parameters were checked")
+
+    monkeypatch.setattr(TriggerInversion, "compute", ran)
+    with pytest.raises(OnpError, match=message):
+        NeuronPruningEnv(features=["inversion"], signal_params={"inversion": params})
+    assert "inversion" in SIGNALS
+
+
+def nc_on(name: str, seed: int = 0) -> dict[str, float]:
+    """NC on the digits model of configs/attack/NAME-digits.yaml trained with `seed`."""
+    art = _build(name, seed)
+    x, y = art.defense_set()
+    result = NC(seed=seed).run(art.model, x, y)
+    data = art.dataset()
+    before, after = (evaluate(m, data.test_x, data.test_y, art.attack) for m in (art.model, result.model))
+    out = {"flagged": float(result.details["flagged"]), "pruned": len(result.pruned),
+           "acc_lost": before["acc"] - after["acc"]}  # fmt: skip
+    if art.attack is not None:
+        out |= {"asr_after": after["asr"], "names_target": float(result.details["suspect"] == art.attack.target)}
+    return out
+
+
+def test_nc_flags_the_badnets_model_and_prunes_its_backdoor():
+    # Over seeds 0-19: MEASURED
+    m = nc_on("badnets")
+    assert m["flagged"] and m["names_target"] and m["pruned"] > 0
+    assert m["asr_after"] < 0.5 and m["acc_lost"] < 0.1
+
+
+def test_nc_leaves_a_clean_model_alone():
+    # Over seeds 0-19: MEASURED
+    m = nc_on("clean")
+    assert not m["flagged"] and m["pruned"] == 0 and m["acc_lost"] == 0
+
+
+def test_onp_detect_names_the_target_of_a_backdoored_model_and_clears_a_clean_one(capsys):
+    from onp_env.cli import main
+
+    assert main(["detect", str(_build("badnets").path), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["verdict"] == "backdoored" and found["suspect"] == 0 and len(found["classes"]) == 10
+    assert main(["detect", str(_build("clean").path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no backdoor found") and "neither the manifest's attack nor test data was used" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "steps=0"], "steps must be >= 1"),
+        (["--set", "nope=1"], "nope"),
+        (["--threshold", "-1"], "--threshold must be in"),
+        (["--set", "defense_fraction=0.9"], "defense_fraction must be in"),
+    ],
+)
+def test_onp_detect_refuses_bad_input_before_inverting(args, message, capsys, monkeypatch):
+    from onp_env.cli import main
+    from onp_env.signals import trigger_inversion
+
+    def ran(*a, **k):
+        pytest.fail("the inversion ran before the input was checked")
+
+    monkeypatch.setattr(trigger_inversion, "invert", ran)
+    assert main(["detect", str(_build("badnets").path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onp: error: ") and message in err and err.count("\n") == 1
+    assert main(["detect", "/nonexistent/artifact"]) == 2
