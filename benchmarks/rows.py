@@ -102,11 +102,29 @@ def read_margins(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, MARGIN, fix=FIX)
 
 
+ANP_REFERENCE = Schema("ANP reference", {"key": TEXT, "model": TEXT, "seconds": NUMBER}, when={"key": "anp 2000"})
+SEPARABILITY = Schema(
+    "model's features",
+    {
+        "key": TEXT, "attack": optional(TEXT), "seed": COUNT, "target": optional(COUNT), "seconds": values_of(NUMBER),
+        "detection": Schema("detection", {"anomaly_index": REAL, "suspect": NUMBER, "norms": list_of(NUMBER)}),
+    },
+    optional={"layer": TEXT, "positives_in_layer": COUNT,
+              "auc": values_of(Schema("AUCs", {"layer": FRACTION, "all": FRACTION}))},
+)  # fmt: skip
+"""feature_separability.py: a model's AUC per feature, seconds per signal and inversion verdict."""
+
+
+def read_separability(path: Path) -> list[dict[str, Any]]:
+    return read_rows(path, ANP_REFERENCE, SEPARABILITY, fix=FIX)
+
+
+_MAYBE = {"acc": FRACTION, "asr": optional(FRACTION), "ra": optional(FRACTION)}  # a clean model has no ASR
 REPORT = Schema(
     "defense report",
     {
-        "method": TEXT, "acc": FRACTION, "asr": FRACTION, "ra": FRACTION, "der": optional(FRACTION),
-        "pruned": COUNT, "seconds": NUMBER, "before": MEASURES, "defense_images": COUNT,
+        **_MAYBE, "method": TEXT, "der": optional(FRACTION), "pruned": COUNT, "seconds": NUMBER,
+        "before": Schema("measures", _MAYBE), "defense_images": COUNT,
     },
 )  # fmt: skip
 """A defended model's report.json (onp_env.defend), as baseline_defenses.py resumes from it."""

@@ -190,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("detect", help="is this model backdoored, and toward which class? (trigger inversion)")
     t.add_argument("artifact", help="artifact directory (from onp attack, or a model of your own)")
     t.add_argument("--threshold", type=float, default=2.0, help="anomaly index above which a class is flagged")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an inversion parameter (e.g. steps=500, images=512), or seed / device / defense_fraction")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an inversion parameter (e.g. steps=500, images=512), or seed / device / defense_fraction",
+    )
     t.add_argument("--data-root", default=None, help="dataset folder for artifacts trained on data of your own")
     t.add_argument("--json", action="store_true", help="print the verdict and evidence as JSON")
     t.set_defaults(func=_detect)

@@ -102,11 +102,13 @@ class Schema:
     """Fields whose values mark a row as this kind (a file mixes kinds); {} matches any row."""
     consistent: Callable[[dict[str, Any]], str | None] | None = None
     """A check across fields (a key built from the others, say); None when the row is consistent."""
+    optional: Mapping[str, Check | Schema] = field(default_factory=dict)
+    """Fields a row of this kind may lack, checked where present."""
 
     def problem(self, row: Any) -> str | None:
         if not isinstance(row, dict):
             return f"must be a JSON object, got {type(row).__name__}"
-        for name, check in self.fields.items():
+        for name, check in [*self.fields.items(), *((k, c) for k, c in self.optional.items() if k in row)]:
             if name not in row:
                 return f"field '{name}' is missing"
             found = check.problem(row[name]) if isinstance(check, Schema) else check(row[name])
