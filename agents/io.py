@@ -35,7 +35,7 @@ from onp_env.artifacts import (
 )
 from onp_env.config import from_dict, to_dict
 from onp_env.env import GLOBALS, EnvConfig
-from onp_env.env.signals import check_feature_sets, feature_names
+from onp_env.env.signals import check_feature_sets, feature_names, global_names
 from onp_env.errors import OnpError
 from onp_env.graph.build import EDGE_TYPES
 from onp_env.graph.features import FEATURES
@@ -73,7 +73,8 @@ def save_agent(dest: Path, net: GraphPolicyNet, policy: PolicyConfig, env: EnvCo
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": onp_env.__version__,
             "policy": to_dict(policy), "env": to_dict(env_cfg),
-            "feature_names": list(feature_names(FEATURES, env_cfg.features)), "globals": list(GLOBALS),
+            "feature_names": list(feature_names(FEATURES, env_cfg.features)),
+            "globals": list(global_names(GLOBALS, env_cfg.features)),
             "edge_types": list(EDGE_TYPES), "training": training, "sha256": sha256_file(tmp / WEIGHTS),
         }  # fmt: skip
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
@@ -101,10 +102,11 @@ def load_agent(path: str | Path) -> Agent:
     env = from_dict(EnvConfig, meta["env"], f"{cfg_file}:env")
     check_feature_sets(env.features, env.signal_params)
     expected = list(feature_names(FEATURES, env.features))
-    if meta["feature_names"] != expected or meta["globals"] != list(GLOBALS) or meta["edge_types"] != list(EDGE_TYPES):
+    glob = list(global_names(GLOBALS, env.features))
+    if meta["feature_names"] != expected or meta["globals"] != glob or meta["edge_types"] != list(EDGE_TYPES):
         raise OnpError(
-            f"{root}: the agent's observation features {meta['feature_names']} do not match this onp-env's "
-            f"{expected}: retrain the agent with this version"
+            f"{root}: the agent's observation features {meta['feature_names']} and globals {meta['globals']} do "
+            f"not match this onp-env's {expected} and {glob}: retrain the agent with this version"
         )
     weights = regular_file(root / WEIGHTS, "the agent is incomplete; retrain it")
     if sha256_file(weights) != meta["sha256"]:
@@ -126,6 +128,6 @@ def _net(policy: PolicyConfig, env: EnvConfig) -> GraphPolicyNet:
     nodes = len(feature_names(FEATURES, env.features))
     space = spaces.Dict({
         "nodes": spaces.Box(-1, 1, (1, nodes)), "edge_attr": spaces.Box(0, 1, (1, 1 + len(EDGE_TYPES))),
-        "globals": spaces.Box(-1, 1, (len(GLOBALS),)),
+        "globals": spaces.Box(-1, 1, (len(global_names(GLOBALS, env.features)),)),
     })  # fmt: skip
     return build_net(policy, space)

@@ -169,7 +169,49 @@ def detection_report(rows: list[dict[str, Any]]) -> None:
         right = "-" if a is None else str(sum(int(r["detection"]["suspect"]) == r["target"] for r in rs))
         lines.append(f"| {a or 'clean'} | {len(rs)} | {flagged} | {right} | "
                      f"{_ms([r['detection']['anomaly_index'] for r in rs])} |")  # fmt: skip
+    lines += _class_reference(models)
     write_text_atomic(HERE / "results" / "detection.md", "\n".join(lines) + "\n")
+
+
+def _class_reference(models: list[dict[str, Any]]) -> list[str]:
+    """What a per-class reference would change: each class's mask norm divided by its median norm on
+    the *other* models where it is not the target, the anomaly index taken on the log ratios. The
+    reference comes from held-out models here (leave-one-out), a proxy for one from shadow models."""
+    import math
+
+    out = []
+    for i, r in enumerate(models):
+        norms = r["detection"]["norms"]
+        ref = [statistics.median([o["detection"]["norms"][k] for j, o in enumerate(models)
+                                  if j != i and o["target"] != k]) for k in range(len(norms))]  # fmt: skip
+        logs = [math.log(n / ref[k]) for k, n in enumerate(norms)]
+        med = statistics.median(logs)
+        mad = statistics.median([abs(v - med) for v in logs]) * 1.4826
+        index = [(med - v) / max(mad, 1e-12) for v in logs]
+        k = max(range(len(index)), key=index.__getitem__)
+        out.append((r, k, index[k]))
+    score = torch.tensor([i for _, _, i in out])
+    label = torch.tensor([r["attack"] is not None for r, _, _ in out])
+    lines = [
+        "",
+        "## Why clean models are flagged, and what a per-class reference would change",
+        "",
+        "On every Fashion-MNIST model, clean ones included, the inverted masks of class 8 (bag) and 6 (shirt) are "
+        "the smallest: a natural shortcut, not a backdoor. NC's index compares a class with the other classes of "
+        "the same model, so it flags them. Below, each class's norm is divided by its median norm on the other "
+        "models where it is not the target (leave-one-out over these held-out models: a proxy for a reference "
+        "from clean or shadow models, which does not ship yet), and the index is taken on the log ratios. "
+        f"Detection ROC-AUC: {auc(score, label):.2f}.",
+        "",
+        "| attack | models | target right | index (mean ± std) | min index |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for a in dict.fromkeys(r["attack"] for r, _, _ in out):
+        rs = [(r, k, i) for r, k, i in out if r["attack"] == a]
+        right = "-" if a is None else str(sum(k == r["target"] for r, k, _ in rs))
+        lines.append(f"| {a or 'clean'} | {len(rs)} | {right} | {_ms([i for _, _, i in rs])} | "
+                     f"{min(i for _, _, i in rs):.2f} |")  # fmt: skip
+    return lines
 
 
 def main() -> None:

@@ -368,3 +368,18 @@ def test_cli_onp_without_agent_or_with_a_bad_one_exits_2(tmp_path, capsys):
     assert code == 2 and "not an agent directory" in capsys.readouterr().err
     assert main(["train-agent", "--config", CONFIG, "--set", "policy.gnn=mlp", "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_an_agent_that_sees_the_inversion_signal_trains_saves_and_deploys(tmp_path):
+    sets = [*TINY, "env.features=[inversion]", "env.signal_params={inversion: {steps: 40, images: 64}}"]
+    agent_dir = train_agent(load_agent_config(CONFIG, sets), tmp_path / "run", progress=False)
+    agent = load_agent(agent_dir)
+    assert agent.meta["globals"][-1] == "inversion_anomaly" and agent.meta["feature_names"][-1] == "signal_inversion"
+    x, y = (t[:100] for t in load_artifact(default_artifact()).defense_set())
+    order, record = deploy(agent, load_artifact(default_artifact()).model, x, y, deterministic=True)
+    assert len(order) == record[-1]["pruned"]
+    meta = json.loads((agent_dir / "agent.json").read_text())
+    meta["globals"] = meta["globals"][:-1]  # an agent whose globals do not match its feature sets
+    (agent_dir / "agent.json").write_text(json.dumps(meta))
+    with pytest.raises(OnpError, match="globals"):
+        load_agent(agent_dir)

@@ -215,6 +215,8 @@ def test_the_committed_results_files_pass_their_readers():
     for name in ("onp.jsonl", "onp_fresh.jsonl"):
         assert ROWS.read_protocol(results / name)
     assert ROWS.read_stopping(results / "onp_stopping.jsonl")
+    assert ROWS.read_margins(results / "test_margins.jsonl")
+    assert ROWS.read_separability(results / "feature_separability.jsonl")
     for folder in sorted(results.glob("bench-*")):
         assert read_cells(folder / RESULTS)
 
@@ -262,3 +264,18 @@ def test_a_report_json_is_checked_before_a_script_resumes_from_it(tiny_artifact,
     (out / "report.json").write_text('{"acc": 1e999}')
     with pytest.raises(OnpError, match="not valid JSON .*overflows"):
         ROWS.read_report(out / "report.json")
+
+
+def test_optional_fields_are_checked_where_present(tmp_path):
+    path = tmp_path / "feature_separability.jsonl"
+    clean = {"key": "m", "attack": None, "seed": 1, "target": None, "seconds": {"inversion": 3.0},
+             "detection": {"anomaly_index": 1.5, "suspect": 8, "norms": [20.0, 30.0]}}  # fmt: skip
+    backdoored = {**clean, "attack": "badnets", "target": 0, "layer": "fc", "positives_in_layer": 12,
+                  "auc": {"gamma": {"layer": 0.5, "all": 0.4}}}  # fmt: skip
+    _write(
+        path, [json.dumps(clean), json.dumps(backdoored), json.dumps({"key": "anp 2000", "model": "m", "seconds": 9})]
+    )
+    assert len(ROWS.read_separability(path)) == 3
+    _write(path, [json.dumps({**backdoored, "auc": {"gamma": {"layer": 1.5, "all": 0.4}}})])
+    with pytest.raises(OnpError, match="line 1: field 'auc' entry 'gamma': field 'layer' must be a number in"):
+        ROWS.read_separability(path)

@@ -9,7 +9,8 @@ Observation (a Dict of fixed-size padded arrays that Stable-Baselines3 can store
   once per model, and the `dynamic` activation statistics of the current pruned model), valid (U,), pruned (U,),
   focus (U,) the units the current step acts on (layer mode; all valid units in neuron mode),
   edge_index (2, E), edge_attr (E, 4), counts [units, edges],
-  globals [step fraction, pruned fraction, defense accuracy, accuracy drop, budget left].
+  globals [step fraction, pruned fraction, defense accuracy, accuracy drop, budget left], then the
+  signal sets' own (`env.global_names`; e.g. the inversion's anomaly index).
 Nothing in it is derived from the trigger or the test set, whatever the reward's score source.
 
 Reward: alpha * (acc_t - acc_{t-1}) + beta * (score_{t-1} - score_t) - unit_cost * newly pruned,
@@ -44,7 +45,7 @@ from onp_env.devices import resolve_device
 from onp_env.env.config import EnvConfig
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.env.scores import ANPScore, UnlearnScore, check_score
-from onp_env.env.signals import DYNAMIC, DynamicStats, feature_names, signal_columns
+from onp_env.env.signals import DYNAMIC, DynamicStats, compute_signals, feature_names, global_names
 from onp_env.errors import OnpError
 from onp_env.graph.build import EDGE_TYPES, NeuronGraph, build_graph
 from onp_env.graph.features import FEATURES, Z_CLIP
@@ -117,8 +118,8 @@ class Task:
         self.y = y
         self.dynamic = DynamicStats(self.layout) if "dynamic" in cfg.features else None
         self.clean = Evaluator(gm, x, names, cfg.cache, watch=self.dynamic is not None)
-        self.signals = signal_columns(cfg.features, cfg.signal_params, target.model, self.layout, target.x, target.y,
-                                      device=cfg.device)  # fmt: skip
+        self.signals, self.signal_globals = compute_signals(cfg.features, cfg.signal_params, target.model, self.layout,
+                                                            target.x, target.y, device=cfg.device)  # fmt: skip
         self.triggered: Evaluator | None = None
         self.confidence = False
         if target.attack is not None and (cfg.track_asr or cfg.score == "oracle"):
@@ -215,6 +216,7 @@ class NeuronPruningEnv(gym.Env):
         self._fixed_step_limit = None if step_limit is None else int(step_limit)
         self.cfg = cfg
         self.feature_names = feature_names(FEATURES, cfg.features)
+        self.global_names = global_names(GLOBALS, cfg.features)
         if targets is None:
             from onp_env.zoo import default_artifact
 
@@ -242,7 +244,7 @@ class NeuronPruningEnv(gym.Env):
             "edge_index": spaces.Box(0, max(U - 1, 0), (2, E), np.int64),
             "edge_attr": spaces.Box(0.0, 1.0, (E, 1 + len(EDGE_TYPES)), np.float32),
             "counts": spaces.Box(0, max(U, E), (2,), np.int64),
-            "globals": spaces.Box(-1.0, 1.0, (len(GLOBALS),), np.float32),
+            "globals": spaces.Box(-1.0, 1.0, (len(self.global_names),), np.float32),
         })  # fmt: skip
         if cfg.action_mode == "neuron":
             self.action_space: spaces.Space = spaces.Discrete(U + 1)
@@ -314,6 +316,7 @@ class NeuronPruningEnv(gym.Env):
             self.acc,
             np.clip(self.acc0 - self.acc, -1, 1),
             max(0.0, 1 - n_pruned / (self.cfg.budget * self.num_units)),
+            *self.task.signal_globals.tolist(),
         ], np.float32)  # fmt: skip
         return {"nodes": nodes, "valid": s["valid"].copy(), "pruned": self.pruned.astype(np.float32),
                 "focus": self._focus(), "edge_index": s["edge_index"].copy(), "edge_attr": s["edge_attr"].copy(),

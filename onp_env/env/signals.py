@@ -38,6 +38,9 @@ SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "rnp": {"augment": "none"},
 }
 FEATURE_SETS = ("dynamic", *SIGNAL_DEFAULTS, *SIGNALS)
+SIGNAL_GLOBALS = {"inversion": ("inversion_anomaly",)}
+"""Model-level values a signal adds to the observation's globals: the inversion's anomaly index of
+its most anomalous class, divided by 10 and clipped to [-1, 1] (NC flags above 2, i.e. 0.2 here)."""
 
 
 def check_feature_sets(names: list[str], params: dict[str, Any]) -> None:
@@ -59,19 +62,34 @@ def feature_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
     return base + signals + (DYNAMIC if "dynamic" in sets else ())
 
 
+def global_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
+    """Names of the observation's globals: the environment's own, then those of the signal sets."""
+    return base + tuple(g for s in sets for g in SIGNAL_GLOBALS.get(s, ()))
+
+
 def layer_zscore(v: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
     return torch.cat([zscore(v[lay.offset : lay.offset + lay.size].float()) for lay in layout.layers])
 
 
 def signal_columns(sets: list[str], params: dict[str, Any], model: nn.Module, layout: UnitLayout,
                    x: torch.Tensor, y: torch.Tensor, seed: int = 0, device: str = "cpu") -> torch.Tensor:  # fmt: skip
-    """(units, number of signal sets) z-scored unit scores of the named defenses, each run on
-    `device`; the columns are on the CPU."""
-    cols = []
+    """(units, number of signal sets) z-scored unit scores, on the CPU (compute_signals' columns)."""
+    return compute_signals(sets, params, model, layout, x, y, seed, device)[0]
+
+
+def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, layout: UnitLayout,
+                    x: torch.Tensor, y: torch.Tensor, seed: int = 0,
+                    device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The signal sets' node columns (units, number of sets), z-scored per layer, and their globals
+    (global_names order), each signal run on `device`; both on the CPU."""
+    cols, glob = [], []
     for name in (s for s in sets if s != "dynamic"):
         if name in SIGNALS:
             signal = SIGNALS[name](seed=seed, device=device, **params.get(name, {}))
-            cols.append(layer_zscore(signal.compute(model, layout, x, y).units.nan_to_num(0.0, 0.0, 0.0), layout))
+            result = signal.compute(model, layout, x, y)
+            cols.append(layer_zscore(result.units.nan_to_num(0.0, 0.0, 0.0), layout))
+            if name == "inversion":
+                glob.append(max(-1.0, min(1.0, result.globals["anomaly_index"] / 10)))
             continue
         kwargs = {**SIGNAL_DEFAULTS[name], **params.get(name, {})}
         try:
@@ -82,7 +100,8 @@ def signal_columns(sets: list[str], params: dict[str, Any], model: nn.Module, la
         if [lay.name for lay in plan_layout.layers] != [lay.name for lay in layout.layers]:
             raise OnpError(f"signal {name} traced other unit layers than the environment: unsupported model")
         cols.append(layer_zscore(scores.nan_to_num(0.0, 0.0, 0.0), layout))
-    return torch.stack(cols, 1) if cols else torch.zeros(layout.num_units, 0)
+    columns = torch.stack(cols, 1) if cols else torch.zeros(layout.num_units, 0)
+    return columns, torch.tensor(glob, dtype=torch.float32)
 
 
 class DynamicStats:
