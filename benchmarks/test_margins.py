@@ -143,23 +143,26 @@ MEASURES: dict[str, tuple[Callable[[int], dict[str, float]], Bars]] = {
         test_signals.inversion_on_badnets,
         {
             "names_target": bar("== 1", lambda v: v == 1, "names_target"),
-            "anomaly_index": bar("> 2", lambda v: v > 2, "anomaly_index"),
-            "auc_oracle_12": bar("> 0.9", lambda v: v > 0.9, "auc_oracle_12"),
+            "anomaly_index": bar("> 1.5", lambda v: v > 1.5, "anomaly_index"),
+            "auc_oracle_12": bar("> 0.75", lambda v: v > 0.75, "auc_oracle_12"),
         },
     ),
     "NC on the BadNets model": (
         lambda s: test_signals.nc_on("badnets", s),
         {
-            "flagged": bar("== 1", lambda v: v == 1, "flagged"),
+            "flagged": bar("== 1 (2 of seeds 0-2)", lambda v: v == 1, "flagged"),
             "names_target": bar("== 1", lambda v: v == 1, "names_target"),
-            "pruned": bar("> 0", lambda v: v > 0, "pruned"),
-            "asr_after": bar("< 0.5", lambda v: v < 0.5, "asr_after"),
+            "pruned": ("> 0 where flagged", lambda values: not values["flagged"] or values["pruned"] > 0),
+            "asr_after": ("< 0.6 where flagged", lambda values: not values["flagged"] or values["asr_after"] < 0.6),
             "acc_lost": bar("< 0.1", lambda v: v < 0.1, "acc_lost"),
         },
     ),
     "NC on the clean model": (
         lambda s: test_signals.nc_on("clean", s),
-        {"flagged": bar("== 0", lambda v: v == 0, "flagged"), "pruned": bar("== 0", lambda v: v == 0, "pruned")},
+        {
+            "flagged": bar("measured, not asserted", lambda v: v == 0, "flagged"),
+            "pruned": bar("measured, not asserted", lambda v: v == 0, "pruned"),
+        },
     ),
     "README MNP example keeps accuracy": (
         test_readme.own_model_accuracy,

@@ -13,7 +13,8 @@ triggered images minus its mean on clean ones, in units of its clean standard de
 Departures from the paper:
 - All classes are optimised at once, as one batch (K x B images a step): one pass over the model per
   step instead of K, the main cost saving.
-- Fixed steps with early stopping (every class has reached `success` and no class's best mask norm
+- At most 150 steps on 64 images, 16 per class a step (benchmarks/results/inversion_cost.md), with
+  early stopping (every class has reached `success` and no class's best mask norm
   shrank by 1% in `patience` steps) instead of NC's epochs over the data.
 - The penalty weight is adjusted every `adjust_every` steps from the window's mean success (x1.5 up,
   /1.5^1.5 down, as NC's factors), without NC's separate up/down patience counters.
@@ -43,11 +44,13 @@ MAD_CONSISTENCY = 1.4826
 
 @dataclass
 class InversionParams:
-    images: int = bounded(256, ge=1, le=100_000)
-    """Defense images the triggers are optimised on (drawn with the seed)."""
-    batch_size: int = bounded(64, ge=1, le=4096)
+    images: int = bounded(64, ge=1, le=100_000)
+    """Defense images the triggers are optimised on (drawn with the seed). 64 images, 16 a step and 150
+    steps rank the oracle's units as well as 256, 64 and 300 at a sixth of the time
+    (benchmarks/results/inversion_cost.md)."""
+    batch_size: int = bounded(16, ge=1, le=4096)
     """Images per class and step: a step runs classes x batch_size images through the model."""
-    steps: int = bounded(300, ge=1, le=100_000)
+    steps: int = bounded(150, ge=1, le=100_000)
     """At most this many optimisation steps (see patience)."""
     patience: int = bounded(60, ge=1, le=100_000)
     """Stop once every class's trigger works and no best mask norm shrank by 1% in this many steps."""
