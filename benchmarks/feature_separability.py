@@ -83,6 +83,23 @@ def measure(name: str, path: str, attack: str | None, seed: int, target: int | N
     return row
 
 
+def shadow_norms(name: str, path: str, attack: str | None, seed: int, target: int | None) -> dict[str, Any]:
+    """A reference model's inverted mask norms (what `onp detect --reference` computes for it)."""
+    torch.set_num_threads(1)
+    from onp_env import load_artifact
+    from onp_env.signals import TriggerInversion
+
+    art = load_artifact(path)
+    x, y = art.defense_set()
+    start = time.perf_counter()
+    inv = TriggerInversion().invert(art.model, x, y)
+    index = inv.anomaly()
+    k = int(torch.argmax(index))
+    detection = {"anomaly_index": float(index[k]), "suspect": float(k), "norms": inv.norms.tolist()}
+    return {"key": f"shadow {name}", "role": "shadow", "attack": attack, "seed": seed, "target": target,
+            "seconds": {"inversion": round(time.perf_counter() - start, 2)}, "detection": detection}  # fmt: skip
+
+
 def anp_reference(path: str) -> dict[str, Any]:
     """ANP's scoring with its paper's 2000 iterations, on one thread: the yardstick for a signal's cost."""
     torch.set_num_threads(1)
@@ -145,7 +162,8 @@ def report(rows: list[dict[str, Any]], top: int) -> None:
 def detection_report(rows: list[dict[str, Any]]) -> None:
     from onp_env.artifacts import write_text_atomic
 
-    models = [r for r in rows if "detection" in r]
+    models = [r for r in rows if "detection" in r and r.get("role") != "shadow"]
+    shadow = [r for r in rows if r.get("role") == "shadow"]
     backdoored = [r for r in models if r["attack"] is not None]
     clean = [r for r in models if r["attack"] is None]
     score = torch.tensor([r["detection"]["anomaly_index"] for r in models])
@@ -170,7 +188,41 @@ def detection_report(rows: list[dict[str, Any]]) -> None:
         lines.append(f"| {a or 'clean'} | {len(rs)} | {flagged} | {right} | "
                      f"{_ms([r['detection']['anomaly_index'] for r in rs])} |")  # fmt: skip
     lines += _class_reference(models)
+    if shadow:
+        lines += _shadow_reference(models, shadow)
     write_text_atomic(HERE / "results" / "detection.md", "\n".join(lines) + "\n")
+
+
+def _shadow_reference(models: list[dict[str, Any]], shadow: list[dict[str, Any]]) -> list[str]:
+    """`onp detect --reference` with the defender's own shadow models as the reference."""
+    from onp_env.signals.trigger_inversion import Inverted, class_reference
+
+    ref = class_reference([torch.tensor(r["detection"]["norms"]) for r in shadow], [r["target"] for r in shadow])
+    out = []
+    for r in models:
+        norms = torch.tensor(r["detection"]["norms"])
+        index = Inverted(torch.zeros(0), torch.zeros(0), norms, torch.ones(len(norms)), 0).anomaly(ref)
+        k = int(torch.argmax(index))
+        out.append((r, k, float(index[k])))
+    score = torch.tensor([i for _, _, i in out])
+    label = torch.tensor([r["attack"] is not None for r, _, _ in out])
+    lines = [
+        "",
+        "## With the defender's shadow models as the reference (`onp detect --reference`)",
+        "",
+        f"Reference: the {len(shadow)} models a defender trains for the agent (configs/agent/fashion-mnist.yaml: "
+        "every attack with seeds 1-2, all targeting class 0, and 2 clean models of the same recipe); none of them "
+        f"is a held-out model. Detection ROC-AUC: {auc(score, label):.2f}.",
+        "",
+        "| attack | models | flagged (index > 2) | target right | index (mean ± std) | min index |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for a in dict.fromkeys(r["attack"] for r, _, _ in out):
+        rs = [(r, k, i) for r, k, i in out if r["attack"] == a]
+        right = "-" if a is None else str(sum(k == r["target"] for r, k, _ in rs))
+        lines.append(f"| {a or 'clean'} | {len(rs)} | {sum(i > 2 for _, _, i in rs)} | {right} | "
+                     f"{_ms([i for _, _, i in rs])} | {min(i for _, _, i in rs):.2f} |")  # fmt: skip
+    return lines
 
 
 def _class_reference(models: list[dict[str, Any]]) -> list[str]:
@@ -216,7 +268,7 @@ def _class_reference(models: list[dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     from rows import read_separability
-    from signal_models import CACHE, held_out
+    from signal_models import CACHE, held_out, shadows
 
     from onp_env.results import append, end_last_line
 
@@ -238,6 +290,11 @@ def main() -> None:
                 jobs.append(
                     (measure, lab.name, path, a.name if a else None, lab.seed, a.target if a else None, args.top)
                 )
+        for lab in shadows():
+            if f"shadow {lab.name}" not in done:
+                a = lab.attack
+                jobs.append((shadow_norms, lab.name, str(build_artifact(lab, CACHE, progress=False)),
+                             a.name if a else None, lab.seed, a.target if a else None))  # fmt: skip
         if "anp 2000" not in done:
             jobs.append((anp_reference, jobs[0][2] if jobs else str(build_artifact(held_out()[0], CACHE))))
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:

@@ -109,7 +109,7 @@ SEPARABILITY = Schema(
         "key": TEXT, "attack": optional(TEXT), "seed": COUNT, "target": optional(COUNT), "seconds": values_of(NUMBER),
         "detection": Schema("detection", {"anomaly_index": REAL, "suspect": NUMBER, "norms": list_of(NUMBER)}),
     },
-    optional={"layer": TEXT, "positives_in_layer": COUNT,
+    optional={"layer": TEXT, "positives_in_layer": COUNT, "role": TEXT,
               "auc": values_of(Schema("AUCs", {"layer": FRACTION, "all": FRACTION}))},
 )  # fmt: skip
 """feature_separability.py: a model's AUC per feature, seconds per signal and inversion verdict."""

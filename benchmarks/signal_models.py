@@ -5,8 +5,8 @@
 Per attack of the agent config's zoo (configs/agent/fashion-mnist.yaml: its recipe and trigger
 settings), three models with seeds 101-103, each with another target class (0, 3, 7): a signal or
 a detector that always names class 0 cannot look good here. Three clean models (seeds 101-103)
-for detection. Trained through the lab cache in benchmarks/runs/cache (resumable: a finished model
-is never trained twice)."""
+for detection, and the reference models a defender would train (`shadows`). Trained through the lab
+cache in benchmarks/runs/cache (resumable: a finished model is never trained twice)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,17 @@ def held_out() -> list[LabConfig]:
     return out
 
 
+def shadows() -> list[LabConfig]:
+    """The agent config's shadow zoo (every attack, seeds 1-2, target 0) and two clean models of the
+    same recipe (seeds 1-2): the reference models a defender trains for itself."""
+    from agents.train import zoo_configs
+
+    cfg = load_agent_config(str(HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"), [])
+    clean = [dataclasses.replace(cfg.zoo.base, name=f"fashion-mnist-shadow-clean-s{s}", seed=s, attack=None)
+             for s in cfg.zoo.seeds]  # fmt: skip
+    return zoo_configs(cfg) + clean
+
+
 def _build(lab: LabConfig) -> str:
     import torch
 
@@ -49,7 +60,7 @@ def _build(lab: LabConfig) -> str:
 
 
 def build_all(workers: int) -> list[str]:
-    labs = held_out()
+    labs = held_out() + shadows()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         return list(tqdm(pool.map(_build, labs), total=len(labs), desc="models"))
 

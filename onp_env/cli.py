@@ -109,7 +109,8 @@ def _detect(args: argparse.Namespace) -> None:
 
     params = apply_overrides({}, args.set)
     run = {k: params.pop(k) for k in ("seed", "device", "defense_fraction") if k in params}
-    found = detect_artifact(args.artifact, params, args.threshold, data_root=args.data_root, **run)
+    found = detect_artifact(args.artifact, params, args.threshold, data_root=args.data_root, reference=args.reference,
+                            **run)  # fmt: skip
     print(json.dumps(found, indent=1) if args.json else "\n".join(format_detection(found)))
 
 
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an inversion parameter (e.g. steps=500, images=512), or seed / device / defense_fraction",
     )
+    t.add_argument("--reference", nargs="+", default=None, metavar="ARTIFACT",
+                   help="other models of the same data and architecture (e.g. your shadow models): each class "
+                        "is judged against its mask norm on them")  # fmt: skip
     t.add_argument("--data-root", default=None, help="dataset folder for artifacts trained on data of your own")
     t.add_argument("--json", action="store_true", help="print the verdict and evidence as JSON")
     t.set_defaults(func=_detect)

@@ -151,3 +151,25 @@ def test_onp_detect_refuses_bad_input_before_inverting(args, message, capsys, mo
     err = capsys.readouterr().err
     assert err.startswith("onp: error: ") and message in err and err.count("\n") == 1
     assert main(["detect", "/nonexistent/artifact"]) == 2
+
+
+def test_a_class_reference_leaves_out_each_models_own_target():
+    from onp_env.signals.trigger_inversion import Inverted, class_reference
+
+    norms = [torch.tensor([2.0, 20.0, 10.0]), torch.tensor([30.0, 22.0, 9.0]), torch.tensor([28.0, 18.0, 11.0])]
+    ref = class_reference(norms, [0, None, 1])  # model 0's backdoor targets class 0, model 2's class 1
+    assert ref.tolist() == [28.0, 20.0, 10.0]  # torch.median: the lower of two middle values
+    assert class_reference(norms, [2, 2, 2]).tolist() == [28.0, 20.0, 20.0]  # class 2: no evidence, the median
+    natural = Inverted(torch.zeros(0), torch.zeros(0), torch.tensor([20.0, 40.0, 41.0, 39.0, 5.0]), torch.ones(5), 0)
+    shortcut = torch.tensor([40.0, 40.0, 40.0, 40.0, 5.0])  # class 4 is small on every model
+    assert int(natural.anomaly().argmax()) == 4 and int(natural.anomaly(shortcut).argmax()) == 0
+
+
+def test_onp_detect_refuses_a_reference_of_another_architecture(tmp_path, capsys):
+    from onp_env.cli import main
+
+    from .conftest import tiny_config
+
+    other = build_artifact(tiny_config(), tmp_path, progress=False)  # a smaller CNN
+    assert main(["detect", str(_build("badnets").path), "--reference", str(other)]) == 2
+    assert "another dataset or architecture" in capsys.readouterr().err

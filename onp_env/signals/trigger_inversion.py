@@ -81,11 +81,15 @@ class Inverted:
         m, p = self.masks[k].to(x.device), self.patterns[k].to(x.device)
         return (1 - m) * x + m * p
 
-    def anomaly(self) -> torch.Tensor:
-        """(K,) NC's anomaly index: how far below the median each norm lies, in robust deviations."""
-        med = self.norms.median()
-        mad = (self.norms - med).abs().median() * MAD_CONSISTENCY
-        return (med - self.norms) / mad.clamp_min(1e-12)
+    def anomaly(self, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """(K,) NC's anomaly index: how far below the median each norm lies, in robust deviations.
+        With a `reference` (class_reference: each class's typical norm on other models), the index is
+        taken on log(norm / reference) instead, so that a class every model reaches with a small mask
+        (a natural shortcut, such as Fashion-MNIST's bag) is not an outlier."""
+        values = self.norms if reference is None else (self.norms / reference).log()
+        med = values.median()
+        mad = (values - med).abs().median() * MAD_CONSISTENCY
+        return (med - values) / mad.clamp_min(1e-12)
 
 
 def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: InversionParams, seed: int,
@@ -152,6 +156,19 @@ def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: 
         patterns = torch.where(reached.view(-1, 1, 1, 1), best_patterns, last[1])
         norms = torch.where(reached, best, final)
     return Inverted(masks.cpu(), patterns.cpu(), norms.cpu(), reached.cpu(), step)
+
+
+def class_reference(norms: list[torch.Tensor], targets: list[int | None]) -> torch.Tensor:
+    """(K,) each class's median mask norm over reference models (clean or shadow models of the same
+    data and architecture), leaving out the models whose backdoor targets that class; a class that
+    every reference model targets gets the median of the other classes' references (no evidence)."""
+    stacked = torch.stack(norms)
+    ref = torch.full((stacked.shape[1],), float("nan"))
+    for k in range(stacked.shape[1]):
+        rows = [i for i, t in enumerate(targets) if t != k]
+        if rows:
+            ref[k] = stacked[rows, k].median()
+    return torch.where(ref.isnan(), ref.nanmedian(), ref)
 
 
 def trigger_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor, inv: Inverted,
