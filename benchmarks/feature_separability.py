@@ -151,7 +151,7 @@ def report(rows: list[dict[str, Any]], top: int) -> None:
     lines += ["## Seconds per model (one torch thread, shared 2-core machine)", "",
               "| signal | seconds | share of ANP's 2000 iterations |", "|---|---:|---:|"]  # fmt: skip
     for s in SIGNAL_SETS:
-        secs = [r["seconds"][s] for r in rows if isinstance(r["seconds"], dict)]
+        secs = [r["seconds"][s] for r in rows if isinstance(r["seconds"], dict) and r.get("role") != "shadow"]
         share = f"{statistics.fmean(secs) / anp:.1%}" if anp and secs else "-"
         lines.append(f"| {s} | {_ms(secs)} | {share} |")
     lines.append(f"| anp, 2000 iterations (the paper's) | {anp if anp else '-'} | 100% |")
