@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from agents.config import ImitationConfig
 from onp_env.env import NeuronPruningEnv
-from onp_env.graph.features import activation_stats
+from onp_env.graph import features
 
 
 def activation_gap(env: NeuronPruningEnv) -> torch.Tensor:
@@ -29,11 +29,7 @@ def activation_gap(env: NeuronPruningEnv) -> torch.Tensor:
     assert task.attack is not None, "the oracle expert needs the shadow model's trigger"
     x, y = task.defense
     keep = task.attack.targets(y) != y
-    clean = activation_stats(task.source_model, task.layout, x, y)
-    trig = activation_stats(task.source_model, task.layout, task.attack.apply(x[keep]), y[keep])
-    gap = [(trig[lay.name]["act_mean"] - clean[lay.name]["act_mean"]) / (clean[lay.name]["act_std"] + 1e-6)
-           for lay in task.layout.layers]  # fmt: skip
-    return torch.cat(gap)
+    return features.activation_gap(task.source_model, task.layout, x, y, task.attack.apply(x[keep]), y[keep])
 
 
 def _trial_reward(env: NeuronPruningEnv, unit: int) -> float:

@@ -42,12 +42,24 @@ def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
+def oracle_positives(art: Any, layout: Any, x: torch.Tensor, y: torch.Tensor, top: int) -> torch.Tensor:
+    """(units,) True for the `top` units with the largest clean-vs-triggered activation gap on the
+    defense images not of the target class: the oracle's units (it uses the trigger: analysis only)."""
+    from onp_env.graph.features import activation_gap
+
+    keep = art.attack.targets(y) != y
+    gap = activation_gap(art.model, layout, x[keep], y[keep], art.attack.apply(x[keep]), y[keep])
+    positive = torch.zeros(layout.num_units, dtype=torch.bool)
+    positive[torch.argsort(-gap)[:top]] = True
+    return positive
+
+
 def measure(name: str, path: str, attack: str | None, seed: int, target: int | None, top: int) -> dict[str, Any]:
     """One model's row: per feature its AUCs, per signal its seconds, and the inversion's verdict."""
     torch.set_num_threads(1)
     from onp_env import load_artifact
     from onp_env.env.signals import layer_zscore, signal_columns
-    from onp_env.graph.features import FEATURES, activation_stats, node_features
+    from onp_env.graph.features import FEATURES, node_features
     from onp_env.graph.units import find_units
     from onp_env.signals import TriggerInversion
 
@@ -68,13 +80,7 @@ def measure(name: str, path: str, attack: str | None, seed: int, target: int | N
     row: dict[str, Any] = {"key": name, "attack": attack, "seed": seed, "target": target, "seconds": seconds,
                            "detection": {**result.globals, "norms": result.details["norms"]}}  # fmt: skip
     if art.attack is not None:
-        keep = art.attack.targets(y) != y
-        clean = activation_stats(art.model, layout, x[keep], y[keep])
-        trig = activation_stats(art.model, layout, art.attack.apply(x[keep]), y[keep])
-        gap = torch.cat([(trig[u.name]["act_mean"] - clean[u.name]["act_mean"]) / (clean[u.name]["act_std"] + 1e-6)
-                         for u in layout.layers])  # fmt: skip
-        positive = torch.zeros(layout.num_units, dtype=torch.bool)
-        positive[torch.argsort(-gap)[:top]] = True
+        positive = oracle_positives(art, layout, x, y, top)
         layers = [layout.locate(int(u))[0] for u in torch.nonzero(positive).flatten()]
         lay = max(set(layers), key=layers.count)
         sl = slice(lay.offset, lay.offset + lay.size)
@@ -204,25 +210,14 @@ def _shadow_reference(models: list[dict[str, Any]], shadow: list[dict[str, Any]]
         index = Inverted(torch.zeros(0), torch.zeros(0), norms, torch.ones(len(norms)), 0).anomaly(ref)
         k = int(torch.argmax(index))
         out.append((r, k, float(index[k])))
-    score = torch.tensor([i for _, _, i in out])
-    label = torch.tensor([r["attack"] is not None for r, _, _ in out])
-    lines = [
-        "",
-        "## With the defender's shadow models as the reference (`onp detect --reference`)",
-        "",
+    return _index_table(
+        out,
+        "With the defender's shadow models as the reference (`onp detect --reference`)",
         f"Reference: the {len(shadow)} models a defender trains for the agent (configs/agent/fashion-mnist.yaml: "
         "every attack with seeds 1-2, all targeting class 0, and 2 clean models of the same recipe); none of them "
-        f"is a held-out model. Detection ROC-AUC: {auc(score, label):.2f}.",
-        "",
-        "| attack | models | flagged (index > 2) | target right | index (mean ± std) | min index |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for a in dict.fromkeys(r["attack"] for r, _, _ in out):
-        rs = [(r, k, i) for r, k, i in out if r["attack"] == a]
-        right = "-" if a is None else str(sum(k == r["target"] for r, k, _ in rs))
-        lines.append(f"| {a or 'clean'} | {len(rs)} | {sum(i > 2 for _, _, i in rs)} | {right} | "
-                     f"{_ms([i for _, _, i in rs])} | {min(i for _, _, i in rs):.2f} |")  # fmt: skip
-    return lines
+        "is a held-out model.",
+        flagged=True,
+    )
 
 
 def _class_reference(models: list[dict[str, Any]]) -> list[str]:
@@ -242,27 +237,33 @@ def _class_reference(models: list[dict[str, Any]]) -> list[str]:
         index = [(med - v) / max(mad, 1e-12) for v in logs]
         k = max(range(len(index)), key=index.__getitem__)
         out.append((r, k, index[k]))
-    score = torch.tensor([i for _, _, i in out])
-    label = torch.tensor([r["attack"] is not None for r, _, _ in out])
-    lines = [
-        "",
-        "## Why clean models are flagged, and what a per-class reference would change",
-        "",
+    return _index_table(
+        out,
+        "Why clean models are flagged, and what a per-class reference would change",
         "On every Fashion-MNIST model, clean ones included, the inverted masks of class 8 (bag) and 6 (shirt) are "
         "the smallest: a natural shortcut, not a backdoor. NC's index compares a class with the other classes of "
         "the same model, so it flags them. Below, each class's norm is divided by its median norm on the other "
         "models where it is not the target (leave-one-out over these held-out models: a proxy for a reference "
-        "from clean or shadow models, which does not ship yet), and the index is taken on the log ratios. "
-        f"Detection ROC-AUC: {auc(score, label):.2f}.",
-        "",
-        "| attack | models | target right | index (mean ± std) | min index |",
-        "|---|---:|---:|---:|---:|",
-    ]
+        "from clean or shadow models, which does not ship yet), and the index is taken on the log ratios.",
+        flagged=False,
+    )
+
+
+def _index_table(out: list[tuple[dict[str, Any], int, float]], title: str, text: str, flagged: bool) -> list[str]:
+    """A detection variant's section: (model row, suspected class, its index) per model, as the
+    detection ROC-AUC and one table row per attack."""
+    score = torch.tensor([i for _, _, i in out])
+    label = torch.tensor([r["attack"] is not None for r, _, _ in out])
+    lines = ["", f"## {title}", "", f"{text} Detection ROC-AUC: {auc(score, label):.2f}.", "",
+             "| attack | models |" + (" flagged (index > 2) |" if flagged else "")
+             + " target right | index (mean ± std) | min index |",
+             "|---|---:|" + ("---:|" if flagged else "") + "---:|---:|---:|"]  # fmt: skip
     for a in dict.fromkeys(r["attack"] for r, _, _ in out):
         rs = [(r, k, i) for r, k, i in out if r["attack"] == a]
         right = "-" if a is None else str(sum(k == r["target"] for r, k, _ in rs))
-        lines.append(f"| {a or 'clean'} | {len(rs)} | {right} | {_ms([i for _, _, i in rs])} | "
-                     f"{min(i for _, _, i in rs):.2f} |")  # fmt: skip
+        cols = [a or "clean", str(len(rs)), *([str(sum(i > 2 for _, _, i in rs))] if flagged else []), right,
+                _ms([i for _, _, i in rs]), f"{min(i for _, _, i in rs):.2f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cols) + " |")
     return lines
 
 

@@ -33,23 +33,16 @@ def one(path: str, attack: str, target: int, settings: dict[str, int]) -> dict[s
     import torch
 
     torch.set_num_threads(1)
-    from feature_separability import auc
+    from feature_separability import auc, oracle_positives
 
     from onp_env import load_artifact
-    from onp_env.graph.features import activation_stats
     from onp_env.graph.units import find_units
     from onp_env.signals import TriggerInversion
 
     art = load_artifact(path)
     x, y = art.defense_set()
     layout, _ = find_units(art.model, x[:2])
-    keep = art.attack.targets(y) != y
-    clean = activation_stats(art.model, layout, x[keep], y[keep])
-    trig = activation_stats(art.model, layout, art.attack.apply(x[keep]), y[keep])
-    gap = torch.cat([(trig[u.name]["act_mean"] - clean[u.name]["act_mean"]) / (clean[u.name]["act_std"] + 1e-6)
-                     for u in layout.layers])  # fmt: skip
-    positive = torch.zeros(layout.num_units, dtype=torch.bool)
-    positive[torch.argsort(-gap)[:12]] = True
+    positive = oracle_positives(art, layout, x, y, 12)
     start = time.perf_counter()
     result = TriggerInversion(**settings).compute(art.model, layout, x, y)
     return {"attack": attack, "settings": settings, "seconds": time.perf_counter() - start,

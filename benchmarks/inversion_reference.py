@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from feature_separability import RESULTS, auc
+from feature_separability import RESULTS, auc, oracle_positives
 from rows import exit_2_on_bad_input, read_separability
 from signal_models import CACHE, held_out
 
@@ -24,7 +24,6 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     from onp_env import build_artifact, load_artifact
     from onp_env.artifacts import write_text_atomic
-    from onp_env.graph.features import activation_stats
     from onp_env.graph.units import find_units
     from onp_env.signals.trigger_inversion import TriggerInversion, class_reference, trigger_gap
 
@@ -49,13 +48,7 @@ def main() -> None:
         x, y = art.defense_set()
         layout, _ = find_units(art.model, x[:2])
         inv = TriggerInversion().invert(art.model, x, y)
-        keep = art.attack.targets(y) != y
-        clean = activation_stats(art.model, layout, x[keep], y[keep])
-        trig = activation_stats(art.model, layout, art.attack.apply(x[keep]), y[keep])
-        gap = torch.cat([(trig[u.name]["act_mean"] - clean[u.name]["act_mean"]) / (clean[u.name]["act_std"] + 1e-6)
-                         for u in layout.layers])  # fmt: skip
-        positive = torch.zeros(layout.num_units, dtype=torch.bool)
-        positive[torch.argsort(-gap)[:12]] = True
+        positive = oracle_positives(art, layout, x, y, 12)
         nc, by_ref = int(inv.anomaly().argmax()), int(inv.anomaly(ref).argmax())
         aucs = [auc(trigger_gap(art.model, layout, x, y, inv, k), positive) for k in (nc, by_ref)]
         lines.append(f"| {lab.name} | {lab.attack.target} | {nc} | {aucs[0]:.2f} | {by_ref} | {aucs[1]:.2f} |")

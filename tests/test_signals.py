@@ -10,7 +10,7 @@ import torch
 from baselines.nc import NC
 from onp_env import OnpError, build_artifact, load_artifact
 from onp_env.env import NeuronPruningEnv
-from onp_env.graph.features import activation_stats
+from onp_env.graph.features import activation_gap
 from onp_env.graph.units import find_units
 from onp_env.metrics import evaluate
 from onp_env.signals import SIGNALS, TriggerInversion
@@ -22,10 +22,7 @@ from .test_attack_quality import _build
 def oracle_gap(art, layout, x, y) -> torch.Tensor:
     """agents.expert.activation_gap's quantity: it uses the trigger (tests only)."""
     keep = art.attack.targets(y) != y
-    clean = activation_stats(art.model, layout, x[keep], y[keep])
-    trig = activation_stats(art.model, layout, art.attack.apply(x[keep]), y[keep])
-    return torch.cat([(trig[lay.name]["act_mean"] - clean[lay.name]["act_mean"]) / (clean[lay.name]["act_std"] + 1e-6)
-                      for lay in layout.layers])  # fmt: skip
+    return activation_gap(art.model, layout, x[keep], y[keep], art.attack.apply(x[keep]), y[keep])
 
 
 def auc(score: torch.Tensor, positive: torch.Tensor) -> float:

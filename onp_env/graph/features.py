@@ -88,6 +88,16 @@ def activation_stats(
     return stats
 
 
+def activation_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor, triggered: torch.Tensor,
+                   triggered_y: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """(units,) how much more each unit fires on `triggered` images than on clean `x`, in units of its
+    clean standard deviation: the oracle's quantity with the true trigger, a signal's with an inverted one."""
+    clean = activation_stats(model, layout, x, y)
+    trig = activation_stats(model, layout, triggered, triggered_y)
+    return torch.cat([(trig[lay.name]["act_mean"] - clean[lay.name]["act_mean"]) / (clean[lay.name]["act_std"] + 1e-6)
+                      for lay in layout.layers])  # fmt: skip
+
+
 def node_features(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(num_units, len(FEATURES)) float32; the `pruned` column is all zeros."""
     modules = dict(model.named_modules())

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onp_env.config import bounded
-from onp_env.graph.features import activation_stats
+from onp_env.graph.features import activation_gap
 from onp_env.graph.units import UnitLayout
 from onp_env.signals.base import Signal, SignalResult
 
@@ -176,12 +176,9 @@ def trigger_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.
     """(units,) the activation gap of the inverted trigger of class `k`, on the images not of class k."""
     keep = y != k
     xs, ys = (x[keep], y[keep]) if keep.any() else (x, y)
-    clean = activation_stats(model, layout, xs, ys)
     with torch.no_grad():
         triggered = inv.apply(k, xs)
-    trig = activation_stats(model, layout, triggered, ys)
-    return torch.cat([(trig[lay.name]["act_mean"] - clean[lay.name]["act_mean"]) / (clean[lay.name]["act_std"] + 1e-6)
-                      for lay in layout.layers])  # fmt: skip
+    return activation_gap(model, layout, xs, ys, triggered, ys)
 
 
 class TriggerInversion(Signal):
