@@ -275,6 +275,11 @@ def _grid(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in ("workers", "threads")}
 
 
+def _key(lab: LabConfig, fraction: float, spec: DefenseSpec) -> str:
+    """A cell's key in results.jsonl (CELL's consistency check rebuilds it from the row's fields)."""
+    return f"{model_key(lab)}/{fraction:g}/{spec.key}"
+
+
 def _check_out(cfg: BenchConfig, out: Path, resume: bool) -> None:
     saved = out / CONFIG
     if saved.is_file():
@@ -329,11 +334,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
     finished = {r["key"] for r in read_cells(results)}  # checked (and a cut-short line told) before it changes
     end_last_line(results)
     cells = [(lab, fraction, spec) for lab in labs for fraction in cfg.fractions for spec in specs]
-    keys = {f"{model_key(c[0])}/{c[1]:g}/{c[2].key}" for c in cells}
+    keys = {_key(*c) for c in cells}
     if foreign := sorted(finished - keys):
         raise OnpError(f"{results} holds {len(foreign)} cell(s) this grid does not have (first: {foreign[0]!r}): "
                        "it is another grid's file; resume with that grid's config or pass another --out")  # fmt: skip
-    todo = [c for c in cells if f"{model_key(c[0])}/{c[1]:g}/{c[2].key}" not in finished]
+    todo = [c for c in cells if _key(*c) not in finished]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     needed = {model_key(c[0]): c[0] for c in todo}
     learned = {k: s for k, s in learned.items() if any(c[2].key == k for c in todo)}
@@ -354,7 +359,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
         ready = [c for c in waiting if model_key(c[0]) in models and (c[2].key not in learned or c[2].key in prepared)]
         waiting = [c for c in waiting if c not in ready]
         for lab, fraction, spec in ready:
-            key = f"{model_key(lab)}/{fraction:g}/{spec.key}"
+            key = _key(lab, fraction, spec)
             art, art_files = models[model_key(lab)]
             params, agent_files = prepared.get(spec.key, (spec.params, None))
             submit(("cell", key), cell_task, key, art, art_files, to_dict(spec), params, agent_files, fraction,

@@ -129,10 +129,11 @@ class Source:
     classes: tuple[str, ...]
 
 
-_FASHION_MNIST = _idx_folder(FASHION_MNIST_DEBIAN, "ONP_FASHION_MNIST_DIR", _FMNIST_HELP)
 DATASETS: dict[str, Source] = {
     "digits": Source(_embedded, _digits, _DIGIT_CLASSES),
-    "fashion-mnist": Source(_FASHION_MNIST, _read_idx, _FASHION_CLASSES),
+    "fashion-mnist": Source(
+        _idx_folder(FASHION_MNIST_DEBIAN, "ONP_FASHION_MNIST_DIR", _FMNIST_HELP), _read_idx, _FASHION_CLASSES
+    ),
     "mnist": Source(_idx_folder(None, "ONP_MNIST_DIR", _MNIST_HELP), _read_idx, _DIGIT_CLASSES),
     "cifar10": Source(_cifar10_folder, _read_cifar10, _CIFAR_CLASSES),
 }

@@ -38,9 +38,6 @@ SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "rnp": {"augment": "none"},
 }
 FEATURE_SETS = ("dynamic", *SIGNAL_DEFAULTS, *SIGNALS)
-SIGNAL_GLOBALS = {"inversion": ("inversion_anomaly",)}
-"""Model-level values a signal adds to the observation's globals: the inversion's anomaly index of
-its most anomalous class, divided by 10 and clipped to [-1, 1] (NC flags above 2, i.e. 0.2 here)."""
 
 
 def check_feature_sets(names: list[str], params: dict[str, Any]) -> None:
@@ -63,8 +60,9 @@ def feature_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
 
 
 def global_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
-    """Names of the observation's globals: the environment's own, then those of the signal sets."""
-    return base + tuple(g for s in sets for g in SIGNAL_GLOBALS.get(s, ()))
+    """Names of the observation's globals: the environment's own, then those the signal sets'
+    signals declare (onp_env.signals.base.Signal.observed)."""
+    return base + tuple(f"{s}_{suffix}" for s in sets if s in SIGNALS for suffix in SIGNALS[s].observed)
 
 
 def layer_zscore(v: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
@@ -88,8 +86,7 @@ def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, l
             signal = SIGNALS[name](seed=seed, device=device, **params.get(name, {}))
             result = signal.compute(model, layout, x, y)
             cols.append(layer_zscore(result.units.nan_to_num(0.0, 0.0, 0.0), layout))
-            if name == "inversion":
-                glob.append(max(-1.0, min(1.0, result.globals["anomaly_index"] / 10)))
+            glob += [max(-1.0, min(1.0, result.globals[key] / scale)) for key, scale in signal.observed.values()]
             continue
         kwargs = {**SIGNAL_DEFAULTS[name], **params.get(name, {})}
         try:

@@ -34,6 +34,9 @@ class Signal(ABC):
     name: ClassVar[str]
     version: ClassVar[int]
     Params: ClassVar[type]
+    observed: ClassVar[dict[str, tuple[str, float]]] = {}
+    """Globals the environment observes: suffix of the observation's name (`{name}_{suffix}`) ->
+    (key of SignalResult.globals, divisor); the quotient is clipped to [-1, 1]."""
 
     def __init__(self, seed: int = 0, device: str = "cpu", **params: Any):
         self.params: Any = from_dict(self.Params, params, f"signal {self.name} parameters")

@@ -185,6 +185,7 @@ class TriggerInversion(Signal):
     name = "inversion"
     version = 1
     Params = InversionParams
+    observed = {"anomaly": ("anomaly_index", 10.0)}  # NC flags above 2, i.e. 0.2 in the observation
 
     def invert(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Inverted:
         with torch.no_grad():
