@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.gnn import GNN_TYPES, PolicyConfig
-from onp_env.config import SEED_LIMIT, AttackConfig, LabConfig, bounded, from_dict
+from onp_env.attacks.sampler import SamplerConfig, check_sampler, sample_attacks
+from onp_env.config import SEED_LIMIT, AttackConfig, LabConfig, bounded, check_labels, from_dict
+from onp_env.data import load_dataset
 from onp_env.devices import resolve_device
 from onp_env.env.config import EnvConfig
 from onp_env.errors import OnpError
@@ -20,8 +22,9 @@ from onp_env.errors import OnpError
 
 @dataclass
 class ZooConfig:
-    """Shadow models: every attack of `attacks` x every seed of `seeds`, built on `base` through the
-    lab's artifact cache (trained once, found again on later runs)."""
+    """Shadow models: every attack setting (those of `attacks`, then those `sample` draws) x every seed
+    of `seeds`, built on `base` through the lab's artifact cache (trained once, found again on later
+    runs)."""
 
     base: LabConfig = field(default_factory=LabConfig)
     """Dataset, model, training and default attack settings shared by every shadow model."""
@@ -30,6 +33,9 @@ class ZooConfig:
     seeds: list[int] = bounded([1, 2], ge=0, lt=SEED_LIMIT)
     """Model seeds (each becomes the LabConfig seed of its shadow models); held-out evaluation
     models must use other seeds."""
+    sample: SamplerConfig | None = None
+    """Attack settings drawn by the seeded sampler (onp_env.attacks.sampler), added to `attacks`:
+    several settings of each attack, each with its own label, target and trigger."""
 
 
 @dataclass
@@ -104,6 +110,9 @@ class AgentConfig:
     """Parallel environments."""
     vec_env: str = "dummy"
     """dummy (one process) or subproc (one process per env)."""
+    signal_reference: bool = True
+    """Compute each verdict signal's class reference (onp_env.signals.base.Signal.suspicion) on the
+    shadow zoo before training, unless env.signal_params sets one; the deployed agent carries it."""
     checkpoint_every: int = bounded(2048, ge=1)
     """Environment steps between resumable checkpoints."""
     threads: int = bounded(1, ge=1)
@@ -113,7 +122,11 @@ class AgentConfig:
     environments' models."""
 
     def attack_configs(self) -> list[AttackConfig]:
-        return [from_dict(AttackConfig, a, f"zoo.attacks[{i}]") for i, a in enumerate(self.zoo.attacks)]
+        out = [from_dict(AttackConfig, a, f"zoo.attacks[{i}]") for i, a in enumerate(self.zoo.attacks)]
+        if self.zoo.sample is not None:
+            data = self.zoo.base.data
+            out += sample_attacks(self.zoo.sample, load_dataset(data.name, data.root).info.num_classes)
+        return out
 
 
 def check_policy(cfg: PolicyConfig) -> None:
@@ -129,9 +142,14 @@ def validate(cfg: AgentConfig, where: str = "agent config") -> None:
     from_dict(AgentConfig, dataclasses.asdict(cfg), where)  # types and ranges of a config built in Python
     check_policy(cfg.policy)
     cfg.env.validate(f"{where}.env")  # names (score, semantics, action mode, feature sets) and device
-    cfg.attack_configs()
-    if not cfg.zoo.seeds or not cfg.zoo.attacks:
-        raise OnpError("zoo.attacks and zoo.seeds must not be empty: the agent needs shadow models")
+    if cfg.zoo.sample is not None:
+        check_sampler(cfg.zoo.sample, f"{where}.zoo.sample")
+    keys = [a.key for a in cfg.attack_configs()]
+    if not cfg.zoo.seeds or not keys:
+        raise OnpError("zoo.seeds and zoo.attacks (or zoo.sample) must not be empty: the agent needs shadow models")
+    if len(set(keys)) != len(keys):
+        raise OnpError(f"zoo.attacks repeat a name ({keys}): give each setting of one attack its own label")
+    check_labels(keys, f"{where}.zoo.attacks")
     if cfg.vec_env not in ("dummy", "subproc"):
         raise OnpError(f"vec_env '{cfg.vec_env}' unknown: choose dummy or subproc")
     resolve_device(cfg.device)

@@ -2,7 +2,8 @@
 
 Read top to bottom, `train_agent` does:
 1. check the config and the output folder (before anything expensive);
-2. build the shadow zoo (attacks x seeds) through the lab's artifact cache;
+2. build the shadow zoo (attacks x seeds) through the lab's artifact cache, and on it the class
+   reference of the signals that name a suspected class;
 3. make the environments (oracle reward: the shadow models' triggers are known);
 4. optionally warm-start the policy by cloning the oracle expert (agents.expert);
 5. run PPO with a progress bar, CSV/TensorBoard logs and an atomic checkpoint every
@@ -41,6 +42,7 @@ from onp_env.artifacts import write_text_atomic
 from onp_env.config import LabConfig, from_dict, to_dict
 from onp_env.devices import resolve_device
 from onp_env.env import EnvConfig, NeuronPruningEnv
+from onp_env.env.signals import with_reference
 from onp_env.errors import OnpError
 from onp_env.zoo import build_artifact
 
@@ -52,7 +54,7 @@ def zoo_configs(cfg: AgentConfig) -> list[LabConfig]:
     out = []
     for attack in cfg.attack_configs():
         for seed in cfg.zoo.seeds:
-            name = f"{cfg.name}-shadow-{attack.name}-s{seed}"
+            name = f"{cfg.name}-shadow-{attack.key}-s{seed}"
             out.append(dataclasses.replace(cfg.zoo.base, name=name, seed=seed, attack=attack))
     return out
 
@@ -153,7 +155,11 @@ def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: 
 
     # 2. shadow models
     artifacts = build_zoo(cfg, cache, progress)
-    env_cfg = dataclasses.replace(cfg.env, artifacts=artifacts, score="oracle")
+    signal_params = cfg.env.signal_params
+    if cfg.signal_reference:
+        signal_params = with_reference(cfg.env.features, signal_params, artifacts, cfg.env.device, progress)
+    deployed = dataclasses.replace(cfg.env, signal_params=signal_params)
+    env_cfg = dataclasses.replace(deployed, artifacts=artifacts, score="oracle")
 
     # 3. environments
     fns = [_make_env(env_cfg)] * cfg.n_envs
@@ -202,4 +208,4 @@ def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: 
     }  # fmt: skip
     policy = model.policy
     assert isinstance(policy, GraphMaskablePolicy)
-    return save_agent(out / AGENT, policy.net, policy.policy_cfg, cfg.env, training)
+    return save_agent(out / AGENT, policy.net, policy.policy_cfg, deployed, training)

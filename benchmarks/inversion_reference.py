@@ -25,13 +25,16 @@ def main() -> None:
     from onp_env import build_artifact, load_artifact
     from onp_env.artifacts import write_text_atomic
     from onp_env.graph.units import find_units
-    from onp_env.signals.trigger_inversion import TriggerInversion, class_reference, trigger_gap
+    from onp_env.signals.base import class_reference
+    from onp_env.signals.trigger_inversion import TriggerInversion, trigger_gap
 
     torch.set_num_threads(1)
     shadow = [r for r in read_separability(RESULTS) if r.get("role") == "shadow"]
     if not shadow:
         raise SystemExit("no shadow rows: run benchmarks/feature_separability.py first")
-    ref = class_reference([torch.tensor(r["detection"]["norms"]) for r in shadow], [r["target"] for r in shadow])
+    ref = class_reference(
+        [torch.tensor(r["detection"]["inversion"]["norms"]) for r in shadow], [r["target"] for r in shadow]
+    )
     lines = [
         "# The inversion's gap for NC's class and for the class picked against shadow models",
         "",

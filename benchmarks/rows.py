@@ -107,12 +107,12 @@ SEPARABILITY = Schema(
     "model's features",
     {
         "key": TEXT, "attack": optional(TEXT), "seed": COUNT, "target": optional(COUNT), "seconds": values_of(NUMBER),
-        "detection": Schema("detection", {"anomaly_index": REAL, "suspect": NUMBER, "norms": list_of(NUMBER)}),
+        "detection": values_of(Schema("verdict", {"anomaly_index": REAL, "suspect": NUMBER, "norms": list_of(NUMBER)})),
     },
     optional={"layer": TEXT, "positives_in_layer": COUNT, "role": TEXT,
               "auc": values_of(Schema("AUCs", {"layer": FRACTION, "all": FRACTION}))},
 )  # fmt: skip
-"""feature_separability.py: a model's AUC per feature, seconds per signal and inversion verdict."""
+"""feature_separability.py: a model's AUC per feature, seconds per signal and each signal's per-class verdict."""
 
 
 def read_separability(path: Path) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -32,6 +33,18 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"bounds": bounds})
     return field(default=default, metadata={"bounds": bounds})
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+"""Names that become folder names (a grid's, a defense's or an attack setting's label): no separators,
+no dot-names."""
+
+
+def check_labels(keys: list[str], where: str) -> None:
+    for key in keys:
+        if not NAME.fullmatch(key):
+            raise OnpError(f"{where}: the name {short_repr(key)} becomes part of folder names: use letters, digits "
+                           "and _ . + - only")  # fmt: skip
 
 
 SEED_LIMIT = 2**63
@@ -106,6 +119,13 @@ class AttackConfig:
     """Share of the (non-defense) training images that are poisoned."""
     params: dict[str, Any] = field(default_factory=dict)
     """Trigger parameters of the attack (see its Params dataclass)."""
+    label: str | None = None
+    """Its name in model names and tables (default: name): several settings of one attack in a grid
+    or a shadow zoo need distinct labels. Not part of the model's fingerprint."""
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
 
 
 @dataclass
@@ -142,6 +162,8 @@ class LabConfig:
         """Hash of everything that changes the trained weights (not name, not data.root)."""
         d = to_dict(self)
         d.pop("name")
+        if d["attack"] is not None:  # a display name: the default hashes as before the field existed
+            d["attack"].pop("label")
         d["data"].pop("root")
         if d["train"]["device"] == "cpu":  # the default hashes as before the field existed: caches stay valid
             d["train"].pop("device")

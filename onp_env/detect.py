@@ -16,7 +16,8 @@ import torch
 from onp_env.artifacts import Artifact, load_artifact
 from onp_env.defend import defense_subset
 from onp_env.errors import OnpError
-from onp_env.signals.trigger_inversion import Inverted, TriggerInversion, class_reference
+from onp_env.signals.base import class_reference
+from onp_env.signals.trigger_inversion import Inverted, TriggerInversion
 
 
 def _invert(signal: TriggerInversion, art: Artifact, fraction: float | None, seed: int, root: str | None) -> Inverted:

@@ -370,11 +370,15 @@ def test_cli_onp_without_agent_or_with_a_bad_one_exits_2(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_an_agent_that_sees_the_inversion_signal_trains_saves_and_deploys(tmp_path):
-    sets = [*TINY, "env.features=[inversion]", "env.signal_params={inversion: {steps: 40, images: 64}}"]
+def test_an_agent_that_sees_the_verdict_signals_trains_saves_and_deploys_with_its_reference(tmp_path):
+    sets = [*TINY, "env.features=[inversion, latent_gap]", "env.signal_params={inversion: {steps: 40, images: 64}}"]
     agent_dir = train_agent(load_agent_config(CONFIG, sets), tmp_path / "run", progress=False)
     agent = load_agent(agent_dir)
-    assert agent.meta["globals"][-1] == "inversion_anomaly" and agent.meta["feature_names"][-1] == "signal_inversion"
+    assert agent.meta["globals"][-2:] == ["inversion_anomaly", "latent_gap_anomaly"]
+    assert agent.meta["feature_names"][-2:] == ["signal_inversion", "signal_latent_gap"]
+    for name in ("inversion", "latent_gap"):  # the class reference, from the shadow zoo, ships with the agent
+        assert len(agent.env.signal_params[name]["reference"]) == 10
+    assert agent.env.signal_params["inversion"]["steps"] == 40
     x, y = (t[:100] for t in load_artifact(default_artifact()).defense_set())
     order, record = deploy(agent, load_artifact(default_artifact()).model, x, y, deterministic=True)
     assert len(order) == record[-1]["pruned"]

@@ -61,6 +61,20 @@ def test_a_grid_runs_resumes_and_reports(tmp_path):
     assert main(["bench", "report", str(tmp_path / "b")]) == 0 and (tmp_path / "b" / "results.md").is_file()
 
 
+def test_a_grid_holds_several_labelled_settings_of_one_attack(tmp_path):
+    two_px = {"patch_size": 2, "position": "top-left"}
+    attacks = [
+        {"name": "badnets", "label": "badnets-3px"},
+        {"name": "badnets", "label": "badnets-2px-tl", "params": two_px},
+    ]
+    cfg = tiny(attacks=attacks, seeds=[101], fractions=[0.05], defenses=[{"name": "magnitude"}])
+    report = run_bench(cfg, tmp_path / "b", progress=False)
+    rows = read_cells(tmp_path / "b" / RESULTS)
+    assert sorted(r["key"].split("/")[2] for r in rows) == ["badnets-2px-tl", "badnets-3px"]
+    assert rows[0]["before"] != rows[1]["before"]  # two models, not one trained twice
+    assert "badnets-3px (digits" in report.read_text() and "badnets-2px-tl (digits" in report.read_text()
+
+
 def test_worker_count_does_not_change_the_numbers(tmp_path, monkeypatch):
     runs = []
     for workers in (1, 2):  # a cache each: the model trains under each worker count, whatever ran before
@@ -90,7 +104,9 @@ def test_worker_count_does_not_change_the_numbers(tmp_path, monkeypatch):
         ({"name": "../up"}, "becomes a folder name"),
         ({"defenses": [{"name": "magnitude", "params": {"seed": 3}}]}, "come from the grid"),
         ({"defenses": [{"name": "magnitude", "params": {"semantics": "bogus"}}]}, "semantics must be one of"),
-        ({"attacks": [{"name": "badnets"}, {"name": "badnets", "params": {"patch_size": 2}}]}, "lists a name twice"),
+        ({"attacks": [{"name": "badnets"}, {"name": "badnets", "params": {"patch_size": 2}}]}, "own label"),
+        ({"attacks": [{"name": "badnets", "label": "a/../b"}]}, "becomes part of folder names"),
+        ({"datasets": [{"name": "digits"}, {"name": "digits"}]}, "lists a name twice"),
         ({"attacks": [{"name": "nope"}]}, "unknown attack 'nope'"),
         ({"attacks": [{"name": "badnets", "params": {"patch_size": 50}}]}, "patch"),
         ({"attacks": [{"name": "badnets", "target": 12}]}, "target label 12"),

@@ -15,6 +15,8 @@ def test_fingerprint_ignores_the_label_and_data_location_but_not_the_seed():
     assert base.fingerprint() == load_config(LabConfig, None, ["name=other", "data.root=/x"]).fingerprint()
     assert base.fingerprint() != load_config(LabConfig, None, ["seed=1"]).fingerprint()
     assert base.fingerprint() != load_config(LabConfig, None, ["attack.params.alpha=0.3"]).fingerprint()
+    # an attack setting's label is a display name: models cached before labels existed are found again
+    assert base.fingerprint() == load_config(LabConfig, None, ["attack.label=badnets-7"]).fingerprint()
 
 
 @pytest.mark.parametrize(

@@ -135,7 +135,7 @@ SHORT_SIGNALS = {"mnp": {"suppress_epochs": 2, "mask_epochs": 2}, "anp": {"itera
                  "inversion": {"steps": 40, "images": 64}}  # fmt: skip
 
 
-@pytest.mark.parametrize("features", [[], ["dynamic"], ["dynamic", "mnp", "anp", "rnp"], ["inversion"]])
+@pytest.mark.parametrize("features", [[], ["dynamic"], ["dynamic", "mnp", "anp", "rnp"], ["inversion", "latent_gap"]])
 def test_observations_hold_nothing_derived_from_the_trigger(art, features):
     x, y = art.defense_set()
     other = build_attack("blended", (1, 8, 8), 10, target=5, params={"alpha": 0.5})

@@ -269,7 +269,7 @@ def test_a_report_json_is_checked_before_a_script_resumes_from_it(tiny_artifact,
 def test_optional_fields_are_checked_where_present(tmp_path):
     path = tmp_path / "feature_separability.jsonl"
     clean = {"key": "m", "attack": None, "seed": 1, "target": None, "seconds": {"inversion": 3.0},
-             "detection": {"anomaly_index": 1.5, "suspect": 8, "norms": [20.0, 30.0]}}  # fmt: skip
+             "detection": {"inversion": {"anomaly_index": 1.5, "suspect": 8, "norms": [20.0, 30.0]}}}  # fmt: skip
     backdoored = {**clean, "attack": "badnets", "target": 0, "layer": "fc", "positives_in_layer": 12,
                   "auc": {"gamma": {"layer": 0.5, "all": 0.4}}}  # fmt: skip
     _write(

@@ -151,7 +151,8 @@ def test_onp_detect_refuses_bad_input_before_inverting(args, message, capsys, mo
 
 
 def test_a_class_reference_leaves_out_each_models_own_target():
-    from onp_env.signals.trigger_inversion import Inverted, class_reference
+    from onp_env.signals.base import class_reference
+    from onp_env.signals.trigger_inversion import Inverted
 
     norms = [torch.tensor([2.0, 20.0, 10.0]), torch.tensor([30.0, 22.0, 9.0]), torch.tensor([28.0, 18.0, 11.0])]
     ref = class_reference(norms, [0, None, 1])  # model 0's backdoor targets class 0, model 2's class 1
@@ -170,3 +171,98 @@ def test_onp_detect_refuses_a_reference_of_another_architecture(tmp_path, capsys
     other = build_artifact(tiny_config(), tmp_path, progress=False)  # a smaller CNN
     assert main(["detect", str(_build("badnets").path), "--reference", str(other)]) == 2
     assert "another dataset or architecture" in capsys.readouterr().err
+
+
+def test_the_latent_shift_solves_its_quadratic_programme():
+    from scipy.optimize import minimize
+
+    from onp_env.signals.latent_shift import LatentShiftParams, min_shifts
+
+    g = torch.Generator().manual_seed(0)
+    h, w, b = torch.rand(40, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    p = LatentShiftParams(margin=0.5)
+    shifts = min_shifts(h, y, w, b, p)
+    for k in range(4):
+        moved = (h[y != k] + shifts[k]) @ w.T + b
+        others = torch.cat([moved[:, :k], moved[:, k + 1 :]], 1)
+        assert (moved[:, k : k + 1] - others).min() >= p.margin - 1e-4  # every image now goes to k, by the margin
+        a = (w[k] - torch.cat([w[:k], w[k + 1 :]])).double().numpy()
+        need = p.margin - (h[y != k] @ torch.from_numpy(a).float().T + b[k] - torch.cat([b[:k], b[k + 1 :]]))
+        c = need.max(0).values.double().numpy()
+        rule = {"type": "ineq", "fun": lambda d, a=a, c=c: a @ d - c, "jac": lambda d, a=a: a}
+        best = minimize(lambda d: d @ d, torch.zeros(6).double().numpy(), jac=lambda d: 2 * d, method="SLSQP",
+                        constraints=[rule])  # fmt: skip
+        assert abs(float(shifts[k].double().norm()) - float((best.x @ best.x) ** 0.5)) < 1e-3
+
+
+def test_the_latent_shift_names_the_class_a_planted_unit_reaches():
+    from onp_env.signals import LatentShift
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 8)
+            self.relu = torch.nn.ReLU()
+            self.classifier = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.classifier(self.relu(self.fc(x.flatten(1))))
+
+    model = Head()
+    with torch.no_grad():  # units 0-4 copy the input, the class is its largest coordinate
+        model.fc.weight.copy_(torch.cat([torch.eye(5), torch.zeros(3, 5)]))
+        model.fc.bias.copy_(torch.tensor([0.0] * 5 + [-1.0] * 3))  # units 5-7 are silent on clean inputs
+        model.classifier.weight.copy_(torch.cat([torch.eye(5), torch.zeros(5, 3)], 1))
+        model.classifier.bias.zero_()
+        model.classifier.weight[2, 5] = 40.0  # the backdoor: unit 5, once it fires, sends anything to class 2
+    x = torch.rand(200, 1, 1, 5, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    layout, _ = find_units(model, x[:2])
+    result = LatentShift().compute(model, layout, x, y)
+    assert result.globals["suspect"] == 2.0 and result.globals["anomaly_index"] > 2
+    assert int(result.units.argmax()) == layout.by_name["fc"].offset + 5
+    again = LatentShift().compute(model, layout, x, y)
+    assert torch.equal(result.units, again.units)
+
+
+@pytest.mark.parametrize(("params", "message"), [({"coverage": 0}, "coverage must be > 0"), ({"images": 0}, ">= 1")])
+def test_bad_latent_shift_parameters_are_refused_before_any_model_is_prepared(params, message, monkeypatch):
+    from onp_env.signals import LatentShift
+
+    monkeypatch.setattr(LatentShift, "compute", lambda *a, **k: pytest.fail("the signal ran"))
+    with pytest.raises(OnpError, match=message):
+        NeuronPruningEnv(features=["latent_gap"], signal_params={"latent_gap": params})
+
+
+@pytest.mark.parametrize("name", ["inversion", "latent_gap"])
+def test_a_signal_reference_must_be_positive_finite_and_fit_the_model(name, monkeypatch):
+    for bad, message in (([1.0, float("nan")], "finite"), ([1.0, -2.0], "> 0"), ([1.0] * 100_001, "at most one")):
+        with pytest.raises(OnpError, match=message):
+            NeuronPruningEnv(features=[name], signal_params={name: {"reference": bad}})
+    art = _build("badnets")
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    monkeypatch.setattr("onp_env.signals.trigger_inversion.invert", lambda *a, **k: pytest.fail("it ran"))
+    monkeypatch.setattr("onp_env.signals.latent_shift.min_shifts", lambda *a, **k: pytest.fail("it ran"))
+    with pytest.raises(OnpError, match="reference holds 3 classes, the model has 10"):
+        SIGNALS[name](reference=[1.0, 2.0, 3.0]).compute(art.model, layout, x, y)
+
+
+def test_a_reference_from_shadow_models_leaves_out_their_targets_and_keeps_a_given_one():
+    from onp_env.env.signals import with_reference
+
+    models = [str(_build("badnets").path), str(_build("clean").path)]
+    params = with_reference(["latent_gap", "dynamic"], {"latent_gap": {"images": 64}}, models)
+    ref = params["latent_gap"]["reference"]
+    assert len(ref) == 10 and all(v > 0 for v in ref) and params["latent_gap"]["images"] == 64
+    clean_only = SIGNALS["latent_gap"](images=64).compute(*_model_layout_data("clean"))
+    assert ref[0] == pytest.approx(clean_only.details["norms"][0])  # the BadNets model targets class 0
+    given = {"latent_gap": {"reference": [1.0] * 10}}
+    assert with_reference(["latent_gap"], given, models) == given
+
+
+def _model_layout_data(name):
+    art = _build(name)
+    x, y = art.defense_set()
+    return art.model, find_units(art.model, x[:2])[0], x, y

@@ -5,7 +5,6 @@ every defense-data fraction. Defenses are registered names (onp_env.registry) wi
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 
 from onp_env.attacks import build_attack
 from onp_env.config import (
+    NAME,
     AttackConfig,
     DataConfig,
     LabConfig,
@@ -21,6 +21,7 @@ from onp_env.config import (
     TrainConfig,
     apply_overrides,
     bounded,
+    check_labels,
     from_dict,
     read_yaml,
 )
@@ -87,28 +88,33 @@ class BenchConfig:
                 for j, a in enumerate(self.attacks):
                     attack = from_dict(AttackConfig, a, f"bench.attacks[{j}]")
                     for seed in self.seeds:
-                        name = f"{self.name}-{data.name}-{model.name}-{attack.name}-s{seed}"
+                        name = f"{self.name}-{data.name}-{model.name}-{attack.key}-s{seed}"
                         out.append(LabConfig(name, seed, data, model, attack, self.train))
         return out
 
 
+def attack_key(attack: dict[str, Any]) -> str:
+    """An attack setting's name in a recorded config (AttackConfig.key)."""
+    return str(attack.get("label") or attack["name"])
+
+
 def model_key(lab: LabConfig) -> str:
     assert lab.attack is not None
-    return f"{lab.data.name}/{lab.model.name}/{lab.attack.name}/s{lab.seed}"
-
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-"""Names that become folder names (the grid's, each defense's label): no separators, no dot-names."""
+    return f"{lab.data.name}/{lab.model.name}/{lab.attack.key}/s{lab.seed}"
 
 
 def _check_labs(cfg: BenchConfig) -> None:
     """Every model of the grid is buildable: attack against the data, architecture (on the meta
     device: nothing allocated), device and augmentation, before any of them trains."""
-    for what, entries in (("datasets", cfg.datasets), ("models", cfg.models), ("attacks", cfg.attacks)):
+    for what, entries in (("datasets", cfg.datasets), ("models", cfg.models)):
         names = [e.get("name") for e in entries]
         if len(set(names)) != len(names):
             raise OnpError(f"bench.{what} lists a name twice ({names}): a grid holds one setting per name; "
                            "split it into two configs")  # fmt: skip
+    keys = [from_dict(AttackConfig, a, f"bench.attacks[{i}]").key for i, a in enumerate(cfg.attacks)]
+    if len(set(keys)) != len(keys):
+        raise OnpError(f"bench.attacks repeat a name ({keys}): give each setting of one attack its own label")
+    check_labels(keys, "bench.attacks")
     infos = {d.name: load_dataset(d.name, d.root).info for d in cfg.data()}
     resolve_device(cfg.train.device)
     if cfg.train.augment not in AUGMENTS:

@@ -12,9 +12,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
+from onp_env.bench.config import attack_key  # noqa: E402
+
 
 def _attack(r: dict[str, Any]) -> str:
-    return f"{r['config']['attack']['name']}\n{r['config']['data']['name']}, {r['config']['model']['name']}"
+    return f"{attack_key(r['config']['attack'])}\n{r['config']['data']['name']}, {r['config']['model']['name']}"
 
 
 def _save(fig: Any, path: Path) -> str:

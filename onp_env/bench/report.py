@@ -15,6 +15,7 @@ import torch
 
 import onp_env
 from onp_env.artifacts import write_text_atomic
+from onp_env.bench.config import attack_key
 from onp_env.errors import OnpError
 
 
@@ -34,7 +35,7 @@ def _group(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str,
 
 def _attack(r: dict[str, Any]) -> str:
     c = r["config"]
-    return f"{c['attack']['name']} ({c['data']['name']}, {c['model']['name']})"
+    return f"{attack_key(c['attack'])} ({c['data']['name']}, {c['model']['name']})"
 
 
 ALL = "all attacks"

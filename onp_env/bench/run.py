@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import onp_env
 from onp_env.artifacts import write_text_atomic
-from onp_env.bench.config import BenchConfig, DefenseSpec, model_key
+from onp_env.bench.config import BenchConfig, DefenseSpec, attack_key, model_key
 from onp_env.config import LabConfig, from_dict, to_dict
 from onp_env.errors import OnpError
 from onp_env.registry import defense_class
@@ -42,6 +42,7 @@ from onp_env.results import (
     append,
     end_last_line,
     list_of,
+    optional,
     read_rows,
 )
 
@@ -50,17 +51,18 @@ RESULTS, CONFIG = "results.jsonl", "config.json"
 
 def _cell_key(row: dict[str, Any]) -> str | None:
     c = row["config"]
-    model = f"{c['data']['name']}/{c['model']['name']}/{c['attack']['name']}/s{row['seed']}"
+    model = f"{c['data']['name']}/{c['model']['name']}/{attack_key(c['attack'])}/s{row['seed']}"
     key = f"{model}/{row['fraction']:g}/{row['defense']}"
     return None if row["key"] == key else f"its key {row['key']!r} does not match its fields ({key!r})"
 
 
 _NAMED = Schema("named entry", {"name": TEXT})
+_ATTACK = Schema("attack setting", {"name": TEXT}, optional={"label": optional(TEXT)})
 CELL = Schema(
     "bench cell",
     {
         "key": TEXT, "defense": TEXT, "method": TEXT, "params": ANY, "fraction": FRACTION, "seed": COUNT,
-        "config": Schema("lab config", {"data": _NAMED, "model": _NAMED, "attack": _NAMED}),
+        "config": Schema("lab config", {"data": _NAMED, "model": _NAMED, "attack": _ATTACK}),
         "acc": FRACTION, "asr": FRACTION, "ra": FRACTION, "der": FRACTION, "before": MEASURES,
         "pruned": COUNT, "seconds": NUMBER, "units": list_of(COUNT),
     },
@@ -123,7 +125,8 @@ def prepare_task(spec: dict[str, Any], workdir: str, threads: int, ship: bool) -
 
 def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict[str, Any],
               params: dict[str, Any], agent_files: dict[str, bytes] | None, fraction: float, seed: int,
-              workdir: str, threads: int, data_root: str | None) -> dict[str, Any]:  # fmt: skip
+              workdir: str, threads: int, data_root: str | None,
+              label: str | None = None) -> dict[str, Any]:  # fmt: skip
     from onp_env.artifacts import load_artifact
     from onp_env.defend import defend_artifact
 
@@ -140,9 +143,11 @@ def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict
     run = {**params, "defense_fraction": fraction, "seed": seed}
     _, report = defend_artifact(art_path, spec["name"], run, out, data_root=data_root)
     manifest = load_artifact(out).manifest
+    config = manifest["config"]  # the grid's label: a model cached under another label is the same model
+    config["attack"]["label"] = label
     return {
         "key": key, "defense": DefenseSpec(**spec).key, "method": spec["name"], "params": spec["params"],
-        "fraction": fraction, "seed": seed, "config": manifest["config"],
+        "fraction": fraction, "seed": seed, "config": config,
         **{k: report[k] for k in ("acc", "asr", "ra", "der", "before", "pruned", "seconds", "defense_images")},
         "finetuned": report.get("finetuned"), "units": manifest["defense"]["pruned_units"],
         "wall_seconds": round(time.perf_counter() - start, 2), "version": onp_env.__version__,
@@ -363,7 +368,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
             art, art_files = models[model_key(lab)]
             params, agent_files = prepared.get(spec.key, (spec.params, None))
             submit(("cell", key), cell_task, key, art, art_files, to_dict(spec), params, agent_files, fraction,
-                   lab.seed, str(out), cfg.threads, lab.data.root, cpus=cell_cpus[spec.key])  # fmt: skip
+                   lab.seed, str(out), cfg.threads, lab.data.root, lab.attack.label if lab.attack else None,
+                   cpus=cell_cpus[spec.key])  # fmt: skip
 
     try:  # the pool is closed whatever happens
         for k, s in learned.items():  # first: the longest tasks

@@ -12,22 +12,31 @@
   `rnp` (RNP's recovery masks on the unlearned twin).
 - signals of onp_env.signals, computed the same way through their own interface:
   `inversion` (Neural Cleanse's trigger inversion for every class at once; per unit, the activation
-  gap of the most anomalous class's inverted trigger: the oracle's quantity, trigger synthesized).
+  gap of the most anomalous class's inverted trigger: the oracle's quantity, trigger synthesized);
+  `latent_gap` (per class, the smallest shift of the classifier's input features that sends every
+  clean image to the class; per unit of the last hidden layer, the most anomalous class's signed
+  shift: a trigger-activated change estimated without any input-space trigger model, so it also
+  covers warping triggers).
   They cost seconds per model (see benchmarks), and none of them sees the trigger or the test split.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from onp_env.errors import OnpError
 from onp_env.graph.features import Z_CLIP, zscore
 from onp_env.graph.units import UnitLayout
 from onp_env.registry import defense_class
 from onp_env.signals import SIGNALS
+from onp_env.signals.base import class_reference
 
 DYNAMIC = ("act_mean_now", "act_std_now")
 SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -63,6 +72,36 @@ def global_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
     """Names of the observation's globals: the environment's own, then those the signal sets'
     signals declare (onp_env.signals.base.Signal.observed)."""
     return base + tuple(f"{s}_{suffix}" for s in sets if s in SIGNALS for suffix in SIGNALS[s].observed)
+
+
+def takes_reference(name: str) -> bool:
+    return name in SIGNALS and "reference" in {f.name for f in dataclasses.fields(SIGNALS[name].Params)}
+
+
+def with_reference(sets: list[str], params: dict[str, Any], artifacts: Sequence[str | Path], device: str = "cpu",
+                   progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    """`params` with the `reference` (Signal.suspicion) of every signal set that takes one computed on
+    `artifacts`: the defender's own shadow models, whose attacks it knows (a model's target class is
+    left out of that class's reference). A reference already set is kept."""
+    from onp_env.artifacts import load_artifact
+    from onp_env.graph.units import find_units
+
+    out = {name: dict(p) for name, p in params.items()}
+    todo = [s for s in sets if takes_reference(s) and not out.get(s, {}).get("reference")]
+    norms: dict[str, list[torch.Tensor]] = {s: [] for s in todo}
+    targets: list[int | None] = []
+    for path in tqdm(artifacts if todo else [], desc="signal reference", disable=not progress):
+        art = load_artifact(path)
+        x, y = art.defense_set()
+        layout, _ = find_units(art.model, x[:2])
+        attack = art.attack
+        targets.append(attack.target if attack is not None and attack.mode == "all-to-one" else None)
+        for s in todo:
+            result = SIGNALS[s](device=device, **out.get(s, {})).compute(art.model, layout, x, y)
+            norms[s].append(torch.tensor(result.details["norms"]))
+    for s in todo:
+        out.setdefault(s, {})["reference"] = [float(v) for v in class_reference(norms[s], targets)]
+    return out
 
 
 def layer_zscore(v: torch.Tensor, layout: UnitLayout) -> torch.Tensor:

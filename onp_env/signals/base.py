@@ -17,7 +17,37 @@ from torch import nn
 
 from onp_env.config import from_dict
 from onp_env.devices import resolve_device
+from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
+from onp_env.models import MAX_CLASSES
+
+MAD_CONSISTENCY = 1.4826
+"""MAD x this estimates a normal distribution's standard deviation (NC's anomaly index)."""
+
+
+def anomaly_index(norms: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """(K,) Neural Cleanse's anomaly index of per-class trigger sizes: how far below the median each
+    class's size lies, in robust (MAD) deviations; NC flags an index above 2. With a `reference`
+    (each class's typical size on other models: class_reference), the index is taken
+    on log(norm / reference) instead, so that a class every model reaches cheaply (a natural shortcut,
+    such as Fashion-MNIST's bag) is not an outlier."""
+    values = norms if reference is None else (norms / reference).log()
+    med = values.median()
+    mad = (values - med).abs().median() * MAD_CONSISTENCY
+    return (med - values) / mad.clamp_min(1e-12)
+
+
+def class_reference(norms: list[torch.Tensor], targets: list[int | None]) -> torch.Tensor:
+    """(K,) each class's median trigger size over reference models (clean or shadow models of the same
+    data and architecture), leaving out the models whose backdoor targets that class; a class that
+    every reference model targets gets the median of the other classes' references (no evidence)."""
+    stacked = torch.stack(norms)
+    ref = torch.full((stacked.shape[1],), float("nan"))
+    for k in range(stacked.shape[1]):
+        rows = [i for i, t in enumerate(targets) if t != k]
+        if rows:
+            ref[k] = stacked[rows, k].median()
+    return torch.where(ref.isnan(), ref.nanmedian(), ref)
 
 
 @dataclass
@@ -40,8 +70,29 @@ class Signal(ABC):
 
     def __init__(self, seed: int = 0, device: str = "cpu", **params: Any):
         self.params: Any = from_dict(self.Params, params, f"signal {self.name} parameters")
+        reference = getattr(self.params, "reference", [])
+        if len(reference) > MAX_CLASSES:
+            raise OnpError(f"signal {self.name} parameters.reference has {len(reference)} entries: at most one per "
+                           f"class ({MAX_CLASSES})")  # fmt: skip
         self.seed = seed
         self.device = resolve_device(device)
+
+    def suspicion(self, norms: torch.Tensor) -> torch.Tensor:
+        """(K,) the anomaly index of per-class trigger sizes. `params.reference`, where set, holds each
+        class's typical size on the defender's reference models of the same data and architecture
+        (class_reference over its shadow or clean models; `onp train-agent` fills it in from its shadow
+        zoo): the index is then taken against it, so that a class every model reaches cheaply (a
+        natural shortcut) is not suspected. Empty: each model judged on its own, as in the papers."""
+        reference = self.check_reference(len(norms))
+        return anomaly_index(norms, torch.tensor(reference, dtype=norms.dtype) if reference else None)
+
+    def check_reference(self, classes: int) -> list[float]:
+        """The reference, refused (before any work) where it was computed for another class count."""
+        reference: list[float] = getattr(self.params, "reference", [])
+        if reference and len(reference) != classes:
+            raise OnpError(f"signal {self.name}'s reference holds {len(reference)} classes, the model has "
+                           f"{classes}: use a reference computed on models of this dataset, or none")  # fmt: skip
+        return reference
 
     @abstractmethod
     def compute(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> SignalResult:

@@ -36,10 +36,7 @@ from torch import nn
 from onp_env.config import bounded
 from onp_env.graph.features import activation_gap
 from onp_env.graph.units import UnitLayout
-from onp_env.signals.base import Signal, SignalResult
-
-MAD_CONSISTENCY = 1.4826
-"""MAD x this estimates a normal distribution's standard deviation (NC's anomaly index)."""
+from onp_env.signals.base import Signal, SignalResult, anomaly_index
 
 
 @dataclass
@@ -61,6 +58,8 @@ class InversionParams:
     """Share of images sent to the class for a mask to count (NC's attack-success threshold)."""
     adjust_every: int = bounded(10, ge=1, le=10_000)
     """Steps between adjustments of the penalty weight."""
+    reference: list[float] = bounded([], gt=0, le=1e9)
+    """Each class's typical trigger size on the defender's reference models (Signal.suspicion)."""
 
 
 @dataclass
@@ -82,14 +81,8 @@ class Inverted:
         return (1 - m) * x + m * p
 
     def anomaly(self, reference: torch.Tensor | None = None) -> torch.Tensor:
-        """(K,) NC's anomaly index: how far below the median each norm lies, in robust deviations.
-        With a `reference` (class_reference: each class's typical norm on other models), the index is
-        taken on log(norm / reference) instead, so that a class every model reaches with a small mask
-        (a natural shortcut, such as Fashion-MNIST's bag) is not an outlier."""
-        values = self.norms if reference is None else (self.norms / reference).log()
-        med = values.median()
-        mad = (values - med).abs().median() * MAD_CONSISTENCY
-        return (med - values) / mad.clamp_min(1e-12)
+        """(K,) NC's anomaly index of the mask norms (base.anomaly_index)."""
+        return anomaly_index(self.norms, reference)
 
 
 def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: InversionParams, seed: int,
@@ -158,19 +151,6 @@ def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: 
     return Inverted(masks.cpu(), patterns.cpu(), norms.cpu(), reached.cpu(), step)
 
 
-def class_reference(norms: list[torch.Tensor], targets: list[int | None]) -> torch.Tensor:
-    """(K,) each class's median mask norm over reference models (clean or shadow models of the same
-    data and architecture), leaving out the models whose backdoor targets that class; a class that
-    every reference model targets gets the median of the other classes' references (no evidence)."""
-    stacked = torch.stack(norms)
-    ref = torch.full((stacked.shape[1],), float("nan"))
-    for k in range(stacked.shape[1]):
-        rows = [i for i, t in enumerate(targets) if t != k]
-        if rows:
-            ref[k] = stacked[rows, k].median()
-    return torch.where(ref.isnan(), ref.nanmedian(), ref)
-
-
 def trigger_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor, inv: Inverted,
                 k: int) -> torch.Tensor:  # fmt: skip
     """(units,) the activation gap of the inverted trigger of class `k`, on the images not of class k."""
@@ -190,12 +170,13 @@ class TriggerInversion(Signal):
     def invert(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Inverted:
         with torch.no_grad():
             classes = int(model(x[:1].to(self.device)).shape[1])
+        self.check_reference(classes)
         return invert(model, x, y, classes, self.params, self.seed, self.device)
 
     def compute(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> SignalResult:
         x, y = x.to(self.device), y.to(self.device)
         inv = self.invert(model, x, y)
-        index = inv.anomaly()
+        index = self.suspicion(inv.norms)
         k = int(torch.argmax(index))
         return SignalResult(
             trigger_gap(model, layout, x, y, inv, k),
