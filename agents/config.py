@@ -36,6 +36,9 @@ class ZooConfig:
     sample: SamplerConfig | None = None
     """Attack settings drawn by the seeded sampler (onp_env.attacks.sampler), added to `attacks`:
     several settings of each attack, each with its own label, target and trigger."""
+    exclude: list[str] = field(default_factory=list)
+    """Attack names whose settings are left out (of `attacks` and of the draws, which stay the same
+    draws): the leave-one-attack-out protocol holds one attack out of one zoo."""
 
 
 @dataclass
@@ -126,7 +129,7 @@ class AgentConfig:
         if self.zoo.sample is not None:
             data = self.zoo.base.data
             out += sample_attacks(self.zoo.sample, load_dataset(data.name, data.root).info.num_classes)
-        return out
+        return [a for a in out if a.name not in self.zoo.exclude]
 
 
 def check_policy(cfg: PolicyConfig) -> None:

@@ -4,8 +4,9 @@
     python benchmarks/onp_vs_baselines.py --seeds 104 105 106 --methods oracle mnp random \
         --variants "imitation target=next" --results benchmarks/results/onp_fresh.md
 
-For each held-out attack A: train an agent (configs/agent/fashion-mnist.yaml) on the shadow models
-of the four other attacks, build held-out models of A with seeds no shadow model uses, and run on
+For each held-out attack A: train an agent (--agent-config, default configs/agent/fashion-mnist.yaml)
+on the shadow models of the four other attacks (zoo.exclude=[A]: with a sampled zoo, the same draws
+less A's), build held-out models of A with seeds no shadow model uses, and run on
 each of them, with 1% and 5% of the training split as defense data: ONP (the agent), every
 registered baseline at its paper's defaults, and the oracle expert as the upper reference (it uses
 the trigger; no defense does). Then the ablations (--ablations), on the first held-out attack at 5%.
@@ -51,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
-BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random")
+BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random", "nc")
 KEPT = ("acc", "asr", "ra", "der", "pruned", "seconds", "before", "units")
 # The ablation (held-out badnets) ran while the config's imitation target was `next`; its variants keep
 # that target and compare with `imitation target=next`, the protocol's agent of that time. `remaining`
@@ -107,9 +108,9 @@ def build_model(lab: LabConfig) -> tuple[str, float]:
     return str(path), load_artifact(path).manifest["training"]["seconds"]
 
 
-def train_variant(sets: list[str], out: Path) -> float:
+def train_variant(config: str, sets: list[str], out: Path) -> float:
     """Train (or resume) one agent; the seconds its training took, from its agent.json."""
-    cfg = load_agent_config(str(CONFIG), sets)
+    cfg = load_agent_config(config, sets)
     if not (out / "agent").exists():
         train_agent(cfg, out, resume=(out / "config.json").is_file(), progress=False)
     return json.loads((out / "agent" / "agent.json").read_text())["training"]["seconds"]
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> None:
     one task per worker process (1 torch thread each); this driver is the only writer of onp.jsonl."""
     results = args.results.with_suffix(".jsonl")
     finished = done_keys(results)
-    base = load_agent_config(str(CONFIG), [])
+    base = load_agent_config(str(CONFIG), [])  # the held-out models' attack settings and recipe
+    agent_cfg = load_agent_config(str(args.agent_config), [])
     lab = dataclasses.replace(zoo_configs(base)[0], attack=None)
 
     def cost(what: str, seconds: float) -> None:
@@ -163,16 +165,15 @@ def run(args: argparse.Namespace) -> None:
             held_labs[held, seed] = dataclasses.replace(lab, name=f"held-out-{held}-s{seed}", seed=seed, attack=attack)
     variants = {}  # (held attack, variant) -> (overrides, run folder)
     for fold, held in enumerate(args.attacks):
-        shadow = [a for a in base.zoo.attacks if a["name"] != held]
         extra = {v: ABLATIONS[v] for v in args.variants} | (ABLATIONS if args.ablations and fold == 0 else {})
         for variant, sets in ({"onp": []} | extra).items():
             out = args.runs / f"without-{held}" / variant.replace(" ", "-").replace("=", "-")
-            variants[held, variant] = ([f"zoo.attacks={json.dumps(shadow)}", *sets], out)
+            variants[held, variant] = ([f"zoo.exclude=[{held}]", *sets], out)
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, ctx, initializer=_worker, initargs=(args.threads,)) as pool:
         # 1. every model (shadow zoo and held-out), each trained once into the cache
-        labs = {lab.name: lab for lab in zoo_configs(base)} | {lab.name: lab for lab in held_labs.values()}
+        labs = {lab.name: lab for lab in zoo_configs(agent_cfg)} | {lab.name: lab for lab in held_labs.values()}
         paths = {}
         futures = {pool.submit(build_model, lab): name for name, lab in labs.items()}
         for fut in tqdm(as_completed(futures), total=len(futures), desc="models", disable=args.quiet):
@@ -204,8 +205,10 @@ def run(args: argparse.Namespace) -> None:
             ready.sort()
             while ready and len(running) < args.workers:
                 task = ready.pop(0)[2]
-                fn = train_variant if task[0] == "agent" else run_cell
-                running[pool.submit(fn, *task[3:] if task[0] == "agent" else (*task[1:], args.runs))] = task
+                if task[0] == "agent":
+                    running[pool.submit(train_variant, str(args.agent_config), *task[3:])] = task
+                else:
+                    running[pool.submit(run_cell, *task[1:], args.runs)] = task
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 task = running.pop(fut)
@@ -412,6 +415,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true", help="regenerate onp.md from onp.jsonl")
+    p.add_argument("--agent-config", type=Path, default=CONFIG,
+                   help="the agents' config (each fold adds zoo.exclude=[the held-out attack])")  # fmt: skip
     p.add_argument("--runs", type=Path, default=HERE / "runs" / "onp")
     p.add_argument("--results", type=Path, default=HERE / "results" / "onp.md")
     args = p.parse_args()

@@ -23,7 +23,8 @@ def test_draws_repeat_for_a_seed_and_stay_in_their_ranges():
     assert {a.mode for a in draws} == {"all-to-one", "all-to-all"}
     assert all(a.mode == "all-to-one" for a in draws if a.name in CLEAN_LABEL)
     for a in draws:
-        assert cfg.poison_rate[0] <= a.poison_rate <= cfg.poison_rate[1]
+        rates = cfg.clean_label_rate if a.name in CLEAN_LABEL else cfg.poison_rate
+        assert rates[0] <= a.poison_rate <= rates[1]
         if a.name in ("badnets", "trojannn"):
             assert cfg.patch_size[0] <= a.params["patch_size"] <= cfg.patch_size[1]
             assert a.params["position"] in cfg.positions
@@ -62,3 +63,10 @@ def test_a_sampled_zoo_names_each_shadow_model_by_its_label():
         validate(load_agent_config(CONFIG, ["zoo.attacks=[{name: badnets}, {name: badnets}]"]))
     with pytest.raises(OnpError, match="must not be empty"):
         validate(load_agent_config(CONFIG, ["zoo.attacks=[]"]))
+
+
+def test_leaving_one_attack_out_keeps_the_other_draws():
+    sets = ["zoo.attacks=[{name: blended}]", "zoo.seeds=[1]", "zoo.sample={count: 10, seed: 2}"]
+    full = load_agent_config(CONFIG, sets).attack_configs()
+    fold = load_agent_config(CONFIG, [*sets, "zoo.exclude=[blended]"]).attack_configs()
+    assert fold == [a for a in full if a.name != "blended"] and len(fold) == 8

@@ -32,6 +32,9 @@ class SamplerConfig:
     """Share of the dirty-label draws that are all-to-all (label y -> y + 1)."""
     poison_rate: list[float] = bounded([0.05, 0.15], gt=0, lt=1)
     """[low, high]: drawn uniformly, as every range below."""
+    clean_label_rate: list[float] = bounded([0.04, 0.09], gt=0, lt=1)
+    """The poison rate of clean-label attacks (SIG), which poison target-class images only: a class
+    holds a tenth of a balanced 10-class training split, so their rate stays below 0.1."""
     patch_size: list[int] = bounded([2, 4], ge=1, le=4096)
     """Side of BadNets' and TrojanNN's patch, in pixels."""
     positions: list[str] = field(default_factory=lambda: ["bottom-right", "bottom-left", "top-right", "top-left"])
@@ -55,7 +58,7 @@ def check_sampler(cfg: SamplerConfig, where: str) -> None:
         unknown = [v for v in values if v not in allowed]
         if not values or unknown:
             raise OnpError(f"{where}.{name} must list some of {', '.join(allowed)}, got {values}")
-    for name in ("poison_rate", "patch_size", "alpha", "warp", "sig_delta", "sig_frequency"):
+    for name in ("poison_rate", "clean_label_rate", "patch_size", "alpha", "warp", "sig_delta", "sig_frequency"):
         pair = getattr(cfg, name)
         if len(pair) != 2 or pair[0] > pair[1]:
             raise OnpError(f"{where}.{name} must be [low, high] with low <= high, got {pair}")
@@ -71,7 +74,7 @@ def sample_attacks(cfg: SamplerConfig, num_classes: int) -> list[AttackConfig]:
         if name not in CLEAN_LABEL and rng.random() < cfg.all_to_all:
             mode = "all-to-all"
         target = rng.randrange(num_classes)
-        rate = round(rng.uniform(*cfg.poison_rate), 4)
+        rate = round(rng.uniform(*(cfg.clean_label_rate if name in CLEAN_LABEL else cfg.poison_rate)), 4)
         seed = rng.randrange(2**31)
         params: dict[str, object]
         if name == "badnets":
