@@ -8,8 +8,9 @@ small clean set. Their GNN, RL algorithm and reward are not published in what we
 they are this project's documented choices: a GATv2/GCN/GraphSAGE policy trained with MaskablePPO
 on the oracle reward of shadow models (onp_env.env), one unit per step until STOP or the budget.
 Departures: one graph for the whole network (typed inter-layer, skip and intra-layer edges) instead
-of one per layer; hidden Linear units are prunable; optional trigger-free signals from other
-defenses (onp_env.env.signals) join the node features.
+of one per layer; hidden Linear units are prunable; optional trigger-free signals (other defenses'
+scores, a trigger inversion, the minimum latent shift: onp_env.env.signals) join the node features.
+Without an agent directory the defense runs the one that ships with the package (SHIPPED).
 
 Deployment sees only the model and its clean defense set: the environment runs with score `none`
 and no attack, so nothing the policy reads can come from the trigger or the test split."""
@@ -38,11 +39,16 @@ from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 
+SHIPPED = Path(__file__).resolve().parent / "pretrained" / "fashion-mnist"
+"""The agent `onp defend --method onp` runs without --agent (agents/pretrained/README.md: what it
+was trained on, how it scored, and where it was not measured)."""
+
 
 @dataclass
 class ONPParams:
     agent: str = ""
-    """Agent directory written by `onp train-agent` (policy.safetensors + agent.json)."""
+    """Agent directory written by `onp train-agent` (policy.safetensors + agent.json); empty: the
+    agent that ships with onp-env (SHIPPED)."""
     deterministic: bool = True
     """Take the most likely action (False: sample it, seeded by the defense's seed)."""
     budget: float | None = None
@@ -95,17 +101,32 @@ def deploy(agent: Agent, model: nn.Module, x: torch.Tensor, y: torch.Tensor, det
     return order, record
 
 
+def _trained_on(agent: Agent) -> tuple[list[int], int] | None:
+    """(input shape, classes) of the agent's shadow models, from agent.json (None for agents trained
+    before it was recorded); malformed values are refused like any other corrupt field."""
+    data = agent.meta.get("training", {}).get("data") if isinstance(agent.meta.get("training"), dict) else None
+    if data is None:
+        return None
+    shape, classes = (data.get("shape"), data.get("classes")) if isinstance(data, dict) else (None, None)
+    ints = isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and 0 < v <= 4096 for v in shape)
+    if not ints or type(classes) is not int or not 2 <= classes <= 100_000:
+        raise OnpError(f"{agent.path}/agent.json: training.data must hold an input shape [C, H, W] and a class count; "
+                       "the agent config is corrupt")  # fmt: skip
+    return list(shape), int(classes)  # type: ignore[arg-type]
+
+
 class ONP(Defense):
     name = "onp"
     Params = ONPParams
 
     def __init__(self, semantics: str = "zero", seed: int = 0, device: str = "cpu", **params: Any):
         super().__init__(semantics, seed, device, **params)
-        if not self.params.agent:
-            raise OnpError("onp needs an agent: pass --agent DIR (from `onp train-agent`)")
+        if not self.params.agent and not (SHIPPED / "agent.json").is_file():
+            raise OnpError("no agent ships with this install of onp-env: pass --agent DIR (from `onp train-agent`)")
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
-        self.agent = load_agent(self.params.agent)  # validated before any expensive step
+        self.agent = load_agent(self.params.agent or SHIPPED)  # validated before any expensive step
+        self.trained_on = _trained_on(self.agent)
         self.agent.env = replace(self.agent.env, semantics=semantics, device=str(self.device))
         self.agent.net.to(self.device)
 
@@ -148,7 +169,18 @@ class ONP(Defense):
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Pruning order as a score: the first pruned unit scores highest, unpruned units -inf."""
-        order, record = deploy(self.agent, model, x, y, self.params.deterministic, self.params.budget, self.seed)
+        self.extra["agent"] = self.params.agent or "shipped"
+        agent = self.agent
+        with torch.no_grad():
+            found = (list(x.shape[1:]), int(model(x[:1]).shape[1]))
+        if self.trained_on is not None and found != self.trained_on:
+            # a class reference describes the shadow models' data only: elsewhere each model is judged alone
+            params = {k: {n: v for n, v in p.items() if n != "reference"} for k, p in agent.env.signal_params.items()}
+            agent = replace(agent, env=replace(agent.env, signal_params=params))
+            shape, classes = self.trained_on
+            self.extra["reference"] = (f"not applied: the agent's shadow models had inputs {shape} and {classes} "
+                                       f"classes, this model {found[0]} and {found[1]}")  # fmt: skip
+        order, record = deploy(agent, model, x, y, self.params.deterministic, self.params.budget, self.seed)
         self._order = order
         last = record[-1]
         self.extra["sequence"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, order)]

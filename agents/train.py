@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import torch
@@ -38,7 +39,7 @@ from agents.config import AgentConfig, validate
 from agents.expert import clone, collect
 from agents.io import save_agent
 from agents.policy import GraphMaskablePolicy
-from onp_env.artifacts import write_text_atomic
+from onp_env.artifacts import load_artifact, write_text_atomic
 from onp_env.config import LabConfig, from_dict, to_dict
 from onp_env.devices import resolve_device
 from onp_env.env import EnvConfig, NeuronPruningEnv
@@ -63,6 +64,12 @@ def build_zoo(cfg: AgentConfig, cache: str | Path | None = None, progress: bool 
     """Artifact directories of the shadow models (trained on first use, then cached)."""
     labs = zoo_configs(cfg)
     return [str(build_artifact(lab, cache, progress)) for lab in tqdm(labs, desc="shadow models", disable=not progress)]
+
+
+def trained_on(artifact: str) -> dict[str, Any]:
+    """The data the shadow models share (a signal reference holds only for it): name, input shape, classes."""
+    info = load_artifact(artifact).manifest["dataset"]
+    return {"name": info["name"], "shape": list(info["shape"]), "classes": info["num_classes"]}
 
 
 def _make_env(env_cfg: EnvConfig) -> Callable[[], gym.Env]:
@@ -205,6 +212,7 @@ def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: 
     training = {
         "steps": int(model.num_timesteps), "seed": cfg.seed, "shadow_models": [Path(a).name for a in artifacts],
         "imitation_episodes": cfg.imitation.episodes, "seconds": round(spent + time.perf_counter() - start, 1),
+        "data": trained_on(artifacts[0]),
     }  # fmt: skip
     policy = model.policy
     assert isinstance(policy, GraphMaskablePolicy)

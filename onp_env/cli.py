@@ -84,8 +84,6 @@ def _defend(args: argparse.Namespace) -> None:
     overrides = apply_overrides({}, args.set)
     if args.agent is not None:
         overrides["agent"] = args.agent
-    elif args.method == "onp":
-        raise OnpError("--method onp needs --agent DIR (an agent from `onp train-agent`)")
     out, report = defend_artifact(args.artifact, args.method, overrides, args.out, progress=not args.quiet,
                                   data_root=args.data_root)  # fmt: skip
     if args.json:
@@ -168,10 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--method",
         required=True,
-        help="onp (learned; needs --agent), mnp, anp, rnp, bnp, fp, clp, "
+        help="onp (learned; the agent that ships with onp-env unless --agent), mnp, anp, rnp, bnp, fp, clp, "
         "magnitude, random, or another registered defense",
     )
-    d.add_argument("--agent", default=None, help="agent directory for --method onp (from onp train-agent)")
+    d.add_argument(
+        "--agent",
+        default=None,
+        help="agent directory for --method onp (from onp train-agent; default: the shipped agent)",
+    )
     d.add_argument("--artifact", required=True, help="artifact directory (from onp attack)")
     d.add_argument(
         "--set",

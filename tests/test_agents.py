@@ -358,10 +358,8 @@ def test_validate_checks_the_ranges_of_a_config_built_in_python():
     assert ZooConfig().seeds is not ZooConfig().seeds  # a list default is copied, not shared
 
 
-def test_cli_onp_without_agent_or_with_a_bad_one_exits_2(tmp_path, capsys):
+def test_cli_onp_with_a_bad_agent_exits_2(tmp_path, capsys):
     art = str(default_artifact())
-    assert main(["defend", "--method", "onp", "--artifact", art, "--out", str(tmp_path / "a")]) == 2
-    assert "needs --agent" in capsys.readouterr().err
     code = main(
         ["defend", "--method", "onp", "--agent", str(tmp_path), "--artifact", art, "--out", str(tmp_path / "b")]
     )
@@ -387,3 +385,42 @@ def test_an_agent_that_sees_the_verdict_signals_trains_saves_and_deploys_with_it
     (agent_dir / "agent.json").write_text(json.dumps(meta))
     with pytest.raises(OnpError, match="globals"):
         load_agent(agent_dir)
+
+
+def test_onp_without_an_agent_runs_the_shipped_one(tmp_path, capsys):
+    from agents.defense import SHIPPED
+
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 2 << 20
+    agent = load_agent(SHIPPED)  # through every hostile-input check
+    assert agent.meta["training"]["data"] == {"name": "fashion-mnist", "shape": [1, 28, 28], "classes": 10}
+    assert {"inversion", "latent_gap"} <= set(agent.env.features)
+    art = str(default_artifact())  # digits: not the shipped agent's data
+    assert main(["defend", "--method", "onp", "--artifact", art, "--out", str(tmp_path / "a"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["details"]["agent"] == "shipped" and report["pruned"] == len(report["details"]["sequence"])
+    assert report["details"]["reference"].startswith("not applied: the agent's shadow models had inputs [1, 28, 28]")
+
+
+def test_a_shipped_agent_with_a_corrupt_data_record_is_refused(tmp_path):
+    from agents.defense import ONP, SHIPPED
+
+    copy = tmp_path / "agent"
+    shutil.copytree(SHIPPED, copy)
+    meta = json.loads((copy / "agent.json").read_text())
+    meta["training"]["data"]["shape"] = [1, 28, -5]
+    (copy / "agent.json").write_text(json.dumps(meta))
+    with pytest.raises(OnpError, match="training.data must hold an input shape"):
+        ONP(agent=str(copy))
+
+
+def test_the_wheel_carries_the_shipped_agent(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = tmp_path.glob("onp_env-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"agents/pretrained/fashion-mnist/agent.json", "agents/pretrained/fashion-mnist/policy.safetensors",
+            "agents/pretrained/README.md"} <= set(names)  # fmt: skip

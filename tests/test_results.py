@@ -212,7 +212,7 @@ def test_a_whole_last_row_without_its_newline_is_kept_and_ended(tmp_path):
 
 def test_the_committed_results_files_pass_their_readers():
     results = ROOT / "benchmarks" / "results"
-    for name in ("onp.jsonl", "onp_fresh.jsonl"):
+    for name in ("onp.jsonl", "onp_fresh.jsonl", "onp_signals.jsonl"):
         assert ROWS.read_protocol(results / name)
     assert ROWS.read_stopping(results / "onp_stopping.jsonl")
     assert ROWS.read_margins(results / "test_margins.jsonl")
