@@ -42,12 +42,17 @@ AGENTS = {  # name -> (config, overrides)
     "onp sampled+signals": ("fashion-mnist-sampled.yaml", []),
     "onp sampled": ("fashion-mnist-sampled.yaml", ["env.features=[dynamic, mnp]"]),
     "onp fixed+signals": ("fashion-mnist.yaml", [SIGNALS]),
+    # the same two agents with other training seeds: is the difference between them more than seed noise?
+    "onp sampled+signals seed=1": ("fashion-mnist-sampled.yaml", ["seed=1"]),
+    "onp sampled seed=1": ("fashion-mnist-sampled.yaml", ["env.features=[dynamic, mnp]", "seed=1"]),
+    "onp sampled+signals seed=2": ("fashion-mnist-sampled.yaml", ["seed=2"]),
+    "onp sampled seed=2": ("fashion-mnist-sampled.yaml", ["env.features=[dynamic, mnp]", "seed=2"]),
 }
 BASELINES = ("oracle", "nc", "mnp")
 
 
 def folder(name: str) -> Path:
-    return RUNS / name.replace(" ", "-").replace("+", "-")
+    return RUNS / name.replace(" ", "-").replace("+", "-").replace("=", "")
 
 
 def build(lab_name: str) -> str:
