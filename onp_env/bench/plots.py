@@ -52,7 +52,8 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
                bbox_to_anchor=(0.5, 1.06), fontsize=8)  # fmt: skip
     names.append(_save(fig, folder / "asr_acc_vs_pruned.png"))
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(attacks) * len(defenses) / 3), 3.8))
+    # at least 2.2 inches a group: a label such as "fashion-mnist, small_cnn" must not reach its neighbour's
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(attacks), 1.1 * len(attacks) * len(defenses) / 3), 3.8))
     width = 0.8 / len(defenses)
     for i, d in enumerate(defenses):
         means, errs = [], []
