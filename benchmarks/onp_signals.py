@@ -80,6 +80,42 @@ def train(name: str) -> float:
     return json.loads((out / "agent" / "agent.json").read_text())["training"]["seconds"]
 
 
+def curves() -> list[str]:
+    """Each trained agent's PPO reward against steps and its imitation loss, as onp_signals_training.png."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {n: folder(n) for n in AGENTS if (folder(n) / "logs" / "progress.csv").is_file()}
+    if not runs:
+        return []
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, (name, run) in enumerate(runs.items()):
+        style = {"color": plt.get_cmap("tab10")(i % 10), "label": name}
+        with open(run / "logs" / "progress.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("rollout/ep_rew_mean")]
+        ax.plot([int(r["time/total_timesteps"]) for r in rows], [float(r["rollout/ep_rew_mean"]) for r in rows],
+                **style)  # fmt: skip
+        if (run / "imitation.json").is_file():
+            bx.plot(json.loads((run / "imitation.json").read_text())["losses"], **style)
+    ax.set(xlabel="PPO steps", ylabel="mean episode reward (oracle)")
+    bx.set(xlabel="imitation epoch", ylabel="behaviour-cloning loss", yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = HERE / "results" / ".onp_signals_training.png.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(HERE / "results" / "onp_signals_training.png")
+    return ["## Training curves", "",
+            "PPO's mean episode reward on each agent's own shadow models (the oracle reward; the fixed and the "
+            "sampled zoo are different tasks, so only curves of one zoo compare) and the imitation loss, per agent "
+            "(from each run's logs/progress.csv and imitation.json).", "",
+            "![curves](onp_signals_training.png)", ""]  # fmt: skip
+
+
 def shadow_table() -> list[str]:
     """Each sampled shadow model's attack setting and its clean ACC / ASR (from its manifest)."""
     from agents.config import load_agent_config
@@ -145,6 +181,7 @@ def report(fractions: list[float]) -> None:
         lines += ["## Training cost (one torch thread)", "", "| agent | minutes |", "|---|---:|"]
         lines += [f"| {k[6:]} | {v / 60:.1f} |" for k, v in costs.items() if k.startswith("agent/")]
         lines.append("")
+    lines += curves()
     lines += shadow_table()
     write_text_atomic(HERE / "results" / "onp_signals.md", "\n".join(lines) + "\n")
 
