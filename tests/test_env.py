@@ -329,3 +329,18 @@ def test_dense_oracle_reward_is_the_target_confidence_and_changes_no_observation
         assert all(np.array_equal(s1[0][k], s2[0][k]) for k in s1[0])
     with pytest.raises(OnpError, match="kind: asr or confidence"):
         NeuronPruningEnv(artifacts=[str(art.path)], score_kwargs={"kind": "logit"})
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_make_vec_batches_the_dict_observation(mode):
+    envs = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode=mode)
+    try:
+        obs, _ = envs.reset(seed=[0, 1])
+        assert all(v.shape[0] == 2 for v in obs.values()) and set(obs) == set(envs.single_observation_space.spaces)
+        for _ in range(3):
+            masks = np.stack(envs.call("action_masks"))
+            actions = np.array([int(np.flatnonzero(m)[0]) for m in masks])
+            obs, reward, term, trunc, _ = envs.step(actions)
+            assert reward.shape == (2,) and envs.observation_space.contains(obs)
+    finally:
+        envs.close()
