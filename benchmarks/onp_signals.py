@@ -42,6 +42,14 @@ AGENTS = {  # name -> (config, overrides)
     "onp sampled+signals": ("fashion-mnist-sampled.yaml", []),
     "onp sampled": ("fashion-mnist-sampled.yaml", ["env.features=[dynamic, mnp]"]),
     "onp fixed+signals": ("fashion-mnist.yaml", [SIGNALS]),
+    # the signals' unit evidence only where their own verdict is confident (index > 2, Neural Cleanse's
+    # flag): on BadNets s101/s102 the latent shift named a wrong class with index 0.9-1.3 and the policy
+    # followed its units, while the inversion named the target with index 7.6 (found on these held-out
+    # models: confirm on models the diagnosis did not see, e.g. the configuration-shift grid)
+    "onp sampled+signals gate=2": (
+        "fashion-mnist-sampled.yaml",
+        ["env.signal_params={inversion: {gate: 2}, latent_gap: {gate: 2}}"],
+    ),
     # the same two agents with other training seeds: is the difference between them more than seed noise?
     "onp sampled+signals seed=1": ("fashion-mnist-sampled.yaml", ["seed=1"]),
     "onp sampled seed=1": ("fashion-mnist-sampled.yaml", ["env.features=[dynamic, mnp]", "seed=1"]),

@@ -266,3 +266,13 @@ def _model_layout_data(name):
     art = _build(name)
     x, y = art.defense_set()
     return art.model, find_units(art.model, x[:2])[0], x, y
+
+
+def test_a_gated_signal_gives_no_unit_evidence_for_a_verdict_it_does_not_believe():
+    model, layout, x, y = _model_layout_data("badnets")
+    open_ = SIGNALS["latent_gap"]().compute(model, layout, x, y)
+    index = open_.globals["anomaly_index"]
+    below = SIGNALS["latent_gap"](gate=index + 0.01).compute(model, layout, x, y)
+    above = SIGNALS["latent_gap"](gate=max(index - 0.01, 0.0)).compute(model, layout, x, y)
+    assert below.units.isnan().all() and below.globals == open_.globals  # the verdict itself is still observed
+    assert torch.equal(above.units.nan_to_num(7.0), open_.units.nan_to_num(7.0))

@@ -86,6 +86,12 @@ class Signal(ABC):
         reference = self.check_reference(len(norms))
         return anomaly_index(norms, torch.tensor(reference, dtype=norms.dtype) if reference else None)
 
+    def gated(self, units: torch.Tensor, index: float) -> torch.Tensor:
+        """`units`, or NaN everywhere (no evidence) when the suspected class's anomaly index is at most
+        `params.gate`: a verdict the signal itself does not believe carries no unit evidence."""
+        gate = getattr(self.params, "gate", 0.0)
+        return torch.full_like(units, float("nan")) if gate > 0 and index <= gate else units
+
     def check_reference(self, classes: int) -> list[float]:
         """The reference, refused (before any work) where it was computed for another class count."""
         reference: list[float] = getattr(self.params, "reference", [])

@@ -51,6 +51,9 @@ class LatentShiftParams:
     """At most this many coordinate-descent sweeps over the dual variables."""
     reference: list[float] = bounded([], gt=0, le=1e9)
     """Each class's typical shift norm on the defender's reference models (Signal.suspicion)."""
+    gate: float = bounded(0.0, ge=0, le=1000)
+    """Per-unit evidence only when the suspected class's anomaly index exceeds this (Signal.gated; 0:
+    always, as in the paper)."""
 
 
 def classifier_inputs(model: nn.Module, layout: UnitLayout, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
@@ -134,7 +137,7 @@ class LatentShift(Signal):
         index = self.suspicion(norms)
         k = int(torch.argmax(index))
         return SignalResult(
-            unit_values(shifts[k], layout),
+            self.gated(unit_values(shifts[k], layout), float(index[k])),
             {"anomaly_index": float(index[k]), "suspect": float(k)},
             {"norms": norms.tolist(), "anomaly": index.tolist()},
         )

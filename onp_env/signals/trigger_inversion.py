@@ -60,6 +60,9 @@ class InversionParams:
     """Steps between adjustments of the penalty weight."""
     reference: list[float] = bounded([], gt=0, le=1e9)
     """Each class's typical trigger size on the defender's reference models (Signal.suspicion)."""
+    gate: float = bounded(0.0, ge=0, le=1000)
+    """Per-unit evidence only when the suspected class's anomaly index exceeds this (Signal.gated; 0:
+    always, as in the paper)."""
 
 
 @dataclass
@@ -179,7 +182,7 @@ class TriggerInversion(Signal):
         index = self.suspicion(inv.norms)
         k = int(torch.argmax(index))
         return SignalResult(
-            trigger_gap(model, layout, x, y, inv, k),
+            self.gated(trigger_gap(model, layout, x, y, inv, k), float(index[k])),
             {"anomaly_index": float(index[k]), "suspect": float(k)},
             {
                 "norms": inv.norms.tolist(),
