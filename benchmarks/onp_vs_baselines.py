@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> None:
     variants = {}  # (held attack, variant) -> (overrides, run folder)
     for fold, held in enumerate(args.attacks):
         extra = {v: ABLATIONS[v] for v in args.variants} | (ABLATIONS if args.ablations and fold == 0 else {})
-        for variant, sets in ({"onp": []} | extra).items():
+        for variant, sets in ({args.name: []} | extra).items():
             out = args.runs / f"without-{held}" / variant.replace(" ", "-").replace("=", "-")
             variants[held, variant] = ([f"zoo.exclude=[{held}]", *sets], out)
 
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> None:
 
         # 2. agents and cells, at most one task per worker in flight, by priority: an agent's cells as
         # soon as it is trained, then the protocol's agents, the baseline cells, the ablation agents
-        everywhere = ("onp", *args.variants)  # every fold and fraction, not only the ablation's
+        everywhere = (args.name, *args.variants)  # every fold and fraction, not only the ablation's
         ready: list[tuple[int, int, tuple]] = []
         for (held, variant), (sets, out) in variants.items():
             ready.append((1 if variant in everywhere else 3, len(ready), ("agent", held, variant, sets, out)))
@@ -251,6 +251,12 @@ HEADER = ["| method | n | ACC % | ACC lost | ASR % | RA % | DER % | pruned | ora
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
 
 
+def agents(cells: list[dict]) -> list[str]:
+    """The learned agents in the rows: `onp` first, then those run under another --name."""
+    named = {r["method"] for r in cells if r["method"].startswith("onp") and r["method"] not in ABLATIONS}
+    return sorted(named, key=lambda m: (m != "onp", m))
+
+
 def everywhere(cells: list[dict], method: str) -> bool:
     """Whether a variant ran on more than one fold and on every fold onp ran on (--variants, finished)."""
     folds = {r["attack"] for r in cells if r["method"] == method}
@@ -263,7 +269,8 @@ def report_md(results: Path, out: Path) -> None:
     cells = [r for r in rows if r.get("kind") is None]
     # a variant run on every fold onp ran on (--variants) is a main row; until then (a run in progress)
     # it would shrink the paired comparison to the models it has reached, so it waits
-    folds = {m: {r["attack"] for r in cells if r["method"] == m} for m in ["onp", *ABLATIONS, "oracle", *BASELINES]}
+    names = [*agents(cells), *ABLATIONS, "oracle", *BASELINES]
+    folds = {m: {r["attack"] for r in cells if r["method"] == m} for m in names}
     main = [m for m in folds if folds[m] and (m not in ABLATIONS or everywhere(cells, m))]
     ablation = [m for m in ABLATIONS if folds[m]]
     single = [m for m in ABLATIONS if len(folds[m]) == 1]  # the ablation proper: one held-out attack
@@ -301,11 +308,13 @@ def report_md(results: Path, out: Path) -> None:
             if sel:
                 lines.append(_row(m, sel, oracle))
         anp = {(r["attack"], r["seed"]): r["seconds"] for r in at if r["method"] == "anp"}
-        ratio = [r["seconds"] / anp[r["attack"], r["seed"]] for r in at if r["method"] == "onp"
-                 and anp.get((r["attack"], r["seed"]))]  # fmt: skip
-        if ratio:
-            lines += ["", f"ONP's seconds to defend / ANP's (2000 iterations) on the same model: mean "
-                          f"{statistics.mean(ratio):.3f}, max {max(ratio):.3f} over {len(ratio)} models."]  # fmt: skip
+        for agent in agents(cells):
+            ratio = [r["seconds"] / anp[r["attack"], r["seed"]] for r in at if r["method"] == agent
+                     and anp.get((r["attack"], r["seed"]))]  # fmt: skip
+            if ratio:
+                mean = statistics.mean(ratio)
+                lines += ["", f"`{agent}`'s seconds to defend / ANP's (2000 iterations) on the same model: "
+                              f"mean {mean:.3f}, max {max(ratio):.3f} over {len(ratio)} models."]  # fmt: skip
         lines.append("")
     lines += ["## Per held-out attack", ""]
     for attack in dict.fromkeys(r["attack"] for r in cells):
@@ -365,18 +374,18 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
     baselines) and of the variants and ablations."""
     main = {"onp", "oracle", *BASELINES}
     model = sum(v for k, v in costs.items() if k.startswith("cost/model/"))
-    agents = {k: v for k, v in costs.items() if k.startswith("cost/agent/")}
-    ours = {k for k in agents if k.endswith("/onp")}
-    agent = sum(agents[k] for k in ours)
+    trained = {k: v for k, v in costs.items() if k.startswith("cost/agent/")}
+    ours = {k for k in trained if k.endswith("/onp")}
+    agent = sum(trained[k] for k in ours)
     cell = sum(r["wall_seconds"] for r in cells if r["method"] in main)
     n_cells = sum(r["method"] in main for r in cells)
-    abl_agent = sum(v for k, v in agents.items() if k not in ours)
+    abl_agent = sum(v for k, v in trained.items() if k not in ours)
     abl_cell = sum(r["wall_seconds"] for r in cells if r["method"] not in main)
     total = model + agent + cell
     swaps = []  # a variant run on every fold, as the protocol's learned agent in onp's place
-    for m in sorted({r["method"] for r in cells if r["method"] in ABLATIONS}):
+    for m in sorted({r["method"] for r in cells if r["method"] in ABLATIONS} | set(agents(cells)[1:])):
         if everywhere(cells, m):  # measured in full: every fold's agent and cells
-            m_agent = sum(v for k, v in agents.items() if k.endswith(f"/{m}"))
+            m_agent = sum(v for k, v in trained.items() if k.endswith(f"/{m}"))
             m_cell = sum(r["wall_seconds"] for r in cells if r["method"] == m)
             onp_cell = sum(r["wall_seconds"] for r in cells if r["method"] == "onp")
             t = (model + m_agent + cell - onp_cell + m_cell) / 3600
@@ -391,13 +400,19 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
         f"| cells (every method on every model) | {n_cells} | {cell / 3600:.2f} |",
         f"| **protocol** | | **{total / 3600:.2f}** |",
         *swaps,
-        f"| variant and ablation agents | {len(agents) - len(ours)} | {abl_agent / 3600:.2f} |",
+        f"| variant and ablation agents | {len(trained) - len(ours)} | {abl_agent / 3600:.2f} |",
         f"| variant and ablation cells | {len(cells) - n_cells} | {abl_cell / 3600:.2f} |",
         "",
         "Worker-hours are summed over the worker processes (one torch thread each); with two workers on the "
         f"2-core machine the protocol's wall-clock time is about half its total, {total / 7200:.1f} h.",
         "",
     ]
+
+
+def _agent_name(name: str) -> str:
+    if name in ("oracle", *BASELINES, *ABLATIONS) or not name.startswith("onp"):
+        raise argparse.ArgumentTypeError(f"{name!r} is taken or does not start with 'onp'; name the agent onp-...")
+    return name
 
 
 def main() -> None:
@@ -417,6 +432,9 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true", help="regenerate onp.md from onp.jsonl")
     p.add_argument("--agent-config", type=Path, default=CONFIG,
                    help="the agents' config (each fold adds zoo.exclude=[the held-out attack])")  # fmt: skip
+    p.add_argument("--name", default="onp", type=_agent_name,
+                   help="the agent's method name in the rows: another name keeps the baselines' rows and "
+                        "adds a second agent beside `onp` (its runs under --runs/without-A/NAME)")  # fmt: skip
     p.add_argument("--runs", type=Path, default=HERE / "runs" / "onp")
     p.add_argument("--results", type=Path, default=HERE / "results" / "onp.md")
     args = p.parse_args()
