@@ -193,3 +193,35 @@ class ONP(Defense):
 
     def select(self, scores, model, layout, x, y) -> list[int]:
         return list(self._order)
+
+
+class AgentPolicy:
+    """A trained agent as an onp_env.suite policy: its action for each observation, among the valid ones.
+    The env's node and global features must be those the agent was trained on."""
+
+    def __init__(self, agent: Agent, deterministic: bool = True, seed: int = 0):
+        self.agent, self.deterministic, self.seed = agent, deterministic, seed
+        self.rng = np.random.default_rng(seed)
+
+    def start(self, env: Any) -> None:
+        e = env.unwrapped
+        want, got = self.agent.env.features, e.cfg.features
+        if list(want) != list(got):
+            raise OnpError(f"the agent was trained on features {want} but this env computes {got}: "
+                           "evaluate it on a suite with the same features, or train one there")  # fmt: skip
+        self.rng = np.random.default_rng(self.seed)
+
+    def act(self, env: Any, obs: dict[str, np.ndarray], info: Any = None) -> Any:
+        return act(self.agent, env.unwrapped, obs, self.deterministic, self.rng)
+
+
+def agent_policy(name: str, params: dict[str, Any], seed: int) -> AgentPolicy:
+    """Entry point of group onp_env.policies: `agent` (a directory of `onp train-agent`; default the
+    shipped agent) and `deterministic`."""
+    unknown = sorted(set(params) - {"agent", "deterministic"})
+    if unknown:
+        raise OnpError(f"unknown parameter(s) {', '.join(unknown)} of policy onp: it takes agent and deterministic")
+    deterministic = params.get("deterministic", True)
+    if not isinstance(deterministic, bool):
+        raise OnpError(f"policy onp: deterministic must be true or false, got {deterministic!r}")
+    return AgentPolicy(load_agent(params.get("agent") or SHIPPED), deterministic, seed)

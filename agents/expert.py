@@ -62,6 +62,26 @@ class OracleExpert:
         return free[best] if rewards[best] > env.cfg.unit_cost else free[0]
 
 
+class OraclePolicy:
+    """The oracle expert as an onp_env.suite policy (the ceiling of its normalised score)."""
+
+    def __init__(self, cfg: ImitationConfig):
+        self.expert = OracleExpert(cfg)
+
+    def start(self, env: Any) -> None:
+        self.expert.start(env.unwrapped)
+
+    def act(self, env: Any, obs: Any = None, info: Any = None) -> int:
+        return self.expert.act(env.unwrapped)
+
+
+def oracle_policy(name: str, params: dict[str, Any], seed: int) -> OraclePolicy:
+    """Entry point of group onp_env.policies: `params` are ImitationConfig's (candidates, stop_asr)."""
+    from onp_env.config import from_dict
+
+    return OraclePolicy(from_dict(ImitationConfig, params, "oracle policy params"))
+
+
 Episode = tuple[list[dict], list[int], list[np.ndarray], dict]
 
 

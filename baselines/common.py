@@ -122,7 +122,8 @@ class BaselinePolicy:
         self.defense = defense
         self._queue: list[int] = []
 
-    def act(self, env: Any) -> int:
+    def act(self, env: Any, obs: Any = None, info: Any = None) -> int:
+        """The next unit of the plan, or STOP; `obs` and `info` are not read (onp_env.suite's Policy)."""
         e = env.unwrapped
         if e.cfg.action_mode != "neuron":
             raise OnpError("baseline policies act in action_mode='neuron'")
@@ -132,6 +133,13 @@ class BaselinePolicy:
         while self._queue and e.pruned[self._queue[0]]:  # already pruned, e.g. with its residual group
             self._queue.pop(0)
         return self._queue.pop(0) if self._queue else e.max_units
+
+
+def heuristic_policy(name: str, params: dict[str, Any], seed: int) -> BaselinePolicy:
+    """The registered defense `name` as a policy (entry point of group onp_env.policies)."""
+    from onp_env.registry import defense_class
+
+    return BaselinePolicy(defense_class(name)(seed=seed, **params))
 
 
 def run_policy(policy: BaselinePolicy, env: Any, seed: int | None = None,
@@ -147,4 +155,4 @@ def run_policy(policy: BaselinePolicy, env: Any, seed: int | None = None,
     return record
 
 
-__all__ = ["BaselinePolicy", "Defense", "DefenseResult", "run_policy", "top_units"]
+__all__ = ["BaselinePolicy", "Defense", "DefenseResult", "heuristic_policy", "run_policy", "top_units"]

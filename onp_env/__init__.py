@@ -1,6 +1,7 @@
 """onp-env: learned and heuristic neuron pruning against backdoors.
 
-The environment `onp_env/NeuronPruning-v0` is registered with Gymnasium on import.
+The environment `onp_env/NeuronPruning-v0` and the task suites' ids (`onp_env/Digits-v0`,
+`onp_env/FashionMNIST-v0`: onp_env.suite) are registered with Gymnasium on import.
 The lab: datasets (`onp_env.data`), models (`onp_env.models`), attacks (`onp_env.attacks`),
 backdoored-model artifacts (`onp_env.zoo`, `onp_env.artifacts`) and metrics (`onp_env.metrics`).
 """
@@ -21,6 +22,9 @@ def _register() -> None:
     # short the episodes of larger models. The env truncates itself instead (NeuronPruningEnv.step_limit).
     if "onp_env/NeuronPruning-v0" not in gymnasium.registry:
         gymnasium.register(id="onp_env/NeuronPruning-v0", entry_point="onp_env.env.core:NeuronPruningEnv")
+    from onp_env.suite.spec import register  # the task suites' ids (onp_env/suite/spec.py)
+
+    register()
 
 
 _register()

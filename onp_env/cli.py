@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_quickstart)
 
+    from onp_env.suite.cli import add_suite
+
+    add_suite(sub)
     for add_command in command_plugins():  # e.g. train-agent, from the agents package
         add_command(sub)
     return p

@@ -1,0 +1,34 @@
+"""The suites' environments: `gym.make("onp_env/Digits-v0", split="test")`.
+
+A suite id freezes the env's settings (onp_env/suite/spec.py); only the split, where the models are
+evaluated (`device`), the lab cache and the progress bar are chosen at make time. For other settings,
+make `onp_env/NeuronPruning-v0` with `artifacts=` the models of `onp suite build`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from onp_env.env import NeuronPruningEnv, PruningTarget
+from onp_env.errors import OnpError
+from onp_env.suite.spec import get_suite
+from onp_env.suite.zoo import SuiteModel, build_split
+
+
+class SuiteEnv(NeuronPruningEnv):
+    """NeuronPruningEnv over one split of a suite; reset(options={"model": "digits-v0/test/007"})
+    picks a model by its stable name. `suite`, `split` and `models` (each with its manifest check)
+    say what it holds."""
+
+    def __init__(self, suite: str, split: str = "train", device: str = "cpu", cache: str | Path | None = None,
+                 progress: bool = True, **unexpected: object):  # fmt: skip
+        spec = get_suite(suite)
+        if unexpected:
+            raise OnpError(
+                f"{spec.gym_id} freezes its settings; {', '.join(sorted(unexpected))} cannot be set: pass only "
+                "split, device, cache or progress, or make onp_env/NeuronPruning-v0 with artifacts= for other settings"
+            )
+        models: list[SuiteModel] = build_split(spec, split, cache, progress)
+        targets = [dataclasses.replace(PruningTarget.from_artifact(m.path), name=m.name) for m in models]
+        super().__init__({**spec.env, "device": device}, targets=targets)
+        self.suite, self.split, self.models = spec, split, models

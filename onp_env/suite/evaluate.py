@@ -1,0 +1,143 @@
+"""The standard evaluation: every model of a split, one row per model, replayable.
+
+A row holds the model's stable name and weights hash, the policy's action sequence, the defense-set ACC
+and ASR before and after (the env's own measurements, on which its reward is computed), the episode's
+return, steps and seconds, and the library version and env settings it ran under. `validate` replays
+the actions in a fresh env and recomputes every number: a row that was edited, or comes from another
+suite version or zoo, fails with the model it names."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from onp_env.errors import OnpError
+from onp_env.metrics import der
+from onp_env.results import COUNT, FRACTION, REAL, TEXT, Schema, append, list_of, read_rows
+from onp_env.suite.policies import Policy
+from onp_env.suite.spec import SPLITS, get_suite
+
+ROW = Schema(
+    "suite row",
+    {"suite": TEXT, "env_id": TEXT, "split": TEXT, "model": TEXT, "policy": TEXT, "seed": COUNT,
+     "actions": list_of(COUNT), "steps": COUNT, "return": REAL, "acc_before": FRACTION, "asr_before": FRACTION,
+     "acc_after": FRACTION, "asr_after": FRACTION, "der": FRACTION, "pruned": COUNT, "seconds": REAL,
+     "library": TEXT, "weights_sha256": TEXT, "zoo": TEXT},
+)  # fmt: skip
+FIX = "rows come from `onp suite evaluate`, unedited: run it again"
+TOLERANCE = 1e-5
+"""How far a replayed number may fall from the row's (evaluation is deterministic on one machine; float
+sums may differ in the last bits elsewhere)."""
+
+
+def _episode(env: Any, policy: Policy | None, seed: int, model: str, actions: list[int] | None = None) -> dict:
+    """One episode on `model`, by `policy` or by replaying `actions`; the row's measured fields."""
+    start = time.perf_counter()
+    obs, info = env.reset(seed=seed, options={"model": model})
+    e = env.unwrapped
+    acc0, asr0 = info["acc"], info.get("asr")
+    if policy is not None and hasattr(policy, "start"):
+        policy.start(env)
+    taken: list[int] = []
+    total, done = 0.0, False
+    while not done:
+        if actions is not None:
+            if len(taken) == len(actions):
+                raise OnpError(f"{model}: the row's {len(actions)} actions end before the episode does; {FIX}")
+            a = actions[len(taken)]
+        else:
+            assert policy is not None
+            a = policy.act(env, obs, info)
+        index = e._neuron_action(a)
+        if not info["action_mask"][index]:
+            who = "the row's" if actions is not None else "the policy's"
+            raise OnpError(f"{model}: {who} action {index} at step {len(taken)} is masked (a padding slot or a pruned "
+                           "unit): a policy must choose among info['action_mask'] (env.action_masks())")  # fmt: skip
+        taken.append(index)
+        obs, reward, term, trunc, info = env.step(index)
+        total += float(reward)
+        done = term or trunc
+    if actions is not None and len(taken) != len(actions):
+        raise OnpError(f"{model}: the episode ended after {len(taken)} of the row's {len(actions)} actions; {FIX}")
+    before, after = {"acc": acc0, "asr": asr0}, {"acc": info["acc"], "asr": info.get("asr")}
+    return {"actions": taken, "steps": len(taken), "return": total, "acc_before": acc0, "asr_before": asr0,
+            "acc_after": info["acc"], "asr_after": info.get("asr"), "der": der(before, after),
+            "pruned": int(info["pruned"]), "seconds": round(time.perf_counter() - start, 4)}  # fmt: skip
+
+
+def make_env(suite: str, split: str, device: str = "cpu", cache: str | Path | None = None, progress: bool = True):
+    from onp_env.suite.envs import SuiteEnv
+
+    return SuiteEnv(suite, split, device=device, cache=cache, progress=progress)
+
+
+def evaluate(policy: Policy, suite: str, split: str, *, name: str, seed: int = 0, models: list[str] | None = None,
+             out: Path | None = None, env: Any = None, progress: bool = True, train_steps: int | None = None,
+             **env_kwargs: Any) -> list[dict]:  # fmt: skip
+    """Run `policy` (called `name` in the rows) once on every model of `split` (or the named `models`),
+    each episode reset with `seed`; the rows, each also appended to `out` (JSON lines) as it finishes.
+    Pass `env` to reuse a SuiteEnv of that split; `train_steps`, the env steps a learned policy trained
+    for, goes into the rows for the report."""
+    from onp_env import __version__
+
+    spec = get_suite(suite)
+    env = env if env is not None else make_env(spec.name, split, progress=progress, **env_kwargs)
+    e = env.unwrapped
+    if (e.suite.name, e.split) != (spec.name, split):
+        raise OnpError(f"the env given holds {e.suite.name}/{e.split}, not {spec.name}/{split}")
+    names = models if models is not None else list(e.names)
+    outside = sorted(set(names) - set(e.names))
+    if outside:
+        raise OnpError(f"model {outside[0]!r} is not in {spec.name}/{split}: its models are "
+                       f"{e.names[0]} .. {e.names[-1]} (`onp suite list {spec.name}`)")  # fmt: skip
+    by_name = {m.name: m for m in e.models}
+    rows = []
+    for model in tqdm(names, desc=f"{name} on {spec.name}/{split}", disable=not progress):
+        row = {"suite": spec.name, "env_id": spec.gym_id, "split": split, "model": model, "policy": name,
+               "seed": seed, **_episode(env, policy, seed, model), "library": __version__, "torch": torch.__version__,
+               "weights_sha256": by_name[model].sha256, "zoo": by_name[model].status,
+               "env": dataclasses.asdict(e.cfg)}  # fmt: skip
+        if train_steps is not None:
+            row["train_steps"] = train_steps
+        rows.append(row)
+        if out is not None:
+            append(Path(out), row)
+    return rows
+
+
+def read_suite_rows(path: Path) -> list[dict]:
+    rows = read_rows(Path(path), ROW, fix=FIX)
+    for i, r in enumerate(rows, 1):
+        spec = get_suite(r["suite"])
+        if r["split"] not in SPLITS or r["env_id"] != spec.gym_id:
+            raise OnpError(f"{path}, row {i}: split {r['split']!r} of {r['env_id']!r} is not one of {spec.gym_id}'s "
+                           f"({', '.join(SPLITS)}); {FIX}")  # fmt: skip
+    return rows
+
+
+def validate(rows: list[dict], device: str = "cpu", cache: str | Path | None = None, progress: bool = True) -> int:
+    """Replay every row's actions and recompute its numbers; the number of rows checked. OnpError on the
+    first row that does not reproduce (its model, the field and both values)."""
+    envs: dict[tuple[str, str], Any] = {}
+    for r in tqdm(rows, desc="validate", disable=not progress):
+        key = (r["suite"], r["split"])
+        if key not in envs:
+            envs[key] = make_env(*key, device=device, cache=cache, progress=progress)
+        env = envs[key]
+        if r["model"] not in env.unwrapped.names:
+            raise OnpError(f"row of {r['model']!r}: no such model in {key[0]}/{key[1]}; {FIX}")
+        got = _episode(env, None, r["seed"], r["model"], list(r["actions"]))
+        for k in ("steps", "pruned", "return", "acc_before", "asr_before", "acc_after", "asr_after", "der"):
+            if not math.isclose(float(got[k]), float(r[k]), rel_tol=0, abs_tol=TOLERANCE):
+                raise OnpError(f"row of {r['model']} ({r['policy']}, seed {r['seed']}): {k} replays as "
+                               f"{got[k]:.6g}, the row says {r[k]:.6g}; {FIX}")  # fmt: skip
+    return len(rows)
+
+
+__all__ = ["ROW", "evaluate", "make_env", "read_suite_rows", "validate"]

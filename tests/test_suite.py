@@ -1,0 +1,166 @@
+"""The task suites (onp_env.suite): ids, pinned zoos, the standard evaluation, validation and the report.
+
+The digits suite's test split (8 models, seconds each) is built once per session into the test cache."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from onp_env.cli import main
+from onp_env.errors import OnpError
+from onp_env.results import append
+from onp_env.suite.evaluate import evaluate, read_suite_rows, validate
+from onp_env.suite.policies import make_policy, policy_names
+from onp_env.suite.report import report_md
+from onp_env.suite.spec import SPLITS, SUITES, get_suite
+from onp_env.suite.stats import bootstrap_ci, iqm
+from onp_env.suite.zoo import ZooMismatchWarning, build_split, manifest_path, read_manifest
+
+DIGITS = "onp_env/Digits-v0"
+
+
+@pytest.fixture(scope="module")
+def test_env():
+    env = gym.make(DIGITS, split="test", progress=False)
+    yield env
+    env.close()
+
+
+def test_splits_are_disjoint_and_test_ood_holds_the_held_out_attack_only():
+    for spec in SUITES.values():
+        labs = {split: spec.labs(split) for split in SPLITS}
+        prints = [{lab.fingerprint() for _, lab in labs[s]} for s in SPLITS]
+        assert not (prints[0] & prints[1]) and not (prints[0] & prints[2]) and not (prints[1] & prints[2])
+        seeds = [{lab.seed for _, lab in labs[s]} for s in SPLITS]
+        assert not (seeds[0] & seeds[1]) and not (seeds[1] & seeds[2]) and not (seeds[0] & seeds[2])
+        attacks = [{lab.attack.name for _, lab in labs[s]} for s in SPLITS]
+        assert spec.held_out_attack not in attacks[0] | attacks[1] and spec.held_out_attack in attacks[2]
+        names = [n for s in SPLITS for n, _ in labs[s]]
+        assert len(set(names)) == len(names) and names[0] == f"{spec.name}/train/000"
+
+
+def test_the_shipped_digits_manifest_matches_its_recipe():
+    data = read_manifest(get_suite("digits-v0"))
+    assert len(data["models"]) == sum(len(get_suite("digits-v0").labs(s)) for s in SPLITS)
+
+
+def test_make_a_suite_split_and_pick_a_model_by_its_stable_name(test_env):
+    e = test_env.unwrapped
+    assert e.names == [f"digits-v0/test/{i:03d}" for i in range(8)]
+    assert all(m.status in ("identical", "within") for m in e.models)
+    obs, info = test_env.reset(seed=0, options={"model": "digits-v0/test/003"})
+    assert info["model"] == "digits-v0/test/003" and test_env.observation_space.contains(obs)
+    # frozen padding: every split (and so train and test) shares the observation space
+    assert obs["nodes"].shape[0] == get_suite("digits-v0").env["max_units"]
+
+
+def test_evaluate_validate_and_report_on_digits(test_env, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    models = ["digits-v0/test/000", "digits-v0/test/001"]
+    rows = []
+    for name in ("stop", "random", "oracle", "mnp"):
+        rows += evaluate(make_policy(name, seed=0), "digits-v0", "test", name=name, models=models, out=out,
+                         env=test_env, progress=False)  # fmt: skip
+    assert [r["model"] for r in rows[:2]] == models
+    stop = [r for r in rows if r["policy"] == "stop"]
+    assert all(r["return"] == 0.0 and r["actions"] == [176] and r["pruned"] == 0 for r in stop)
+    oracle = [r for r in rows if r["policy"] == "oracle"]
+    assert all(r["return"] > 0 and r["asr_after"] < r["asr_before"] for r in oracle)
+    assert read_suite_rows(out) == json.loads(json.dumps(rows))
+    assert validate(read_suite_rows(out), progress=False) == len(rows)
+    text = report_md(rows, "test machine")
+    line = next(ln for ln in text.splitlines() if ln.startswith("| oracle |"))
+    assert "| 1.000 [1.000, 1.000] |" in line
+    assert next(ln for ln in text.splitlines() if ln.startswith("| stop |")).count("0.000") == 3
+
+
+def test_a_row_that_does_not_replay_is_refused_with_its_model(test_env, tmp_path):
+    (row,) = evaluate(make_policy("oracle"), "digits-v0", "test", name="oracle", models=["digits-v0/test/001"],
+                      env=test_env, progress=False)  # fmt: skip
+    for field, value, match in (("return", row["return"] + 0.5, "return replays as"),
+                                ("actions", row["actions"][:-1], "actions end before the episode"),
+                                ("model", "digits-v0/test/999", "no such model")):  # fmt: skip
+        with pytest.raises(OnpError, match=match):
+            validate([{**row, field: value}], progress=False)
+    path = tmp_path / "rows.jsonl"
+    append(path, {**row, "return": "high"})
+    assert main(["suite", "validate", str(path)]) == 2
+
+
+def test_a_policy_choosing_a_masked_action_is_refused(test_env):
+    class PruneZeroTwice:
+        def act(self, env, obs, info):
+            return 0
+
+    with pytest.raises(OnpError, match="action 0 at step 1 is masked"):
+        evaluate(PruneZeroTwice(), "digits-v0", "test", name="bad", models=["digits-v0/test/000"], env=test_env,
+                 progress=False)  # fmt: skip
+
+
+def test_bad_names_get_one_line(test_env, capsys):
+    with pytest.raises(OnpError, match="unknown suite 'digits-v9'.*onp suite list"):
+        get_suite("digits-v9")
+    with pytest.raises(OnpError, match="unknown split 'validation'"):
+        gym.make(DIGITS, split="validation")
+    with pytest.raises(OnpError, match="freezes its settings; budget cannot be set"):
+        gym.make(DIGITS, split="test", budget=0.5)
+    with pytest.raises(OnpError, match="'digits-v0/train/000' is not in digits-v0/test"):
+        evaluate(make_policy("stop"), "digits-v0", "test", name="stop", models=["digits-v0/train/000"],
+                 env=test_env, progress=False)  # fmt: skip
+    assert main(["suite", "evaluate", "digits-v0", "--split", "test", "--policy", "nope", "--out", "r.jsonl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown policy 'nope'" in err[0] and "oracle" in err[0]
+
+
+def test_a_tampered_manifest_is_refused_before_anything_is_built(tmp_path):
+    spec = get_suite("digits-v0")
+    data = json.loads(manifest_path(spec).read_text())
+    data["models"][3]["fingerprint"] = "0" * 16
+    bad = tmp_path / "digits-v0.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(OnpError, match="does not match the recipe's digits-v0/train/003.*was edited"):
+        read_manifest(spec, bad)
+    data = json.loads(manifest_path(spec).read_text())
+    data["models"][0]["acc"] = 7
+    bad.write_text(json.dumps(data))
+    with pytest.raises(OnpError, match=r"acc must be a number in \[0, 1\]"):
+        build_split(spec, "test", tmp_path / "cache", progress=False, manifest=bad)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_model_outside_the_manifest_tolerance_warns(tmp_path):
+    spec = get_suite("digits-v0")
+    data = json.loads(manifest_path(spec).read_text())
+    entry = next(m for m in data["models"] if m["name"] == "digits-v0/test/000")
+    entry["acc"], entry["sha256"] = max(0.0, entry["acc"] - 0.2), "f" * 64
+    edited = tmp_path / "digits-v0.json"
+    edited.write_text(json.dumps(data))
+    with pytest.warns(ZooMismatchWarning, match="digits-v0/test/000 built here has ACC"):
+        models = build_split(spec, "test", None, progress=False, manifest=edited)
+    assert models[0].status == "outside" and models[1].status != "outside"
+
+
+def test_policies_are_found_by_name():
+    assert {"stop", "random", "oracle", "onp", "mnp", "anp", "nc"} <= set(policy_names())
+
+
+def test_iqm_is_rliables_and_the_interval_covers_it():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 8, 13):
+        x = rng.normal(size=n)
+        assert iqm(x) == pytest.approx(scipy_stats.trim_mean(x, 0.25))
+    scores = [rng.normal(i / 10, 0.1, size=3) for i in range(10)]
+    lo, hi = bootstrap_ci(scores, reps=300)
+    assert lo < iqm(np.concatenate(scores)) < hi
+    assert bootstrap_ci(scores, reps=300) == (lo, hi)  # seeded
+
+
+def test_suite_list_prints_every_suite(capsys):
+    assert main(["suite", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(s.gym_id in out for s in SUITES.values())
+    assert main(["suite", "list", "digits-v0", "--split", "test-ood"]) == 0
+    assert "digits-v0/test-ood/000" in capsys.readouterr().out
