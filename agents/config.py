@@ -39,6 +39,9 @@ class ZooConfig:
     exclude: list[str] = field(default_factory=list)
     """Attack names whose settings are left out (of `attacks` and of the draws, which stay the same
     draws): the leave-one-attack-out protocol holds one attack out of one zoo."""
+    suite: str | None = None
+    """A task suite (onp_env.suite, e.g. digits-v0): the shadow models are its `train` split, in place
+    of base, attacks, sample and seeds; `env` must then hold the suite's frozen settings."""
 
 
 @dataclass
@@ -125,6 +128,10 @@ class AgentConfig:
     environments' models."""
 
     def attack_configs(self) -> list[AttackConfig]:
+        if self.zoo.suite is not None:
+            from onp_env.suite.spec import get_suite
+
+            return [lab.attack for _, lab in get_suite(self.zoo.suite).labs("train") if lab.attack is not None]
         out = [from_dict(AttackConfig, a, f"zoo.attacks[{i}]") for i, a in enumerate(self.zoo.attacks)]
         if self.zoo.sample is not None:
             data = self.zoo.base.data
@@ -140,6 +147,20 @@ def check_policy(cfg: PolicyConfig) -> None:
         raise OnpError(f"policy.hidden {cfg.hidden} is not divisible by policy.heads {cfg.heads}: change either")
 
 
+def _check_suite(cfg: AgentConfig, where: str) -> None:
+    """A suite's agent trains in the suite's env: its frozen settings, on its train split only."""
+    from onp_env.suite.spec import get_suite
+
+    spec = get_suite(cfg.zoo.suite or "")
+    if cfg.zoo.sample is not None or cfg.zoo.exclude:
+        raise OnpError(f"{where}: zoo.suite takes the suite's train split as it is: drop zoo.sample and zoo.exclude")
+    env = dataclasses.asdict(cfg.env)
+    differ = [k for k, v in spec.env.items() if env[k] != v]
+    if differ:
+        wanted = ", ".join(f"{k}: {spec.env[k]}" for k in differ)
+        raise OnpError(f"{where}: env differs from suite {spec.name}'s frozen settings; set {wanted}")
+
+
 def validate(cfg: AgentConfig, where: str = "agent config") -> None:
     """Every check that needs no model: run before anything expensive starts."""
     from_dict(AgentConfig, dataclasses.asdict(cfg), where)  # types and ranges of a config built in Python
@@ -147,6 +168,8 @@ def validate(cfg: AgentConfig, where: str = "agent config") -> None:
     cfg.env.validate(f"{where}.env")  # names (score, semantics, action mode, feature sets) and device
     if cfg.zoo.sample is not None:
         check_sampler(cfg.zoo.sample, f"{where}.zoo.sample")
+    if cfg.zoo.suite is not None:
+        _check_suite(cfg, where)
     keys = [a.key for a in cfg.attack_configs()]
     if not cfg.zoo.seeds or not keys:
         raise OnpError("zoo.seeds and zoo.attacks (or zoo.sample) must not be empty: the agent needs shadow models")

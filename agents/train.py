@@ -51,7 +51,11 @@ CONFIG, CHECKPOINT, AGENT, SECONDS = "config.json", "checkpoint.zip", "agent", "
 
 
 def zoo_configs(cfg: AgentConfig) -> list[LabConfig]:
-    """One LabConfig per shadow model: base x attacks x seeds."""
+    """One LabConfig per shadow model: base x attacks x seeds, or a suite's train split."""
+    if cfg.zoo.suite is not None:
+        from onp_env.suite.spec import get_suite
+
+        return [lab for _, lab in get_suite(cfg.zoo.suite).labs("train")]
     out = []
     for attack in cfg.attack_configs():
         for seed in cfg.zoo.seeds:

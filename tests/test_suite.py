@@ -18,6 +18,8 @@ from onp_env.suite.spec import SPLITS, SUITES, get_suite
 from onp_env.suite.stats import bootstrap_ci, iqm
 from onp_env.suite.zoo import ZooMismatchWarning, build_split, manifest_path, read_manifest
 
+from .conftest import ROOT
+
 DIGITS = "onp_env/Digits-v0"
 
 
@@ -164,3 +166,28 @@ def test_suite_list_prints_every_suite(capsys):
     assert all(s.gym_id in out for s in SUITES.values())
     assert main(["suite", "list", "digits-v0", "--split", "test-ood"]) == 0
     assert "digits-v0/test-ood/000" in capsys.readouterr().out
+
+
+def test_the_cleanrl_style_example_learns_for_a_few_hundred_steps_and_evaluates(test_env):
+    import runpy
+
+    example = runpy.run_path(str(ROOT / "docs" / "examples" / "masked_ppo.py"))
+    args = example["Args"](split="test", total_timesteps=256, num_envs=2, num_steps=32, seed=3)
+    agent, returns = example["train"](args)
+    assert returns and all(np.isfinite(returns))
+    rows = evaluate(example["Greedy"](agent), "digits-v0", "test", name="example", models=["digits-v0/test/000"],
+                    env=test_env, progress=False)  # fmt: skip
+    assert validate(rows, progress=False) == 1
+
+
+def test_an_agent_config_trains_on_the_suites_train_split_in_its_env():
+    from agents.config import load_agent_config
+    from agents.train import zoo_configs
+
+    cfg = load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), [])
+    train = [lab.fingerprint() for _, lab in get_suite("digits-v0").labs("train")]
+    assert [lab.fingerprint() for lab in zoo_configs(cfg)] == train
+    with pytest.raises(OnpError, match="frozen settings; set budget: 0.3"):
+        load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), ["env.budget=0.5"])
+    with pytest.raises(OnpError, match="unknown suite"):
+        load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), ["zoo.suite=digits-v7"])
