@@ -17,6 +17,10 @@ from agents.features import GraphBatch
 from onp_env.config import bounded
 
 GNN_TYPES = ("gcn", "gat", "sage")
+DENSE_MAX = 512
+"""Padded width up to which GCN layers propagate with one dense batched matmul (B x U x U floats)
+instead of torch-geometric's gather/scatter: the same numbers, several times faster on the CPU for
+the small graphs PPO batches by the hundred (benchmarks/results/vec_env_speed.md)."""
 NEG = -1e8
 """Logit of a padded unit: never chosen, even without an action mask."""
 
@@ -48,6 +52,26 @@ def _mlp(*dims: int) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
+def gcn_adjacency(g: GraphBatch) -> torch.Tensor:
+    """(B, U, U) GCN propagation matrix of every graph, entry [b, t, s] for the edge s -> t: GCNConv's
+    normalisation (torch_geometric gcn_norm at its defaults: one self loop per node, of weight 1 unless
+    the node has one already, in-degree over targets, D^-1/2 (A + I) D^-1/2), parallel edges summed
+    as its scatter sums them."""
+    b, u = g.num_graphs, g.width
+    src, dst = g.edge_index
+    w = g.edge_attr[:, 0].to(g.x.dtype)
+    graph, loop = g.batch[src], src == dst
+    adj = torch.zeros(b, u, u, dtype=g.x.dtype, device=g.x.device)
+    adj.index_put_((graph[~loop], g.pos[dst[~loop]], g.pos[src[~loop]]), w[~loop], accumulate=True)
+    loops = torch.zeros(b, u, dtype=g.x.dtype, device=g.x.device)
+    loops[g.batch, g.pos] = 1.0
+    loops[graph[loop], g.pos[src[loop]]] = w[loop]  # an existing loop keeps its weight, as in gcn_norm
+    adj = adj + torch.diag_embed(loops)
+    deg = adj.sum(2)
+    scale = deg.pow(-0.5).masked_fill(deg == 0, 0.0)
+    return scale[:, :, None] * adj * scale[:, None, :]
+
+
 class GraphPolicyNet(nn.Module):
     def __init__(self, cfg: PolicyConfig, node_dim: int, edge_dim: int, global_dim: int):
         super().__init__()
@@ -74,9 +98,16 @@ class GraphPolicyNet(nn.Module):
             nn.init.zeros_(last.bias)
             last.weight.data.mul_(0.01)
 
-    def _conv(self, conv: nn.Module, h: torch.Tensor, g: GraphBatch) -> torch.Tensor:
+    def _conv(self, conv: nn.Module, h: torch.Tensor, g: GraphBatch, adj: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.gnn == "gcn":
-            return conv(h, g.edge_index, g.edge_attr[:, 0])
+            if adj is None:
+                return conv(h, g.edge_index, g.edge_attr[:, 0])
+            assert isinstance(conv, GCNConv)
+            x = conv.lin(h)
+            padded = x.new_zeros(g.num_graphs, g.width, x.shape[1])
+            padded[g.batch, g.pos] = x
+            out = torch.bmm(adj, padded)[g.batch, g.pos]
+            return out if conv.bias is None else out + conv.bias
         if self.cfg.gnn == "gat":
             return conv(h, g.edge_index, g.edge_attr)
         return conv(h, g.edge_index)
@@ -84,8 +115,9 @@ class GraphPolicyNet(nn.Module):
     def encode(self, g: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(node embeddings (N, H), graph embeddings (B, H))."""
         h = self.inp(g.x)
+        adj = gcn_adjacency(g) if self.cfg.gnn == "gcn" and g.width <= DENSE_MAX else None  # shared by the layers
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = h + torch.relu(norm(self._conv(conv, h, g)))
+            h = h + torch.relu(norm(self._conv(conv, h, g, adj)))
         pooled = torch.cat([global_mean_pool(h, g.batch, g.num_graphs), global_max_pool(h, g.batch, g.num_graphs),
                             g.globals], 1)  # fmt: skip
         return h, self.graph(pooled)

@@ -28,6 +28,7 @@ from onp_env.suite.spec import SPLITS, get_suite
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+RUNS = HERE / "runs" / "suite"
 POLICIES = ("stop", "random", "magnitude", "mnp", "anp", "rnp", "bnp", "fp", "clp", "nc", "oracle")
 
 
@@ -40,16 +41,50 @@ def run(args: argparse.Namespace) -> None:
         label, _, folder = item.partition("=")
         training = json.loads((Path(folder) / "agent.json").read_text())["training"]
         jobs.append((label, "onp", {"agent": folder}, int(training["seed"]), int(training["steps"])))
+    for seed in args.sb3_mlp:
+        path, steps = train_sb3_mlp(spec.name, seed, args.sb3_steps, args.quiet)
+        jobs.append(("maskable-ppo-mlp", "sb3-mlp", {"path": str(path)}, seed, steps))
     for split in args.splits:
         env = make_env(spec.name, split, progress=not args.quiet)
         for label, policy, params, seed, steps in jobs:
             todo = [m for m in env.names if (label, split, seed, m) not in done]
             if todo:
                 start = time.perf_counter()
-                evaluate(make_policy(policy, params, seed), spec.name, split, name=label, seed=seed, models=todo,
-                         out=out, env=env, progress=not args.quiet, train_steps=steps)  # fmt: skip
+                chosen = SB3Policy(params["path"]) if policy == "sb3-mlp" else make_policy(policy, params, seed)
+                evaluate(chosen, spec.name, split, name=label, seed=seed, models=todo, out=out, env=env,
+                         progress=not args.quiet, train_steps=steps)  # fmt: skip
                 print(f"{label} on {split}: {len(todo)} models in {time.perf_counter() - start:.0f} s")
     report()
+
+
+def train_sb3_mlp(suite: str, seed: int, steps: int, quiet: bool) -> tuple[Path, int]:
+    """sb3-contrib's MaskablePPO with SB3's generic MultiInputPolicy (an MLP over the flattened, padded
+    observation) on the train split, at SB3's default hyperparameters; trained once, then loaded."""
+    from sb3_contrib import MaskablePPO
+
+    path = RUNS / f"{suite}-maskable-ppo-mlp-s{seed}-{steps}.zip"
+    if not path.is_file():
+        env = make_env(suite, "train", progress=not quiet)
+        model = MaskablePPO("MultiInputPolicy", env, seed=seed, device="cpu", verbose=0)
+        start = time.perf_counter()
+        model.learn(steps, progress_bar=not quiet)
+        print(f"MaskablePPO MultiInputPolicy seed {seed}: {steps} steps in {time.perf_counter() - start:.0f} s")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(path)
+    return path, steps
+
+
+class SB3Policy:
+    """A saved MaskablePPO as a suite policy: its deterministic action under the env's mask."""
+
+    def __init__(self, path: str):
+        from sb3_contrib import MaskablePPO
+
+        self.model = MaskablePPO.load(path, device="cpu")
+
+    def act(self, env, obs, info):
+        action, _ = self.model.predict(obs, action_masks=info["action_mask"], deterministic=True)
+        return int(action)
 
 
 def report() -> None:
@@ -65,6 +100,9 @@ def main() -> None:
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     p.add_argument("--policies", nargs="+", default=list(POLICIES))
     p.add_argument("--agent", action="append", default=[], metavar="LABEL=DIR", help="a trained agent")
+    p.add_argument("--sb3-mlp", nargs="*", type=int, default=[], metavar="SEED",
+                   help="train and score MaskablePPO with MultiInputPolicy with these seeds")  # fmt: skip
+    p.add_argument("--sb3-steps", type=int, default=8192, help="its environment steps")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()

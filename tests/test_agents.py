@@ -62,6 +62,31 @@ def test_graph_batch_drops_padding_and_restores_integer_edges():
     assert r.edge_index.shape[1] == 4 * e and r.edge_attr.shape[1] == obs["edge_attr"].shape[1] + 1
 
 
+def test_dense_gcn_propagation_gives_torch_geometrics_numbers_and_gradients(monkeypatch):
+    import agents.gnn
+
+    torch.manual_seed(0)
+    env = NeuronPruningEnv(max_edges=2000)  # room for two more edges
+    obs, _ = env.reset(seed=0)
+    obs2, *_ = env.step(5)
+    batch = {k: torch.as_tensor(np.stack([obs[k], obs2[k]])).float() for k in obs}
+    e = int(obs["counts"][1])
+    batch["edge_index"][1, :, e] = torch.tensor([7.0, 7.0])  # a self loop (it replaces GCN's added one)
+    batch["edge_index"][1, :, e + 1] = batch["edge_index"][1, :, 0]  # and a parallel edge (summed)
+    batch["edge_attr"][1, e : e + 2] = torch.tensor([[0.5, 1, 0, 0], [0.25, 1, 0, 0]])
+    batch["counts"][1, 1] = e + 2
+    net = build_net(PolicyConfig(gnn="gcn", hidden=32), env.observation_space)
+    outputs = []
+    for dense in (512, 0):
+        monkeypatch.setattr(agents.gnn, "DENSE_MAX", dense)
+        net.zero_grad()
+        unit, stop, value = net(to_graph_batch(batch))
+        (unit[unit > -1e7].sum() + stop.sum() + value.sum()).backward()
+        outputs.append([unit, stop, value, *(p.grad.clone() for p in net.parameters())])
+    for a, b in zip(*outputs, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize("gnn", ["gcn", "gat", "sage"])
 def test_policy_logits_follow_a_permutation_of_the_units(gnn):
     torch.manual_seed(0)
