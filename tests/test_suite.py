@@ -106,7 +106,7 @@ def test_bad_names_get_one_line(test_env, capsys):
         get_suite("digits-v9")
     with pytest.raises(OnpError, match="unknown split 'validation'"):
         gym.make(DIGITS, split="validation")
-    with pytest.raises(OnpError, match="freezes its settings; budget cannot be set"):
+    with pytest.raises(OnpError, match="unexpected keyword argument 'budget': it freezes its settings"):
         gym.make(DIGITS, split="test", budget=0.5)
     with pytest.raises(OnpError, match="'digits-v0/train/000' is not in digits-v0/test"):
         evaluate(make_policy("stop"), "digits-v0", "test", name="stop", models=["digits-v0/train/000"],
@@ -191,3 +191,44 @@ def test_an_agent_config_trains_on_the_suites_train_split_in_its_env():
         load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), ["env.budget=0.5"])
     with pytest.raises(OnpError, match="unknown suite"):
         load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), ["zoo.suite=digits-v7"])
+
+
+def test_torchrl_gymenv_with_its_action_mask_transform(test_env):
+    """TorchRL (in the dev extras) wraps a suite id; the mask comes from info, its ActionMask transform
+    applies it, and its own spec checker passes."""
+    pytest.importorskip("torchrl")
+    import torch
+    from torchrl.data import Binary
+    from torchrl.envs import GymEnv, TransformedEnv
+    from torchrl.envs.libs.gym import default_info_dict_reader
+    from torchrl.envs.transforms import ActionMask
+    from torchrl.envs.utils import check_env_specs
+
+    env = GymEnv(DIGITS, split="test", progress=False)
+    n = env.action_spec.space.n
+    env.set_info_dict_reader(
+        default_info_dict_reader(["action_mask"], spec={"action_mask": Binary(n, dtype=torch.bool)})
+    )
+    env = TransformedEnv(env, ActionMask())
+    torch.manual_seed(0)
+    check_env_specs(env)
+    rollout = env.rollout(12)
+    chosen = rollout["action"].argmax(-1)
+    assert rollout["action_mask"].gather(-1, chosen[:, None]).all()  # every random action was a valid one
+    env.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_make_vec_and_check_env_on_a_suite_id(mode, test_env):
+    from stable_baselines3.common.env_checker import check_env
+
+    check_env(test_env.unwrapped, warn=False)
+    envs = gym.make_vec(DIGITS, num_envs=2, vectorization_mode=mode, split="test", progress=False)
+    try:
+        obs, _ = envs.reset(seed=[0, 1])
+        assert obs["nodes"].shape[0] == 2
+        masks = np.stack(envs.call("action_masks"))
+        obs, reward, *_ = envs.step(np.array([int(np.flatnonzero(m)[0]) for m in masks]))
+        assert reward.shape == (2,) and envs.observation_space.contains(obs)
+    finally:
+        envs.close()

@@ -15,6 +15,11 @@ from onp_env.suite.spec import get_suite
 from onp_env.suite.zoo import SuiteModel, build_split
 
 
+class FrozenSettingError(OnpError, TypeError):
+    """A setting a suite id freezes, passed to make: a TypeError as for any unexpected keyword argument
+    (wrappers such as TorchRL's GymEnv probe optional ones that way), with the fix in its message."""
+
+
 class SuiteEnv(NeuronPruningEnv):
     """NeuronPruningEnv over one split of a suite; reset(options={"model": "digits-v0/test/007"})
     picks a model by its stable name. `suite`, `split` and `models` (each with its manifest check)
@@ -24,8 +29,9 @@ class SuiteEnv(NeuronPruningEnv):
                  progress: bool = True, **unexpected: object):  # fmt: skip
         spec = get_suite(suite)
         if unexpected:
-            raise OnpError(
-                f"{spec.gym_id} freezes its settings; {', '.join(sorted(unexpected))} cannot be set: pass only "
+            name = sorted(unexpected)[0]
+            raise FrozenSettingError(
+                f"{spec.gym_id} got an unexpected keyword argument '{name}': it freezes its settings; pass only "
                 "split, device, cache or progress, or make onp_env/NeuronPruning-v0 with artifacts= for other settings"
             )
         models: list[SuiteModel] = build_split(spec, split, cache, progress)
