@@ -20,7 +20,11 @@ GNN_TYPES = ("gcn", "gat", "sage")
 DENSE_MAX = 512
 """Padded width up to which GCN layers propagate with one dense batched matmul (B x U x U floats)
 instead of torch-geometric's gather/scatter: the same numbers, several times faster on the CPU for
-the small graphs PPO batches by the hundred (benchmarks/results/vec_env_speed.md)."""
+the small graphs PPO batches by the hundred (benchmarks/results/ppo_speed.md)."""
+FAST = True
+"""The fast paths (dense GCN propagation, views in place of scatters when every graph fills the
+padded width, the unit head's graph term computed per graph); False: the plain torch-geometric
+computation they replace, for the equivalence tests and benchmarks/ppo_speed.py's `before`."""
 NEG = -1e8
 """Logit of a padded unit: never chosen, even without an action mask."""
 
@@ -52,24 +56,35 @@ def _mlp(*dims: int) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
+def _full(g: GraphBatch) -> bool:
+    """Every graph has as many units as the padded width: its nodes, graph after graph, are the padded
+    (B, U) rows in order, so views replace scatters and gathers."""
+    return FAST and len(g.x) == g.num_graphs * g.width
+
+
 def gcn_adjacency(g: GraphBatch) -> torch.Tensor:
     """(B, U, U) GCN propagation matrix of every graph, entry [b, t, s] for the edge s -> t: GCNConv's
     normalisation (torch_geometric gcn_norm at its defaults: one self loop per node, of weight 1 unless
     the node has one already, in-degree over targets, D^-1/2 (A + I) D^-1/2), parallel edges summed
-    as its scatter sums them."""
+    as its scatter sums them. Normalised per edge, then written in one scatter: the (B, U, U) tensor is
+    touched once."""
     b, u = g.num_graphs, g.width
     src, dst = g.edge_index
     w = g.edge_attr[:, 0].to(g.x.dtype)
-    graph, loop = g.batch[src], src == dst
-    adj = torch.zeros(b, u, u, dtype=g.x.dtype, device=g.x.device)
-    adj.index_put_((graph[~loop], g.pos[dst[~loop]], g.pos[src[~loop]]), w[~loop], accumulate=True)
-    loops = torch.zeros(b, u, dtype=g.x.dtype, device=g.x.device)
-    loops[g.batch, g.pos] = 1.0
-    loops[graph[loop], g.pos[src[loop]]] = w[loop]  # an existing loop keeps its weight, as in gcn_norm
-    adj = adj + torch.diag_embed(loops)
-    deg = adj.sum(2)
+    loop = src == dst
+    loop_w = torch.ones(len(g.x), dtype=g.x.dtype, device=g.x.device)
+    loop_w[src[loop]] = w[loop]  # an existing loop keeps its weight, as in gcn_norm
+    src, dst, w = src[~loop], dst[~loop], w[~loop]
+    node = g.batch * u + g.pos  # flat (graph, row) of every real node
+    deg = torch.zeros(b * u, dtype=g.x.dtype, device=g.x.device)
+    deg.index_add_(0, node[dst], w).index_add_(0, node, loop_w)
     scale = deg.pow(-0.5).masked_fill(deg == 0, 0.0)
-    return scale[:, :, None] * adj * scale[:, None, :]
+    target = torch.cat([node[dst], node])
+    source = torch.cat([g.pos[src], g.pos])
+    values = torch.cat([scale[node[dst]] * w * scale[node[src]], scale[node] ** 2 * loop_w])
+    adj = torch.zeros(b * u * u, dtype=g.x.dtype, device=g.x.device)
+    adj.index_add_(0, target * u + source, values)
+    return adj.view(b, u, u)
 
 
 class GraphPolicyNet(nn.Module):
@@ -104,9 +119,12 @@ class GraphPolicyNet(nn.Module):
                 return conv(h, g.edge_index, g.edge_attr[:, 0])
             assert isinstance(conv, GCNConv)
             x = conv.lin(h)
-            padded = x.new_zeros(g.num_graphs, g.width, x.shape[1])
-            padded[g.batch, g.pos] = x
-            out = torch.bmm(adj, padded)[g.batch, g.pos]
+            if _full(g):  # the batch is the padded tensor itself: no scatter into it, no gather back
+                out = torch.bmm(adj, x.view(g.num_graphs, g.width, -1)).view(len(x), -1)
+            else:
+                padded = x.new_zeros(g.num_graphs, g.width, x.shape[1])
+                padded[g.batch, g.pos] = x
+                out = torch.bmm(adj, padded)[g.batch, g.pos]
             return out if conv.bias is None else out + conv.bias
         if self.cfg.gnn == "gat":
             return conv(h, g.edge_index, g.edge_attr)
@@ -115,17 +133,31 @@ class GraphPolicyNet(nn.Module):
     def encode(self, g: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(node embeddings (N, H), graph embeddings (B, H))."""
         h = self.inp(g.x)
-        adj = gcn_adjacency(g) if self.cfg.gnn == "gcn" and g.width <= DENSE_MAX else None  # shared by the layers
+        dense = FAST and self.cfg.gnn == "gcn" and g.width <= DENSE_MAX
+        adj = gcn_adjacency(g) if dense else None  # shared by the layers
         for conv, norm in zip(self.convs, self.norms, strict=True):
             h = h + torch.relu(norm(self._conv(conv, h, g, adj)))
-        pooled = torch.cat([global_mean_pool(h, g.batch, g.num_graphs), global_max_pool(h, g.batch, g.num_graphs),
-                            g.globals], 1)  # fmt: skip
+        if _full(g):
+            rows = h.view(g.num_graphs, g.width, -1)
+            pooled = torch.cat([rows.mean(1), rows.amax(1), g.globals], 1)
+        else:
+            pooled = torch.cat([global_mean_pool(h, g.batch, g.num_graphs), global_max_pool(h, g.batch, g.num_graphs),
+                                g.globals], 1)  # fmt: skip
         return h, self.graph(pooled)
 
     def forward(self, g: GraphBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(unit logits (B, U) with NEG at padding, STOP logits (B,), values (B,))."""
         h, z = self.encode(g)
-        unit = self.unit_head(torch.cat([h, z[g.batch]], 1)).squeeze(1)
+        if FAST:
+            # unit_head on [h, z of the unit's graph], its first layer split so that z's share is computed
+            # once per graph rather than once per unit (the same numbers without the (N, 2H) concatenation)
+            first, rest = self.unit_head[0], self.unit_head[1:]
+            assert isinstance(first, nn.Linear)
+            width = h.shape[1]
+            per_graph = nn.functional.linear(z, first.weight[:, width:], first.bias)
+            unit = rest(nn.functional.linear(h, first.weight[:, :width]) + per_graph[g.batch]).squeeze(1)
+        else:
+            unit = self.unit_head(torch.cat([h, z[g.batch]], 1)).squeeze(1)
         logits = torch.full((g.num_graphs, g.width), NEG, dtype=unit.dtype, device=unit.device)
         logits[g.batch, g.pos] = unit
         return logits, self.stop_head(z).squeeze(1), self.value_head(z).squeeze(1)

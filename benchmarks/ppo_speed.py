@@ -1,14 +1,18 @@
-"""PPO training throughput with the graph policy, before and after the dense GCN propagation, side by
+"""PPO training throughput with the graph policy, before and after its fast paths, side by
 side in one run: MaskablePPO (GCN, hidden 64, n_steps 256, batch 128, 4 epochs, one torch thread)
 on the digits-v0 suite's train split, with 1 and 2 vector envs (DummyVecEnv), and where the time goes.
 
     python benchmarks/ppo_speed.py [--steps 1024]
 
-"before" propagates with torch-geometric's GCNConv (gather / scatter, normalisation recomputed in each
-layer); "after" with one dense batched matmul per layer over the padded graphs (agents.gnn.DENSE_MAX),
-the same numbers. The split of the time (env steps, the rest of rollout collection, the PPO update)
-comes from wrapping the env's step and PPO's train() with timers. Writes
-benchmarks/results/ppo_speed.md. Timings on a shared machine are noisy: compare ratios within a run."""
+"before" is the plain torch-geometric computation (GCNConv's gather / scatter, its normalisation
+recomputed in each layer, pooling by scatter); "after" the fast paths of agents.gnn (FAST): one dense
+batched matmul per layer over the padded graphs with the normalisation computed once, views in place
+of scatters when every graph fills the padded width, and the unit head's graph term computed once
+per graph. The same numbers (tests/test_agents.py checks outputs and gradients).
+
+The split of the time (env steps, the rest of rollout collection, the PPO update) comes from wrapping
+the env's step and PPO's train() with timers. Writes benchmarks/results/ppo_speed.md. Timings on a
+shared machine are noisy: compare ratios within a run."""
 
 from __future__ import annotations
 
@@ -46,7 +50,7 @@ class Timed:
 
 
 def run(dense: bool, n_envs: int, steps: int) -> dict[str, float]:
-    gnn.DENSE_MAX = 512 if dense else 0
+    gnn.FAST = dense
     envs = [make_env("digits-v0", "train", progress=False) for _ in range(n_envs)]
     timers = []
     for e in envs:
@@ -96,7 +100,7 @@ def main() -> None:
     base = rows[0][2]["steps/s"]
     random_steps = env_only(2000)
     lines = [
-        "# PPO throughput of the graph policy: before and after the dense GCN propagation",
+        "# PPO throughput of the graph policy: before and after its fast paths",
         "",
         f"`python benchmarks/ppo_speed.py --steps {args.steps}` on {platform.machine()} ({os.cpu_count()} cores, "
         f"shared), torch {torch.__version__}, one thread: MaskablePPO with the graph policy (GCN, hidden 64, "
@@ -104,10 +108,10 @@ def main() -> None:
         f"{args.steps} timed steps after a 256-step warm-up. The env alone takes {random_steps:.0f} random "
         "valid steps/s.",
         "",
-        "| vector envs | GCN propagation | PPO steps/s | vs before, 1 env | PPO update | env steps "
+        "| vector envs | policy computation | PPO steps/s | vs before, 1 env | PPO update | env steps "
         "| rest of rollouts |",
         "|---:|---|---:|---:|---:|---:|---:|",
-        *(f"| {n} | {'dense (after)' if d else 'torch-geometric (before)'} | {r['steps/s']:.1f} | "
+        *(f"| {n} | {'fast paths (after)' if d else 'torch-geometric (before)'} | {r['steps/s']:.1f} | "
           f"{r['steps/s'] / base:.2f}x | {100 * r['update']:.0f}% | {100 * r['env']:.0f}% | "
           f"{100 * r['rollout other']:.0f}% |" for n, d, r in rows),
         "",

@@ -62,11 +62,12 @@ def test_graph_batch_drops_padding_and_restores_integer_edges():
     assert r.edge_index.shape[1] == 4 * e and r.edge_attr.shape[1] == obs["edge_attr"].shape[1] + 1
 
 
-def test_dense_gcn_propagation_gives_torch_geometrics_numbers_and_gradients(monkeypatch):
+@pytest.mark.parametrize("max_units", [None, 190])  # graphs that fill the padded width, and narrower ones
+def test_the_fast_gcn_paths_give_torch_geometrics_numbers_and_gradients(monkeypatch, max_units):
     import agents.gnn
 
     torch.manual_seed(0)
-    env = NeuronPruningEnv(max_edges=2000)  # room for two more edges
+    env = NeuronPruningEnv(max_edges=2000, max_units=max_units)  # room for two more edges
     obs, _ = env.reset(seed=0)
     obs2, *_ = env.step(5)
     batch = {k: torch.as_tensor(np.stack([obs[k], obs2[k]])).float() for k in obs}
@@ -77,8 +78,8 @@ def test_dense_gcn_propagation_gives_torch_geometrics_numbers_and_gradients(monk
     batch["counts"][1, 1] = e + 2
     net = build_net(PolicyConfig(gnn="gcn", hidden=32), env.observation_space)
     outputs = []
-    for dense in (512, 0):
-        monkeypatch.setattr(agents.gnn, "DENSE_MAX", dense)
+    for fast in (True, False):
+        monkeypatch.setattr(agents.gnn, "FAST", fast)
         net.zero_grad()
         unit, stop, value = net(to_graph_batch(batch))
         (unit[unit > -1e7].sum() + stop.sum() + value.sum()).backward()

@@ -43,6 +43,12 @@ def normalised(rows: list[dict]) -> tuple[dict[tuple[str, str, str], dict[str, l
     return out, sorted(left_out)
 
 
+def _f3(x: float) -> str:
+    """Three decimals, without the '-0.000' of a tiny negative."""
+    text = f"{x:.3f}"
+    return "0.000" if text == "-0.000" else text
+
+
 def _pct(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f}" if values else ""
 
@@ -67,7 +73,7 @@ def report_md(rows: list[dict], machine: str) -> str:
                     mid = iqm(np.concatenate(arrays))
                     lo, hi = bootstrap_ci(arrays)
                     iqms[suite, split, policy] = mid
-                    score = f"{mid:.3f} [{lo:.3f}, {hi:.3f}]"
+                    score = f"{_f3(mid)} [{_f3(lo)}, {_f3(hi)}]"
                 else:
                     score = ""
                 train = sorted({r.get("train_steps") for r in sel if r.get("train_steps") is not None})
@@ -87,7 +93,7 @@ def report_md(rows: list[dict], machine: str) -> str:
                       "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
             for p in policies:
                 v = [iqms.get((suite, s, p)) for s in SPLITS]
-                cells = ["" if x is None else f"{x:.3f}" for x in v]
+                cells = ["" if x is None else _f3(x) for x in v]
                 gaps = ["" if a is None or b is None else f"{a - b:+.3f}" for a, b in ((v[0], v[1]), (v[1], v[2]))]
                 lines.append(f"| {p} | {' | '.join(cells)} | {' | '.join(gaps)} |")
             lines.append("")
