@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from onp_env.graph.features import Z_CLIP, zscore
 from onp_env.graph.units import UnitLayout
 from onp_env.registry import defense_class
 from onp_env.signals import SIGNALS
-from onp_env.signals.base import class_reference
+from onp_env.signals.base import VerdictParams, class_reference
 
 DYNAMIC = ("act_mean_now", "act_std_now")
 SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -75,7 +74,7 @@ def global_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
 
 
 def takes_reference(name: str) -> bool:
-    return name in SIGNALS and "reference" in {f.name for f in dataclasses.fields(SIGNALS[name].Params)}
+    return name in SIGNALS and issubclass(SIGNALS[name].Params, VerdictParams)
 
 
 def with_reference(sets: list[str], params: dict[str, Any], artifacts: Sequence[str | Path], device: str = "cpu",

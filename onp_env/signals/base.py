@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from onp_env.config import from_dict
+from onp_env.config import bounded, from_dict
 from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
@@ -51,6 +51,18 @@ def class_reference(norms: list[torch.Tensor], targets: list[int | None]) -> tor
 
 
 @dataclass
+class VerdictParams:
+    """The settings every verdict signal (one that names a suspected class: the inversion, the latent
+    shift) shares; its own Params extend them."""
+
+    reference: list[float] = bounded([], gt=0, le=1e9)
+    """Each class's typical trigger size on the defender's reference models (Signal.suspicion)."""
+    gate: float = bounded(0.0, ge=0, le=1000)
+    """Per-unit evidence only when the suspected class's anomaly index exceeds this (Signal.gated; 0:
+    always, as in the papers)."""
+
+
+@dataclass
 class SignalResult:
     units: torch.Tensor
     """(units,) evidence per unit, higher = more suspicious; NaN where the signal cannot judge."""
@@ -70,7 +82,7 @@ class Signal(ABC):
 
     def __init__(self, seed: int = 0, device: str = "cpu", **params: Any):
         self.params: Any = from_dict(self.Params, params, f"signal {self.name} parameters")
-        reference = getattr(self.params, "reference", [])
+        reference = self.params.reference if isinstance(self.params, VerdictParams) else []
         if len(reference) > MAX_CLASSES:
             raise OnpError(f"signal {self.name} parameters.reference has {len(reference)} entries: at most one per "
                            f"class ({MAX_CLASSES})")  # fmt: skip
@@ -89,12 +101,12 @@ class Signal(ABC):
     def gated(self, units: torch.Tensor, index: float) -> torch.Tensor:
         """`units`, or NaN everywhere (no evidence) when the suspected class's anomaly index is at most
         `params.gate`: a verdict the signal itself does not believe carries no unit evidence."""
-        gate = getattr(self.params, "gate", 0.0)
+        gate = self.params.gate if isinstance(self.params, VerdictParams) else 0.0
         return torch.full_like(units, float("nan")) if gate > 0 and index <= gate else units
 
     def check_reference(self, classes: int) -> list[float]:
         """The reference, refused (before any work) where it was computed for another class count."""
-        reference: list[float] = getattr(self.params, "reference", [])
+        reference: list[float] = self.params.reference if isinstance(self.params, VerdictParams) else []
         if reference and len(reference) != classes:
             raise OnpError(f"signal {self.name}'s reference holds {len(reference)} classes, the model has "
                            f"{classes}: use a reference computed on models of this dataset, or none")  # fmt: skip

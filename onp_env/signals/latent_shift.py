@@ -35,11 +35,11 @@ from torch import nn
 
 from onp_env.config import bounded
 from onp_env.graph.units import UnitLayout
-from onp_env.signals.base import Signal, SignalResult
+from onp_env.signals.base import Signal, SignalResult, VerdictParams
 
 
 @dataclass
-class LatentShiftParams:
+class LatentShiftParams(VerdictParams):
     images: int = bounded(512, ge=1, le=100_000)
     """Clean defense images (drawn with the seed) that the shift must send to each class."""
     coverage: float = bounded(1.0, gt=0, le=1)
@@ -49,11 +49,6 @@ class LatentShiftParams:
     """Logit margin by which class k must win."""
     sweeps: int = bounded(5_000, ge=1, le=1_000_000)
     """At most this many coordinate-descent sweeps over the dual variables."""
-    reference: list[float] = bounded([], gt=0, le=1e9)
-    """Each class's typical shift norm on the defender's reference models (Signal.suspicion)."""
-    gate: float = bounded(0.0, ge=0, le=1000)
-    """Per-unit evidence only when the suspected class's anomaly index exceeds this (Signal.gated; 0:
-    always, as in the paper)."""
 
 
 def classifier_inputs(model: nn.Module, layout: UnitLayout, x: torch.Tensor, batch: int = 512) -> torch.Tensor:

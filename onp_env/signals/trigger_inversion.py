@@ -36,11 +36,11 @@ from torch import nn
 from onp_env.config import bounded
 from onp_env.graph.features import activation_gap
 from onp_env.graph.units import UnitLayout
-from onp_env.signals.base import Signal, SignalResult, anomaly_index
+from onp_env.signals.base import Signal, SignalResult, VerdictParams, anomaly_index
 
 
 @dataclass
-class InversionParams:
+class InversionParams(VerdictParams):
     images: int = bounded(64, ge=1, le=100_000)
     """Defense images the triggers are optimised on (drawn with the seed). 64 images, 16 a step and 150
     steps rank the oracle's units as well as 256, 64 and 300 at a sixth of the time
@@ -58,11 +58,6 @@ class InversionParams:
     """Share of images sent to the class for a mask to count (NC's attack-success threshold)."""
     adjust_every: int = bounded(10, ge=1, le=10_000)
     """Steps between adjustments of the penalty weight."""
-    reference: list[float] = bounded([], gt=0, le=1e9)
-    """Each class's typical trigger size on the defender's reference models (Signal.suspicion)."""
-    gate: float = bounded(0.0, ge=0, le=1000)
-    """Per-unit evidence only when the suspected class's anomaly index exceeds this (Signal.gated; 0:
-    always, as in the paper)."""
 
 
 @dataclass
