@@ -49,3 +49,10 @@ def test_the_own_model_example_runs():
     assert result.method == "mnp" and all(0 <= u < len(result.scores) for u in result.pruned)
     accuracy = scope["evaluate"](result.model, scope["x_defense"], scope["y_defense"])["acc"]
     assert 0.5 < accuracy <= 1  # MNP keeps the clean accuracy (100% on the defense set at model seeds 0-19)
+
+
+def test_the_suite_example_runs():
+    (code,) = section_code("Task suites for RL research")
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    assert scope["info"]["model"] == "digits-v0/test/003" and scope["terminated"] and scope["info"]["stopped"]

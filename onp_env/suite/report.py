@@ -53,6 +53,30 @@ def _pct(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f}" if values else ""
 
 
+def summary_md(rows: list[dict], suite: str) -> str:
+    """One line per policy: its score IQM [95% CI] on each split, and its test-split DER and ASR."""
+    scores, _ = normalised(rows)
+    at = [r for r in rows if r["suite"] == suite]
+    lines = ["| policy | seeds | train | test | test-ood | test DER % | test ASR after % | env steps trained |",
+             "|---|---:|---|---|---|---:|---:|---:|"]  # fmt: skip
+    for policy in sorted({r["policy"] for r in at}, key=lambda p: (p == CEILING, p == "stop", p)):
+        cells = []
+        for split in SPLITS:
+            per_model = scores.get((suite, split, policy), {})
+            if per_model:
+                arrays = [np.array(v) for v in per_model.values()]
+                lo, hi = bootstrap_ci(arrays)
+                cells.append(f"{_f3(iqm(np.concatenate(arrays)))} [{_f3(lo)}, {_f3(hi)}]")
+            else:
+                cells.append("")
+        test = [r for r in at if r["policy"] == policy and r["split"] == "test"]
+        train = sorted({r["train_steps"] for r in at if r["policy"] == policy and r.get("train_steps") is not None})
+        lines.append(f"| {policy} | {len({r['seed'] for r in at if r['policy'] == policy})} | {' | '.join(cells)} "
+                     f"| {_pct([r['der'] for r in test])} | {_pct([r['asr_after'] for r in test])} "
+                     f"| {', '.join(map(str, train)) or '-'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def report_md(rows: list[dict], machine: str) -> str:
     """Markdown: per suite and split a table of policies, then the gaps train -> test -> test-ood."""
     scores, left_out = normalised(rows)
@@ -62,6 +86,7 @@ def report_md(rows: list[dict], machine: str) -> str:
              "DER, ASR and ACC are the env's defense-set measurements (the reward's), in %.", ""]  # fmt: skip
     iqms: dict[tuple[str, str, str], float] = {}
     for suite in sorted({r["suite"] for r in rows}):
+        lines += [f"## {suite}: summary (score IQM [95% CI] per split)", "", summary_md(rows, suite), ""]
         for split in [s for s in SPLITS if any(r["suite"] == suite and r["split"] == s for r in rows)]:
             at = [r for r in rows if r["suite"] == suite and r["split"] == split]
             lines += [f"## {suite} / {split}", "", HEADER, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
