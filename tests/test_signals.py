@@ -13,7 +13,7 @@ from onp_env.env import NeuronPruningEnv
 from onp_env.graph.features import activation_gap
 from onp_env.graph.units import find_units
 from onp_env.metrics import evaluate
-from onp_env.signals import SIGNALS, TriggerInversion
+from onp_env.signals import SIGNALS, TriggerInversion, trigger_inversion
 from onp_env.zoo import default_config
 
 from .test_attack_quality import _build
@@ -58,10 +58,33 @@ def test_the_inversion_is_deterministic_and_leaves_the_model_alone():
     layout, _ = find_units(art.model, x[:2])
     before = {k: v.clone() for k, v in art.model.state_dict().items()}
     grads = [p.requires_grad for p in art.model.parameters()]
-    one, two = (TriggerInversion(steps=40).compute(art.model, layout, x, y) for _ in range(2))
+    results = []
+    for _ in range(2):
+        trigger_inversion._INVERTED.clear()  # computed afresh each time, not reused
+        results.append(TriggerInversion(steps=40).compute(art.model, layout, x, y))
+    one, two = results
     assert torch.equal(one.units, two.units) and one.globals == two.globals
     assert all(torch.equal(before[k], v) for k, v in art.model.state_dict().items())
     assert [p.requires_grad for p in art.model.parameters()] == grads
+
+
+def test_an_inversion_is_reused_only_for_the_same_weights_images_and_settings(monkeypatch):
+    art = load_artifact(build_artifact(default_config(), progress=False))
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    calls = []
+    real = trigger_inversion.invert
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(trigger_inversion, "_INVERTED", trigger_inversion.OrderedDict())
+    plain = TriggerInversion(steps=30).compute(art.model, layout, x, y)
+    judged = TriggerInversion(steps=30, reference=[1.0] * 10).compute(art.model, layout, x, y)  # same inversion
+    assert len(calls) == 1 and judged.details["norms"] == plain.details["norms"]
+    TriggerInversion(steps=31).compute(art.model, layout, x, y)  # other settings
+    TriggerInversion(steps=30).compute(art.model, layout, x[:-1], y[:-1])  # other images
+    with torch.no_grad():
+        art.model.fc.weight[0, 0] += 1.0
+    TriggerInversion(steps=30).compute(art.model, layout, x, y)  # other weights
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize(

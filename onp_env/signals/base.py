@@ -8,6 +8,8 @@ a signal is that signal plus a selection rule (baselines.nc)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -48,6 +50,20 @@ def class_reference(norms: list[torch.Tensor], targets: list[int | None]) -> tor
         if rows:
             ref[k] = stacked[rows, k].median()
     return torch.where(ref.isnan(), ref.nanmedian(), ref)
+
+
+def fingerprint(model: nn.Module, *tensors: torch.Tensor, **settings: Any) -> str:
+    """SHA-256 of a model's weights and buffers, some tensors and JSON-able settings: the key under which
+    a signal may reuse an expensive result it computed for exactly these inputs in this process."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 @dataclass

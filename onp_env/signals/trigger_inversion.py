@@ -27,6 +27,8 @@ Warping triggers (WaNet) are not masks: this inversion is not expected to find t
 
 from __future__ import annotations
 
+import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +38,7 @@ from torch import nn
 from onp_env.config import bounded
 from onp_env.graph.features import activation_gap
 from onp_env.graph.units import UnitLayout
-from onp_env.signals.base import Signal, SignalResult, VerdictParams, anomaly_index
+from onp_env.signals.base import Signal, SignalResult, VerdictParams, anomaly_index, fingerprint
 
 
 @dataclass
@@ -159,6 +161,11 @@ def trigger_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.
     return activation_gap(model, layout, xs, ys, triggered, ys)
 
 
+MEMO = 64
+"""Inversions kept per process (a few hundred KB each for 10 classes of 28x28 masks and patterns)."""
+_INVERTED: OrderedDict[str, Inverted] = OrderedDict()
+
+
 class TriggerInversion(Signal):
     name = "inversion"
     version = 1
@@ -166,10 +173,20 @@ class TriggerInversion(Signal):
     observed = {"anomaly": ("anomaly_index", 10.0)}  # NC flags above 2, i.e. 0.2 in the observation
 
     def invert(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Inverted:
+        """The inversion of every class, reused when this process inverted the same weights on the same
+        images with the same settings (`onp train-agent` computes the class reference on its shadow
+        models, then the environment the signal itself: the reference and gate change only what is
+        read from the inversion)."""
         with torch.no_grad():
             classes = int(model(x[:1].to(self.device)).shape[1])
         self.check_reference(classes)
-        return invert(model, x, y, classes, self.params, self.seed, self.device)
+        settings = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in ("reference", "gate")}
+        key = fingerprint(model, x, y, settings=settings, seed=self.seed, device=str(self.device), version=self.version)
+        if key not in _INVERTED:
+            _INVERTED[key] = invert(model, x, y, classes, self.params, self.seed, self.device)
+            while len(_INVERTED) > MEMO:
+                _INVERTED.popitem(last=False)
+        return _INVERTED[key]
 
     def compute(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> SignalResult:
         x, y = x.to(self.device), y.to(self.device)
