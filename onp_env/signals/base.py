@@ -98,7 +98,7 @@ class Signal(ABC):
 
     def __init__(self, seed: int = 0, device: str = "cpu", **params: Any):
         self.params: Any = from_dict(self.Params, params, f"signal {self.name} parameters")
-        reference = self.params.reference if isinstance(self.params, VerdictParams) else []
+        reference: list[float] = self.params.reference if isinstance(self.params, VerdictParams) else []
         if len(reference) > MAX_CLASSES:
             raise OnpError(f"signal {self.name} parameters.reference has {len(reference)} entries: at most one per "
                            f"class ({MAX_CLASSES})")  # fmt: skip

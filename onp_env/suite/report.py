@@ -101,7 +101,7 @@ def report_md(rows: list[dict], machine: str) -> str:
                     score = f"{_f3(mid)} [{_f3(lo)}, {_f3(hi)}]"
                 else:
                     score = ""
-                train = sorted({r.get("train_steps") for r in sel if r.get("train_steps") is not None})
+                train = sorted({int(r["train_steps"]) for r in sel if r.get("train_steps") is not None})
                 lines.append(
                     f"| {policy} | {len({r['seed'] for r in sel})} | {len({r['model'] for r in sel})} | {score} "
                     f"| {_pct([r['der'] for r in sel])} | {_pct([r['asr_after'] for r in sel])} "

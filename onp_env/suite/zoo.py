@@ -92,6 +92,15 @@ def read_manifest(spec: SuiteSpec, path: Path | None = None) -> dict[str, Any]:
     return data
 
 
+def _metrics(measured: dict[str, float | None]) -> dict[str, float]:
+    """Clean ACC, ASR and RA of a suite model (every one is backdoored: none is None)."""
+    out = {k: measured[k] for k in ("acc", "asr", "ra")}
+    missing = [k for k, v in out.items() if v is None]
+    if missing:
+        raise OnpError(f"a suite model has no {', '.join(missing)}: it must be a backdoored model")
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
 def _status(spec: SuiteSpec, entry: dict[str, Any], sha: str, metrics: dict[str, float]) -> str:
     if sha == entry["sha256"]:
         return "identical"
@@ -111,7 +120,7 @@ def build_split(spec: SuiteSpec, split: str, cache: str | Path | None = None, pr
     for name, lab in tqdm(labs, desc=f"{spec.name} {split}", disable=not progress):
         path = build_artifact(lab, cache, progress=False)
         art = load_artifact(path)
-        metrics = {k: float(art.metrics[k]) for k in ("acc", "asr", "ra")}
+        metrics = _metrics(art.metrics)
         sha = art.manifest["weights"]["sha256"]
         status = _status(spec, entries[name], sha, metrics)
         if status == "outside":
@@ -142,7 +151,7 @@ def write_manifest(spec: SuiteSpec, cache: str | Path | None = None, progress: b
                            "attack": {"name": lab.attack.name, "label": lab.attack.label, "target": lab.attack.target,
                                       "mode": lab.attack.mode, "poison_rate": lab.attack.poison_rate,
                                       "params": lab.attack.params},
-                           **{k: round(float(art.metrics[k]), 6) for k in ("acc", "asr", "ra")},
+                           **{k: round(v, 6) for k, v in _metrics(art.metrics).items()},
                            "sha256": art.manifest["weights"]["sha256"]})  # fmt: skip
     data = {"format": FORMAT, "suite": spec.name, "library": __version__, "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}",
