@@ -17,6 +17,7 @@ and no attack, so nothing the policy reads can come from the trigger or the test
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, replace
@@ -203,12 +204,15 @@ class AgentPolicy:
         self.agent, self.deterministic, self.seed = agent, deterministic, seed
         self.rng = np.random.default_rng(seed)
 
-    def start(self, env: Any) -> None:
-        e = env.unwrapped
-        want, got = self.agent.env.features, e.cfg.features
-        if list(want) != list(got):
+    def requires(self, env_settings: dict[str, Any]) -> None:
+        """Refuse, before any env is built, an env whose node features are not the agent's."""
+        want, got = list(self.agent.env.features), list(env_settings.get("features", ["dynamic"]))
+        if want != got:
             raise OnpError(f"the agent was trained on features {want} but this env computes {got}: "
                            "evaluate it on a suite with the same features, or train one there")  # fmt: skip
+
+    def start(self, env: Any) -> None:
+        self.requires(dataclasses.asdict(env.unwrapped.cfg))
         self.rng = np.random.default_rng(self.seed)
 
     def act(self, env: Any, obs: dict[str, np.ndarray], info: Any = None) -> Any:

@@ -232,3 +232,10 @@ def test_make_vec_and_check_env_on_a_suite_id(mode, test_env):
         assert reward.shape == (2,) and envs.observation_space.contains(obs)
     finally:
         envs.close()
+
+
+def test_an_agent_of_other_features_is_refused_before_the_suite_is_built(tmp_path, capsys):
+    code = main(["suite", "evaluate", "digits-v0", "--split", "train", "--policy", "onp", "--out", "r.jsonl",
+                 "--cache", str(tmp_path / "empty")])  # fmt: skip
+    assert code == 2 and "trained on features" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()  # nothing was built

@@ -87,6 +87,8 @@ def evaluate(policy: Policy, suite: str, split: str, *, name: str, seed: int = 0
     from onp_env import __version__
 
     spec = get_suite(suite)
+    if hasattr(policy, "requires"):  # a policy that cannot act in this suite says so before it is built
+        policy.requires(spec.env)
     env = env if env is not None else make_env(spec.name, split, progress=progress, **env_kwargs)
     e = env.unwrapped
     if (e.suite.name, e.split) != (spec.name, split):

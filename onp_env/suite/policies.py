@@ -4,7 +4,9 @@ expert and trained agents from agents), so that `onp suite evaluate --policy mnp
 lab imports neither.
 
 A policy is an object with `act(env, obs, info) -> action` and, optionally, `start(env)`, called after
-every reset (a heuristic plans there). An entry point names a factory `make(name, params, seed)`."""
+every reset (a heuristic plans there), and `requires(env_settings)`, which refuses a suite it cannot
+act in (a trained agent, another suite's features) before its env is built. An entry point names a
+factory `make(name, params, seed)`."""
 
 from __future__ import annotations
 
