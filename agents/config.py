@@ -149,12 +149,16 @@ def check_policy(cfg: PolicyConfig) -> None:
 
 def _check_suite(cfg: AgentConfig, where: str) -> None:
     """A suite's agent trains in the suite's env: its frozen settings, on its train split only."""
+    from onp_env.env.signals import takes_reference
     from onp_env.suite.spec import get_suite
 
     spec = get_suite(cfg.zoo.suite or "")
     if cfg.zoo.sample is not None or cfg.zoo.exclude:
         raise OnpError(f"{where}: zoo.suite takes the suite's train split as it is: drop zoo.sample and zoo.exclude")
     env = dataclasses.asdict(cfg.env)
+    if cfg.signal_reference and any(takes_reference(f) for f in cfg.env.features):
+        raise OnpError(f"{where}: suite {spec.name} observes its signals without a class reference: set "
+                       "signal_reference: false")  # fmt: skip
     differ = [k for k, v in spec.env.items() if env[k] != v]
     if differ:
         wanted = ", ".join(f"{k}: {spec.env[k]}" for k in differ)

@@ -191,6 +191,10 @@ def test_an_agent_config_trains_on_the_suites_train_split_in_its_env():
         load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), ["env.budget=0.5"])
     with pytest.raises(OnpError, match="unknown suite"):
         load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), ["zoo.suite=digits-v7"])
+    fm = load_agent_config(str(ROOT / "configs" / "agent" / "fashion-mnist-v0.yaml"), [])
+    assert len(zoo_configs(fm)) == len(get_suite("fashion-mnist-v0").labs("train"))
+    with pytest.raises(OnpError, match="without a class reference: set signal_reference: false"):
+        load_agent_config(str(ROOT / "configs" / "agent" / "fashion-mnist-v0.yaml"), ["signal_reference=true"])
 
 
 def test_torchrl_gymenv_with_its_action_mask_transform(test_env):

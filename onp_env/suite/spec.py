@@ -41,8 +41,9 @@ class SuiteSpec:
     """The LabConfig every model starts from (its attack replaced by each draw)."""
     splits: dict[str, tuple[Draws, ...]]
     env: dict[str, Any]
-    """EnvConfig settings frozen with the id: features, budget, reward weights and the padding sizes
-    that keep observation shapes equal across splits (max_edges: the graph's bound, edge_k incoming
+    """EnvConfig settings frozen with the id: features and their settings (signals at their defaults,
+    without a class reference), budget, reward weights and the padding sizes that keep observation
+    shapes equal across splits (max_edges: the graph's bound, edge_k incoming
     edges plus 2 * k_intra symmetric intra-layer edges per unit)."""
     description: str
     held_out_attack: str
@@ -96,6 +97,7 @@ DIGITS = SuiteSpec(
     },
     env={
         "features": ["dynamic"],
+        "signal_params": {},
         "budget": 0.3,
         "max_acc_drop": 0.2,
         "eval_images": 512,
@@ -133,6 +135,7 @@ FASHION_MNIST = SuiteSpec(
     },
     env={
         "features": ["dynamic", "mnp", "inversion", "latent_gap"],
+        "signal_params": {},
         "budget": 0.2,
         "max_acc_drop": 0.1,
         "eval_images": 256,
