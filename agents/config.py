@@ -159,9 +159,10 @@ def _check_suite(cfg: AgentConfig, where: str) -> None:
     if cfg.signal_reference and any(takes_reference(f) for f in cfg.env.features):
         raise OnpError(f"{where}: suite {spec.name} observes its signals without a class reference: set "
                        "signal_reference: false")  # fmt: skip
-    differ = [k for k, v in spec.env.items() if env[k] != v]
+    frozen = dataclasses.asdict(EnvConfig.load(spec.env))  # every setting, the defaults included
+    differ = [k for k, v in frozen.items() if k not in ("device", "artifacts") and env[k] != v]
     if differ:
-        wanted = ", ".join(f"{k}: {spec.env[k]}" for k in differ)
+        wanted = ", ".join(f"{k}: {frozen[k]}" for k in differ)
         raise OnpError(f"{where}: env differs from suite {spec.name}'s frozen settings; set {wanted}")
 
 

@@ -36,7 +36,7 @@ from baselines.common import Defense
 from onp_env.attacks.base import Attack
 from onp_env.config import apply_overrides, from_dict, to_dict
 from onp_env.devices import device_of
-from onp_env.env import NeuronPruningEnv, PruningTarget
+from onp_env.env import EnvConfig, NeuronPruningEnv, PruningTarget
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 
@@ -205,11 +205,15 @@ class AgentPolicy:
         self.rng = np.random.default_rng(seed)
 
     def requires(self, env_settings: dict[str, Any]) -> None:
-        """Refuse, before any env is built, an env whose node features are not the agent's."""
-        want, got = list(self.agent.env.features), list(env_settings.get("features", ["dynamic"]))
-        if want != got:
-            raise OnpError(f"the agent was trained on features {want} but this env computes {got}: "
-                           "evaluate it on a suite with the same features, or train one there")  # fmt: skip
+        """Refuse, before any env is built, an env whose observations or actions are not those the agent
+        was trained on: other features or signal settings (a class reference, say), masks or actions."""
+        env = dataclasses.asdict(EnvConfig.load(env_settings))
+        trained = dataclasses.asdict(self.agent.env)
+        differ = [k for k in ("features", "signal_params", "semantics", "group", "action_mode") if env[k] != trained[k]]
+        if differ:
+            said = "; ".join(f"{k} {trained[k]} in training, {env[k]} here" for k in differ)
+            raise OnpError(f"the agent was trained in another env ({said}): evaluate it on a suite with the same "
+                           "settings, or train one there")  # fmt: skip
 
     def start(self, env: Any) -> None:
         self.requires(dataclasses.asdict(env.unwrapped.cfg))

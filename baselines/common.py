@@ -139,6 +139,10 @@ def heuristic_policy(name: str, params: dict[str, Any], seed: int) -> BaselinePo
     """The registered defense `name` as a policy (entry point of group onp_env.policies)."""
     from onp_env.registry import defense_class
 
+    reserved = sorted(set(params) & {"seed", "device", "semantics"})
+    if reserved:
+        raise OnpError(f"policy {name}: {', '.join(reserved)} cannot be a parameter (the seed is --seed; the env "
+                       "sets device and semantics)")  # fmt: skip
     return BaselinePolicy(defense_class(name)(seed=seed, **params))
 
 

@@ -86,9 +86,26 @@ def test_a_row_that_does_not_replay_is_refused_with_its_model(test_env, tmp_path
                                 ("model", "digits-v0/test/999", "no such model")):  # fmt: skip
         with pytest.raises(OnpError, match=match):
             validate([{**row, field: value}], progress=False)
-    path = tmp_path / "rows.jsonl"
-    append(path, {**row, "return": "high"})
-    assert main(["suite", "validate", str(path)]) == 2
+    with pytest.raises(OnpError, match="made on other weights"):
+        validate([{**row, "weights_sha256": "0" * 64}], progress=False)
+    with pytest.raises(OnpError, match="other env settings"):
+        validate([{**row, "env": {**row["env"], "budget": 0.9}}], progress=False)
+    for n, (edit, message) in enumerate([({"return": "high"}, "field 'return' must be a finite number"),
+                                         ({"steps": row["steps"] + 1}, "actions for"),
+                                         ({"train_steps": [1]}, "field 'train_steps' must be an integer"),
+                                         ({"model": "digits-v0/train/000"}, "which is not of digits-v0/test"),
+                                         ({"model": "digits-v0/test/099"}, "no model 'digits-v0/test/099'"),
+                                         ({"suite": "digits-v9", "model": "digits-v9/test/001"}, "row 1: unknown suite")]):  # fmt: skip
+        path = tmp_path / f"rows{n}.jsonl"
+        append(path, {**row, **edit})
+        with pytest.raises(OnpError, match=message):
+            read_suite_rows(path)
+    twice = tmp_path / "twice.jsonl"
+    append(twice, row)
+    append(twice, row)
+    with pytest.raises(OnpError, match="a second row of oracle"):
+        read_suite_rows(twice)
+    assert main(["suite", "validate", str(tmp_path / "missing.jsonl")]) == 2
 
 
 def test_a_policy_choosing_a_masked_action_is_refused(test_env):
@@ -130,6 +147,11 @@ def test_a_tampered_manifest_is_refused_before_anything_is_built(tmp_path):
     with pytest.raises(OnpError, match=r"acc must be a number in \[0, 1\]"):
         build_split(spec, "test", tmp_path / "cache", progress=False, manifest=bad)
     assert not (tmp_path / "cache").exists()
+    data = json.loads(manifest_path(spec).read_text())
+    data["models"][5]["attack"]["target"] = (data["models"][5]["attack"]["target"] + 1) % 10
+    bad.write_text(json.dumps(data))
+    with pytest.raises(OnpError, match="digits-v0/train/005.attack is not the recipe's"):
+        read_manifest(spec, bad)
 
 
 def test_a_model_outside_the_manifest_tolerance_warns(tmp_path):
@@ -146,6 +168,8 @@ def test_a_model_outside_the_manifest_tolerance_warns(tmp_path):
 
 def test_policies_are_found_by_name():
     assert {"stop", "random", "oracle", "onp", "mnp", "anp", "nc"} <= set(policy_names())
+    with pytest.raises(OnpError, match="seed cannot be a parameter"):
+        make_policy("mnp", {"seed": 3})
 
 
 def test_iqm_is_rliables_and_the_interval_covers_it():
@@ -189,6 +213,8 @@ def test_an_agent_config_trains_on_the_suites_train_split_in_its_env():
     assert [lab.fingerprint() for lab in zoo_configs(cfg)] == train
     with pytest.raises(OnpError, match="frozen settings; set budget: 0.3"):
         load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), ["env.budget=0.5"])
+    with pytest.raises(OnpError, match="frozen settings; set alpha: 1.0"):  # a default the suite keeps, too
+        load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), ["env.alpha=2"])
     with pytest.raises(OnpError, match="unknown suite"):
         load_agent_config(str(ROOT / "configs" / "agent" / "digits-v0.yaml"), ["zoo.suite=digits-v7"])
     fm = load_agent_config(str(ROOT / "configs" / "agent" / "fashion-mnist-v0.yaml"), [])
@@ -241,5 +267,5 @@ def test_make_vec_and_check_env_on_a_suite_id(mode, test_env):
 def test_an_agent_of_other_features_is_refused_before_the_suite_is_built(tmp_path, capsys):
     code = main(["suite", "evaluate", "digits-v0", "--split", "train", "--policy", "onp", "--out", "r.jsonl",
                  "--cache", str(tmp_path / "empty")])  # fmt: skip
-    assert code == 2 and "trained on features" in capsys.readouterr().err
+    assert code == 2 and "trained in another env (features" in capsys.readouterr().err
     assert not (tmp_path / "empty").exists()  # nothing was built

@@ -180,6 +180,8 @@ class TriggerInversion(Signal):
         with torch.no_grad():
             classes = int(model(x[:1].to(self.device)).shape[1])
         self.check_reference(classes)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):  # e.g. Masks: not in the key
+            return invert(model, x, y, classes, self.params, self.seed, self.device)
         settings = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in ("reference", "gate")}
         key = fingerprint(model, x, y, settings=settings, seed=self.seed, device=str(self.device), version=self.version)
         if key not in _INVERTED:

@@ -80,27 +80,39 @@ def _report(args: argparse.Namespace) -> None:
     print(text)
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number in 0 .. 2**32 - 1")
+    return value
+
+
 def add_suite(sub: argparse._SubParsersAction) -> None:
+    from onp_env.suite.spec import SPLITS
+
     s = sub.add_parser("suite", help="the RL task suites: list, build, evaluate a policy, validate rows, report")
     cmd = s.add_subparsers(dest="suite_command", required=True)
     ls = cmd.add_parser("list", help="the suites, or one suite's models with their manifest ACC / ASR")
     ls.add_argument("suite", nargs="?")
-    ls.add_argument("--split")
+    ls.add_argument("--split", choices=SPLITS)
     ls.set_defaults(func=_list)
     b = cmd.add_parser("build", help="build a suite's models (lab cache) and check them against its manifest")
     b.add_argument("suite")
-    b.add_argument("--split")
+    b.add_argument("--split", choices=SPLITS)
     b.add_argument("--write-manifest", action="store_true", help="maintainers: build every split, write the manifest")
     b.set_defaults(func=_build)
     e = cmd.add_parser("evaluate", help="run a policy on every model of a split; appends one row per model")
     e.add_argument("suite")
-    e.add_argument("--split", required=True)
+    e.add_argument("--split", required=True, choices=SPLITS)
     e.add_argument("--policy", required=True, help="stop, random, oracle, a heuristic (mnp, ...) or onp")
     e.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="policy parameter, e.g. agent=DIR")
     e.add_argument("--name", help="the policy's name in the rows (default: --policy)")
-    e.add_argument("--seed", type=int, default=0, help="the run's seed (its training seed, for an agent)")
+    e.add_argument("--seed", type=_count, default=0, help="the run's seed (its training seed, for an agent)")
     e.add_argument("--model", action="append", default=[], help="only this model (repeatable)")
-    e.add_argument("--train-steps", type=int, help="environment steps the policy trained for, for the report")
+    e.add_argument("--train-steps", type=_count, help="environment steps the policy trained for, for the report")
     e.add_argument("--out", required=True, help="rows file (JSON lines), appended to")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=_evaluate)

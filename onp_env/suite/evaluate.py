@@ -9,6 +9,7 @@ suite version or zoo, fails with the model it names."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -23,12 +24,26 @@ from onp_env.results import COUNT, FRACTION, REAL, TEXT, Schema, append, list_of
 from onp_env.suite.policies import Policy
 from onp_env.suite.spec import SPLITS, get_suite
 
+MAX_STEPS = 10_000
+"""More steps than any suite episode takes (its step limit is 2 * ceil(budget * units) + 16)."""
+
+
+def _consistent(row: dict[str, Any]) -> str | None:
+    if row["steps"] > MAX_STEPS or len(row["actions"]) != row["steps"]:
+        return f"holds {len(row['actions'])} actions for {row['steps']} steps (at most {MAX_STEPS})"
+    if not row["model"].startswith(f"{row['suite']}/{row['split']}/"):
+        return f"names model {row['model'][:80]!r}, which is not of {row['suite']}/{row['split']}"
+    return None
+
+
 ROW = Schema(
     "suite row",
     {"suite": TEXT, "env_id": TEXT, "split": TEXT, "model": TEXT, "policy": TEXT, "seed": COUNT,
      "actions": list_of(COUNT), "steps": COUNT, "return": REAL, "acc_before": FRACTION, "asr_before": FRACTION,
      "acc_after": FRACTION, "asr_after": FRACTION, "der": FRACTION, "pruned": COUNT, "seconds": REAL,
      "library": TEXT, "weights_sha256": TEXT, "zoo": TEXT},
+    consistent=_consistent,
+    optional={"train_steps": COUNT},
 )  # fmt: skip
 FIX = "rows come from `onp suite evaluate`, unedited: run it again"
 TOLERANCE = 1e-5
@@ -94,6 +109,8 @@ def evaluate(policy: Policy, suite: str, split: str, *, name: str, seed: int = 0
     if (e.suite.name, e.split) != (spec.name, split):
         raise OnpError(f"the env given holds {e.suite.name}/{e.split}, not {spec.name}/{split}")
     names = models if models is not None else list(e.names)
+    if not names or len(set(names)) != len(names):
+        raise OnpError(f"models must name each model of {spec.name}/{split} at most once, and some: got {names[:5]}")
     outside = sorted(set(names) - set(e.names))
     if outside:
         raise OnpError(f"model {outside[0]!r} is not in {spec.name}/{split}: its models are "
@@ -114,26 +131,62 @@ def evaluate(policy: Policy, suite: str, split: str, *, name: str, seed: int = 0
 
 
 def read_suite_rows(path: Path) -> list[dict]:
-    rows = read_rows(Path(path), ROW, fix=FIX)
+    """The rows of a file of `onp suite evaluate`, each checked (schema, its suite, split and model known)
+    before anything is built; a missing or empty file is an error, not zero rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnpError(f"{path}: no such rows file; {FIX}")
+    rows = read_rows(path, ROW, fix=FIX)
+    if not rows:
+        raise OnpError(f"{path} holds no rows; {FIX}")
+    names: dict[tuple[str, str], set[str]] = {}
+    seen = set()
     for i, r in enumerate(rows, 1):
-        spec = get_suite(r["suite"])
+        try:
+            spec = get_suite(r["suite"])
+        except OnpError as e:
+            raise OnpError(f"{path}, row {i}: {e}") from None
         if r["split"] not in SPLITS or r["env_id"] != spec.gym_id:
             raise OnpError(f"{path}, row {i}: split {r['split']!r} of {r['env_id']!r} is not one of {spec.gym_id}'s "
                            f"({', '.join(SPLITS)}); {FIX}")  # fmt: skip
+        key = (spec.name, r["split"])
+        if key not in names:
+            names[key] = {name for name, _ in spec.labs(r["split"])}
+        if r["model"] not in names[key]:
+            raise OnpError(f"{path}, row {i}: no model {r['model'][:80]!r} in {key[0]}/{key[1]}; {FIX}")
+        episode = (spec.name, r["split"], r["policy"], r["seed"], r["model"])
+        if episode in seen:
+            raise OnpError(f"{path}, row {i}: a second row of {r['policy']} (seed {r['seed']}) on {r['model']}: "
+                           "keep one row per policy, seed and model")  # fmt: skip
+        seen.add(episode)
     return rows
 
 
 def validate(rows: list[dict], device: str = "cpu", cache: str | Path | None = None, progress: bool = True) -> int:
     """Replay every row's actions and recompute its numbers; the number of rows checked. OnpError on the
-    first row that does not reproduce (its model, the field and both values)."""
+    first row that does not reproduce: made on other weights than those built here (its zoo), under
+    other env settings, or with numbers that the actions do not give (the field and both values). The
+    policy's name and seed are labels: replaying the actions does not need them, so they are not checked."""
+    if not rows:
+        raise OnpError(f"no rows to validate; {FIX}")
     envs: dict[tuple[str, str], Any] = {}
     for r in tqdm(rows, desc="validate", disable=not progress):
         key = (r["suite"], r["split"])
         if key not in envs:
             envs[key] = make_env(*key, device=device, cache=cache, progress=progress)
         env = envs[key]
-        if r["model"] not in env.unwrapped.names:
+        e = env.unwrapped
+        if r["model"] not in e.names:
             raise OnpError(f"row of {r['model']!r}: no such model in {key[0]}/{key[1]}; {FIX}")
+        built = next(m for m in e.models if m.name == r["model"])
+        if r["weights_sha256"] != built.sha256:
+            raise OnpError(f"row of {r['model']} was made on other weights ({r['weights_sha256'][:12]}) than those "
+                           f"built here ({built.sha256[:12]}, {built.status} the manifest): replay it on the machine "
+                           "that made it, or evaluate again here")  # fmt: skip
+        here = json.loads(json.dumps(dataclasses.asdict(e.cfg)))
+        if not isinstance(r.get("env"), dict) or {**r["env"], "device": ""} != {**here, "device": ""}:  # any device
+            raise OnpError(f"row of {r['model']} was made under other env settings than {key[0]}'s: it comes from "
+                           "another version of the suite; evaluate again with this one")  # fmt: skip
         got = _episode(env, None, r["seed"], r["model"], list(r["actions"]))
         for k in ("steps", "pruned", "return", "acc_before", "asr_before", "acc_after", "asr_after", "der"):
             if not math.isclose(float(got[k]), float(r[k]), rel_tol=0, abs_tol=TOLERANCE):

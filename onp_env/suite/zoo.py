@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from onp_env.artifacts import load_artifact, read_json, write_text_atomic
+from onp_env.config import LabConfig
 from onp_env.errors import OnpError
 from onp_env.suite.spec import SPLITS, SuiteSpec
 
@@ -66,13 +67,15 @@ def read_manifest(spec: SuiteSpec, path: Path | None = None) -> dict[str, Any]:
     """The suite's manifest, checked against its recipe; OnpError (one line) on anything else."""
     path = manifest_path(spec) if path is None else Path(path)
     if not path.is_file():
-        raise OnpError(f"suite {spec.name} has no manifest at {path}: {_fix(spec)}")
+        raise OnpError(f"suite {spec.name} has no manifest at {path}: it is not pinned in this release of onp-env "
+                       f"(maintainers pin it with `onp suite build {spec.name} --write-manifest`)")  # fmt: skip
     data = read_json(path, MANIFEST_LIMIT, _fix(spec))
     where = f"manifest {path.name}"
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("suite") != spec.name:
         raise OnpError(f"{where} is not a {FORMAT} manifest of suite {spec.name}: {_fix(spec)}")
     models = data.get("models")
-    expected = [(name, split, lab.fingerprint()) for split in SPLITS for name, lab in spec.labs(split)]
+    labs = [(name, split, lab) for split in SPLITS for name, lab in spec.labs(split)]
+    expected = [(name, split, lab.fingerprint()) for name, split, lab in labs]
     if not isinstance(models, list) or len(models) != len(expected):
         raise OnpError(f"{where} lists {len(models) if isinstance(models, list) else 'no'} models but the recipe "
                        f"has {len(expected)}: {_fix(spec)}")  # fmt: skip
@@ -89,7 +92,19 @@ def read_manifest(spec: SuiteSpec, path: Path | None = None) -> dict[str, Any]:
                 raise OnpError(f"{where}: {name}.{key} must be a number in [0, 1]: {_fix(spec)}")
         if not isinstance(m.get("sha256"), str) or not HEX64.fullmatch(m["sha256"]):
             raise OnpError(f"{where}: {name}.sha256 must be 64 hex digits: {_fix(spec)}")
+    for m, (name, _, lab) in zip(models, labs, strict=True):
+        if m.get("attack") != attack_record(lab):
+            raise OnpError(f"{where}: {name}.attack is not the recipe's: the manifest was edited; {_fix(spec)}")
     return data
+
+
+def attack_record(lab: LabConfig) -> dict[str, Any]:
+    """A suite model's attack as its manifest entry records it (JSON types)."""
+    a = lab.attack
+    assert a is not None  # every suite model is backdoored
+    record = {"name": a.name, "label": a.label, "target": a.target, "mode": a.mode, "poison_rate": a.poison_rate,
+              "params": a.params}  # fmt: skip
+    return json.loads(json.dumps(record))
 
 
 def _metrics(measured: dict[str, float | None]) -> dict[str, float]:
@@ -146,11 +161,8 @@ def write_manifest(spec: SuiteSpec, cache: str | Path | None = None, progress: b
     for split in SPLITS:
         for name, lab in tqdm(spec.labs(split), desc=f"{spec.name} {split}", disable=not progress):
             art = load_artifact(build_artifact(lab, cache, progress=False))
-            assert lab.attack is not None  # every suite model is backdoored
             models.append({"name": name, "split": split, "fingerprint": lab.fingerprint(), "seed": lab.seed,
-                           "attack": {"name": lab.attack.name, "label": lab.attack.label, "target": lab.attack.target,
-                                      "mode": lab.attack.mode, "poison_rate": lab.attack.poison_rate,
-                                      "params": lab.attack.params},
+                           "attack": attack_record(lab),
                            **{k: round(v, 6) for k, v in _metrics(art.metrics).items()},
                            "sha256": art.manifest["weights"]["sha256"]})  # fmt: skip
     data = {"format": FORMAT, "suite": spec.name, "library": __version__, "torch": torch.__version__,
