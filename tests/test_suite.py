@@ -43,9 +43,10 @@ def test_splits_are_disjoint_and_test_ood_holds_the_held_out_attack_only():
         assert len(set(names)) == len(names) and names[0] == f"{spec.name}/train/000"
 
 
-def test_the_shipped_digits_manifest_matches_its_recipe():
-    data = read_manifest(get_suite("digits-v0"))
-    assert len(data["models"]) == sum(len(get_suite("digits-v0").labs(s)) for s in SPLITS)
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_every_shipped_manifest_matches_its_recipe(suite):
+    data = read_manifest(get_suite(suite))
+    assert len(data["models"]) == sum(len(get_suite(suite).labs(s)) for s in SPLITS)
 
 
 def test_make_a_suite_split_and_pick_a_model_by_its_stable_name(test_env):

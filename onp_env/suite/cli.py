@@ -20,11 +20,11 @@ def _list(args: argparse.Namespace) -> None:
         return
     spec = get_suite(args.suite)
     entries = read_manifest(spec)["models"]
-    print(f"{'model':28} {'attack':12} {'target':>6} {'mode':11} {'rate':>6} {'ACC':>6} {'ASR':>6}")
+    print(f"{'model':30} {'attack':12} {'target':>6} {'mode':11} {'rate':>6} {'ACC':>6} {'ASR':>6}")
     for m in entries:
         if args.split in (None, m["split"]):
             a = m["attack"]
-            print(f"{m['name']:28} {a['name']:12} {a['target']:>6} {a['mode']:11} {a['poison_rate']:>6.3f} "
+            print(f"{m['name']:30} {a['name']:12} {a['target']:>6} {a['mode']:11} {a['poison_rate']:>6.3f} "
                   f"{m['acc']:>6.3f} {m['asr']:>6.3f}")  # fmt: skip
 
 
