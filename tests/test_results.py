@@ -17,6 +17,7 @@ from onp_env.bench.run import RESULTS, read_cells, run_bench
 from onp_env.cli import main
 from onp_env.config import from_dict
 from onp_env.results import append, end_last_line
+from onp_env.suite.evaluate import read_suite_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,8 +213,10 @@ def test_a_whole_last_row_without_its_newline_is_kept_and_ended(tmp_path):
 
 def test_the_committed_results_files_pass_their_readers():
     results = ROOT / "benchmarks" / "results"
-    for name in ("onp.jsonl", "onp_fresh.jsonl", "onp_signals.jsonl"):
+    for name in ("onp.jsonl", "onp_fresh.jsonl", "onp_signals.jsonl", "onp_sampled.jsonl"):
         assert ROWS.read_protocol(results / name)
+    for path in sorted(results.glob("suite-*.jsonl")):
+        assert read_suite_rows(path)
     assert ROWS.read_stopping(results / "onp_stopping.jsonl")
     assert ROWS.read_margins(results / "test_margins.jsonl")
     assert ROWS.read_separability(results / "feature_separability.jsonl")
