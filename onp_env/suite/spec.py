@@ -77,11 +77,10 @@ _DIGITS_BASE = {
 }
 _DIGITS_RANGES = {"patch_size": [1, 2], "sig_delta": [0.3, 0.4], "sig_frequency": [1.0, 2.0], "warp": [0.75, 1.25]}
 _IN = ["badnets", "blended", "sig", "trojannn"]
-_DIGITS_SHIFT = {  # every range outside the in-distribution one, or a value it never drew
-    "attacks": _IN, "all_to_all": 0.5, "poison_rate": [0.2, 0.25],
-    "patch_size": [3, 3], "positions": ["center"], "alpha": [0.35, 0.45], "sig_delta": [0.45, 0.5],
-    "sig_frequency": [3.0, 3.0],
+_SHIFT = {  # every range outside the in-distribution one, or a value it never drew; per data set below
+    "attacks": _IN, "all_to_all": 0.5, "poison_rate": [0.2, 0.25], "positions": ["center"], "alpha": [0.35, 0.45],
 }  # fmt: skip
+_DIGITS_SHIFT = {**_SHIFT, "patch_size": [3, 3], "sig_delta": [0.45, 0.5], "sig_frequency": [3.0, 3.0]}
 
 DIGITS = SuiteSpec(
     name="digits-v0",
@@ -111,11 +110,7 @@ DIGITS = SuiteSpec(
 # Fashion-MNIST: the recipe of the shipped agent's shadow zoo (configs/agent/fashion-mnist-sampled.yaml),
 # with its signals; about 50 s per model on one thread.
 _FM_IN = {"attacks": _IN, "all_to_all": 0.1}
-_FM_SHIFT = {
-    "attacks": _IN, "all_to_all": 0.5, "poison_rate": [0.2, 0.25],
-    "patch_size": [5, 6], "positions": ["center"], "alpha": [0.35, 0.45], "sig_delta": [0.12, 0.15],
-    "sig_frequency": [10.0, 12.0],
-}  # fmt: skip
+_FM_SHIFT = {**_SHIFT, "patch_size": [5, 6], "sig_delta": [0.12, 0.15], "sig_frequency": [10.0, 12.0]}
 
 FASHION_MNIST = SuiteSpec(
     name="fashion-mnist-v0",
