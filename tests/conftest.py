@@ -69,6 +69,16 @@ def tiny_config(*overrides: str) -> LabConfig:
     )
 
 
+@pytest.fixture(scope="session")
+def digits_test_split():
+    """digits-v0's test split, built once per session into the test cache, by two processes where the
+    machine has two cores (`onp suite build --workers 2`: the same weights as one)."""
+    from onp_env.suite.spec import get_suite
+    from onp_env.suite.zoo import build_split
+
+    return build_split(get_suite("digits-v0"), "test", CACHE, progress=False, workers=min(2, os.cpu_count() or 1))
+
+
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if any defense starts working."""

@@ -51,7 +51,7 @@ def test_the_own_model_example_runs():
     assert 0.5 < accuracy <= 1  # MNP keeps the clean accuracy (100% on the defense set at model seeds 0-19)
 
 
-def test_the_suite_example_runs():
+def test_the_suite_example_runs(digits_test_split):
     (code,) = section_code("Task suites for RL research")
     scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)

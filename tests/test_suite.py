@@ -1,6 +1,7 @@
 """The task suites (onp_env.suite): ids, pinned zoos, the standard evaluation, validation and the report.
 
-The digits suite's test split (8 models, seconds each) is built once per session into the test cache."""
+The digits suite's test split (8 models, seconds each) is built once per session into the test cache
+(conftest's digits_test_split)."""
 
 import json
 
@@ -24,7 +25,7 @@ DIGITS = "onp_env/Digits-v0"
 
 
 @pytest.fixture(scope="module")
-def test_env():
+def test_env(digits_test_split):
     env = gym.make(DIGITS, split="test", progress=False)
     yield env
     env.close()
@@ -91,12 +92,13 @@ def test_a_row_that_does_not_replay_is_refused_with_its_model(test_env, tmp_path
         validate([{**row, "weights_sha256": "0" * 64}], progress=False)
     with pytest.raises(OnpError, match="other env settings"):
         validate([{**row, "env": {**row["env"], "budget": 0.9}}], progress=False)
-    for n, (edit, message) in enumerate([({"return": "high"}, "field 'return' must be a finite number"),
-                                         ({"steps": row["steps"] + 1}, "actions for"),
-                                         ({"train_steps": [1]}, "field 'train_steps' must be an integer"),
-                                         ({"model": "digits-v0/train/000"}, "which is not of digits-v0/test"),
-                                         ({"model": "digits-v0/test/099"}, "no model 'digits-v0/test/099'"),
-                                         ({"suite": "digits-v9", "model": "digits-v9/test/001"}, "row 1: unknown suite")]):  # fmt: skip
+    edits = [({"return": "high"}, "field 'return' must be a finite number"),
+             ({"steps": row["steps"] + 1}, "actions for"),
+             ({"train_steps": [1]}, "field 'train_steps' must be an integer"),
+             ({"model": "digits-v0/train/000"}, "which is not of digits-v0/test"),
+             ({"model": "digits-v0/test/099"}, "no model 'digits-v0/test/099'"),
+             ({"suite": "digits-v9", "model": "digits-v9/test/001"}, "row 1: unknown suite")]  # fmt: skip
+    for n, (edit, message) in enumerate(edits):
         path = tmp_path / f"rows{n}.jsonl"
         append(path, {**row, **edit})
         with pytest.raises(OnpError, match=message):
@@ -132,6 +134,11 @@ def test_bad_names_get_one_line(test_env, capsys):
     assert main(["suite", "evaluate", "digits-v0", "--split", "test", "--policy", "nope", "--out", "r.jsonl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown policy 'nope'" in err[0] and "oracle" in err[0]
+    with pytest.raises(SystemExit) as exit_:
+        main(["suite", "build", "digits-v0", "--workers", "0"])
+    assert exit_.value.code == 2 and "workers must be between 1 and 256" in capsys.readouterr().err
+    with pytest.raises(OnpError, match="workers must be a whole number >= 1"):
+        build_split(get_suite("digits-v0"), "test", progress=False, workers=True)
 
 
 def test_a_tampered_manifest_is_refused_before_anything_is_built(tmp_path):

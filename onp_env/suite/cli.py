@@ -34,11 +34,11 @@ def _build(args: argparse.Namespace) -> None:
 
     spec = get_suite(args.suite)
     if args.write_manifest:
-        print(write_manifest(spec, args.cache, progress=not args.quiet))
+        print(write_manifest(spec, args.cache, progress=not args.quiet, workers=args.workers))
         return
     outside = 0
     for split in [args.split] if args.split else list(SPLITS):
-        for m in build_split(spec, split, args.cache, progress=not args.quiet):
+        for m in build_split(spec, split, args.cache, progress=not args.quiet, workers=args.workers):
             outside += m.status == "outside"
             print(f"{m.name:28} {m.status:9} ACC {m.metrics['acc']:.3f} (manifest {m.entry['acc']:.3f}) "
                   f"ASR {m.metrics['asr']:.3f} (manifest {m.entry['asr']:.3f})  {m.path}")  # fmt: skip
@@ -90,6 +90,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    value = _count(text)
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r}: workers must be between 1 and 256")
+    return value
+
+
 def add_suite(sub: argparse._SubParsersAction) -> None:
     from onp_env.suite.spec import SPLITS
 
@@ -103,6 +110,8 @@ def add_suite(sub: argparse._SubParsersAction) -> None:
     b.add_argument("suite")
     b.add_argument("--split", choices=SPLITS)
     b.add_argument("--write-manifest", action="store_true", help="maintainers: build every split, write the manifest")
+    b.add_argument("--workers", type=_workers, default=1,
+                   help="processes training the missing models, one thread each (same weights as 1)")
     b.set_defaults(func=_build)
     e = cmd.add_parser("evaluate", help="run a policy on every model of a split; appends one row per model")
     e.add_argument("suite")

@@ -17,8 +17,10 @@ import math
 import platform
 import re
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -123,17 +125,34 @@ def _status(spec: SuiteSpec, entry: dict[str, Any], sha: str, metrics: dict[str,
     return "within" if close else "outside"
 
 
-def build_split(spec: SuiteSpec, split: str, cache: str | Path | None = None, progress: bool = True,
-                manifest: Path | None = None) -> list[SuiteModel]:  # fmt: skip
-    """Every model of `split`, built (or found) in the lab cache and compared with the manifest. A model
-    outside the tolerance warns (ZooMismatchWarning) with its numbers; it is still returned."""
-    from onp_env.zoo import build_artifact  # the lab: imported on use, `onp suite list` stays light
+def _build_paths(labs: list[tuple[str, LabConfig]], cache: str | Path | None, progress: bool, desc: str,
+                 workers: int) -> list[Path]:  # fmt: skip
+    """Each lab config's artifact, trained where not cached; `workers` > 1 trains in that many spawned
+    processes (each model trains on the threads its config names, so the weights do not depend on it)."""
+    from onp_env.zoo import build_artifact, cache_dir, find_cached  # the lab: on use, `onp suite list` stays light
 
+    root = Path(cache) if cache is not None else cache_dir()
+    missing = [lab for _, lab in labs if not root.is_dir() or find_cached(lab, root) is None]
+    if workers > 1 and len(missing) > 1:
+        with ProcessPoolExecutor(min(workers, len(missing)), get_context("spawn")) as pool:
+            futures = [pool.submit(build_artifact, lab, cache, False) for lab in missing]
+            for f in tqdm(as_completed(futures), total=len(futures), desc=f"{desc} (training)", disable=not progress):
+                f.result()
+    return [build_artifact(lab, cache, progress=False) for _, lab in tqdm(labs, desc=desc, disable=not progress)]
+
+
+def build_split(spec: SuiteSpec, split: str, cache: str | Path | None = None, progress: bool = True,
+                manifest: Path | None = None, workers: int = 1) -> list[SuiteModel]:  # fmt: skip
+    """Every model of `split`, built (or found) in the lab cache and compared with the manifest. A model
+    outside the tolerance warns (ZooMismatchWarning) with its numbers; it is still returned. `workers`
+    processes train the missing models (the same weights as one)."""
+    if isinstance(workers, bool) or not (isinstance(workers, int) and workers >= 1):
+        raise OnpError(f"workers must be a whole number >= 1, got {workers!r}")
     entries = {m["name"]: m for m in read_manifest(spec, manifest)["models"]}
     out = []
     labs = spec.labs(split)
-    for name, lab in tqdm(labs, desc=f"{spec.name} {split}", disable=not progress):
-        path = build_artifact(lab, cache, progress=False)
+    paths = _build_paths(labs, cache, progress, f"{spec.name} {split}", workers)
+    for (name, _), path in zip(labs, paths, strict=True):
         art = load_artifact(path)
         metrics = _metrics(art.metrics)
         sha = art.manifest["weights"]["sha256"]
@@ -152,15 +171,16 @@ def build_split(spec: SuiteSpec, split: str, cache: str | Path | None = None, pr
 
 
 def write_manifest(spec: SuiteSpec, cache: str | Path | None = None, progress: bool = True,
-                   path: Path | None = None) -> Path:  # fmt: skip
+                   path: Path | None = None, workers: int = 1) -> Path:  # fmt: skip
     """Build every split and write the manifest (the maintainers' step when a version is created)."""
     from onp_env import __version__
-    from onp_env.zoo import build_artifact
 
     models = []
     for split in SPLITS:
-        for name, lab in tqdm(spec.labs(split), desc=f"{spec.name} {split}", disable=not progress):
-            art = load_artifact(build_artifact(lab, cache, progress=False))
+        labs = spec.labs(split)
+        for (name, lab), built in zip(labs, _build_paths(labs, cache, progress, f"{spec.name} {split}", workers),
+                                      strict=True):  # fmt: skip
+            art = load_artifact(built)
             models.append({"name": name, "split": split, "fingerprint": lab.fingerprint(), "seed": lab.seed,
                            "attack": attack_record(lab),
                            **{k: round(v, 6) for k, v in _metrics(art.metrics).items()},
