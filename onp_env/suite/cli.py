@@ -110,8 +110,12 @@ def add_suite(sub: argparse._SubParsersAction) -> None:
     b.add_argument("suite")
     b.add_argument("--split", choices=SPLITS)
     b.add_argument("--write-manifest", action="store_true", help="maintainers: build every split, write the manifest")
-    b.add_argument("--workers", type=_workers, default=1,
-                   help="processes training the missing models, one thread each (same weights as 1)")
+    b.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="processes training the missing models, one thread each (same weights as 1)",
+    )
     b.set_defaults(func=_build)
     e = cmd.add_parser("evaluate", help="run a policy on every model of a split; appends one row per model")
     e.add_argument("suite")
