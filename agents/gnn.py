@@ -7,23 +7,29 @@ mean/max pooling are permutation-equivariant / invariant)."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch_geometric.nn import GATv2Conv, GCNConv, SAGEConv, global_max_pool, global_mean_pool
 
-from agents.features import GraphBatch
+from agents.features import GraphBatch, PaddedEdges
 from onp_env.config import bounded
 
 GNN_TYPES = ("gcn", "gat", "sage")
 DENSE_MAX = 512
-"""Padded width up to which GCN layers propagate with one dense batched matmul (B x U x U floats)
-instead of torch-geometric's gather/scatter: the same numbers, several times faster on the CPU for
-the small graphs PPO batches by the hundred (benchmarks/results/ppo_speed.md)."""
+"""Padded width up to which GCN layers propagate with each graph's normalised matrix, built once per
+graph (a U x U dense tensor while it is built, then sparse and cached) instead of torch-geometric's
+gather/scatter with its normalisation in every layer: the same numbers, several times faster on the
+CPU for the small graphs PPO batches by the hundred (benchmarks/results/ppo_speed.md)."""
 FAST = True
-"""The fast paths (dense GCN propagation, views in place of scatters when every graph fills the
-padded width, the unit head's graph term computed per graph); False: the plain torch-geometric
+"""The fast paths (cached sparse GCN propagation, views in place of scatters when every graph fills
+the padded width, the unit head's graph term computed per graph); False: the plain torch-geometric
 computation they replace, for the equivalence tests and benchmarks/ppo_speed.py's `before`."""
 NEG = -1e8
 """Logit of a padded unit: never chosen, even without an action mask."""
@@ -62,29 +68,136 @@ def _full(g: GraphBatch) -> bool:
     return FAST and len(g.x) == g.num_graphs * g.width
 
 
-def gcn_adjacency(g: GraphBatch) -> torch.Tensor:
+def gcn_adjacency(p: PaddedEdges, width: int, reverse_edges: bool, dtype: torch.dtype) -> torch.Tensor:
     """(B, U, U) GCN propagation matrix of every graph, entry [b, t, s] for the edge s -> t: GCNConv's
     normalisation (torch_geometric gcn_norm at its defaults: one self loop per node, of weight 1 unless
     the node has one already, in-degree over targets, D^-1/2 (A + I) D^-1/2), parallel edges summed
-    as its scatter sums them. Normalised per edge, then written in one scatter: the (B, U, U) tensor is
-    touched once."""
-    b, u = g.num_graphs, g.width
-    src, dst = g.edge_index
-    w = g.edge_attr[:, 0].to(g.x.dtype)
+    as its scatter sums them; with `reverse_edges` every edge also counts reversed. Normalised per
+    edge, then written in one scatter: the (B, U, U) tensor is touched once."""
+    b, u = len(p.counts), width
+    device = p.index.device
+    ok = torch.arange(p.index.shape[2], device=device)[None, :] < p.counts[:, 1:]
+    graph = torch.arange(b, device=device)[:, None].expand_as(ok)[ok]
+    src, dst, w = p.index[:, 0][ok], p.index[:, 1][ok], p.attr[..., 0][ok].to(dtype)
+    if reverse_edges:
+        src, dst, graph, w = torch.cat([src, dst]), torch.cat([dst, src]), graph.repeat(2), w.repeat(2)
+    src, dst = graph * u + src, graph * u + dst  # flat (graph, row)
+    real = (torch.arange(u, device=device)[None, :] < p.counts[:, :1]).flatten()
     loop = src == dst
-    loop_w = torch.ones(len(g.x), dtype=g.x.dtype, device=g.x.device)
+    loop_w = real.to(dtype)
     loop_w[src[loop]] = w[loop]  # an existing loop keeps its weight, as in gcn_norm
     src, dst, w = src[~loop], dst[~loop], w[~loop]
-    node = g.batch * u + g.pos  # flat (graph, row) of every real node
-    deg = torch.zeros(b * u, dtype=g.x.dtype, device=g.x.device)
-    deg.index_add_(0, node[dst], w).index_add_(0, node, loop_w)
+    deg = loop_w.clone().index_add_(0, dst, w)
     scale = deg.pow(-0.5).masked_fill(deg == 0, 0.0)
-    target = torch.cat([node[dst], node])
-    source = torch.cat([g.pos[src], g.pos])
-    values = torch.cat([scale[node[dst]] * w * scale[node[src]], scale[node] ** 2 * loop_w])
-    adj = torch.zeros(b * u * u, dtype=g.x.dtype, device=g.x.device)
+    node = torch.arange(b * u, device=device)
+    target = torch.cat([dst, node])
+    source = torch.cat([src % u, node % u])
+    values = torch.cat([scale[dst] * w * scale[src], scale**2 * loop_w])
+    adj = torch.zeros(b * u * u, dtype=dtype, device=device)
     adj.index_add_(0, target * u + source, values)
     return adj.view(b, u, u)
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """a @ x for a sparse CSR `a` whose transpose `at` is given, so that the backward pass is one more
+    sparse product (torch's own CSR backward transposes `a` on every call)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, at: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.at = at
+        return a @ x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        return None, None, ctx.at @ grad
+
+
+def _block_diagonal(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], width: int) -> torch.Tensor:
+    """The (B*U, B*U) CSR matrix with each graph's (U, U) CSR (crow, col, values) on the diagonal."""
+    crows = torch.stack([c for c, _, _ in parts])
+    nnz = crows[:, -1]
+    shift = torch.cumsum(nnz, 0) - nnz
+    crow = torch.cat([(crows[:, :-1] + shift[:, None]).flatten(), nnz.sum().view(1)])
+    block = torch.arange(len(parts), device=crow.device).repeat_interleave(nnz) * width
+    col = torch.cat([c for _, c, _ in parts]) + block
+    values = torch.cat([v for _, _, v in parts])
+    n = len(parts) * width
+    with _beta_quiet():
+        return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+
+
+class Propagation:
+    """GCN propagation over a batch of padded graphs: the block-diagonal sparse matrix of their
+    normalised adjacencies (about 10% of the U x U entries are edges here), and its transpose."""
+
+    def __init__(self, parts: list[tuple[Any, Any]], width: int):
+        self.a = _block_diagonal([a for a, _ in parts], width)
+        self.at = _block_diagonal([at for _, at in parts], width)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B*U, H) padded rows -> the same rows, propagated."""
+        return _SparseMatmul.apply(self.a, self.at, x)
+
+
+def _csr(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _beta_quiet():
+        c = m.to_sparse_csr()
+    return c.crow_indices(), c.col_indices(), c.values()
+
+
+@contextlib.contextmanager
+def _beta_quiet() -> Iterator[None]:
+    """torch warns that its CSR support is beta; the CSR operations here are building and a product,
+    each checked against torch-geometric's numbers (tests/test_agents.py)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support")
+        yield
+
+
+class AdjacencyCache:
+    """The GCN propagation of the graphs seen lately, keyed by their exact edges. A policy meets the
+    same few graphs over and over (each step of an episode, each minibatch of a rollout: a model's
+    edges never change while it is pruned), so each graph's matrix is built once. A key is an exact
+    integer hash of the graph's edge slots, weights' bits and counts; a hit is confirmed by comparing
+    them. Each entry holds the graph's sparse matrix and its transpose."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self.entries: OrderedDict[tuple[int, bool, torch.dtype], tuple[torch.Tensor, Any]] = OrderedDict()
+        self._mix: torch.Tensor | None = None
+
+    def _rows(self, p: PaddedEdges) -> torch.Tensor:
+        """(B, K) int64: what decides a graph's matrix (counts, edge slots, weight bits), one row per graph."""
+        e = p.index.shape[2]
+        slots = torch.arange(e, device=p.index.device)[None, :] < p.counts[:, 1:]  # padding may hold anything
+        index = p.index.masked_fill(~slots[:, None, :], 0).flatten(1)
+        bits = p.attr[..., 0].float().masked_fill(~slots, 0.0).view(torch.int32).long()
+        return torch.cat([p.counts, index, bits], 1)
+
+    def __call__(self, p: PaddedEdges, width: int, reverse_edges: bool, dtype: torch.dtype) -> Propagation:
+        rows = self._rows(p)
+        if self._mix is None or len(self._mix) != rows.shape[1] or self._mix.device != rows.device:
+            g = torch.Generator().manual_seed(0)
+            self._mix = torch.randint(-(2**62), 2**62, (rows.shape[1],), generator=g).to(rows.device)
+        keys = [(int(k), reverse_edges, dtype) for k in (rows * self._mix).sum(1).tolist()]  # int64 wraps: exact
+        found: dict[int, Any] = {}
+        missing = []
+        for i, key in enumerate(keys):
+            hit = self.entries.get(key)
+            if hit is not None and hit[0].device == rows.device and torch.equal(hit[0], rows[i]):
+                self.entries.move_to_end(key)
+                found[i] = hit[1]
+            else:
+                missing.append(i)
+        if missing:
+            pick = torch.tensor(missing, device=rows.device)
+            built = gcn_adjacency(PaddedEdges(p.index[pick], p.attr[pick], p.counts[pick]), width, reverse_edges, dtype)
+            for j, i in enumerate(missing):
+                found[i] = (_csr(built[j]), _csr(built[j].t()))
+                self.entries[keys[i]] = (rows[i].clone(), found[i])
+                if len(self.entries) > self.size:
+                    self.entries.popitem(last=False)
+        return Propagation([found[i] for i in range(len(keys))], width)
 
 
 class GraphPolicyNet(nn.Module):
@@ -92,6 +205,7 @@ class GraphPolicyNet(nn.Module):
         super().__init__()
         h = cfg.hidden
         self.cfg = cfg
+        self.adjacency = AdjacencyCache()
         self.inp = _mlp(node_dim, h, h)
         self.convs = nn.ModuleList()
         for _ in range(cfg.layers):
@@ -113,18 +227,18 @@ class GraphPolicyNet(nn.Module):
             nn.init.zeros_(last.bias)
             last.weight.data.mul_(0.01)
 
-    def _conv(self, conv: nn.Module, h: torch.Tensor, g: GraphBatch, adj: torch.Tensor | None) -> torch.Tensor:
+    def _conv(self, conv: nn.Module, h: torch.Tensor, g: GraphBatch, adj: Propagation | None) -> torch.Tensor:
         if self.cfg.gnn == "gcn":
             if adj is None:
                 return conv(h, g.edge_index, g.edge_attr[:, 0])
             assert isinstance(conv, GCNConv)
             x = conv.lin(h)
             if _full(g):  # the batch is the padded tensor itself: no scatter into it, no gather back
-                out = torch.bmm(adj, x.view(g.num_graphs, g.width, -1)).view(len(x), -1)
+                out = adj(x)
             else:
-                padded = x.new_zeros(g.num_graphs, g.width, x.shape[1])
-                padded[g.batch, g.pos] = x
-                out = torch.bmm(adj, padded)[g.batch, g.pos]
+                padded = x.new_zeros(g.num_graphs * g.width, x.shape[1])
+                padded[g.batch * g.width + g.pos] = x
+                out = adj(padded)[g.batch * g.width + g.pos]
             return out if conv.bias is None else out + conv.bias
         if self.cfg.gnn == "gat":
             return conv(h, g.edge_index, g.edge_attr)
@@ -134,7 +248,7 @@ class GraphPolicyNet(nn.Module):
         """(node embeddings (N, H), graph embeddings (B, H))."""
         h = self.inp(g.x)
         dense = FAST and self.cfg.gnn == "gcn" and g.width <= DENSE_MAX
-        adj = gcn_adjacency(g) if dense else None  # shared by the layers
+        adj = self.adjacency(g.padded, g.width, g.reverse_edges, h.dtype) if dense else None  # shared by the layers
         for conv, norm in zip(self.convs, self.norms, strict=True):
             h = h + torch.relu(norm(self._conv(conv, h, g, adj)))
         if _full(g):

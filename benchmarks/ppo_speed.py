@@ -5,10 +5,11 @@ on the digits-v0 suite's train split, with 1 and 2 vector envs (DummyVecEnv), an
     python benchmarks/ppo_speed.py [--steps 1024]
 
 "before" is the plain torch-geometric computation (GCNConv's gather / scatter, its normalisation
-recomputed in each layer, pooling by scatter); "after" the fast paths of agents.gnn (FAST): one dense
-batched matmul per layer over the padded graphs with the normalisation computed once, views in place
-of scatters when every graph fills the padded width, and the unit head's graph term computed once
-per graph. The same numbers (tests/test_agents.py checks outputs and gradients).
+recomputed in each layer, pooling by scatter); "after" the fast paths of agents.gnn (FAST): each graph's
+normalised propagation matrix built once and cached by its exact edges (a model's edges do not change
+while it is pruned), one block-diagonal sparse product per layer and one for its gradient, views in
+place of scatters when every graph fills the padded width, and the unit head's graph term computed
+once per graph. The same numbers (tests/test_agents.py checks outputs and gradients).
 
 The split of the time (env steps, the rest of rollout collection, the PPO update) comes from wrapping
 the env's step and PPO's train() with timers. Writes benchmarks/results/ppo_speed.md. Timings on a
