@@ -35,7 +35,8 @@ POLICIES = ("stop", "random", "magnitude", "mnp", "anp", "rnp", "bnp", "fp", "cl
 def run(args: argparse.Namespace) -> None:
     spec = get_suite(args.suite)
     out = RESULTS / f"suite-{spec.name}.jsonl"
-    done = {(r["policy"], r["split"], r["seed"], r["model"]) for r in read_suite_rows(out)}
+    rows = read_suite_rows(out) if out.is_file() else []  # a first run starts the file
+    done = {(r["policy"], r["split"], r["seed"], r["model"]) for r in rows}
     jobs: list[tuple[str, str, dict, int, int | None]] = [(p, p, {}, 0, None) for p in args.policies]
     for item in args.agent:
         label, _, folder = item.partition("=")
