@@ -158,12 +158,13 @@ class AdjacencyCache:
     """The GCN propagation of the graphs seen lately, keyed by their exact edges. A policy meets the
     same few graphs over and over (each step of an episode, each minibatch of a rollout: a model's
     edges never change while it is pruned), so each graph's matrix is built once. A key is an exact
-    integer hash of the graph's edge slots, weights' bits and counts; a hit is confirmed by comparing
-    them. Each entry holds the graph's sparse matrix and its transpose."""
+    integer hash of the graph's edge slots, weights' bits and counts (with the padded width, the
+    direction setting and the dtype); a hit is confirmed by comparing them. Each entry holds the graph's
+    sparse matrix and its transpose."""
 
     def __init__(self, size: int = 256):
         self.size = size
-        self.entries: OrderedDict[tuple[int, bool, torch.dtype], tuple[torch.Tensor, Any]] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, int, bool, torch.dtype], tuple[torch.Tensor, Any]] = OrderedDict()
         self._mix: torch.Tensor | None = None
 
     def _rows(self, p: PaddedEdges) -> torch.Tensor:
@@ -171,7 +172,7 @@ class AdjacencyCache:
         e = p.index.shape[2]
         slots = torch.arange(e, device=p.index.device)[None, :] < p.counts[:, 1:]  # padding may hold anything
         index = p.index.masked_fill(~slots[:, None, :], 0).flatten(1)
-        bits = p.attr[..., 0].float().masked_fill(~slots, 0.0).view(torch.int32).long()
+        bits = p.attr[..., 0].double().masked_fill(~slots, 0.0).view(torch.int64)  # exact for float32 and 64
         return torch.cat([p.counts, index, bits], 1)
 
     def __call__(self, p: PaddedEdges, width: int, reverse_edges: bool, dtype: torch.dtype) -> Propagation:
@@ -179,7 +180,8 @@ class AdjacencyCache:
         if self._mix is None or len(self._mix) != rows.shape[1] or self._mix.device != rows.device:
             g = torch.Generator().manual_seed(0)
             self._mix = torch.randint(-(2**62), 2**62, (rows.shape[1],), generator=g).to(rows.device)
-        keys = [(int(k), reverse_edges, dtype) for k in (rows * self._mix).sum(1).tolist()]  # int64 wraps: exact
+        hashes = (rows * self._mix).sum(1).tolist()  # int64 arithmetic wraps: the same rows, the same hash
+        keys = [(int(k), width, reverse_edges, dtype) for k in hashes]
         found: dict[int, Any] = {}
         missing = []
         for i, key in enumerate(keys):
