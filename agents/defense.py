@@ -13,7 +13,10 @@ scores, a trigger inversion, the minimum latent shift: onp_env.env.signals) join
 Without an agent directory the defense runs the one that ships with the package (SHIPPED).
 
 Deployment sees only the model and its clean defense set: the environment runs with score `none`
-and no attack, so nothing the policy reads can come from the trigger or the test split."""
+and no attack, so nothing the policy reads can come from the trigger or the test split. An episode
+that ends because a step took the defense-set accuracy past the env's limit does not keep that step
+(`undo_collapse`): on unseen warp triggers the last step was often a first-layer channel that cost
+10-25 points (benchmarks/results/onp_sampled.md)."""
 
 from __future__ import annotations
 
@@ -54,6 +57,9 @@ class ONPParams:
     """Take the most likely action (False: sample it, seeded by the defense's seed)."""
     budget: float | None = None
     """Largest share of units to prune (default: the training environment's budget)."""
+    undo_collapse: bool = True
+    """Leave out the last step when it took the defense-set accuracy past the training env's limit
+    (`max_acc_drop`); False: return every unit the episode pruned."""
 
 
 @torch.inference_mode()
@@ -182,12 +188,19 @@ class ONP(Defense):
             self.extra["reference"] = (f"not applied: the agent's shadow models had inputs {shape} and {classes} "
                                        f"classes, this model {found[0]} and {found[1]}")  # fmt: skip
         order, record = deploy(agent, model, x, y, self.params.deterministic, self.params.budget, self.seed)
-        self._order = order
         last = record[-1]
-        self.extra["sequence"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, order)]
         reasons = [("stopped", "policy"), ("over_budget", "budget"), ("accuracy_collapsed", "accuracy limit")]
         self.extra["stopped_by"] = next((why for key, why in reasons if last.get(key)), "end of layers")
         self.extra["defense_accuracy"] = last["acc"]
+        if last.get("accuracy_collapsed") and self.params.undo_collapse:
+            # the step that took the defense-set accuracy past the limit is not kept (the env ends the episode
+            # there, with the step in place: in training that is the penalty's lesson, here it would be the output)
+            undone = set(last.get("units", []))
+            self.extra["undone"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, sorted(undone))]
+            self.extra["defense_accuracy"] = record[-2]["acc"]
+            order = [u for u in order if u not in undone]
+        self._order = order
+        self.extra["sequence"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, order)]
         s = torch.full((layout.num_units,), -torch.inf)
         s[order] = -torch.arange(len(order), dtype=torch.float32)
         return s

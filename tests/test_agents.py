@@ -428,6 +428,21 @@ def test_onp_without_an_agent_runs_the_shipped_one(tmp_path, capsys):
     assert report["details"]["reference"].startswith("not applied: the agent's shadow models had inputs [1, 28, 28]")
 
 
+def test_the_step_that_crosses_the_accuracy_limit_is_not_kept(monkeypatch):
+    import agents.defense
+    from agents.defense import ONP
+
+    art = load_artifact(default_artifact())
+    x, y = art.defense_set()
+    record = [{"acc": 0.95}, {"acc": 0.94, "units": [3]}, {"acc": 0.93, "units": [5]},
+              {"acc": 0.60, "units": [7], "accuracy_collapsed": True}]  # fmt: skip
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: ([3, 5, 7], record))
+    kept = ONP().run(art.model, x, y)
+    assert kept.pruned == [3, 5] and kept.details["undone"] == ["features.1[7]"]
+    assert kept.details["stopped_by"] == "accuracy limit" and kept.details["defense_accuracy"] == 0.93
+    assert ONP(undo_collapse=False).run(art.model, x, y).pruned == [3, 5, 7]
+
+
 def test_a_shipped_agent_with_a_corrupt_data_record_is_refused(tmp_path):
     from agents.defense import ONP, SHIPPED
 
