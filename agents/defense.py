@@ -92,9 +92,10 @@ def deploy(agent: Agent, model: nn.Module, x: torch.Tensor, y: torch.Tensor, det
     info of every step). The environment runs on `agent.env.device`, the policy where `agent.net` is.
     `attack`, for analysis on models whose trigger is known: each step's info then holds the ASR on
     triggered defense images, which the observation never sees (no defense passes it)."""
-    limits = {k: v for k, v in {"budget": budget, "max_acc_drop": max_acc_drop}.items() if v is not None}
-    env = NeuronPruningEnv(replace(agent.env, **limits, track_asr=attack is not None),
-                           targets=[PruningTarget("deploy", model, x, y, attack)])  # fmt: skip
+    cfg = replace(agent.env, track_asr=attack is not None)
+    cfg = cfg if budget is None else replace(cfg, budget=budget)
+    cfg = cfg if max_acc_drop is None else replace(cfg, max_acc_drop=max_acc_drop)
+    env = NeuronPruningEnv(cfg, targets=[PruningTarget("deploy", model, x, y, attack)])
     if env.feature_names != tuple(agent.meta["feature_names"]):
         raise OnpError(f"the environment's features {env.feature_names} differ from the agent's: retrain the agent")
     rng = np.random.default_rng(seed)
