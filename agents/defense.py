@@ -190,7 +190,8 @@ class ONP(Defense):
                                        f"classes, this model {found[0]} and {found[1]}")  # fmt: skip
         order, record = deploy(agent, model, x, y, self.params.deterministic, self.params.budget, self.seed)
         last = record[-1]
-        reasons = [("stopped", "policy"), ("over_budget", "budget"), ("accuracy_collapsed", "accuracy limit")]
+        # a last step both over the budget and past the accuracy limit is reported (and undone) as the latter
+        reasons = [("stopped", "policy"), ("accuracy_collapsed", "accuracy limit"), ("over_budget", "budget")]
         self.extra["stopped_by"] = next((why for key, why in reasons if last.get(key)), "end of layers")
         self.extra["defense_accuracy"] = last["acc"]
         if last.get("accuracy_collapsed") and self.params.undo_collapse:

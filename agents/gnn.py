@@ -128,15 +128,22 @@ def _block_diagonal(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 class Propagation:
     """GCN propagation over a batch of padded graphs: the block-diagonal sparse matrix of their
-    normalised adjacencies (about 10% of the U x U entries are edges here), and its transpose."""
+    normalised adjacencies (about 10% of the U x U entries are edges here), and its transpose, built
+    only when a gradient will flow back through it."""
 
     def __init__(self, parts: list[tuple[Any, Any]], width: int):
+        self.parts, self.width = parts, width
         self.a = _block_diagonal([a for a, _ in parts], width)
-        self.at = _block_diagonal([at for _, at in parts], width)
+        self._at: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(B*U, H) padded rows -> the same rows, propagated."""
-        return _SparseMatmul.apply(self.a, self.at, x)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            with _beta_quiet():
+                return self.a @ x
+        if self._at is None:
+            self._at = _block_diagonal([at for _, at in self.parts], self.width)
+        return _SparseMatmul.apply(self.a, self._at, x)
 
 
 def _csr(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,9 +167,9 @@ class AdjacencyCache:
     edges never change while it is pruned), so each graph's matrix is built once. A key is an exact
     integer hash of the graph's edge slots, weights' bits and counts (with the padded width, the
     direction setting and the dtype); a hit is confirmed by comparing them. Each entry holds the graph's
-    sparse matrix and its transpose."""
+    sparse matrix and its transpose; at most `size` entries (a zoo's graphs: tens of models)."""
 
-    def __init__(self, size: int = 256):
+    def __init__(self, size: int = 64):
         self.size = size
         self.entries: OrderedDict[tuple[int, int, bool, torch.dtype], tuple[torch.Tensor, Any]] = OrderedDict()
         self._mix: torch.Tensor | None = None

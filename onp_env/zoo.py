@@ -14,7 +14,7 @@ import torch
 
 import onp_env
 from onp_env.artifacts import MANIFEST, load_artifact, write_artifact
-from onp_env.attacks import PoisonedSet, build_attack, choose_poison
+from onp_env.attacks import ATTACKS, PoisonedSet, build_attack, choose_poison
 from onp_env.config import LabConfig, to_dict
 from onp_env.data import defense_split, load_dataset
 from onp_env.devices import resolve_device
@@ -35,6 +35,14 @@ def find_cached(cfg: LabConfig, out: Path) -> Path | None:
         if (p / MANIFEST).is_file():
             return p
     return None
+
+
+def reference_config(cfg: LabConfig) -> LabConfig | None:
+    """The clean model of the same config that `cfg`'s trigger is optimised on (TrojanNN), itself a
+    cached artifact; None for attacks that need none."""
+    if cfg.attack is None or cfg.attack.name not in ATTACKS or not ATTACKS[cfg.attack.name].needs_reference_model:
+        return None
+    return dataclasses.replace(cfg, name=f"{cfg.name}-reference", attack=None)
 
 
 def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool = True) -> Path:
@@ -65,9 +73,8 @@ def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool
     model = build_model(cfg.model.name, info.shape, info.num_classes, info.mean, info.std, **cfg.model.kwargs)
 
     seconds = 0.0
-    if attack is not None and attack.needs_reference_model:
-        # The trigger is optimised on the clean model of the same config, itself a cached artifact.
-        ref_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-reference", attack=None)
+    ref_cfg = reference_config(cfg)
+    if attack is not None and ref_cfg is not None:
         ref = load_artifact(build_artifact(ref_cfg, out, progress))
         start = time.perf_counter()
         with torch_threads(cfg.train.threads):

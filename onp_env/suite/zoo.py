@@ -17,7 +17,7 @@ import math
 import platform
 import re
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing import get_context
@@ -128,17 +128,40 @@ def _status(spec: SuiteSpec, entry: dict[str, Any], sha: str, metrics: dict[str,
 def _build_paths(labs: list[tuple[str, LabConfig]], cache: str | Path | None, progress: bool, desc: str,
                  workers: int) -> list[Path]:  # fmt: skip
     """Each lab config's artifact, trained where not cached; `workers` > 1 trains in that many spawned
-    processes (each model trains on the threads its config names, so the weights do not depend on it)."""
-    from onp_env.zoo import build_artifact, cache_dir, find_cached  # the lab: on use, `onp suite list` stays light
+    processes (each model trains on the threads its config names, so the weights do not depend on it).
+    Spawned workers import the library afresh: what a script registered or patched at run time is not
+    there, and the script needs an `if __name__ == "__main__":` guard."""
+    from onp_env.zoo import build_artifact, cache_dir, find_cached, reference_config  # the lab, on use only
 
     root = Path(cache) if cache is not None else cache_dir()
     missing = [lab for _, lab in labs if not root.is_dir() or find_cached(lab, root) is None]
     if workers > 1 and len(missing) > 1:
-        with ProcessPoolExecutor(min(workers, len(missing)), get_context("spawn")) as pool:
-            futures = [pool.submit(build_artifact, lab, cache, False) for lab in missing]
-            for f in tqdm(as_completed(futures), total=len(futures), desc=f"{desc} (training)", disable=not progress):
-                f.result()
-    return [build_artifact(lab, cache, progress=False) for _, lab in tqdm(labs, desc=desc, disable=not progress)]
+        # a TrojanNN model waits for the clean model its trigger is optimised on, trained once for all
+        after: dict[str, list[LabConfig]] = {}
+        first: list[LabConfig] = []
+        for lab in missing:
+            ref = reference_config(lab)
+            if ref is None:
+                first.append(lab)
+            else:
+                first += [] if ref.fingerprint() in after else [ref]
+                after.setdefault(ref.fingerprint(), []).append(lab)
+        with ProcessPoolExecutor(workers, get_context("spawn")) as pool, \
+                tqdm(total=len(missing), desc=f"{desc} (training)", disable=not progress) as bar:  # fmt: skip
+            running = {pool.submit(build_artifact, lab, root, False): lab for lab in first}
+            try:
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        lab = running.pop(f)
+                        f.result()
+                        bar.update(lab in missing)
+                        for waiting in after.pop(lab.fingerprint(), []):
+                            running[pool.submit(build_artifact, waiting, root, False)] = waiting
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # the first error, not after every build
+                raise
+    return [build_artifact(lab, root, progress=False) for _, lab in tqdm(labs, desc=desc, disable=not progress)]
 
 
 def build_split(spec: SuiteSpec, split: str, cache: str | Path | None = None, progress: bool = True,
