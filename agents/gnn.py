@@ -190,20 +190,27 @@ class AdjacencyCache:
         hashes = (rows * self._mix).sum(1).tolist()  # int64 arithmetic wraps: the same rows, the same hash
         keys = [(int(k), width, reverse_edges, dtype) for k in hashes]
         found: dict[int, Any] = {}
-        missing = []
+        groups: list[list[int]] = []  # each graph not cached, built once however often the batch holds it
+        new: dict[tuple[int, int, bool, torch.dtype], list[int]] = {}  # key -> its groups (collisions apart)
         for i, key in enumerate(keys):
             hit = self.entries.get(key)
             if hit is not None and hit[0].device == rows.device and torch.equal(hit[0], rows[i]):
                 self.entries.move_to_end(key)
                 found[i] = hit[1]
+                continue
+            same = [k for k in new.get(key, []) if torch.equal(rows[groups[k][0]], rows[i])]
+            if same:
+                groups[same[0]].append(i)
             else:
-                missing.append(i)
-        if missing:
-            pick = torch.tensor(missing, device=rows.device)
+                new.setdefault(key, []).append(len(groups))
+                groups.append([i])
+        if groups:
+            pick = torch.tensor([group[0] for group in groups], device=rows.device)
             built = gcn_adjacency(PaddedEdges(p.index[pick], p.attr[pick], p.counts[pick]), width, reverse_edges, dtype)
-            for j, i in enumerate(missing):
-                found[i] = (_csr(built[j]), _csr(built[j].t()))
-                self.entries[keys[i]] = (rows[i].clone(), found[i])
+            for j, group in enumerate(groups):
+                value = (_csr(built[j]), _csr(built[j].t()))
+                found.update(dict.fromkeys(group, value))
+                self.entries[keys[group[0]]] = (rows[group[0]].clone(), value)
                 if len(self.entries) > self.size:
                     self.entries.popitem(last=False)
         return Propagation([found[i] for i in range(len(keys))], width)
@@ -245,9 +252,10 @@ class GraphPolicyNet(nn.Module):
             if _full(g):  # the batch is the padded tensor itself: no scatter into it, no gather back
                 out = adj(x)
             else:
+                rows = g.batch * g.width + g.pos
                 padded = x.new_zeros(g.num_graphs * g.width, x.shape[1])
-                padded[g.batch * g.width + g.pos] = x
-                out = adj(padded)[g.batch * g.width + g.pos]
+                padded[rows] = x
+                out = adj(padded)[rows]
             return out if conv.bias is None else out + conv.bias
         if self.cfg.gnn == "gat":
             return conv(h, g.edge_index, g.edge_attr)

@@ -89,6 +89,25 @@ def test_the_fast_gcn_paths_give_torch_geometrics_numbers_and_gradients(monkeypa
         assert torch.equal(fast, cached) and torch.allclose(fast, plain, atol=1e-5)
 
 
+def test_the_adjacency_cache_builds_a_graph_once_per_batch_and_keeps_colliding_graphs_apart():
+    from agents.gnn import AdjacencyCache
+
+    env = NeuronPruningEnv()
+    obs, _ = env.reset(seed=0)
+    other = {k: v.copy() for k, v in obs.items()}
+    other["edge_attr"][0, 0] /= 2  # one edge's weight differs: another matrix
+    batch = {k: torch.as_tensor(np.stack([obs[k], other[k], obs[k]])).float() for k in obs}
+    g = to_graph_batch(batch)
+    x = torch.randn(g.width, 4).repeat(3, 1)  # the same rows under each graph
+    cache = AdjacencyCache()
+    expected = cache(g.padded, g.width, True, torch.float32)(x)
+    assert len(cache.entries) == 2 and torch.equal(expected[: g.width], expected[2 * g.width :])
+    colliding = AdjacencyCache()
+    colliding._mix = torch.zeros(g.padded.index.shape[2] * 3 + 2, dtype=torch.long)  # every graph one key
+    assert torch.allclose(colliding(g.padded, g.width, True, torch.float32)(x), expected)
+    assert torch.allclose(colliding(g.padded, g.width, True, torch.float32)(x), expected)  # hits and rebuilds
+
+
 @pytest.mark.parametrize("gnn", ["gcn", "gat", "sage"])
 def test_policy_logits_follow_a_permutation_of_the_units(gnn):
     torch.manual_seed(0)

@@ -144,7 +144,8 @@ def _build_paths(labs: list[tuple[str, LabConfig]], cache: str | Path | None, pr
             if ref is None:
                 first.append(lab)
             else:
-                first += [] if ref.fingerprint() in after else [ref]
+                if ref.fingerprint() not in after:
+                    first.append(ref)
                 after.setdefault(ref.fingerprint(), []).append(lab)
         with ProcessPoolExecutor(workers, get_context("spawn")) as pool, \
                 tqdm(total=len(missing), desc=f"{desc} (training)", disable=not progress) as bar:  # fmt: skip
