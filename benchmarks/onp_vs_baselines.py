@@ -71,6 +71,8 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     "imitation 6 episodes": [NEXT, "imitation.episodes=6"],
     # does halving PPO cost the shipped agent DER?
     "onp at half the steps": ["ppo.total_steps=4096"],
+    # the signals' heavy tails kept apart (onp_env.env.signals.SIGNAL_SCALES)
+    "log-z signals": ["env.signal_scale=log-z"],
 }
 
 

@@ -119,6 +119,18 @@ def read_separability(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, ANP_REFERENCE, SEPARABILITY, fix=FIX)
 
 
+SIGNAL_SCALE = Schema(
+    "model's signal scales",
+    {"key": TEXT, "role": TEXT, "attack": TEXT, "layer": TEXT,
+     "signals": values_of(Schema("stand-out", {"stand_out": NUMBER, "auc": FRACTION}))},
+)  # fmt: skip
+"""signal_scale.py: per signal and scale, how far the oracle's units stand out of their layer."""
+
+
+def read_signal_scale(path: Path) -> list[dict[str, Any]]:
+    return read_rows(path, SIGNAL_SCALE, fix=FIX)
+
+
 _MAYBE = {"acc": FRACTION, "asr": optional(FRACTION), "ra": optional(FRACTION)}  # a clean model has no ASR
 REPORT = Schema(
     "defense report",

@@ -447,6 +447,16 @@ def test_onp_without_an_agent_runs_the_shipped_one(tmp_path, capsys):
     assert report["details"]["reference"].startswith("not applied: the agent's shadow models had inputs [1, 28, 28]")
 
 
+def test_an_agent_is_refused_where_its_signals_are_scaled_otherwise():
+    from agents.defense import SHIPPED, AgentPolicy
+
+    policy = AgentPolicy(load_agent(SHIPPED))
+    trained = dataclasses.asdict(policy.agent.env)
+    policy.requires(trained)
+    with pytest.raises(OnpError, match="signal_scale z in training, log-z here"):
+        policy.requires({**trained, "signal_scale": "log-z"})
+
+
 def test_the_step_that_crosses_the_accuracy_limit_is_not_kept(monkeypatch):
     import agents.defense
     from agents.defense import ONP

@@ -135,11 +135,14 @@ SHORT_SIGNALS = {"mnp": {"suppress_epochs": 2, "mask_epochs": 2}, "anp": {"itera
                  "inversion": {"steps": 40, "images": 64}}  # fmt: skip
 
 
-@pytest.mark.parametrize("features", [[], ["dynamic"], ["dynamic", "mnp", "anp", "rnp"], ["inversion", "latent_gap"]])
-def test_observations_hold_nothing_derived_from_the_trigger(art, features):
+@pytest.mark.parametrize(("features", "scale"), [([], "z"), (["dynamic"], "z"), (["dynamic", "mnp", "anp", "rnp"], "z"),
+                                               (["inversion", "latent_gap"], "z"),
+                                               (["inversion", "latent_gap"], "log-z")])  # fmt: skip
+def test_observations_hold_nothing_derived_from_the_trigger(art, features, scale):
     x, y = art.defense_set()
     other = build_attack("blended", (1, 8, 8), 10, target=5, params={"alpha": 0.5})
-    kw = {"features": features, "signal_params": {k: v for k, v in SHORT_SIGNALS.items() if k in features}}
+    kw = {"features": features, "signal_params": {k: v for k, v in SHORT_SIGNALS.items() if k in features},
+          "signal_scale": scale}  # fmt: skip
     envs = [
         NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle", **kw),
         NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, other)], score="oracle", **kw),
@@ -266,6 +269,7 @@ def _user(model=None, x=None, y=None):
         (lambda: _user(x=torch.rand(8, 1, 10, 10)), {}, "do not fit the model"),
         (lambda: _user(), {"score": "oracle"}, "needs the model's trigger"),
         (lambda: _user(), {"action_mode": "swap"}, "unknown action_mode"),
+        (lambda: _user(), {"signal_scale": "cube"}, "unknown signal_scale 'cube'.*choose one of z, log-z"),
         (lambda: _user(), {"score_kwargs": {"steps": 3}}, "bad score_kwargs for anp"),
     ],
 )

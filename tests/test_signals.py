@@ -299,3 +299,24 @@ def test_a_gated_signal_gives_no_unit_evidence_for_a_verdict_it_does_not_believe
     above = SIGNALS["latent_gap"](gate=max(index - 0.01, 0.0)).compute(model, layout, x, y)
     assert below.units.isnan().all() and below.globals == open_.globals  # the verdict itself is still observed
     assert torch.equal(above.units.nan_to_num(7.0), open_.units.nan_to_num(7.0))
+
+
+def test_the_log_scale_keeps_a_heavy_tailed_layer_apart_in_order():
+    # an activation gap in units of a near-silent unit's clean std: 1e5 for one backdoor unit, 300 for
+    # a second one, about 1 for the rest of the layer (benchmarks/results/signal_scale.md)
+    from types import SimpleNamespace
+
+    from onp_env.env.signals import layer_zscore
+
+    layer = torch.cat([torch.linspace(-1.0, 2.0, 18), torch.tensor([300.0, 1e5])])
+    layout = SimpleNamespace(layers=[SimpleNamespace(offset=0, size=3), SimpleNamespace(offset=3, size=20)])
+    v = torch.cat([torch.tensor([0.0, 1.0, 2.0]), layer])
+    z, logz = layer_zscore(v, layout, "z"), layer_zscore(v, layout, "log-z")
+    for sl in (slice(0, 3), slice(3, 23)):  # each layer keeps its order, and is z-scored on its own
+        assert torch.equal(torch.argsort(logz[sl]), torch.argsort(v[sl]))
+        assert abs(float(logz[sl].mean())) < 1e-5 and abs(float(logz[sl].std(unbiased=False)) - 1) < 1e-5
+    # z: the second backdoor unit sits among the rest of its layer; log-z sets it well apart
+    assert z[3 + 18] - z[3:21].max() < 0.05 < 1.0 < logz[3 + 18] - logz[3:21].max()
+    assert int(logz.argmax()) == 3 + 19
+    with pytest.raises(OnpError, match="unknown signal_scale 'cube'"):
+        layer_zscore(v, layout, "cube")

@@ -15,7 +15,7 @@ from typing import Any
 from onp_env.config import bounded, from_dict
 from onp_env.devices import resolve_device
 from onp_env.env.scores import SCORES
-from onp_env.env.signals import check_feature_sets
+from onp_env.env.signals import SIGNAL_SCALES, check_feature_sets
 from onp_env.errors import OnpError
 from onp_env.masking import SEMANTICS
 
@@ -72,6 +72,10 @@ class EnvConfig:
     signal_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Settings of each signal's defense, overriding onp_env.env.signals.SIGNAL_DEFAULTS, e.g.
     {anp: {iterations: 500}}."""
+    signal_scale: str = "z"
+    """How signal scores become observation columns (onp_env.env.signals.SIGNAL_SCALES): z (z-scored
+    per layer) or log-z (a signed log first, which keeps apart the units of a heavy-tailed score such as
+    the inversion's activation gap; z flattens all but its largest)."""
     track_asr: bool = True
     """Report ASR on triggered defense images in info when the attack is known (never observed)."""
     device: str = "cpu"
@@ -88,7 +92,8 @@ class EnvConfig:
             if isinstance(value, float) and not math.isfinite(value):  # NaN would pass silently into rewards
                 raise OnpError(f"{where}.{key} must be a finite number, got {value!r}")
         cfg = from_dict(cls, data, where)
-        for key, allowed in (("action_mode", ACTION_MODES), ("semantics", SEMANTICS), ("score", SCORES)):
+        for key, allowed in (("action_mode", ACTION_MODES), ("semantics", SEMANTICS), ("score", SCORES),
+                             ("signal_scale", SIGNAL_SCALES)):  # fmt: skip
             value = getattr(cfg, key)
             if value not in allowed:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")

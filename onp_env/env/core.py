@@ -119,7 +119,8 @@ class Task:
         self.dynamic = DynamicStats(self.layout) if "dynamic" in cfg.features else None
         self.clean = Evaluator(gm, x, names, cfg.cache, watch=self.dynamic is not None)
         self.signals, self.signal_globals = compute_signals(cfg.features, cfg.signal_params, target.model, self.layout,
-                                                            target.x, target.y, device=cfg.device)  # fmt: skip
+                                                            target.x, target.y, device=cfg.device,
+                                                            scale=cfg.signal_scale)  # fmt: skip
         self.triggered: Evaluator | None = None
         self.confidence = False
         if target.attack is not None and (cfg.track_asr or cfg.score == "oracle"):

@@ -46,6 +46,13 @@ SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "rnp": {"augment": "none"},
 }
 FEATURE_SETS = ("dynamic", *SIGNAL_DEFAULTS, *SIGNALS)
+SIGNAL_SCALES = ("z", "log-z")
+"""How a signal's unit scores become an observation column (EnvConfig.signal_scale): `z`, z-scored per
+layer; `log-z`, a signed log(1 + |score|) first. An activation gap is measured in units of the unit's
+clean standard deviation, so a near-silent backdoor unit scores 1e3-1e5 where the rest of its layer
+scores about 1: z-scored as it is, the largest unit sits at the clip and the others of its layer
+within a few hundredths of one value (benchmarks/results/feature_separability.md, spread). The
+logarithm keeps their order and spreads them again."""
 
 
 def check_feature_sets(names: list[str], params: dict[str, Any]) -> None:
@@ -103,27 +110,34 @@ def with_reference(sets: list[str], params: dict[str, Any], artifacts: Sequence[
     return out
 
 
-def layer_zscore(v: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
-    return torch.cat([zscore(v[lay.offset : lay.offset + lay.size].float()) for lay in layout.layers])
+def layer_zscore(v: torch.Tensor, layout: UnitLayout, scale: str = "z") -> torch.Tensor:
+    """(units,) `v` z-scored within each layer, after a signed log(1 + |v|) where `scale` is log-z."""
+    if scale not in SIGNAL_SCALES:
+        raise OnpError(f"unknown signal_scale '{scale}': choose one of {', '.join(SIGNAL_SCALES)}")
+    v = v.float()
+    if scale == "log-z":
+        v = v.sign() * v.abs().log1p()
+    return torch.cat([zscore(v[lay.offset : lay.offset + lay.size]) for lay in layout.layers])
 
 
 def signal_columns(sets: list[str], params: dict[str, Any], model: nn.Module, layout: UnitLayout,
-                   x: torch.Tensor, y: torch.Tensor, seed: int = 0, device: str = "cpu") -> torch.Tensor:  # fmt: skip
+                   x: torch.Tensor, y: torch.Tensor, seed: int = 0, device: str = "cpu",
+                   scale: str = "z") -> torch.Tensor:  # fmt: skip
     """(units, number of signal sets) z-scored unit scores, on the CPU (compute_signals' columns)."""
-    return compute_signals(sets, params, model, layout, x, y, seed, device)[0]
+    return compute_signals(sets, params, model, layout, x, y, seed, device, scale)[0]
 
 
 def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, layout: UnitLayout,
-                    x: torch.Tensor, y: torch.Tensor, seed: int = 0,
-                    device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The signal sets' node columns (units, number of sets), z-scored per layer, and their globals
-    (global_names order), each signal run on `device`; both on the CPU."""
+                    x: torch.Tensor, y: torch.Tensor, seed: int = 0, device: str = "cpu",
+                    scale: str = "z") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The signal sets' node columns (units, number of sets), z-scored per layer (layer_zscore with
+    `scale`), and their globals (global_names order), each signal run on `device`; both on the CPU."""
     cols, glob = [], []
     for name in (s for s in sets if s != "dynamic"):
         if name in SIGNALS:
             signal = SIGNALS[name](seed=seed, device=device, **params.get(name, {}))
             result = signal.compute(model, layout, x, y)
-            cols.append(layer_zscore(result.units.nan_to_num(0.0, 0.0, 0.0), layout))
+            cols.append(layer_zscore(result.units.nan_to_num(0.0, 0.0, 0.0), layout, scale))
             glob += [max(-1.0, min(1.0, result.globals[key] / scale)) for key, scale in signal.observed.values()]
             continue
         kwargs = {**SIGNAL_DEFAULTS[name], **params.get(name, {})}
@@ -134,7 +148,7 @@ def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, l
         plan_layout, scores, _ = defense.plan(model, x, y)
         if [lay.name for lay in plan_layout.layers] != [lay.name for lay in layout.layers]:
             raise OnpError(f"signal {name} traced other unit layers than the environment: unsupported model")
-        cols.append(layer_zscore(scores.nan_to_num(0.0, 0.0, 0.0), layout))
+        cols.append(layer_zscore(scores.nan_to_num(0.0, 0.0, 0.0), layout, scale))
     columns = torch.stack(cols, 1) if cols else torch.zeros(layout.num_units, 0)
     return columns, torch.tensor(glob, dtype=torch.float32)
 

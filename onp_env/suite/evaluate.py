@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from onp_env.env.config import EnvConfig
 from onp_env.errors import OnpError
 from onp_env.metrics import der
 from onp_env.results import COUNT, FRACTION, REAL, TEXT, Schema, append, list_of, read_rows
@@ -184,7 +185,12 @@ def validate(rows: list[dict], device: str = "cpu", cache: str | Path | None = N
                            f"built here ({built.sha256[:12]}, {built.status} the manifest): replay it on the machine "
                            "that made it, or evaluate again here")  # fmt: skip
         here = json.loads(json.dumps(dataclasses.asdict(e.cfg)))
-        if not isinstance(r.get("env"), dict) or {**r["env"], "device": ""} != {**here, "device": ""}:  # any device
+        if not isinstance(r.get("env"), dict):
+            raise OnpError(f"row of {r['model']} holds no env settings: it comes from another version of the suite; "
+                           "evaluate again with this one")  # fmt: skip
+        # a setting added since the row was made reads as its default, which keeps the old observation
+        made = EnvConfig.load({**r["env"], "device": "cpu"}, f"row of {r['model']}: env")  # any device
+        if {**json.loads(json.dumps(dataclasses.asdict(made))), "device": ""} != {**here, "device": ""}:
             raise OnpError(f"row of {r['model']} was made under other env settings than {key[0]}'s: it comes from "
                            "another version of the suite; evaluate again with this one")  # fmt: skip
         got = _episode(env, None, r["seed"], r["model"], list(r["actions"]))
