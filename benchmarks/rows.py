@@ -122,7 +122,7 @@ def read_separability(path: Path) -> list[dict[str, Any]]:
 SIGNAL_SCALE = Schema(
     "model's signal scales",
     {"key": TEXT, "role": TEXT, "attack": TEXT, "layer": TEXT,
-     "signals": values_of(Schema("stand-out", {"stand_out": NUMBER, "auc": FRACTION}))},
+     "signals": values_of(Schema("stand-out", {"stand_out": REAL, "auc": FRACTION}))},
 )  # fmt: skip
 """signal_scale.py: per signal and scale, how far the oracle's units stand out of their layer."""
 
