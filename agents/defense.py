@@ -224,7 +224,7 @@ class AgentPolicy:
         was trained on: other features or signal settings (a class reference, say), masks or actions."""
         env = dataclasses.asdict(EnvConfig.load(env_settings))
         trained = dataclasses.asdict(self.agent.env)
-        keys = ("features", "signal_params", "signal_scale", "semantics", "group", "action_mode")
+        keys = ("features", "signal_params", "signal_scale", "signal_spans", "semantics", "group", "action_mode")
         differ = [k for k in keys if env[k] != trained[k]]
         if differ:
             said = "; ".join(f"{k} {trained[k]} in training, {env[k]} here" for k in differ)

@@ -35,7 +35,7 @@ from onp_env.artifacts import (
 )
 from onp_env.config import from_dict, to_dict
 from onp_env.env import GLOBALS, EnvConfig
-from onp_env.env.signals import check_feature_sets, feature_names, global_names
+from onp_env.env.signals import check_feature_sets, check_signal_view, feature_names, global_names
 from onp_env.errors import OnpError
 from onp_env.graph.build import EDGE_TYPES
 from onp_env.graph.features import FEATURES
@@ -73,7 +73,7 @@ def save_agent(dest: Path, net: GraphPolicyNet, policy: PolicyConfig, env: EnvCo
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": onp_env.__version__,
             "policy": to_dict(policy), "env": to_dict(env_cfg),
-            "feature_names": list(feature_names(FEATURES, env_cfg.features)),
+            "feature_names": list(feature_names(FEATURES, env_cfg.features, env_cfg.signal_spans)),
             "globals": list(global_names(GLOBALS, env_cfg.features)),
             "edge_types": list(EDGE_TYPES), "training": training, "sha256": sha256_file(tmp / WEIGHTS),
         }  # fmt: skip
@@ -101,7 +101,8 @@ def load_agent(path: str | Path) -> Agent:
     check_policy(policy)
     env = from_dict(EnvConfig, meta["env"], f"{cfg_file}:env")
     check_feature_sets(env.features, env.signal_params)
-    expected = list(feature_names(FEATURES, env.features))
+    check_signal_view(env.signal_scale, env.signal_spans)
+    expected = list(feature_names(FEATURES, env.features, env.signal_spans))
     glob = list(global_names(GLOBALS, env.features))
     if meta["feature_names"] != expected or meta["globals"] != glob or meta["edge_types"] != list(EDGE_TYPES):
         raise OnpError(
@@ -125,7 +126,7 @@ def load_agent(path: str | Path) -> Agent:
 def _net(policy: PolicyConfig, env: EnvConfig) -> GraphPolicyNet:
     from gymnasium import spaces
 
-    nodes = len(feature_names(FEATURES, env.features))
+    nodes = len(feature_names(FEATURES, env.features, env.signal_spans))
     space = spaces.Dict({
         "nodes": spaces.Box(-1, 1, (1, nodes)), "edge_attr": spaces.Box(0, 1, (1, 1 + len(EDGE_TYPES))),
         "globals": spaces.Box(-1, 1, (len(global_names(GLOBALS, env.features)),)),

@@ -73,6 +73,8 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     "onp at half the steps": ["ppo.total_steps=4096"],
     # the signals' heavy tails kept apart (onp_env.env.signals.SIGNAL_SCALES)
     "log-z signals": ["env.signal_scale=log-z"],
+    # and each signal also z-scored over the whole model (onp_env.env.signals.SIGNAL_SPANS)
+    "log-z model signals": ["env.signal_scale=log-z", "env.signal_spans=[layer, model]"],
 }
 
 

@@ -415,22 +415,34 @@ def test_cli_onp_with_a_bad_agent_exits_2(tmp_path, capsys):
 
 
 def test_an_agent_that_sees_the_verdict_signals_trains_saves_and_deploys_with_its_reference(tmp_path):
-    sets = [*TINY, "env.features=[inversion, latent_gap]", "env.signal_params={inversion: {steps: 40, images: 64}}"]
+    sets = [*TINY, "env.features=[inversion, latent_gap]", "env.signal_params={inversion: {steps: 40, images: 64}}",
+            "env.signal_scale=log-z", "env.signal_spans=[layer, model]"]  # fmt: skip
     agent_dir = train_agent(load_agent_config(CONFIG, sets), tmp_path / "run", progress=False)
     agent = load_agent(agent_dir)
     assert agent.meta["globals"][-2:] == ["inversion_anomaly", "latent_gap_anomaly"]
-    assert agent.meta["feature_names"][-2:] == ["signal_inversion", "signal_latent_gap"]
+    assert agent.meta["feature_names"][-4:] == ["signal_inversion", "signal_latent_gap", "signal_inversion_model",
+                                                "signal_latent_gap_model"]  # fmt: skip
+    assert (agent.env.signal_scale, agent.env.signal_spans) == ("log-z", ["layer", "model"])
     for name in ("inversion", "latent_gap"):  # the class reference, from the shadow zoo, ships with the agent
         assert len(agent.env.signal_params[name]["reference"]) == 10
     assert agent.env.signal_params["inversion"]["steps"] == 40
     x, y = (t[:100] for t in load_artifact(default_artifact()).defense_set())
     order, record = deploy(agent, load_artifact(default_artifact()).model, x, y, deterministic=True)
     assert len(order) == record[-1]["pruned"]
-    meta = json.loads((agent_dir / "agent.json").read_text())
+    pristine = (agent_dir / "agent.json").read_text()
+    meta = json.loads(pristine)
     meta["globals"] = meta["globals"][:-1]  # an agent whose globals do not match its feature sets
     (agent_dir / "agent.json").write_text(json.dumps(meta))
     with pytest.raises(OnpError, match="globals"):
         load_agent(agent_dir)
+    for edit, message in (({"signal_spans": ["layer"]}, "observation features"),
+                          ({"signal_scale": "cube"}, "unknown signal_scale"),
+                          ({"signal_spans": "model"}, "signal_spans")):  # fmt: skip
+        meta = json.loads(pristine)
+        meta["env"] |= edit
+        (agent_dir / "agent.json").write_text(json.dumps(meta))
+        with pytest.raises(OnpError, match=message):
+            load_agent(agent_dir)
 
 
 def test_onp_without_an_agent_runs_the_shipped_one(tmp_path, capsys):

@@ -13,6 +13,7 @@ from onp_env import OnpError, build_artifact, load_artifact, load_config
 from onp_env.attacks import build_attack
 from onp_env.config import LabConfig
 from onp_env.env import ENV_ID, NeuronPruningEnv, PruningTarget
+from onp_env.env.signals import DYNAMIC
 from onp_env.masking import Masks
 from onp_env.metrics import accuracy, attack_success_rate, predict
 from onp_env.zoo import default_artifact, default_config
@@ -137,18 +138,21 @@ SHORT_SIGNALS = {"mnp": {"suppress_epochs": 2, "mask_epochs": 2}, "anp": {"itera
 
 @pytest.mark.parametrize(("features", "scale"), [([], "z"), (["dynamic"], "z"), (["dynamic", "mnp", "anp", "rnp"], "z"),
                                                (["inversion", "latent_gap"], "z"),
-                                               (["inversion", "latent_gap"], "log-z")])  # fmt: skip
+                                               (["inversion", "latent_gap"], "log-z"),
+                                               (["dynamic", "inversion", "latent_gap"], "log-z+model")])  # fmt: skip
 def test_observations_hold_nothing_derived_from_the_trigger(art, features, scale):
     x, y = art.defense_set()
     other = build_attack("blended", (1, 8, 8), 10, target=5, params={"alpha": 0.5})
     kw = {"features": features, "signal_params": {k: v for k, v in SHORT_SIGNALS.items() if k in features},
-          "signal_scale": scale}  # fmt: skip
+          "signal_scale": scale.split("+")[0], "signal_spans": ["layer", *scale.split("+")[1:]]}  # fmt: skip
     envs = [
         NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle", **kw),
         NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, other)], score="oracle", **kw),
         NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, None)], score="anp", **kw),
     ]
     assert envs[0].observation_space["nodes"].shape[1] == len(envs[0].feature_names)
+    if "model" in kw["signal_spans"]:  # one more column per signal, the layer columns where they were
+        assert envs[0].feature_names[-4:] == ("signal_inversion_model", "signal_latent_gap_model", *DYNAMIC)
     obs = [e.reset(seed=0)[0] for e in envs]
     for action in [170, 3, 40, 100, 176]:
         for o in obs[1:]:
@@ -270,6 +274,9 @@ def _user(model=None, x=None, y=None):
         (lambda: _user(), {"score": "oracle"}, "needs the model's trigger"),
         (lambda: _user(), {"action_mode": "swap"}, "unknown action_mode"),
         (lambda: _user(), {"signal_scale": "cube"}, "unknown signal_scale 'cube'.*choose one of z, log-z"),
+        (lambda: _user(), {"signal_spans": []}, r"signal_spans \[\] must list each of layer, model at most once"),
+        (lambda: _user(), {"signal_spans": ["model", "model"]}, "signal_spans"),
+        (lambda: _user(), {"signal_spans": ["net"]}, "signal_spans"),
         (lambda: _user(), {"score_kwargs": {"steps": 3}}, "bad score_kwargs for anp"),
     ],
 )

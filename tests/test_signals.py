@@ -318,5 +318,11 @@ def test_the_log_scale_keeps_a_heavy_tailed_layer_apart_in_order():
     # z: the second backdoor unit sits among the rest of its layer; log-z sets it well apart
     assert z[3 + 18] - z[3:21].max() < 0.05 < 1.0 < logz[3 + 18] - logz[3:21].max()
     assert int(logz.argmax()) == 3 + 19
+    # over the whole model, the first layer's top unit (2.0) reads below the backdoor units, not at its layer's top
+    whole = layer_zscore(v, layout, "log-z", "model")
+    assert torch.equal(torch.argsort(whole), torch.argsort(v)) and whole[2] < 0.5 < 1.0 < logz[2]
+    assert abs(float(whole.mean())) < 1e-5
     with pytest.raises(OnpError, match="unknown signal_scale 'cube'"):
         layer_zscore(v, layout, "cube")
+    with pytest.raises(OnpError, match="signal_spans"):
+        layer_zscore(v, layout, "z", "net")

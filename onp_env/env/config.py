@@ -15,7 +15,7 @@ from typing import Any
 from onp_env.config import bounded, from_dict
 from onp_env.devices import resolve_device
 from onp_env.env.scores import SCORES
-from onp_env.env.signals import SIGNAL_SCALES, check_feature_sets
+from onp_env.env.signals import check_feature_sets, check_signal_view
 from onp_env.errors import OnpError
 from onp_env.masking import SEMANTICS
 
@@ -76,6 +76,10 @@ class EnvConfig:
     """How signal scores become observation columns (onp_env.env.signals.SIGNAL_SCALES): z (z-scored
     per layer) or log-z (a signed log first, which keeps apart the units of a heavy-tailed score such as
     the inversion's activation gap; z flattens all but its largest)."""
+    signal_spans: list[str] = field(default_factory=lambda: ["layer"])
+    """Over which units each signal is z-scored, one column per span (onp_env.env.signals.SIGNAL_SPANS):
+    layer (a unit against its layer) and model (against every unit: where in the model the evidence
+    is strongest)."""
     track_asr: bool = True
     """Report ASR on triggered defense images in info when the attack is known (never observed)."""
     device: str = "cpu"
@@ -92,12 +96,12 @@ class EnvConfig:
             if isinstance(value, float) and not math.isfinite(value):  # NaN would pass silently into rewards
                 raise OnpError(f"{where}.{key} must be a finite number, got {value!r}")
         cfg = from_dict(cls, data, where)
-        for key, allowed in (("action_mode", ACTION_MODES), ("semantics", SEMANTICS), ("score", SCORES),
-                             ("signal_scale", SIGNAL_SCALES)):  # fmt: skip
+        for key, allowed in (("action_mode", ACTION_MODES), ("semantics", SEMANTICS), ("score", SCORES)):
             value = getattr(cfg, key)
             if value not in allowed:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")
         check_feature_sets(cfg.features, cfg.signal_params)
+        check_signal_view(cfg.signal_scale, cfg.signal_spans)
         resolve_device(cfg.device)  # a GPU that is not there fails here, before any model is prepared
         return cfg
 

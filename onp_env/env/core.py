@@ -120,7 +120,7 @@ class Task:
         self.clean = Evaluator(gm, x, names, cfg.cache, watch=self.dynamic is not None)
         self.signals, self.signal_globals = compute_signals(cfg.features, cfg.signal_params, target.model, self.layout,
                                                             target.x, target.y, device=cfg.device,
-                                                            scale=cfg.signal_scale)  # fmt: skip
+                                                            scale=cfg.signal_scale, spans=cfg.signal_spans)  # fmt: skip
         self.triggered: Evaluator | None = None
         self.confidence = False
         if target.attack is not None and (cfg.track_asr or cfg.score == "oracle"):
@@ -216,7 +216,7 @@ class NeuronPruningEnv(gym.Env):
             raise OnpError(f"step_limit must be a whole number >= 1, or None to derive it, got {step_limit!r}")
         self._fixed_step_limit = None if step_limit is None else int(step_limit)
         self.cfg = cfg
-        self.feature_names = feature_names(FEATURES, cfg.features)
+        self.feature_names = feature_names(FEATURES, cfg.features, cfg.signal_spans)
         self.global_names = global_names(GLOBALS, cfg.features)
         if targets is None:
             from onp_env.zoo import default_artifact

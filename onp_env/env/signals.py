@@ -53,6 +53,11 @@ clean standard deviation, so a near-silent backdoor unit scores 1e3-1e5 where th
 scores about 1: z-scored as it is, the largest unit sits at the clip and the others of its layer
 within a few hundredths of one value (benchmarks/results/feature_separability.md, spread). The
 logarithm keeps their order and spreads them again."""
+SIGNAL_SPANS = ("layer", "model")
+"""Over which units a signal is z-scored (EnvConfig.signal_spans), one observation column per span:
+`layer` (a unit against the rest of its layer), `model` (against every unit of the model: a layer's
+top unit whose score is small beside another layer's, as a conv channel's inverted-trigger gap of
+0.3 std beside a classifier unit's 1e4, reads low there and high in its layer's column)."""
 
 
 def check_feature_sets(names: list[str], params: dict[str, Any]) -> None:
@@ -68,10 +73,20 @@ def check_feature_sets(names: list[str], params: dict[str, Any]) -> None:
         SIGNALS[name](**params.get(name, {}))  # types and ranges, before any model is prepared
 
 
-def feature_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
-    """Column names of the observation's node features: static, then signals, then dynamic."""
-    signals = tuple(f"signal_{s}" for s in sets if s != "dynamic")
+def feature_names(base: tuple[str, ...], sets: list[str], spans: Sequence[str] = ("layer",)) -> tuple[str, ...]:
+    """Column names of the observation's node features: static, then signals (each span's columns in
+    turn: `signal_{set}` per layer, `signal_{set}_model` over the model), then dynamic."""
+    suffix = {"layer": "", "model": "_model"}
+    signals = tuple(f"signal_{s}{suffix[span]}" for span in spans for s in sets if s != "dynamic")
     return base + signals + (DYNAMIC if "dynamic" in sets else ())
+
+
+def check_signal_view(scale: str, spans: Sequence[str]) -> None:
+    if scale not in SIGNAL_SCALES:
+        raise OnpError(f"unknown signal_scale '{scale}': choose one of {', '.join(SIGNAL_SCALES)}")
+    if not spans or len(set(spans)) != len(spans) or not set(spans) <= set(SIGNAL_SPANS):
+        raise OnpError(f"signal_spans {list(spans)} must list each of {', '.join(SIGNAL_SPANS)} at most once, "
+                       "and at least one")  # fmt: skip
 
 
 def global_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
@@ -110,34 +125,38 @@ def with_reference(sets: list[str], params: dict[str, Any], artifacts: Sequence[
     return out
 
 
-def layer_zscore(v: torch.Tensor, layout: UnitLayout, scale: str = "z") -> torch.Tensor:
-    """(units,) `v` z-scored within each layer, after a signed log(1 + |v|) where `scale` is log-z."""
-    if scale not in SIGNAL_SCALES:
-        raise OnpError(f"unknown signal_scale '{scale}': choose one of {', '.join(SIGNAL_SCALES)}")
+def layer_zscore(v: torch.Tensor, layout: UnitLayout, scale: str = "z", span: str = "layer") -> torch.Tensor:
+    """(units,) `v` z-scored within each layer (span `layer`) or over all units (`model`), after a
+    signed log(1 + |v|) where `scale` is log-z."""
+    check_signal_view(scale, [span])
     v = v.float()
     if scale == "log-z":
         v = v.sign() * v.abs().log1p()
+    if span == "model":
+        return zscore(v)
     return torch.cat([zscore(v[lay.offset : lay.offset + lay.size]) for lay in layout.layers])
 
 
 def signal_columns(sets: list[str], params: dict[str, Any], model: nn.Module, layout: UnitLayout,
                    x: torch.Tensor, y: torch.Tensor, seed: int = 0, device: str = "cpu",
-                   scale: str = "z") -> torch.Tensor:  # fmt: skip
-    """(units, number of signal sets) z-scored unit scores, on the CPU (compute_signals' columns)."""
-    return compute_signals(sets, params, model, layout, x, y, seed, device, scale)[0]
+                   scale: str = "z", spans: Sequence[str] = ("layer",)) -> torch.Tensor:  # fmt: skip
+    """(units, columns) z-scored unit scores, on the CPU (compute_signals' columns)."""
+    return compute_signals(sets, params, model, layout, x, y, seed, device, scale, spans)[0]
 
 
 def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, layout: UnitLayout,
-                    x: torch.Tensor, y: torch.Tensor, seed: int = 0, device: str = "cpu",
-                    scale: str = "z") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The signal sets' node columns (units, number of sets), z-scored per layer (layer_zscore with
-    `scale`), and their globals (global_names order), each signal run on `device`; both on the CPU."""
-    cols, glob = [], []
+                    x: torch.Tensor, y: torch.Tensor, seed: int = 0, device: str = "cpu", scale: str = "z",
+                    spans: Sequence[str] = ("layer",)) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The signal sets' node columns (units, sets x spans, feature_names' order), z-scored per layer
+    or over the model (layer_zscore with `scale`), and their globals (global_names order), each
+    signal run on `device`; both on the CPU."""
+    check_signal_view(scale, spans)
+    raw, glob = [], []
     for name in (s for s in sets if s != "dynamic"):
         if name in SIGNALS:
             signal = SIGNALS[name](seed=seed, device=device, **params.get(name, {}))
             result = signal.compute(model, layout, x, y)
-            cols.append(layer_zscore(result.units.nan_to_num(0.0, 0.0, 0.0), layout, scale))
+            raw.append(result.units.nan_to_num(0.0, 0.0, 0.0))
             glob += [max(-1.0, min(1.0, result.globals[key] / scale)) for key, scale in signal.observed.values()]
             continue
         kwargs = {**SIGNAL_DEFAULTS[name], **params.get(name, {})}
@@ -148,7 +167,8 @@ def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, l
         plan_layout, scores, _ = defense.plan(model, x, y)
         if [lay.name for lay in plan_layout.layers] != [lay.name for lay in layout.layers]:
             raise OnpError(f"signal {name} traced other unit layers than the environment: unsupported model")
-        cols.append(layer_zscore(scores.nan_to_num(0.0, 0.0, 0.0), layout, scale))
+        raw.append(scores.nan_to_num(0.0, 0.0, 0.0))
+    cols = [layer_zscore(v, layout, scale, span) for span in spans for v in raw]
     columns = torch.stack(cols, 1) if cols else torch.zeros(layout.num_units, 0)
     return columns, torch.tensor(glob, dtype=torch.float32)
 
