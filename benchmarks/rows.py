@@ -131,6 +131,23 @@ def read_signal_scale(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, SIGNAL_SCALE, fix=FIX)
 
 
+def _flag(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+INVERTED_ASR = Schema(
+    "model's inverted-trigger path",
+    {"key": TEXT, "role": TEXT, "attack": TEXT, "mode": TEXT, "names_target": _flag, "spearman": optional(REAL),
+     "real_at_stop": optional(FRACTION), "stop_step": optional(COUNT), "real": list_of(FRACTION),
+     "probe": list_of(FRACTION)},
+)  # fmt: skip
+"""inverted_asr.py: the real and the inverted trigger's success rate along one pruning path."""
+
+
+def read_inverted_asr(path: Path) -> list[dict[str, Any]]:
+    return read_rows(path, INVERTED_ASR, fix=FIX)
+
+
 _MAYBE = {"acc": FRACTION, "asr": optional(FRACTION), "ra": optional(FRACTION)}  # a clean model has no ASR
 REPORT = Schema(
     "defense report",

@@ -415,11 +415,12 @@ def test_cli_onp_with_a_bad_agent_exits_2(tmp_path, capsys):
 
 
 def test_an_agent_that_sees_the_verdict_signals_trains_saves_and_deploys_with_its_reference(tmp_path):
-    sets = [*TINY, "env.features=[inversion, latent_gap]", "env.signal_params={inversion: {steps: 40, images: 64}}",
+    sets = [*TINY, "env.features=[inversion, latent_gap, inverted_asr]",
+            "env.signal_params={inversion: {steps: 40, images: 64}}",
             "env.signal_scale=log-z", "env.signal_spans=[layer, model]"]  # fmt: skip
     agent_dir = train_agent(load_agent_config(CONFIG, sets), tmp_path / "run", progress=False)
     agent = load_agent(agent_dir)
-    assert agent.meta["globals"][-2:] == ["inversion_anomaly", "latent_gap_anomaly"]
+    assert agent.meta["globals"][-3:] == ["inversion_anomaly", "latent_gap_anomaly", "inverted_asr_now"]
     assert agent.meta["feature_names"][-4:] == ["signal_inversion", "signal_latent_gap", "signal_inversion_model",
                                                 "signal_latent_gap_model"]  # fmt: skip
     assert (agent.env.signal_scale, agent.env.signal_spans) == ("log-z", ["layer", "model"])

@@ -14,6 +14,7 @@ from onp_env.attacks import build_attack
 from onp_env.config import LabConfig
 from onp_env.env import ENV_ID, NeuronPruningEnv, PruningTarget
 from onp_env.env.signals import DYNAMIC
+from onp_env.graph.features import activation_gap
 from onp_env.masking import Masks
 from onp_env.metrics import accuracy, attack_success_rate, predict
 from onp_env.zoo import default_artifact, default_config
@@ -139,7 +140,8 @@ SHORT_SIGNALS = {"mnp": {"suppress_epochs": 2, "mask_epochs": 2}, "anp": {"itera
 @pytest.mark.parametrize(("features", "scale"), [([], "z"), (["dynamic"], "z"), (["dynamic", "mnp", "anp", "rnp"], "z"),
                                                (["inversion", "latent_gap"], "z"),
                                                (["inversion", "latent_gap"], "log-z"),
-                                               (["dynamic", "inversion", "latent_gap"], "log-z+model")])  # fmt: skip
+                                               (["dynamic", "inversion", "latent_gap", "inverted_asr"],
+                                                "log-z+model")])  # fmt: skip
 def test_observations_hold_nothing_derived_from_the_trigger(art, features, scale):
     x, y = art.defense_set()
     other = build_attack("blended", (1, 8, 8), 10, target=5, params={"alpha": 0.5})
@@ -153,11 +155,31 @@ def test_observations_hold_nothing_derived_from_the_trigger(art, features, scale
     assert envs[0].observation_space["nodes"].shape[1] == len(envs[0].feature_names)
     if "model" in kw["signal_spans"]:  # one more column per signal, the layer columns where they were
         assert envs[0].feature_names[-4:] == ("signal_inversion_model", "signal_latent_gap_model", *DYNAMIC)
+        assert envs[0].global_names[-1] == "inverted_asr_now"  # a global, read after every step
     obs = [e.reset(seed=0)[0] for e in envs]
     for action in [170, 3, 40, 100, 176]:
         for o in obs[1:]:
             assert all(np.array_equal(obs[0][k], o[k]) for k in obs[0])
         obs = [e.step(action)[0] for e in envs]
+
+
+def test_the_inverted_trigger_rate_falls_with_the_real_asr_as_the_backdoor_is_pruned(art):
+    # the digits BadNets model: its target is named on 20 of 20 model and inversion seeds (test_signals)
+    x, y = art.defense_set()
+    env = NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle",
+                           features=["inversion", "inverted_asr"])  # fmt: skip
+    obs, info = env.reset(seed=0)
+    start = float(obs["globals"][-1])
+    assert env.task.probe_class == art.attack.target and start > 0.9 and info["asr"] > 0.9
+    keep = art.attack.targets(y) != y
+    gap = activation_gap(art.model, env.task.layout, x[keep], y[keep], art.attack.apply(x[keep]), y[keep])
+    for unit in torch.argsort(-gap)[:25].tolist():  # the oracle's order (uses the trigger: this test only)
+        obs, _, done, _, info = env.step(unit)
+        assert abs(float(obs["globals"][-1]) - info["asr"]) < 0.35
+        if done:
+            break
+    assert float(obs["globals"][-1]) < 0.5 and info["asr"] < 0.6
+    assert float(env.reset(seed=0)[0]["globals"][-1]) == start  # a new episode starts from the unpruned rate
 
 
 def test_same_seed_same_episode_and_cache_changes_no_number(art, tmp_path):
@@ -277,6 +299,9 @@ def _user(model=None, x=None, y=None):
         (lambda: _user(), {"signal_spans": []}, r"signal_spans \[\] must list each of layer, model at most once"),
         (lambda: _user(), {"signal_spans": ["model", "model"]}, "signal_spans"),
         (lambda: _user(), {"signal_spans": ["net"]}, "signal_spans"),
+        (lambda: _user(), {"features": ["inverted_asr"]}, "inverted_asr reads the inversion's trigger: add inversion"),
+        (lambda: _user(), {"features": ["inversion", "inverted_asr"], "signal_params": {"inverted_asr": {"steps": 5}}},
+         "inverted_asr takes no signal_params"),
         (lambda: _user(), {"score_kwargs": {"steps": 3}}, "bad score_kwargs for anp"),
     ],
 )

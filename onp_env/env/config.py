@@ -67,8 +67,9 @@ class EnvConfig:
     """Recompute only downstream of the changed layer (False: full re-evaluation, same numbers)."""
     features: list[str] = field(default_factory=lambda: ["dynamic"])
     """Node feature sets beyond the static ones (onp_env.env.signals): dynamic (activation statistics
-    of the current pruned model, every step) and the trigger-free signals mnp, anp, rnp (computed once
-    per model)."""
+    of the current pruned model, every step), the trigger-free signals mnp, anp, rnp, inversion and
+    latent_gap (computed once per model), and inverted_asr (with inversion: a global, the inverted
+    trigger's success rate on the current pruned model, every step)."""
     signal_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Settings of each signal's defense, overriding onp_env.env.signals.SIGNAL_DEFAULTS, e.g.
     {anp: {iterations: 500}}."""

@@ -10,7 +10,8 @@ Observation (a Dict of fixed-size padded arrays that Stable-Baselines3 can store
   focus (U,) the units the current step acts on (layer mode; all valid units in neuron mode),
   edge_index (2, E), edge_attr (E, 4), counts [units, edges],
   globals [step fraction, pruned fraction, defense accuracy, accuracy drop, budget left], then the
-  signal sets' own (`env.global_names`; e.g. the inversion's anomaly index).
+  signal sets' own (`env.global_names`; e.g. the inversion's anomaly index), then with `inverted_asr`
+  the inverted trigger's success rate on the current pruned model.
 Nothing in it is derived from the trigger or the test set, whatever the reward's score source.
 
 Reward: alpha * (acc_t - acc_{t-1}) + beta * (score_{t-1} - score_t) - unit_cost * newly pruned,
@@ -45,7 +46,7 @@ from onp_env.devices import resolve_device
 from onp_env.env.config import EnvConfig
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.env.scores import ANPScore, UnlearnScore, check_score
-from onp_env.env.signals import DYNAMIC, DynamicStats, compute_signals, feature_names, global_names
+from onp_env.env.signals import DYNAMIC, DynamicStats, compute_signals, feature_names, global_names, inverted_probe
 from onp_env.errors import OnpError
 from onp_env.graph.build import EDGE_TYPES, NeuronGraph, build_graph
 from onp_env.graph.features import FEATURES, Z_CLIP
@@ -121,6 +122,12 @@ class Task:
         self.signals, self.signal_globals = compute_signals(cfg.features, cfg.signal_params, target.model, self.layout,
                                                             target.x, target.y, device=cfg.device,
                                                             scale=cfg.signal_scale, spans=cfg.signal_spans)  # fmt: skip
+        self.probe: Evaluator | None = None  # inverted_asr: the inverted trigger through the pruned model
+        self.probe_class, self.probe_asr = -1, 0.0
+        if "inverted_asr" in cfg.features:
+            self.probe_class, probe_x = inverted_probe(cfg.signal_params, target.model, target.x, target.y, x, y,
+                                                       cfg.device)  # fmt: skip
+            self.probe = Evaluator(gm, probe_x.to(device), names, cfg.cache)
         self.triggered: Evaluator | None = None
         self.confidence = False
         if target.attack is not None and (cfg.track_asr or cfg.score == "oracle"):
@@ -162,6 +169,8 @@ class Task:
         acc = (self.clean.logits(changed).argmax(1) == self.y).float().mean().item()
         if self.dynamic is not None:
             self.dynamic.update(self.clean.fresh)
+        if self.probe is not None:
+            self.probe_asr = (self.probe.logits(changed).argmax(1) == self.probe_class).float().mean().item()
         asr, confidence = None, 0.0
         if self.triggered is not None:
             logits = self.triggered.logits(changed)
@@ -177,14 +186,14 @@ class Task:
         """measure(None) right after masks.reset(). Every episode starts from the same unpruned model,
         so its full pass runs on the first reset only; later resets restore the evaluators' caches and
         the dynamic statistics it left (the trigger-free score, which may be stateful, runs again)."""
-        evaluators = [e for e in (self.clean, self.triggered) if e is not None]
+        evaluators = [e for e in (self.clean, self.triggered, self.probe) if e is not None]
         if self._start is None:
             result = self.measure(None)
             state = [(dict(e.values), e.last, dict(e.fresh)) for e in evaluators]
             dynamic = None if self.dynamic is None else self.dynamic.values.clone()
-            self._start = (result, [state, dynamic])
+            self._start = (result, [state, dynamic, self.probe_asr])
             return result
-        (acc, asr, score), (state, dynamic) = self._start
+        (acc, asr, score), (state, dynamic, self.probe_asr) = self._start
         for e, (values, last, fresh) in zip(evaluators, state, strict=True):  # cached tensors are never mutated
             e.values, e.last, e.fresh = dict(values), last, dict(fresh)
         if self.dynamic is not None:
@@ -318,6 +327,7 @@ class NeuronPruningEnv(gym.Env):
             np.clip(self.acc0 - self.acc, -1, 1),
             max(0.0, 1 - n_pruned / (self.cfg.budget * self.num_units)),
             *self.task.signal_globals.tolist(),
+            *([self.task.probe_asr] if self.task.probe is not None else []),
         ], np.float32)  # fmt: skip
         return {"nodes": nodes, "valid": s["valid"].copy(), "pruned": self.pruned.astype(np.float32),
                 "focus": self._focus(), "edge_index": s["edge_index"].copy(), "edge_attr": s["edge_attr"].copy(),

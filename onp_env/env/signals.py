@@ -18,6 +18,10 @@
   shift: a trigger-activated change estimated without any input-space trigger model, so it also
   covers warping triggers).
   They cost seconds per model (see benchmarks), and none of them sees the trigger or the test split.
+- `inverted_asr` (with `inversion`): one global read after every step, the share of the defense
+  images of other classes that the inversion's trigger for its suspected class still sends there in
+  the current pruned model: Neural Cleanse's own stopping quantity, a trigger-free stand-in for the
+  ASR (benchmarks/results/inverted_asr.md measures how well it tracks the real one).
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "anp": {"iterations": 200, "augment": "none"},
     "rnp": {"augment": "none"},
 }
-FEATURE_SETS = ("dynamic", *SIGNAL_DEFAULTS, *SIGNALS)
+FEATURE_SETS = ("dynamic", "inverted_asr", *SIGNAL_DEFAULTS, *SIGNALS)
+STEPWISE = ("dynamic", "inverted_asr")
+"""Feature sets read from the current pruned model after every step (the others: once per model)."""
+PROBE = ("inverted_asr_now",)
+"""The global of `inverted_asr`, after the signals' own."""
 SIGNAL_SCALES = ("z", "log-z")
 """How a signal's unit scores become an observation column (EnvConfig.signal_scale): `z`, z-scored per
 layer; `log-z`, a signed log(1 + |score|) first. An activation gap is measured in units of the unit's
@@ -69,6 +77,10 @@ def check_feature_sets(names: list[str], params: dict[str, Any]) -> None:
     stray = sorted(set(params) - set(names))
     if stray:
         raise OnpError(f"signal_params for {', '.join(stray)}, which is not in features: add it or drop its params")
+    if "inverted_asr" in names and "inversion" not in names:
+        raise OnpError("feature set inverted_asr reads the inversion's trigger: add inversion to features")
+    if "inverted_asr" in params:
+        raise OnpError("inverted_asr takes no signal_params: it uses those of inversion")
     for name in (n for n in names if n in SIGNALS):
         SIGNALS[name](**params.get(name, {}))  # types and ranges, before any model is prepared
 
@@ -77,7 +89,7 @@ def feature_names(base: tuple[str, ...], sets: list[str], spans: Sequence[str] =
     """Column names of the observation's node features: static, then signals (each span's columns in
     turn: `signal_{set}` per layer, `signal_{set}_model` over the model), then dynamic."""
     suffix = {"layer": "", "model": "_model"}
-    signals = tuple(f"signal_{s}{suffix[span]}" for span in spans for s in sets if s != "dynamic")
+    signals = tuple(f"signal_{s}{suffix[span]}" for span in spans for s in sets if s not in STEPWISE)
     return base + signals + (DYNAMIC if "dynamic" in sets else ())
 
 
@@ -91,8 +103,9 @@ def check_signal_view(scale: str, spans: Sequence[str]) -> None:
 
 def global_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
     """Names of the observation's globals: the environment's own, then those the signal sets'
-    signals declare (onp_env.signals.base.Signal.observed)."""
-    return base + tuple(f"{s}_{suffix}" for s in sets if s in SIGNALS for suffix in SIGNALS[s].observed)
+    signals declare (onp_env.signals.base.Signal.observed), then inverted_asr's."""
+    signals = tuple(f"{s}_{suffix}" for s in sets if s in SIGNALS for suffix in SIGNALS[s].observed)
+    return base + signals + (PROBE if "inverted_asr" in sets else ())
 
 
 def takes_reference(name: str) -> bool:
@@ -152,7 +165,7 @@ def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, l
     signal run on `device`; both on the CPU."""
     check_signal_view(scale, spans)
     raw, glob = [], []
-    for name in (s for s in sets if s != "dynamic"):
+    for name in (s for s in sets if s not in STEPWISE):
         if name in SIGNALS:
             signal = SIGNALS[name](seed=seed, device=device, **params.get(name, {}))
             result = signal.compute(model, layout, x, y)
@@ -171,6 +184,22 @@ def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, l
     cols = [layer_zscore(v, layout, scale, span) for span in spans for v in raw]
     columns = torch.stack(cols, 1) if cols else torch.zeros(layout.num_units, 0)
     return columns, torch.tensor(glob, dtype=torch.float32)
+
+
+def inverted_probe(params: dict[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_eval: torch.Tensor,
+                   y_eval: torch.Tensor, device: str = "cpu") -> tuple[int, torch.Tensor]:  # fmt: skip
+    """(suspected class k, the eval images of other classes with k's inverted trigger applied): what
+    `inverted_asr` runs through the pruned model after every step. The inversion is the one the
+    `inversion` column was computed from (the same model, images and settings: reused, not redone)."""
+    from onp_env.signals import TriggerInversion
+
+    signal = TriggerInversion(seed=0, device=device, **params.get("inversion", {}))
+    inv = signal.invert(model, x.to(signal.device), y.to(signal.device))
+    k = int(torch.argmax(signal.suspicion(inv.norms)))
+    keep = y_eval != k
+    keep = keep if keep.any() else torch.ones_like(keep)
+    with torch.no_grad():
+        return k, inv.apply(k, x_eval[keep])
 
 
 class DynamicStats:
