@@ -78,8 +78,10 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     # what the zoo's size buys: the first 15 of the 30 draws (the same models), 12 per fold instead of 24
     "log-z half the zoo": ["env.signal_scale=log-z", "zoo.sample.count=15"],
     # and after every step, the inverted trigger's success rate on the pruned model (NC's stopping quantity)
-    "log-z inverted asr": ["env.signal_scale=log-z",
-                           "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]"],
+    "log-z inverted asr": [
+        "env.signal_scale=log-z",
+        "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]",
+    ],
 }
 
 

@@ -300,8 +300,11 @@ def _user(model=None, x=None, y=None):
         (lambda: _user(), {"signal_spans": ["model", "model"]}, "signal_spans"),
         (lambda: _user(), {"signal_spans": ["net"]}, "signal_spans"),
         (lambda: _user(), {"features": ["inverted_asr"]}, "inverted_asr reads the inversion's trigger: add inversion"),
-        (lambda: _user(), {"features": ["inversion", "inverted_asr"], "signal_params": {"inverted_asr": {"steps": 5}}},
-         "inverted_asr takes no signal_params"),
+        (
+            lambda: _user(),
+            {"features": ["inversion", "inverted_asr"], "signal_params": {"inverted_asr": {"steps": 5}}},
+            "inverted_asr takes no signal_params",
+        ),
         (lambda: _user(), {"score_kwargs": {"steps": 3}}, "bad score_kwargs for anp"),
     ],
 )
