@@ -8,7 +8,7 @@ still there. This measures that number before any agent uses it. Per model: the 
 shipped agent's settings and class reference (agents/pretrained/fashion-mnist/agent.json) names a
 class k and synthesizes its trigger; units are then pruned one at a time in decreasing order of the
 real trigger's activation gap (the oracle's order: the trigger is used for this analysis only),
-and after each step both rates are measured on 512 defense images of other classes: the real ASR
+and after each step both rates are measured on the first 512 defense images (those of other classes): the real ASR
 and the inverted trigger's (share sent to k). Reported per attack: whether k is the target, the
 Spearman correlation of the two rates along the path, and the real ASR at the first step where the
 inverted rate is at most 10% (what a stop there would leave). Models: the 30 sampled shadow models
