@@ -150,7 +150,11 @@ class ONP(Defense):
             return params
         if workdir is None:
             return {**params, "agent": "<trained by prepare>"}
-        blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+        settings = to_dict(cfg)
+        for key, default in (("signal_scale", "z"), ("signal_spans", ["layer"])):  # hashed as before they existed
+            if settings["env"][key] == default:
+                settings["env"].pop(key)
+        blob = json.dumps(settings, sort_keys=True).encode()
         out = workdir / f"agent-{cfg.name}-{hashlib.sha256(blob).hexdigest()[:12]}"
         if not (out / AGENT).is_dir():
             train_agent(cfg, out, resume=(out / "config.json").is_file(), progress=progress)

@@ -119,6 +119,7 @@ def _build(lab: Any) -> str:
 
 def main() -> None:
     from onp_env.artifacts import write_text_atomic
+    from onp_env.errors import OnpError
     from onp_env.results import append
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -126,6 +127,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    if args.steps < 1 or args.workers < 1:
+        raise OnpError(f"--steps and --workers must be at least 1, got {args.steps} and {args.workers}")
     done = {r["key"] for r in read_inverted_asr(RESULTS)}
     if not args.report_only:
         todo = [m for m in models() if m[0] not in done]
@@ -134,7 +137,9 @@ def main() -> None:
             futures = [pool.submit(measure, name, role, paths[name], args.steps) for name, role, _ in todo]
             for fut in tqdm(as_completed(futures), total=len(futures), desc="models"):
                 append(RESULTS, fut.result())
-    write_text_atomic(RESULTS.with_suffix(".md"), report(read_inverted_asr(RESULTS), args.steps) + "\n")
+    rows = read_inverted_asr(RESULTS)
+    steps = max((len(r["real"]) - 1 for r in rows), default=0)  # what the rows were made with
+    write_text_atomic(RESULTS.with_suffix(".md"), report(rows, steps) + "\n")
 
 
 if __name__ == "__main__":

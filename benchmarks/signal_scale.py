@@ -117,6 +117,10 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    if args.top < 1 or args.workers < 1:
+        from onp_env.errors import OnpError
+
+        raise OnpError(f"--top and --workers must be at least 1, got {args.top} and {args.workers}")
     done = {r["key"] for r in read_signal_scale(RESULTS)}
     if not args.report_only:
         todo = [m for m in models() if m[0] not in done]

@@ -182,6 +182,19 @@ def test_the_inverted_trigger_rate_falls_with_the_real_asr_as_the_backdoor_is_pr
     assert float(env.reset(seed=0)[0]["globals"][-1]) == start  # a new episode starts from the unpruned rate
 
 
+def test_the_inverted_rate_reuses_the_inversion_of_the_inversion_column(art, monkeypatch):
+    from onp_env.signals import trigger_inversion
+
+    calls = []
+    real = trigger_inversion.invert
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(trigger_inversion, "_INVERTED", type(trigger_inversion._INVERTED)())
+    x, y = art.defense_set()
+    NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, None)], score="anp",
+                     features=["inversion", "inverted_asr"], signal_params={"inversion": {"steps": 20}})  # fmt: skip
+    assert len(calls) == 1
+
+
 def test_same_seed_same_episode_and_cache_changes_no_number(art, tmp_path):
     base = default_config()  # a second zoo model: 3 epochs suffice, its numbers only have to repeat
     second_cfg = dataclasses.replace(base, name="second", seed=1, train=dataclasses.replace(base.train, epochs=3))

@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,7 @@ def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, l
     for name in (s for s in sets if s not in STEPWISE):
         if name in SIGNALS:
             signal = SIGNALS[name](seed=seed, device=device, **params.get(name, {}))
-            result = signal.compute(model, layout, x, y)
+            result = signal.compute(on_device(model, signal.device), layout, x, y)
             raw.append(result.units.nan_to_num(0.0, 0.0, 0.0))
             glob += [max(-1.0, min(1.0, result.globals[key] / scale)) for key, scale in signal.observed.values()]
             continue
@@ -186,6 +187,13 @@ def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, l
     return columns, torch.tensor(glob, dtype=torch.float32)
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model`, or a copy of it on `device` where its weights are elsewhere (a signal runs there; the
+    caller's model stays where it is)."""
+    first = next(model.parameters(), None)
+    return model if first is None or first.device == device else copy.deepcopy(model).to(device)
+
+
 def inverted_probe(params: dict[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_eval: torch.Tensor,
                    y_eval: torch.Tensor, device: str = "cpu") -> tuple[int, torch.Tensor]:  # fmt: skip
     """(suspected class k, the eval images of other classes with k's inverted trigger applied): what
@@ -194,7 +202,7 @@ def inverted_probe(params: dict[str, Any], model: nn.Module, x: torch.Tensor, y:
     from onp_env.signals import TriggerInversion
 
     signal = TriggerInversion(seed=0, device=device, **params.get("inversion", {}))
-    inv = signal.invert(model, x.to(signal.device), y.to(signal.device))
+    inv = signal.invert(on_device(model, signal.device), x.to(signal.device), y.to(signal.device))
     k = int(torch.argmax(signal.suspicion(inv.norms)))
     keep = y_eval != k
     keep = keep if keep.any() else torch.ones_like(keep)

@@ -138,7 +138,8 @@ FASHION_MNIST = SuiteSpec(
         "max_edges": 2816,
     },  # fmt: skip
     description="small CNNs on Fashion-MNIST (apt-get install dataset-fashion-mnist), with the trigger-free "
-    "signals of the shipped agent; about 50 s per model to build",
+    "signals the shipped agent sees (z-scored as they are, without its class reference); about 50 s per model to "
+    "build",
     held_out_attack="wanet",
 )
 
