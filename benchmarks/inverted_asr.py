@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 from rows import exit_2_on_bad_input, read_inverted_asr
-from signal_scale import models
-from tqdm import tqdm
+from signal_models import measure_models, sampled_and_held_out
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "inverted_asr.jsonl"
@@ -108,20 +105,10 @@ def report(rows: list[dict[str, Any]], steps: int) -> str:
     return "\n".join(lines)
 
 
-def _build(lab: Any) -> str:
-    from signal_models import CACHE
-
-    from onp_env import build_artifact
-
-    torch.set_num_threads(1)
-    return str(build_artifact(lab, CACHE, progress=False))
-
 
 def main() -> None:
     from onp_env.artifacts import write_text_atomic
     from onp_env.errors import OnpError
-    from onp_env.results import append
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
@@ -129,14 +116,9 @@ def main() -> None:
     args = p.parse_args()
     if args.steps < 1 or args.workers < 1:
         raise OnpError(f"--steps and --workers must be at least 1, got {args.steps} and {args.workers}")
-    done = {r["key"] for r in read_inverted_asr(RESULTS)}
     if not args.report_only:
-        todo = [m for m in models() if m[0] not in done]
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            paths = dict(zip([m[0] for m in todo], pool.map(_build, [m[2] for m in todo]), strict=True))
-            futures = [pool.submit(measure, name, role, paths[name], args.steps) for name, role, _ in todo]
-            for fut in tqdm(as_completed(futures), total=len(futures), desc="models"):
-                append(RESULTS, fut.result())
+        done = {r["key"] for r in read_inverted_asr(RESULTS)}
+        measure_models(RESULTS, done, sampled_and_held_out(), args.workers, measure, args.steps)
     rows = read_inverted_asr(RESULTS)
     steps = max((len(r["real"]) - 1 for r in rows), default=0)  # what the rows were made with
     write_text_atomic(RESULTS.with_suffix(".md"), report(rows, steps) + "\n")

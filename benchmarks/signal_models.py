@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -50,6 +52,30 @@ def shadows() -> list[LabConfig]:
     clean = [dataclasses.replace(cfg.zoo.base, name=f"fashion-mnist-shadow-clean-s{s}", seed=s, attack=None)
              for s in cfg.zoo.seeds]  # fmt: skip
     return zoo_configs(cfg) + clean
+
+
+def sampled_and_held_out() -> list[tuple[str, str, LabConfig]]:
+    """(name, role, lab) of the sampled shadow zoo of configs/agent/fashion-mnist-sampled.yaml (role
+    `shadow`) and of held_out()'s backdoored models (role `held-out`)."""
+    from agents.train import zoo_configs
+
+    cfg = load_agent_config(str(HERE.parent / "configs" / "agent" / "fashion-mnist-sampled.yaml"), [])
+    shadow = [(lab.name, "shadow", lab) for lab in zoo_configs(cfg)]
+    return shadow + [(lab.name, "held-out", lab) for lab in held_out() if lab.attack is not None]
+
+
+def measure_models(results: Path, done: set[str], models: list[tuple[str, str, LabConfig]], workers: int,
+                   measure: Callable[..., dict[str, Any]], *args: Any) -> None:  # fmt: skip
+    """`measure(name, role, artifact path, *args)` for each model not in `done`, in `workers` spawned
+    processes, each model built through the cache first; every row appended to `results` as it comes."""
+    from onp_env.results import append
+
+    todo = [m for m in models if m[0] not in done]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        paths = dict(zip([m[0] for m in todo], pool.map(_build, [m[2] for m in todo]), strict=True))
+        futures = [pool.submit(measure, name, role, paths[name], *args) for name, role, _ in todo]
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="models"):
+            append(results, fut.result())
 
 
 def _build(lab: LabConfig) -> str:

@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 from feature_separability import auc, oracle_positives
 from rows import exit_2_on_bad_input, read_signal_scale
-from tqdm import tqdm
+from signal_models import measure_models, sampled_and_held_out
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "signal_scale.jsonl"
-SAMPLED = HERE.parent / "configs" / "agent" / "fashion-mnist-sampled.yaml"
 SETS = ("inversion", "latent_gap", "mnp")
 SCALES = ("z", "log-z")
 
@@ -58,24 +55,6 @@ def measure(name: str, role: str, path: str, top: int) -> dict[str, Any]:
             row["signals"][f"{s} {scale}"] = {"stand_out": round(stand, 4), "auc": round(auc(col, positive[sl]), 4)}
     return row
 
-
-def models() -> list[tuple[str, str, Any]]:
-    from signal_models import held_out
-
-    from agents.config import load_agent_config
-    from agents.train import zoo_configs
-
-    shadow = [(lab.name, "shadow", lab) for lab in zoo_configs(load_agent_config(str(SAMPLED), []))]
-    return shadow + [(lab.name, "held-out", lab) for lab in held_out() if lab.attack is not None]
-
-
-def _build(lab: Any) -> str:
-    from signal_models import CACHE
-
-    from onp_env import build_artifact
-
-    torch.set_num_threads(1)
-    return str(build_artifact(lab, CACHE, progress=False))
 
 
 def report(rows: list[dict[str, Any]]) -> str:
@@ -110,8 +89,6 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     from onp_env.artifacts import write_text_atomic
-    from onp_env.results import append
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--top", type=int, default=12)
@@ -121,14 +98,9 @@ def main() -> None:
         from onp_env.errors import OnpError
 
         raise OnpError(f"--top and --workers must be at least 1, got {args.top} and {args.workers}")
-    done = {r["key"] for r in read_signal_scale(RESULTS)}
     if not args.report_only:
-        todo = [m for m in models() if m[0] not in done]
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            paths = dict(zip([m[0] for m in todo], pool.map(_build, [m[2] for m in todo]), strict=True))
-            futures = [pool.submit(measure, name, role, paths[name], args.top) for name, role, _ in todo]
-            for fut in tqdm(as_completed(futures), total=len(futures), desc="models"):
-                append(RESULTS, fut.result())
+        done = {r["key"] for r in read_signal_scale(RESULTS)}
+        measure_models(RESULTS, done, sampled_and_held_out(), args.workers, measure, args.top)
     write_text_atomic(RESULTS.with_suffix(".md"), report(read_signal_scale(RESULTS)) + "\n")
 
 
