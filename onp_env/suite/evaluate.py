@@ -9,7 +9,6 @@ suite version or zoo, fails with the model it names."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from onp_env.config import to_dict
 from onp_env.env.config import EnvConfig
 from onp_env.errors import OnpError
 from onp_env.metrics import der
@@ -184,13 +184,13 @@ def validate(rows: list[dict], device: str = "cpu", cache: str | Path | None = N
             raise OnpError(f"row of {r['model']} was made on other weights ({r['weights_sha256'][:12]}) than those "
                            f"built here ({built.sha256[:12]}, {built.status} the manifest): replay it on the machine "
                            "that made it, or evaluate again here")  # fmt: skip
-        here = json.loads(json.dumps(dataclasses.asdict(e.cfg)))
+        here = to_dict(e.cfg)
         if not isinstance(r.get("env"), dict):
             raise OnpError(f"row of {r['model']} holds no env settings: it comes from another version of the suite; "
                            "evaluate again with this one")  # fmt: skip
         # a setting added since the row was made reads as its default, which keeps the old observation
         made = EnvConfig.load({**r["env"], "device": "cpu"}, f"row of {r['model']}: env")  # any device
-        if {**json.loads(json.dumps(dataclasses.asdict(made))), "device": ""} != {**here, "device": ""}:
+        if {**to_dict(made), "device": ""} != {**here, "device": ""}:
             raise OnpError(f"row of {r['model']} was made under other env settings than {key[0]}'s: it comes from "
                            "another version of the suite; evaluate again with this one")  # fmt: skip
         got = _episode(env, None, r["seed"], r["model"], list(r["actions"]))
