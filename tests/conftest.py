@@ -14,6 +14,7 @@ import torch
 from onp_env import build_artifact, load_config
 from onp_env.config import LabConfig
 from onp_env.data.datasets import FASHION_MNIST_DEBIAN
+from onp_env.env import signals as env_signals
 
 # The embedded default model is trained on first use into the cache: keep tests out of ~/.cache and
 # out of a cache the user's own ONP_CACHE names (its artifacts may come from another version).
@@ -36,10 +37,13 @@ needs_fashion_mnist = pytest.mark.skipif(
 def _no_ambient_state(tmp_path, monkeypatch):
     """Every test starts in an empty directory of its own, with none of the user's ONP_* variables:
     what a test reads, it names (ROOT / "configs" ..., or chdir to ROOT where a shipped config holds
-    paths relative to the repository), and nothing it writes lands in the checkout."""
+    paths relative to the repository), and nothing it writes lands in the checkout. Signal results
+    are not reused from an earlier test."""
     for name in [v for v in os.environ if v.startswith("ONP_") and v != "ONP_CACHE"]:
         monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+    # signals are computed afresh in every test: no test passes because an earlier one ran
+    monkeypatch.setattr(env_signals, "_RESULTS", type(env_signals._RESULTS)())
 
 
 def _seed(item: pytest.Item, offset: int) -> None:

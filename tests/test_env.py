@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import gymnasium as gym
@@ -193,6 +194,29 @@ def test_the_inverted_rate_reuses_the_inversion_of_the_inversion_column(art, mon
     NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, None)], score="anp",
                      features=["inversion", "inverted_asr"], signal_params={"inversion": {"steps": 20}})  # fmt: skip
     assert len(calls) == 1
+
+
+def test_a_second_environment_on_the_same_model_reuses_its_signals(art, monkeypatch):
+    from baselines.mnp import MNP
+
+    calls = []
+    real = MNP.plan
+    monkeypatch.setattr(MNP, "plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = art.defense_set()
+    make = lambda model, epochs=2: NeuronPruningEnv(  # noqa: E731
+        targets=[PruningTarget("m", model, x, y, None)],
+        score="anp",
+        features=["mnp"],
+        signal_params={"mnp": {"suppress_epochs": 2, "mask_epochs": epochs}},
+    )
+    first = make(art.model).reset(seed=0)[0]["nodes"]
+    assert np.array_equal(make(art.model).reset(seed=0)[0]["nodes"], first) and len(calls) == 1
+    make(art.model, epochs=1)  # other settings
+    other = copy.deepcopy(art.model)
+    with torch.no_grad():
+        other.fc.weight[0, 0] += 1.0
+    make(other)  # other weights
+    assert len(calls) == 3
 
 
 def test_same_seed_same_episode_and_cache_changes_no_number(art, tmp_path):

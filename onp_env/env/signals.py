@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from onp_env.graph.features import Z_CLIP, zscore
 from onp_env.graph.units import UnitLayout
 from onp_env.registry import defense_class
 from onp_env.signals import SIGNALS
-from onp_env.signals.base import VerdictParams, class_reference
+from onp_env.signals.base import VerdictParams, class_reference, fingerprint
 
 DYNAMIC = ("act_mean_now", "act_std_now")
 SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -167,24 +168,50 @@ def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, l
     check_signal_view(scale, spans)
     raw, glob = [], []
     for name in (s for s in sets if s not in STEPWISE):
-        if name in SIGNALS:
-            signal = SIGNALS[name](seed=seed, device=device, **params.get(name, {}))
-            result = signal.compute(on_device(model, signal.device), layout, x, y)
-            raw.append(result.units.nan_to_num(0.0, 0.0, 0.0))
-            glob += [max(-1.0, min(1.0, result.globals[key] / scale)) for key, scale in signal.observed.values()]
-            continue
-        kwargs = {**SIGNAL_DEFAULTS[name], **params.get(name, {})}
+        units, read = _signal(name, params.get(name, {}), model, layout, x, y, seed, device)
+        raw.append(units)
+        glob += read
+    cols = [layer_zscore(v, layout, scale, span) for span in spans for v in raw]
+    columns = torch.stack(cols, 1) if cols else torch.zeros(layout.num_units, 0)
+    return columns, torch.tensor(glob, dtype=torch.float32)
+
+
+MEMO = 512
+"""Signal results kept per process (a vector per unit each): `onp train-agent` builds the environment
+twice on one zoo (the expert's and PPO's), and a benchmark worker trains several agents on it."""
+_RESULTS: OrderedDict[str, tuple[torch.Tensor, list[float]]] = OrderedDict()
+
+
+def _signal(name: str, params: dict[str, Any], model: nn.Module, layout: UnitLayout, x: torch.Tensor,
+            y: torch.Tensor, seed: int, device: str) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+    """One signal set's raw unit scores and its observed globals, reused when this process computed
+    them for the same weights, images and settings (a hooked model, e.g. under Masks, is not reused:
+    its hooks are not in the key)."""
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    key = "" if hooked else fingerprint(model, x, y, name=name, params=params, seed=seed, device=device)
+    if key in _RESULTS:
+        _RESULTS.move_to_end(key)
+        return _RESULTS[key]
+    if name in SIGNALS:
+        signal = SIGNALS[name](seed=seed, device=device, **params)
+        result = signal.compute(on_device(model, signal.device), layout, x, y)
+        units = result.units.nan_to_num(0.0, 0.0, 0.0)
+        read = [max(-1.0, min(1.0, result.globals[k] / scale)) for k, scale in signal.observed.values()]
+    else:
         try:
-            defense = defense_class(name)(seed=seed, device=device, **kwargs)
+            defense = defense_class(name)(seed=seed, device=device, **{**SIGNAL_DEFAULTS[name], **params})
         except TypeError as e:
             raise OnpError(f"bad signal_params for {name}: {e}") from e
         plan_layout, scores, _ = defense.plan(model, x, y)
         if [lay.name for lay in plan_layout.layers] != [lay.name for lay in layout.layers]:
             raise OnpError(f"signal {name} traced other unit layers than the environment: unsupported model")
-        raw.append(scores.nan_to_num(0.0, 0.0, 0.0))
-    cols = [layer_zscore(v, layout, scale, span) for span in spans for v in raw]
-    columns = torch.stack(cols, 1) if cols else torch.zeros(layout.num_units, 0)
-    return columns, torch.tensor(glob, dtype=torch.float32)
+        units, read = scores.nan_to_num(0.0, 0.0, 0.0), []
+    units = units.cpu()
+    if key:
+        _RESULTS[key] = (units, read)
+        while len(_RESULTS) > MEMO:
+            _RESULTS.popitem(last=False)
+    return units, read
 
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:

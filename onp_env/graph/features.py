@@ -40,17 +40,23 @@ def _rank(v: torch.Tensor) -> torch.Tensor:
 
 
 def activation_stats(
-    model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+    model: nn.Module,
+    layout: UnitLayout,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 256,
+    saliency: bool = True,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per unit layer: post-ReLU activation mean/std and Taylor saliency on clean (x, y), on the
-    CPU (summed on the model's device)."""
+    """Per unit layer: post-ReLU activation mean/std and (unless `saliency` is False: no backward
+    pass, zeros) Taylor saliency on clean (x, y), on the CPU (summed on the model's device)."""
     modules = dict(model.named_modules())
     outs: dict[str, torch.Tensor] = {}
     hooks = []
     for layer in layout.layers:
 
         def keep(m: nn.Module, i: object, o: torch.Tensor, name: str = layer.name) -> None:
-            o.retain_grad()
+            if o.requires_grad:
+                o.retain_grad()
             outs[name] = o
 
         hooks.append(modules[layer.name].register_forward_hook(keep))
@@ -65,7 +71,11 @@ def activation_stats(
         for i in range(0, len(x), batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb, reduction="sum").backward()
+            if saliency:
+                F.cross_entropy(model(xb), yb, reduction="sum").backward()
+            else:
+                with torch.no_grad():
+                    model(xb)
             for name, o in outs.items():
                 a = o.detach().relu().flatten(2) if o.ndim > 2 else o.detach().relu().unsqueeze(-1)
                 sums[name] += a.sum((0, 2)).double()
@@ -92,8 +102,8 @@ def activation_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: tor
                    triggered_y: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """(units,) how much more each unit fires on `triggered` images than on clean `x`, in units of its
     clean standard deviation: the oracle's quantity with the true trigger, a signal's with an inverted one."""
-    clean = activation_stats(model, layout, x, y)
-    trig = activation_stats(model, layout, triggered, triggered_y)
+    clean = activation_stats(model, layout, x, y, saliency=False)
+    trig = activation_stats(model, layout, triggered, triggered_y, saliency=False)
     return torch.cat([(trig[lay.name]["act_mean"] - clean[lay.name]["act_mean"]) / (clean[lay.name]["act_std"] + 1e-6)
                       for lay in layout.layers])  # fmt: skip
 
