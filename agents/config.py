@@ -93,6 +93,11 @@ class ImitationConfig:
     """The expert stops once ASR on the triggered defense images is at most this."""
     candidates: int = bounded(16, ge=1)
     """The expert's greedy step tries the top units of its activation-gap ranking only."""
+    dagger_rounds: int = bounded(0, ge=0)
+    """Rounds of DAgger after the first cloning (agents.expert.imitate): each runs `episodes` episodes
+    per shadow model in which the student acts until a hand-over state drawn from its own path (its
+    chosen STOP half of the time) and the expert from there, adds the expert's labels and clones
+    again on all samples. Teaches the states the student reaches, which the expert's never visit."""
     target: str = "next"
     """What the student is taught at each step: next (the expert's action; cross-entropy) or remaining
     (any unit the expert prunes from this step to the end of the episode: minus the log of their total

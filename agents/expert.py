@@ -12,6 +12,7 @@ STOP once the ASR on triggered defense images is at most `stop_asr`."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from agents.config import ImitationConfig
 from onp_env.env import NeuronPruningEnv
+from onp_env.env.core import Task
 from onp_env.graph import features
 
 
@@ -47,9 +49,13 @@ class OracleExpert:
     def __init__(self, cfg: ImitationConfig):
         self.cfg = cfg
         self.rank: list[int] = []
+        self.ranks: weakref.WeakKeyDictionary[Task, list[int]] = weakref.WeakKeyDictionary()
+        """Each task's ranking, made once: its source model never changes."""
 
     def start(self, env: NeuronPruningEnv) -> None:
-        self.rank = torch.argsort(-activation_gap(env), stable=True).tolist()
+        if env.task not in self.ranks:
+            self.ranks[env.task] = torch.argsort(-activation_gap(env), stable=True).tolist()
+        self.rank = self.ranks[env.task]
 
     def act(self, env: NeuronPruningEnv) -> int:
         if env.asr is not None and env.asr <= self.cfg.stop_asr:
@@ -91,6 +97,12 @@ def run_expert(env: NeuronPruningEnv, expert: OracleExpert, seed: int, options: 
     taken is sometimes a random valid unit, while the label stays the expert's choice."""
     obs, info = env.reset(seed=seed, options=options)
     expert.start(env)
+    return expert_from(env, expert, obs, info, noise, rng)
+
+
+def expert_from(env: NeuronPruningEnv, expert: OracleExpert, obs: dict, info: dict, noise: float = 0.0,
+                rng: np.random.Generator | None = None) -> Episode:  # fmt: skip
+    """The expert's episode from the env's current state (`obs`, `info`) to its end."""
     observations, actions, masks = [], [], []
     done = False
     while not done:
@@ -104,6 +116,41 @@ def run_expert(env: NeuronPruningEnv, expert: OracleExpert, seed: int, options: 
         obs, _, term, trunc, info = env.step(taken)
         done = term or trunc
     return observations, actions, masks, info
+
+
+@torch.no_grad()
+def student_action(policy: Any, obs: dict, mask: np.ndarray) -> int:
+    """The policy's most likely valid action (as `onp defend` takes it)."""
+    batch = {k: torch.as_tensor(v).float()[None].to(policy.device) for k, v in obs.items()}
+    return int(policy.get_distribution(batch, mask[None]).distribution.logits.argmax())
+
+
+def run_dagger(env: NeuronPruningEnv, expert: OracleExpert, policy: Any, seed: int, options: dict[str, Any],
+               rng: np.random.Generator) -> Episode:  # fmt: skip
+    """One DAgger episode, the student rolling in and the expert rolling out: the student runs the
+    model to its own end; a hand-over state is drawn from its path (its last state, where it chose
+    STOP, with probability 1/2, else one uniformly before it); the student's path is replayed to
+    that state and the expert takes over. Returns the expert's part: states the student reaches,
+    labelled with what the expert does from them (an early STOP of the student's is labelled with
+    the units it left, a late one's cuts with STOP)."""
+    obs, info = env.reset(seed=seed, options=options)
+    path, done = [], False
+    while not done:
+        a = student_action(policy, obs, env.action_masks())
+        if a == env.max_units:
+            break
+        path.append(a)
+        obs, _, term, trunc, info = env.step(a)
+        done = term or trunc
+    if done:  # the budget or the accuracy limit ended it: its last state cannot be labelled
+        stop = int(rng.integers(len(path)))
+    else:
+        stop = len(path) if rng.random() < 0.5 or not path else int(rng.integers(len(path)))
+    obs, info = env.reset(seed=seed, options=options)
+    expert.start(env)
+    for a in path[:stop]:
+        obs, _, _, _, info = env.step(a)
+    return expert_from(env, expert, obs, info)
 
 
 def targets(actions: list[int], n_actions: int, kind: str) -> list[np.ndarray]:
@@ -120,17 +167,37 @@ def targets(actions: list[int], n_actions: int, kind: str) -> list[np.ndarray]:
     return out
 
 
-def collect(env: NeuronPruningEnv, cfg: ImitationConfig, seed: int, progress: bool = True):
-    """Expert episodes on every model of the env's zoo: (observations, target rows, action masks)."""
+def collect(env: NeuronPruningEnv, cfg: ImitationConfig, seed: int, progress: bool = True,
+            policy: Any = None) -> tuple[list, list, list]:  # fmt: skip
+    """Expert episodes on every model of the env's zoo: (observations, target rows, action masks).
+    With a `policy`, DAgger episodes instead (run_dagger: the student rolls in, the expert out)."""
     expert, rng = OracleExpert(cfg), np.random.default_rng(seed)
     data: tuple[list, list, list] = ([], [], [])
     jobs = [(name, k) for name in env.names for k in range(cfg.episodes)]
-    for i, (name, k) in enumerate(tqdm(jobs, desc="expert episodes", disable=not progress, leave=False)):
-        o, a, m, _ = run_expert(env, expert, seed + i, {"model": name}, cfg.noise if k else 0.0, rng)
+    desc = "expert episodes" if policy is None else "dagger episodes"
+    for i, (name, k) in enumerate(tqdm(jobs, desc=desc, disable=not progress, leave=False)):
+        if policy is None:
+            o, a, m, _ = run_expert(env, expert, seed + i, {"model": name}, cfg.noise if k else 0.0, rng)
+        else:
+            o, a, m, _ = run_dagger(env, expert, policy, seed + i, {"model": name}, rng)
         data[0].extend(o)
         data[1].extend(targets(a, env.max_units + 1, cfg.target))
         data[2].extend(m)
     return data
+
+
+def imitate(env: NeuronPruningEnv, policy: Any, cfg: ImitationConfig, seed: int,
+            progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Behaviour cloning of the expert's episodes, then `cfg.dagger_rounds` rounds of DAgger (Ross,
+    Gordon, Bagnell, AISTATS 2011): each adds labelled episodes from the states the current student
+    reaches and clones again on everything gathered. Returns the samples and losses of each round."""
+    data = collect(env, cfg, seed, progress)
+    rounds = [{"samples": len(data[1]), "losses": clone(policy, data, cfg, seed, progress)}]
+    for r in range(1, cfg.dagger_rounds + 1):
+        more = collect(env, cfg, seed + 100_003 * r, progress, policy=policy)
+        data = (data[0] + more[0], data[1] + more[1], data[2] + more[2])
+        rounds.append({"samples": len(data[1]), "losses": clone(policy, data, cfg, seed + r, progress)})
+    return {"samples": len(data[1]), "losses": rounds[0]["losses"], "rounds": rounds}
 
 
 def clone(policy: Any, data: tuple[list, list, list], cfg: ImitationConfig, seed: int,

@@ -5,7 +5,7 @@ Read top to bottom, `train_agent` does:
 2. build the shadow zoo (attacks x seeds) through the lab's artifact cache, and on it the class
    reference of the signals that name a suspected class;
 3. make the environments (oracle reward: the shadow models' triggers are known);
-4. optionally warm-start the policy by cloning the oracle expert (agents.expert);
+4. optionally warm-start the policy by cloning the oracle expert, then DAgger (agents.expert);
 5. run PPO with a progress bar, CSV/TensorBoard logs and an atomic checkpoint every
    `checkpoint_every` steps; `resume=True` continues from the last checkpoint (step counter,
    optimizer state and all);
@@ -36,7 +36,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from tqdm.auto import tqdm
 
 from agents.config import AgentConfig, validate
-from agents.expert import clone, collect
+from agents.expert import imitate
 from agents.io import save_agent
 from agents.policy import GraphMaskablePolicy
 from onp_env.artifacts import load_artifact, write_text_atomic
@@ -196,10 +196,8 @@ def train_agent(cfg: AgentConfig, out: str | Path, resume: bool = False, cache: 
             )  # fmt: skip
             # 4. warm start
             if cfg.imitation.episodes:
-                expert_env = NeuronPruningEnv(env_cfg)
-                data = collect(expert_env, cfg.imitation, cfg.seed, progress)
-                losses = clone(model.policy, data, cfg.imitation, cfg.seed, progress)
-                write_text_atomic(out / "imitation.json", json.dumps({"samples": len(data[1]), "losses": losses}))
+                summary = imitate(NeuronPruningEnv(env_cfg), model.policy, cfg.imitation, cfg.seed, progress)
+                write_text_atomic(out / "imitation.json", json.dumps(summary))
             checkpoint()
         model.set_logger(logger)
 

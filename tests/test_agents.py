@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import shutil
+import types
 import typing
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from agents.config import AgentConfig, ImitationConfig, PPOConfig, ZooConfig, load_agent_config, validate
 from agents.defense import deploy
-from agents.expert import clone, collect, targets
+from agents.expert import OracleExpert, clone, collect, imitate, run_dagger, run_expert, targets
 from agents.features import to_graph_batch
 from agents.gnn import PolicyConfig
 from agents.io import load_agent
@@ -393,6 +394,55 @@ def test_behaviour_cloning_on_the_remaining_target_lowers_its_loss():
     # last/first epoch loss over seeds 0-19 (policy, episodes, batches): 0.28-0.90, median 0.62; the
     # earlier bar of 0.8 failed on 4 of them (it depended on which tests had drawn from torch before)
     assert np.isfinite(losses).all() and losses[-1] < 0.95 * losses[0]
+
+
+class FixedStudent:
+    """A stand-in policy: STOP at once, or the lowest-numbered valid unit at every step."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, stop: bool):
+        self.stop = stop
+
+    def get_distribution(self, batch, masks):
+        mask = torch.as_tensor(masks)
+        n = mask.shape[1]
+        logits = torch.full((1, n), -1e8)
+        logits[0, n - 1 if self.stop else int(mask[0, :-1].nonzero()[0, 0])] = 0.0
+        return types.SimpleNamespace(distribution=types.SimpleNamespace(logits=logits))
+
+
+def test_dagger_hands_a_student_stopping_at_once_to_the_expert_from_the_start():
+    cfg = ImitationConfig(candidates=2)
+    env = NeuronPruningEnv(eval_images=64)
+    expert_actions = run_expert(env, OracleExpert(cfg), 3, {})[1]
+    rng = np.random.default_rng(0)
+    assert run_dagger(env, OracleExpert(cfg), FixedStudent(stop=True), 3, {}, rng)[1] == expert_actions
+
+
+def test_dagger_labels_states_on_the_students_path_with_the_expert_actions_from_there():
+    cfg = ImitationConfig(candidates=2)
+    env = NeuronPruningEnv(eval_images=64, budget=0.05)
+    starts = set()
+    for seed in range(6):  # the student never stops: the budget ends its path, the hand-over is before it
+        obs, actions, masks, _ = run_dagger(env, OracleExpert(cfg), FixedStudent(stop=False), 3, {},
+                                            np.random.default_rng(seed))  # fmt: skip
+        cut = np.flatnonzero(obs[0]["pruned"])
+        assert (cut == np.arange(len(cut))).all()  # the student's own units: the lowest-numbered ones
+        assert not masks[0][cut].any() and actions[0] not in cut  # the expert goes on from that state
+        starts.add(len(cut))
+    assert len(starts) > 1  # the hand-over state is drawn along the path
+
+
+def test_dagger_rounds_add_the_students_states_and_clone_again():
+    cfg = ImitationConfig(episodes=1, epochs=2, candidates=2, target="remaining", dagger_rounds=2)
+    env = NeuronPruningEnv(eval_images=64)
+    torch.manual_seed(0)
+    policy = GraphMaskablePolicy(env.observation_space, env.action_space, lambda _: cfg.lr)
+    out = imitate(env, policy, cfg, seed=0, progress=False)
+    sizes = [r["samples"] for r in out["rounds"]]
+    assert len(sizes) == 3 and sizes[0] < sizes[1] < sizes[2] == out["samples"]
+    assert all(np.isfinite(r["losses"]).all() and len(r["losses"]) == 2 for r in out["rounds"])
 
 
 def test_validate_checks_the_ranges_of_a_config_built_in_python():
