@@ -151,9 +151,10 @@ class ONP(Defense):
         if workdir is None:
             return {**params, "agent": "<trained by prepare>"}
         settings = to_dict(cfg)
-        for key, default in (("signal_scale", "z"), ("signal_spans", ["layer"])):  # hashed as before they existed
-            if settings["env"][key] == default:
-                settings["env"].pop(key)
+        for part, key, default in (("env", "signal_scale", "z"), ("env", "signal_spans", ["layer"]),
+                                   ("imitation", "dagger_rounds", 0), ("policy", "skip", False)):  # fmt: skip
+            if settings[part][key] == default:  # hashed as before the field existed: trained agents are found
+                settings[part].pop(key)
         blob = json.dumps(settings, sort_keys=True).encode()
         out = workdir / f"agent-{cfg.name}-{hashlib.sha256(blob).hexdigest()[:12]}"
         if not (out / AGENT).is_dir():

@@ -51,6 +51,11 @@ class PolicyConfig:
     """Attention heads (gat only); hidden must be divisible by it."""
     reverse_edges: bool = True
     """Also pass messages against the data flow (see agents.features)."""
+    skip: bool = False
+    """Add to each unit's logit a linear function of its own observed features (zero at the start):
+    a path on which a signal's rank reaches the choice unmixed with the message passing's learned
+    interactions (benchmarks/results/onp_choices.md: the policy ranks the oracle's units below its
+    best signal column)."""
 
 
 def _mlp(*dims: int) -> nn.Sequential:
@@ -237,6 +242,10 @@ class GraphPolicyNet(nn.Module):
         self.unit_head = _mlp(2 * h, h, 1)
         self.stop_head = _mlp(h, h, 1)
         self.value_head = _mlp(h, h, 1)
+        self.skip = nn.Linear(node_dim, 1) if cfg.skip else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
         for head in (self.unit_head, self.stop_head):  # near-uniform first policy
             last = head[-1]
             assert isinstance(last, nn.Linear)
@@ -289,6 +298,8 @@ class GraphPolicyNet(nn.Module):
             unit = rest(nn.functional.linear(h, first.weight[:, :width]) + per_graph[g.batch]).squeeze(1)
         else:
             unit = self.unit_head(torch.cat([h, z[g.batch]], 1)).squeeze(1)
+        if self.skip is not None:
+            unit = unit + self.skip(g.x).squeeze(1)
         logits = torch.full((g.num_graphs, g.width), NEG, dtype=unit.dtype, device=unit.device)
         logits[g.batch, g.pos] = unit
         return logits, self.stop_head(z).squeeze(1), self.value_head(z).squeeze(1)

@@ -82,6 +82,10 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
         "env.signal_scale=log-z",
         "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]",
     ],
+    # labels from the states the student reaches (agents.expert.imitate), on the shipped config (log-z)
+    "dagger 2 rounds": ["env.signal_scale=log-z", "imitation.dagger_rounds=2"],
+    # each unit's own features also reach its logit linearly (agents.gnn.PolicyConfig.skip)
+    "signal skip": ["env.signal_scale=log-z", "policy.skip=true"],
 }
 
 

@@ -13,7 +13,7 @@ from agents.defense import deploy
 from agents.expert import OracleExpert, clone, collect, imitate, run_dagger, run_expert, targets
 from agents.features import to_graph_batch
 from agents.gnn import PolicyConfig
-from agents.io import load_agent
+from agents.io import load_agent, save_agent
 from agents.policy import GraphMaskablePolicy, build_net
 from agents.train import train_agent, zoo_configs
 from onp_env import OnpError, build_artifact, load_artifact
@@ -443,6 +443,25 @@ def test_dagger_rounds_add_the_students_states_and_clone_again():
     sizes = [r["samples"] for r in out["rounds"]]
     assert len(sizes) == 3 and sizes[0] < sizes[1] < sizes[2] == out["samples"]
     assert all(np.isfinite(r["losses"]).all() and len(r["losses"]) == 2 for r in out["rounds"])
+
+
+def test_the_skip_path_starts_at_zero_adds_a_linear_term_of_the_units_features_and_saves(tmp_path):
+    env = NeuronPruningEnv(eval_images=64)
+    g = to_graph_batch(_obs_tensors(env.reset(seed=0)[0]), reverse_edges=True)
+    nets = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        nets.append(build_net(PolicyConfig(skip=skip), env.observation_space))
+    plain, skipped = nets
+    assert torch.equal(plain(g)[0], skipped(g)[0])  # zero at the start: the same first policy
+    column = env.feature_names.index("filter_l1")
+    with torch.no_grad():
+        skipped.skip.weight[0, column] = 2.0
+    n = int(g.x.shape[0])
+    assert torch.allclose(skipped(g)[0][0, :n] - plain(g)[0][0, :n], 2.0 * g.x[:, column], atol=1e-5)
+    saved = save_agent(tmp_path / "agent", skipped, PolicyConfig(skip=True), env.cfg, {})
+    loaded = load_agent(saved)
+    assert loaded.policy.skip and torch.equal(loaded.net(g)[0], skipped(g)[0])
 
 
 def test_validate_checks_the_ranges_of_a_config_built_in_python():
