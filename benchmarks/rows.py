@@ -148,6 +148,20 @@ def read_inverted_asr(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, INVERTED_ASR, fix=FIX)
 
 
+CHOICES = Schema(
+    "policy's choices",
+    {"key": TEXT, "variant": TEXT, "attack": TEXT, "seed": COUNT, "auc_signals": values_of(FRACTION),
+     "auc_path": list_of(FRACTION), "p_oracle_path": list_of(FRACTION), "p_stop_path": list_of(FRACTION),
+     "pruned": COUNT, "oracle_pruned": COUNT, "activity_policy_top3": REAL, "activity_oracle_top3": REAL,
+     "oracle_top3_layers": list_of(TEXT)},
+)  # fmt: skip
+"""onp_choices.py: how a fold agent ranks the oracle's units along its own path, against its signals."""
+
+
+def read_choices(path: Path) -> list[dict[str, Any]]:
+    return read_rows(path, CHOICES, fix=FIX)
+
+
 _MAYBE = {"acc": FRACTION, "asr": optional(FRACTION), "ra": optional(FRACTION)}  # a clean model has no ASR
 REPORT = Schema(
     "defense report",
