@@ -53,6 +53,9 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random", "nc")
+SETTINGS = {"nc ungated": ("nc", {"flag_index": 0.0})}
+"""Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
+not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule)."""
 KEPT = ("acc", "asr", "ra", "der", "pruned", "seconds", "before", "units")
 # The ablation (held-out badnets) ran while the config's imitation target was `next`; its variants keep
 # that target and compare with `imitation target=next`, the protocol's agent of that time. `remaining`
@@ -137,8 +140,8 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
     if method == "oracle":
         report = oracle_cell(Path(art_path), fraction, load_agent_config(str(CONFIG), []))
     else:
-        name = "onp" if agent is not None else method
-        params: dict = {"defense_fraction": fraction}
+        name, params = ("onp", {}) if agent is not None else SETTINGS.get(method, (method, {}))
+        params = {**params, "defense_fraction": fraction}
         if agent is not None:
             params["agent"] = str(agent)
         if name == "anp":
@@ -290,13 +293,13 @@ def report_md(results: Path, out: Path) -> None:
     cells = [r for r in rows if r.get("kind") is None]
     # a variant run on every fold onp ran on (--variants) is a main row; until then (a run in progress)
     # it would shrink the paired comparison to the models it has reached, so it waits
-    names = [*agents(cells), *ABLATIONS, "oracle", *BASELINES]
+    names = [*agents(cells), *ABLATIONS, "oracle", *BASELINES, *SETTINGS]
     folds = {m: {r["attack"] for r in cells if r["method"] == m} for m in names}
     main = [m for m in folds if folds[m] and (m not in ABLATIONS or everywhere(cells, m))]
     # a baseline still running (fewer cells than the most complete method) would shrink every paired
     # table to the models it has reached: it is listed apart until it catches up
     count = {m: sum(r["method"] == m for r in cells) for m in main}
-    running = [m for m in main if m in BASELINES and count[m] < max(count.values())]
+    running = [m for m in main if m in (*BASELINES, *SETTINGS) and count[m] < max(count.values())]
     main = [m for m in main if m not in running]
     ablation = [m for m in ABLATIONS if folds[m]]
     single = [m for m in ABLATIONS if len(folds[m]) == 1]  # the ablation proper: one held-out attack
@@ -456,7 +459,7 @@ def main() -> None:
     p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.05])
     p.add_argument("--models", type=int, default=3, help="held-out models per attack")
     p.add_argument("--seeds", nargs="+", type=int, default=[101, 102, 103], help="held-out model seeds")
-    p.add_argument("--methods", nargs="+", default=["oracle", *BASELINES], choices=["oracle", *BASELINES],
+    p.add_argument("--methods", nargs="+", default=["oracle", *BASELINES], choices=["oracle", *BASELINES, *SETTINGS],
                    help="reference and baselines to run beside ONP")  # fmt: skip
     p.add_argument("--variants", nargs="+", default=[], choices=list(ABLATIONS),
                    help="ablation variants to train and deploy on every fold and fraction, like onp")  # fmt: skip
