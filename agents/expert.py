@@ -60,7 +60,8 @@ class OracleExpert:
     def act(self, env: NeuronPruningEnv) -> int:
         if env.asr is not None and env.asr <= self.cfg.stop_asr:
             return env.max_units
-        free = [u for u in self.rank if not env.pruned[u]][: self.cfg.candidates]
+        valid = env.action_masks()  # the unpruned units, or the signals' nominees (EnvConfig.candidates)
+        free = [u for u in self.rank if valid[u]][: self.cfg.candidates]
         if not free:
             return env.max_units
         rewards = [_trial_reward(env, u) for u in free]

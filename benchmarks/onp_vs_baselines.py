@@ -89,6 +89,8 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     "dagger 2 rounds": ["env.signal_scale=log-z", "imitation.dagger_rounds=2"],
     # each unit's own features also reach its logit linearly (agents.gnn.PolicyConfig.skip)
     "signal skip": ["env.signal_scale=log-z", "policy.skip=true"],
+    # the signals nominate (each column's 2 highest unpruned units), the policy chooses or STOPs
+    "signal candidates": ["env.signal_scale=log-z", "env.candidates=2"],
 }
 
 

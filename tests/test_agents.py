@@ -434,6 +434,15 @@ def test_dagger_labels_states_on_the_students_path_with_the_expert_actions_from_
     assert len(starts) > 1  # the hand-over state is drawn along the path
 
 
+def test_the_expert_prunes_only_the_signals_candidates_when_the_env_restricts_them():
+    cfg = ImitationConfig(candidates=4)
+    env = NeuronPruningEnv(eval_images=64, features=["mnp"], candidates=1,
+                           signal_params={"mnp": {"suppress_epochs": 2, "mask_epochs": 2}})  # fmt: skip
+    obs, actions, masks, _ = run_expert(env, OracleExpert(cfg), 0, {})
+    assert all(m[a] for a, m in zip(actions, masks, strict=True))
+    assert all(m[:-1].sum() == 1 for m in masks)  # one column, one nominee
+
+
 def test_dagger_rounds_add_the_students_states_and_clone_again():
     cfg = ImitationConfig(episodes=1, epochs=2, candidates=2, target="remaining", dagger_rounds=2)
     env = NeuronPruningEnv(eval_images=64)

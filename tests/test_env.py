@@ -219,6 +219,31 @@ def test_a_second_environment_on_the_same_model_reuses_its_signals(art, monkeypa
     assert len(calls) == 3
 
 
+def test_candidates_are_the_top_unpruned_units_of_each_signal_column_and_others_are_invalid(art):
+    x, y = art.defense_set()
+    env = NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle",
+                           features=["dynamic", "mnp"], candidates=2,
+                           signal_params={"mnp": SHORT_SIGNALS["mnp"]})  # fmt: skip
+    env.reset(seed=0)
+    column = env.task.signals[:, 0]
+    for _ in range(3):
+        free = np.flatnonzero(~env.pruned[: env.num_units])
+        top = set(free[np.argsort(-column[free].numpy(), kind="stable")][:2].tolist())
+        mask = env.action_masks()
+        assert set(np.flatnonzero(mask[:-1]).tolist()) == top and mask[-1]
+        outside = int(next(u for u in free if u not in top))
+        _, reward, done, _, info = env.step(outside)
+        assert info["invalid_action"] and not env.pruned[outside] and reward < 0 and not done
+        env.step(min(top))
+        assert env.pruned[min(top)]
+
+
+@pytest.mark.parametrize("overrides", [{"features": ["dynamic"]}, {"features": ["mnp"], "action_mode": "layer"}])
+def test_candidates_need_a_signal_column_and_neuron_mode(overrides):
+    with pytest.raises(OnpError, match=r"candidates needs action_mode neuron and a signal feature set"):
+        NeuronPruningEnv(candidates=1, **overrides)
+
+
 def test_same_seed_same_episode_and_cache_changes_no_number(art, tmp_path):
     base = default_config()  # a second zoo model: 3 epochs suffice, its numbers only have to repeat
     second_cfg = dataclasses.replace(base, name="second", seed=1, train=dataclasses.replace(base.train, epochs=3))

@@ -15,7 +15,7 @@ from typing import Any
 from onp_env.config import bounded, from_dict
 from onp_env.devices import resolve_device
 from onp_env.env.scores import SCORES
-from onp_env.env.signals import check_feature_sets, check_signal_view
+from onp_env.env.signals import STEPWISE, check_feature_sets, check_signal_view
 from onp_env.errors import OnpError
 from onp_env.masking import SEMANTICS
 
@@ -28,6 +28,10 @@ class EnvConfig:
     """Artifact directories forming the zoo; empty: the embedded digits BadNets model."""
     action_mode: str = "neuron"
     """neuron: Discrete(max_units + 1), prune one unit or STOP; layer: one MultiBinary step per layer."""
+    candidates: int = bounded(0, ge=0, le=64)
+    """Neuron mode: 0, every unpruned unit is a valid action; k, only the k highest unpruned units of
+    each signal column (the signals nominate, the policy chooses among them or STOPs; any other unit
+    is an invalid action). Needs a signal feature set (onp_env.env.signals)."""
     group: bool = False
     """Prune the coupled channels of a residual group together."""
     semantics: str = "zero"
@@ -103,6 +107,9 @@ class EnvConfig:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")
         check_feature_sets(cfg.features, cfg.signal_params)
         check_signal_view(cfg.signal_scale, cfg.signal_spans)
+        if cfg.candidates and (cfg.action_mode != "neuron" or not [f for f in cfg.features if f not in STEPWISE]):
+            raise OnpError(f"{where}.candidates needs action_mode neuron and a signal feature set (e.g. features: "
+                           "[inversion]): add one or set candidates: 0")  # fmt: skip
         resolve_device(cfg.device)  # a GPU that is not there fails here, before any model is prepared
         return cfg
 

@@ -122,6 +122,8 @@ class Task:
         self.signals, self.signal_globals = compute_signals(cfg.features, cfg.signal_params, target.model, self.layout,
                                                             target.x, target.y, device=cfg.device,
                                                             scale=cfg.signal_scale, spans=cfg.signal_spans)  # fmt: skip
+        # each signal column's units from highest to lowest (EnvConfig.candidates nominates from them)
+        self.signal_order = torch.argsort(-self.signals, dim=0, stable=True).T.numpy() if cfg.candidates else None
         self.probe: Evaluator | None = None  # inverted_asr: the inverted trigger through the pruned model
         self.probe_class, self.probe_asr = -1, 0.0
         if "inverted_asr" in cfg.features:
@@ -337,7 +339,7 @@ class NeuronPruningEnv(gym.Env):
         """Valid actions, as sb3-contrib's MaskablePPO expects them."""
         if self.cfg.action_mode == "neuron":
             mask = np.zeros(self.max_units + 1, bool)
-            mask[: self.num_units] = ~self.pruned[: self.num_units]
+            mask[: self.num_units] = self._valid_units()
             mask[-1] = True
             return mask
         # MultiBinary: a (choose 0, choose 1) pair per bit; bits outside the layer or already pruned must be 0.
@@ -346,6 +348,18 @@ class NeuronPruningEnv(gym.Env):
             lay = self.task.layout.layers[self.layer_step]
             can_prune[: lay.size] = ~self.pruned[lay.offset : lay.offset + lay.size]
         return np.stack([np.ones(self.max_layer, bool), can_prune], 1).flatten()
+
+    def _valid_units(self) -> np.ndarray:
+        """(units,) the unpruned units, or with `candidates` k those among the k highest unpruned of
+        each signal column."""
+        free = ~self.pruned[: self.num_units]
+        if not self.cfg.candidates:
+            return free
+        valid = np.zeros_like(free)
+        assert self.task.signal_order is not None
+        for order in self.task.signal_order:
+            valid[order[free[order]][: self.cfg.candidates]] = True
+        return valid
 
     def _info(self, **extra: Any) -> dict[str, Any]:
         info = {"model": self.task.name, "acc": self.acc, "backdoor_score": self.score,
@@ -442,7 +456,7 @@ class NeuronPruningEnv(gym.Env):
             self.steps += 1
             if a == self.max_units:
                 return self._finish(self._obs(), 0.0, True, self._info(stopped=True))
-            if a >= self.num_units or self.pruned[a]:
+            if a >= self.num_units or self.pruned[a] or (self.cfg.candidates and not self._valid_units()[a]):
                 return self._finish(self._obs(), -self.cfg.invalid_penalty, False, self._info(invalid_action=True))
             chosen = [a]
         else:
