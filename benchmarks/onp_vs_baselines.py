@@ -91,6 +91,8 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     "signal skip": ["env.signal_scale=log-z", "policy.skip=true"],
     # the signals nominate (each column's 2 highest unpruned units), the policy chooses or STOPs
     "signal candidates": ["env.signal_scale=log-z", "env.candidates=2"],
+    # its second training seed: how much of a difference between agents is seed noise
+    "signal candidates seed 1": ["env.signal_scale=log-z", "env.candidates=2", "seed=1"],
 }
 
 
