@@ -3,6 +3,7 @@ import json
 import shutil
 import types
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -471,6 +472,20 @@ def test_the_skip_path_starts_at_zero_adds_a_linear_term_of_the_units_features_a
     saved = save_agent(tmp_path / "agent", skipped, PolicyConfig(skip=True), env.cfg, {})
     loaded = load_agent(saved)
     assert loaded.policy.skip and torch.equal(loaded.net(g)[0], skipped(g)[0])
+
+
+@pytest.mark.parametrize(("config", "folder"), [("fashion-mnist-sampled", "agent-fashion-mnist-sampled-fec45e06a730"),
+                                                ("digits", "agent-digits-b39f505cdd59")])  # fmt: skip
+def test_onp_bench_finds_agents_trained_before_the_newer_config_fields(config, folder, tmp_path, monkeypatch):
+    # the folder names commit 1491ac8 gave these configs (before imitation.dagger_rounds, policy.skip and
+    # env.candidates existed): a bench run then must find its trained agent, not train another
+    import agents.defense
+
+    seen = []
+    monkeypatch.setattr(agents.defense, "train_agent", lambda cfg, out, **kw: seen.append(Path(out).name))
+    agents.defense.ONP.prepare({"agent_config": str(ROOT / "configs" / "agent" / f"{config}.yaml")}, tmp_path,
+                               progress=False)  # fmt: skip
+    assert seen == [folder]
 
 
 def test_validate_checks_the_ranges_of_a_config_built_in_python():
