@@ -75,7 +75,7 @@ def test_an_inversion_is_reused_only_for_the_same_weights_images_and_settings(mo
     calls = []
     real = trigger_inversion.invert
     monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(trigger_inversion, "_INVERTED", trigger_inversion.OrderedDict())
+    monkeypatch.setattr(trigger_inversion, "_INVERTED", trigger_inversion.Memo(trigger_inversion.MEMO))
     plain = TriggerInversion(steps=30).compute(art.model, layout, x, y)
     judged = TriggerInversion(steps=30, reference=[1.0] * 10).compute(art.model, layout, x, y)  # same inversion
     assert len(calls) == 1 and judged.details["norms"] == plain.details["norms"]

@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from onp_env.graph.features import Z_CLIP, zscore
 from onp_env.graph.units import UnitLayout
 from onp_env.registry import defense_class
 from onp_env.signals import SIGNALS
-from onp_env.signals.base import VerdictParams, class_reference, fingerprint
+from onp_env.signals.base import Memo, VerdictParams, class_reference
 
 DYNAMIC = ("act_mean_now", "act_std_now")
 SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -176,28 +175,22 @@ def compute_signals(sets: list[str], params: dict[str, Any], model: nn.Module, l
     return columns, torch.tensor(glob, dtype=torch.float32)
 
 
-MEMO = 512
+_RESULTS = Memo(512)
 """Signal results kept per process (a vector per unit each): `onp train-agent` builds the environment
 twice on one zoo (the expert's and PPO's), and a benchmark worker trains several agents on it."""
-_RESULTS: OrderedDict[str, tuple[torch.Tensor, list[float]]] = OrderedDict()
 
 
 def _signal(name: str, params: dict[str, Any], model: nn.Module, layout: UnitLayout, x: torch.Tensor,
             y: torch.Tensor, seed: int, device: str) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
-    """One signal set's raw unit scores and its observed globals, reused when this process computed
-    them for the same weights, images and settings (a hooked model, e.g. under Masks, is not reused:
-    its hooks are not in the key)."""
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    key = "" if hooked else fingerprint(model, x, y, name=name, params=params, seed=seed, device=device)
-    if key in _RESULTS:
-        _RESULTS.move_to_end(key)
-        return _RESULTS[key]
-    if name in SIGNALS:
-        signal = SIGNALS[name](seed=seed, device=device, **params)
-        result = signal.compute(on_device(model, signal.device), layout, x, y)
-        units = result.units.nan_to_num(0.0, 0.0, 0.0)
-        read = [max(-1.0, min(1.0, result.globals[k] / scale)) for k, scale in signal.observed.values()]
-    else:
+    """One signal set's raw unit scores (on the CPU) and its observed globals, reused when this process
+    computed them for the same weights, images and settings."""
+
+    def compute() -> tuple[torch.Tensor, list[float]]:
+        if name in SIGNALS:
+            signal = SIGNALS[name](seed=seed, device=device, **params)
+            result = signal.compute(on_device(model, signal.device), layout, x, y)
+            read = [max(-1.0, min(1.0, result.globals[k] / scale)) for k, scale in signal.observed.values()]
+            return result.units.nan_to_num(0.0, 0.0, 0.0).cpu(), read
         try:
             defense = defense_class(name)(seed=seed, device=device, **{**SIGNAL_DEFAULTS[name], **params})
         except TypeError as e:
@@ -205,13 +198,9 @@ def _signal(name: str, params: dict[str, Any], model: nn.Module, layout: UnitLay
         plan_layout, scores, _ = defense.plan(model, x, y)
         if [lay.name for lay in plan_layout.layers] != [lay.name for lay in layout.layers]:
             raise OnpError(f"signal {name} traced other unit layers than the environment: unsupported model")
-        units, read = scores.nan_to_num(0.0, 0.0, 0.0), []
-    units = units.cpu()
-    if key:
-        _RESULTS[key] = (units, read)
-        while len(_RESULTS) > MEMO:
-            _RESULTS.popitem(last=False)
-    return units, read
+        return scores.nan_to_num(0.0, 0.0, 0.0).cpu(), []
+
+    return _RESULTS.get(compute, model, x, y, name=name, params=params, seed=seed, device=device)
 
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -64,6 +66,29 @@ def fingerprint(model: nn.Module, *tensors: torch.Tensor, **settings: Any) -> st
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+class Memo:
+    """Results kept in this process under the fingerprint of a model's weights, some tensors and
+    settings; the oldest go first beyond `size`. A model with forward hooks (e.g. under Masks) is
+    computed afresh: its hooks change its outputs and are not in the key."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.entries: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, compute: Callable[[], Any], model: nn.Module, *tensors: torch.Tensor, **settings: Any) -> Any:
+        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+            return compute()
+        key = fingerprint(model, *tensors, **settings)
+        if key not in self.entries:
+            self.entries[key] = compute()
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return self.entries[key]
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 @dataclass

@@ -28,7 +28,6 @@ Warping triggers (WaNet) are not masks: this inversion is not expected to find t
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,7 @@ from torch import nn
 from onp_env.config import bounded
 from onp_env.graph.features import activation_gap
 from onp_env.graph.units import UnitLayout
-from onp_env.signals.base import Signal, SignalResult, VerdictParams, anomaly_index, fingerprint
+from onp_env.signals.base import Memo, Signal, SignalResult, VerdictParams, anomaly_index
 
 
 @dataclass
@@ -163,7 +162,7 @@ def trigger_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.
 
 MEMO = 64
 """Inversions kept per process (a few hundred KB each for 10 classes of 28x28 masks and patterns)."""
-_INVERTED: OrderedDict[str, Inverted] = OrderedDict()
+_INVERTED = Memo(MEMO)
 
 
 class TriggerInversion(Signal):
@@ -180,15 +179,9 @@ class TriggerInversion(Signal):
         with torch.no_grad():
             classes = int(model(x[:1].to(self.device)).shape[1])
         self.check_reference(classes)
-        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):  # e.g. Masks: not in the key
-            return invert(model, x, y, classes, self.params, self.seed, self.device)
         settings = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in ("reference", "gate")}
-        key = fingerprint(model, x, y, settings=settings, seed=self.seed, device=str(self.device), version=self.version)
-        if key not in _INVERTED:
-            _INVERTED[key] = invert(model, x, y, classes, self.params, self.seed, self.device)
-            while len(_INVERTED) > MEMO:
-                _INVERTED.popitem(last=False)
-        return _INVERTED[key]
+        return _INVERTED.get(lambda: invert(model, x, y, classes, self.params, self.seed, self.device), model, x, y,
+                             settings=settings, seed=self.seed, device=str(self.device), version=self.version)
 
     def compute(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> SignalResult:
         x, y = x.to(self.device), y.to(self.device)
