@@ -107,7 +107,7 @@ class EnvConfig:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")
         check_feature_sets(cfg.features, cfg.signal_params)
         check_signal_view(cfg.signal_scale, cfg.signal_spans)
-        if cfg.candidates and (cfg.action_mode != "neuron" or not [f for f in cfg.features if f not in STEPWISE]):
+        if cfg.candidates and (cfg.action_mode != "neuron" or all(f in STEPWISE for f in cfg.features)):
             raise OnpError(f"{where}.candidates needs action_mode neuron and a signal feature set (e.g. features: "
                            "[inversion]): add one or set candidates: 0")  # fmt: skip
         resolve_device(cfg.device)  # a GPU that is not there fails here, before any model is prepared

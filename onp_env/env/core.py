@@ -456,7 +456,7 @@ class NeuronPruningEnv(gym.Env):
             self.steps += 1
             if a == self.max_units:
                 return self._finish(self._obs(), 0.0, True, self._info(stopped=True))
-            if a >= self.num_units or self.pruned[a] or (self.cfg.candidates and not self._valid_units()[a]):
+            if a >= self.num_units or not self._valid_units()[a]:
                 return self._finish(self._obs(), -self.cfg.invalid_penalty, False, self._info(invalid_action=True))
             chosen = [a]
         else:
