@@ -47,13 +47,17 @@ def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
 def oracle_positives(art: Any, layout: Any, x: torch.Tensor, y: torch.Tensor, top: int) -> torch.Tensor:
     """(units,) True for the `top` units with the largest clean-vs-triggered activation gap on the
     defense images not of the target class: the oracle's units (it uses the trigger: analysis only)."""
+    positive = torch.zeros(layout.num_units, dtype=torch.bool)
+    positive[torch.argsort(-oracle_gap(art, layout, x, y))[:top]] = True
+    return positive
+
+
+def oracle_gap(art: Any, layout: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(units,) the clean-vs-triggered activation gap on the defense images not of the target class."""
     from onp_env.graph.features import activation_gap
 
     keep = art.attack.targets(y) != y
-    gap = activation_gap(art.model, layout, x[keep], y[keep], art.attack.apply(x[keep]), y[keep])
-    positive = torch.zeros(layout.num_units, dtype=torch.bool)
-    positive[torch.argsort(-gap)[:top]] = True
-    return positive
+    return activation_gap(art.model, layout, x[keep], y[keep], art.attack.apply(x[keep]), y[keep])
 
 
 def measure(name: str, path: str, attack: str | None, seed: int, target: int | None, top: int) -> dict[str, Any]:

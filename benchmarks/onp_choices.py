@@ -21,7 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from feature_separability import auc
+from feature_separability import auc, oracle_gap
 from rows import exit_2_on_bad_input, read_choices
 from tqdm import tqdm
 
@@ -111,14 +111,6 @@ def measure(variant: str, attack: str, seed: int, path: str) -> dict[str, Any]:
         "activity_oracle_top3": float(activity[oracle_top].mean()),
         "oracle_top3_layers": [layout.locate(int(u))[0].name for u in oracle_top],
     }  # fmt: skip
-
-
-def oracle_gap(art: Any, layout: Any, x: Any, y: Any) -> Any:
-    """(units,) the clean-vs-triggered activation gap on the defense images not of the target class."""
-    from onp_env.graph.features import activation_gap
-
-    keep = art.attack.targets(y) != y
-    return activation_gap(art.model, layout, x[keep], y[keep], art.attack.apply(x[keep]), y[keep])
 
 
 def _mean(v: list[float]) -> str:
