@@ -25,7 +25,7 @@ from onp_env.graph.units import find_units
 from onp_env.models import build_model
 from onp_env.zoo import default_artifact
 
-from .conftest import ROOT
+from .conftest import ROOT, needs_fashion_mnist
 
 CONFIG = str(ROOT / "configs" / "agent" / "digits.yaml")
 TINY = [
@@ -474,8 +474,10 @@ def test_the_skip_path_starts_at_zero_adds_a_linear_term_of_the_units_features_a
     assert loaded.policy.skip and torch.equal(loaded.net(g)[0], skipped(g)[0])
 
 
-@pytest.mark.parametrize(("config", "folder"), [("fashion-mnist-sampled", "agent-fashion-mnist-sampled-fec45e06a730"),
-                                                ("digits", "agent-digits-b39f505cdd59")])  # fmt: skip
+@pytest.mark.parametrize(("config", "folder"), [
+    pytest.param("fashion-mnist-sampled", "agent-fashion-mnist-sampled-fec45e06a730", marks=needs_fashion_mnist),
+    ("digits", "agent-digits-b39f505cdd59"),
+])  # fmt: skip
 def test_onp_bench_finds_agents_trained_before_the_newer_config_fields(config, folder, tmp_path, monkeypatch):
     # the folder names commit 1491ac8 gave these configs (before imitation.dagger_rounds, policy.skip and
     # env.candidates existed): a bench run then must find its trained agent, not train another
