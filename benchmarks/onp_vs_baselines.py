@@ -25,6 +25,7 @@ import dataclasses
 import json
 import multiprocessing
 import platform
+import re
 import shutil
 import statistics
 import time
@@ -93,6 +94,10 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     "signal candidates": ["env.signal_scale=log-z", "env.candidates=2"],
     # its second training seed: how much of a difference between agents is seed noise
     "signal candidates seed 1": ["env.signal_scale=log-z", "env.candidates=2", "seed=1"],
+    # three training seeds each of the shipped config and of candidates: a variant's gain must exceed this spread
+    "signal candidates seed 2": ["env.signal_scale=log-z", "env.candidates=2", "seed=2"],
+    "log-z signals seed 1": ["env.signal_scale=log-z", "seed=1"],
+    "log-z signals seed 2": ["env.signal_scale=log-z", "seed=2"],
 }
 
 
@@ -379,11 +384,52 @@ def report_md(results: Path, out: Path) -> None:
         "expert pruned on the same model and data that the method also pruned.",
         "",
     ]
+    lines += _seeds_md(cells, main)
     if single:
         lines += _ablations_md(cells, costs, ablation, oracle, next(iter(folds[single[0]])))
     if costs:
         lines += _cost_md(cells, costs)
     write_text_atomic(out, "\n".join(lines))
+
+
+def training_seeds(names: list[str]) -> dict[str, dict[int, str]]:
+    """Each config trained with several seeds among `names`: its name (seed 0, the config's own) ->
+    {seed: the variant holding that seed's agents ("NAME seed N")}."""
+    groups: dict[str, dict[int, str]] = {}
+    for m in names:
+        match = re.fullmatch(r"(.+) seed (\d+)", m)
+        if match and match[1] in names:
+            groups.setdefault(match[1], {0: match[1]})[int(match[2])] = m
+    return {k: dict(sorted(v.items())) for k, v in groups.items()}
+
+
+def _seeds_md(cells: list[dict], main: list[str]) -> list[str]:
+    """Per config trained with several seeds (every fold's agent once per seed): its mean over the held-out
+    models for each seed, then over the seeds, on the models every seed's agents reached."""
+    groups = training_seeds(main)
+    if not groups:
+        return []
+    lines = ["## Over training seeds", "",
+             "The same config, its agents trained once per seed (`seed=N`; seed 0 is the config's own row "
+             "above), on the same shadow and held-out models: the spread between seeds is what one agent per "
+             "fold cannot tell apart from a real difference. Per seed, the mean over the held-out models; "
+             "then the mean ± std of those means over the seeds.", "",
+             "| config | defense data | models | seeds | DER % per seed | DER % | ASR % | ACC lost |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+    for name, seeds in groups.items():
+        for fraction in sorted({r["fraction"] for r in cells}):
+            by = {s: {(r["attack"], r["seed"]): r for r in cells if r["method"] == m and r["fraction"] == fraction}
+                  for s, m in seeds.items()}  # fmt: skip
+            models = set.intersection(*(set(v) for v in by.values()))
+            if not models:
+                continue
+            means = {k: [statistics.mean(f(r) for key, r in by[s].items() if key in models) for s in seeds]
+                     for k, f in (("der", lambda r: r["der"]), ("asr", lambda r: r["asr"]),
+                                  ("lost", lambda r: r["before"]["acc"] - r["acc"]))}  # fmt: skip
+            per_seed = " / ".join(f"{v * 100:.1f}" for v in means["der"])
+            lines.append(f"| {name} | {fraction:.0%} | {len(models)} | {len(seeds)} | {per_seed} "
+                         f"| {_ms(means['der'])} | {_ms(means['asr'])} | {_ms(means['lost'])} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _ablations_md(cells: list[dict], costs: dict[str, float], ablation: list[str], oracle: dict,

@@ -283,3 +283,22 @@ def test_optional_fields_are_checked_where_present(tmp_path):
     _write(path, [json.dumps({**backdoored, "auc": {"gamma": {"layer": 1.5, "all": 0.4}}})])
     with pytest.raises(OnpError, match="line 1: field 'auc' entry 'gamma': field 'layer' must be a number in"):
         ROWS.read_separability(path)
+
+
+def test_the_protocol_report_groups_a_configs_training_seeds_and_pairs_their_models(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports rows as a sibling
+    spec = importlib.util.spec_from_file_location("onp_vs_baselines", ROOT / "benchmarks" / "onp_vs_baselines.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    names = ["onp", "cand", "cand seed 1", "cand seed 2", "orphan seed 1"]
+    assert script.training_seeds(names) == {"cand": {0: "cand", 1: "cand seed 1", 2: "cand seed 2"}}
+
+    def cell(method, seed, der):
+        return {**PROTOCOL, "method": method, "seed": seed, "der": der, "asr": 1 - der, "acc": 0.9 - der / 10}
+
+    # seed 1's agent has not reached model 103 yet: every seed's mean is over 101 and 102 alone
+    cells = [cell("cand", 101, 0.9), cell("cand", 102, 0.7), cell("cand", 103, 0.1),
+             cell("cand seed 1", 101, 0.5), cell("cand seed 1", 102, 0.5)]  # fmt: skip
+    row = [line for line in script._seeds_md(cells, ["cand", "cand seed 1"]) if line.startswith("| cand |")]
+    assert row == ["| cand | 5% | 2 | 2 | 80.0 / 50.0 | 65.0 ± 21.2 | 35.0 ± 21.2 | 6.5 ± 2.1 |"]
+    assert script._seeds_md(cells, ["cand"]) == []
