@@ -197,8 +197,8 @@ def validate(cfg: AgentConfig, where: str = "agent config") -> None:
         raise OnpError(
             f"unknown imitation.target '{cfg.imitation.target}': choose one of {', '.join(IMITATION_TARGETS)}"
         )
-    if cfg.imitation.episodes and cfg.env.action_mode != "neuron":
-        raise OnpError("imitation needs env.action_mode=neuron (the expert prunes one unit per step)")
+    if cfg.imitation.episodes and cfg.env.action_mode == "layer":
+        raise OnpError("imitation needs env.action_mode neuron or signal (the expert prunes one unit per step)")
 
 
 def load_agent_config(path: str | None, overrides: list[str]) -> AgentConfig:

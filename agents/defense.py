@@ -71,7 +71,7 @@ def act(agent: Agent, env: NeuronPruningEnv, obs: dict[str, np.ndarray], determi
     g = to_graph_batch(obs_t, agent.policy.reverse_edges)
     unit, stop, _ = agent.net(g)
     mask = torch.as_tensor(env.action_masks())
-    if env.cfg.action_mode == "neuron":
+    if env.cfg.action_mode in ("neuron", "signal"):
         logits = agent.net.neuron_logits(unit, stop)[0].cpu().masked_fill(~mask, -torch.inf)
         if deterministic or rng is None:
             return int(logits.argmax())

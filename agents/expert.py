@@ -59,14 +59,14 @@ class OracleExpert:
 
     def act(self, env: NeuronPruningEnv) -> int:
         if env.asr is not None and env.asr <= self.cfg.stop_asr:
-            return env.max_units
-        valid = env.action_masks()  # the unpruned units, or the signals' nominees (EnvConfig.candidates)
+            return env.stop_action
+        valid = env.unit_choices()  # the unpruned units, or the signals' nominees (candidates, signal mode)
         free = [u for u in self.rank if valid[u]][: self.cfg.candidates]
         if not free:
-            return env.max_units
+            return env.stop_action
         rewards = [_trial_reward(env, u) for u in free]
         best = int(np.argmax(rewards))
-        return free[best] if rewards[best] > env.cfg.unit_cost else free[0]
+        return env.action_for(free[best] if rewards[best] > env.cfg.unit_cost else free[0])
 
 
 class OraclePolicy:
@@ -112,7 +112,7 @@ def expert_from(env: NeuronPruningEnv, expert: OracleExpert, obs: dict, info: di
         actions.append(a)
         masks.append(env.action_masks())
         taken = a
-        if noise and rng is not None and a != env.max_units and rng.random() < noise:
+        if noise and rng is not None and a != env.stop_action and rng.random() < noise:
             taken = int(rng.choice(np.flatnonzero(env.action_masks()[:-1])))
         obs, _, term, trunc, info = env.step(taken)
         done = term or trunc
@@ -138,7 +138,7 @@ def run_dagger(env: NeuronPruningEnv, expert: OracleExpert, policy: Any, seed: i
     path, done = [], False
     while not done:
         a = student_action(policy, obs, env.action_masks())
-        if a == env.max_units:
+        if a == env.stop_action:
             break
         path.append(a)
         obs, _, term, trunc, info = env.step(a)
@@ -168,6 +168,25 @@ def targets(actions: list[int], n_actions: int, kind: str) -> list[np.ndarray]:
     return out
 
 
+def signal_targets(actions: list[int], nominees: list[np.ndarray], masks: list[np.ndarray],
+                   kind: str) -> list[np.ndarray]:  # fmt: skip
+    """targets() for the signal action mode: one boolean row per step over the signal columns (STOP
+    last) whose nominee is a unit the expert prunes: the one it prunes at this step (next; several
+    columns may nominate it), or any it prunes from this step on (remaining)."""
+    stop = len(masks[0]) - 1
+    pruned = [int(n[a]) for a, n in zip(actions, nominees, strict=True) if a != stop]
+    out = []
+    for t, (a, n, m) in enumerate(zip(actions, nominees, masks, strict=True)):
+        row = np.zeros(stop + 1, dtype=bool)
+        row[a] = True
+        if a != stop:
+            done = sum(b != stop for b in actions[:t])
+            wanted = pruned[done : done + 1] if kind == "next" else pruned[done:]
+            row[:stop] |= m[:stop] & np.isin(n, wanted)
+        out.append(row)
+    return out
+
+
 def collect(env: NeuronPruningEnv, cfg: ImitationConfig, seed: int, progress: bool = True,
             policy: Any = None) -> tuple[list, list, list]:  # fmt: skip
     """Expert episodes on every model of the env's zoo: (observations, target rows, action masks).
@@ -182,7 +201,10 @@ def collect(env: NeuronPruningEnv, cfg: ImitationConfig, seed: int, progress: bo
         else:
             o, a, m, _ = run_dagger(env, expert, policy, seed + i, {"model": name}, rng)
         data[0].extend(o)
-        data[1].extend(targets(a, env.max_units + 1, cfg.target))
+        if env.cfg.action_mode == "signal":
+            data[1].extend(signal_targets(a, [x["nominees"] for x in o], m, cfg.target))
+        else:
+            data[1].extend(targets(a, env.stop_action + 1, cfg.target))
         data[2].extend(m)
     return data
 

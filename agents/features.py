@@ -48,6 +48,8 @@ class GraphBatch:
     padded: PaddedEdges
     """The edges as observed: the dense GCN path reads them (and caches per graph) without the flat lists."""
     reverse_edges: bool
+    nominees: torch.Tensor | None = None
+    """(B, S) signal action mode: the unit each signal column would prune now, within its graph."""
 
     @cached_property
     def _edges(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +95,7 @@ def to_graph_batch(obs: dict[str, torch.Tensor], reverse_edges: bool = True) -> 
         width=u,
         padded=PaddedEdges(edges, obs["edge_attr"].view(b, edges.shape[2], -1), counts),
         reverse_edges=reverse_edges,
+        nominees=obs["nominees"].round().long().view(b, -1) if "nominees" in obs else None,
     )
 
 

@@ -1,5 +1,8 @@
 """The graph policy network: a torch-geometric GNN over the unit graph, one logit per unit, and a
 pooled graph embedding (with the environment's global features) for the STOP logit and the value.
+In the signal action mode, each signal column's logit is its nominee's unit logit plus a term of the
+graph embedding for that column (which signal to trust, from the signals' own verdicts among the
+globals).
 
 It never depends on how many units the model has: trained on one zoo, it runs on a graph of any
 size, and every per-unit output follows its unit when the units are permuted (message passing and
@@ -222,7 +225,7 @@ class AdjacencyCache:
 
 
 class GraphPolicyNet(nn.Module):
-    def __init__(self, cfg: PolicyConfig, node_dim: int, edge_dim: int, global_dim: int):
+    def __init__(self, cfg: PolicyConfig, node_dim: int, edge_dim: int, global_dim: int, signals: int = 0):
         super().__init__()
         h = cfg.hidden
         self.cfg = cfg
@@ -242,11 +245,13 @@ class GraphPolicyNet(nn.Module):
         self.unit_head = _mlp(2 * h, h, 1)
         self.stop_head = _mlp(h, h, 1)
         self.value_head = _mlp(h, h, 1)
+        self.signal_head = _mlp(h, h, signals) if signals else None
         self.skip = nn.Linear(node_dim, 1) if cfg.skip else None
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)
             nn.init.zeros_(self.skip.bias)
-        for head in (self.unit_head, self.stop_head):  # near-uniform first policy
+        for head in (self.unit_head, self.stop_head, *([self.signal_head] if self.signal_head is not None else [])):
+            # near-uniform first policy
             last = head[-1]
             assert isinstance(last, nn.Linear)
             nn.init.zeros_(last.bias)
@@ -286,7 +291,8 @@ class GraphPolicyNet(nn.Module):
         return h, self.graph(pooled)
 
     def forward(self, g: GraphBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(unit logits (B, U) with NEG at padding, STOP logits (B,), values (B,))."""
+        """(choice logits, STOP logits (B,), values (B,)): the choices are the units (B, U), NEG at
+        padding, or in signal mode (the batch has nominees) the signal columns (B, S)."""
         h, z = self.encode(g)
         if FAST:
             # unit_head on [h, z of the unit's graph], its first layer split so that z's share is computed
@@ -302,6 +308,9 @@ class GraphPolicyNet(nn.Module):
             unit = unit + self.skip(g.x).squeeze(1)
         logits = torch.full((g.num_graphs, g.width), NEG, dtype=unit.dtype, device=unit.device)
         logits[g.batch, g.pos] = unit
+        if g.nominees is not None:
+            assert self.signal_head is not None, "a net for the signal action mode is built with signals > 0"
+            logits = logits.gather(1, g.nominees) + self.signal_head(z)
         return logits, self.stop_head(z).squeeze(1), self.value_head(z).squeeze(1)
 
     @staticmethod

@@ -126,9 +126,11 @@ def load_agent(path: str | Path) -> Agent:
 def _net(policy: PolicyConfig, env: EnvConfig) -> GraphPolicyNet:
     from gymnasium import spaces
 
-    nodes = len(feature_names(FEATURES, env.features, env.signal_spans))
+    names = feature_names(FEATURES, env.features, env.signal_spans)
     space = spaces.Dict({
-        "nodes": spaces.Box(-1, 1, (1, nodes)), "edge_attr": spaces.Box(0, 1, (1, 1 + len(EDGE_TYPES))),
+        "nodes": spaces.Box(-1, 1, (1, len(names))), "edge_attr": spaces.Box(0, 1, (1, 1 + len(EDGE_TYPES))),
         "globals": spaces.Box(-1, 1, (len(global_names(GLOBALS, env.features)),)),
     })  # fmt: skip
+    if env.action_mode == "signal":  # one choice per signal column (NeuronPruningEnv's nominees)
+        space["nominees"] = spaces.Box(0, 1, (sum(n.startswith("signal_") for n in names),))
     return build_net(policy, space)

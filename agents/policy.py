@@ -1,7 +1,8 @@
 """The graph policy for sb3-contrib's MaskablePPO: agents.features turns observations into a
 graph batch, agents.gnn.GraphPolicyNet gives unit logits, STOP logit and value.
 
-neuron mode (Discrete(U + 1)): a masked categorical over the units and STOP. layer mode
+neuron mode (Discrete(U + 1)): a masked categorical over the units and STOP; signal mode
+(Discrete(S + 1)): over the signal columns and STOP. layer mode
 (MultiBinary(L)): one Bernoulli per unit of the focused layer. Stable-Baselines3 has no graph
 support of its own; this class replaces its MLP extractor and heads, nothing else."""
 
@@ -74,4 +75,5 @@ def build_net(cfg: PolicyConfig, observation_space: spaces.Dict) -> GraphPolicyN
     node_dim = int(observation_space["nodes"].shape[-1])  # type: ignore[index]
     edge_dim = int(observation_space["edge_attr"].shape[-1]) + int(cfg.reverse_edges)  # type: ignore[index]
     global_dim = int(observation_space["globals"].shape[-1])  # type: ignore[index]
-    return GraphPolicyNet(cfg, node_dim, edge_dim, global_dim)
+    signals = int(observation_space["nominees"].shape[-1]) if "nominees" in observation_space.spaces else 0  # type: ignore[index]
+    return GraphPolicyNet(cfg, node_dim, edge_dim, global_dim, signals)

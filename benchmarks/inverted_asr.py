@@ -105,10 +105,10 @@ def report(rows: list[dict[str, Any]], steps: int) -> str:
     return "\n".join(lines)
 
 
-
 def main() -> None:
     from onp_env.artifacts import write_text_atomic
     from onp_env.errors import OnpError
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)

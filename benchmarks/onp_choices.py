@@ -78,7 +78,7 @@ def measure(variant: str, attack: str, seed: int, path: str) -> dict[str, Any]:
     n = layout.num_units
     names = env.feature_names
     nodes = torch.as_tensor(obs["nodes"][:n])
-    signals = {c[len("signal_"):]: auc(nodes[:, i], positive) for i, c in enumerate(names) if c.startswith("signal_")}
+    signals = {c[len("signal_") :]: auc(nodes[:, i], positive) for i, c in enumerate(names) if c.startswith("signal_")}
     activity = nodes[:, FEATURES.index("act_mean")]
     path: dict[str, list[float]] = {"auc": [], "p_oracle": [], "p_stop": []}
     first_top = None
@@ -168,8 +168,12 @@ def main() -> None:
     from onp_env.results import append
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=["log-z signals"],
-                   help=f"fold agents' variant names, or '{SHIPPED}' (trained with every attack: in range)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["log-z signals"],
+        help=f"fold agents' variant names, or '{SHIPPED}' (trained with every attack: in range)",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()

@@ -11,7 +11,7 @@ import torch
 
 from agents.config import AgentConfig, ImitationConfig, PPOConfig, ZooConfig, load_agent_config, validate
 from agents.defense import deploy
-from agents.expert import OracleExpert, clone, collect, imitate, run_dagger, run_expert, targets
+from agents.expert import OracleExpert, clone, collect, imitate, run_dagger, run_expert, signal_targets, targets
 from agents.features import to_graph_batch
 from agents.gnn import PolicyConfig
 from agents.io import load_agent, save_agent
@@ -20,7 +20,7 @@ from agents.train import train_agent, zoo_configs
 from onp_env import OnpError, build_artifact, load_artifact
 from onp_env.cli import main
 from onp_env.config import from_dict
-from onp_env.env import NeuronPruningEnv
+from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.graph.units import find_units
 from onp_env.models import build_model
 from onp_env.zoo import default_artifact
@@ -603,3 +603,49 @@ def test_the_wheel_carries_the_shipped_agent(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {"agents/pretrained/fashion-mnist/agent.json", "agents/pretrained/fashion-mnist/policy.safetensors",
             "agents/pretrained/README.md"} <= set(names)  # fmt: skip
+
+
+def test_signal_targets_mark_every_valid_column_nominating_an_expert_unit():
+    # two columns and STOP; at step 0 both nominate unit 5, column 1 is dead at step 1
+    nominees = [np.array([5, 5]), np.array([7, 0]), np.array([9, 2])]
+    masks = [np.array([True, True, True]), np.array([True, False, True]), np.array([True, True, True])]
+    actions = [1, 0, 2]  # the expert prunes 5, then 7, then STOPs
+    rows = lambda kind: [np.flatnonzero(r).tolist() for r in signal_targets(actions, nominees, masks, kind)]  # noqa: E731
+    assert rows("next") == [[0, 1], [0], [2]]
+    nominees[0] = np.array([7, 5])  # column 0 nominates a unit the expert prunes later
+    assert rows("next") == [[1], [0], [2]]
+    assert rows("remaining") == [[0, 1], [0], [2]]
+
+
+SIGNAL_MODE = ["env.action_mode=signal", "env.features=[dynamic, mnp, latent_gap]",
+               "env.signal_params={mnp: {suppress_epochs: 2, mask_epochs: 2}}"]  # fmt: skip
+
+
+def test_the_expert_follows_a_signal_in_signal_mode_and_its_labels_are_valid():
+    cfg = ImitationConfig(candidates=2)
+    env = NeuronPruningEnv(eval_images=64, action_mode="signal", features=["mnp", "latent_gap"],
+                           signal_params={"mnp": {"suppress_epochs": 2, "mask_epochs": 2}})  # fmt: skip
+    obs, actions, masks, last = run_expert(env, OracleExpert(cfg), 0, {})
+    assert actions[-1] == env.stop_action and last["asr"] <= cfg.stop_asr
+    assert all(m[a] for a, m in zip(actions, masks, strict=True)) and len(actions) > 1
+    rows = signal_targets(actions, [o["nominees"] for o in obs], masks, "remaining")
+    assert all(r[a] and not (r & ~m).any() for r, a, m in zip(rows, actions, masks, strict=True))
+
+
+def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_deploys(tmp_path):
+    agent_dir = train_agent(load_agent_config(CONFIG, [*TINY, *SIGNAL_MODE]), tmp_path / "run", progress=False)
+    agent = load_agent(agent_dir)
+    assert agent.env.action_mode == "signal" and agent.net.signal_head is not None
+    art = load_artifact(default_artifact())
+    x, y = art.defense_set()
+    env = NeuronPruningEnv(agent.env, targets=[PruningTarget("m", art.model, x, y, None)])
+    obs, _ = env.reset(seed=0)
+    g = to_graph_batch(_obs_tensors(obs))
+    with torch.no_grad():
+        choice, stop, _ = agent.net(g)
+        unit, _, _ = agent.net(dataclasses.replace(g, nominees=None))
+        _, z = agent.net.encode(g)
+        expected = unit[0, torch.as_tensor(obs["nominees"])] + agent.net.signal_head(z)[0]
+    assert choice.shape == (1, 2) and torch.allclose(choice[0], expected)
+    order, record = deploy(agent, art.model, x, y, deterministic=True)
+    assert len(order) == record[-1]["pruned"] and not any(r.get("invalid_action") for r in record)

@@ -40,9 +40,10 @@ def test_default_model_is_the_shipped_badnets_digits_config():
     assert default_config().fingerprint() == load_config(LabConfig, shipped).fingerprint()
 
 
-@pytest.mark.parametrize("mode", ["neuron", "layer"])
+@pytest.mark.parametrize("mode", ["neuron", "layer", "signal"])
 def test_registered_env_passes_both_checkers(mode):
-    e = gym.make(ENV_ID, action_mode=mode).unwrapped
+    signal = {"features": ["mnp"], "signal_params": {"mnp": {"suppress_epochs": 2, "mask_epochs": 2}}}
+    e = gym.make(ENV_ID, action_mode=mode, **(signal if mode == "signal" else {})).unwrapped
     gym_check_env(e, skip_render_check=True)
     with pytest.warns(UserWarning, match="unconventional shape"):  # graph arrays are 2-D by design
         sb3_check_env(e)
@@ -238,7 +239,43 @@ def test_candidates_are_the_top_unpruned_units_of_each_signal_column_and_others_
         assert env.pruned[min(top)]
 
 
-@pytest.mark.parametrize("overrides", [{"features": ["dynamic"]}, {"features": ["mnp"], "action_mode": "layer"}])
+def test_signal_mode_prunes_the_chosen_columns_top_unpruned_unit_and_masks_a_column_without_evidence(art):
+    x, y = art.defense_set()
+    gated = {**SHORT_SIGNALS["inversion"], "gate": 1000.0}  # the verdict never passes: no unit evidence
+    env = NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle",
+                           action_mode="signal", features=["dynamic", "mnp", "latent_gap", "inversion"],
+                           signal_params={"mnp": SHORT_SIGNALS["mnp"], "inversion": gated})  # fmt: skip
+    assert env.action_space == gym.spaces.Discrete(4) and env.stop_action == 3
+    obs, _ = env.reset(seed=0)
+    assert env.action_masks().tolist() == [True, True, False, True]
+    for k in (0, 1, 0, 1):
+        column = env.task.signals[:, k].numpy()
+        free = np.flatnonzero(~env.pruned[: env.num_units])
+        top = int(free[np.argmax(column[free])])
+        assert obs["nominees"][k] == top and env.unit_choices()[top] and env.action_for(top) in (0, 1)
+        obs, reward, _, _, info = env.step(k)
+        assert info["units"] == [top] and env.pruned[top] and not info["invalid_action"]
+    pruned = env.pruned.copy()
+    _, reward, done, _, info = env.step(2)
+    assert info["invalid_action"] and reward < 0 and not done and (env.pruned == pruned).all()
+    with pytest.raises(OnpError, match=r"signal-mode action must be an integer in 0\.\.3 \(3 is STOP\)"):
+        env.step(4)
+    assert env.step(3)[2]
+
+
+def test_signal_mode_needs_a_signal_column():
+    with pytest.raises(OnpError, match=r"action_mode signal needs a signal feature set"):
+        NeuronPruningEnv(action_mode="signal", features=["dynamic"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"features": ["dynamic"]},
+        {"features": ["mnp"], "action_mode": "layer"},
+        {"features": ["mnp"], "action_mode": "signal"},
+    ],
+)
 def test_candidates_need_a_signal_column_and_neuron_mode(overrides):
     with pytest.raises(OnpError, match=r"candidates needs action_mode neuron and a signal feature set"):
         NeuronPruningEnv(candidates=1, **overrides)

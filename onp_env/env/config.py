@@ -19,7 +19,7 @@ from onp_env.env.signals import STEPWISE, check_feature_sets, check_signal_view
 from onp_env.errors import OnpError
 from onp_env.masking import SEMANTICS
 
-ACTION_MODES = ("neuron", "layer")
+ACTION_MODES = ("neuron", "layer", "signal")
 
 
 @dataclass
@@ -27,7 +27,9 @@ class EnvConfig:
     artifacts: list[str] = field(default_factory=list)
     """Artifact directories forming the zoo; empty: the embedded digits BadNets model."""
     action_mode: str = "neuron"
-    """neuron: Discrete(max_units + 1), prune one unit or STOP; layer: one MultiBinary step per layer."""
+    """neuron: Discrete(max_units + 1), prune one unit or STOP; layer: one MultiBinary step per layer;
+    signal: Discrete(signal columns + 1), prune the highest unpruned unit of one signal column (the
+    policy chooses which signal to follow, not which unit) or STOP. Needs a signal feature set."""
     candidates: int = bounded(0, ge=0, le=64)
     """Neuron mode: 0, every unpruned unit is a valid action; k, only the k highest unpruned units of
     each signal column (the signals nominate, the policy chooses among them or STOPs; any other unit
@@ -107,6 +109,9 @@ class EnvConfig:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")
         check_feature_sets(cfg.features, cfg.signal_params)
         check_signal_view(cfg.signal_scale, cfg.signal_spans)
+        if cfg.action_mode == "signal" and all(f in STEPWISE for f in cfg.features):
+            raise OnpError(f"{where}.action_mode signal needs a signal feature set to follow (e.g. features: "
+                           "[mnp, inversion]): add one or use action_mode neuron")  # fmt: skip
         if cfg.candidates and (cfg.action_mode != "neuron" or all(f in STEPWISE for f in cfg.features)):
             raise OnpError(f"{where}.candidates needs action_mode neuron and a signal feature set (e.g. features: "
                            "[inversion]): add one or set candidates: 0")  # fmt: skip

@@ -8,7 +8,8 @@ Observation (a Dict of fixed-size padded arrays that Stable-Baselines3 can store
   (onp_env.graph.features), then the configured feature sets (onp_env.env.signals: signals computed
   once per model, and the `dynamic` activation statistics of the current pruned model), valid (U,), pruned (U,),
   focus (U,) the units the current step acts on (layer mode; all valid units in neuron mode),
-  edge_index (2, E), edge_attr (E, 4), counts [units, edges],
+  edge_index (2, E), edge_attr (E, 4), counts [units, edges], and in signal mode nominees (S,): the
+  unit each signal column would prune now (its highest unpruned unit),
   globals [step fraction, pruned fraction, defense accuracy, accuracy drop, budget left], then the
   signal sets' own (`env.global_names`; e.g. the inversion's anomaly index), then with `inverted_asr`
   the inverted trigger's success rate on the current pruned model.
@@ -122,8 +123,11 @@ class Task:
         self.signals, self.signal_globals = compute_signals(cfg.features, cfg.signal_params, target.model, self.layout,
                                                             target.x, target.y, device=cfg.device,
                                                             scale=cfg.signal_scale, spans=cfg.signal_spans)  # fmt: skip
-        # each signal column's units from highest to lowest (EnvConfig.candidates nominates from them)
-        self.signal_order = torch.argsort(-self.signals, dim=0, stable=True).T.numpy() if cfg.candidates else None
+        # each signal column's units from highest to lowest (EnvConfig.candidates and the signal action
+        # mode nominate from them); a column of one value (a signal without evidence) nominates none
+        nominate = cfg.candidates or cfg.action_mode == "signal"
+        self.signal_order = torch.argsort(-self.signals, dim=0, stable=True).T.numpy() if nominate else None
+        self.signal_live = (self.signals.amax(0) > self.signals.amin(0)).numpy() if nominate else None
         self.probe: Evaluator | None = None  # inverted_asr: the inverted trigger through the pruned model
         self.probe_class, self.probe_asr = -1, 0.0
         if "inverted_asr" in cfg.features:
@@ -249,6 +253,7 @@ class NeuronPruningEnv(gym.Env):
         # step_fraction's horizon in the observation (trained policies read it: keep its definition)
         self.layer_horizon = max(len(t.layout.layers) for t in self.tasks) if cfg.action_mode == "layer" else None
         U, E, F = self.max_units, self.max_edges, len(self.feature_names)
+        self.num_signals = self.tasks[0].signals.shape[1]
         unit = spaces.Box(0.0, 1.0, (U,), np.float32)
         self.observation_space = spaces.Dict({
             "nodes": spaces.Box(-Z_CLIP, Z_CLIP, (U, F), np.float32),
@@ -258,8 +263,12 @@ class NeuronPruningEnv(gym.Env):
             "counts": spaces.Box(0, max(U, E), (2,), np.int64),
             "globals": spaces.Box(-1.0, 1.0, (len(self.global_names),), np.float32),
         })  # fmt: skip
+        if cfg.action_mode == "signal":
+            self.observation_space["nominees"] = spaces.Box(0, max(U - 1, 0), (self.num_signals,), np.int64)
         if cfg.action_mode == "neuron":
             self.action_space: spaces.Space = spaces.Discrete(U + 1)
+        elif cfg.action_mode == "signal":
+            self.action_space = spaces.Discrete(self.num_signals + 1)
         else:
             self.action_space = spaces.MultiBinary(self.max_layer)
         self.task, self.task_index = self.tasks[0], 0
@@ -304,6 +313,11 @@ class NeuronPruningEnv(gym.Env):
     def num_units(self) -> int:
         return self.task.graph.num_nodes
 
+    @property
+    def stop_action(self) -> int:
+        """The STOP action of neuron and signal mode (the last)."""
+        return int(self.action_space.n) - 1  # type: ignore[attr-defined]
+
     def _focus(self) -> np.ndarray:
         focus = np.zeros(self.max_units, np.float32)
         if self.cfg.action_mode == "layer":
@@ -331,9 +345,12 @@ class NeuronPruningEnv(gym.Env):
             *self.task.signal_globals.tolist(),
             *([self.task.probe_asr] if self.task.probe is not None else []),
         ], np.float32)  # fmt: skip
-        return {"nodes": nodes, "valid": s["valid"].copy(), "pruned": self.pruned.astype(np.float32),
-                "focus": self._focus(), "edge_index": s["edge_index"].copy(), "edge_attr": s["edge_attr"].copy(),
-                "counts": s["counts"].copy(), "globals": glob}  # fmt: skip
+        obs = {"nodes": nodes, "valid": s["valid"].copy(), "pruned": self.pruned.astype(np.float32),
+               "focus": self._focus(), "edge_index": s["edge_index"].copy(), "edge_attr": s["edge_attr"].copy(),
+               "counts": s["counts"].copy(), "globals": glob}  # fmt: skip
+        if self.cfg.action_mode == "signal":
+            obs["nominees"] = self.nominees().clip(0)
+        return obs
 
     def action_masks(self) -> np.ndarray:
         """Valid actions, as sb3-contrib's MaskablePPO expects them."""
@@ -342,12 +359,41 @@ class NeuronPruningEnv(gym.Env):
             mask[: self.num_units] = self._valid_units()
             mask[-1] = True
             return mask
+        if self.cfg.action_mode == "signal":
+            return np.append(self.nominees() >= 0, True)
         # MultiBinary: a (choose 0, choose 1) pair per bit; bits outside the layer or already pruned must be 0.
         can_prune = np.zeros(self.max_layer, bool)
         if self.layer_step < len(self.task.layout.layers):
             lay = self.task.layout.layers[self.layer_step]
             can_prune[: lay.size] = ~self.pruned[lay.offset : lay.offset + lay.size]
         return np.stack([np.ones(self.max_layer, bool), can_prune], 1).flatten()
+
+    def nominees(self) -> np.ndarray:
+        """(signal columns,) signal mode: the highest unpruned unit of each column, -1 where the column
+        has none or carries no ranking (all its units score alike)."""
+        assert self.task.signal_order is not None and self.task.signal_live is not None
+        free = ~self.pruned[: self.num_units]
+        out = np.full(len(self.task.signal_order), -1, np.int64)
+        for k, order in enumerate(self.task.signal_order):
+            left = order[free[order]]
+            if self.task.signal_live[k] and len(left):
+                out[k] = left[0]
+        return out
+
+    def unit_choices(self) -> np.ndarray:
+        """(units,) the units one step may prune now: neuron mode's valid units, signal mode's nominees."""
+        if self.cfg.action_mode != "signal":
+            return self._valid_units()
+        out = np.zeros(self.num_units, bool)
+        out[self.nominees()[self.nominees() >= 0]] = True
+        return out
+
+    def action_for(self, unit: int) -> int:
+        """The action that prunes `unit` now (one of unit_choices): the unit itself in neuron mode, the
+        first column nominating it in signal mode."""
+        if self.cfg.action_mode != "signal":
+            return unit
+        return int(np.flatnonzero(self.nominees() == unit)[0])
 
     def _valid_units(self) -> np.ndarray:
         """(units,) the unpruned units, or with `candidates` k those among the k highest unpruned of
@@ -416,19 +462,18 @@ class NeuronPruningEnv(gym.Env):
             out.extend(self.task.partners.get(u, [u]))
         return sorted(set(out))
 
-    def _neuron_action(self, action: Any) -> int:
-        """The unit index (or max_units: STOP) of a Discrete action; anything else is an OnpError."""
+    def _discrete_action(self, action: Any) -> int:
+        """The index of a Discrete action (stop_action: STOP); anything else is an OnpError."""
         a = action.reshape(()) if isinstance(action, np.ndarray) and action.size == 1 else action  # from predict()
         boolean = isinstance(a, bool) or getattr(a, "dtype", None) in (np.bool_, torch.bool)
         try:  # anything integral (int, numpy or torch integer scalars); a float or a string is a caller's bug
             index = -1 if boolean else operator.index(a)
         except TypeError:
             index = -1
-        if 0 <= index <= self.max_units:
+        if 0 <= index <= self.stop_action:
             return index
-        raise OnpError(
-            f"neuron-mode action must be an integer in 0..{self.max_units} ({self.max_units} is STOP), got {action!r}"
-        )
+        raise OnpError(f"{self.cfg.action_mode}-mode action must be an integer in 0..{self.stop_action} "
+                       f"({self.stop_action} is STOP), got {action!r}")  # fmt: skip
 
     def _layer_action(self, action: Any) -> np.ndarray:
         """The bits of a MultiBinary action, one per unit of the widest layer; anything else is an OnpError."""
@@ -451,14 +496,14 @@ class NeuronPruningEnv(gym.Env):
             raise ResetNeeded(
                 "the episode has not started or is over (terminated or truncated): call env.reset() before step()"
             )
-        if self.cfg.action_mode == "neuron":
-            a = self._neuron_action(action)  # checked before counting: a bad action changes nothing
+        if self.cfg.action_mode in ("neuron", "signal"):
+            a = self._discrete_action(action)  # checked before counting: a bad action changes nothing
             self.steps += 1
-            if a == self.max_units:
+            if a == self.stop_action:
                 return self._finish(self._obs(), 0.0, True, self._info(stopped=True))
-            if a >= self.num_units or not self._valid_units()[a]:
+            if not self.action_masks()[a]:
                 return self._finish(self._obs(), -self.cfg.invalid_penalty, False, self._info(invalid_action=True))
-            chosen = [a]
+            chosen = [int(self.nominees()[a]) if self.cfg.action_mode == "signal" else a]
         else:
             bits = self._layer_action(action)
             self.steps += 1

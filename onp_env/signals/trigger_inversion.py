@@ -180,8 +180,16 @@ class TriggerInversion(Signal):
             classes = int(model(x[:1].to(self.device)).shape[1])
         self.check_reference(classes)
         settings = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in ("reference", "gate")}
-        return _INVERTED.get(lambda: invert(model, x, y, classes, self.params, self.seed, self.device), model, x, y,
-                             settings=settings, seed=self.seed, device=str(self.device), version=self.version)
+        return _INVERTED.get(
+            lambda: invert(model, x, y, classes, self.params, self.seed, self.device),
+            model,
+            x,
+            y,
+            settings=settings,
+            seed=self.seed,
+            device=str(self.device),
+            version=self.version,
+        )
 
     def compute(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> SignalResult:
         x, y = x.to(self.device), y.to(self.device)
