@@ -98,6 +98,10 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     "signal candidates seed 2": ["env.signal_scale=log-z", "env.candidates=2", "seed=2"],
     "log-z signals seed 1": ["env.signal_scale=log-z", "seed=1"],
     "log-z signals seed 2": ["env.signal_scale=log-z", "seed=2"],
+    # the policy chooses which signal column to follow (env.action_mode=signal), not which unit
+    "signal mode": ["env.signal_scale=log-z", "env.action_mode=signal"],
+    "signal mode seed 1": ["env.signal_scale=log-z", "env.action_mode=signal", "seed=1"],
+    "signal mode seed 2": ["env.signal_scale=log-z", "env.action_mode=signal", "seed=2"],
 }
 
 
@@ -123,6 +127,19 @@ def oracle_cell(art_path: Path, fraction: float, cfg: AgentConfig) -> dict:
     before = {k: art.metrics[k] for k in ("acc", "asr", "ra")}
     return {"method": "oracle", **after, "der": der(before, after), "pruned": len(pruned), "seconds": seconds,
             "before": before, "defense_images": len(x), "units": pruned}  # fmt: skip
+
+
+def held_out_labs(attacks: list[str], seeds: list[int]) -> dict[tuple[str, int], LabConfig]:
+    """(attack, seed) -> the held-out model: the attack's setting and the recipe of CONFIG, a seed no
+    shadow model uses."""
+    base = load_agent_config(str(CONFIG), [])
+    lab = dataclasses.replace(zoo_configs(base)[0], attack=None)
+    out = {}
+    for held in attacks:
+        attack = from_dict(AttackConfig, next(a for a in base.zoo.attacks if a["name"] == held), "held-out attack")
+        for seed in seeds:
+            out[held, seed] = dataclasses.replace(lab, name=f"held-out-{held}-s{seed}", seed=seed, attack=attack)
+    return out
 
 
 def _worker(threads: int) -> None:
@@ -175,9 +192,7 @@ def run(args: argparse.Namespace) -> None:
     one task per worker process (1 torch thread each); this driver is the only writer of onp.jsonl."""
     results = args.results.with_suffix(".jsonl")
     finished = done_keys(results)
-    base = load_agent_config(str(CONFIG), [])  # the held-out models' attack settings and recipe
     agent_cfg = load_agent_config(str(args.agent_config), [])
-    lab = dataclasses.replace(zoo_configs(base)[0], attack=None)
 
     def cost(what: str, seconds: float, **extra: str) -> None:
         """A training cost as a row of its own, so that the report's cost comes from onp.jsonl too."""
@@ -185,17 +200,16 @@ def run(args: argparse.Namespace) -> None:
             append(results, {"key": f"cost/{what}", "kind": "cost", "seconds": seconds, **extra})
             finished.add(f"cost/{what}")
 
-    held_labs = {}
-    for held in args.attacks:
-        attack = from_dict(AttackConfig, next(a for a in base.zoo.attacks if a["name"] == held), "held-out attack")
-        for seed in args.seeds[: args.models]:
-            held_labs[held, seed] = dataclasses.replace(lab, name=f"held-out-{held}-s{seed}", seed=seed, attack=attack)
+    held_labs = held_out_labs(args.attacks, args.seeds[: args.models])
+    # variant after variant, each on every fold: a run stopped part-way leaves whole variants, not whole folds
+    chosen = {args.name: []} | {v: ABLATIONS[v] for v in args.variants}
+    pairs = [(held, v, sets) for v, sets in chosen.items() for held in args.attacks]
+    if args.ablations:  # the ablations proper: the first fold only
+        pairs += [(args.attacks[0], v, sets) for v, sets in ABLATIONS.items() if v not in chosen]
     variants = {}  # (held attack, variant) -> (overrides, run folder)
-    for fold, held in enumerate(args.attacks):
-        extra = {v: ABLATIONS[v] for v in args.variants} | (ABLATIONS if args.ablations and fold == 0 else {})
-        for variant, sets in ({args.name: []} | extra).items():
-            out = args.runs / f"without-{held}" / variant.replace(" ", "-").replace("=", "-")
-            variants[held, variant] = ([f"zoo.exclude=[{held}]", *sets], out)
+    for held, variant, sets in pairs:
+        out = args.runs / f"without-{held}" / variant.replace(" ", "-").replace("=", "-")
+        variants[held, variant] = ([f"zoo.exclude=[{held}]", *sets], out)
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, ctx, initializer=_worker, initargs=(args.threads,)) as pool:

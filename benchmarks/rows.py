@@ -162,6 +162,20 @@ def read_choices(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, CHOICES, fix=FIX)
 
 
+VERDICTS = Schema(
+    "model's verdicts",
+    {"key": TEXT, "role": TEXT, "model": TEXT, "attack": TEXT, "target": COUNT, "mode": TEXT, "reference": TEXT,
+     "verdicts": values_of(Schema("verdict", {"suspect": COUNT, "anomaly_index": REAL}))},
+    consistent=lambda r: None if r["key"] == f"{r['role']}/{r['model']}" else f"its key {r['key']!r} does not match "
+    "its role and model",
+)  # fmt: skip
+"""signal_verdicts.py: each verdict signal's suspected class and anomaly index on one model."""
+
+
+def read_verdicts(path: Path) -> list[dict[str, Any]]:
+    return read_rows(path, VERDICTS, fix=FIX)
+
+
 _MAYBE = {"acc": FRACTION, "asr": optional(FRACTION), "ra": optional(FRACTION)}  # a clean model has no ASR
 REPORT = Schema(
     "defense report",
