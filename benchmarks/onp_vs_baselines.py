@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from agents.config import AgentConfig, load_agent_config
 from agents.expert import OracleExpert, run_expert
+from agents.io import load_agent
 from agents.train import train_agent, zoo_configs
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import write_text_atomic
@@ -57,6 +58,10 @@ BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random", "nc
 SETTINGS = {"nc ungated": ("nc", {"flag_index": 0.0})}
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule)."""
+ORACLES = ("oracle", "oracle signal mode")
+"""`oracle signal mode`: the oracle expert with the choices of env.action_mode=signal (each step, the
+next unit of one signal column), the signals set as the fold's `log-z signals` agent sees them (its
+class reference included): the most a signal-mode policy can reach."""
 KEPT = ("acc", "asr", "ra", "der", "pruned", "seconds", "before", "units")
 # The ablation (held-out badnets) ran while the config's imitation target was `next`; its variants keep
 # that target and compare with `imitation target=next`, the protocol's agent of that time. `remaining`
@@ -109,13 +114,21 @@ def done_keys(path: Path) -> set[str]:
     return {r["key"] for r in read_protocol(path)}
 
 
-def oracle_cell(art_path: Path, fraction: float, cfg: AgentConfig) -> dict:
-    """The oracle expert (trigger known) through the same environment: the upper reference."""
+def oracle_cell(art_path: Path, fraction: float, cfg: AgentConfig, method: str = "oracle",
+                fold_agent: Path | None = None) -> dict:  # fmt: skip
+    """The oracle expert (trigger known) through the same environment: the upper reference; with
+    `method` `oracle signal mode`, restricted to the signal columns of `fold_agent`'s environment."""
     art = load_artifact(art_path)
     x, y = defense_subset(art, fraction)
     start = time.perf_counter()
-    env = NeuronPruningEnv(dataclasses.replace(cfg.env, artifacts=[], score="oracle"),
-                           targets=[PruningTarget("held-out", art.model, x, y, art.attack)])  # fmt: skip
+    env_cfg = dataclasses.replace(cfg.env, artifacts=[], score="oracle")
+    if method == "oracle signal mode":
+        assert fold_agent is not None
+        seen = load_agent(fold_agent).env
+        env_cfg = dataclasses.replace(env_cfg, action_mode="signal", features=seen.features,
+                                      signal_params=seen.signal_params, signal_scale=seen.signal_scale,
+                                      signal_spans=seen.signal_spans)  # fmt: skip
+    env = NeuronPruningEnv(env_cfg, targets=[PruningTarget("held-out", art.model, x, y, art.attack)])
     run_expert(env, OracleExpert(cfg.imitation), 0, {})
     pruned = env.task.masks.pruned()
     seconds = time.perf_counter() - start
@@ -125,7 +138,7 @@ def oracle_cell(art_path: Path, fraction: float, cfg: AgentConfig) -> dict:
     ds = art.dataset()
     after = evaluate(model, ds.test_x, ds.test_y, art.attack)
     before = {k: art.metrics[k] for k in ("acc", "asr", "ra")}
-    return {"method": "oracle", **after, "der": der(before, after), "pruned": len(pruned), "seconds": seconds,
+    return {"method": method, **after, "der": der(before, after), "pruned": len(pruned), "seconds": seconds,
             "before": before, "defense_images": len(x), "units": pruned}  # fmt: skip
 
 
@@ -163,8 +176,9 @@ def train_variant(config: str, sets: list[str], out: Path) -> float:
 def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path | None, runs: Path) -> dict:
     """One method on one held-out model with one defense-data fraction: the cell's JSON row."""
     start = time.perf_counter()
-    if method == "oracle":
-        report = oracle_cell(Path(art_path), fraction, load_agent_config(str(CONFIG), []))
+    if method in ORACLES:
+        fold_agent = runs / f"without-{key.split('/')[0]}" / "log-z-signals" / "agent"
+        report = oracle_cell(Path(art_path), fraction, load_agent_config(str(CONFIG), []), method, fold_agent)
     else:
         name, params = ("onp", {}) if agent is not None else SETTINGS.get(method, (method, {}))
         params = {**params, "defense_fraction": fraction}
@@ -316,7 +330,7 @@ def report_md(results: Path, out: Path) -> None:
     cells = [r for r in rows if r.get("kind") is None]
     # a variant run on every fold onp ran on (--variants) is a main row; until then (a run in progress)
     # it would shrink the paired comparison to the models it has reached, so it waits
-    names = [*agents(cells), *ABLATIONS, "oracle", *BASELINES, *SETTINGS]
+    names = [*agents(cells), *ABLATIONS, *ORACLES, *BASELINES, *SETTINGS]
     folds = {m: {r["attack"] for r in cells if r["method"] == m} for m in names}
     main = [m for m in folds if folds[m] and (m not in ABLATIONS or everywhere(cells, m))]
     # a baseline still running (fewer cells than the most complete method) would shrink every paired
@@ -339,7 +353,9 @@ def report_md(results: Path, out: Path) -> None:
         "models of the four other attacks and deployed on held-out models of that attack "
         f"(seeds {', '.join(map(str, seeds))}); "
         "each baseline runs at its paper's defaults on the same models and defense data. `oracle` knows the "
-        "trigger (upper reference, not a defense). Mean ± std over cells, in %; ACC lost in points. Seconds: the "
+        "trigger (upper reference, not a defense); `oracle signal mode` too, choosing only among the next units "
+        "of the signal columns (what `env.action_mode=signal` lets a policy choose). Mean ± std over cells, in %; "
+        "ACC lost in points. Seconds: the "
         "defense alone, one torch thread per worker, two workers on a shared 2-core CPU "
         f"({platform.machine()}, torch {torch.__version__}).",
         "",
@@ -386,7 +402,7 @@ def report_md(results: Path, out: Path) -> None:
                       f"Before: ACC {_ms([b['acc'] for b in before])}, ASR {_ms([b['asr'] for b in before])}, "
                       f"RA {_ms([b['ra'] for b in before])} ({len(before)} models).", "", *HEADER]  # fmt: skip
             ders = {m: statistics.mean([r["der"] for r in rs if r["method"] == m]) for m in main
-                    if m != "oracle" and any(r["method"] == m for r in rs)}  # fmt: skip
+                    if m not in ORACLES and any(r["method"] == m for r in rs)}  # fmt: skip
             best = max(ders, key=ders.__getitem__) if ders else None
             for m in main:
                 sel = [r for r in rs if r["method"] == m]
@@ -394,7 +410,7 @@ def report_md(results: Path, out: Path) -> None:
                     lines.append(_row(f"**{m}**" if m == best else m, sel, oracle))
             lines.append("")
     lines += [
-        "Bold: best mean DER of the defenses (oracle excluded). Oracle units hit: share of the units the oracle "
+        "Bold: best mean DER of the defenses (oracles excluded). Oracle units hit: share of the units the oracle "
         "expert pruned on the same model and data that the method also pruned.",
         "",
     ]
@@ -512,7 +528,7 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
 
 
 def _agent_name(name: str) -> str:
-    if name in ("oracle", *BASELINES, *ABLATIONS) or not name.startswith("onp"):
+    if name in (*ORACLES, *BASELINES, *ABLATIONS) or not name.startswith("onp"):
         raise argparse.ArgumentTypeError(f"{name!r} is taken or does not start with 'onp'; name the agent onp-...")
     return name
 
@@ -523,7 +539,7 @@ def main() -> None:
     p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.05])
     p.add_argument("--models", type=int, default=3, help="held-out models per attack")
     p.add_argument("--seeds", nargs="+", type=int, default=[101, 102, 103], help="held-out model seeds")
-    p.add_argument("--methods", nargs="+", default=["oracle", *BASELINES], choices=["oracle", *BASELINES, *SETTINGS],
+    p.add_argument("--methods", nargs="+", default=["oracle", *BASELINES], choices=[*ORACLES, *BASELINES, *SETTINGS],
                    help="reference and baselines to run beside ONP")  # fmt: skip
     p.add_argument("--variants", nargs="+", default=[], choices=list(ABLATIONS),
                    help="ablation variants to train and deploy on every fold and fraction, like onp")  # fmt: skip
