@@ -35,7 +35,7 @@ from onp_env.artifacts import (
 )
 from onp_env.config import from_dict, to_dict
 from onp_env.env import GLOBALS, EnvConfig
-from onp_env.env.signals import check_feature_sets, check_signal_view, feature_names, global_names
+from onp_env.env.signals import feature_names, global_names
 from onp_env.errors import OnpError
 from onp_env.graph.build import EDGE_TYPES
 from onp_env.graph.features import FEATURES
@@ -99,9 +99,7 @@ def load_agent(path: str | Path) -> Agent:
             raise OnpError(f"{cfg_file}: '{key}' is missing or not a {kind.__name__}: the agent config is corrupt")
     policy = from_dict(PolicyConfig, meta["policy"], f"{cfg_file}:policy")
     check_policy(policy)
-    env = from_dict(EnvConfig, meta["env"], f"{cfg_file}:env")
-    check_feature_sets(env.features, env.signal_params)
-    check_signal_view(env.signal_scale, env.signal_spans)
+    env = EnvConfig.load(meta["env"], f"{cfg_file}:env")  # every field and combination, as the env checks them
     expected = list(feature_names(FEATURES, env.features, env.signal_spans))
     glob = list(global_names(GLOBALS, env.features))
     if meta["feature_names"] != expected or meta["globals"] != glob or meta["edge_types"] != list(EDGE_TYPES):

@@ -649,3 +649,12 @@ def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_
     assert choice.shape == (1, 2) and torch.allclose(choice[0], expected)
     order, record = deploy(agent, art.model, x, y, deterministic=True)
     assert len(order) == record[-1]["pruned"] and not any(r.get("invalid_action") for r in record)
+    pristine = (agent_dir / "agent.json").read_text()
+    edits = (({"action_mode": "neuron"}, "does not fit"), ({"action_mode": "signals"}, "unknown action_mode"),
+             ({"features": ["dynamic"], "signal_params": {}}, "signal needs a signal feature set"))  # fmt: skip
+    for edit, message in edits:
+        meta = json.loads(pristine)
+        meta["env"] |= edit
+        (agent_dir / "agent.json").write_text(json.dumps(meta))
+        with pytest.raises(OnpError, match=message):
+            load_agent(agent_dir)
