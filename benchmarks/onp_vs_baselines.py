@@ -107,6 +107,27 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
     "signal mode": ["env.signal_scale=log-z", "env.action_mode=signal"],
     "signal mode seed 1": ["env.signal_scale=log-z", "env.action_mode=signal", "seed=1"],
     "signal mode seed 2": ["env.signal_scale=log-z", "env.action_mode=signal", "seed=2"],
+    # with the columns z-scored over the model too: those nominate in the signal's own order across layers
+    # (per layer, a conv channel's top score outranks a classifier unit's tenth, whatever their raw gaps)
+    "signal mode model order": ["env.signal_scale=log-z", "env.action_mode=signal", "env.signal_spans=[layer, model]"],
+    "signal mode model order seed 1": [
+        "env.signal_scale=log-z",
+        "env.action_mode=signal",
+        "env.signal_spans=[layer, model]",
+        "seed=1",
+    ],
+    "signal mode model order seed 2": [
+        "env.signal_scale=log-z",
+        "env.action_mode=signal",
+        "env.signal_spans=[layer, model]",
+        "seed=2",
+    ],
+    # and the inverted trigger's success rate on the pruned model among the globals, for STOP
+    "signal mode inverted asr": [
+        "env.signal_scale=log-z",
+        "env.action_mode=signal",
+        "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]",
+    ],
 }
 
 
