@@ -9,7 +9,8 @@ Observation (a Dict of fixed-size padded arrays that Stable-Baselines3 can store
   once per model, and the `dynamic` activation statistics of the current pruned model), valid (U,), pruned (U,),
   focus (U,) the units the current step acts on (layer mode; all valid units in neuron mode),
   edge_index (2, E), edge_attr (E, 4), counts [units, edges], and in signal mode nominees (S,): the
-  unit each signal column would prune now (its highest unpruned unit),
+  unit each signal column would prune now (its highest unpruned unit; 0 for a column that nominates
+  none, whose action the mask refuses),
   globals [step fraction, pruned fraction, defense accuracy, accuracy drop, budget left], then the
   signal sets' own (`env.global_names`; e.g. the inversion's anomaly index), then with `inverted_asr`
   the inverted trigger's success rate on the current pruned model.
@@ -384,8 +385,8 @@ class NeuronPruningEnv(gym.Env):
         """(units,) the units one step may prune now: neuron mode's valid units, signal mode's nominees."""
         if self.cfg.action_mode != "signal":
             return self._valid_units()
-        out = np.zeros(self.num_units, bool)
-        out[self.nominees()[self.nominees() >= 0]] = True
+        out, nominees = np.zeros(self.num_units, bool), self.nominees()
+        out[nominees[nominees >= 0]] = True
         return out
 
     def action_for(self, unit: int) -> int:
