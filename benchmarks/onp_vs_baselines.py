@@ -122,6 +122,15 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
         "env.signal_spans=[layer, model]",
         "seed=2",
     ],
+    # z-scored over the model alone: every nominee in its signal's order over the whole model (with both
+    # spans the policy followed the per-layer column wherever the two nominate the same unit)
+    "signal mode model only": ["env.signal_scale=log-z", "env.action_mode=signal", "env.signal_spans=[model]"],
+    "signal mode model only seed 1": [
+        "env.signal_scale=log-z",
+        "env.action_mode=signal",
+        "env.signal_spans=[model]",
+        "seed=1",
+    ],
     # and the inverted trigger's success rate on the pruned model among the globals, for STOP
     "signal mode inverted asr": [
         "env.signal_scale=log-z",
