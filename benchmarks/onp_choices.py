@@ -10,6 +10,9 @@ clean-vs-triggered activation gap: uses the trigger, analysis only), beside that
 column it reads; its probability on the oracle's units and on STOP; how many of the oracle's units
 the episode cuts; and the clean activity (`act_mean`, z-scored in its layer) of its first top 3 and
 of the oracle's top 3. The shipped agent, trained with every attack, gives the in-range reference.
+A signal-mode agent (env.action_mode=signal) is ranked by its unit head (its logits before they are
+read at the nominees); its probability on the oracle's units is that of the columns nominating one,
+and each step records the column it follows, beside the verdict signal with the larger anomaly index.
 One row per (variant, model) appended to benchmarks/results/onp_choices.jsonl
 (resumable); writes onp_choices.md."""
 
@@ -55,6 +58,8 @@ def agent_dir(variant: str, attack: str) -> Path:
 
 
 def measure(variant: str, attack: str, seed: int, path: str) -> dict[str, Any]:
+    import dataclasses
+
     import torch
 
     from agents.defense import act
@@ -80,26 +85,39 @@ def measure(variant: str, attack: str, seed: int, path: str) -> dict[str, Any]:
     nodes = torch.as_tensor(obs["nodes"][:n])
     signals = {c[len("signal_") :]: auc(nodes[:, i], positive) for i, c in enumerate(names) if c.startswith("signal_")}
     activity = nodes[:, FEATURES.index("act_mean")]
+    signal_mode = agent.env.action_mode == "signal"
+    columns = [c for c in names if c.startswith("signal_")]
+    glob = dict(zip(env.global_names, obs["globals"].tolist(), strict=True))
+    larger = max(("inversion", "latent_gap"), key=lambda s: glob.get(f"{s}_anomaly", -1.0))
     path: dict[str, list[float]] = {"auc": [], "p_oracle": [], "p_stop": []}
+    followed: list[str] = []
     first_top = None
     done = False
     while not done:  # the policy's own deployment path, deterministic as `onp defend` runs it
         with torch.no_grad():
             batch = {k: torch.as_tensor(v).float()[None] for k, v in obs.items()}
             g = to_graph_batch(batch, agent.policy.reverse_edges)
-            unit, stop, _ = agent.net(g)
-            logits = agent.net.neuron_logits(unit, stop)[0]
+            choice, stop, _ = agent.net(g)
+            unit = agent.net(dataclasses.replace(g, nominees=None))[0][0] if signal_mode else choice[0]
+            logits = agent.net.neuron_logits(choice, stop)[0]
         valid = torch.as_tensor(env.action_masks())
         p = torch.softmax(logits.masked_fill(~valid, -torch.inf), 0)
-        free = valid[:n]
+        free = torch.as_tensor(~env.pruned[:n])
         left = positive & free
         if left.any() and (free & ~positive).any():
-            path["auc"].append(auc(logits[:n][free], left[free]))
-        path["p_oracle"].append(float(p[:n][left].sum()))
+            path["auc"].append(auc(unit[:n][free], left[free]))
+        if signal_mode:  # the columns whose nominee is one of the oracle's units left
+            hits = valid[:-1] & left[torch.as_tensor(obs["nominees"])]
+            path["p_oracle"].append(float(p[:-1][hits].sum()))
+        else:
+            path["p_oracle"].append(float(p[:n][left].sum()))
         path["p_stop"].append(float(p[-1]))
         if first_top is None:
-            first_top = torch.argsort(-logits[:n].masked_fill(~free, -torch.inf))[:3]
-        obs, _, term, trunc, _ = env.step(act(agent, env, obs))
+            first_top = torch.argsort(-unit[:n].masked_fill(~free, -torch.inf))[:3]
+        action = act(agent, env, obs)
+        if signal_mode and action != env.stop_action:
+            followed.append(columns[action][len("signal_") :])
+        obs, _, term, trunc, _ = env.step(action)
         done = term or trunc
     oracle_top = torch.argsort(-gap)[:3]
     return {
@@ -110,6 +128,7 @@ def measure(variant: str, attack: str, seed: int, path: str) -> dict[str, Any]:
         "activity_policy_top3": float(activity[first_top].mean()),
         "activity_oracle_top3": float(activity[oracle_top].mean()),
         "oracle_top3_layers": [layout.locate(int(u))[0].name for u in oracle_top],
+        **({"followed": followed, "larger_verdict": larger} if signal_mode else {}),
     }  # fmt: skip
 
 
@@ -159,7 +178,31 @@ def report(rows: list[dict[str, Any]]) -> str:
                 f" | {_mean([r['activity_oracle_top3'] for r in group])} | {', '.join(layers)} |"
             )  # fmt: skip
         lines.append("")
+        lines += _followed(rows, variant)
     return "\n".join(lines)
+
+
+def _followed(rows: list[dict[str, Any]], variant: str) -> list[str]:
+    """Signal mode: the share of steps following each signal column, per held-out attack, and the share
+    of models whose first step follows the verdict signal with the larger anomaly index."""
+    group = [r for r in rows if r["variant"] == variant and "followed" in r]
+    if not group:
+        return []
+    cols = list(dict.fromkeys(c for r in group for c in r["followed"]))
+    lines = ["Columns followed (share of the steps that prune), and the first step against the verdict with the "
+             "larger anomaly index (benchmarks/results/signal_verdicts.md: it names the target on 38 of 40 "
+             "held-out models):", "",
+             "| held-out attack | models | " + " | ".join(cols) + " | first step follows the larger verdict |",
+             "|---|---:|" + "---:|" * len(cols) + "---:|"]  # fmt: skip
+    for attack in ATTACKS:
+        rs = [r for r in group if r["attack"] == attack]
+        steps = [c for r in rs for c in r["followed"]]
+        if not rs:
+            continue
+        shares = [f"{steps.count(c) / len(steps):.2f}" if steps else "-" for c in cols]
+        first = sum(bool(r["followed"]) and r["followed"][0].startswith(r["larger_verdict"]) for r in rs)
+        lines.append(f"| {attack} | {len(rs)} | " + " | ".join(shares) + f" | {first} of {len(rs)} |")
+    return [*lines, ""]
 
 
 def main() -> None:

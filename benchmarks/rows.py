@@ -154,6 +154,7 @@ CHOICES = Schema(
      "auc_path": list_of(FRACTION), "p_oracle_path": list_of(FRACTION), "p_stop_path": list_of(FRACTION),
      "pruned": COUNT, "oracle_pruned": COUNT, "activity_policy_top3": REAL, "activity_oracle_top3": REAL,
      "oracle_top3_layers": list_of(TEXT)},
+    optional={"followed": list_of(TEXT), "larger_verdict": TEXT},
 )  # fmt: skip
 """onp_choices.py: how a fold agent ranks the oracle's units along its own path, against its signals."""
 
