@@ -463,7 +463,7 @@ class NeuronPruningEnv(gym.Env):
             out.extend(self.task.partners.get(u, [u]))
         return sorted(set(out))
 
-    def _discrete_action(self, action: Any) -> int:
+    def discrete_action(self, action: Any) -> int:
         """The index of a Discrete action (stop_action: STOP); anything else is an OnpError."""
         a = action.reshape(()) if isinstance(action, np.ndarray) and action.size == 1 else action  # from predict()
         boolean = isinstance(a, bool) or getattr(a, "dtype", None) in (np.bool_, torch.bool)
@@ -498,7 +498,7 @@ class NeuronPruningEnv(gym.Env):
                 "the episode has not started or is over (terminated or truncated): call env.reset() before step()"
             )
         if self.cfg.action_mode in ("neuron", "signal"):
-            a = self._discrete_action(action)  # checked before counting: a bad action changes nothing
+            a = self.discrete_action(action)  # checked before counting: a bad action changes nothing
             self.steps += 1
             if a == self.stop_action:
                 return self._finish(self._obs(), 0.0, True, self._info(stopped=True))

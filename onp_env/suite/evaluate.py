@@ -70,7 +70,7 @@ def _episode(env: Any, policy: Policy | None, seed: int, model: str, actions: li
         else:
             assert policy is not None
             a = policy.act(env, obs, info)
-        index = e._neuron_action(a)
+        index = e.discrete_action(a)
         if not info["action_mask"][index]:
             who = "the row's" if actions is not None else "the policy's"
             raise OnpError(f"{model}: {who} action {index} at step {len(taken)} is masked (a padding slot or a pruned "
