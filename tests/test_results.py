@@ -303,3 +303,26 @@ def test_the_protocol_report_groups_a_configs_training_seeds_and_pairs_their_mod
     row = [line for line in script._seeds_md(cells, ["cand", "cand seed 1"]) if line.startswith("| cand |")]
     assert row == ["| cand | 5% | 2 | 2 | 80.0 / 50.0 | 65.0 ± 21.2 | 35.0 ± 21.2 | 6.5 ± 2.1 |"]
     assert script._seeds_md(cells, ["cand"]) == []
+
+
+def test_the_verdicts_report_counts_the_larger_verdict_naming_the_target(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("signal_verdicts", ROOT / "benchmarks" / "signal_verdicts.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def row(model, attack, inversion, latent):
+        verdicts = {"inversion": dict(zip(("suspect", "anomaly_index"), inversion, strict=True)),
+                    "latent_gap": dict(zip(("suspect", "anomaly_index"), latent, strict=True))}  # fmt: skip
+        return {"key": f"held-out/{model}", "role": "held-out", "model": model, "attack": attack, "target": 0,
+                "mode": "all-to-one", "reference": "r", "verdicts": verdicts}  # fmt: skip
+
+    rows = [row("a", "badnets", (0, 8.0), (6, 1.0)), row("b", "wanet", (8, 1.0), (0, 9.0)),
+            row("c", "wanet", (8, 3.0), (0, 2.0)), row("d", "sig", (4, 3.0), (9, 1.0))]  # fmt: skip
+    for r in rows:
+        assert ROWS.VERDICTS.problem(r) is None
+    assert [script.larger(r) for r in rows] == ["inversion", "latent_gap", "inversion", "inversion"]
+    text = script.report(rows)
+    assert "| wanet | 2 | 0 | 2.0 (1.0-3.0) | 2 | 5.5 (2.0-9.0) | 1 | 0 |" in text
+    assert "| all | 4 | 1 | 3.0 (1.0-8.0) | 2 | 1.5 (1.0-9.0) | 2 | 1 |" in text
+    assert "| c | wanet | 0 | 8 (3.00) | 0 (2.00) | inversion (wrong class) |" in text
