@@ -50,6 +50,8 @@ class GraphBatch:
     reverse_edges: bool
     nominees: torch.Tensor | None = None
     """(B, S) signal action mode: the unit each signal column would prune now, within its graph."""
+    verdicts: torch.Tensor | None = None
+    """(B, S) signal action mode: the anomaly index of each column's signal (0 without a verdict)."""
 
     @cached_property
     def _edges(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +98,7 @@ def to_graph_batch(obs: dict[str, torch.Tensor], reverse_edges: bool = True) -> 
         padded=PaddedEdges(edges, obs["edge_attr"].view(b, edges.shape[2], -1), counts),
         reverse_edges=reverse_edges,
         nominees=obs["nominees"].round().long().view(b, -1) if "nominees" in obs else None,
+        verdicts=obs["verdicts"].view(b, -1) if "verdicts" in obs else None,
     )
 
 

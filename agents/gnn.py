@@ -2,7 +2,7 @@
 pooled graph embedding (with the environment's global features) for the STOP logit and the value.
 In the signal action mode, each signal column's logit is its nominee's unit logit plus a term of the
 graph embedding for that column (which signal to trust, from the signals' own verdicts among the
-globals).
+globals), or with `verdict_head` one shared term of the graph embedding and the column's own verdict.
 
 It never depends on how many units the model has: trained on one zoo, it runs on a graph of any
 size, and every per-unit output follows its unit when the units are permuted (message passing and
@@ -59,6 +59,13 @@ class PolicyConfig:
     a path on which a signal's rank reaches the choice unmixed with the message passing's learned
     interactions (benchmarks/results/onp_choices.md: the policy ranks the oracle's units below its
     best signal column)."""
+    verdict_head: bool = False
+    """Signal action mode: score every signal column with one head of the graph embedding and that
+    column's verdict (its signal's anomaly index, and its margin over the strongest other column's),
+    instead of one output per column: no logit depends on which signal a column is, so following
+    the stronger verdict, learnt where the inversion's is stronger, also holds where the latent
+    shift's is (benchmarks/results/signal_verdicts.md: the stronger verdict names the target on 38
+    of 40 held-out models)."""
 
 
 def _mlp(*dims: int) -> nn.Sequential:
@@ -245,7 +252,7 @@ class GraphPolicyNet(nn.Module):
         self.unit_head = _mlp(2 * h, h, 1)
         self.stop_head = _mlp(h, h, 1)
         self.value_head = _mlp(h, h, 1)
-        self.signal_head = _mlp(h, h, signals) if signals else None
+        self.signal_head = (_mlp(h + 2, h, 1) if cfg.verdict_head else _mlp(h, h, signals)) if signals else None
         self.skip = nn.Linear(node_dim, 1) if cfg.skip else None
         if self.skip is not None:
             nn.init.zeros_(self.skip.weight)
@@ -309,9 +316,22 @@ class GraphPolicyNet(nn.Module):
         logits = torch.full((g.num_graphs, g.width), NEG, dtype=unit.dtype, device=unit.device)
         logits[g.batch, g.pos] = unit
         if g.nominees is not None:
-            assert self.signal_head is not None, "a net for the signal action mode is built with signals > 0"
-            logits = logits.gather(1, g.nominees) + self.signal_head(z)
+            logits = logits.gather(1, g.nominees) + self._signal_terms(g, z)
         return logits, self.stop_head(z).squeeze(1), self.value_head(z).squeeze(1)
+
+    def _signal_terms(self, g: GraphBatch, z: torch.Tensor) -> torch.Tensor:
+        """(B, S) each signal column's term of its logit."""
+        assert self.signal_head is not None and g.nominees is not None, "a signal-mode net is built with signals > 0"
+        if not self.cfg.verdict_head:
+            return self.signal_head(z)
+        assert g.verdicts is not None, "the verdict head reads the observation's verdicts"
+        v = g.verdicts.to(z.dtype)
+        s = v.shape[1]
+        itself = torch.eye(s, dtype=torch.bool, device=v.device)
+        others = v[:, None, :].expand(-1, s, -1).masked_fill(itself, -torch.inf)
+        margin = v - others.amax(2) if s > 1 else torch.zeros_like(v)
+        per_column = torch.cat([z[:, None, :].expand(-1, s, -1), v[..., None], margin[..., None]], 2)
+        return self.signal_head(per_column).squeeze(2)
 
     @staticmethod
     def neuron_logits(unit: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:

@@ -632,8 +632,10 @@ def test_the_expert_follows_a_signal_in_signal_mode_and_its_labels_are_valid():
     assert all(r[a] and not (r & ~m).any() for r, a, m in zip(rows, actions, masks, strict=True))
 
 
-def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_deploys(tmp_path):
-    agent_dir = train_agent(load_agent_config(CONFIG, [*TINY, *SIGNAL_MODE]), tmp_path / "run", progress=False)
+@pytest.mark.parametrize("verdict_head", [False, True])
+def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_deploys(verdict_head, tmp_path):
+    sets = [*TINY, *SIGNAL_MODE, f"policy.verdict_head={str(verdict_head).lower()}"]
+    agent_dir = train_agent(load_agent_config(CONFIG, sets), tmp_path / "run", progress=False)
     agent = load_agent(agent_dir)
     assert agent.env.action_mode == "signal" and agent.net.signal_head is not None
     art = load_artifact(default_artifact())
@@ -645,7 +647,7 @@ def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_
         choice, stop, _ = agent.net(g)
         unit, _, _ = agent.net(dataclasses.replace(g, nominees=None))
         _, z = agent.net.encode(g)
-        expected = unit[0, torch.as_tensor(obs["nominees"])] + agent.net.signal_head(z)[0]
+        expected = unit[0, torch.as_tensor(obs["nominees"])] + agent.net._signal_terms(g, z)[0]
     assert choice.shape == (1, 2) and torch.allclose(choice[0], expected)
     order, record = deploy(agent, art.model, x, y, deterministic=True)
     assert len(order) == record[-1]["pruned"] and not any(r.get("invalid_action") for r in record)
@@ -658,3 +660,23 @@ def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_
         (agent_dir / "agent.json").write_text(json.dumps(meta))
         with pytest.raises(OnpError, match=message):
             load_agent(agent_dir)
+
+
+def test_the_verdict_head_scores_a_column_by_its_verdict_not_by_which_signal_it_is():
+    env = NeuronPruningEnv(eval_images=64, action_mode="signal", features=["mnp", "latent_gap", "inversion"],
+                           signal_params={"mnp": {"suppress_epochs": 2, "mask_epochs": 2},
+                                          "inversion": {"steps": 40, "images": 64}})  # fmt: skip
+    obs, _ = env.reset(seed=0)
+    glob = dict(zip(env.global_names, obs["globals"].tolist(), strict=True))
+    assert obs["verdicts"].tolist() == pytest.approx([0.0, glob["latent_gap_anomaly"], glob["inversion_anomaly"]])
+    torch.manual_seed(0)
+    net = build_net(PolicyConfig(verdict_head=True), env.observation_space).eval()
+    torch.nn.init.normal_(net.signal_head[-1].weight)  # away from the near-zero start
+    g = to_graph_batch(_obs_tensors(obs))
+    with torch.no_grad():
+        choice = net(g)[0]
+        for perm in ([2, 0, 1], [1, 2, 0]):  # the columns in another order: the same logits, reordered
+            moved = dataclasses.replace(g, nominees=g.nominees[:, perm], verdicts=g.verdicts[:, perm])
+            assert torch.allclose(net(moved)[0], choice[:, perm])
+        stronger = dataclasses.replace(g, verdicts=g.verdicts + torch.tensor([[0.0, 0.0, 0.5]]))
+        assert not torch.allclose(net(stronger)[0][:, 2], choice[:, 2])  # the verdict reaches the logit

@@ -10,7 +10,8 @@ Observation (a Dict of fixed-size padded arrays that Stable-Baselines3 can store
   focus (U,) the units the current step acts on (layer mode; all valid units in neuron mode),
   edge_index (2, E), edge_attr (E, 4), counts [units, edges], and in signal mode nominees (S,): the
   unit each signal column would prune now (its highest unpruned unit; 0 for a column that nominates
-  none, whose action the mask refuses),
+  none, whose action the mask refuses), and verdicts (S,): the observed anomaly index of each
+  column's signal (its `{set}_anomaly` global; 0 for a signal without a verdict),
   globals [step fraction, pruned fraction, defense accuracy, accuracy drop, budget left], then the
   signal sets' own (`env.global_names`; e.g. the inversion's anomaly index), then with `inverted_asr`
   the inverted trigger's success rate on the current pruned model.
@@ -48,7 +49,15 @@ from onp_env.devices import resolve_device
 from onp_env.env.config import EnvConfig
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.env.scores import ANPScore, UnlearnScore, check_score
-from onp_env.env.signals import DYNAMIC, DynamicStats, compute_signals, feature_names, global_names, inverted_probe
+from onp_env.env.signals import (
+    DYNAMIC,
+    DynamicStats,
+    column_verdicts,
+    compute_signals,
+    feature_names,
+    global_names,
+    inverted_probe,
+)
 from onp_env.errors import OnpError
 from onp_env.graph.build import EDGE_TYPES, NeuronGraph, build_graph
 from onp_env.graph.features import FEATURES, Z_CLIP
@@ -266,6 +275,8 @@ class NeuronPruningEnv(gym.Env):
         })  # fmt: skip
         if cfg.action_mode == "signal":
             self.observation_space["nominees"] = spaces.Box(0, max(U - 1, 0), (self.num_signals,), np.int64)
+            self.observation_space["verdicts"] = spaces.Box(-1.0, 1.0, (self.num_signals,), np.float32)
+            self._verdict_of = column_verdicts(self.feature_names, self.global_names)
         if cfg.action_mode == "neuron":
             self.action_space: spaces.Space = spaces.Discrete(U + 1)
         elif cfg.action_mode == "signal":
@@ -351,6 +362,7 @@ class NeuronPruningEnv(gym.Env):
                "counts": s["counts"].copy(), "globals": glob}  # fmt: skip
         if self.cfg.action_mode == "signal":
             obs["nominees"] = self.nominees().clip(0)
+            obs["verdicts"] = np.array([glob[i] if i >= 0 else 0.0 for i in self._verdict_of], np.float32)
         return obs
 
     def action_masks(self) -> np.ndarray:

@@ -109,6 +109,17 @@ def global_names(base: tuple[str, ...], sets: list[str]) -> tuple[str, ...]:
     return base + signals + (PROBE if "inverted_asr" in sets else ())
 
 
+def column_verdicts(features: Sequence[str], globals_: Sequence[str]) -> list[int]:
+    """For each signal column of `features` (feature_names' `signal_*`), the index in `globals_` of its
+    signal's anomaly index (`{set}_anomaly`), or -1 for a signal without a verdict."""
+    out = []
+    for name in (c for c in features if c.startswith("signal_")):
+        full = name[len("signal_") :]
+        base = full if full in FEATURE_SETS else full.removesuffix("_model")  # feature_names' two spans
+        out.append(globals_.index(f"{base}_anomaly") if f"{base}_anomaly" in globals_ else -1)
+    return out
+
+
 def takes_reference(name: str) -> bool:
     return name in SIGNALS and issubclass(SIGNALS[name].Params, VerdictParams)
 
