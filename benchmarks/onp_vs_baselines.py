@@ -131,6 +131,15 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
         "env.signal_spans=[model]",
         "seed=1",
     ],
+    # every column scored by one head from its own verdict (policy.verdict_head): which signal a column is
+    # cannot be learnt, so following the stronger verdict carries over to a signal never followed in training
+    "signal verdict head": ["env.signal_scale=log-z", "env.action_mode=signal", "policy.verdict_head=true"],
+    "signal verdict head seed 1": [
+        "env.signal_scale=log-z",
+        "env.action_mode=signal",
+        "policy.verdict_head=true",
+        "seed=1",
+    ],
     # and the inverted trigger's success rate on the pruned model among the globals, for STOP
     "signal mode inverted asr": [
         "env.signal_scale=log-z",
