@@ -140,6 +140,13 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
         "policy.verdict_head=true",
         "seed=1",
     ],
+    # the verdict head, and the inverted trigger's success rate on the pruned model among the globals (STOP)
+    "signal verdict head inverted asr": [
+        "env.signal_scale=log-z",
+        "env.action_mode=signal",
+        "policy.verdict_head=true",
+        "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]",
+    ],
     # and the inverted trigger's success rate on the pruned model among the globals, for STOP
     "signal mode inverted asr": [
         "env.signal_scale=log-z",
