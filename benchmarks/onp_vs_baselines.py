@@ -147,6 +147,13 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
         "policy.verdict_head=true",
         "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]",
     ],
+    "signal verdict head inverted asr seed 1": [
+        "env.signal_scale=log-z",
+        "env.action_mode=signal",
+        "policy.verdict_head=true",
+        "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]",
+        "seed=1",
+    ],
     # and the inverted trigger's success rate on the pruned model among the globals, for STOP
     "signal mode inverted asr": [
         "env.signal_scale=log-z",
