@@ -109,10 +109,11 @@ class EnvConfig:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")
         check_feature_sets(cfg.features, cfg.signal_params)
         check_signal_view(cfg.signal_scale, cfg.signal_spans)
-        if cfg.action_mode == "signal" and all(f in STEPWISE for f in cfg.features):
+        no_signal = all(f in STEPWISE for f in cfg.features)  # nothing to nominate units from
+        if cfg.action_mode == "signal" and no_signal:
             raise OnpError(f"{where}.action_mode signal needs a signal feature set to follow (e.g. features: "
                            "[mnp, inversion]): add one or use action_mode neuron")  # fmt: skip
-        if cfg.candidates and (cfg.action_mode != "neuron" or all(f in STEPWISE for f in cfg.features)):
+        if cfg.candidates and (cfg.action_mode != "neuron" or no_signal):
             raise OnpError(f"{where}.candidates needs action_mode neuron and a signal feature set (e.g. features: "
                            "[inversion]): add one or set candidates: 0")  # fmt: skip
         resolve_device(cfg.device)  # a GPU that is not there fails here, before any model is prepared
