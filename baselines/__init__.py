@@ -14,9 +14,12 @@ from baselines.fine_pruning import FinePruning
 from baselines.mnp import MNP
 from baselines.nc import NC
 from baselines.rnp import RNP
+from baselines.verdict import Verdict
 from onp_env.registry import defense_class
 
-DEFENSES: dict[str, type[Defense]] = {d.name: d for d in (MNP, ANP, RNP, BNP, FinePruning, CLP, NC, Magnitude, Random)}
+DEFENSES: dict[str, type[Defense]] = {
+    d.name: d for d in (MNP, ANP, RNP, BNP, FinePruning, CLP, NC, Verdict, Magnitude, Random)
+}
 """The heuristic baselines of this package (all registered in onp_env.registry, with the learned one)."""
 
 

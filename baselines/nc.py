@@ -12,16 +12,19 @@ the last unit layer (the hidden Linear layer of the small CNN, the last BatchNor
 stopping rule's numbers are this project's: stop once the reversed trigger sends at most `stop_asr`
 of the defense images of other classes to its class, before defense-set accuracy falls more than
 `max_acc_drop`, and never beyond `max_ratio` of the layer; NC states the rule, not the numbers.
-NC's other mitigation (unlearning: fine-tuning on reversed-trigger images with their true labels)
-is not implemented."""
+With `reference` (each class's typical mask norm on the defender's own models of the same data,
+onp_env.signals.base.class_reference), the anomaly index is taken against it [ours], so that a
+class every model reaches cheaply is not flagged. NC's other mitigation (unlearning: fine-tuning
+on reversed-trigger images with their true labels) is not implemented."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from baselines.common import Defense, top_units
@@ -54,7 +57,7 @@ class NC(Defense):
         inversion = {k: v for k, v in vars(self.params).items() if k in InversionParams.__dataclass_fields__}
         signal = TriggerInversion(seed=self.seed, device=str(self.device), **inversion)
         self.inverted = signal.invert(model, x, y)
-        index = self.inverted.anomaly()
+        index = signal.suspicion(self.inverted.norms)  # against params.reference where one is given
         self.suspect = int(torch.argmax(index))
         self.extra.update(suspect=self.suspect, anomaly_index=float(index[self.suspect]),
                           flagged=bool(index[self.suspect] > self.params.flag_index),
@@ -63,6 +66,7 @@ class NC(Defense):
         lay = layout.layers[-1]
         out = torch.full((layout.num_units,), float("-inf"))
         out[lay.offset : lay.offset + lay.size] = gap[lay.offset : lay.offset + lay.size]
+        self.layers = [lay.name]
         self.extra["layer"] = lay.name
         return out
 
@@ -71,24 +75,34 @@ class NC(Defense):
             return []
         order = top_units(scores, torch.isfinite(scores))
         limit = int(self.params.max_ratio * len(order))
-        name = self.extra["layer"]
-        others = y != self.suspect
-        with torch.no_grad():
-            triggered = self.inverted.apply(self.suspect, x[others])
+        layers = self.layers
         work = without_inplace(copy.deepcopy(model)).eval()
         _, gm = find_units(work, x[:2])
         chosen: list[int] = []
         with Masks(work, layout) as masks, torch.no_grad():
-            clean, trig = Evaluator(gm, x, [name]), Evaluator(gm, triggered, [name])
+            clean = Evaluator(gm, x, layers)
             base = (clean.logits().argmax(1) == y).float().mean().item()
-            trig.logits()
-            with tqdm(order[:limit], desc="nc: pruning", disable=not self.params.progress, leave=False) as sweep:
+            gone = self.backdoor_gone(gm, work, layout, x, y)
+            with tqdm(order[:limit], desc=f"{self.name}: pruning", disable=not self.params.progress,
+                      leave=False) as sweep:  # fmt: skip
                 for u in sweep:
                     masks.prune([u])
-                    acc = (clean.logits([name]).argmax(1) == y).float().mean().item()
+                    acc = (clean.logits(layers).argmax(1) == y).float().mean().item()
                     if base - acc > self.params.max_acc_drop:
                         break
                     chosen.append(u)
-                    if (trig.logits([name]).argmax(1) == self.suspect).float().mean().item() <= self.params.stop_asr:
+                    if gone(chosen):
                         break
         return chosen
+
+    def backdoor_gone(self, gm: fx.GraphModule, work: nn.Module, layout: UnitLayout, x: torch.Tensor,
+                      y: torch.Tensor) -> Callable[[list[int]], bool]:  # fmt: skip
+        """NC's stopping test, read after each cut (the units cut so far) on the pruned `work` (`gm` is its
+        traced graph):
+        the reversed trigger sends at most `stop_asr` of the other classes' images to its class."""
+        triggered = self.inverted.apply(self.suspect, x[y != self.suspect])
+        trig = Evaluator(gm, triggered, self.layers)
+        trig.logits()
+        return lambda _cut: (
+            (trig.logits(self.layers).argmax(1) == self.suspect).float().mean().item() <= self.params.stop_asr
+        )

@@ -46,18 +46,26 @@ from onp_env.artifacts import write_text_atomic
 from onp_env.config import AttackConfig, LabConfig, from_dict
 from onp_env.defend import defend_artifact, defense_subset
 from onp_env.env import NeuronPruningEnv, PruningTarget
+from onp_env.graph.units import find_units
 from onp_env.masking import Masks
 from onp_env.metrics import der, evaluate
 from onp_env.results import append
+from onp_env.signals import LatentShift, TriggerInversion
+from onp_env.signals.base import class_reference
 
 HERE = Path(__file__).resolve().parent
 
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
-BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random", "nc")
-SETTINGS = {"nc ungated": ("nc", {"flag_index": 0.0})}
+BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random", "nc", "verdict")
+SETTINGS = {"nc ungated": ("nc", {"flag_index": 0.0}), "verdict shadow reference": ("verdict", {})}
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
-not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule)."""
+not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
+`verdict shadow reference` judges both verdicts against the class reference of the fold's shadow
+models (REFERENCED), as the fold's agents do."""
+REFERENCED = ("verdict shadow reference",)
+"""Methods given the fold's class reference (fold_references): each class's median trigger size over the
+shadow models of the other four attacks, never over the held-out attack's models."""
 ORACLES = ("oracle", "oracle signal mode")
 """`oracle signal mode`: the oracle expert with the choices of env.action_mode=signal (each step, the
 next unit of one signal column), the signals set as the fold's `log-z signals` agent sees them (its
@@ -230,11 +238,13 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
     """One method on one held-out model with one defense-data fraction: the cell's JSON row."""
     start = time.perf_counter()
     if method in ORACLES:
-        fold_agent = runs / f"without-{key.split('/')[0]}" / "log-z-signals" / "agent"
+        fold_agent = runs / f"without-{key.split('/')[0]}" / _folder("log-z signals") / "agent"
         report = oracle_cell(Path(art_path), fraction, load_agent_config(str(CONFIG), []), method, fold_agent)
     else:
         name, params = ("onp", {}) if agent is not None else SETTINGS.get(method, (method, {}))
         params = {**params, "defense_fraction": fraction}
+        if method in REFERENCED:
+            params |= json.loads((runs / f"without-{key.split('/')[0]}" / "reference.json").read_text())
         if agent is not None:
             params["agent"] = str(agent)
         if name == "anp":
@@ -252,6 +262,31 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
     if agent is not None:
         row["sequence"] = report["details"].get("sequence")
     return row
+
+
+def shadow_norms(path: str) -> tuple[dict, float]:
+    """A shadow model's per-class trigger sizes under both verdicts (inversion and latent shift, their
+    default settings and seed 0, on its defense set: what `onp train-agent`'s with_reference computes)
+    and its all-to-one target; and the seconds they took."""
+    start = time.perf_counter()
+    art = load_artifact(path)
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    attack = art.attack
+    row = {"target": attack.target if attack is not None and attack.mode == "all-to-one" else None,
+           "inversion": TriggerInversion().invert(art.model, x, y).norms.tolist(),
+           "latent_gap": LatentShift().shifts(art.model, layout, x, y).norm(dim=1).tolist()}  # fmt: skip
+    return row, time.perf_counter() - start
+
+
+def fold_references(shadow: dict[str, dict]) -> dict[str, list[float]]:
+    """`verdict`'s reference parameters from the norms of one fold's shadow models (shadow_norms)."""
+    rows = list(shadow.values())
+    targets = [r["target"] for r in rows]
+    ref = {
+        s: class_reference([torch.tensor(r[s]) for r in rows], targets).tolist() for s in ("inversion", "latent_gap")
+    }
+    return {"reference": ref["inversion"], "latent_reference": ref["latent_gap"]}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -275,7 +310,7 @@ def run(args: argparse.Namespace) -> None:
         pairs += [(args.attacks[0], v, sets) for v, sets in ABLATIONS.items() if v not in chosen]
     variants = {}  # (held attack, variant) -> (overrides, run folder)
     for held, variant, sets in pairs:
-        out = args.runs / f"without-{held}" / variant.replace(" ", "-").replace("=", "-")
+        out = args.runs / f"without-{held}" / _folder(variant)
         variants[held, variant] = ([f"zoo.exclude=[{held}]", *sets], out)
 
     ctx = multiprocessing.get_context("spawn")
@@ -288,12 +323,26 @@ def run(args: argparse.Namespace) -> None:
             paths[futures[fut]], seconds = fut.result()
             cost(f"model/{futures[fut]}", seconds)
 
+        # 1b. the fold's class references, for the methods that take them
+        if set(args.methods) & set(REFERENCED):
+            norms_dir = args.runs / "shadow-norms"
+            shadow = {lab.name: paths[lab.name] for lab in zoo_configs(agent_cfg)}
+            todo = {
+                pool.submit(shadow_norms, p): n for n, p in shadow.items() if not (norms_dir / f"{n}.json").is_file()
+            }
+            for fut in tqdm(as_completed(todo), total=len(todo), desc="shadow norms", disable=args.quiet):
+                row, seconds = fut.result()
+                write_text_atomic(norms_dir / f"{todo[fut]}.json", json.dumps(row))
+                cost(f"norms/{todo[fut]}", seconds)
+            for held in args.attacks:
+                fold = zoo_configs(load_agent_config(str(args.agent_config), [f"zoo.exclude=[{held}]"]))
+                norms = {lab.name: json.loads((norms_dir / f"{lab.name}.json").read_text()) for lab in fold}
+                write_text_atomic(args.runs / f"without-{held}" / "reference.json", json.dumps(fold_references(norms)))
+
         # 2. agents and cells, at most one task per worker in flight, by priority: an agent's cells as
         # soon as it is trained, then the protocol's agents, the baseline cells, the ablation agents
         everywhere = (args.name, *args.variants)  # every fold and fraction, not only the ablation's
         ready: list[tuple[int, int, tuple]] = []
-        for (held, variant), (sets, out) in variants.items():
-            ready.append((1 if variant in everywhere else 3, len(ready), ("agent", held, variant, sets, out)))
         waiting: dict[tuple[str, str], list[tuple]] = {}
         for (held, seed), hl in held_labs.items():
             for fraction in args.fractions:
@@ -301,11 +350,23 @@ def run(args: argparse.Namespace) -> None:
                 for variant in [v for (h, v) in variants if h == held and (ablate or v in everywhere)]:
                     key = f"{held}/s{seed}/{fraction:g}/{variant}"
                     if key not in finished:
-                        waiting.setdefault((held, variant), []).append((key, paths[hl.name], fraction, variant))
+                        waiting.setdefault((held, variant), []).append((key, paths[hl.name], fraction, variant, True))
                 for method in args.methods:
                     key = f"{held}/s{seed}/{fraction:g}/{method}"
-                    if key not in finished:
+                    if key in finished:
+                        continue
+                    if method == "oracle signal mode":  # reads the fold's `log-z signals` agent: after it
+                        waiting.setdefault((held, "log-z signals"), []).append(
+                            (key, paths[hl.name], fraction, method, False)
+                        )
+                    else:
                         ready.append((2, len(ready), ("cell", key, paths[hl.name], fraction, method, None)))
+        for held, variant in waiting:
+            variants.setdefault((held, variant), ([f"zoo.exclude=[{held}]", *ABLATIONS[variant]], args.runs /
+                                                  f"without-{held}" / _folder(variant)))  # fmt: skip
+        for (held, variant), (sets, out) in variants.items():  # only an agent with cells still to run
+            if waiting.get((held, variant)):
+                ready.append((1 if variant in everywhere else 3, len(ready), ("agent", held, variant, sets, out)))
         bar = tqdm(total=sum(t[2][0] == "cell" for t in ready) + sum(map(len, waiting.values())), desc="cells",
                    disable=args.quiet)  # fmt: skip
         running: dict[Future, tuple] = {}
@@ -323,8 +384,8 @@ def run(args: argparse.Namespace) -> None:
                 if task[0] == "agent":
                     _, held, variant, _, out = task
                     cost(f"agent/{held}/{variant}", fut.result(), config=_shown(args.agent_config))
-                    for c in waiting.pop((held, variant), []):
-                        ready.append((0, len(ready), ("cell", *c, out / "agent")))
+                    for *c, uses in waiting.pop((held, variant), []):
+                        ready.append((0, len(ready), ("cell", *c, out / "agent" if uses else None)))
                     continue
                 row = fut.result()
                 append(results, row)
@@ -333,6 +394,11 @@ def run(args: argparse.Namespace) -> None:
                           f"pruned {row['pruned']} in {row['seconds']:.1f} s")  # fmt: skip
                 report_md(results, args.results)
         bar.close()
+
+
+def _folder(variant: str) -> str:
+    """A variant's run folder under its fold's."""
+    return variant.replace(" ", "-").replace("=", "-")
 
 
 def _shown(path: Path) -> str:
@@ -552,6 +618,7 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
     n_cells = sum(r["method"] in main for r in cells)
     abl_agent = sum(v for k, v in trained.items() if k not in ours)
     abl_cell = sum(r["wall_seconds"] for r in cells if r["method"] not in main)
+    norms = [v for k, v in costs.items() if k.startswith("cost/norms/")]
     total = model + agent + cell
     swaps = []  # a variant run on every fold, as the protocol's learned agent in onp's place
     for m in sorted({r["method"] for r in cells if r["method"] in ABLATIONS} | set(agents(cells)[1:])):
@@ -568,6 +635,8 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
         "|---|---:|---:|",
         f"| models (shadow and held-out) | {sum(k.startswith('cost/model/') for k in costs)} | {model / 3600:.2f} |",
         f"| agents of the protocol | {len(ours)} | {agent / 3600:.2f} |",
+        *([f"| class references of `verdict shadow reference` (both verdicts on every shadow model) | {len(norms)} | "
+           f"{sum(norms) / 3600:.2f} |"] if norms else []),  # fmt: skip
         f"| cells (every method on every model) | {n_cells} | {cell / 3600:.2f} |",
         f"| **protocol** | | **{total / 3600:.2f}** |",
         *swaps,

@@ -12,6 +12,7 @@ from baselines.fine_pruning import FinePruning
 from baselines.mnp import MNP
 from baselines.nc import NC
 from baselines.rnp import RNP
+from baselines.verdict import Verdict
 from onp_env import OnpError
 from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.graph.units import find_units
@@ -24,8 +25,9 @@ QUICK = {
     "mnp": {"suppress_epochs": 2, "mask_epochs": 2, "batch_size": 16},
     "bnp": {"epochs": 1},
     "nc": {"steps": 20, "images": 32},
+    "verdict": {"steps": 20, "images": 32, "latent_images": 32},
 }
-METHODS = [Magnitude, Random, CLP, FinePruning, ANP, RNP, MNP, BNP, NC]
+METHODS = [Magnitude, Random, CLP, FinePruning, ANP, RNP, MNP, BNP, NC, Verdict]
 
 
 def data(shape=(1, 8, 8), n=40, seed=0):

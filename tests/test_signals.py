@@ -219,28 +219,37 @@ def test_the_latent_shift_solves_its_quadratic_programme():
         assert abs(float(shifts[k].double().norm()) - float((best.x @ best.x) ** 0.5)) < 1e-3
 
 
+class PlantedHead(torch.nn.Module):
+    """Units 0-4 of `fc` copy a 5-pixel input, the class is its largest pixel; units 5-7 are silent on
+    clean inputs, and unit 5, once it fires, sends anything to class 2: a backdoor only a latent
+    shift reaches (no input pixel drives it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 8)
+        self.relu = torch.nn.ReLU()
+        self.classifier = torch.nn.Linear(8, 5)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.cat([torch.eye(5), torch.zeros(3, 5)]))
+            self.fc.bias.copy_(torch.tensor([0.0] * 5 + [-1.0] * 3))
+            self.classifier.weight.copy_(torch.cat([torch.eye(5), torch.zeros(5, 3)], 1))
+            self.classifier.bias.zero_()
+            self.classifier.weight[2, 5] = 40.0
+
+    def forward(self, x):
+        return self.classifier(self.relu(self.fc(x.flatten(1))))
+
+
+def planted() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    model = PlantedHead()
+    x = torch.rand(200, 1, 1, 5, generator=torch.Generator().manual_seed(0))
+    return model, x, model(x).argmax(1).detach()
+
+
 def test_the_latent_shift_names_the_class_a_planted_unit_reaches():
     from onp_env.signals import LatentShift
 
-    class Head(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(5, 8)
-            self.relu = torch.nn.ReLU()
-            self.classifier = torch.nn.Linear(8, 5)
-
-        def forward(self, x):
-            return self.classifier(self.relu(self.fc(x.flatten(1))))
-
-    model = Head()
-    with torch.no_grad():  # units 0-4 copy the input, the class is its largest coordinate
-        model.fc.weight.copy_(torch.cat([torch.eye(5), torch.zeros(3, 5)]))
-        model.fc.bias.copy_(torch.tensor([0.0] * 5 + [-1.0] * 3))  # units 5-7 are silent on clean inputs
-        model.classifier.weight.copy_(torch.cat([torch.eye(5), torch.zeros(5, 3)], 1))
-        model.classifier.bias.zero_()
-        model.classifier.weight[2, 5] = 40.0  # the backdoor: unit 5, once it fires, sends anything to class 2
-    x = torch.rand(200, 1, 1, 5, generator=torch.Generator().manual_seed(0))
-    y = model(x).argmax(1)
+    model, x, y = planted()
     layout, _ = find_units(model, x[:2])
     result = LatentShift().compute(model, layout, x, y)
     assert result.globals["suspect"] == 2.0 and result.globals["anomaly_index"] > 2
@@ -326,3 +335,37 @@ def test_the_log_scale_keeps_a_heavy_tailed_layer_apart_in_order():
         layer_zscore(v, layout, "cube")
     with pytest.raises(OnpError, match="signal_spans"):
         layer_zscore(v, layout, "z", "net")
+
+
+def test_verdict_follows_the_latent_shift_to_a_backdoor_no_pixel_reaches_and_stops_once_it_is_gone():
+    from baselines.verdict import Verdict
+
+    model, x, y = planted()
+    result = Verdict(steps=40, images=64).run(model, x, y)
+    d = result.details
+    assert d["follows"] == "latent_gap" and d["suspect"] == 2 and d["flagged"]
+    assert d["latent_gap"]["anomaly_index"] > d["inversion"]["anomaly_index"]
+    layout, _ = find_units(model, x[:2])
+    assert result.pruned == [layout.by_name["fc"].offset + 5]  # the planted unit, and nothing after it
+    assert d["latent_index_after"][-1] <= 2
+    assert torch.equal(result.model(x).argmax(1), y)  # clean behaviour intact
+
+
+def test_verdict_with_the_stronger_inversion_is_nc():
+    from baselines.verdict import Verdict
+
+    art = _build("badnets")
+    x, y = art.defense_set()
+    ours, nc = Verdict(seed=0).run(art.model, x, y), NC(seed=0).run(art.model, x, y)
+    assert ours.details["follows"] == "inversion"
+    assert ours.pruned == nc.pruned and torch.equal(ours.scores, nc.scores)
+
+
+def test_a_pruned_unit_holds_every_classifier_input_it_feeds():
+    from onp_env.signals.latent_shift import input_columns
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).eval()  # fmt: skip
+    layout, _ = find_units(model, torch.rand(2, 1, 4, 4))
+    cols = input_columns(layout, [layout.by_name["1"].offset + 1])
+    assert cols.shape == (48,) and cols.nonzero().flatten().tolist() == list(range(16, 32))

@@ -182,7 +182,7 @@ def test_a_model_outside_the_manifest_tolerance_warns(tmp_path):
 
 
 def test_policies_are_found_by_name():
-    assert {"stop", "random", "oracle", "onp", "mnp", "anp", "nc"} <= set(policy_names())
+    assert {"stop", "random", "oracle", "onp", "mnp", "anp", "nc", "verdict"} <= set(policy_names())
     with pytest.raises(OnpError, match="seed cannot be a parameter"):
         make_policy("mnp", {"seed": 3})
 

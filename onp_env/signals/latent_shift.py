@@ -109,6 +109,16 @@ def unit_values(shift: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
     return out
 
 
+def input_columns(layout: UnitLayout, units: list[int]) -> torch.Tensor:
+    """(features,) which of the classifier's inputs the flat unit indices `units` feed (unit_values'
+    inverse): the inputs a pruned unit holds at 0, which a shift cannot move."""
+    head = next(c for c in layout.connections if c.module == layout.output)
+    cut = torch.zeros(layout.num_units, dtype=torch.bool)
+    cut[units] = True
+    spans = [cut[layout.by_name[n].offset : layout.by_name[n].offset + layout.by_name[n].size] for n in head.sources]
+    return torch.cat(spans).repeat_interleave(head.fan)
+
+
 class LatentShift(Signal):
     name = "latent_gap"
     version = 1
