@@ -152,8 +152,9 @@ class ONP(Defense):
             return {**params, "agent": "<trained by prepare>"}
         settings = to_dict(cfg)
         for part, key, default in (("env", "signal_scale", "z"), ("env", "signal_spans", ["layer"]),
-                                   ("env", "candidates", 0), ("imitation", "dagger_rounds", 0),
-                                   ("policy", "skip", False), ("policy", "verdict_head", False)):  # fmt: skip
+                                   ("env", "candidates", 0), ("env", "follow", "any"),
+                                   ("imitation", "dagger_rounds", 0), ("policy", "skip", False),
+                                   ("policy", "verdict_head", False)):  # fmt: skip
             if settings[part][key] == default:  # hashed as before the field existed: trained agents are found
                 settings[part].pop(key)
         blob = json.dumps(settings, sort_keys=True).encode()

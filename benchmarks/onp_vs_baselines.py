@@ -162,6 +162,21 @@ ABLATIONS = {  # in the order they train: the most telling first, so that a part
         "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]",
         "seed=1",
     ],
+    # only the column of the larger verdict is open (env.follow=verdict): the `verdict` baseline's rule, with
+    # the stop learnt, from the inverted trigger's success rate among the globals
+    "signal follow verdict": [
+        "env.signal_scale=log-z",
+        "env.action_mode=signal",
+        "env.follow=verdict",
+        "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]",
+    ],
+    "signal follow verdict seed 1": [
+        "env.signal_scale=log-z",
+        "env.action_mode=signal",
+        "env.follow=verdict",
+        "env.features=[dynamic, mnp, inversion, latent_gap, inverted_asr]",
+        "seed=1",
+    ],
     # and the inverted trigger's success rate on the pruned model among the globals, for STOP
     "signal mode inverted asr": [
         "env.signal_scale=log-z",
@@ -635,8 +650,8 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
         "|---|---:|---:|",
         f"| models (shadow and held-out) | {sum(k.startswith('cost/model/') for k in costs)} | {model / 3600:.2f} |",
         f"| agents of the protocol | {len(ours)} | {agent / 3600:.2f} |",
-        *([f"| class references of `verdict shadow reference` (both verdicts on every shadow model) | {len(norms)} | "
-           f"{sum(norms) / 3600:.2f} |"] if norms else []),  # fmt: skip
+        *[f"| class references of `verdict shadow reference` (both verdicts, every shadow model) | {len(norms)} | "
+          f"{sum(norms) / 3600:.2f} |" for _ in norms[:1]],  # fmt: skip
         f"| cells (every method on every model) | {n_cells} | {cell / 3600:.2f} |",
         f"| **protocol** | | **{total / 3600:.2f}** |",
         *swaps,

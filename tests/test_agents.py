@@ -632,9 +632,10 @@ def test_the_expert_follows_a_signal_in_signal_mode_and_its_labels_are_valid():
     assert all(r[a] and not (r & ~m).any() for r, a, m in zip(rows, actions, masks, strict=True))
 
 
-@pytest.mark.parametrize("verdict_head", [False, True])
-def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_deploys(verdict_head, tmp_path):
-    sets = [*TINY, *SIGNAL_MODE, f"policy.verdict_head={str(verdict_head).lower()}"]
+@pytest.mark.parametrize(("verdict_head", "follow"), [(False, "any"), (True, "any"), (False, "verdict")])
+def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_deploys(verdict_head, follow,
+                                                                                       tmp_path):  # fmt: skip
+    sets = [*TINY, *SIGNAL_MODE, f"policy.verdict_head={str(verdict_head).lower()}", f"env.follow={follow}"]
     agent_dir = train_agent(load_agent_config(CONFIG, sets), tmp_path / "run", progress=False)
     agent = load_agent(agent_dir)
     assert agent.env.action_mode == "signal" and agent.net.signal_head is not None
@@ -652,7 +653,8 @@ def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_
     order, record = deploy(agent, art.model, x, y, deterministic=True)
     assert len(order) == record[-1]["pruned"] and not any(r.get("invalid_action") for r in record)
     pristine = (agent_dir / "agent.json").read_text()
-    edits = (({"action_mode": "neuron"}, "does not fit"), ({"action_mode": "signals"}, "unknown action_mode"),
+    neuron = "does not fit" if follow == "any" else "follow verdict needs action_mode signal"
+    edits = (({"action_mode": "neuron"}, neuron), ({"action_mode": "signals"}, "unknown action_mode"),
              ({"features": ["dynamic"], "signal_params": {}}, "signal needs a signal feature set"))  # fmt: skip
     for edit, message in edits:
         meta = json.loads(pristine)

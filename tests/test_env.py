@@ -263,6 +263,37 @@ def test_signal_mode_prunes_the_chosen_columns_top_unpruned_unit_and_masks_a_col
     assert env.step(3)[2]
 
 
+def test_follow_verdict_opens_only_the_column_of_the_larger_verdict(art):
+    x, y = art.defense_set()
+    env = NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle",
+                           action_mode="signal", follow="verdict", features=["mnp", "latent_gap", "inversion"],
+                           signal_params={k: SHORT_SIGNALS[k] for k in ("mnp", "inversion")})  # fmt: skip
+    obs, _ = env.reset(seed=0)
+    assert obs["verdicts"][0] == 0 and obs["verdicts"][1] != obs["verdicts"][2]  # mnp has no verdict
+    followed = 1 + int(np.argmax(obs["verdicts"][1:]))
+    for _ in range(3):
+        mask = env.action_masks()
+        assert mask.tolist() == [k in (followed, env.stop_action) for k in range(4)]
+        assert np.flatnonzero(env.unit_choices()).tolist() == [obs["nominees"][followed]]
+        assert env.action_for(int(obs["nominees"][followed])) == followed
+        obs, _, _, _, info = env.step(followed)
+        assert info["units"] and not info["invalid_action"]
+    assert env.step(0)[4]["invalid_action"]  # mnp nominates a unit, but it is not the verdict's column
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"action_mode": "neuron", "features": ["inversion"]}, "follow verdict needs action_mode signal"),
+        ({"action_mode": "signal", "features": ["mnp"]}, "a signal with a verdict"),
+        ({"action_mode": "signal", "features": ["inversion"], "follow": "best"}, "unknown follow 'best'"),
+    ],
+)
+def test_follow_verdict_needs_signal_mode_and_a_verdict(overrides, message):
+    with pytest.raises(OnpError, match=message):
+        NeuronPruningEnv(**{"follow": "verdict", **overrides})
+
+
 def test_signal_mode_needs_a_signal_column():
     with pytest.raises(OnpError, match=r"action_mode signal needs a signal feature set"):
         NeuronPruningEnv(action_mode="signal", features=["dynamic"])

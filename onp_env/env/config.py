@@ -15,11 +15,12 @@ from typing import Any
 from onp_env.config import bounded, from_dict
 from onp_env.devices import resolve_device
 from onp_env.env.scores import SCORES
-from onp_env.env.signals import STEPWISE, check_feature_sets, check_signal_view
+from onp_env.env.signals import STEPWISE, VERDICT_SETS, check_feature_sets, check_signal_view
 from onp_env.errors import OnpError
 from onp_env.masking import SEMANTICS
 
 ACTION_MODES = ("neuron", "layer", "signal")
+FOLLOWS = ("any", "verdict")
 
 
 @dataclass
@@ -30,6 +31,10 @@ class EnvConfig:
     """neuron: Discrete(max_units + 1), prune one unit or STOP; layer: one MultiBinary step per layer;
     signal: Discrete(signal columns + 1), prune the highest unpruned unit of one signal column (the
     policy chooses which signal to follow, not which unit) or STOP. Needs a signal feature set."""
+    follow: str = "any"
+    """Signal mode: any, the policy chooses which column to follow; verdict, only the column of the signal
+    whose suspected class has the largest anomaly index (its observed verdict; ties: the first) is open,
+    so the policy decides only when to STOP (baselines.verdict's rule with a learnt stop)."""
     candidates: int = bounded(0, ge=0, le=64)
     """Neuron mode: 0, every unpruned unit is a valid action; k, only the k highest unpruned units of
     each signal column (the signals nominate, the policy chooses among them or STOPs; any other unit
@@ -103,7 +108,8 @@ class EnvConfig:
             if isinstance(value, float) and not math.isfinite(value):  # NaN would pass silently into rewards
                 raise OnpError(f"{where}.{key} must be a finite number, got {value!r}")
         cfg = from_dict(cls, data, where)
-        for key, allowed in (("action_mode", ACTION_MODES), ("semantics", SEMANTICS), ("score", SCORES)):
+        for key, allowed in (("action_mode", ACTION_MODES), ("follow", FOLLOWS), ("semantics", SEMANTICS),
+                             ("score", SCORES)):  # fmt: skip
             value = getattr(cfg, key)
             if value not in allowed:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")
@@ -113,6 +119,9 @@ class EnvConfig:
         if cfg.action_mode == "signal" and no_signal:
             raise OnpError(f"{where}.action_mode signal needs a signal feature set to follow (e.g. features: "
                            "[mnp, inversion]): add one or use action_mode neuron")  # fmt: skip
+        if cfg.follow == "verdict" and (cfg.action_mode != "signal" or not set(cfg.features) & VERDICT_SETS):
+            raise OnpError(f"{where}.follow verdict needs action_mode signal and a signal with a verdict (features: "
+                           f"{' or '.join(sorted(VERDICT_SETS))}): add them or set follow: any")  # fmt: skip
         if cfg.candidates and (cfg.action_mode != "neuron" or no_signal):
             raise OnpError(f"{where}.candidates needs action_mode neuron and a signal feature set (e.g. features: "
                            "[inversion]): add one or set candidates: 0")  # fmt: skip

@@ -362,8 +362,12 @@ class NeuronPruningEnv(gym.Env):
                "counts": s["counts"].copy(), "globals": glob}  # fmt: skip
         if self.cfg.action_mode == "signal":
             obs["nominees"] = self.nominees().clip(0)
-            obs["verdicts"] = np.array([glob[i] if i >= 0 else 0.0 for i in self._verdict_of], np.float32)
+            obs["verdicts"] = self._verdicts(glob)
         return obs
+
+    def _verdicts(self, glob: np.ndarray) -> np.ndarray:
+        """(signal columns,) each column's observed verdict (its signal's anomaly global; 0 without one)."""
+        return np.array([glob[i] if i >= 0 else 0.0 for i in self._verdict_of], np.float32)
 
     def action_masks(self) -> np.ndarray:
         """Valid actions, as sb3-contrib's MaskablePPO expects them."""
@@ -373,7 +377,7 @@ class NeuronPruningEnv(gym.Env):
             mask[-1] = True
             return mask
         if self.cfg.action_mode == "signal":
-            return np.append(self.nominees() >= 0, True)
+            return np.append(self.open_columns(), True)
         # MultiBinary: a (choose 0, choose 1) pair per bit; bits outside the layer or already pruned must be 0.
         can_prune = np.zeros(self.max_layer, bool)
         if self.layer_step < len(self.task.layout.layers):
@@ -393,20 +397,33 @@ class NeuronPruningEnv(gym.Env):
                 out[k] = left[0]
         return out
 
+    def open_columns(self) -> np.ndarray:
+        """(signal columns,) signal mode: the columns a step may follow now, those with a nominee; with
+        follow=verdict, only the column whose signal has the largest verdict (the first of equals)."""
+        out = self.nominees() >= 0
+        if self.cfg.follow == "verdict":
+            signal_globals = np.asarray(self.task.signal_globals.tolist())  # static: read once per model
+            glob = np.zeros(len(self.global_names), np.float32)
+            glob[len(GLOBALS) : len(GLOBALS) + len(signal_globals)] = signal_globals
+            verdicts = np.where(np.array(self._verdict_of) >= 0, self._verdicts(glob), -np.inf)
+            out &= np.arange(len(out)) == int(np.argmax(verdicts))
+        return out
+
     def unit_choices(self) -> np.ndarray:
-        """(units,) the units one step may prune now: neuron mode's valid units, signal mode's nominees."""
+        """(units,) the units one step may prune now: neuron mode's valid units, the nominees of signal
+        mode's open columns."""
         if self.cfg.action_mode != "signal":
             return self._valid_units()
-        out, nominees = np.zeros(self.num_units, bool), self.nominees()
-        out[nominees[nominees >= 0]] = True
+        out, nominees = np.zeros(self.num_units, bool), self.nominees()[self.open_columns()]
+        out[nominees] = True
         return out
 
     def action_for(self, unit: int) -> int:
         """The action that prunes `unit` now (one of unit_choices): the unit itself in neuron mode, the
-        first column nominating it in signal mode."""
+        first open column nominating it in signal mode."""
         if self.cfg.action_mode != "signal":
             return unit
-        return int(np.flatnonzero(self.nominees() == unit)[0])
+        return int(np.flatnonzero((self.nominees() == unit) & self.open_columns())[0])
 
     def _valid_units(self) -> np.ndarray:
         """(units,) the unpruned units, or with `candidates` k those among the k highest unpruned of

@@ -53,6 +53,8 @@ SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
 FEATURE_SETS = ("dynamic", "inverted_asr", *SIGNAL_DEFAULTS, *SIGNALS)
 STEPWISE = ("dynamic", "inverted_asr")
 """Feature sets read from the current pruned model after every step (the others: once per model)."""
+VERDICT_SETS = frozenset(name for name, signal in SIGNALS.items() if "anomaly" in signal.observed)
+"""Signal sets that name a suspected class with an anomaly index (their verdict: `{set}_anomaly`)."""
 PROBE = ("inverted_asr_now",)
 """The global of `inverted_asr`, after the signals' own."""
 SIGNAL_SCALES = ("z", "log-z")
