@@ -634,6 +634,8 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
     abl_agent = sum(v for k, v in trained.items() if k not in ours)
     abl_cell = sum(r["wall_seconds"] for r in cells if r["method"] not in main)
     norms = [v for k, v in costs.items() if k.startswith("cost/norms/")]
+    refs = [f"| class references of `verdict shadow reference` (both verdicts, every shadow model) | {len(norms)} "
+            f"| {sum(norms) / 3600:.2f} |"] if norms else []  # fmt: skip
     total = model + agent + cell
     swaps = []  # a variant run on every fold, as the protocol's learned agent in onp's place
     for m in sorted({r["method"] for r in cells if r["method"] in ABLATIONS} | set(agents(cells)[1:])):
@@ -650,8 +652,7 @@ def _cost_md(cells: list[dict], costs: dict[str, float]) -> list[str]:
         "|---|---:|---:|",
         f"| models (shadow and held-out) | {sum(k.startswith('cost/model/') for k in costs)} | {model / 3600:.2f} |",
         f"| agents of the protocol | {len(ours)} | {agent / 3600:.2f} |",
-        *[f"| class references of `verdict shadow reference` (both verdicts, every shadow model) | {len(norms)} | "
-          f"{sum(norms) / 3600:.2f} |" for _ in norms[:1]],  # fmt: skip
+        *refs,
         f"| cells (every method on every model) | {n_cells} | {cell / 3600:.2f} |",
         f"| **protocol** | | **{total / 3600:.2f}** |",
         *swaps,
