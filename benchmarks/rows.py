@@ -177,6 +177,20 @@ def read_verdicts(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, VERDICTS, fix=FIX)
 
 
+VERDICT_STOP = Schema(
+    "verdict stop setting",
+    {"key": TEXT, "model": TEXT, "attack": TEXT, "fraction": FRACTION, "stop_index": REAL, "stop_asr": FRACTION,
+     "follows": TEXT, "acc": FRACTION, "asr": FRACTION, "der": FRACTION, "before": MEASURES, "pruned": COUNT},
+    consistent=lambda r: None if r["key"] == f"{r['model']}/{r['fraction']:g}" else f"its key {r['key']!r} does not "
+    "match its model and fraction",
+)  # fmt: skip
+"""verdict_stop.py: the `verdict` defense with one stop setting on one shadow model and fraction."""
+
+
+def read_verdict_stop(path: Path) -> list[dict[str, Any]]:
+    return read_rows(path, VERDICT_STOP, fix=FIX)
+
+
 _MAYBE = {"acc": FRACTION, "asr": optional(FRACTION), "ra": optional(FRACTION)}  # a clean model has no ASR
 REPORT = Schema(
     "defense report",

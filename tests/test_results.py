@@ -326,3 +326,25 @@ def test_the_verdicts_report_counts_the_larger_verdict_naming_the_target(monkeyp
     assert "| wanet | 2 | 0 | 2.0 (1.0-3.0) | 2 | 5.5 (2.0-9.0) | 1 | 0 |" in text
     assert "| all | 4 | 1 | 3.0 (1.0-8.0) | 2 | 1.5 (1.0-9.0) | 2 | 1 |" in text
     assert "| c | wanet | 0 | 8 (3.00) | 0 (2.00) | inversion (wrong class) |" in text
+
+
+def test_the_verdict_stop_report_marks_the_setting_with_the_best_shadow_der(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("verdict_stop", ROOT / "benchmarks" / "verdict_stop.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    before = {"acc": 0.9, "asr": 1.0, "ra": 0.0}
+
+    def row(model, attack, stop_index, der, acc=0.89):
+        return {"key": f"{model}/0.05", "model": model, "attack": attack, "fraction": 0.05, "stop_index": stop_index,
+                "stop_asr": 0.05, "follows": "latent_gap" if attack == "wanet" else "inversion", "acc": acc,
+                "asr": 2 * (1 - der), "ra": 0.5, "der": der, "before": before, "pruned": 3}  # fmt: skip
+
+    rows = [row("a", "wanet", 2.0, 0.6), row("b", "badnets", 2.0, 0.9),
+            row("a", "wanet", 0.0, 0.8, acc=0.85), row("b", "badnets", 0.0, 0.9)]  # fmt: skip
+    for r in rows:
+        assert ROWS.VERDICT_STOP.problem(r) is None
+    text = script.report(rows)
+    assert "| **0** | **0.05** | 2 | 3.0 ± 2.0 | 30.0 ± 10.0 | **85.0 ± 5.0** | 3.0 ± 0.0 |" in text
+    assert "| 2 | 0.05 | 90.0 (0%) | 60.0 (100%) |" in text and "Chosen: `stop_index=0`, `stop_asr=0.05`." in text
+    assert ROWS.VERDICT_STOP.problem({**rows[0], "key": "a/0.01"}) is not None
