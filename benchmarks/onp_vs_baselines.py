@@ -58,12 +58,18 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random", "nc", "verdict")
-SETTINGS = {"nc ungated": ("nc", {"flag_index": 0.0}), "verdict shadow reference": ("verdict", {})}
+SETTINGS = {
+    "nc ungated": ("nc", {"flag_index": 0.0}),
+    "verdict shadow reference": ("verdict", {}),
+    # the thresholds with the best mean DER on the 30 shadow models (benchmarks/results/verdict_stop.md)
+    "verdict shadow stop": ("verdict", {"stop_index": 1.0, "stop_asr": 0.0}),
+}
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
 `verdict shadow reference` judges both verdicts against the class reference of the fold's shadow
-models (REFERENCED), as the fold's agents do."""
-REFERENCED = ("verdict shadow reference",)
+models (REFERENCED), as the fold's agents do; `verdict shadow stop` also stops with the thresholds
+chosen on the shadow models (benchmarks/verdict_stop.py)."""
+REFERENCED = ("verdict shadow reference", "verdict shadow stop")
 """Methods given the fold's class reference (fold_references): each class's median trigger size over the
 shadow models of the other four attacks, never over the held-out attack's models."""
 ORACLES = ("oracle", "oracle signal mode")
