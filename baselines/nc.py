@@ -83,15 +83,18 @@ class NC(Defense):
             clean = Evaluator(gm, x, layers)
             base = (clean.logits().argmax(1) == y).float().mean().item()
             gone = self.backdoor_gone(gm, work, layout, x, y)
+            self.extra["stopped"] = "max_ratio"  # why the sweep ended, for a reader of the report
             with tqdm(order[:limit], desc=f"{self.name}: pruning", disable=not self.params.progress,
                       leave=False) as sweep:  # fmt: skip
                 for u in sweep:
                     masks.prune([u])
                     acc = (clean.logits(layers).argmax(1) == y).float().mean().item()
                     if base - acc > self.params.max_acc_drop:
+                        self.extra["stopped"] = "max_acc_drop"
                         break
                     chosen.append(u)
                     if gone(chosen):
+                        self.extra["stopped"] = "backdoor gone"
                         break
         return chosen
 

@@ -347,7 +347,7 @@ def test_verdict_follows_the_latent_shift_to_a_backdoor_no_pixel_reaches_and_sto
     assert d["latent_gap"]["anomaly_index"] > d["inversion"]["anomaly_index"]
     layout, _ = find_units(model, x[:2])
     assert result.pruned == [layout.by_name["fc"].offset + 5]  # the planted unit, and nothing after it
-    assert d["latent_index_after"][-1] <= 2
+    assert d["latent_index_after"][-1] <= 2 and d["stopped"] == "backdoor gone"
     assert torch.equal(result.model(x).argmax(1), y)  # clean behaviour intact
 
 
