@@ -100,9 +100,9 @@ class NC(Defense):
 
     def backdoor_gone(self, gm: fx.GraphModule, work: nn.Module, layout: UnitLayout, x: torch.Tensor,
                       y: torch.Tensor) -> Callable[[list[int]], bool]:  # fmt: skip
-        """NC's stopping test, read after each cut (the units cut so far) on the pruned `work` (`gm` is its
-        traced graph):
-        the reversed trigger sends at most `stop_asr` of the other classes' images to its class."""
+        """NC's stopping test, read after each cut (given the units cut so far) on the pruned `work` (`gm`
+        is its traced graph): the reversed trigger sends at most `stop_asr` of the other classes' images
+        to its class."""
         triggered = self.inverted.apply(self.suspect, x[y != self.suspect])
         trig = Evaluator(gm, triggered, self.layers)
         trig.logits()

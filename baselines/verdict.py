@@ -41,7 +41,7 @@ from onp_env.config import bounded
 from onp_env.graph.units import UnitLayout
 from onp_env.signals.latent_shift import (
     LatentShift,
-    LatentShiftParams,
+    classifier_connection,
     classifier_inputs,
     input_columns,
     min_shifts,
@@ -78,8 +78,7 @@ class Verdict(NC):
         if follows == "inversion":
             return by_inversion
         self.suspect = k
-        head = next(c for c in layout.connections if c.module == layout.output)
-        self.layers = list(head.sources)
+        self.layers = list(classifier_connection(layout).sources)
         self.extra.update(suspect=k, anomaly_index=latent["anomaly_index"], layer=", ".join(self.layers),
                           flagged=latent["anomaly_index"] > self.params.flag_index)  # fmt: skip
         values = unit_values(shifts[k], layout)
@@ -89,17 +88,16 @@ class Verdict(NC):
                       y: torch.Tensor) -> Callable[[list[int]], bool]:  # fmt: skip
         if self.extra["follows"] == "inversion":
             return super().backdoor_gone(gm, work, layout, x, y)
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[: self.params.latent_images]
+        pick = self.latent.pick(len(x))  # the images the shifts were solved on
         xs, ys = x[pick], y[pick].cpu()
         head = dict(work.named_modules())[layout.output]
         w = head.weight.detach().cpu()
         b = head.bias.detach().cpu() if head.bias is not None else torch.zeros(len(w))
-        qp = LatentShiftParams(images=self.params.latent_images)
 
         def gone(cut: list[int]) -> bool:
             keep = ~input_columns(layout, cut)
             h = classifier_inputs(work, layout, xs).cpu()  # through the masks: pruned units read 0
-            norms = min_shifts(h[:, keep], ys, w[:, keep], b, qp).norm(dim=1)
+            norms = min_shifts(h[:, keep], ys, w[:, keep], b, self.latent.params).norm(dim=1)
             index = float(self.latent.suspicion(norms)[self.suspect])
             self.extra.setdefault("latent_index_after", []).append(round(index, 3))
             return index <= self.params.stop_index

@@ -46,11 +46,10 @@ from onp_env.artifacts import write_text_atomic
 from onp_env.config import AttackConfig, LabConfig, from_dict
 from onp_env.defend import defend_artifact, defense_subset
 from onp_env.env import NeuronPruningEnv, PruningTarget
-from onp_env.graph.units import find_units
+from onp_env.env.signals import reference_norms
 from onp_env.masking import Masks
 from onp_env.metrics import der, evaluate
 from onp_env.results import append
-from onp_env.signals import LatentShift, TriggerInversion
 from onp_env.signals.base import class_reference
 
 HERE = Path(__file__).resolve().parent
@@ -286,18 +285,12 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
 
 
 def shadow_norms(path: str) -> tuple[dict, float]:
-    """A shadow model's per-class trigger sizes under both verdicts (inversion and latent shift, their
-    default settings and seed 0, on its defense set: what `onp train-agent`'s with_reference computes)
-    and its all-to-one target; and the seconds they took."""
+    """A shadow model's per-class trigger sizes under both verdicts (their default settings, seed 0:
+    what `onp train-agent`'s with_reference computes) and its all-to-one target; and the seconds they
+    took."""
     start = time.perf_counter()
-    art = load_artifact(path)
-    x, y = art.defense_set()
-    layout, _ = find_units(art.model, x[:2])
-    attack = art.attack
-    row = {"target": attack.target if attack is not None and attack.mode == "all-to-one" else None,
-           "inversion": TriggerInversion().invert(art.model, x, y).norms.tolist(),
-           "latent_gap": LatentShift().shifts(art.model, layout, x, y).norm(dim=1).tolist()}  # fmt: skip
-    return row, time.perf_counter() - start
+    target, sizes = reference_norms(path, ["inversion", "latent_gap"], {})
+    return {"target": target, **sizes}, time.perf_counter() - start
 
 
 def fold_references(shadow: dict[str, dict]) -> dict[str, list[float]]:

@@ -402,11 +402,7 @@ class NeuronPruningEnv(gym.Env):
         follow=verdict, only the column whose signal has the largest verdict (the first of equals)."""
         out = self.nominees() >= 0
         if self.cfg.follow == "verdict":
-            signal_globals = np.asarray(self.task.signal_globals.tolist())  # static: read once per model
-            glob = np.zeros(len(self.global_names), np.float32)
-            glob[len(GLOBALS) : len(GLOBALS) + len(signal_globals)] = signal_globals
-            verdicts = np.where(np.array(self._verdict_of) >= 0, self._verdicts(glob), -np.inf)
-            out &= np.arange(len(out)) == int(np.argmax(verdicts))
+            out &= np.arange(len(out)) == self._followed
         return out
 
     def unit_choices(self) -> np.ndarray:
@@ -482,7 +478,10 @@ class NeuronPruningEnv(gym.Env):
         self.acc, self.asr, self.score = self.task.measure_start()
         self.acc0 = self.acc
         self._needs_reset = False
-        return self._obs(), self._info()
+        obs = self._obs()
+        if self.cfg.follow == "verdict":  # the verdicts are the model's: one column for the whole episode
+            self._followed = int(np.argmax(np.where(np.array(self._verdict_of) >= 0, obs["verdicts"], -np.inf)))
+        return obs, self._info()
 
     def _units_for(self, units: list[int]) -> list[int]:
         if not self.cfg.group:

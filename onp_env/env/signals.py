@@ -126,27 +126,38 @@ def takes_reference(name: str) -> bool:
     return name in SIGNALS and issubclass(SIGNALS[name].Params, VerdictParams)
 
 
+def reference_norms(artifact: str | Path, sets: Sequence[str], params: dict[str, Any], device: str = "cpu"
+                    ) -> tuple[int | None, dict[str, list[float]]]:  # fmt: skip
+    """One reference model's evidence for class_reference: its all-to-one target (None for a clean or
+    all-to-all model) and, for each verdict signal in `sets` (with its `params`), the per-class trigger
+    sizes it computes on the model's defense set."""
+    from onp_env.artifacts import load_artifact
+    from onp_env.graph.units import find_units
+
+    art = load_artifact(artifact)
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    attack = art.attack
+    target = attack.target if attack is not None and attack.mode == "all-to-one" else None
+    sizes = {s: SIGNALS[s](device=device, **params.get(s, {})).compute(art.model, layout, x, y).details["norms"]
+             for s in sets}  # fmt: skip
+    return target, sizes
+
+
 def with_reference(sets: list[str], params: dict[str, Any], artifacts: Sequence[str | Path], device: str = "cpu",
                    progress: bool = False) -> dict[str, Any]:  # fmt: skip
     """`params` with the `reference` (Signal.suspicion) of every signal set that takes one computed on
     `artifacts`: the defender's own shadow models, whose attacks it knows (a model's target class is
     left out of that class's reference). A reference already set is kept."""
-    from onp_env.artifacts import load_artifact
-    from onp_env.graph.units import find_units
-
     out = {name: dict(p) for name, p in params.items()}
     todo = [s for s in sets if takes_reference(s) and not out.get(s, {}).get("reference")]
     norms: dict[str, list[torch.Tensor]] = {s: [] for s in todo}
     targets: list[int | None] = []
     for path in tqdm(artifacts if todo else [], desc="signal reference", disable=not progress):
-        art = load_artifact(path)
-        x, y = art.defense_set()
-        layout, _ = find_units(art.model, x[:2])
-        attack = art.attack
-        targets.append(attack.target if attack is not None and attack.mode == "all-to-one" else None)
+        target, sizes = reference_norms(path, todo, out, device)
+        targets.append(target)
         for s in todo:
-            result = SIGNALS[s](device=device, **out.get(s, {})).compute(art.model, layout, x, y)
-            norms[s].append(torch.tensor(result.details["norms"]))
+            norms[s].append(torch.tensor(sizes[s]))
     for s in todo:
         out.setdefault(s, {})["reference"] = [float(v) for v in class_reference(norms[s], targets)]
     return out

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from onp_env.config import bounded
-from onp_env.graph.units import UnitLayout
+from onp_env.graph.units import Connection, UnitLayout
 from onp_env.signals.base import Signal, SignalResult, VerdictParams
 
 
@@ -98,11 +98,17 @@ def _project(a: torch.Tensor, c: torch.Tensor, sweeps: int) -> torch.Tensor:
     return a.T @ lam
 
 
+def classifier_connection(layout: UnitLayout) -> Connection:
+    """The connection into the classifier (layout.output): the unit layers it reads, and how many of
+    its input columns each of their units feeds."""
+    return next(c for c in layout.connections if c.module == layout.output)
+
+
 def unit_values(shift: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
     """(units,) a classifier-input vector folded onto the units that feed the classifier (summed over
     a unit's inputs); NaN for every other unit."""
     out = torch.full((layout.num_units,), float("nan"))
-    head = next(c for c in layout.connections if c.module == layout.output)
+    head = classifier_connection(layout)
     for name in head.sources:
         lay = layout.by_name[name]
         out[lay.offset : lay.offset + lay.size] = shift.view(lay.size, head.fan).sum(1)
@@ -112,7 +118,7 @@ def unit_values(shift: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
 def input_columns(layout: UnitLayout, units: list[int]) -> torch.Tensor:
     """(features,) which of the classifier's inputs the flat unit indices `units` feed (unit_values'
     inverse): the inputs a pruned unit holds at 0, which a shift cannot move."""
-    head = next(c for c in layout.connections if c.module == layout.output)
+    head = classifier_connection(layout)
     cut = torch.zeros(layout.num_units, dtype=torch.bool)
     cut[units] = True
     spans = [cut[layout.by_name[n].offset : layout.by_name[n].offset + layout.by_name[n].size] for n in head.sources]
@@ -125,12 +131,15 @@ class LatentShift(Signal):
     Params = LatentShiftParams
     observed = {"anomaly": ("anomaly_index", 10.0)}  # flagged above 2, i.e. 0.2 in the observation
 
+    def pick(self, n: int) -> torch.Tensor:
+        """Which of `n` defense images the shift must send to each class (`images` of them, by the seed)."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.params.images]
+
     def shifts(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(K, features) each class's minimum shift of the classifier's input (min_shifts)."""
         head = dict(model.named_modules())[layout.output]
         self.check_reference(head.weight.shape[0])
-        g = torch.Generator().manual_seed(self.seed)
-        pick = torch.randperm(len(x), generator=g)[: self.params.images]
+        pick = self.pick(len(x))
         h = classifier_inputs(model, layout, x[pick].to(self.device)).cpu()
         w = head.weight.detach().cpu()
         b = head.bias.detach().cpu() if head.bias is not None else torch.zeros(len(w))
