@@ -17,6 +17,9 @@ larger index, and prune the units that feed the classifier in that signal's orde
   an outlier (its anomaly index at most `stop_index`, NC's threshold of 2) when the shift may not use
   the units pruned so far (the latent QP solved again on the pruned model, every class).
 
+With `inversion_first`, a flagged inversion that names the latent shift's class is followed whatever
+the indices.
+
 Either way, never prune a unit that costs more than `max_acc_drop` of defense-set accuracy or go
 beyond `max_ratio` of the layer, and prune nothing when the stronger verdict's index is at most
 `flag_index` (NC's 2).
@@ -58,6 +61,10 @@ class VerdictParams(NCParams):
     stop_index: float = bounded(2.0, ge=0, le=1000)
     """Latent shift: stop once the suspected class's anomaly index, the pruned units ruled out, is at
     most this."""
+    inversion_first: bool = False
+    """Follow the inversion whenever it is flagged and names the latent shift's class, whatever the two
+    indices: where both reach one class the trigger is reachable in input space, and the latent
+    shift's re-solved index can fall below the line after one cut while the trigger still works."""
 
 
 class Verdict(NC):
@@ -74,6 +81,8 @@ class Verdict(NC):
         k = int(torch.argmax(index))
         latent = {"suspect": k, "anomaly_index": float(index[k]), "norms": shifts.norm(dim=1).tolist()}
         follows = "latent_gap" if latent["anomaly_index"] > inversion["anomaly_index"] else "inversion"
+        if self.params.inversion_first and k == inversion["suspect"] and self.extra["flagged"]:
+            follows = "inversion"
         self.extra.update(follows=follows, inversion=inversion, latent_gap=latent)
         if follows == "inversion":
             return by_inversion

@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> None:
 
     held_labs = held_out_labs(args.attacks, args.seeds[: args.models])
     # variant after variant, each on every fold: a run stopped part-way leaves whole variants, not whole folds
-    chosen = {args.name: []} | {v: ABLATIONS[v] for v in args.variants}
+    chosen = ({} if args.no_agent else {args.name: []}) | {v: ABLATIONS[v] for v in args.variants}
     pairs = [(held, v, sets) for v, sets in chosen.items() for held in args.attacks]
     if args.ablations:  # the ablations proper: the first fold only
         pairs += [(args.attacks[0], v, sets) for v, sets in ABLATIONS.items() if v not in chosen]
@@ -690,6 +690,9 @@ def main() -> None:
     p.add_argument("--name", default="onp", type=_agent_name,
                    help="the agent's method name in the rows: another name keeps the baselines' rows and "
                         "adds a second agent beside `onp` (its runs under --runs/without-A/NAME)")  # fmt: skip
+    p.add_argument("--no-agent", action="store_true",
+                   help="run only --methods and --variants, not the protocol's agent (e.g. to confirm them on "
+                        "fresh --seeds without training it)")  # fmt: skip
     p.add_argument("--runs", type=Path, default=HERE / "runs" / "onp")
     p.add_argument("--results", type=Path, default=HERE / "results" / "onp.md")
     args = p.parse_args()

@@ -177,12 +177,17 @@ def read_verdicts(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, VERDICTS, fix=FIX)
 
 
+def _stop_key(row: dict[str, Any]) -> str:
+    return f"{row['model']}/{row['fraction']:g}" + ("/inversion first" if row.get("inversion_first") else "")
+
+
 VERDICT_STOP = Schema(
     "verdict stop setting",
     {"key": TEXT, "model": TEXT, "attack": TEXT, "fraction": FRACTION, "stop_index": REAL, "stop_asr": FRACTION,
      "follows": TEXT, "acc": FRACTION, "asr": FRACTION, "der": FRACTION, "before": MEASURES, "pruned": COUNT},
-    consistent=lambda r: None if r["key"] == f"{r['model']}/{r['fraction']:g}" else f"its key {r['key']!r} does not "
-    "match its model and fraction",
+    optional={"inversion_first": _flag},
+    consistent=lambda r: None if r["key"] == _stop_key(r) else f"its key {r['key']!r} does not match its model, "
+    "fraction and setting",
 )  # fmt: skip
 """verdict_stop.py: the `verdict` defense with one stop setting on one shadow model and fraction."""
 

@@ -1,17 +1,20 @@
-"""The `verdict` defense's stopping thresholds, chosen on the defender's own shadow models.
+"""The `verdict` defense's stopping thresholds and its `inversion_first` rule, chosen on the defender's
+own shadow models.
 
     python benchmarks/verdict_stop.py [--workers 2] [--report-only]
 
 `verdict` (baselines/verdict.py) stops following the inversion once its reversed trigger sends at
 most `stop_asr` of the other classes' defense images to its class, and following the latent shift
 once the suspected class's anomaly index, the pruned units ruled out, is at most `stop_index`. Their
-defaults are Neural Cleanse's (5%, and its outlier threshold of 2). This runs a grid of both on the
+defaults are Neural Cleanse's (5%, and its outlier threshold of 2). With `inversion_first` it
+follows a flagged inversion that names the latent shift's class whatever the indices. This runs a
+grid of the three on the
 sampled zoo's 30 shadow models (configs/agent/fashion-mnist-sampled.yaml), each judged against the
 class reference of the protocol fold that left its attack out (runs/onp-sampled/without-ATTACK/
 reference.json, written by onp_vs_baselines.py for `verdict shadow reference`), so that a model's
 own attack is as unseen as a held-out model's. The shadow models are the defender's: their test
 splits and triggers may score the settings; the held-out models of the protocol are not used. One
-JSON line per model and fraction, every setting in it (resumable); writes verdict_stop.md."""
+JSON line per model, fraction and setting (resumable); writes verdict_stop.md."""
 
 from __future__ import annotations
 
@@ -42,23 +45,32 @@ RUNS = HERE / "runs" / "onp-sampled"
 RESULTS = HERE / "results" / "verdict_stop.md"
 STOP_INDEX = (2.0, 1.0, 0.0)
 STOP_ASR = (0.05, 0.02, 0.0)
+INVERSION_FIRST = (False, True)
 
 
-def measure(model: str, path: str, attack: str, fraction: float, reference: dict) -> list[dict]:
-    """`verdict` with every setting of the grid on one shadow model. Which signal it follows does not
-    depend on the thresholds, and its sweep reads only that signal's: the other axis is not rerun."""
+def measure(model: str, path: str, attack: str, fraction: float, reference: dict, inversion_first: bool = False,
+            same_as: list[dict] | None = None) -> list[dict]:  # fmt: skip
+    """`verdict` with every threshold of the grid on one shadow model. Which signal it follows does not
+    depend on the thresholds, and its sweep reads only that signal's: the other axis is not rerun. With
+    `inversion_first`, a model whose first run follows the signal its rows without it (`same_as`)
+    followed ran the very same sweeps: those rows are taken over."""
     torch.set_num_threads(1)
     art = load_artifact(path)
     x, y = defense_subset(art, fraction)
     ds = art.dataset()
     before = {k: art.metrics[k] for k in ("acc", "asr", "ra")}
+    key = f"{model}/{fraction:g}" + ("/inversion first" if inversion_first else "")
+    setting = {"inversion_first": True} if inversion_first else {}
 
     def run(stop_index: float, stop_asr: float) -> tuple:
-        result = Verdict(stop_index=stop_index, stop_asr=stop_asr, **reference).run(art.model, x, y)
+        defense = Verdict(stop_index=stop_index, stop_asr=stop_asr, inversion_first=inversion_first, **reference)
+        result = defense.run(art.model, x, y)
         return result, evaluate(result.model, ds.test_x, ds.test_y, art.attack)
 
     first = run(STOP_INDEX[0], STOP_ASR[0])
     latent = first[0].details["follows"] == "latent_gap"
+    if same_as and same_as[0]["follows"] == first[0].details["follows"]:
+        return [{**r, "key": key, **setting} for r in same_as]
     runs = {STOP_INDEX[0] if latent else STOP_ASR[0]: first}  # by the one threshold this model's sweep reads
     rows = []
     for stop_index in STOP_INDEX:
@@ -67,7 +79,7 @@ def measure(model: str, path: str, attack: str, fraction: float, reference: dict
             if read not in runs:
                 runs[read] = run(stop_index, stop_asr)
             result, after = runs[read]
-            rows.append({"key": f"{model}/{fraction:g}", "model": model, "attack": attack, "fraction": fraction,
+            rows.append({"key": key, "model": model, "attack": attack, "fraction": fraction, **setting,
                          "stop_index": stop_index, "stop_asr": stop_asr, "follows": result.details["follows"],
                          **after, "der": der(before, after), "before": before,
                          "pruned": len(result.pruned)})  # fmt: skip
@@ -77,7 +89,7 @@ def measure(model: str, path: str, attack: str, fraction: float, reference: dict
 def report(rows: list[dict]) -> str:
     by_setting: dict[tuple, list[dict]] = {}
     for r in rows:
-        by_setting.setdefault((r["stop_index"], r["stop_asr"]), []).append(r)
+        by_setting.setdefault((r.get("inversion_first", False), r["stop_index"], r["stop_asr"]), []).append(r)
     n = {len(v) for v in by_setting.values()}
     models = len({r["model"] for r in rows})
 
@@ -96,30 +108,35 @@ def report(rows: list[dict]) -> str:
         f"{', '.join(f'{f:g}' for f in sorted({r['fraction'] for r in rows}))} of the training split as defense data, "
         "each model judged against the class reference of the protocol fold that left its attack out. Mean ± std "
         f"over {'/'.join(map(str, sorted(n)))} runs per setting, in %; ACC lost in points. `stop_asr` ends a sweep "
-        "that follows the inversion, `stop_index` one that follows the latent shift. The setting with the best mean "
+        "that follows the inversion, `stop_index` one that follows the latent shift; `inversion_first` follows a "
+        "flagged inversion that names the latent shift's class whatever the indices. The setting with the best mean "
         "DER (then the least accuracy lost) is marked: chosen here, on the defender's models, it is the one the "
-        "protocol's `verdict shadow stop` runs on held-out models.",
+        "protocol runs on held-out models (`verdict shadow stop` for the thresholds alone, `verdict shadow first` "
+        "for all three).",
         "",
-        "| stop_index | stop_asr | n | ACC lost | ASR % | DER % | pruned |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| inversion_first | stop_index | stop_asr | n | ACC lost | ASR % | DER % | pruned |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (si, sa), rs in sorted(by_setting.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
-        mark = "**" if (si, sa) == best else ""
+    order = sorted(by_setting.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[0][2]))
+    for (first, si, sa), rs in order:
+        mark = "**" if (first, si, sa) == best else ""
         lost = ms([r["before"]["acc"] - r["acc"] for r in rs])
-        lines.append(f"| {mark}{si:g}{mark} | {mark}{sa:g}{mark} | {len(rs)} | {lost} "
+        lines.append(f"| {mark}{str(first).lower()}{mark} | {mark}{si:g}{mark} | {mark}{sa:g}{mark} | {len(rs)} | {lost} "
                      f"| {ms([r['asr'] for r in rs])} | {mark}{ms([r['der'] for r in rs])}{mark} "
                      f"| {ms([r['pruned'] for r in rs], 1)} |")  # fmt: skip
     lines += ["", "## Per attack, each setting's mean DER % (followed: the share of runs on the latent shift)", ""]
     attacks = sorted({r["attack"] for r in rows})
-    lines += ["| stop_index | stop_asr | " + " | ".join(attacks) + " |", "|---:|---:|" + "---:|" * len(attacks)]
-    for (si, sa), rs in sorted(by_setting.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
+    lines += ["| inversion_first | stop_index | stop_asr | " + " | ".join(attacks) + " |",
+              "|---|---:|---:|" + "---:|" * len(attacks)]  # fmt: skip
+    for (first, si, sa), rs in order:
         cells = []
         for a in attacks:
             sel = [r for r in rs if r["attack"] == a]
             lat = sum(r["follows"] == "latent_gap" for r in sel) / len(sel)
             cells.append(f"{statistics.mean(r['der'] for r in sel) * 100:.1f} ({lat:.0%})")
-        lines.append(f"| {si:g} | {sa:g} | " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", f"Chosen: `stop_index={best[0]:g}`, `stop_asr={best[1]:g}`.", ""])
+        lines.append(f"| {str(first).lower()} | {si:g} | {sa:g} | " + " | ".join(cells) + " |")
+    chosen = f"`inversion_first={str(best[0]).lower()}`, `stop_index={best[1]:g}`, `stop_asr={best[2]:g}`"
+    return "\n".join([*lines, "", f"Chosen: {chosen}.", ""])
 
 
 def main() -> None:
@@ -141,13 +158,16 @@ def main() -> None:
                 raise OnpError(f"{ref} not found: run benchmarks/onp_vs_baselines.py --methods 'verdict shadow "
                                "reference' first (it writes each fold's class reference)")  # fmt: skip
             refs[lab.attack.name] = json.loads(ref.read_text())
-        done = {r["key"] for r in read_verdict_stop(jsonl)}
-        jobs = [(lab, f) for lab in labs for f in args.fractions if f"{lab.name}/{f:g}" not in done]
+        rows = read_verdict_stop(jsonl)
+        done = {r["key"] for r in rows}
+        jobs = [(lab, f, first) for first in INVERSION_FIRST for lab in labs for f in args.fractions
+                if f"{lab.name}/{f:g}" + ("/inversion first" if first else "") not in done]  # fmt: skip
         paths = {lab.name: str(build_artifact(lab, progress=False)) for lab in labs}  # cached by the protocol
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, ctx) as pool:
-            futures = [pool.submit(measure, lab.name, paths[lab.name], lab.attack.name, f, refs[lab.attack.name])
-                       for lab, f in jobs]  # fmt: skip
+            futures = [pool.submit(measure, lab.name, paths[lab.name], lab.attack.name, f, refs[lab.attack.name],
+                                   first, [r for r in rows if r["key"] == f"{lab.name}/{f:g}"] if first else None)
+                       for lab, f, first in jobs]  # fmt: skip
             for fut in tqdm(as_completed(futures), total=len(futures), desc="shadow models"):
                 for row in fut.result():
                     append(jsonl, row)

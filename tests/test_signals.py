@@ -351,6 +351,30 @@ def test_verdict_follows_the_latent_shift_to_a_backdoor_no_pixel_reaches_and_sto
     assert torch.equal(result.model(x).argmax(1), y)  # clean behaviour intact
 
 
+def test_inversion_first_follows_a_flagged_inversion_of_the_latent_shifts_class_whatever_the_indices(monkeypatch):
+    from baselines.verdict import Verdict
+
+    real = NC.scores
+
+    def inverts(suspect):  # a flagged inversion naming `suspect`, with a smaller index than the latent shift's
+        def scores(self, *args):
+            out = real(self, *args)
+            self.suspect = suspect
+            self.extra.update(suspect=suspect, anomaly_index=2.5, flagged=True)
+            return out
+
+        return scores
+
+    model, x, y = planted()  # its latent shift names class 2
+    monkeypatch.setattr(NC, "scores", inverts(2))
+    larger = Verdict(steps=40, images=64).run(model, x, y).details
+    first = Verdict(steps=40, images=64, inversion_first=True).run(model, x, y).details
+    assert larger["latent_gap"]["anomaly_index"] > 2.5 and larger["follows"] == "latent_gap"
+    assert first["follows"] == "inversion" and first["suspect"] == 2 and first["anomaly_index"] == 2.5
+    monkeypatch.setattr(NC, "scores", inverts(3))  # another class: the larger index still decides
+    assert Verdict(steps=40, images=64, inversion_first=True).run(model, x, y).details["follows"] == "latent_gap"
+
+
 def test_verdict_with_the_stronger_inversion_is_nc():
     from baselines.verdict import Verdict
 
