@@ -121,7 +121,8 @@ def report(rows: list[dict]) -> str:
     for (first, si, sa), rs in order:
         mark = "**" if (first, si, sa) == best else ""
         lost = ms([r["before"]["acc"] - r["acc"] for r in rs])
-        lines.append(f"| {mark}{str(first).lower()}{mark} | {mark}{si:g}{mark} | {mark}{sa:g}{mark} | {len(rs)} | {lost} "
+        bold = [f"{mark}{v}{mark}" for v in (str(first).lower(), f"{si:g}", f"{sa:g}")]
+        lines.append(f"| {' | '.join(bold)} | {len(rs)} | {lost} "
                      f"| {ms([r['asr'] for r in rs])} | {mark}{ms([r['der'] for r in rs])}{mark} "
                      f"| {ms([r['pruned'] for r in rs], 1)} |")  # fmt: skip
     lines += ["", "## Per attack, each setting's mean DER % (followed: the share of runs on the latent shift)", ""]
