@@ -62,13 +62,16 @@ SETTINGS = {
     "verdict shadow reference": ("verdict", {}),
     # the thresholds with the best mean DER on the 30 shadow models (benchmarks/results/verdict_stop.md)
     "verdict shadow stop": ("verdict", {"stop_index": 1.0, "stop_asr": 0.0}),
+    # ... and with inversion_first, the best of its grid beside the thresholds (verdict_stop.md)
+    "verdict shadow first": ("verdict", {"inversion_first": True, "stop_index": 2.0, "stop_asr": 0.0}),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
 `verdict shadow reference` judges both verdicts against the class reference of the fold's shadow
 models (REFERENCED), as the fold's agents do; `verdict shadow stop` also stops with the thresholds
-chosen on the shadow models (benchmarks/verdict_stop.py)."""
-REFERENCED = ("verdict shadow reference", "verdict shadow stop")
+chosen on the shadow models (benchmarks/verdict_stop.py); `verdict shadow first` with the setting of
+that grid that also follows a flagged inversion naming the latent shift's class."""
+REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")
 """Methods given the fold's class reference (fold_references): each class's median trigger size over the
 shadow models of the other four attacks, never over the held-out attack's models."""
 ORACLES = ("oracle", "oracle signal mode")

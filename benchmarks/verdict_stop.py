@@ -133,6 +133,9 @@ def report(rows: list[dict]) -> str:
         cells = []
         for a in attacks:
             sel = [r for r in rs if r["attack"] == a]
+            if not sel:  # a run in progress
+                cells.append("")
+                continue
             lat = sum(r["follows"] == "latent_gap" for r in sel) / len(sel)
             cells.append(f"{statistics.mean(r['der'] for r in sel) * 100:.1f} ({lat:.0%})")
         lines.append(f"| {str(first).lower()} | {si:g} | {sa:g} | " + " | ".join(cells) + " |")

@@ -352,6 +352,7 @@ def test_the_verdict_stop_report_marks_the_setting_with_the_best_shadow_der(monk
     first = {**rows[2], "key": "a/0.05/inversion first", "inversion_first": True, "der": 0.95, "acc": 0.89}
     assert ROWS.VERDICT_STOP.problem(first) is None
     assert ROWS.VERDICT_STOP.problem({**first, "key": "a/0.05"}) is not None
+    assert "| true | 0 | 0.05 |  | 95.0 (100%) |" in script.report([*rows, first])  # in progress: b not reached
     text = script.report([*rows, first, {**rows[3], "key": "b/0.05/inversion first", "inversion_first": True}])
     assert "| **true** | **0** | **0.05** | 2 | 1.0 ± 0.0 | 30.0 ± 10.0 | **92.5 ± 2.5** | 3.0 ± 0.0 |" in text
     assert "Chosen: `inversion_first=true`" in text
