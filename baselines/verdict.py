@@ -18,7 +18,9 @@ larger index, and prune the units that feed the classifier in that signal's orde
   the units pruned so far (the latent QP solved again on the pruned model, every class).
 
 With `inversion_first`, a flagged inversion that names the latent shift's class is followed whatever
-the indices.
+the indices. With `latent_probe`, the latent sweep stops as the inversion's does: once the shift
+found on the unpruned model, less its pruned units' part, sends at most `stop_asr` of the other
+classes' images to the suspected class.
 
 Either way, never prune a unit that costs more than `max_acc_drop` of defense-set accuracy or go
 beyond `max_ratio` of the layer, and prune nothing when the stronger verdict's index is at most
@@ -61,6 +63,10 @@ class VerdictParams(NCParams):
     stop_index: float = bounded(2.0, ge=0, le=1000)
     """Latent shift: stop once the suspected class's anomaly index, the pruned units ruled out, is at
     most this."""
+    latent_probe: bool = False
+    """Latent shift: stop instead once the suspected class's shift (solved on the unpruned model), the
+    pruned units' part of it lost, sends at most `stop_asr` of the other classes' images to its class:
+    NC's test with the shift for the inverted trigger, no QP solved again."""
     inversion_first: bool = False
     """Follow the inversion whenever it is flagged and names the latent shift's class, whatever the two
     indices: where both reach one class the trigger is reachable in input space, and the latent
@@ -86,7 +92,7 @@ class Verdict(NC):
         self.extra.update(follows=follows, inversion=inversion, latent_gap=latent)
         if follows == "inversion":
             return by_inversion
-        self.suspect = k
+        self.suspect, self.shift = k, shifts[k]
         self.layers = list(classifier_connection(layout).sources)
         self.extra.update(suspect=k, anomaly_index=latent["anomaly_index"], layer=", ".join(self.layers),
                           flagged=latent["anomaly_index"] > self.params.flag_index)  # fmt: skip
@@ -102,6 +108,18 @@ class Verdict(NC):
         head = dict(work.named_modules())[layout.output]
         w = head.weight.detach().cpu()
         b = head.bias.detach().cpu() if head.bias is not None else torch.zeros(len(w))
+
+        if self.params.latent_probe:
+            others = xs[(ys != self.suspect).to(xs.device)]
+
+            def probed(cut: list[int]) -> bool:
+                h = classifier_inputs(work, layout, others).cpu()  # pruned units read 0 ...
+                shifted = h + torch.where(input_columns(layout, cut), 0.0, self.shift)  # ... and move no more
+                rate = float(((shifted @ w.T + b).argmax(1) == self.suspect).float().mean())
+                self.extra.setdefault("latent_probe_after", []).append(round(rate, 3))
+                return rate <= self.params.stop_asr
+
+            return probed
 
         def gone(cut: list[int]) -> bool:
             keep = ~input_columns(layout, cut)

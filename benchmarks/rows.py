@@ -178,14 +178,16 @@ def read_verdicts(path: Path) -> list[dict[str, Any]]:
 
 
 def _stop_key(row: dict[str, Any]) -> str:
-    return f"{row['model']}/{row['fraction']:g}" + ("/inversion first" if row.get("inversion_first") else "")
+    """verdict_stop.py's key: the model, the fraction, then each flag on (inversion_first, latent_probe)."""
+    flags = [f for f in ("inversion_first", "latent_probe") if row.get(f)]
+    return f"{row['model']}/{row['fraction']:g}" + "".join(f"/{f.replace('_', ' ')}" for f in flags)
 
 
 VERDICT_STOP = Schema(
     "verdict stop setting",
     {"key": TEXT, "model": TEXT, "attack": TEXT, "fraction": FRACTION, "stop_index": REAL, "stop_asr": FRACTION,
      "follows": TEXT, "acc": FRACTION, "asr": FRACTION, "der": FRACTION, "before": MEASURES, "pruned": COUNT},
-    optional={"inversion_first": _flag},
+    optional={"inversion_first": _flag, "latent_probe": _flag},
     consistent=lambda r: None if r["key"] == _stop_key(r) else f"its key {r['key']!r} does not match its model, "
     "fraction and setting",
 )  # fmt: skip

@@ -45,43 +45,52 @@ RUNS = HERE / "runs" / "onp-sampled"
 RESULTS = HERE / "results" / "verdict_stop.md"
 STOP_INDEX = (2.0, 1.0, 0.0)
 STOP_ASR = (0.05, 0.02, 0.0)
-INVERSION_FIRST = (False, True)
+FLAGS = ("inversion_first", "latent_probe")
+RULES = ((), ("inversion_first",), ("inversion_first", "latent_probe"))
+"""The rules graded, each a set of the flags on: the larger index, then inversion_first, then also
+the latent probe (each against the rule before it)."""
 
 
-def measure(model: str, path: str, attack: str, fraction: float, reference: dict, inversion_first: bool = False,
+def stop_key(model: str, fraction: float, flags: tuple[str, ...]) -> str:
+    return f"{model}/{fraction:g}" + "".join(f"/{f.replace('_', ' ')}" for f in flags)
+
+
+def measure(model: str, path: str, attack: str, fraction: float, reference: dict, flags: tuple[str, ...] = (),
             same_as: list[dict] | None = None) -> list[dict]:  # fmt: skip
-    """`verdict` with every threshold of the grid on one shadow model. Which signal it follows does not
-    depend on the thresholds, and its sweep reads only that signal's: the other axis is not rerun. With
-    `inversion_first`, a model whose first run follows the signal its rows without it (`same_as`)
-    followed ran the very same sweeps: those rows are taken over."""
+    """`verdict` with every threshold of the grid on one shadow model, with the `flags` on. Which signal
+    it follows does not depend on the thresholds, and its sweep reads only one of them (`stop_index`
+    on the latent shift without the probe, `stop_asr` otherwise): the other axis is not rerun. A model
+    whose first run follows the signal its rows under the rule before (`same_as`) followed, where the
+    new flag changes nothing on that signal, ran the very same sweeps: those rows are taken over."""
     torch.set_num_threads(1)
     art = load_artifact(path)
     x, y = defense_subset(art, fraction)
     ds = art.dataset()
     before = {k: art.metrics[k] for k in ("acc", "asr", "ra")}
-    key = f"{model}/{fraction:g}" + ("/inversion first" if inversion_first else "")
-    setting = {"inversion_first": True} if inversion_first else {}
+    setting = dict.fromkeys(flags, True)
 
     def run(stop_index: float, stop_asr: float) -> tuple:
-        defense = Verdict(stop_index=stop_index, stop_asr=stop_asr, inversion_first=inversion_first, **reference)
+        defense = Verdict(stop_index=stop_index, stop_asr=stop_asr, **setting, **reference)
         result = defense.run(art.model, x, y)
         return result, evaluate(result.model, ds.test_x, ds.test_y, art.attack)
 
     first = run(STOP_INDEX[0], STOP_ASR[0])
-    latent = first[0].details["follows"] == "latent_gap"
-    if same_as and same_as[0]["follows"] == first[0].details["follows"]:
-        return [{**r, "key": key, **setting} for r in same_as]
-    runs = {STOP_INDEX[0] if latent else STOP_ASR[0]: first}  # by the one threshold this model's sweep reads
+    follows = first[0].details["follows"]
+    reads_index = follows == "latent_gap" and "latent_probe" not in flags
+    same_sweep = follows == "inversion" or "latent_probe" not in flags  # the probe only changes a latent sweep
+    if same_as and same_as[0]["follows"] == follows and same_sweep:
+        return [{**r, "key": stop_key(model, fraction, flags), **setting} for r in same_as]
+    runs = {STOP_INDEX[0] if reads_index else STOP_ASR[0]: first}  # by the one threshold this model's sweep reads
     rows = []
     for stop_index in STOP_INDEX:
         for stop_asr in STOP_ASR:
-            read = stop_index if latent else stop_asr
+            read = stop_index if reads_index else stop_asr
             if read not in runs:
                 runs[read] = run(stop_index, stop_asr)
             result, after = runs[read]
-            rows.append({"key": key, "model": model, "attack": attack, "fraction": fraction, **setting,
-                         "stop_index": stop_index, "stop_asr": stop_asr, "follows": result.details["follows"],
-                         **after, "der": der(before, after), "before": before,
+            rows.append({"key": stop_key(model, fraction, flags), "model": model, "attack": attack,
+                         "fraction": fraction, **setting, "stop_index": stop_index, "stop_asr": stop_asr,
+                         "follows": follows, **after, "der": der(before, after), "before": before,
                          "pruned": len(result.pruned)})  # fmt: skip
     return rows
 
@@ -89,7 +98,8 @@ def measure(model: str, path: str, attack: str, fraction: float, reference: dict
 def report(rows: list[dict]) -> str:
     by_setting: dict[tuple, list[dict]] = {}
     for r in rows:
-        by_setting.setdefault((r.get("inversion_first", False), r["stop_index"], r["stop_asr"]), []).append(r)
+        on = tuple(f for f in FLAGS if r.get(f))
+        by_setting.setdefault((on, r["stop_index"], r["stop_asr"]), []).append(r)
     n = {len(v) for v in by_setting.values()}
     models = len({r["model"] for r in rows})
 
@@ -114,20 +124,20 @@ def report(rows: list[dict]) -> str:
         "protocol runs on held-out models (`verdict shadow stop` for the thresholds alone, `verdict shadow first` "
         "for all three).",
         "",
-        "| inversion_first | stop_index | stop_asr | n | ACC lost | ASR % | DER % | pruned |",
+        "| rule | stop_index | stop_asr | n | ACC lost | ASR % | DER % | pruned |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    order = sorted(by_setting.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[0][2]))
+    order = sorted(by_setting.items(), key=lambda kv: (len(kv[0][0]), -kv[0][1], -kv[0][2]))
     for (first, si, sa), rs in order:
         mark = "**" if (first, si, sa) == best else ""
         lost = ms([r["before"]["acc"] - r["acc"] for r in rs])
-        bold = [f"{mark}{v}{mark}" for v in (str(first).lower(), f"{si:g}", f"{sa:g}")]
+        bold = [f"{mark}{v}{mark}" for v in (_rule(first), f"{si:g}", f"{sa:g}")]
         lines.append(f"| {' | '.join(bold)} | {len(rs)} | {lost} "
                      f"| {ms([r['asr'] for r in rs])} | {mark}{ms([r['der'] for r in rs])}{mark} "
                      f"| {ms([r['pruned'] for r in rs], 1)} |")  # fmt: skip
     lines += ["", "## Per attack, each setting's mean DER % (followed: the share of runs on the latent shift)", ""]
     attacks = sorted({r["attack"] for r in rows})
-    lines += ["| inversion_first | stop_index | stop_asr | " + " | ".join(attacks) + " |",
+    lines += ["| rule | stop_index | stop_asr | " + " | ".join(attacks) + " |",
               "|---|---:|---:|" + "---:|" * len(attacks)]  # fmt: skip
     for (first, si, sa), rs in order:
         cells = []
@@ -138,9 +148,13 @@ def report(rows: list[dict]) -> str:
                 continue
             lat = sum(r["follows"] == "latent_gap" for r in sel) / len(sel)
             cells.append(f"{statistics.mean(r['der'] for r in sel) * 100:.1f} ({lat:.0%})")
-        lines.append(f"| {str(first).lower()} | {si:g} | {sa:g} | " + " | ".join(cells) + " |")
-    chosen = f"`inversion_first={str(best[0]).lower()}`, `stop_index={best[1]:g}`, `stop_asr={best[2]:g}`"
+        lines.append(f"| {_rule(first)} | {si:g} | {sa:g} | " + " | ".join(cells) + " |")
+    chosen = ", ".join([*(f"`{f}`" for f in best[0]), f"`stop_index={best[1]:g}`", f"`stop_asr={best[2]:g}`"])
     return "\n".join([*lines, "", f"Chosen: {chosen}.", ""])
+
+
+def _rule(flags: tuple[str, ...]) -> str:
+    return " + ".join(flags) or "larger index"
 
 
 def main() -> None:
@@ -164,14 +178,16 @@ def main() -> None:
             refs[lab.attack.name] = json.loads(ref.read_text())
         rows = read_verdict_stop(jsonl)
         done = {r["key"] for r in rows}
-        jobs = [(lab, f, first) for first in INVERSION_FIRST for lab in labs for f in args.fractions
-                if f"{lab.name}/{f:g}" + ("/inversion first" if first else "") not in done]  # fmt: skip
+        jobs = [(lab, f, rule) for rule in RULES for lab in labs for f in args.fractions
+                if stop_key(lab.name, f, rule) not in done]  # fmt: skip
         paths = {lab.name: str(build_artifact(lab, progress=False)) for lab in labs}  # cached by the protocol
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, ctx) as pool:
+            # under the rule before: its rows (the key of a rule without a flag is the model's own)
+            before = {(lab.name, f, rule): [r for r in rows if rule and r["key"] == stop_key(lab.name, f, rule[:-1])]
+                      for lab, f, rule in jobs}  # fmt: skip
             futures = [pool.submit(measure, lab.name, paths[lab.name], lab.attack.name, f, refs[lab.attack.name],
-                                   first, [r for r in rows if r["key"] == f"{lab.name}/{f:g}"] if first else None)
-                       for lab, f, first in jobs]  # fmt: skip
+                                   rule, before[lab.name, f, rule] or None) for lab, f, rule in jobs]  # fmt: skip
             for fut in tqdm(as_completed(futures), total=len(futures), desc="shadow models"):
                 for row in fut.result():
                     append(jsonl, row)

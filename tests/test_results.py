@@ -345,14 +345,17 @@ def test_the_verdict_stop_report_marks_the_setting_with_the_best_shadow_der(monk
     for r in rows:
         assert ROWS.VERDICT_STOP.problem(r) is None
     text = script.report(rows)
-    assert "| **false** | **0** | **0.05** | 2 | 3.0 ± 2.0 | 30.0 ± 10.0 | **85.0 ± 5.0** | 3.0 ± 0.0 |" in text
-    assert "| false | 2 | 0.05 | 90.0 (0%) | 60.0 (100%) |" in text
-    assert "Chosen: `inversion_first=false`, `stop_index=0`, `stop_asr=0.05`." in text
+    assert "| **larger index** | **0** | **0.05** | 2 | 3.0 ± 2.0 | 30.0 ± 10.0 | **85.0 ± 5.0** | 3.0 ± 0.0 |" in text
+    assert "| larger index | 2 | 0.05 | 90.0 (0%) | 60.0 (100%) |" in text
+    assert "Chosen: `stop_index=0`, `stop_asr=0.05`." in text
     assert ROWS.VERDICT_STOP.problem({**rows[0], "key": "a/0.01"}) is not None
     first = {**rows[2], "key": "a/0.05/inversion first", "inversion_first": True, "der": 0.95, "acc": 0.89}
     assert ROWS.VERDICT_STOP.problem(first) is None
     assert ROWS.VERDICT_STOP.problem({**first, "key": "a/0.05"}) is not None
-    assert "| true | 0 | 0.05 |  | 95.0 (100%) |" in script.report([*rows, first])  # in progress: b not reached
+    assert "| inversion_first | 0 | 0.05 |  | 95.0 (100%) |" in script.report([*rows, first])  # in progress
     text = script.report([*rows, first, {**rows[3], "key": "b/0.05/inversion first", "inversion_first": True}])
-    assert "| **true** | **0** | **0.05** | 2 | 1.0 ± 0.0 | 30.0 ± 10.0 | **92.5 ± 2.5** | 3.0 ± 0.0 |" in text
-    assert "Chosen: `inversion_first=true`" in text
+    assert "| **inversion_first** | **0** | **0.05** | 2 | 1.0 ± 0.0 | 30.0 ± 10.0 | **92.5 ± 2.5** | 3.0 ± 0.0 |" in text
+    assert "Chosen: `inversion_first`, `stop_index=0`" in text
+    probe = {**first, "key": "a/0.05/inversion first/latent probe", "latent_probe": True}
+    assert ROWS.VERDICT_STOP.problem(probe) is None and ROWS.VERDICT_STOP.problem({**probe, "key": first["key"]})
+    assert "| inversion_first + latent_probe | 0 | 0.05 |" in script.report([*rows, first, probe])

@@ -351,6 +351,18 @@ def test_verdict_follows_the_latent_shift_to_a_backdoor_no_pixel_reaches_and_sto
     assert torch.equal(result.model(x).argmax(1), y)  # clean behaviour intact
 
 
+def test_the_latent_probe_stops_once_the_shift_without_the_pruned_units_no_longer_works():
+    from baselines.verdict import Verdict
+
+    model, x, y = planted()
+    result = Verdict(steps=40, images=64, latent_probe=True).run(model, x, y)
+    d = result.details
+    layout, _ = find_units(model, x[:2])
+    assert d["follows"] == "latent_gap" and result.pruned == [layout.by_name["fc"].offset + 5]
+    assert d["latent_probe_after"] == [0.0] and "latent_index_after" not in d and d["stopped"] == "backdoor gone"
+    assert torch.equal(result.model(x).argmax(1), y)
+
+
 def test_inversion_first_follows_a_flagged_inversion_of_the_latent_shifts_class_whatever_the_indices(monkeypatch):
     from baselines.verdict import Verdict
 
