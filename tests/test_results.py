@@ -354,7 +354,8 @@ def test_the_verdict_stop_report_marks_the_setting_with_the_best_shadow_der(monk
     assert ROWS.VERDICT_STOP.problem({**first, "key": "a/0.05"}) is not None
     assert "| inversion_first | 0 | 0.05 |  | 95.0 (100%) |" in script.report([*rows, first])  # in progress
     text = script.report([*rows, first, {**rows[3], "key": "b/0.05/inversion first", "inversion_first": True}])
-    assert "| **inversion_first** | **0** | **0.05** | 2 | 1.0 ± 0.0 | 30.0 ± 10.0 | **92.5 ± 2.5** | 3.0 ± 0.0 |" in text
+    best = "| **inversion_first** | **0** | **0.05** | 2 | 1.0 ± 0.0 | 30.0 ± 10.0 | **92.5 ± 2.5** | 3.0 ± 0.0 |"
+    assert best in text
     assert "Chosen: `inversion_first`, `stop_index=0`" in text
     probe = {**first, "key": "a/0.05/inversion first/latent probe", "latent_probe": True}
     assert ROWS.VERDICT_STOP.problem(probe) is None and ROWS.VERDICT_STOP.problem({**probe, "key": first["key"]})
