@@ -177,19 +177,27 @@ def read_verdicts(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, VERDICTS, fix=FIX)
 
 
-def _stop_key(row: dict[str, Any]) -> str:
-    """verdict_stop.py's key: the model, the fraction, then each flag on (inversion_first, latent_probe)."""
-    flags = [f for f in ("inversion_first", "latent_probe") if row.get(f)]
-    return f"{row['model']}/{row['fraction']:g}" + "".join(f"/{f.replace('_', ' ')}" for f in flags)
+STOP_FLAGS = ("inversion_first", "latent_probe")
+"""verdict_stop.py's rule flags, in the order its keys name them."""
+
+
+def stop_key(model: str, fraction: float, flags: tuple[str, ...]) -> str:
+    """verdict_stop.py's key: the model, the fraction, then each flag on."""
+    return f"{model}/{fraction:g}" + "".join(f"/{f.replace('_', ' ')}" for f in flags)
+
+
+def stop_flags(row: dict[str, Any]) -> tuple[str, ...]:
+    """The rule flags a verdict_stop.py row has on."""
+    return tuple(f for f in STOP_FLAGS if row.get(f))
 
 
 VERDICT_STOP = Schema(
     "verdict stop setting",
     {"key": TEXT, "model": TEXT, "attack": TEXT, "fraction": FRACTION, "stop_index": REAL, "stop_asr": FRACTION,
      "follows": TEXT, "acc": FRACTION, "asr": FRACTION, "der": FRACTION, "before": MEASURES, "pruned": COUNT},
-    optional={"inversion_first": _flag, "latent_probe": _flag},
-    consistent=lambda r: None if r["key"] == _stop_key(r) else f"its key {r['key']!r} does not match its model, "
-    "fraction and setting",
+    optional=dict.fromkeys(STOP_FLAGS, _flag),
+    consistent=lambda r: None if r["key"] == stop_key(r["model"], r["fraction"], stop_flags(r)) else f"its key "
+    f"{r['key']!r} does not match its model, fraction and setting",
 )  # fmt: skip
 """verdict_stop.py: the `verdict` defense with one stop setting on one shadow model and fraction."""
 

@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from rows import exit_2_on_bad_input, read_verdict_stop
+from rows import exit_2_on_bad_input, read_verdict_stop, stop_flags, stop_key
 from tqdm import tqdm
 
 from agents.config import load_agent_config
@@ -45,14 +45,9 @@ RUNS = HERE / "runs" / "onp-sampled"
 RESULTS = HERE / "results" / "verdict_stop.md"
 STOP_INDEX = (2.0, 1.0, 0.0)
 STOP_ASR = (0.05, 0.02, 0.0)
-FLAGS = ("inversion_first", "latent_probe")
 RULES = ((), ("inversion_first",), ("inversion_first", "latent_probe"))
 """The rules graded, each a set of the flags on: the larger index, then inversion_first, then also
 the latent probe (each against the rule before it)."""
-
-
-def stop_key(model: str, fraction: float, flags: tuple[str, ...]) -> str:
-    return f"{model}/{fraction:g}" + "".join(f"/{f.replace('_', ' ')}" for f in flags)
 
 
 def measure(model: str, path: str, attack: str, fraction: float, reference: dict, flags: tuple[str, ...] = (),
@@ -98,8 +93,7 @@ def measure(model: str, path: str, attack: str, fraction: float, reference: dict
 def report(rows: list[dict]) -> str:
     by_setting: dict[tuple, list[dict]] = {}
     for r in rows:
-        on = tuple(f for f in FLAGS if r.get(f))
-        by_setting.setdefault((on, r["stop_index"], r["stop_asr"]), []).append(r)
+        by_setting.setdefault((stop_flags(r), r["stop_index"], r["stop_asr"]), []).append(r)
     n = {len(v) for v in by_setting.values()}
     models = len({r["model"] for r in rows})
 
