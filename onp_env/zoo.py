@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 import onp_env
 from onp_env.artifacts import MANIFEST, load_artifact, write_artifact
@@ -56,10 +57,18 @@ def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool
     except OSError as e:
         raise OnpError(f"cannot use {out} as the artifact folder ({e.strerror}): pass another --out DIR") from e
     cached = find_cached(cfg, out)
-    if cached is not None:
-        load_artifact(cached)  # verifies the weights hash: a corrupt cache entry is an error
-        return cached
+    if cached is None:
+        # another process training the same config (a bench worker, a parallel test run): wait for its
+        # artifact instead of training it twice; a cache that only holds finished artifacts needs no lock
+        locks = out / ".locks"
+        locks.mkdir(exist_ok=True)
+        with FileLock(locks / f"{cfg.fingerprint()}.lock"):
+            cached = find_cached(cfg, out) or _train_artifact(cfg, out, progress)
+    load_artifact(cached)  # verifies the weights hash: a corrupt cache entry is an error
+    return cached
 
+
+def _train_artifact(cfg: LabConfig, out: Path, progress: bool) -> Path:
     ds = load_dataset(cfg.data.name, cfg.data.root)
     info = ds.info
     split = defense_split(ds.train_y, cfg.data.defense_fraction, cfg.data.split_seed)

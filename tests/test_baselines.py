@@ -289,6 +289,7 @@ def test_mask_learning_defenses_rank_a_planted_backdoor_unit_most_suspicious(pla
     assert m["tied_top_share"] < 0.25  # ...with a quarter of the units at most
 
 
+@pytest.mark.slow  # 4 more clean models to train (about 15 s); seed 0's planted model serves ANP and MNP
 def test_rnp_ranks_a_planted_backdoor_unit_most_suspicious_on_most_seeds(planted_seeds):
     # 3 of 5 at least: with the measured 18 of 20, the chance that a machine whose numbers differ
     # from ours sees fewer is under 1% (binomial)
@@ -308,6 +309,7 @@ def mnp_suppression(seed: int, planted=None) -> dict[str, float]:
     return {"reached": float(report["reached_threshold"]), "margin": float((ratio[j] - clean.max()).detach())}
 
 
+@pytest.mark.slow  # the planted models of seeds 0-4, as above
 def test_mnp_suppression_shrinks_clean_units_more_than_the_planted_one(planted_seeds):
     # Over seeds 0-19: suppression reaches its threshold on 13; on each of those the planted unit keeps
     # 0.11-0.57 more of its weight norm than any clean unit. Where it stops short (7 of 20), the

@@ -75,6 +75,7 @@ def test_a_grid_holds_several_labelled_settings_of_one_attack(tmp_path):
     assert "badnets-3px (digits" in report.read_text() and "badnets-2px-tl (digits" in report.read_text()
 
 
+@pytest.mark.slow  # two spawned workers and the model trained twice (about 15 s); resume's worker test stays
 def test_worker_count_does_not_change_the_numbers(tmp_path, monkeypatch):
     runs = []
     for workers in (1, 2):  # a cache each: the model trains under each worker count, whatever ran before

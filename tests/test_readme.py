@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -51,8 +53,9 @@ def test_the_own_model_example_runs():
     assert 0.5 < accuracy <= 1  # MNP keeps the clean accuracy (100% on the defense set at model seeds 0-19)
 
 
+@pytest.mark.xdist_group("digits-v0-test")  # with test_suite.py: the worker that built the split
 def test_the_suite_example_runs(digits_test_split):
     (code,) = section_code("Task suites for RL research")
     scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)
-    assert scope["info"]["model"] == "digits-v0/test/003" and scope["terminated"] and scope["info"]["stopped"]
+    assert scope["info"]["model"] == "digits-v0/test/002" and scope["terminated"] and scope["info"]["stopped"]

@@ -115,6 +115,7 @@ def nc_on(name: str, seed: int = 0) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow  # 2 more models and 3 inversions (about 10 s); `onp detect` flags the seed-0 one below
 def test_nc_flags_the_badnets_model_and_prunes_its_backdoor():
     # Over seeds 0-19: NC names the target on all 20 and flags 19 (seed 17: index 1.69); where it
     # flags, it prunes 10-27 units, test ASR ends at 7-49% and accuracy loses 0-7 points. Asserted on

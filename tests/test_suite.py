@@ -1,7 +1,7 @@
 """The task suites (onp_env.suite): ids, pinned zoos, the standard evaluation, validation and the report.
 
-The digits suite's test split (8 models, seconds each) is built once per session into the test cache
-(conftest's digits_test_split)."""
+Three of the digits suite's eight test models (seconds each) are built once per session into the test
+cache (conftest's digits_test_split); the whole split is a `slow` test."""
 
 import json
 
@@ -19,14 +19,16 @@ from onp_env.suite.spec import SPLITS, SUITES, get_suite
 from onp_env.suite.stats import bootstrap_ci, iqm
 from onp_env.suite.zoo import ZooMismatchWarning, build_split, manifest_path, read_manifest
 
-from .conftest import ROOT
+from .conftest import DIGITS_TEST_MODELS, ROOT
 
 DIGITS = "onp_env/Digits-v0"
+# one worker builds the test split and runs every test that reads it; the others do not wait for it
+pytestmark = pytest.mark.xdist_group("digits-v0-test")
 
 
 @pytest.fixture(scope="module")
 def test_env(digits_test_split):
-    env = gym.make(DIGITS, split="test", progress=False)
+    env = gym.make(DIGITS, split="test", models=DIGITS_TEST_MODELS, progress=False)
     yield env
     env.close()
 
@@ -52,12 +54,21 @@ def test_every_shipped_manifest_matches_its_recipe(suite):
 
 def test_make_a_suite_split_and_pick_a_model_by_its_stable_name(test_env):
     e = test_env.unwrapped
-    assert e.names == [f"digits-v0/test/{i:03d}" for i in range(8)]
+    assert e.names == DIGITS_TEST_MODELS and len(e.suite.labs("test")) == 8
     assert all(m.status in ("identical", "within") for m in e.models)
-    obs, info = test_env.reset(seed=0, options={"model": "digits-v0/test/003"})
-    assert info["model"] == "digits-v0/test/003" and test_env.observation_space.contains(obs)
+    obs, info = test_env.reset(seed=0, options={"model": "digits-v0/test/002"})
+    assert info["model"] == "digits-v0/test/002" and test_env.observation_space.contains(obs)
     # frozen padding: every split (and so train and test) shares the observation space
     assert obs["nodes"].shape[0] == get_suite("digits-v0").env["max_units"]
+
+
+@pytest.mark.slow  # the five other models, two of them TrojanNN (about a minute on two cores)
+def test_the_whole_test_split_builds_within_its_manifest():
+    env = gym.make(DIGITS, split="test", progress=False)
+    e = env.unwrapped
+    assert e.names == [f"digits-v0/test/{i:03d}" for i in range(8)]
+    assert all(m.status in ("identical", "within") for m in e.models)
+    env.close()
 
 
 def test_evaluate_validate_and_report_on_digits(test_env, tmp_path):
@@ -138,6 +149,11 @@ def test_bad_names_get_one_line(test_env, capsys):
     with pytest.raises(OnpError, match="'digits-v0/train/000' is not in digits-v0/test"):
         evaluate(make_policy("stop"), "digits-v0", "test", name="stop", models=["digits-v0/train/000"],
                  env=test_env, progress=False)  # fmt: skip
+    with pytest.raises(OnpError, match="'digits-v0/test/007' is not in digits-v0/test: the env given holds"):
+        evaluate(make_policy("stop"), "digits-v0", "test", name="stop", models=["digits-v0/test/007"],
+                 env=test_env, progress=False)  # fmt: skip
+    with pytest.raises(OnpError, match="no model 'digits-v0/test/099' in digits-v0/test"):
+        gym.make(DIGITS, split="test", models=["digits-v0/test/099"])
     assert main(["suite", "evaluate", "digits-v0", "--split", "test", "--policy", "nope", "--out", "r.jsonl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown policy 'nope'" in err[0] and "oracle" in err[0]
@@ -177,7 +193,7 @@ def test_a_model_outside_the_manifest_tolerance_warns(tmp_path):
     edited = tmp_path / "digits-v0.json"
     edited.write_text(json.dumps(data))
     with pytest.warns(ZooMismatchWarning, match="digits-v0/test/000 built here has ACC"):
-        models = build_split(spec, "test", None, progress=False, manifest=edited)
+        models = build_split(spec, "test", None, progress=False, manifest=edited, names=DIGITS_TEST_MODELS[:2])
     assert models[0].status == "outside" and models[1].status != "outside"
 
 
@@ -211,7 +227,8 @@ def test_the_cleanrl_style_example_learns_for_a_few_hundred_steps_and_evaluates(
     import runpy
 
     example = runpy.run_path(str(ROOT / "docs" / "examples" / "masked_ppo.py"))
-    args = example["Args"](split="test", total_timesteps=256, num_envs=2, num_steps=32, seed=3)
+    args = example["Args"](split="test", models=DIGITS_TEST_MODELS, total_timesteps=256, num_envs=2, num_steps=32,
+                           seed=3)  # fmt: skip
     agent, returns = example["train"](args)
     assert returns and all(np.isfinite(returns))
     rows = evaluate(example["Greedy"](agent), "digits-v0", "test", name="example", models=["digits-v0/test/000"],
@@ -249,7 +266,7 @@ def test_torchrl_gymenv_with_its_action_mask_transform(test_env):
     from torchrl.envs.transforms import ActionMask
     from torchrl.envs.utils import check_env_specs
 
-    env = GymEnv(DIGITS, split="test", progress=False)
+    env = GymEnv(DIGITS, split="test", models=DIGITS_TEST_MODELS, progress=False)
     n = env.action_spec.space.n
     env.set_info_dict_reader(
         default_info_dict_reader(["action_mask"], spec={"action_mask": Binary(n, dtype=torch.bool)})
@@ -268,7 +285,8 @@ def test_make_vec_and_check_env_on_a_suite_id(mode, test_env):
     from stable_baselines3.common.env_checker import check_env
 
     check_env(test_env.unwrapped, warn=False)
-    envs = gym.make_vec(DIGITS, num_envs=2, vectorization_mode=mode, split="test", progress=False)
+    envs = gym.make_vec(DIGITS, num_envs=2, vectorization_mode=mode, split="test", models=DIGITS_TEST_MODELS,
+                        progress=False)  # fmt: skip
     try:
         obs, _ = envs.reset(seed=[0, 1])
         assert obs["nodes"].shape[0] == 2

@@ -30,6 +30,8 @@ class Args:
     """A suite id (onp_env.suite)."""
     split: str = "train"
     """The split learned from: train for any reported score (the smoke test uses test, built already)."""
+    models: list[str] | None = None
+    """Only these models of the split (stable names such as digits-v0/train/003); None: every one."""
     seed: int = 1
     """Seeds python, numpy, torch and the environments."""
     total_timesteps: int = 2048
@@ -94,7 +96,7 @@ def train(args: Args) -> tuple[Agent, list[float]]:
 
     envs = gym.make_vec(args.env_id, num_envs=args.num_envs, vectorization_mode="sync",
                         vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
-                        split=args.split, progress=False)  # fmt: skip
+                        split=args.split, models=args.models, progress=False)  # fmt: skip
     space = envs.single_observation_space
     agent = Agent(space["nodes"].shape[1], space["globals"].shape[0], args.hidden)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -196,7 +198,8 @@ def parse_args() -> Args:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in dataclasses.fields(Args):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        kind = {"nargs": "+", "type": str} if f.name == "models" else {"type": type(f.default)}
+        p.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, **kind)
     return Args(**vars(p.parse_args()))
 
 

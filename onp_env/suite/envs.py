@@ -23,18 +23,20 @@ class FrozenSettingError(OnpError, TypeError):
 class SuiteEnv(NeuronPruningEnv):
     """NeuronPruningEnv over one split of a suite; reset(options={"model": "digits-v0/test/007"})
     picks a model by its stable name. `suite`, `split` and `models` (each with its manifest check)
-    say what it holds."""
+    say what it holds. `models` (stable names) builds and holds only those models of the split: a
+    subset to iterate on, with the split's frozen settings."""
 
     def __init__(self, suite: str, split: str = "train", device: str = "cpu", cache: str | Path | None = None,
-                 progress: bool = True, **unexpected: object):  # fmt: skip
+                 progress: bool = True, models: list[str] | None = None, **unexpected: object):  # fmt: skip
         spec = get_suite(suite)
         if unexpected:
             name = sorted(unexpected)[0]
             raise FrozenSettingError(
                 f"{spec.gym_id} got an unexpected keyword argument '{name}': it freezes its settings; pass only "
-                "split, device, cache or progress, or make onp_env/NeuronPruning-v0 with artifacts= for other settings"
+                "split, models, device, cache or progress, or make onp_env/NeuronPruning-v0 with artifacts= for other "
+                "settings"
             )
-        models: list[SuiteModel] = build_split(spec, split, cache, progress)
-        targets = [dataclasses.replace(PruningTarget.from_artifact(m.path), name=m.name) for m in models]
+        built: list[SuiteModel] = build_split(spec, split, cache, progress, names=models)
+        targets = [dataclasses.replace(PruningTarget.from_artifact(m.path), name=m.name) for m in built]
         super().__init__({**spec.env, "device": device}, targets=targets)
-        self.suite, self.split, self.models = spec, split, models
+        self.suite, self.split, self.models = spec, split, built

@@ -87,10 +87,11 @@ def _episode(env: Any, policy: Policy | None, seed: int, model: str, actions: li
             "pruned": int(info["pruned"]), "seconds": round(time.perf_counter() - start, 4)}  # fmt: skip
 
 
-def make_env(suite: str, split: str, device: str = "cpu", cache: str | Path | None = None, progress: bool = True):
+def make_env(suite: str, split: str, device: str = "cpu", cache: str | Path | None = None, progress: bool = True,
+             models: list[str] | None = None):  # fmt: skip
     from onp_env.suite.envs import SuiteEnv
 
-    return SuiteEnv(suite, split, device=device, cache=cache, progress=progress)
+    return SuiteEnv(suite, split, device=device, cache=cache, progress=progress, models=models)
 
 
 def evaluate(policy: Policy, suite: str, split: str, *, name: str, seed: int = 0, models: list[str] | None = None,
@@ -105,7 +106,7 @@ def evaluate(policy: Policy, suite: str, split: str, *, name: str, seed: int = 0
     spec = get_suite(suite)
     if hasattr(policy, "requires"):  # a policy that cannot act in this suite says so before it is built
         policy.requires(spec.env)
-    env = env if env is not None else make_env(spec.name, split, progress=progress, **env_kwargs)
+    env = env if env is not None else make_env(spec.name, split, progress=progress, models=models, **env_kwargs)
     e = env.unwrapped
     if (e.suite.name, e.split) != (spec.name, split):
         raise OnpError(f"the env given holds {e.suite.name}/{e.split}, not {spec.name}/{split}")
@@ -114,7 +115,8 @@ def evaluate(policy: Policy, suite: str, split: str, *, name: str, seed: int = 0
         raise OnpError(f"models must name each model of {spec.name}/{split} at most once, and some: got {names[:5]}")
     outside = sorted(set(names) - set(e.names))
     if outside:
-        raise OnpError(f"model {outside[0]!r} is not in {spec.name}/{split}: its models are "
+        held = "the env given holds" if len(e.names) < len(spec.labs(split)) else "its models are"
+        raise OnpError(f"model {outside[0]!r} is not in {spec.name}/{split}: {held} "
                        f"{e.names[0]} .. {e.names[-1]} (`onp suite list {spec.name}`)")  # fmt: skip
     by_name = {m.name: m for m in e.models}
     rows = []
@@ -170,15 +172,19 @@ def validate(rows: list[dict], device: str = "cpu", cache: str | Path | None = N
     policy's name and seed are labels: replaying the actions does not need them, so they are not checked."""
     if not rows:
         raise OnpError(f"no rows to validate; {FIX}")
+    named: dict[tuple[str, str], list[str]] = {}  # only the models the rows name are built
+    for r in rows:
+        if r["model"] not in [name for name, _ in get_suite(r["suite"]).labs(r["split"])]:
+            raise OnpError(f"row of {r['model']!r}: no such model in {r['suite']}/{r['split']}; {FIX}")
+        models = named.setdefault((r["suite"], r["split"]), [])
+        models += [r["model"]] if r["model"] not in models else []
     envs: dict[tuple[str, str], Any] = {}
     for r in tqdm(rows, desc="validate", disable=not progress):
         key = (r["suite"], r["split"])
         if key not in envs:
-            envs[key] = make_env(*key, device=device, cache=cache, progress=progress)
+            envs[key] = make_env(*key, device=device, cache=cache, progress=progress, models=named[key])
         env = envs[key]
         e = env.unwrapped
-        if r["model"] not in e.names:
-            raise OnpError(f"row of {r['model']!r}: no such model in {key[0]}/{key[1]}; {FIX}")
         built = next(m for m in e.models if m.name == r["model"])
         if r["weights_sha256"] != built.sha256:
             raise OnpError(f"row of {r['model']} was made on other weights ({r['weights_sha256'][:12]}) than those "

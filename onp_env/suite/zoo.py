@@ -166,15 +166,24 @@ def _build_paths(labs: list[tuple[str, LabConfig]], cache: str | Path | None, pr
 
 
 def build_split(spec: SuiteSpec, split: str, cache: str | Path | None = None, progress: bool = True,
-                manifest: Path | None = None, workers: int = 1) -> list[SuiteModel]:  # fmt: skip
-    """Every model of `split`, built (or found) in the lab cache and compared with the manifest. A model
-    outside the tolerance warns (ZooMismatchWarning) with its numbers; it is still returned. `workers`
-    processes train the missing models (the same weights as one)."""
+                manifest: Path | None = None, workers: int = 1,
+                names: list[str] | None = None) -> list[SuiteModel]:  # fmt: skip
+    """Every model of `split` (or only those `names` lists, in the split's order), built (or found) in the
+    lab cache and compared with the manifest. A model outside the tolerance warns (ZooMismatchWarning)
+    with its numbers; it is still returned. `workers` processes train the missing models (the same
+    weights as one)."""
     if isinstance(workers, bool) or not (isinstance(workers, int) and workers >= 1):
         raise OnpError(f"workers must be a whole number >= 1, got {workers!r}")
     entries = {m["name"]: m for m in read_manifest(spec, manifest)["models"]}
     out = []
     labs = spec.labs(split)
+    if names is not None:
+        known = [name for name, _ in labs]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise OnpError(f"no model {(unknown or [''])[0]!r} in {spec.name}/{split}: name some of {known[0]} .. "
+                           f"{known[-1]} (`onp suite list {spec.name} --split {split}`)")  # fmt: skip
+        labs = [(name, lab) for name, lab in labs if name in names]
     paths = _build_paths(labs, cache, progress, f"{spec.name} {split}", workers)
     for (name, _), path in zip(labs, paths, strict=True):
         art = load_artifact(path)
