@@ -64,6 +64,12 @@ SETTINGS = {
     "verdict shadow stop": ("verdict", {"stop_index": 1.0, "stop_asr": 0.0}),
     # ... and with inversion_first, the best of its grid beside the thresholds (verdict_stop.md)
     "verdict shadow first": ("verdict", {"inversion_first": True, "stop_index": 2.0, "stop_asr": 0.0}),
+    # ... with the reference that ships (all 30 shadow models, the held-out attack's included: what a user
+    # gets, not leave-one-attack-out)
+    "verdict shipped first": (
+        "verdict",
+        {"inversion_first": True, "stop_index": 2.0, "stop_asr": 0.0, "reference_from": "fashion-mnist"},
+    ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);

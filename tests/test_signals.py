@@ -388,6 +388,36 @@ def test_inversion_first_follows_a_flagged_inversion_of_the_latent_shifts_class_
     assert Verdict(steps=40, images=64, inversion_first=True).run(model, x, y).details["follows"] == "latent_gap"
 
 
+def test_verdict_takes_the_shipped_reference_only_for_a_model_of_its_kind(monkeypatch):
+    from baselines.verdict import REFERENCES, Verdict
+    from onp_env.models import build_model
+
+    class Seen(Exception):
+        pass
+
+    def seen(self, *args):  # what the inversion would judge the classes against
+        raise Seen(self.params.reference, self.params.latent_reference)
+
+    monkeypatch.setattr(NC, "scores", seen)
+    shipped = json.loads((REFERENCES / "fashion-mnist.json").read_text())
+    assert len(shipped["models"]) == 30 and len(shipped["reference"]) == len(shipped["latent_reference"]) == 10
+    torch.manual_seed(0)
+    like = build_model("small_cnn", (1, 28, 28), 10, (0.5,), (0.5,))  # a Fashion-MNIST small CNN's shape
+    x = torch.rand(4, 1, 28, 28)
+    layout, _ = find_units(like, x[:2])
+    with pytest.raises(Seen) as got:
+        Verdict(reference_from="fashion-mnist").scores(like, layout, x, torch.zeros(4, dtype=torch.long))
+    assert list(got.value.args) == [shipped["reference"], shipped["latent_reference"]]
+    digits = _build("badnets")  # 8x8 inputs: refused before any inversion
+    dx, dy = digits.defense_set()
+    with pytest.raises(OnpError, match=r"describes SmallCNN models with \[1, 28, 28\] inputs.*leave reference_from"):
+        Verdict(reference_from="fashion-mnist").run(digits.model, dx, dy)
+    with pytest.raises(OnpError, match="no shipped class reference 'cifar-10'; choose one of fashion-mnist"):
+        Verdict(reference_from="cifar-10")
+    with pytest.raises(OnpError, match="reference_from replaces reference and latent_reference"):
+        Verdict(reference_from="fashion-mnist", reference=[1.0] * 10)
+
+
 def test_verdict_with_the_stronger_inversion_is_nc():
     from baselines.verdict import Verdict
 

@@ -100,6 +100,29 @@ def test_interrupted_build_leaves_no_artifact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [".locks"]  # only the lock that kept a second process waiting
 
 
+def test_a_second_builder_waits_for_the_first_and_trains_nothing(tmp_path, monkeypatch):
+    import threading
+
+    from filelock import FileLock
+
+    cfg = tiny_config("seed=8")
+    elsewhere = build_artifact(cfg, tmp_path / "elsewhere", progress=False)
+    cache = tmp_path / "cache"
+    (cache / ".locks").mkdir(parents=True)
+    first = FileLock(cache / ".locks" / f"{cfg.fingerprint()}.lock")
+    first.acquire()  # another process is training this config into `cache`
+    got = []
+    second = threading.Thread(target=lambda: got.append(build_artifact(cfg, cache, progress=False)))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive() and not got  # waiting, not training
+    shutil.copytree(elsewhere, cache / elsewhere.name)  # the first one's artifact lands ...
+    monkeypatch.setattr(zoo, "_train_artifact", lambda *a: pytest.fail("trained a config another process built"))
+    first.release()  # ... and it lets go
+    second.join(timeout=30)
+    assert got == [cache / elsewhere.name]
+
+
 def tiny_trojannn(folder, seed: int = 0):
     cfg = tiny_config("attack.name=trojannn", "attack.params={patch_size: 2, steps: 20}", f"seed={seed}")
     return load_artifact(build_artifact(cfg, folder, progress=False))

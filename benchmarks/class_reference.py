@@ -1,0 +1,80 @@
+"""Write the class reference that ships with onp-env (baselines/references/fashion-mnist.json): each
+class's median trigger size, under the inversion and the latent shift, over the protocol's shadow
+models (configs/agent/fashion-mnist-sampled.yaml's zoo: 30 small CNNs, all five attacks), a model's
+own target class left out of that class's median (onp_env.signals.base.class_reference).
+
+`verdict` reads it with reference_from=fashion-mnist: a user of a Fashion-MNIST small CNN then needs
+no shadow models of their own. The per-model sizes are those onp_vs_baselines.py computes (each signal
+at its defaults, seed 0, on the model's defense set) and are shared with it through RUNS/shadow-norms;
+missing models and sizes are built here, one at a time, and each is kept as soon as it is made.
+
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/class_reference.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from onp_vs_baselines import build_model, fold_references, shadow_norms
+from rows import exit_2_on_bad_input
+from tqdm import tqdm
+
+import onp_env
+from agents.config import load_agent_config
+from agents.train import zoo_configs
+from baselines.verdict import REFERENCES
+from onp_env import load_artifact
+from onp_env.artifacts import write_text_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "agent" / "fashion-mnist-sampled.yaml"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "runs" / "onp-sampled")
+    p.add_argument("--out", type=Path, default=REFERENCES / "fashion-mnist.json")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    folder = args.runs / "shadow-norms"
+    labs = zoo_configs(load_agent_config(str(CONFIG), []))
+    norms, shape = {}, None
+    for lab in tqdm(labs, desc="shadow models"):
+        path, _ = build_model(lab)
+        kept = folder / f"{lab.name}.json"
+        if not kept.is_file():
+            write_text_atomic(kept, json.dumps(shadow_norms(str(path))[0]))
+        norms[lab.name] = json.loads(kept.read_text())
+        art = load_artifact(path)
+        model = art.manifest["model"]
+        found = (type(art.model).__name__, list(model["in_shape"]), model["num_classes"])
+        if shape not in (None, found):
+            raise SystemExit(f"the shadow models differ ({shape} and {found}): one reference describes one kind")
+        shape = found
+    assert shape is not None
+    ref = {
+        "format": "onp-class-reference",
+        "format_version": 1,
+        "name": args.out.stem,
+        "data": labs[0].data.name,
+        "architecture": shape[0],
+        "input_shape": shape[1],
+        "classes": shape[2],
+        "made_by": "benchmarks/class_reference.py",
+        "library_version": onp_env.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": "each signal at its defaults (seed 0) on each model's own defense set",
+        "models": sorted(norms),
+        "targets": [norms[n]["target"] for n in sorted(norms)],
+        **fold_references(norms),
+    }
+    write_text_atomic(args.out, json.dumps(ref, indent=1) + "\n")
+    print(f"{args.out}: {len(norms)} shadow models")
+
+
+if __name__ == "__main__":
+    exit_2_on_bad_input(main)
