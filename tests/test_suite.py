@@ -1,6 +1,6 @@
 """The task suites (onp_env.suite): ids, pinned zoos, the standard evaluation, validation and the report.
 
-Three of the digits suite's eight test models (seconds each) are built once per session into the test
+Two of the digits suite's eight test models (seconds each) are built once per session into the test
 cache (conftest's digits_test_split); the whole split is a `slow` test."""
 
 import json
@@ -73,7 +73,7 @@ def test_the_whole_test_split_builds_within_its_manifest():
 
 def test_evaluate_validate_and_report_on_digits(test_env, tmp_path):
     out = tmp_path / "rows.jsonl"
-    models = ["digits-v0/test/000", "digits-v0/test/001"]
+    models = DIGITS_TEST_MODELS
     rows = []
     for name in ("stop", "random", "oracle", "mnp"):
         rows += evaluate(make_policy(name, seed=0), "digits-v0", "test", name=name, models=models, out=out,
@@ -92,7 +92,7 @@ def test_evaluate_validate_and_report_on_digits(test_env, tmp_path):
 
 
 def test_a_row_that_does_not_replay_is_refused_with_its_model(test_env, tmp_path):
-    (row,) = evaluate(make_policy("oracle"), "digits-v0", "test", name="oracle", models=["digits-v0/test/001"],
+    (row,) = evaluate(make_policy("oracle"), "digits-v0", "test", name="oracle", models=["digits-v0/test/002"],
                       env=test_env, progress=False)  # fmt: skip
     for field, value, match in (("return", row["return"] + 0.5, "return replays as"),
                                 ("actions", row["actions"][:-1], "actions end before the episode"),
