@@ -18,9 +18,10 @@ larger index, and prune the units that feed the classifier in that signal's orde
   the units pruned so far (the latent QP solved again on the pruned model, every class).
 
 With `inversion_first`, a flagged inversion that names the latent shift's class is followed whatever
-the indices. With `latent_probe`, the latent sweep stops as the inversion's does: once the shift
-found on the unpruned model, less its pruned units' part, sends at most `stop_asr` of the other
-classes' images to the suspected class.
+the indices. With `latent_patience`, the latent sweep stops only after two cuts in a row below the
+line. With `latent_probe`, the latent sweep stops as the inversion's does: once the shift found on
+the unpruned model, less its pruned units' part, sends at most `stop_asr` of the other classes'
+images to the suspected class.
 
 Either way, never prune a unit that costs more than `max_acc_drop` of defense-set accuracy or go
 beyond `max_ratio` of the layer, and prune nothing when the stronger verdict's index is at most
@@ -76,6 +77,9 @@ class VerdictParams(NCParams):
     """Latent shift: stop instead once the suspected class's shift (solved on the unpruned model), the
     pruned units' part of it lost, sends at most `stop_asr` of the other classes' images to its class:
     NC's test with the shift for the inverted trigger, no QP solved again."""
+    latent_patience: bool = False
+    """Latent shift: stop only once the index has been at most `stop_index` after two cuts in a row (the
+    unit cut in between stays cut): a first fall below the line can come while the trigger still works."""
     reference_from: str = ""
     """A class reference that ships with onp-env (REFERENCES; `fashion-mnist`), for `reference` and
     `latent_reference` both; empty: those two as given."""
@@ -170,12 +174,16 @@ class Verdict(NC):
 
             return probed
 
+        below = [0]  # cuts in a row after which the index was at most stop_index
+        needed = 2 if self.params.latent_patience else 1
+
         def gone(cut: list[int]) -> bool:
             keep = ~input_columns(layout, cut)
             h = classifier_inputs(work, layout, xs).cpu()  # through the masks: pruned units read 0
             norms = min_shifts(h[:, keep], ys, w[:, keep], b, self.latent.params).norm(dim=1)
             index = float(self.latent.suspicion(norms)[self.suspect])
             self.extra.setdefault("latent_index_after", []).append(round(index, 3))
-            return index <= self.params.stop_index
+            below[0] = below[0] + 1 if index <= self.params.stop_index else 0
+            return below[0] >= needed
 
         return gone

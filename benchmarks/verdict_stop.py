@@ -45,9 +45,11 @@ RUNS = HERE / "runs" / "onp-sampled"
 RESULTS = HERE / "results" / "verdict_stop.md"
 STOP_INDEX = (2.0, 1.0, 0.0)
 STOP_ASR = (0.05, 0.02, 0.0)
-RULES = ((), ("inversion_first",), ("inversion_first", "latent_probe"))
+RULES = ((), ("inversion_first",), ("inversion_first", "latent_probe"), ("inversion_first", "latent_patience"))
 """The rules graded, each a set of the flags on: the larger index, then inversion_first, then also
-the latent probe (each against the rule before it)."""
+the latent probe or the latent patience (each against the rule before it without its last flag)."""
+LATENT_ONLY = {"latent_probe", "latent_patience"}
+"""Flags that change only a sweep that follows the latent shift."""
 
 
 def measure(model: str, path: str, attack: str, fraction: float, reference: dict, flags: tuple[str, ...] = (),
@@ -72,7 +74,7 @@ def measure(model: str, path: str, attack: str, fraction: float, reference: dict
     first = run(STOP_INDEX[0], STOP_ASR[0])
     follows = first[0].details["follows"]
     reads_index = follows == "latent_gap" and "latent_probe" not in flags
-    same_sweep = follows == "inversion" or "latent_probe" not in flags  # the probe only changes a latent sweep
+    same_sweep = follows == "inversion" or not LATENT_ONLY & set(flags)  # these change only a latent sweep
     if same_as and same_as[0]["follows"] == follows and same_sweep:
         return [{**r, "key": stop_key(model, fraction, flags), **setting} for r in same_as]
     runs = {STOP_INDEX[0] if reads_index else STOP_ASR[0]: first}  # by the one threshold this model's sweep reads
@@ -113,7 +115,9 @@ def report(rows: list[dict]) -> str:
         "each model judged against the class reference of the protocol fold that left its attack out. Mean ± std "
         f"over {'/'.join(map(str, sorted(n)))} runs per setting, in %; ACC lost in points. `stop_asr` ends a sweep "
         "that follows the inversion, `stop_index` one that follows the latent shift; `inversion_first` follows a "
-        "flagged inversion that names the latent shift's class whatever the indices. The setting with the best mean "
+        "flagged inversion that names the latent shift's class whatever the indices; `latent_probe` stops a latent "
+        "sweep by the shift's own rate, `latent_patience` only after two cuts in a row below the line. The setting "
+        "with the best mean "
         "DER (then the least accuracy lost) is marked: chosen here, on the defender's models, it is the one the "
         "protocol runs on held-out models (`verdict shadow stop` for the thresholds alone, `verdict shadow first` "
         "for all three).",

@@ -352,6 +352,18 @@ def test_verdict_follows_the_latent_shift_to_a_backdoor_no_pixel_reaches_and_sto
     assert torch.equal(result.model(x).argmax(1), y)  # clean behaviour intact
 
 
+def test_latent_patience_cuts_one_more_unit_once_the_index_stays_below_the_line():
+    from baselines.verdict import Verdict
+
+    model, x, y = planted()
+    # the second cut costs this 8-unit model accuracy: without the accuracy limit, to see the rule alone
+    result = Verdict(steps=40, images=64, latent_patience=True, max_acc_drop=1.0).run(model, x, y)
+    d = result.details
+    layout, _ = find_units(model, x[:2])
+    assert result.pruned[0] == layout.by_name["fc"].offset + 5 and len(result.pruned) == 2  # the planted unit first
+    assert len(d["latent_index_after"]) == 2 and max(d["latent_index_after"]) <= 2 and d["stopped"] == "backdoor gone"
+
+
 def test_the_latent_probe_stops_once_the_shift_without_the_pruned_units_no_longer_works():
     from baselines.verdict import Verdict
 
