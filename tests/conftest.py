@@ -86,13 +86,12 @@ DIGITS_TEST_MODELS = ["digits-v0/test/000", "digits-v0/test/002"]
 
 @pytest.fixture(scope="session")
 def digits_test_split():
-    """DIGITS_TEST_MODELS, built once per session into the test cache, by two processes where the
-    machine has two cores (`onp suite build --workers 2`: the same weights as one)."""
+    """DIGITS_TEST_MODELS, built once per session into the test cache, in this process: the other
+    pytest-xdist worker keeps the second core busy (the slow whole-split test builds with two)."""
     from onp_env.suite.spec import get_suite
     from onp_env.suite.zoo import build_split
 
-    return build_split(get_suite("digits-v0"), "test", CACHE, progress=False, workers=min(2, os.cpu_count() or 1),
-                       names=DIGITS_TEST_MODELS)  # fmt: skip
+    return build_split(get_suite("digits-v0"), "test", CACHE, progress=False, names=DIGITS_TEST_MODELS)
 
 
 @pytest.fixture

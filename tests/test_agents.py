@@ -632,7 +632,10 @@ def test_the_expert_follows_a_signal_in_signal_mode_and_its_labels_are_valid():
     assert all(r[a] and not (r & ~m).any() for r, a, m in zip(rows, actions, masks, strict=True))
 
 
-@pytest.mark.parametrize(("verdict_head", "follow"), [(False, "any"), (True, "any"), (False, "verdict")])
+# the verdict head and follow=any each train one more tiny agent (about 4 s): slow
+@pytest.mark.parametrize(("verdict_head", "follow"), [pytest.param(False, "any", marks=pytest.mark.slow),
+                                                      pytest.param(True, "any", marks=pytest.mark.slow),
+                                                      (False, "verdict")])  # fmt: skip
 def test_a_signal_mode_agent_scores_each_column_by_its_nominee_trains_saves_and_deploys(verdict_head, follow,
                                                                                        tmp_path):  # fmt: skip
     sets = [*TINY, *SIGNAL_MODE, f"policy.verdict_head={str(verdict_head).lower()}", f"env.follow={follow}"]

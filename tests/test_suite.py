@@ -64,6 +64,8 @@ def test_make_a_suite_split_and_pick_a_model_by_its_stable_name(test_env):
 
 @pytest.mark.slow  # the five other models, two of them TrojanNN (about a minute on two cores)
 def test_the_whole_test_split_builds_within_its_manifest():
+    # in two processes (`onp suite build --workers 2`): the weights must be those of the manifest all the same
+    build_split(get_suite("digits-v0"), "test", progress=False, workers=2)
     env = gym.make(DIGITS, split="test", progress=False)
     e = env.unwrapped
     assert e.names == [f"digits-v0/test/{i:03d}" for i in range(8)]
