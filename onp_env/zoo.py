@@ -61,7 +61,10 @@ def build_artifact(cfg: LabConfig, out: str | Path | None = None, progress: bool
         # another process training the same config (a bench worker, a parallel test run): wait for its
         # artifact instead of training it twice; a cache that only holds finished artifacts needs no lock
         locks = out / ".locks"
-        locks.mkdir(exist_ok=True)
+        try:
+            locks.mkdir(exist_ok=True)
+        except OSError as e:
+            raise OnpError(f"cannot write to the artifact folder {out} ({e.strerror}): pass another --out DIR") from e
         with FileLock(locks / f"{cfg.fingerprint()}.lock"):
             cached = find_cached(cfg, out) or _train_artifact(cfg, out, progress)
     load_artifact(cached)  # verifies the weights hash: a corrupt cache entry is an error
