@@ -114,9 +114,11 @@ class Verdict(NC):
                 raise OnpError("verdict parameters: reference_from replaces reference and latent_reference; "
                                "set either the name or the two lists")  # fmt: skip
             self.shipped = shipped_reference(self.params.reference_from)
+            self.params.reference = self.shipped["reference"]
+            self.params.latent_reference = self.shipped["latent_reference"]
 
-    def _use_shipped(self, model: nn.Module, x: torch.Tensor) -> None:
-        """The shipped reference in the params, once the model is seen to be of its kind."""
+    def _check_kind(self, model: nn.Module, x: torch.Tensor) -> None:
+        """Refuse a model of another kind than the shipped reference's, before any inversion."""
         ref = self.shipped
         with torch.no_grad():
             found = (type(model).__name__, list(x.shape[1:]), int(model(x[:1]).shape[1]))
@@ -125,12 +127,11 @@ class Verdict(NC):
                            f"models with {ref['input_shape']} inputs and {ref['classes']} classes, not {found[0]} "
                            f"with {found[1]} and {found[2]}: leave reference_from empty, or pass references "
                            "computed on shadow models like yours")  # fmt: skip
-        self.params.reference, self.params.latent_reference = ref["reference"], ref["latent_reference"]
         self.extra["reference_from"] = self.params.reference_from
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.shipped is not None:
-            self._use_shipped(model, x)
+            self._check_kind(model, x)
         by_inversion = super().scores(model, layout, x, y)
         inversion = {"suspect": self.suspect, "anomaly_index": self.extra["anomaly_index"]}
         self.latent = LatentShift(seed=self.seed, device=str(self.device), images=self.params.latent_images,

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from onp_vs_baselines import build_model, fold_references, shadow_norms
+from onp_vs_baselines import fold_references, shadow_norms
 from rows import exit_2_on_bad_input
 from tqdm import tqdm
 
@@ -27,7 +27,7 @@ import onp_env
 from agents.config import load_agent_config
 from agents.train import zoo_configs
 from baselines.verdict import REFERENCES
-from onp_env import load_artifact
+from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def main() -> None:
     labs = zoo_configs(load_agent_config(str(CONFIG), []))
     norms, shape = {}, None
     for lab in tqdm(labs, desc="shadow models"):
-        path, _ = build_model(lab)
+        path = build_artifact(lab, progress=False)
         kept = folder / f"{lab.name}.json"
         if not kept.is_file():
             write_text_atomic(kept, json.dumps(shadow_norms(str(path))[0]))

@@ -9,6 +9,7 @@ suite version or zoo, fails with the model it names."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from pathlib import Path
@@ -50,6 +51,12 @@ FIX = "rows come from `onp suite evaluate`, unedited: run it again"
 TOLERANCE = 1e-5
 """How far a replayed number may fall from the row's (evaluation is deterministic on one machine; float
 sums may differ in the last bits elsewhere)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _split_names(suite: str, split: str) -> frozenset[str]:
+    """The stable names of a suite split's models (its recipe draws them: worth doing once)."""
+    return frozenset(name for name, _ in get_suite(suite).labs(split))
 
 
 def _episode(env: Any, policy: Policy | None, seed: int, model: str, actions: list[int] | None = None) -> dict:
@@ -142,7 +149,6 @@ def read_suite_rows(path: Path) -> list[dict]:
     rows = read_rows(path, ROW, fix=FIX)
     if not rows:
         raise OnpError(f"{path} holds no rows; {FIX}")
-    names: dict[tuple[str, str], set[str]] = {}
     seen = set()
     for i, r in enumerate(rows, 1):
         try:
@@ -152,11 +158,8 @@ def read_suite_rows(path: Path) -> list[dict]:
         if r["split"] not in SPLITS or r["env_id"] != spec.gym_id:
             raise OnpError(f"{path}, row {i}: split {r['split']!r} of {r['env_id']!r} is not one of {spec.gym_id}'s "
                            f"({', '.join(SPLITS)}); {FIX}")  # fmt: skip
-        key = (spec.name, r["split"])
-        if key not in names:
-            names[key] = {name for name, _ in spec.labs(r["split"])}
-        if r["model"] not in names[key]:
-            raise OnpError(f"{path}, row {i}: no model {r['model'][:80]!r} in {key[0]}/{key[1]}; {FIX}")
+        if r["model"] not in _split_names(spec.name, r["split"]):
+            raise OnpError(f"{path}, row {i}: no model {r['model'][:80]!r} in {spec.name}/{r['split']}; {FIX}")
         episode = (spec.name, r["split"], r["policy"], r["seed"], r["model"])
         if episode in seen:
             raise OnpError(f"{path}, row {i}: a second row of {r['policy']} (seed {r['seed']}) on {r['model']}: "
@@ -174,7 +177,7 @@ def validate(rows: list[dict], device: str = "cpu", cache: str | Path | None = N
         raise OnpError(f"no rows to validate; {FIX}")
     named: dict[tuple[str, str], list[str]] = {}  # only the models the rows name are built
     for r in rows:
-        if r["model"] not in [name for name, _ in get_suite(r["suite"]).labs(r["split"])]:
+        if r["model"] not in _split_names(r["suite"], r["split"]):
             raise OnpError(f"row of {r['model']!r}: no such model in {r['suite']}/{r['split']}; {FIX}")
         models = named.setdefault((r["suite"], r["split"]), [])
         models += [r["model"]] if r["model"] not in models else []
