@@ -14,8 +14,9 @@ of the defense images of other classes to its class, before defense-set accuracy
 `max_acc_drop`, and never beyond `max_ratio` of the layer; NC states the rule, not the numbers.
 With `reference` (each class's typical mask norm on the defender's own models of the same data,
 onp_env.signals.base.class_reference), the anomaly index is taken against it [ours], so that a
-class every model reaches cheaply is not flagged. NC's other mitigation (unlearning: fine-tuning
-on reversed-trigger images with their true labels) is not implemented."""
+class every model reaches cheaply is not flagged; `reference_from` reads such a reference that ships
+with onp-env (onp_env.signals.shipped: `fashion-mnist`, for the small CNN). NC's other mitigation
+(unlearning: fine-tuning on reversed-trigger images with their true labels) is not implemented."""
 
 from __future__ import annotations
 
@@ -53,11 +54,17 @@ class NC(Defense):
     name = "nc"
     Params = NCParams
 
-    def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         inversion = {k: v for k, v in vars(self.params).items() if k in InversionParams.__dataclass_fields__}
-        signal = TriggerInversion(seed=self.seed, device=str(self.device), **inversion)
-        self.inverted = signal.invert(model, x, y)
-        index = signal.suspicion(self.inverted.norms)  # against params.reference where one is given
+        # built here so that a reference it cannot use is refused before any work
+        self.signal = TriggerInversion(seed=self.seed, device=str(self.device), **inversion)
+
+    def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.inverted = self.signal.invert(model, x, y)
+        index = self.signal.suspicion(self.inverted.norms)  # against params.reference where one is given
+        if self.params.reference_from:
+            self.extra["reference_from"] = self.params.reference_from
         self.suspect = int(torch.argmax(index))
         self.extra.update(suspect=self.suspect, anomaly_index=float(index[self.suspect]),
                           flagged=bool(index[self.suspect] > self.params.flag_index),

@@ -28,7 +28,7 @@ beyond `max_ratio` of the layer, and prune nothing when the stronger verdict's i
 `flag_index` (NC's 2).
 
 With `reference_from` the two references come from a file that ships with onp-env
-(baselines/references/NAME.json, written by benchmarks/class_reference.py): `fashion-mnist` holds
+(onp_env/signals/references/NAME.json, written by benchmarks/class_reference.py): `fashion-mnist` holds
 the medians of the protocol's 30 shadow small CNNs on Fashion-MNIST, all five attacks, so that a user
 of such a model needs no shadow models of their own. A model of another architecture, input shape or
 class count is refused.
@@ -42,17 +42,14 @@ indices (env.features inversion and latent_gap): this defense is the fixed rule 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from baselines.nc import NC, NCParams
 from onp_env.config import bounded
-from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.signals.latent_shift import (
     LatentShift,
@@ -80,26 +77,10 @@ class VerdictParams(NCParams):
     latent_patience: bool = False
     """Latent shift: stop only once the index has been at most `stop_index` after two cuts in a row (the
     unit cut in between stays cut): a first fall below the line can come while the trigger still works."""
-    reference_from: str = ""
-    """A class reference that ships with onp-env (REFERENCES; `fashion-mnist`), for `reference` and
-    `latent_reference` both; empty: those two as given."""
     inversion_first: bool = False
     """Follow the inversion whenever it is flagged and names the latent shift's class, whatever the two
     indices: where both reach one class the trigger is reachable in input space, and the latent
     shift's re-solved index can fall below the line after one cut while the trigger still works."""
-
-
-REFERENCES = Path(__file__).resolve().parent / "references"
-"""The class references that ship with onp-env, one JSON file each (benchmarks/class_reference.py)."""
-
-
-def shipped_reference(name: str) -> dict:
-    """The shipped class reference `name`; OnpError naming the ones there are."""
-    names = sorted(p.stem for p in REFERENCES.glob("*.json"))
-    if name not in names:
-        raise OnpError(f"verdict parameters.reference_from: no shipped class reference {name!r}; choose one of "
-                       f"{', '.join(names)}, or pass reference and latent_reference of your own")  # fmt: skip
-    return json.loads((REFERENCES / f"{name}.json").read_text())
 
 
 class Verdict(NC):
@@ -108,34 +89,14 @@ class Verdict(NC):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.shipped = None
-        if self.params.reference_from:
-            if self.params.reference or self.params.latent_reference:
-                raise OnpError("verdict parameters: reference_from replaces reference and latent_reference; "
-                               "set either the name or the two lists")  # fmt: skip
-            self.shipped = shipped_reference(self.params.reference_from)
-            self.params.reference = self.shipped["reference"]
-            self.params.latent_reference = self.shipped["latent_reference"]
-
-    def _check_kind(self, model: nn.Module, x: torch.Tensor) -> None:
-        """Refuse a model of another kind than the shipped reference's, before any inversion."""
-        ref = self.shipped
-        with torch.no_grad():
-            found = (type(model).__name__, list(x.shape[1:]), int(model(x[:1]).shape[1]))
-        if found != (ref["architecture"], ref["input_shape"], ref["classes"]):
-            raise OnpError(f"verdict reference_from={self.params.reference_from} describes {ref['architecture']} "
-                           f"models with {ref['input_shape']} inputs and {ref['classes']} classes, not {found[0]} "
-                           f"with {found[1]} and {found[2]}: leave reference_from empty, or pass references "
-                           "computed on shadow models like yours")  # fmt: skip
-        self.extra["reference_from"] = self.params.reference_from
+        # `reference_from` names both signals' references; built here to refuse what they cannot use first
+        self.latent = LatentShift(seed=self.seed, device=str(self.device), images=self.params.latent_images,
+                                  reference=self.params.latent_reference,
+                                  reference_from=self.params.reference_from)  # fmt: skip
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.shipped is not None:
-            self._check_kind(model, x)
         by_inversion = super().scores(model, layout, x, y)
         inversion = {"suspect": self.suspect, "anomaly_index": self.extra["anomaly_index"]}
-        self.latent = LatentShift(seed=self.seed, device=str(self.device), images=self.params.latent_images,
-                                  reference=self.params.latent_reference)  # fmt: skip
         shifts = self.latent.shifts(model, layout, x, y)
         index = self.latent.suspicion(shifts.norm(dim=1))
         k = int(torch.argmax(index))

@@ -1,9 +1,10 @@
-"""Write the class reference that ships with onp-env (baselines/references/fashion-mnist.json): each
+"""Write the class reference that ships with onp-env (onp_env/signals/references/fashion-mnist.json): each
 class's median trigger size, under the inversion and the latent shift, over the protocol's shadow
 models (configs/agent/fashion-mnist-sampled.yaml's zoo: 30 small CNNs, all five attacks), a model's
 own target class left out of that class's median (onp_env.signals.base.class_reference).
 
-`verdict` reads it with reference_from=fashion-mnist: a user of a Fashion-MNIST small CNN then needs
+`verdict`, `nc`, the env's verdict signals and `onp detect --reference-from` read it with
+reference_from=fashion-mnist (onp_env.signals.shipped): a user of a Fashion-MNIST small CNN then needs
 no shadow models of their own. The per-model sizes are those onp_vs_baselines.py computes (each signal
 at its defaults, seed 0, on the model's defense set) and are shared with it through RUNS/shadow-norms;
 missing models and sizes are built here, one at a time, and each is kept as soon as it is made.
@@ -14,6 +15,7 @@ missing models and sizes are built here, one at a time, and each is kept as soon
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,9 +28,10 @@ from tqdm import tqdm
 import onp_env
 from agents.config import load_agent_config
 from agents.train import zoo_configs
-from baselines.verdict import REFERENCES
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import write_text_atomic
+from onp_env.signals import SIGNALS
+from onp_env.signals.shipped import FORMAT, FORMAT_VERSION, READ_ONLY, REFERENCES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "agent" / "fashion-mnist-sampled.yaml"
@@ -51,26 +54,34 @@ def main() -> None:
         norms[lab.name] = json.loads(kept.read_text())
         art = load_artifact(path)
         model = art.manifest["model"]
-        found = (type(art.model).__name__, list(model["in_shape"]), model["num_classes"])
+        found = (type(art.model).__name__, sum(p.numel() for p in art.model.parameters()), list(model["in_shape"]),
+                 model["num_classes"])  # fmt: skip
         if shape not in (None, found):
             raise SystemExit(f"the shadow models differ ({shape} and {found}): one reference describes one kind")
         shape = found
     assert shape is not None
+    sizes = fold_references(norms)
+    signals = {}
+    for name, key in (("inversion", "reference"), ("latent_gap", "latent_reference")):
+        defaults = dataclasses.asdict(SIGNALS[name].Params())  # what shadow_norms measures with
+        signals[name] = {"version": SIGNALS[name].version, "sizes": sizes[key],
+                         "settings": {k: v for k, v in defaults.items() if k not in READ_ONLY}}  # fmt: skip
     ref = {
-        "format": "onp-class-reference",
-        "format_version": 1,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "name": args.out.stem,
         "data": labs[0].data.name,
         "architecture": shape[0],
-        "input_shape": shape[1],
-        "classes": shape[2],
+        "parameters": shape[1],
+        "input_shape": shape[2],
+        "classes": shape[3],
         "made_by": "benchmarks/class_reference.py",
         "library_version": onp_env.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": "each signal at its defaults (seed 0) on each model's own defense set",
+        "settings": "each signal with the settings below, seed 0, on each shadow model's own defense set",
         "models": sorted(norms),
         "targets": [norms[n]["target"] for n in sorted(norms)],
-        **fold_references(norms),
+        "signals": signals,
     }
     write_text_atomic(args.out, json.dumps(ref, indent=1) + "\n")
     print(f"{args.out}: {len(norms)} shadow models")

@@ -108,7 +108,7 @@ def _detect(args: argparse.Namespace) -> None:
     params = apply_overrides({}, args.set)
     run = {k: params.pop(k) for k in ("seed", "device", "defense_fraction") if k in params}
     found = detect_artifact(args.artifact, params, args.threshold, data_root=args.data_root, reference=args.reference,
-                            **run)  # fmt: skip
+                            reference_from=args.reference_from, **run)  # fmt: skip
     print(json.dumps(found, indent=1) if args.json else "\n".join(format_detection(found)))
 
 
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reference", nargs="+", default=None, metavar="ARTIFACT",
                    help="other models of the same data and architecture (e.g. your shadow models): each class "
                         "is judged against its mask norm on them")  # fmt: skip
+    t.add_argument("--reference-from", default=None, metavar="NAME",
+                   help="a class reference that ships with onp-env (fashion-mnist: 30 shadow small CNNs), in "
+                        "place of --reference")  # fmt: skip
     t.add_argument("--data-root", default=None, help="dataset folder for artifacts trained on data of your own")
     t.add_argument("--json", action="store_true", help="print the verdict and evidence as JSON")
     t.set_defaults(func=_detect)

@@ -158,6 +158,10 @@ def test_onp_detect_names_the_target_of_a_backdoored_model(capsys):
         (["--set", "nope=1"], "nope"),
         (["--threshold", "-1"], "--threshold must be in"),
         (["--set", "defense_fraction=0.9"], "defense_fraction must be in"),
+        (["--reference-from", "cifar-10"], "no shipped class reference 'cifar-10'"),
+        (["--reference-from", "fashion-mnist", "--set", "steps=40"], "measured with inversion steps=150"),
+        (["--reference-from", "fashion-mnist"], "with [1, 28, 28] inputs and 10 classes, not SmallCNN"),  # 8x8 digits
+        (["--reference-from", "fashion-mnist", "--reference", "."], "--reference and --reference-from"),
     ],
 )
 def test_onp_detect_refuses_bad_input_before_inverting(args, message, capsys, monkeypatch):
@@ -172,6 +176,40 @@ def test_onp_detect_refuses_bad_input_before_inverting(args, message, capsys, mo
     err = capsys.readouterr().err
     assert err.startswith("onp: error: ") and message in err and err.count("\n") == 1
     assert main(["detect", "/nonexistent/artifact"]) == 2
+
+
+def test_onp_detect_judges_the_classes_against_the_shipped_reference(tmp_path, monkeypatch, capsys):
+    from onp_env.cli import main
+    from onp_env.config import LabConfig, load_config
+    from onp_env.signals.shipped import shipped_reference
+
+    from .conftest import fake_idx_dataset
+
+    # a small CNN of Fashion-MNIST's shape on stand-in data: Fashion-MNIST is optional here
+    monkeypatch.setenv("ONP_FASHION_MNIST_DIR", str(fake_idx_dataset(tmp_path / "fm", train=100, test=20)))
+    lab = load_config(LabConfig, None, ["name=fm-like", "data.name=fashion-mnist", "data.defense_fraction=0.2",
+                                        "train.epochs=1", "attack=null"])  # fmt: skip
+    art = build_artifact(lab, tmp_path / "cache", progress=False)  # its folder
+    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
+    norms = {"now": ref * 3}  # every class three times its typical size: bag (8) the smallest, as on every model
+
+    def inverted(model, x, y, classes, p, seed, device):
+        return trigger_inversion.Inverted(torch.zeros(0), torch.zeros(0), norms["now"], torch.ones(10), 7)
+
+    monkeypatch.setattr(trigger_inversion, "invert", inverted)
+    assert main(["detect", str(art), "--reference-from", "fashion-mnist", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["verdict"] == "clean" and found["reference_from"] == "fashion-mnist"
+    assert found["reference_models"] == 30
+    assert main(["detect", str(art), "--json"]) == 0  # judged on its own, the natural shortcut is flagged
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["verdict"] == "backdoored" and alone["suspect"] == 8 and alone["reference_from"] is None
+    norms["now"] = torch.where(torch.arange(10) == 4, ref / 4, ref * torch.linspace(0.8, 1.2, 10))
+    trigger_inversion._INVERTED.clear()  # another inversion of the same weights
+    assert main(["detect", str(art), "--reference-from", "fashion-mnist"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("backdoored: suspected target class 4")
+    assert "on 30 reference models (the shipped reference fashion-mnist)" in out
 
 
 def test_a_class_reference_leaves_out_each_models_own_target():
@@ -401,33 +439,68 @@ def test_inversion_first_follows_a_flagged_inversion_of_the_latent_shifts_class_
 
 
 def test_verdict_takes_the_shipped_reference_only_for_a_model_of_its_kind(monkeypatch):
-    from baselines.verdict import REFERENCES, Verdict
+    from baselines.verdict import Verdict
     from onp_env.models import build_model
+    from onp_env.signals.shipped import REFERENCES
 
     class Seen(Exception):
         pass
 
-    def seen(self, *args):  # what the inversion would judge the classes against
-        raise Seen(self.params.reference, self.params.latent_reference)
+    def seen(self, *args):  # what the inversion and the latent shift would judge the classes against
+        raise Seen(self.signal.params.reference, self.latent.params.reference)
 
     monkeypatch.setattr(NC, "scores", seen)
     shipped = json.loads((REFERENCES / "fashion-mnist.json").read_text())
-    assert len(shipped["models"]) == 30 and len(shipped["reference"]) == len(shipped["latent_reference"]) == 10
+    sizes = {name: entry["sizes"] for name, entry in shipped["signals"].items()}
+    assert len(shipped["models"]) == 30 and len(sizes["inversion"]) == len(sizes["latent_gap"]) == 10
     torch.manual_seed(0)
     like = build_model("small_cnn", (1, 28, 28), 10, (0.5,), (0.5,))  # a Fashion-MNIST small CNN's shape
     x = torch.rand(4, 1, 28, 28)
     layout, _ = find_units(like, x[:2])
     with pytest.raises(Seen) as got:
         Verdict(reference_from="fashion-mnist").scores(like, layout, x, torch.zeros(4, dtype=torch.long))
-    assert list(got.value.args) == [shipped["reference"], shipped["latent_reference"]]
+    assert list(got.value.args) == [sizes["inversion"], sizes["latent_gap"]]
+    monkeypatch.undo()
     digits = _build("badnets")  # 8x8 inputs: refused before any inversion
     dx, dy = digits.defense_set()
-    with pytest.raises(OnpError, match=r"describes SmallCNN models with \[1, 28, 28\] inputs.*leave reference_from"):
+    kind = r"describes SmallCNN models of \d+ parameters with \[1, 28, 28\] inputs.*leave reference_from"
+    with pytest.raises(OnpError, match=kind):
         Verdict(reference_from="fashion-mnist").run(digits.model, dx, dy)
-    with pytest.raises(OnpError, match="no shipped class reference 'cifar-10'; choose one of fashion-mnist"):
+    with pytest.raises(OnpError, match="no shipped class reference 'cifar-10': choose one of fashion-mnist"):
         Verdict(reference_from="cifar-10")
-    with pytest.raises(OnpError, match="reference_from replaces reference and latent_reference"):
+    with pytest.raises(OnpError, match="reference_from replaces reference"):
         Verdict(reference_from="fashion-mnist", reference=[1.0] * 10)
+    with pytest.raises(OnpError, match="reference_from replaces reference"):
+        Verdict(reference_from="fashion-mnist", latent_reference=[1.0] * 10)
+    with pytest.raises(OnpError, match="measured with inversion steps=150: drop those settings"):
+        Verdict(reference_from="fashion-mnist", steps=40)  # would size triggers otherwise
+    with pytest.raises(OnpError, match="measured with latent_gap images=512"):
+        Verdict(reference_from="fashion-mnist", latent_images=64)
+    nc = NC(reference_from="fashion-mnist", stop_asr=0.0)  # what only reads the verdict may change
+    assert nc.signal.params.reference == sizes["inversion"]
+
+
+def test_a_shipped_reference_is_checked_before_it_is_used():
+    from onp_env.models import build_model
+    from onp_env.signals.shipped import REFERENCES, _parse, shipped_names, shipped_reference
+
+    assert shipped_names() == ["fashion-mnist"]
+    ref = shipped_reference("fashion-mnist")
+    assert (ref.architecture, ref.input_shape, ref.classes, ref.models) == ("SmallCNN", (1, 28, 28), 10, 30)
+    assert ref.parameters == sum(p.numel() for p in build_model("small_cnn", (1, 28, 28), 10).parameters())
+    good = json.loads((REFERENCES / "fashion-mnist.json").read_text())
+    assert _parse("x", good) == dataclasses.replace(ref, name="x")
+    for crafted in ({**good, "format_version": 1}, {**good, "classes": 10**6}, {**good, "input_shape": [-1, 28]},
+                    {**good, "signals": {"inversion": {**good["signals"]["inversion"], "sizes": [1.0] * 9}}},
+                    {**good, "signals": {"inversion": {**good["signals"]["inversion"], "sizes": [-1.0] * 10}}},
+                    {**good, "signals": {"inversion": {"sizes": [1.0] * 10}}}, [], {**good, "architecture": 3},
+                    {**good, "parameters": "many"}):  # fmt: skip
+        with pytest.raises(OnpError, match="shipped class reference 'x' is malformed .*: reinstall onp-env"):
+            _parse("x", crafted)
+    with pytest.raises(OnpError, match="was measured with inversion version 1, this is version 2: regenerate"):
+        ref.sizes("inversion", 2, {})
+    with pytest.raises(OnpError, match="has no sizes for signal 'mnp'"):
+        ref.sizes("mnp", 1, {})
 
 
 def test_verdict_with_the_stronger_inversion_is_nc():

@@ -148,9 +148,10 @@ def with_reference(sets: list[str], params: dict[str, Any], artifacts: Sequence[
                    progress: bool = False) -> dict[str, Any]:  # fmt: skip
     """`params` with the `reference` (Signal.suspicion) of every signal set that takes one computed on
     `artifacts`: the defender's own shadow models, whose attacks it knows (a model's target class is
-    left out of that class's reference). A reference already set is kept."""
+    left out of that class's reference). A reference already set, or named (`reference_from`), is kept."""
     out = {name: dict(p) for name, p in params.items()}
-    todo = [s for s in sets if takes_reference(s) and not out.get(s, {}).get("reference")]
+    todo = [s for s in sets if takes_reference(s) and not out.get(s, {}).get("reference")
+            and not out.get(s, {}).get("reference_from")]  # fmt: skip
     norms: dict[str, list[torch.Tensor]] = {s: [] for s in todo}
     targets: list[int | None] = []
     for path in tqdm(artifacts if todo else [], desc="signal reference", disable=not progress):

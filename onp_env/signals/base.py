@@ -8,6 +8,7 @@ a signal is that signal plus a selection rule (baselines.nc)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -24,6 +25,7 @@ from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.models import MAX_CLASSES
+from onp_env.signals.shipped import ShippedReference, shipped_reference
 
 MAD_CONSISTENCY = 1.4826
 """MAD x this estimates a normal distribution's standard deviation (NC's anomaly index)."""
@@ -101,6 +103,9 @@ class VerdictParams:
     gate: float = bounded(0.0, ge=0, le=1000)
     """Per-unit evidence only when the suspected class's anomaly index exceeds this (Signal.gated; 0:
     always, as in the papers)."""
+    reference_from: str = ""
+    """A class reference that ships with onp-env (onp_env.signals.shipped; `fashion-mnist`) in place of
+    `reference`; empty: `reference` as given."""
 
 
 @dataclass
@@ -123,12 +128,18 @@ class Signal(ABC):
 
     def __init__(self, seed: int = 0, device: str = "cpu", **params: Any):
         self.params: Any = from_dict(self.Params, params, f"signal {self.name} parameters")
+        self.shipped: ShippedReference | None = None
+        if isinstance(self.params, VerdictParams) and self.params.reference_from:
+            if self.params.reference:
+                raise OnpError(f"signal {self.name} parameters: reference_from replaces reference; set one of them")
+            self.shipped = shipped_reference(self.params.reference_from)
+            self.params.reference = self.shipped.sizes(self.name, self.version, dataclasses.asdict(self.params))
         reference: list[float] = self.params.reference if isinstance(self.params, VerdictParams) else []
         if len(reference) > MAX_CLASSES:
             raise OnpError(f"signal {self.name} parameters.reference has {len(reference)} entries: at most one per "
                            f"class ({MAX_CLASSES})")  # fmt: skip
-        self.seed = seed
-        self.device = resolve_device(device)
+        self.seed: int = seed
+        self.device: torch.device = resolve_device(device)
 
     def suspicion(self, norms: torch.Tensor) -> torch.Tensor:
         """(K,) the anomaly index of per-class trigger sizes. `params.reference`, where set, holds each
@@ -136,7 +147,7 @@ class Signal(ABC):
         (class_reference over its shadow or clean models; `onp train-agent` fills it in from its shadow
         zoo): the index is then taken against it, so that a class every model reaches cheaply (a
         natural shortcut) is not suspected. Empty: each model judged on its own, as in the papers."""
-        reference = self.check_reference(len(norms))
+        reference = self.reference_for(len(norms))
         return anomaly_index(norms, torch.tensor(reference, dtype=norms.dtype) if reference else None)
 
     def gated(self, units: torch.Tensor, index: float) -> torch.Tensor:
@@ -145,8 +156,15 @@ class Signal(ABC):
         gate = self.params.gate if isinstance(self.params, VerdictParams) else 0.0
         return torch.full_like(units, float("nan")) if gate > 0 and index <= gate else units
 
-    def check_reference(self, classes: int) -> list[float]:
-        """The reference, refused (before any work) where it was computed for another class count."""
+    def check_reference(self, model: nn.Module, x: torch.Tensor, classes: int) -> list[float]:
+        """The reference, refused (before any work) where it was computed for another class count, or
+        shipped for models of another kind than `model` (reading inputs like `x`)."""
+        if self.shipped is not None:
+            self.shipped.check_model(model, x)
+        return self.reference_for(classes)
+
+    def reference_for(self, classes: int) -> list[float]:
+        """The reference, refused where it was computed for another class count."""
         reference: list[float] = self.params.reference if isinstance(self.params, VerdictParams) else []
         if reference and len(reference) != classes:
             raise OnpError(f"signal {self.name}'s reference holds {len(reference)} classes, the model has "

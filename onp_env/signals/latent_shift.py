@@ -138,7 +138,7 @@ class LatentShift(Signal):
     def shifts(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(K, features) each class's minimum shift of the classifier's input (min_shifts)."""
         head = dict(model.named_modules())[layout.output]
-        self.check_reference(head.weight.shape[0])
+        self.check_reference(model, x[:1].to(self.device), head.weight.shape[0])
         pick = self.pick(len(x))
         h = classifier_inputs(model, layout, x[pick].to(self.device)).cpu()
         w = head.weight.detach().cpu()

@@ -38,6 +38,7 @@ from onp_env.config import bounded
 from onp_env.graph.features import activation_gap
 from onp_env.graph.units import UnitLayout
 from onp_env.signals.base import Memo, Signal, SignalResult, VerdictParams, anomaly_index
+from onp_env.signals.shipped import READ_ONLY
 
 
 @dataclass
@@ -178,8 +179,8 @@ class TriggerInversion(Signal):
         read from the inversion)."""
         with torch.no_grad():
             classes = int(model(x[:1].to(self.device)).shape[1])
-        self.check_reference(classes)
-        settings = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in ("reference", "gate")}
+        self.check_reference(model, x[:1].to(self.device), classes)
+        settings = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in READ_ONLY}
         return _INVERTED.get(
             lambda: invert(model, x, y, classes, self.params, self.seed, self.device),
             model,

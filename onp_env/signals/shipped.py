@@ -1,0 +1,120 @@
+"""Class references that ship with onp-env: each class's typical trigger size under a verdict signal
+(class_reference over shadow models of one dataset and architecture), so that a user of such a model
+can judge its classes (Signal.suspicion) without training shadow models first.
+
+One JSON file per reference in onp_env/signals/references/, written by benchmarks/class_reference.py.
+A reference holds, per signal, the sizes and the settings they were measured with: a signal whose
+settings would size triggers differently, or a model of another kind, is refused before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from onp_env.errors import OnpError
+from onp_env.models import MAX_CLASSES
+
+REFERENCES = Path(__file__).resolve().parent / "references"
+FORMAT = "onp-class-reference"
+FORMAT_VERSION = 2
+READ_ONLY = ("reference", "reference_from", "gate")
+"""Signal settings that change only how a verdict is read, not the trigger sizes a reference holds."""
+
+
+@dataclass(frozen=True)
+class ShippedReference:
+    name: str
+    data: str
+    architecture: str
+    """Class name of the models (e.g. SmallCNN)."""
+    parameters: int
+    """Their number of parameters (the class name does not fix widths)."""
+    input_shape: tuple[int, ...]
+    classes: int
+    signals: dict[str, dict[str, Any]]
+    """signal name -> {"version": int, "settings": {...}, "sizes": [one per class]}."""
+    models: int
+    """How many shadow models it summarises."""
+
+    def sizes(self, signal: str, version: int, settings: dict[str, Any]) -> list[float]:
+        """The per-class sizes of `signal`, refused where they were measured with another version or
+        other settings than the caller's (which would size triggers differently)."""
+        entry = self.signals.get(signal)
+        if entry is None:
+            raise OnpError(f"the shipped class reference {self.name!r} has no sizes for signal {signal!r} (it has "
+                           f"{', '.join(sorted(self.signals))}): leave reference_from empty for it")  # fmt: skip
+        if entry["version"] != version:
+            raise OnpError(f"the shipped class reference {self.name!r} was measured with {signal} version "
+                           f"{entry['version']}, this is version {version}: regenerate it "
+                           "(benchmarks/class_reference.py) or leave reference_from empty")  # fmt: skip
+        mine = {k: v for k, v in settings.items() if k not in READ_ONLY}
+        differ = sorted(k for k in set(mine) | set(entry["settings"]) if mine.get(k) != entry["settings"].get(k))
+        if differ:
+            was = ", ".join(f"{k}={entry['settings'].get(k)!r}" for k in differ)
+            raise OnpError(f"the shipped class reference {self.name!r} was measured with {signal} {was}: drop those "
+                           "settings, or pass a reference measured with yours")  # fmt: skip
+        return list(entry["sizes"])
+
+    def check_model(self, model: nn.Module, x: torch.Tensor) -> None:
+        """Refuse a model of another kind than the reference's shadow models."""
+        with torch.no_grad():
+            found = (type(model).__name__, sum(p.numel() for p in model.parameters()), tuple(x.shape[1:]),
+                     int(model(x[:1]).shape[1]))  # fmt: skip
+        if found != (self.architecture, self.parameters, self.input_shape, self.classes):
+            raise OnpError(f"the shipped class reference {self.name!r} describes {self.architecture} models of "
+                           f"{self.parameters} parameters with {list(self.input_shape)} inputs and {self.classes} "
+                           f"classes, not {found[0]} of {found[1]} with {list(found[2])} and {found[3]}: leave "
+                           "reference_from empty, or pass a reference measured on models like yours")  # fmt: skip
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in REFERENCES.glob("*.json"))
+
+
+def shipped_reference(name: str) -> ShippedReference:
+    """The shipped class reference `name`, its structure checked; OnpError naming the ones there are."""
+    names = shipped_names()
+    if name not in names:
+        raise OnpError(f"no shipped class reference {name!r}: choose one of {', '.join(names)}, or leave "
+                       "reference_from empty and pass a reference of your own")  # fmt: skip
+    return _parse(name, json.loads((REFERENCES / f"{name}.json").read_text()))
+
+
+def _parse(name: str, d: Any) -> ShippedReference:
+    def bad(what: str) -> OnpError:
+        return OnpError(f"shipped class reference {name!r} is malformed ({what}): reinstall onp-env")
+
+    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+        raise bad(f"not {FORMAT} version {FORMAT_VERSION}")
+    classes, shape = d.get("classes"), d.get("input_shape")
+    if not isinstance(classes, int) or not 2 <= classes <= MAX_CLASSES:
+        raise bad("classes")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise bad("input_shape")
+    signals = d.get("signals")
+    if not isinstance(signals, dict) or not signals:
+        raise bad("signals")
+    for signal, entry in signals.items():
+        sizes = entry.get("sizes") if isinstance(entry, dict) else None
+        if not isinstance(sizes, list) or len(sizes) != classes:
+            raise bad(f"{signal} sizes")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in sizes):
+            raise bad(f"{signal} sizes")
+        if not isinstance(entry.get("version"), int) or not isinstance(entry.get("settings"), dict):
+            raise bad(f"{signal} version or settings")
+    for key in ("data", "architecture"):
+        if not isinstance(d.get(key), str):
+            raise bad(key)
+    if not isinstance(d.get("parameters"), int):
+        raise bad("parameters")
+    models = d.get("models")
+    return ShippedReference(name=name, data=d["data"], architecture=d["architecture"], parameters=d["parameters"],
+                            input_shape=tuple(shape),
+                            classes=classes, signals=signals,
+                            models=len(models) if isinstance(models, list) else 0)  # fmt: skip
