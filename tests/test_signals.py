@@ -331,6 +331,8 @@ def test_a_reference_from_shadow_models_leaves_out_their_targets_and_keeps_a_giv
     assert ref[0] == pytest.approx(clean_only.details["norms"][0])  # the BadNets model targets class 0
     given = {"latent_gap": {"reference": [1.0] * 10}}
     assert with_reference(["latent_gap"], given, models) == given
+    named = {"latent_gap": {"reference_from": "fashion-mnist"}}  # the shipped one: nothing computed
+    assert with_reference(["latent_gap"], named, models) == named
 
 
 def _model_layout_data(name):
