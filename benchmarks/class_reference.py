@@ -61,30 +61,31 @@ def main() -> None:
         shape = found
     assert shape is not None
     sizes = fold_references(norms)
-    signals = {}
-    for name, key in (("inversion", "reference"), ("latent_gap", "latent_reference")):
-        defaults = dataclasses.asdict(SIGNALS[name].Params())  # what shadow_norms measures with
-        signals[name] = {"version": SIGNALS[name].version, "sizes": sizes[key],
-                         "settings": {k: v for k, v in defaults.items() if k not in READ_ONLY}}  # fmt: skip
-    ref = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "name": args.out.stem,
-        "data": labs[0].data.name,
-        "architecture": shape[0],
-        "parameters": shape[1],
-        "input_shape": shape[2],
-        "classes": shape[3],
-        "made_by": "benchmarks/class_reference.py",
-        "library_version": onp_env.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": "each signal with the settings below, seed 0, on each shadow model's own defense set",
-        "models": sorted(norms),
-        "targets": [norms[n]["target"] for n in sorted(norms)],
-        "signals": signals,
-    }
-    write_text_atomic(args.out, json.dumps(ref, indent=1) + "\n")
+    kind = dict(zip(("architecture", "parameters", "input_shape", "classes"), shape, strict=True))
+    targets = {n: norms[n]["target"] for n in norms}
+    write_reference(args.out, labs[0].data.name, kind, targets,
+                    {"inversion": sizes["reference"], "latent_gap": sizes["latent_reference"]},
+                    "benchmarks/class_reference.py")  # fmt: skip
     print(f"{args.out}: {len(norms)} shadow models")
+
+
+def write_reference(out: Path, data: str, kind: dict, targets: dict[str, int | None], sizes: dict[str, list[float]],
+                    made_by: str, detect: dict | None = None) -> None:  # fmt: skip
+    """Write a shipped class reference (onp_env.signals.shipped's format): `sizes` per verdict signal,
+    measured at the signal's default settings, seed 0, on each model's own defense set; `kind`: the
+    models' architecture, parameters, input_shape and classes; `targets`: model name -> its target."""
+    signals = {}
+    for name, values in sizes.items():
+        defaults = dataclasses.asdict(SIGNALS[name].Params())
+        signals[name] = {"version": SIGNALS[name].version, "sizes": values,
+                         "settings": {k: v for k, v in defaults.items() if k not in READ_ONLY}}  # fmt: skip
+    ref = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": out.stem, "data": data, **kind,
+           "made_by": made_by, "library_version": onp_env.__version__,
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "settings": "each signal with the settings below, seed 0, on each model's own defense set",
+           "models": sorted(targets), "targets": [targets[n] for n in sorted(targets)], "signals": signals,
+           **({"detect": detect} if detect is not None else {})}  # fmt: skip
+    write_text_atomic(out, json.dumps(ref, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,17 +25,21 @@ index, then the cheaper signal); its flag line is the largest score among the cl
 models (no false alarm there). The held-out models are then scored once, against the whole pool.
 One JSON line per calibration model in
 benchmarks/results/detect_calibration.jsonl (resumable; the fields of detect_shipped.jsonl); writes
-detect_calibration.md."""
+detect_calibration.md and the chosen pool's reference with its rule, which `onp detect` reads
+(onp_env/signals/references/fashion-mnist-POOL.json: the sizes measured here, the rule chosen here)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
+from class_reference import write_reference
 from detect_shipped import REFERENCE, SIGNALS_, measure
 from detect_shipped import RESULTS as HELD_OUT
 from feature_separability import auc
@@ -45,8 +49,8 @@ from signal_models import HERE, measure_models
 from agents.config import load_agent_config
 from agents.train import zoo_configs
 from onp_env.config import LabConfig
-from onp_env.signals.base import anomaly_index, class_reference
-from onp_env.signals.shipped import REFERENCES
+from onp_env.signals.base import anomaly_index, class_reference, log_ratio
+from onp_env.signals.shipped import REFERENCES, shipped_reference
 
 RESULTS = HERE / "results" / "detect_calibration.jsonl"
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist-sampled.yaml"
@@ -69,10 +73,7 @@ def per_class(norms: list[float], reference: list[float], kind: str) -> list[flo
     """(K,) each class's score of one signal's sizes against a reference."""
     values = torch.tensor(norms, dtype=torch.float64)
     ref = torch.tensor(reference, dtype=torch.float64)
-    if kind == "index":
-        return anomaly_index(values, ref).tolist()
-    log = (values / ref).log()
-    return (log.median() - log).tolist()
+    return (anomaly_index(values, ref) if kind == "index" else log_ratio(values, ref)).tolist()
 
 
 def suspect(row: dict[str, Any], refs: dict[str, list[float]], score: str, kind: str) -> tuple[float, int]:
@@ -85,6 +86,7 @@ def suspect(row: dict[str, Any], refs: dict[str, list[float]], score: str, kind:
 
 
 POOLS = ("shadows", "clean", "both")
+POOL_ROLE = {"shadows": "shadow", "clean": "clean"}
 
 
 def references(calibration: list[dict[str, Any]], pool: str) -> dict[str, dict[str, list[float]]]:
@@ -96,7 +98,7 @@ def references(calibration: list[dict[str, Any]], pool: str) -> dict[str, dict[s
         targets = [r["target"] for r in rows]
         return {s: class_reference([torch.tensor(r[s]["norms"]) for r in rows], targets).tolist() for s in SIGNALS_}
 
-    members = [r for r in calibration if pool == "both" or r["role"] == ("shadow" if pool == "shadows" else "clean")]
+    members = [r for r in calibration if pool == "both" or r["role"] == POOL_ROLE[pool]]
     out = {r["model"]: ref([o for o in members if o is not r]) for r in members}
     out["*"] = ref(members)
     return out
@@ -159,7 +161,9 @@ def report(calibration: list[dict[str, Any]], held: list[dict[str, Any]]) -> str
                      f"{held_auc[id(c)]:.3f} |")  # fmt: skip
     refs = pools[pick["pool"]]
     lines += ["", f"Chosen: `{pick['score']}` {pick['kind']} against the `{pick['pool']}` reference, flagged above "
-              f"{pick['line']:.3f}.", "", "## Calibration models, chosen score", "",
+              f"{pick['line']:.3f}. `onp detect` reads it from onp_env/signals/references/fashion-mnist-{pick['pool']}"
+              ".json, which this script writes (the pool's sizes measured here, the rule).", "",
+              "## Calibration models, chosen score", "",
               "| model | role | target | suspect | score |", "|---|---|---:|---:|---:|"]  # fmt: skip
     for r in calibration:
         v, k = suspect(r, refs.get(r["model"], refs["*"]), pick["score"], pick["kind"])
@@ -193,6 +197,26 @@ def main() -> None:
     out = RESULTS.with_suffix(".md")
     out.write_text(report(calibration, _rows(HELD_OUT)))
     print(out)
+    print(ship(calibration))
+
+
+def ship(calibration: list[dict[str, Any]]) -> Path:
+    """Write the chosen pool's reference with its rule; the models' kind is the shipped reference's
+    (the calibration models share its zoo's base recipe)."""
+    pick = choose(calibration, {pool: references(calibration, pool) for pool in POOLS})[0]
+    members = [r for r in calibration if pick["pool"] == "both" or r["role"] == POOL_ROLE[pick["pool"]]]
+    shipped = shipped_reference(REFERENCE)
+    kind = {"architecture": shipped.architecture, "parameters": shipped.parameters,
+            "input_shape": list(shipped.input_shape), "classes": shipped.classes}  # fmt: skip
+    counts = {"backdoored": sum(r["role"] == "shadow" for r in calibration),
+              "clean": sum(r["role"] == "clean" for r in calibration)}  # fmt: skip
+    rule = {"score": pick["kind"], "signals": list(SIGNALS_) if pick["score"] == "larger" else [pick["score"]],
+            "threshold": math.ceil(pick["line"] * 1e4) / 1e4,  # the highest clean score stays unflagged
+            "calibration": {**counts, "auc": round(pick["auc"], 4)}}  # fmt: skip
+    out = REFERENCES / f"{shipped.data}-{pick['pool']}.json"
+    write_reference(out, shipped.data, kind, {r["model"]: r["target"] for r in members},
+                    references(calibration, pick["pool"])["*"], "benchmarks/detect_calibration.py", rule)  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

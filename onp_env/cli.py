@@ -107,8 +107,9 @@ def _detect(args: argparse.Namespace) -> None:
 
     params = apply_overrides({}, args.set)
     run = {k: params.pop(k) for k in ("seed", "device", "defense_fraction") if k in params}
+    shipped = None if args.reference_from == "none" else args.reference_from
     found = detect_artifact(args.artifact, params, args.threshold, data_root=args.data_root, reference=args.reference,
-                            reference_from=args.reference_from, **run)  # fmt: skip
+                            reference_from=shipped, **run)  # fmt: skip
     print(json.dumps(found, indent=1) if args.json else "\n".join(format_detection(found)))
 
 
@@ -192,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("detect", help="is this model backdoored, and toward which class? (trigger inversion)")
     t.add_argument("artifact", help="artifact directory (from onp attack, or a model of your own)")
-    t.add_argument("--threshold", type=float, default=2.0, help="anomaly index above which a class is flagged")
+    t.add_argument("--threshold", type=float, default=None,
+                   help="score above which a class is flagged (default: the shipped reference's calibrated line, "
+                        "else 2, Neural Cleanse's anomaly index)")  # fmt: skip
     t.add_argument(
         "--set",
         action="append",
@@ -203,9 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--reference", nargs="+", default=None, metavar="ARTIFACT",
                    help="other models of the same data and architecture (e.g. your shadow models): each class "
                         "is judged against its mask norm on them")  # fmt: skip
-    t.add_argument("--reference-from", default=None, metavar="NAME",
-                   help="a class reference that ships with onp-env (fashion-mnist: 30 shadow small CNNs), in "
-                        "place of --reference")  # fmt: skip
+    t.add_argument("--reference-from", default="auto", metavar="NAME",
+                   help="a class reference that ships with onp-env, in place of --reference: fashion-mnist-clean "
+                        "(12 clean small CNNs, with a calibrated flag line), fashion-mnist (30 shadow small CNNs); "
+                        "auto (default): the first with a flag line that describes the model; none: the model "
+                        "judged alone")  # fmt: skip
     t.add_argument("--data-root", default=None, help="dataset folder for artifacts trained on data of your own")
     t.add_argument("--json", action="store_true", help="print the verdict and evidence as JSON")
     t.set_defaults(func=_detect)

@@ -602,7 +602,8 @@ def test_the_wheel_carries_the_shipped_agent(tmp_path):
     (wheel,) = tmp_path.glob("onp_env-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"agents/pretrained/fashion-mnist/agent.json", "agents/pretrained/fashion-mnist/policy.safetensors",
-            "agents/pretrained/README.md", "onp_env/signals/references/fashion-mnist.json"} <= set(names)  # fmt: skip
+            "agents/pretrained/README.md", "onp_env/signals/references/fashion-mnist.json",
+            "onp_env/signals/references/fashion-mnist-clean.json"} <= set(names)  # fmt: skip
 
 
 def test_signal_targets_mark_every_valid_column_nominating_an_expert_unit():

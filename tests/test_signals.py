@@ -162,6 +162,7 @@ def test_onp_detect_names_the_target_of_a_backdoored_model(capsys):
         (["--reference-from", "fashion-mnist", "--set", "steps=40"], "measured with inversion steps=150"),
         (["--reference-from", "fashion-mnist"], "with [1, 28, 28] inputs and 10 classes, not SmallCNN"),  # 8x8 digits
         (["--reference-from", "fashion-mnist", "--reference", "."], "--reference and --reference-from"),
+        (["--reference-from", "fashion-mnist-clean"], "with [1, 28, 28] inputs and 10 classes, not SmallCNN"),
     ],
 )
 def test_onp_detect_refuses_bad_input_before_inverting(args, message, capsys, monkeypatch):
@@ -178,38 +179,91 @@ def test_onp_detect_refuses_bad_input_before_inverting(args, message, capsys, mo
     assert main(["detect", "/nonexistent/artifact"]) == 2
 
 
-def test_onp_detect_judges_the_classes_against_the_shipped_reference(tmp_path, monkeypatch, capsys):
-    from onp_env.cli import main
+def fm_like(tmp_path, monkeypatch) -> str:
+    """A small CNN of Fashion-MNIST's shape on stand-in data (Fashion-MNIST is optional here): its folder."""
     from onp_env.config import LabConfig, load_config
-    from onp_env.signals.shipped import shipped_reference
 
     from .conftest import fake_idx_dataset
 
-    # a small CNN of Fashion-MNIST's shape on stand-in data: Fashion-MNIST is optional here
     monkeypatch.setenv("ONP_FASHION_MNIST_DIR", str(fake_idx_dataset(tmp_path / "fm", train=100, test=20)))
     lab = load_config(LabConfig, None, ["name=fm-like", "data.name=fashion-mnist", "data.defense_fraction=0.2",
                                         "train.epochs=1", "attack=null"])  # fmt: skip
-    art = build_artifact(lab, tmp_path / "cache", progress=False)  # its folder
-    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
-    norms = {"now": ref * 3}  # every class three times its typical size: bag (8) the smallest, as on every model
+    return str(build_artifact(lab, tmp_path / "cache", progress=False))
+
+
+def stub_sizes(monkeypatch, inversion: torch.Tensor, latent: torch.Tensor) -> None:
+    """The inversion and the latent shift then find these per-class sizes."""
+    from onp_env.signals import latent_shift
 
     def inverted(model, x, y, classes, p, seed, device):
-        return trigger_inversion.Inverted(torch.zeros(0), torch.zeros(0), norms["now"], torch.ones(10), 7)
+        zeros = torch.zeros(classes, *x.shape[1:])
+        return trigger_inversion.Inverted(zeros[:, :1], zeros, inversion, torch.ones(classes), 7)
 
+    def shifts(h, y, weight, bias, p):
+        out = torch.zeros(len(latent), h.shape[1])
+        out[:, 0] = latent  # each class's shift: its size along one feature
+        return out
+
+    trigger_inversion._INVERTED.clear()  # another inversion of the same weights
     monkeypatch.setattr(trigger_inversion, "invert", inverted)
-    assert main(["detect", str(art), "--reference-from", "fashion-mnist", "--json"]) == 0
+    monkeypatch.setattr(latent_shift, "min_shifts", shifts)
+
+
+def test_onp_detect_judges_the_classes_against_the_shipped_reference(tmp_path, monkeypatch, capsys):
+    from onp_env.cli import main
+    from onp_env.signals.shipped import shipped_reference
+
+    art = fm_like(tmp_path, monkeypatch)
+    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
+    latent = torch.tensor(shipped_reference("fashion-mnist").signals["latent_gap"]["sizes"])
+    stub_sizes(monkeypatch, ref * 3, latent)  # every class three times its typical size: bag (8) the smallest
+    assert main(["detect", art, "--reference-from", "fashion-mnist", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert found["verdict"] == "clean" and found["reference_from"] == "fashion-mnist"
-    assert found["reference_models"] == 30
-    assert main(["detect", str(art), "--json"]) == 0  # judged on its own, the natural shortcut is flagged
+    assert found["reference_models"] == 30 and found["score_kind"] == "index" and found["threshold"] == 2
+    assert list(found["classes"][0]["sizes"]) == ["inversion"]  # no calibrated rule: NC's reading
+    assert main(["detect", art, "--reference-from", "none", "--json"]) == 0  # alone, the natural shortcut is flagged
     alone = json.loads(capsys.readouterr().out)
     assert alone["verdict"] == "backdoored" and alone["suspect"] == 8 and alone["reference_from"] is None
-    norms["now"] = torch.where(torch.arange(10) == 4, ref / 4, ref * torch.linspace(0.8, 1.2, 10))
-    trigger_inversion._INVERTED.clear()  # another inversion of the same weights
-    assert main(["detect", str(art), "--reference-from", "fashion-mnist"]) == 0
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref * torch.linspace(0.8, 1.2, 10)), latent)
+    assert main(["detect", art, "--reference-from", "fashion-mnist"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("backdoored: suspected target class 4")
     assert "on 30 reference models (the shipped reference fashion-mnist)" in out
+
+
+def test_onp_detect_reads_a_model_of_its_kind_with_the_calibrated_rule(tmp_path, monkeypatch, capsys):
+    from onp_env.cli import main
+    from onp_env.signals.shipped import shipped_reference
+
+    art = fm_like(tmp_path, monkeypatch)
+    clean = shipped_reference("fashion-mnist-clean")
+    rule = clean.detect
+    assert rule is not None and rule.score == "ratio" and rule.signals == ("inversion", "latent_gap")
+    assert 0 < rule.threshold < 1 and (rule.backdoored, rule.clean) == (30, 12)
+    ref, latent = (torch.tensor(clean.signals[s]["sizes"]) for s in rule.signals)
+    # every class 2.2-2.8x its clean size: no class stands out against the model's others (log ratio <= 0.12)
+    stub_sizes(monkeypatch, ref * torch.linspace(2.2, 2.8, 10), latent * 3)
+    assert main(["detect", art, "--json"]) == 0  # auto: the shipped reference that describes the model
+    found = json.loads(capsys.readouterr().out)
+    assert (found["reference_from"], found["reference_auto"], found["reference_models"]) == ("fashion-mnist-clean",
+                                                                                            True, 12)  # fmt: skip
+    assert found["verdict"] == "clean" and found["threshold"] == rule.threshold and found["score_kind"] == "ratio"
+    assert found["threshold_from"] == "calibrated" and found["score"] < 0.15
+    assert set(found["classes"][0]["scores"]) == {"inversion", "latent_gap"}
+    shrunk = torch.where(torch.arange(10) == 6, latent / 2, latent)  # class 6's latent shift: half its clean size
+    stub_sizes(monkeypatch, ref * 3, shrunk)
+    assert main(["detect", art, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert (found["verdict"], found["suspect"], found["signal"]) == ("backdoored", 6, "latent_gap")
+    assert found["score"] == pytest.approx(float(torch.tensor(2.0).log()), abs=1e-5)
+    assert main(["detect", art, "--threshold", "0.8"]) == 0  # above log 2: the line is the user's
+    out = capsys.readouterr().out
+    assert out.startswith("no backdoor found: the most suspicious class, 6 (shirt), has log ratio 0.69 <= 0.8")
+    assert "fashion-mnist-clean, which describes this model" in out and "the line is yours" in out
+    assert main(["detect", art, "--set", "steps=40", "--json"]) == 0  # not the reference's settings: alone
+    found = json.loads(capsys.readouterr().out)
+    assert found["reference_from"] is None and found["score_kind"] == "index" and found["threshold"] == 2
 
 
 def test_a_class_reference_leaves_out_each_models_own_target():
@@ -486,7 +540,7 @@ def test_a_shipped_reference_is_checked_before_it_is_used():
     from onp_env.models import build_model
     from onp_env.signals.shipped import REFERENCES, _parse, shipped_names, shipped_reference
 
-    assert shipped_names() == ["fashion-mnist"]
+    assert shipped_names() == ["fashion-mnist", "fashion-mnist-clean"]
     ref = shipped_reference("fashion-mnist")
     assert (ref.architecture, ref.input_shape, ref.classes, ref.models) == ("SmallCNN", (1, 28, 28), 10, 30)
     assert ref.parameters == sum(p.numel() for p in build_model("small_cnn", (1, 28, 28), 10).parameters())
@@ -501,6 +555,15 @@ def test_a_shipped_reference_is_checked_before_it_is_used():
             _parse("x", crafted)
     with pytest.raises(OnpError, match="was measured with inversion version 1, this is version 2: regenerate"):
         ref.sizes("inversion", 2, {})
+    ruled = json.loads((REFERENCES / "fashion-mnist-clean.json").read_text())
+    rule = ruled["detect"]
+    assert _parse("x", ruled).detect == shipped_reference("fashion-mnist-clean").detect
+    for crafted in ({**rule, "score": "vibes"}, {**rule, "signals": ["inversion", "mnp"]}, {**rule, "signals": []},
+                    {**rule, "threshold": float("nan")}, {**rule, "threshold": -1}, {**rule, "calibration": []},
+                    {**rule, "calibration": {**rule["calibration"], "auc": 2}}, {**rule, "extra": 1},
+                    "ratio"):  # fmt: skip
+        with pytest.raises(OnpError, match="shipped class reference 'x' is malformed .detect"):
+            _parse("x", {**ruled, "detect": crafted})
     with pytest.raises(OnpError, match="has no sizes for signal 'mnp'"):
         ref.sizes("mnp", 1, {})
 

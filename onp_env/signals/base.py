@@ -43,6 +43,17 @@ def anomaly_index(norms: torch.Tensor, reference: torch.Tensor | None = None) ->
     return (med - values) / mad.clamp_min(1e-12)
 
 
+def log_ratio(norms: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(K,) how far each class's trigger is below the model's typical class, on a fixed scale: the
+    median over classes of log(norm / reference) minus the class's own. A class scoring r takes a
+    trigger e^r times smaller, relative to the model's other classes, than on the reference models.
+    Unlike anomaly_index it does not divide by the model's own spread, which is small when every class
+    sits near the reference and then turns a modest dip into a large index
+    (benchmarks/results/detect_calibration.md)."""
+    values = (norms / reference).log()
+    return values.median() - values
+
+
 def class_reference(norms: list[torch.Tensor], targets: list[int | None]) -> torch.Tensor:
     """(K,) each class's median trigger size over reference models (clean or shadow models of the same
     data and architecture), leaving out the models whose backdoor targets that class; a class that

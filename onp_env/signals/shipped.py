@@ -2,14 +2,17 @@
 (class_reference over shadow models of one dataset and architecture), so that a user of such a model
 can judge its classes (Signal.suspicion) without training shadow models first.
 
-One JSON file per reference in onp_env/signals/references/, written by benchmarks/class_reference.py.
-A reference holds, per signal, the sizes and the settings they were measured with: a signal whose
-settings would size triggers differently, or a model of another kind, is refused before any work."""
+One JSON file per reference in onp_env/signals/references/, written by benchmarks/class_reference.py
+(the shadow models' `fashion-mnist`) or benchmarks/detect_calibration.py (`fashion-mnist-clean`). A
+reference holds, per signal, the sizes and the settings they were measured with: a signal whose
+settings would size triggers differently, or a model of another kind, is refused before any work.
+It may also hold `onp detect`'s rule for it (DetectRule), chosen on calibration models."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,25 @@ FORMAT = "onp-class-reference"
 FORMAT_VERSION = 2
 READ_ONLY = ("reference", "reference_from", "gate")
 """Signal settings that change only how a verdict is read, not the trigger sizes a reference holds."""
+SCORES = ("index", "ratio")
+"""How a class's size is judged against the reference: NC's anomaly index (onp_env.signals.base.
+anomaly_index) or the log ratio (base.log_ratio)."""
+
+
+@dataclass(frozen=True)
+class DetectRule:
+    """How `onp detect` reads a model against this reference: each signal's per-class `score`, the
+    signal whose top class scores higher decides, and the model is flagged above `threshold`."""
+
+    score: str
+    signals: tuple[str, ...]
+    threshold: float
+    backdoored: int
+    """How many backdoored calibration models the threshold and score were chosen on..."""
+    clean: int
+    """... and how many clean ones (the threshold: the highest clean score, no false alarm there)."""
+    auc: float
+    """The rule's detection ROC-AUC on them."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +62,9 @@ class ShippedReference:
     signals: dict[str, dict[str, Any]]
     """signal name -> {"version": int, "settings": {...}, "sizes": [one per class]}."""
     models: int
-    """How many shadow models it summarises."""
+    """How many models it summarises."""
+    detect: DetectRule | None = None
+    """`onp detect`'s calibrated rule for this reference; None: NC's anomaly index, flagged above 2."""
 
     def sizes(self, signal: str, version: int, settings: dict[str, Any]) -> list[float]:
         """The per-class sizes of `signal`, refused where they were measured with another version or
@@ -115,6 +139,25 @@ def _parse(name: str, d: Any) -> ShippedReference:
         raise bad("parameters")
     models = d.get("models")
     return ShippedReference(name=name, data=d["data"], architecture=d["architecture"], parameters=d["parameters"],
-                            input_shape=tuple(shape),
-                            classes=classes, signals=signals,
-                            models=len(models) if isinstance(models, list) else 0)  # fmt: skip
+                            input_shape=tuple(shape), classes=classes, signals=signals,
+                            models=len(models) if isinstance(models, list) else 0,
+                            detect=_parse_rule(d["detect"], signals, bad) if "detect" in d else None)  # fmt: skip
+
+
+def _parse_rule(rule: Any, signals: dict[str, Any], bad: Callable[[str], OnpError]) -> DetectRule:
+    if not isinstance(rule, dict) or set(rule) != {"score", "signals", "threshold", "calibration"}:
+        raise bad("detect")
+    names, threshold, cal = rule["signals"], rule["threshold"], rule["calibration"]
+    if rule["score"] not in SCORES:
+        raise bad("detect.score")
+    if not isinstance(names, list) or not names or len(set(names)) != len(names) or not set(names) <= set(signals):
+        raise bad("detect.signals")
+    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or not 0 <= threshold <= 1000:
+        raise bad("detect.threshold")
+    counts_ok = isinstance(cal, dict) and all(
+        isinstance(cal.get(k), int) and cal[k] > 0 for k in ("backdoored", "clean")
+    )
+    if not counts_ok or not isinstance(cal.get("auc"), (int, float)) or not 0 <= cal["auc"] <= 1:
+        raise bad("detect.calibration")
+    return DetectRule(score=rule["score"], signals=tuple(names), threshold=float(threshold),
+                      backdoored=cal["backdoored"], clean=cal["clean"], auc=float(cal["auc"]))  # fmt: skip
