@@ -83,6 +83,9 @@ def detect_artifact(path: str | Path | Artifact, params: dict[str, Any] | None =
     if reference and reference_from not in (None, AUTO):
         raise OnpError("--reference and --reference-from are two references: pass one of them")
     params = dict(params or {})
+    for key in ("reference", "reference_from"):
+        if key in params:
+            raise OnpError(f"--set {key}=... is not an inversion setting here: pass --{key.replace('_', '-')}")
     _signals(("inversion",), params, seed, device, None)  # parameters checked before any work
     if reference_from not in (None, AUTO):
         shipped_reference(reference_from)

@@ -163,6 +163,7 @@ def test_onp_detect_names_the_target_of_a_backdoored_model(capsys):
         (["--reference-from", "fashion-mnist"], "with [1, 28, 28] inputs and 10 classes, not SmallCNN"),  # 8x8 digits
         (["--reference-from", "fashion-mnist", "--reference", "."], "--reference and --reference-from"),
         (["--reference-from", "fashion-mnist-clean"], "with [1, 28, 28] inputs and 10 classes, not SmallCNN"),
+        (["--set", "reference_from=fashion-mnist"], "pass --reference-from"),
     ],
 )
 def test_onp_detect_refuses_bad_input_before_inverting(args, message, capsys, monkeypatch):
