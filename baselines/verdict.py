@@ -27,6 +27,16 @@ Either way, never prune a unit that costs more than `max_acc_drop` of defense-se
 beyond `max_ratio` of the layer, and prune nothing when the stronger verdict's index is at most
 `flag_index` (NC's 2).
 
+With `flag_rule` both verdicts are read as `onp detect` reads them against a shipped reference that
+carries a calibrated rule (fashion-mnist-clean: 12 clean small CNNs; onp_env.signals.shipped.
+DetectRule): the log ratio replaces the anomaly index in choosing the verdict, in flagging (above the
+rule's line, 0.27, in place of `flag_index`) and in the latent sweep's stop (at most that line, in
+place of `stop_index`). The rule was chosen for detection, on calibration models
+(benchmarks/results/detect_calibration.md), not for this defense's sweep: the index against the
+shadow reference leaves both strong-sinusoid models of the configuration-shift set unflagged, the
+rule flags them with their target (detect_shift.md); bench-fashion-mnist-shift-rule measures the
+defense.
+
 With `reference_from` the two references come from a file that ships with onp-env
 (onp_env/signals/references/NAME.json, written by benchmarks/class_reference.py): `fashion-mnist` holds
 the medians of the protocol's 30 shadow small CNNs on Fashion-MNIST, all five attacks, so that a user
@@ -50,7 +60,9 @@ from torch import fx, nn
 
 from baselines.nc import NC, NCParams
 from onp_env.config import bounded
+from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
+from onp_env.signals.base import Signal, log_ratio
 from onp_env.signals.latent_shift import (
     LatentShift,
     classifier_connection,
@@ -59,6 +71,7 @@ from onp_env.signals.latent_shift import (
     min_shifts,
     unit_values,
 )
+from onp_env.signals.shipped import DetectRule
 
 
 @dataclass
@@ -81,6 +94,11 @@ class VerdictParams(NCParams):
     """Follow the inversion whenever it is flagged and names the latent shift's class, whatever the two
     indices: where both reach one class the trigger is reachable in input space, and the latent
     shift's re-solved index can fall below the line after one cut while the trigger still works."""
+    flag_rule: bool = False
+    """Read both verdicts with the detection rule of the shipped reference `reference_from` names
+    (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
+    followed and flagged above the rule's line, and the latent sweep stops once the re-solved score
+    is at most that line; `flag_index` and `stop_index` are then not read."""
 
 
 class Verdict(NC):
@@ -93,15 +111,36 @@ class Verdict(NC):
         self.latent = LatentShift(seed=self.seed, device=str(self.device), images=self.params.latent_images,
                                   reference=self.params.latent_reference,
                                   reference_from=self.params.reference_from)  # fmt: skip
+        self.rule: DetectRule | None = None
+        if self.params.flag_rule:
+            shipped = self.signal.shipped
+            self.rule = shipped.detect if shipped is not None else None
+            if self.rule is None or set(self.rule.signals) != {"inversion", "latent_gap"}:
+                raise OnpError("verdict parameters: flag_rule reads the detection rule of a shipped reference over "
+                               "both signals: set reference_from=fashion-mnist-clean")  # fmt: skip
+        self.flag_line = self.rule.threshold if self.rule else self.params.flag_index
+        self.stop_line = self.rule.threshold if self.rule else self.params.stop_index
+
+    def score(self, signal: Signal, norms: torch.Tensor) -> torch.Tensor:
+        """(K,) each class's score under `signal`: the rule's (flag_rule) or the anomaly index, both
+        against the signal's reference where it has one."""
+        if self.rule is not None and self.rule.score == "ratio":
+            return log_ratio(norms, torch.tensor(signal.reference_for(len(norms)), dtype=norms.dtype))
+        return signal.suspicion(norms)
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         by_inversion = super().scores(model, layout, x, y)
-        inversion = {"suspect": self.suspect, "anomaly_index": self.extra["anomaly_index"]}
+        # the argmax of either score is the index's (both decrease with log(norm / reference)): same suspect
+        mine = float(self.score(self.signal, self.inverted.norms)[self.suspect])
+        inversion = {"suspect": self.suspect, "anomaly_index": self.extra["anomaly_index"], "score": mine}
+        self.extra["flagged"] = mine > self.flag_line
         shifts = self.latent.shifts(model, layout, x, y)
-        index = self.latent.suspicion(shifts.norm(dim=1))
-        k = int(torch.argmax(index))
-        latent = {"suspect": k, "anomaly_index": float(index[k]), "norms": shifts.norm(dim=1).tolist()}
-        follows = "latent_gap" if latent["anomaly_index"] > inversion["anomaly_index"] else "inversion"
+        norms = shifts.norm(dim=1)
+        score = self.score(self.latent, norms)
+        k = int(torch.argmax(score))
+        latent = {"suspect": k, "anomaly_index": float(self.latent.suspicion(norms)[k]), "score": float(score[k]),
+                  "norms": norms.tolist()}  # fmt: skip
+        follows = "latent_gap" if latent["score"] > inversion["score"] else "inversion"
         if self.params.inversion_first and k == inversion["suspect"] and self.extra["flagged"]:
             follows = "inversion"
         self.extra.update(follows=follows, inversion=inversion, latent_gap=latent)
@@ -110,7 +149,7 @@ class Verdict(NC):
         self.suspect, self.shift = k, shifts[k]
         self.layers = list(classifier_connection(layout).sources)
         self.extra.update(suspect=k, anomaly_index=latent["anomaly_index"], layer=", ".join(self.layers),
-                          flagged=latent["anomaly_index"] > self.params.flag_index)  # fmt: skip
+                          flagged=latent["score"] > self.flag_line)  # fmt: skip
         values = unit_values(shifts[k], layout)
         return torch.where(values.isnan(), float("-inf"), values)
 
@@ -143,9 +182,9 @@ class Verdict(NC):
             keep = ~input_columns(layout, cut)
             h = classifier_inputs(work, layout, xs).cpu()  # through the masks: pruned units read 0
             norms = min_shifts(h[:, keep], ys, w[:, keep], b, self.latent.params).norm(dim=1)
-            index = float(self.latent.suspicion(norms)[self.suspect])
-            self.extra.setdefault("latent_index_after", []).append(round(index, 3))
-            below[0] = below[0] + 1 if index <= self.params.stop_index else 0
+            index = float(self.score(self.latent, norms)[self.suspect])
+            self.extra.setdefault("latent_index_after", []).append(round(index, 3))  # the rule's score with flag_rule
+            below[0] = below[0] + 1 if index <= self.stop_line else 0
             return below[0] >= needed
 
         return gone

@@ -17,12 +17,10 @@ One JSON line per model in benchmarks/results/detect_shift.jsonl (resumable); wr
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 from rows import exit_2_on_bad_input
-from signal_models import HERE, measure_models
+from signal_models import HERE, per_model_main
 
 from onp_env.bench.config import load_bench_config
 from onp_env.config import LabConfig
@@ -76,19 +74,7 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--report-only", action="store_true")
-    args = p.parse_args()
-    todo = models()
-    done = {json.loads(line)["model"] for line in RESULTS.read_text().splitlines()} if RESULTS.is_file() else set()
-    if not args.report_only:
-        measure_models(RESULTS, done, todo, args.workers, measure)
-    order = {name: i for i, (name, _, _) in enumerate(todo)}
-    rows = sorted((json.loads(line) for line in RESULTS.read_text().splitlines()), key=lambda r: order[r["model"]])
-    out = RESULTS.with_suffix(".md")
-    out.write_text(report(rows))
-    print(out)
+    per_model_main(__doc__, RESULTS, models(), measure, report)
 
 
 if __name__ == "__main__":

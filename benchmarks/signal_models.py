@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -76,6 +77,27 @@ def measure_models(results: Path, done: set[str], models: list[tuple[str, str, L
         futures = [pool.submit(measure, name, role, paths[name], *args) for name, role, _ in todo]
         for fut in tqdm(as_completed(futures), total=len(futures), desc="models"):
             append(results, fut.result())
+
+
+Rows = list[dict[str, Any]]
+
+
+def per_model_main(doc: str, results: Path, models: list[tuple[str, str, LabConfig]],
+                   measure: Callable[..., dict[str, Any]], report: Callable[[Rows], str]) -> None:  # fmt: skip
+    """A per-model benchmark's command line (`--workers N`, `--report-only`): measure the models not yet
+    in `results` (measure_models), then write report(rows, in the models' order) beside it as .md."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    done = {json.loads(line)["model"] for line in results.read_text().splitlines()} if results.is_file() else set()
+    if not args.report_only:
+        measure_models(results, done, models, args.workers, measure)
+    order = {name: i for i, (name, _, _) in enumerate(models)}
+    rows = sorted((json.loads(line) for line in results.read_text().splitlines()), key=lambda r: order[r["model"]])
+    out = results.with_suffix(".md")
+    out.write_text(report(rows))
+    print(out)
 
 
 def _build(lab: LabConfig) -> str:

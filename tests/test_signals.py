@@ -537,6 +537,30 @@ def test_verdict_takes_the_shipped_reference_only_for_a_model_of_its_kind(monkey
     assert nc.signal.params.reference == sizes["inversion"]
 
 
+def test_verdict_with_flag_rule_reads_the_shipped_detection_rule(tmp_path, monkeypatch):
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    clean = shipped_reference("fashion-mnist-clean")
+    ref, latent = (torch.tensor(clean.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
+    # widely spread classes and class 4 0.5 below their median in log: the log ratio flags it (0.5 > 0.27),
+    # the anomaly index does not (0.5 / (1.4826 x MAD 0.4) = 0.84)
+    spread = torch.linspace(-0.6, 0.6, 10)
+    spread[4] = -0.7
+    stub_sizes(monkeypatch, ref * spread.exp(), latent)
+    ruled = Verdict(reference_from="fashion-mnist-clean", flag_rule=True, inversion_first=True, max_ratio=0.1)
+    d = ruled.run(art.model, x, y).details
+    assert d["flagged"] and d["follows"] == "inversion" and d["suspect"] == 4
+    assert d["inversion"]["score"] == pytest.approx(0.5, abs=1e-4) and d["inversion"]["anomaly_index"] < 1
+    plain = Verdict(reference_from="fashion-mnist-clean", inversion_first=True).run(art.model, x, y)
+    assert not plain.details["flagged"] and plain.pruned == []
+    for wrong in ({}, {"reference_from": "fashion-mnist"}):  # no reference, or one without a rule
+        with pytest.raises(OnpError, match="flag_rule reads the detection rule .* reference_from=fashion-mnist-clean"):
+            Verdict(flag_rule=True, **wrong)
+
+
 def test_a_shipped_reference_is_checked_before_it_is_used():
     from onp_env.models import build_model
     from onp_env.signals.shipped import REFERENCES, _parse, shipped_names, shipped_reference
