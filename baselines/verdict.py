@@ -62,7 +62,6 @@ from baselines.nc import NC, NCParams
 from onp_env.config import bounded
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
-from onp_env.signals.base import Signal, log_ratio
 from onp_env.signals.latent_shift import (
     LatentShift,
     classifier_connection,
@@ -118,25 +117,19 @@ class Verdict(NC):
             if self.rule is None or set(self.rule.signals) != {"inversion", "latent_gap"}:
                 raise OnpError("verdict parameters: flag_rule reads the detection rule of a shipped reference over "
                                "both signals: set reference_from=fashion-mnist-clean")  # fmt: skip
+        self.kind = self.rule.score if self.rule else "index"
         self.flag_line = self.rule.threshold if self.rule else self.params.flag_index
         self.stop_line = self.rule.threshold if self.rule else self.params.stop_index
-
-    def score(self, signal: Signal, norms: torch.Tensor) -> torch.Tensor:
-        """(K,) each class's score under `signal`: the rule's (flag_rule) or the anomaly index, both
-        against the signal's reference where it has one."""
-        if self.rule is not None and self.rule.score == "ratio":
-            return log_ratio(norms, torch.tensor(signal.reference_for(len(norms)), dtype=norms.dtype))
-        return signal.suspicion(norms)
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         by_inversion = super().scores(model, layout, x, y)
         # the argmax of either score is the index's (both decrease with log(norm / reference)): same suspect
-        mine = float(self.score(self.signal, self.inverted.norms)[self.suspect])
+        mine = float(self.signal.score(self.inverted.norms, self.kind)[self.suspect])
         inversion = {"suspect": self.suspect, "anomaly_index": self.extra["anomaly_index"], "score": mine}
         self.extra["flagged"] = mine > self.flag_line
         shifts = self.latent.shifts(model, layout, x, y)
         norms = shifts.norm(dim=1)
-        score = self.score(self.latent, norms)
+        score = self.latent.score(norms, self.kind)
         k = int(torch.argmax(score))
         latent = {"suspect": k, "anomaly_index": float(self.latent.suspicion(norms)[k]), "score": float(score[k]),
                   "norms": norms.tolist()}  # fmt: skip
@@ -182,7 +175,7 @@ class Verdict(NC):
             keep = ~input_columns(layout, cut)
             h = classifier_inputs(work, layout, xs).cpu()  # through the masks: pruned units read 0
             norms = min_shifts(h[:, keep], ys, w[:, keep], b, self.latent.params).norm(dim=1)
-            index = float(self.score(self.latent, norms)[self.suspect])
+            index = float(self.latent.score(norms, self.kind)[self.suspect])
             self.extra.setdefault("latent_index_after", []).append(round(index, 3))  # the rule's score with flag_rule
             below[0] = below[0] + 1 if index <= self.stop_line else 0
             return below[0] >= needed

@@ -49,13 +49,13 @@ from signal_models import HERE, measure_models
 from agents.config import load_agent_config
 from agents.train import zoo_configs
 from onp_env.config import LabConfig
-from onp_env.signals.base import anomaly_index, class_reference, log_ratio
+from onp_env.signals.base import class_reference, class_scores
 from onp_env.signals.shipped import REFERENCES, shipped_reference
+from onp_env.signals.shipped import SCORES as KINDS
 
 RESULTS = HERE / "results" / "detect_calibration.jsonl"
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist-sampled.yaml"
 CLEAN_SEEDS = range(201, 213)
-KINDS = ("index", "ratio")
 SCORES = (*SIGNALS_, "larger")
 
 
@@ -72,8 +72,7 @@ def calibration_models() -> list[tuple[str, str, LabConfig]]:
 def per_class(norms: list[float], reference: list[float], kind: str) -> list[float]:
     """(K,) each class's score of one signal's sizes against a reference."""
     values = torch.tensor(norms, dtype=torch.float64)
-    ref = torch.tensor(reference, dtype=torch.float64)
-    return (anomaly_index(values, ref) if kind == "index" else log_ratio(values, ref)).tolist()
+    return class_scores(values, torch.tensor(reference, dtype=torch.float64), kind).tolist()
 
 
 def suspect(row: dict[str, Any], refs: dict[str, list[float]], score: str, kind: str) -> tuple[float, int]:

@@ -26,8 +26,8 @@ from onp_env.defend import defense_subset
 from onp_env.errors import OnpError
 from onp_env.graph.units import find_units
 from onp_env.signals import SIGNALS
-from onp_env.signals.base import Signal, class_reference, log_ratio
-from onp_env.signals.shipped import DetectRule, shipped_names, shipped_reference
+from onp_env.signals.base import Signal, class_reference
+from onp_env.signals.shipped import shipped_names, shipped_reference
 
 AUTO = "auto"
 NC_THRESHOLD = 2.0
@@ -58,10 +58,8 @@ def _signals(names: tuple[str, ...], params: dict[str, Any], seed: int, device: 
     return {s: SIGNALS[s](seed=seed, device=device, **(params if s == "inversion" else {}), **shipped) for s in names}
 
 
-def _norms(signals: dict[str, Signal], art: Artifact, fraction: float | None, seed: int, root: str | None
-           ) -> dict[str, Any]:  # fmt: skip
-    """Each signal's SignalResult.details on the artifact's (part of its) defense set."""
-    x, y = defense_subset(art, fraction, seed, root)
+def _norms(signals: dict[str, Signal], art: Artifact, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Each signal's SignalResult.details on clean images `x` (labels `y`) of the artifact."""
     model = art.model.to(next(iter(signals.values())).device)
     layout, _ = find_units(model, x[:2])
     return {s: sig.compute(model, layout, x, y).details for s, sig in signals.items()}
@@ -96,20 +94,21 @@ def detect_artifact(path: str | Path | Artifact, params: dict[str, Any] | None =
         if not same or r.manifest["model"] != art.manifest["model"]:
             raise OnpError(f"reference {r.path} has another dataset or architecture than {art.path}: pass "
                            "models of the same data and model")  # fmt: skip
+    x, y = defense_subset(art, defense_fraction, seed, data_root)
     auto = reference_from == AUTO
     if auto:
-        x, _ = defense_subset(art, defense_fraction, seed, data_root)
         reference_from = None if refs else matching_reference(art.model, x, params)
     rule = shipped_reference(reference_from).detect if reference_from else None
     signals = _signals(rule.signals if rule else ("inversion",), params, seed, device, reference_from)
     start = time.perf_counter()
-    found = _norms(signals, art, defense_fraction, seed, data_root)
+    found = _norms(signals, art, x, y)
     if refs:
-        sizes = [torch.tensor(_norms(signals, r, defense_fraction, seed, data_root)["inversion"]["norms"])
-                 for r in refs]  # fmt: skip
+        sizes = [torch.tensor(_norms(signals, r, *defense_subset(r, defense_fraction, seed, data_root))["inversion"]
+                              ["norms"]) for r in refs]  # fmt: skip
         targets = [r.attack.target if r.attack is not None and r.attack.mode == "all-to-one" else None for r in refs]
         signals["inversion"].params.reference = class_reference(sizes, targets).tolist()
-    scores = {s: _scores(sig, torch.tensor(found[s]["norms"]), rule) for s, sig in signals.items()}
+    kind = rule.score if rule else "index"
+    scores = {s: sig.score(torch.tensor(found[s]["norms"]), kind) for s, sig in signals.items()}
     best = {s: int(torch.argmax(v)) for s, v in scores.items()}
     decided = max(scores, key=lambda s: float(scores[s][best[s]]))  # ties: the inversion, listed first
     k = best[decided]
@@ -119,7 +118,7 @@ def detect_artifact(path: str | Path | Artifact, params: dict[str, Any] | None =
     shipped = signals["inversion"].shipped
     return {
         "verdict": "backdoored" if value > line else "clean",
-        "suspect": k, "suspect_name": names[k], "score": value, "score_kind": rule.score if rule else "index",
+        "suspect": k, "suspect_name": names[k], "score": value, "score_kind": kind,
         "signal": decided, "threshold": line,
         "threshold_from": "--threshold" if threshold is not None else "calibrated" if rule else "Neural Cleanse",
         "calibration": None if rule is None else {"backdoored": rule.backdoored, "clean": rule.clean, "auc": rule.auc},
@@ -131,14 +130,6 @@ def detect_artifact(path: str | Path | Artifact, params: dict[str, Any] | None =
         "steps": found["inversion"]["steps"], "seconds": round(time.perf_counter() - start, 2),
         "artifact": str(art.path),
     }  # fmt: skip
-
-
-def _scores(signal: Signal, norms: torch.Tensor, rule: DetectRule | None) -> torch.Tensor:
-    """(K,) each class's score under `signal`: the rule's, else NC's anomaly index (against the
-    signal's reference where it has one)."""
-    if rule is not None and rule.score == "ratio":
-        return log_ratio(norms, torch.tensor(signal.reference_for(len(norms)), dtype=norms.dtype))
-    return signal.suspicion(norms)
 
 
 def format_detection(d: dict[str, Any]) -> list[str]:

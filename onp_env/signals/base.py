@@ -54,6 +54,14 @@ def log_ratio(norms: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return values.median() - values
 
 
+def class_scores(norms: torch.Tensor, reference: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """(K,) each class's score of its trigger sizes, higher = more suspicious: `index` (anomaly_index)
+    or `ratio` (log_ratio; without a reference, against 1 for every class)."""
+    if kind == "index":
+        return anomaly_index(norms, reference)
+    return log_ratio(norms, reference if reference is not None else torch.ones_like(norms))
+
+
 def class_reference(norms: list[torch.Tensor], targets: list[int | None]) -> torch.Tensor:
     """(K,) each class's median trigger size over reference models (clean or shadow models of the same
     data and architecture), leaving out the models whose backdoor targets that class; a class that
@@ -158,8 +166,13 @@ class Signal(ABC):
         (class_reference over its shadow or clean models; `onp train-agent` fills it in from its shadow
         zoo): the index is then taken against it, so that a class every model reaches cheaply (a
         natural shortcut) is not suspected. Empty: each model judged on its own, as in the papers."""
+        return self.score(norms, "index")
+
+    def score(self, norms: torch.Tensor, kind: str) -> torch.Tensor:
+        """(K,) class_scores of per-class trigger sizes of `kind` (`index`: suspicion; `ratio`: the log
+        ratio of onp_env.signals.shipped.DetectRule), against `params.reference` where set."""
         reference = self.reference_for(len(norms))
-        return anomaly_index(norms, torch.tensor(reference, dtype=norms.dtype) if reference else None)
+        return class_scores(norms, torch.tensor(reference, dtype=norms.dtype) if reference else None, kind)
 
     def gated(self, units: torch.Tensor, index: float) -> torch.Tensor:
         """`units`, or NaN everywhere (no evidence) when the suspected class's anomaly index is at most
