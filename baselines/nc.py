@@ -15,7 +15,15 @@ of the defense images of other classes to its class, before defense-set accuracy
 With `reference` (each class's typical mask norm on the defender's own models of the same data,
 onp_env.signals.base.class_reference), the anomaly index is taken against it [ours], so that a
 class every model reaches cheaply is not flagged; `reference_from` reads such a reference that ships
-with onp-env (onp_env.signals.shipped: `fashion-mnist`, for the small CNN). NC's other mitigation
+with onp-env (onp_env.signals.shipped: `fashion-mnist`, for the small CNN).
+
+With `candidates` [ours], each cut is chosen among the next few units of the order as the oracle
+expert chooses among the true trigger's (agents.expert), with the reversed trigger: the unit whose
+cut keeps the most defense-set accuracy and takes the most probability of the suspected class off
+reversed-trigger images. With `reinvert` [ours], a sweep whose reversed trigger no longer works
+inverts every class again on the pruned model and, while the suspected class is still flagged (a
+small trigger still reaches it: a route the first trigger did not use), goes on pruning the layer's
+remaining units in the new trigger's order, at most `reinvert` times. NC's other mitigation
 (unlearning: fine-tuning on reversed-trigger images with their true labels) is not implemented."""
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from onp_env.config import bounded
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
-from onp_env.signals.trigger_inversion import InversionParams, TriggerInversion, trigger_gap
+from onp_env.signals.trigger_inversion import InversionParams, TriggerInversion, invert, trigger_gap
 
 
 @dataclass
@@ -46,6 +54,12 @@ class NCParams(InversionParams):
     """Never prune a unit that takes defense-set accuracy further than this below the unpruned model's."""
     max_ratio: float = bounded(0.5, gt=0, le=1)
     """At most this share of the layer."""
+    candidates: int = bounded(1, ge=1, le=1000)
+    """Each cut is the one of the next this many units of the order that leaves the most defense-set
+    accuracy plus the least probability of the suspected class on reversed-trigger images (1: the order)."""
+    reinvert: int = bounded(0, ge=0, le=20)
+    """Once the reversed trigger no longer works, invert every class again on the pruned model and, while
+    the suspected class is still flagged, go on in the new trigger's order: at most this many times."""
     progress: bool = False
     """A progress bar of the pruning sweep on stderr."""
 
@@ -59,6 +73,8 @@ class NC(Defense):
         inversion = {k: v for k, v in vars(self.params).items() if k in InversionParams.__dataclass_fields__}
         # built here so that a reference it cannot use is refused before any work
         self.signal = TriggerInversion(seed=self.seed, device=str(self.device), **inversion)
+        self.kind, self.flag_line = "index", self.params.flag_index
+        """How a class's trigger size is scored, and above what it is flagged (a subclass may read a rule)."""
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.inverted = self.signal.invert(model, x, y)
@@ -69,12 +85,17 @@ class NC(Defense):
         self.extra.update(suspect=self.suspect, anomaly_index=float(index[self.suspect]),
                           flagged=bool(index[self.suspect] > self.params.flag_index),
                           mask_norms=self.inverted.norms.tolist())  # fmt: skip
+        lay = layout.layers[-1]
+        self.layers = [lay.name]
+        self.extra["layer"] = lay.name
+        return self.late_gap(model, layout, x, y)
+
+    def late_gap(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(units,) the reversed trigger's gap on the last unit layer, -inf elsewhere."""
         gap = trigger_gap(model, layout, x, y, self.inverted, self.suspect)
         lay = layout.layers[-1]
         out = torch.full((layout.num_units,), float("-inf"))
-        out[lay.offset : lay.offset + lay.size] = gap[lay.offset : lay.offset + lay.size]
-        self.layers = [lay.name]
-        self.extra["layer"] = lay.name
+        out[lay.offset : lay.offset + lay.size] = gap[lay.offset : lay.offset + lay.size].cpu()
         return out
 
     def select(self, scores, model, layout, x, y) -> list[int]:
@@ -90,29 +111,81 @@ class NC(Defense):
             clean = Evaluator(gm, x, layers)
             base = (clean.logits().argmax(1) == y).float().mean().item()
             gone = self.backdoor_gone(gm, work, layout, x, y)
+            trig = self.triggered(gm, x, y)
             self.extra["stopped"] = "max_ratio"  # why the sweep ended, for a reader of the report
-            with tqdm(order[:limit], desc=f"{self.name}: pruning", disable=not self.params.progress,
+            rounds = 0
+            with tqdm(total=limit, desc=f"{self.name}: pruning", disable=not self.params.progress,
                       leave=False) as sweep:  # fmt: skip
-                for u in sweep:
+                while order and len(chosen) < limit:
+                    u = self.next_cut(order, masks, clean, trig, y)
                     masks.prune([u])
                     acc = (clean.logits(layers).argmax(1) == y).float().mean().item()
                     if base - acc > self.params.max_acc_drop:
                         self.extra["stopped"] = "max_acc_drop"
                         break
                     chosen.append(u)
+                    sweep.update()
                     if gone(chosen):
-                        self.extra["stopped"] = "backdoor gone"
-                        break
+                        again = self.reinverted(work, layout, x, y, chosen) if rounds < self.params.reinvert else None
+                        if again is None:
+                            self.extra["stopped"] = "backdoor gone"
+                            break
+                        rounds += 1
+                        order, gone, trig = again, self.backdoor_gone(gm, work, layout, x, y), self.triggered(gm, x, y)
         return chosen
+
+    def next_cut(self, order: list[int], masks: Masks, clean: Evaluator, trig: Evaluator | None,
+                 y: torch.Tensor) -> int:  # fmt: skip
+        """The next unit to cut, taken out of `order`: its first, or with `candidates` the one of its first
+        `candidates` whose cut alone leaves the most defense-set accuracy plus the least mean probability
+        of the suspected class on reversed-trigger images (`trig`; accuracy alone without it)."""
+        if self.params.candidates == 1:
+            return order.pop(0)
+
+        def kept(u: int) -> float:
+            masks.prune([u])
+            value = (clean.logits(self.layers).argmax(1) == y).float().mean().item()
+            if trig is not None:
+                value -= trig.logits(self.layers).softmax(1)[:, self.suspect].mean().item()
+            layer, c = masks.layout.locate(u)
+            masks.values[layer.name][c] = 1.0
+            return value
+
+        best = max(order[: self.params.candidates], key=kept)  # ties: the first in the order
+        order.remove(best)
+        return best
+
+    def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
+        """The pruned model on the other classes' defense images with the reversed trigger (`gm`: the
+        traced graph of the masked copy)."""
+        trig = Evaluator(gm, self.inverted.apply(self.suspect, x[y != self.suspect]), self.layers)
+        trig.logits()
+        return trig
+
+    def reinverted(self, work: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
+                   cut: list[int]) -> list[int] | None:  # fmt: skip
+        """`reinvert`: every class inverted again on the pruned `work` (masks on); the layer's units not
+        `cut`, in the new trigger's order, while the suspected class is still flagged, else None. A sweep
+        that follows another signal than the inversion returns None (subclasses)."""
+        with torch.enable_grad():
+            classes = len(self.inverted.norms)
+            inv = invert(work, x, y, classes, self.signal.params, self.seed, self.device)
+        score = float(self.signal.score(inv.norms, self.kind)[self.suspect])
+        self.extra.setdefault("reinverted", []).append({"after": len(cut), "score": round(score, 3)})
+        if score <= self.flag_line:
+            return None
+        self.inverted = inv
+        gap = self.late_gap(work, layout, x, y)
+        gap[cut] = float("-inf")
+        return top_units(gap, torch.isfinite(gap))
 
     def backdoor_gone(self, gm: fx.GraphModule, work: nn.Module, layout: UnitLayout, x: torch.Tensor,
                       y: torch.Tensor) -> Callable[[list[int]], bool]:  # fmt: skip
         """NC's stopping test, read after each cut (given the units cut so far) on the pruned `work` (`gm`
         is its traced graph): the reversed trigger sends at most `stop_asr` of the other classes' images
         to its class."""
-        triggered = self.inverted.apply(self.suspect, x[y != self.suspect])
-        trig = Evaluator(gm, triggered, self.layers)
-        trig.logits()
+        trig = self.triggered(gm, x, y)
+        assert trig is not None
         return lambda _cut: (
             (trig.logits(self.layers).argmax(1) == self.suspect).float().mean().item() <= self.params.stop_asr
         )

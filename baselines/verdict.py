@@ -18,10 +18,11 @@ larger index, and prune the units that feed the classifier in that signal's orde
   the units pruned so far (the latent QP solved again on the pruned model, every class).
 
 With `inversion_first`, a flagged inversion that names the latent shift's class is followed whatever
-the indices. With `latent_patience`, the latent sweep stops only after two cuts in a row below the
-line. With `latent_probe`, the latent sweep stops as the inversion's does: once the shift found on
-the unpruned model, less its pruned units' part, sends at most `stop_asr` of the other classes'
-images to the suspected class.
+the indices. With `reinvert` (baselines.nc), a sweep that follows the inversion inverts again on the
+pruned model while the suspected class stays flagged. With `latent_patience`, the latent sweep stops
+only after two cuts in a row below the line. With `latent_probe`, the latent sweep stops as the
+inversion's does: once the shift found on the unpruned model, less its pruned units' part, sends at
+most `stop_asr` of the other classes' images to the suspected class.
 
 Either way, never prune a unit that costs more than `max_acc_drop` of defense-set accuracy or go
 beyond `max_ratio` of the layer, and prune nothing when the stronger verdict's index is at most
@@ -60,6 +61,7 @@ from torch import fx, nn
 
 from baselines.nc import NC, NCParams
 from onp_env.config import bounded
+from onp_env.env.evaluator import Evaluator
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.signals.latent_shift import (
@@ -117,8 +119,8 @@ class Verdict(NC):
             if self.rule is None or set(self.rule.signals) != {"inversion", "latent_gap"}:
                 raise OnpError("verdict parameters: flag_rule reads the detection rule of a shipped reference over "
                                "both signals: set reference_from=fashion-mnist-clean")  # fmt: skip
-        self.kind = self.rule.score if self.rule else "index"
-        self.flag_line = self.rule.threshold if self.rule else self.params.flag_index
+        if self.rule:
+            self.kind, self.flag_line = self.rule.score, self.rule.threshold
         self.stop_line = self.rule.threshold if self.rule else self.params.stop_index
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -145,6 +147,15 @@ class Verdict(NC):
                           flagged=latent["score"] > self.flag_line)  # fmt: skip
         values = unit_values(shifts[k], layout)
         return torch.where(values.isnan(), float("-inf"), values)
+
+    def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
+        return super().triggered(gm, x, y) if self.extra["follows"] == "inversion" else None
+
+    def reinverted(self, work: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
+                   cut: list[int]) -> list[int] | None:  # fmt: skip
+        if self.extra["follows"] != "inversion":
+            return None
+        return super().reinverted(work, layout, x, y, cut)
 
     def backdoor_gone(self, gm: fx.GraphModule, work: nn.Module, layout: UnitLayout, x: torch.Tensor,
                       y: torch.Tensor) -> Callable[[list[int]], bool]:  # fmt: skip

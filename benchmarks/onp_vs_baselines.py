@@ -29,6 +29,7 @@ import re
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from datetime import datetime, timezone
 from pathlib import Path
@@ -312,6 +313,27 @@ def fold_references(shadow: dict[str, dict]) -> dict[str, list[float]]:
     return {"reference": ref["inversion"], "latent_reference": ref["latent_gap"]}
 
 
+def write_fold_references(pool: ProcessPoolExecutor, runs: Path, agent_config: Path, paths: dict[str, str],
+                          attacks: list[str], cost: Callable[[str, float], None] | None = None,
+                          quiet: bool = False) -> None:  # fmt: skip
+    """RUNS/without-A/reference.json for each held-out attack A (fold_references of the shadow models of
+    the other attacks), each shadow model's norms computed once into RUNS/shadow-norms/ (`paths`: the
+    zoo's artifacts by name; `cost` is told each computation's seconds)."""
+    norms_dir = runs / "shadow-norms"
+    zoo = zoo_configs(load_agent_config(str(agent_config), []))
+    todo = {pool.submit(shadow_norms, paths[lab.name]): lab.name for lab in zoo
+            if not (norms_dir / f"{lab.name}.json").is_file()}  # fmt: skip
+    for fut in tqdm(as_completed(todo), total=len(todo), desc="shadow norms", disable=quiet):
+        row, seconds = fut.result()
+        write_text_atomic(norms_dir / f"{todo[fut]}.json", json.dumps(row))
+        if cost is not None:
+            cost(f"norms/{todo[fut]}", seconds)
+    for held in attacks:
+        fold = zoo_configs(load_agent_config(str(agent_config), [f"zoo.exclude=[{held}]"]))
+        norms = {lab.name: json.loads((norms_dir / f"{lab.name}.json").read_text()) for lab in fold}
+        write_text_atomic(runs / f"without-{held}" / "reference.json", json.dumps(fold_references(norms)))
+
+
 def run(args: argparse.Namespace) -> None:
     """Models, then agents and baseline cells side by side, then each agent's cells once it is trained:
     one task per worker process (1 torch thread each); this driver is the only writer of onp.jsonl."""
@@ -348,19 +370,7 @@ def run(args: argparse.Namespace) -> None:
 
         # 1b. the fold's class references, for the methods that take them
         if set(args.methods) & set(REFERENCED):
-            norms_dir = args.runs / "shadow-norms"
-            shadow = {lab.name: paths[lab.name] for lab in zoo_configs(agent_cfg)}
-            todo = {
-                pool.submit(shadow_norms, p): n for n, p in shadow.items() if not (norms_dir / f"{n}.json").is_file()
-            }
-            for fut in tqdm(as_completed(todo), total=len(todo), desc="shadow norms", disable=args.quiet):
-                row, seconds = fut.result()
-                write_text_atomic(norms_dir / f"{todo[fut]}.json", json.dumps(row))
-                cost(f"norms/{todo[fut]}", seconds)
-            for held in args.attacks:
-                fold = zoo_configs(load_agent_config(str(args.agent_config), [f"zoo.exclude=[{held}]"]))
-                norms = {lab.name: json.loads((norms_dir / f"{lab.name}.json").read_text()) for lab in fold}
-                write_text_atomic(args.runs / f"without-{held}" / "reference.json", json.dumps(fold_references(norms)))
+            write_fold_references(pool, args.runs, args.agent_config, paths, args.attacks, cost, args.quiet)
 
         # 2. agents and cells, at most one task per worker in flight, by priority: an agent's cells as
         # soon as it is trained, then the protocol's agents, the baseline cells, the ablation agents

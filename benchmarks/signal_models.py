@@ -82,10 +82,35 @@ def measure_models(results: Path, done: set[str], models: list[tuple[str, str, L
 Rows = list[dict[str, Any]]
 
 
+def complete_rows(results: Path, models: list[tuple[str, str, LabConfig]], workers: int,
+                  measure: Callable[..., dict[str, Any]],
+                  missing: Callable[[dict[str, Any]], list[str]]) -> None:  # fmt: skip
+    """Rows of `results` (what they measured under `cells`) that lack some of what `measure` now
+    measures (`missing(row)`: the parts it lacks), measured for those parts only (`measure(name, role,
+    path, parts)` returns a row with their cells), merged into their rows; the file is rewritten
+    atomically after each model."""
+    from onp_env.artifacts import write_text_atomic
+
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    todo = {r["model"]: missing(r) for r in rows if missing(r)}
+    if not todo:
+        return
+    labs = {name: (role, lab) for name, role, lab in models}
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        paths = dict(zip(todo, pool.map(_build, [labs[n][1] for n in todo]), strict=True))
+        futures = {pool.submit(measure, n, labs[n][0], paths[n], parts): n for n, parts in todo.items()}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="models, completed"):
+            new = fut.result()
+            rows = [{**r, "cells": {**r["cells"], **new["cells"]}} if r["model"] == new["model"] else r for r in rows]
+            write_text_atomic(results, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def per_model_main(doc: str, results: Path, models: list[tuple[str, str, LabConfig]],
-                   measure: Callable[..., dict[str, Any]], report: Callable[[Rows], str]) -> None:  # fmt: skip
+                   measure: Callable[..., dict[str, Any]], report: Callable[[Rows], str],
+                   complete: Callable[[dict[str, Any]], list[str]] | None = None) -> None:  # fmt: skip
     """A per-model benchmark's command line (`--workers N`, `--report-only`): measure the models not yet
-    in `results` (measure_models), then write report(rows, in the models' order) beside it as .md."""
+    in `results` (measure_models), complete the rows that lack parts (complete_rows, where `complete`
+    names a row's missing parts), then write report(rows, in the models' order) beside it as .md."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
@@ -93,6 +118,8 @@ def per_model_main(doc: str, results: Path, models: list[tuple[str, str, LabConf
     done = {json.loads(line)["model"] for line in results.read_text().splitlines()} if results.is_file() else set()
     if not args.report_only:
         measure_models(results, done, models, args.workers, measure)
+        if complete is not None:
+            complete_rows(results, models, args.workers, measure, complete)
     order = {name: i for i, (name, _, _) in enumerate(models)}
     rows = sorted((json.loads(line) for line in results.read_text().splitlines()), key=lambda r: order[r["model"]])
     out = results.with_suffix(".md")

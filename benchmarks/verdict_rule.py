@@ -8,7 +8,9 @@ of the same recipe). None of them chose the rule (detect_calibration.md chose it
 models) or the settings below (verdict_stop.md, on shadow models). Per model, 1% and 5% defense data:
 - `verdict shipped first`: reference_from=fashion-mnist, inversion_first, stop_asr 0 (the README's);
 - `verdict clean rule first`: the same with reference_from=fashion-mnist-clean and flag_rule (the
-  log ratio against 12 clean models, flagged and stopped at the rule's line).
+  log ratio against 12 clean models, flagged and stopped at the rule's line);
+- `verdict shipped candidates`: `verdict shipped first` with candidates=5 and stop_index 0, the
+  setting verdict_sweep.md chose on the shadow models.
 The attack is read only to score. One JSON line per model in benchmarks/results/verdict_rule.jsonl
 (resumable); writes verdict_rule.md."""
 
@@ -27,10 +29,13 @@ VARIANTS = {
     "verdict shipped first": {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0},
     "verdict clean rule first": {"reference_from": "fashion-mnist-clean", "flag_rule": True, "inversion_first": True,
                                  "stop_asr": 0.0},
+    "verdict shipped candidates": {"reference_from": "fashion-mnist", "inversion_first": True, "candidates": 5,
+                                   "stop_asr": 0.0, "stop_index": 0.0},
 }  # fmt: skip
 
 
-def measure(name: str, attack: str, path: str) -> dict[str, Any]:
+def measure(name: str, attack: str, path: str, variants: list[str] | None = None) -> dict[str, Any]:
+    """One model's cells: every variant (or `variants`) at each fraction."""
     import tempfile
 
     import torch
@@ -39,7 +44,8 @@ def measure(name: str, attack: str, path: str) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     cells = {}
-    for variant, params in VARIANTS.items():
+    for variant in variants or VARIANTS:
+        params = VARIANTS[variant]
         for fraction in FRACTIONS:
             with tempfile.TemporaryDirectory() as tmp:
                 _, report = defend_artifact(path, "verdict", {**params, "defense_fraction": fraction}, out=f"{tmp}/o")
@@ -90,7 +96,14 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    per_model_main(__doc__, RESULTS, models(), measure, report)
+    per_model_main(
+        __doc__,
+        RESULTS,
+        models(),
+        measure,
+        report,
+        lambda row: [v for v in VARIANTS if f"{v}/{FRACTIONS[0]}" not in row["cells"]],
+    )
 
 
 if __name__ == "__main__":

@@ -2,19 +2,24 @@
 own shadow models.
 
     python benchmarks/verdict_stop.py [--workers 2] [--report-only]
+    python benchmarks/verdict_stop.py --rules inversion_first+candidates inversion_first+reinvert \
+        --results benchmarks/results/verdict_sweep.md
 
 `verdict` (baselines/verdict.py) stops following the inversion once its reversed trigger sends at
 most `stop_asr` of the other classes' defense images to its class, and following the latent shift
 once the suspected class's anomaly index, the pruned units ruled out, is at most `stop_index`. Their
 defaults are Neural Cleanse's (5%, and its outlier threshold of 2). With `inversion_first` it
-follows a flagged inversion that names the latent shift's class whatever the indices. This runs a
-grid of the three on the
-sampled zoo's 30 shadow models (configs/agent/fashion-mnist-sampled.yaml), each judged against the
-class reference of the protocol fold that left its attack out (runs/onp-sampled/without-ATTACK/
-reference.json, written by onp_vs_baselines.py for `verdict shadow reference`), so that a model's
-own attack is as unseen as a held-out model's. The shadow models are the defender's: their test
-splits and triggers may score the settings; the held-out models of the protocol are not used. One
-JSON line per model, fraction and setting (resumable); writes verdict_stop.md."""
+follows a flagged inversion that names the latent shift's class whatever the indices; RULES add the
+latent sweep's probe or patience, and `--rules` grades others, such as the inversion sweep's
+`candidates` (5) or `reinvert` (3). This runs a grid of the thresholds and rules on the sampled zoo's
+30 shadow models (configs/agent/fashion-mnist-sampled.yaml), each judged against the class
+reference of the protocol fold that left its attack out (runs/onp-sampled/without-ATTACK/
+reference.json, as onp_vs_baselines.py writes them for `verdict shadow reference`; written here
+where missing), so that a model's own attack is as unseen as a held-out model's. The shadow models
+are the defender's: their test splits and triggers may score the settings; the held-out models of
+the protocol are not used. One JSON line per model, fraction and setting (resumable); writes
+verdict_stop.md (or --results). Rules compared in one report must come from one run of the models
+and references: a rebuilt zoo needs a --results file of its own."""
 
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from rows import exit_2_on_bad_input, read_verdict_stop, stop_flags, stop_key
+from onp_vs_baselines import write_fold_references
+from rows import STOP_FLAGS, exit_2_on_bad_input, read_verdict_stop, stop_flags, stop_key
 from tqdm import tqdm
 
 from agents.config import load_agent_config
@@ -35,7 +41,6 @@ from baselines.verdict import Verdict
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import write_text_atomic
 from onp_env.defend import defense_subset
-from onp_env.errors import OnpError
 from onp_env.metrics import der, evaluate
 from onp_env.results import append
 
@@ -46,10 +51,12 @@ RESULTS = HERE / "results" / "verdict_stop.md"
 STOP_INDEX = (2.0, 1.0, 0.0)
 STOP_ASR = (0.05, 0.02, 0.0)
 RULES = ((), ("inversion_first",), ("inversion_first", "latent_probe"), ("inversion_first", "latent_patience"))
-"""The rules graded, each a set of the flags on: the larger index, then inversion_first, then also
-the latent probe or the latent patience (each against the rule before it without its last flag)."""
-LATENT_ONLY = {"latent_probe", "latent_patience"}
-"""Flags that change only a sweep that follows the latent shift."""
+"""The rules graded by default, each a set of the flags on: the larger index, then inversion_first, then
+also the latent probe or the latent patience (each against the rule before it without its last flag)."""
+VALUES = {"candidates": 5, "reinvert": 3}
+"""The parameter a flag sets where it is not a switch (fixed before any run, not graded)."""
+CHANGES = {"latent_gap": {"latent_probe", "latent_patience"}, "inversion": {"candidates", "reinvert"}}
+"""Flags that change the sweep that follows each signal (and no other)."""
 
 
 def measure(model: str, path: str, attack: str, fraction: float, reference: dict, flags: tuple[str, ...] = (),
@@ -64,17 +71,18 @@ def measure(model: str, path: str, attack: str, fraction: float, reference: dict
     x, y = defense_subset(art, fraction)
     ds = art.dataset()
     before = {k: art.metrics[k] for k in ("acc", "asr", "ra")}
-    setting = dict.fromkeys(flags, True)
+    setting = dict.fromkeys(flags, True)  # as the rows name it
 
     def run(stop_index: float, stop_asr: float) -> tuple:
-        defense = Verdict(stop_index=stop_index, stop_asr=stop_asr, **setting, **reference)
+        params = {f: VALUES.get(f, True) for f in flags}
+        defense = Verdict(stop_index=stop_index, stop_asr=stop_asr, **params, **reference)
         result = defense.run(art.model, x, y)
         return result, evaluate(result.model, ds.test_x, ds.test_y, art.attack)
 
     first = run(STOP_INDEX[0], STOP_ASR[0])
     follows = first[0].details["follows"]
     reads_index = follows == "latent_gap" and "latent_probe" not in flags
-    same_sweep = follows == "inversion" or not LATENT_ONLY & set(flags)  # these change only a latent sweep
+    same_sweep = not flags or flags[-1] not in CHANGES[follows]
     if same_as and same_as[0]["follows"] == follows and same_sweep:
         return [{**r, "key": stop_key(model, fraction, flags), **setting} for r in same_as]
     runs = {STOP_INDEX[0] if reads_index else STOP_ASR[0]: first}  # by the one threshold this model's sweep reads
@@ -92,7 +100,9 @@ def measure(model: str, path: str, attack: str, fraction: float, reference: dict
     return rows
 
 
-def report(rows: list[dict]) -> str:
+def report(
+    rows: list[dict], command: str = "python benchmarks/verdict_stop.py", source: str = "verdict_stop.jsonl"
+) -> str:
     by_setting: dict[tuple, list[dict]] = {}
     for r in rows:
         by_setting.setdefault((stop_flags(r), r["stop_index"], r["stop_asr"]), []).append(r)
@@ -109,14 +119,17 @@ def report(rows: list[dict]) -> str:
     lines = [
         "# `verdict`'s stopping thresholds on the shadow models",
         "",
-        f"Generated by `python benchmarks/verdict_stop.py` from `verdict_stop.jsonl`: the `verdict` defense on "
+        f"Generated by `{command}` from `{source}`: the `verdict` defense on "
         f"{models} shadow models of `configs/agent/fashion-mnist-sampled.yaml` (all-to-all draws included), "
         f"{', '.join(f'{f:g}' for f in sorted({r['fraction'] for r in rows}))} of the training split as defense data, "
         "each model judged against the class reference of the protocol fold that left its attack out. Mean ± std "
         f"over {'/'.join(map(str, sorted(n)))} runs per setting, in %; ACC lost in points. `stop_asr` ends a sweep "
         "that follows the inversion, `stop_index` one that follows the latent shift; `inversion_first` follows a "
         "flagged inversion that names the latent shift's class whatever the indices; `latent_probe` stops a latent "
-        "sweep by the shift's own rate, `latent_patience` only after two cuts in a row below the line. The setting "
+        "sweep by the shift's own rate, `latent_patience` only after two cuts in a row below the line; `candidates` "
+        "cuts, of the inversion's next 5 units, the one that keeps the most defense accuracy and takes the most "
+        "reversed-trigger probability, `reinvert` inverts again (at most 3 times) once the reversed trigger fails "
+        "and goes on while the suspected class stays flagged. The setting "
         "with the best mean "
         "DER (then the least accuracy lost) is marked: chosen here, on the defender's models, it is the one the "
         "protocol runs on held-out models (`verdict shadow stop` for the thresholds alone, `verdict shadow first` "
@@ -151,6 +164,14 @@ def report(rows: list[dict]) -> str:
     return "\n".join([*lines, "", f"Chosen: {chosen}.", ""])
 
 
+def _flags(text: str) -> tuple[str, ...]:
+    """A rule named on the command line: its flags joined by +, in STOP_FLAGS' order."""
+    flags = () if text == "larger" else tuple(text.split("+"))
+    if flags != tuple(f for f in STOP_FLAGS if f in flags):
+        raise argparse.ArgumentTypeError(f"{text!r}: flags are {', '.join(STOP_FLAGS)}, each once, in that order")
+    return flags
+
+
 def _rule(flags: tuple[str, ...]) -> str:
     return " + ".join(flags) or "larger index"
 
@@ -161,26 +182,32 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--runs", type=Path, default=RUNS, help="the protocol's runs (its folds' reference.json)")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--rules", nargs="+", type=_flags, default=list(RULES),
+                   help="rules to grade, each its flags joined by + (e.g. inversion_first+candidates; 'larger' for "
+                        "none); the rule without its last flag is graded beside it (default: RULES)")  # fmt: skip
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    rules_named = [] if args.rules == list(RULES) else ["--rules", *("+".join(r) or "larger" for r in args.rules)]
+    out = args.results.resolve()
+    shown = out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out
+    results_named = [] if out == RESULTS else ["--results", str(shown)]
+    command = " ".join(["python benchmarks/verdict_stop.py", *rules_named, *results_named])
+    rules = list(dict.fromkeys(x for r in args.rules for x in ((r[:-1], r) if r else (r,))))  # with the rule before
     jsonl = args.results.with_suffix(".jsonl")
     if not args.report_only:
         cfg = load_agent_config(str(CONFIG), [])
         labs = zoo_configs(cfg)
-        refs = {}
-        for lab in labs:
-            ref = args.runs / f"without-{lab.attack.name}" / "reference.json"
-            if not ref.is_file():
-                raise OnpError(f"{ref} not found: run benchmarks/onp_vs_baselines.py --methods 'verdict shadow "
-                               "reference' first (it writes each fold's class reference)")  # fmt: skip
-            refs[lab.attack.name] = json.loads(ref.read_text())
         rows = read_verdict_stop(jsonl)
         done = {r["key"] for r in rows}
-        jobs = [(lab, f, rule) for rule in RULES for lab in labs for f in args.fractions
+        jobs = [(lab, f, rule) for rule in rules for lab in labs for f in args.fractions
                 if stop_key(lab.name, f, rule) not in done]  # fmt: skip
         paths = {lab.name: str(build_artifact(lab, progress=False)) for lab in labs}  # cached by the protocol
+        attacks = sorted({lab.attack.name for lab in labs})
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.workers, ctx) as pool:
+        with ProcessPoolExecutor(args.workers, ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            if not all((args.runs / f"without-{a}" / "reference.json").is_file() for a in attacks):
+                write_fold_references(pool, args.runs, CONFIG, paths, attacks)  # as the protocol writes them
+            refs = {a: json.loads((args.runs / f"without-{a}" / "reference.json").read_text()) for a in attacks}
             # under the rule before: its rows (the key of a rule without a flag is the model's own)
             before = {(lab.name, f, rule): [r for r in rows if rule and r["key"] == stop_key(lab.name, f, rule[:-1])]
                       for lab, f, rule in jobs}  # fmt: skip
@@ -189,8 +216,8 @@ def main() -> None:
             for fut in tqdm(as_completed(futures), total=len(futures), desc="shadow models"):
                 for row in fut.result():
                     append(jsonl, row)
-                write_text_atomic(args.results, report(read_verdict_stop(jsonl)))
-    write_text_atomic(args.results, report(read_verdict_stop(jsonl)))
+                write_text_atomic(args.results, report(read_verdict_stop(jsonl), command, jsonl.name))
+    write_text_atomic(args.results, report(read_verdict_stop(jsonl), command, jsonl.name))
 
 
 if __name__ == "__main__":

@@ -495,6 +495,100 @@ def test_inversion_first_follows_a_flagged_inversion_of_the_latent_shifts_class_
     assert Verdict(steps=40, images=64, inversion_first=True).run(model, x, y).details["follows"] == "latent_gap"
 
 
+class TwoRoutes(torch.nn.Module):
+    """Units 0-1 of `fc` copy pixels 0-1, the clean class is the larger; unit 2 fires on pixel 2 and
+    unit 3 on pixel 3 (both 0 on clean images), and either sends anything to class 2: two triggers,
+    each through a unit of its own. Classes 3-4 are never predicted."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.relu = torch.nn.ReLU()
+        self.classifier = torch.nn.Linear(4, 5)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(4))
+            self.fc.bias.zero_()
+            self.classifier.weight.zero_()
+            self.classifier.weight[0, 0] = self.classifier.weight[1, 1] = 1.0
+            self.classifier.weight[2, 2] = self.classifier.weight[2, 3] = 40.0
+            self.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -1.0, -1.0]))
+
+    def forward(self, x):
+        return self.classifier(self.relu(self.fc(x.flatten(1))))
+
+
+def two_routes() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    model = TwoRoutes()
+    x = torch.rand(100, 1, 1, 4, generator=torch.Generator().manual_seed(0))
+    x[..., 2:] = 0.0
+    return model, x, model(x).argmax(1).detach()
+
+
+def pixel_trigger(pixel: int | None) -> trigger_inversion.Inverted:
+    """An inversion whose class-2 trigger sets `pixel` to 1 with a small mask (flagged), or, with None,
+    one where class 2 is no smaller than the others."""
+    masks, patterns = torch.zeros(5, 1, 1, 4), torch.zeros(5, 1, 1, 4)
+    if pixel is not None:
+        masks[2, ..., pixel] = patterns[2, ..., pixel] = 1.0
+    norms = torch.tensor([3.0, 3.2, 3.0 if pixel is None else 0.1, 2.8, 3.1])
+    return trigger_inversion.Inverted(masks, patterns, norms, torch.ones(5, dtype=torch.bool), 1)
+
+
+def test_reinvert_follows_a_second_route_to_the_target_once_the_first_trigger_is_cut(monkeypatch):
+    import baselines.nc
+
+    model, x, y = two_routes()
+    layout, _ = find_units(model, x[:2])
+    fc = layout.by_name["fc"].offset
+    for reinvert, pruned, calls in ((0, [fc + 2], 1), (3, [fc + 2, fc + 3], 3)):
+        found = iter([pixel_trigger(2), pixel_trigger(3), pixel_trigger(None)])  # then each re-inversion's
+
+        def fake(*args, found=found, **kwargs):
+            return next(found)
+
+        monkeypatch.setattr(trigger_inversion, "invert", fake)
+        monkeypatch.setattr(baselines.nc, "invert", fake)
+        trigger_inversion._INVERTED.clear()
+        result = NC(reinvert=reinvert, stop_asr=0.0).run(model, x, y)
+        d = result.details
+        assert d["flagged"] and d["suspect"] == 2 and result.pruned == pruned and d["stopped"] == "backdoor gone"
+        assert len(d.get("reinverted", [])) == calls - 1
+        assert torch.equal(result.model(x).argmax(1), y)  # clean behaviour intact
+    after = d["reinverted"]
+    assert [r["after"] for r in after] == [1, 2] and after[0]["score"] > 2 >= after[1]["score"]
+    triggered = x.clone()
+    triggered[..., 3] = 1.0
+    assert (model(triggered).argmax(1) == 2).all() and not (result.model(triggered).argmax(1) == 2).any()
+
+
+def test_candidates_cut_the_unit_that_keeps_accuracy_and_takes_the_trigger_away():
+    from onp_env.env.evaluator import Evaluator, without_inplace
+    from onp_env.masking import Masks
+
+    model, x, y = two_routes()
+    work = without_inplace(model)
+    layout, gm = find_units(work, x[:2])
+    fc = layout.by_name["fc"].offset
+    triggered = x.clone()
+    triggered[..., 2] = 1.0
+    for candidates, cut in ((1, fc + 0), (2, fc + 2), (3, fc + 2)):
+        nc = NC(candidates=candidates)
+        nc.layers, nc.suspect = ["fc"], 2
+        order = [fc + 0, fc + 2, fc + 1]  # a poor order: its first unit carries class 0
+        with Masks(work, layout) as masks, torch.no_grad():
+            clean, trig = Evaluator(gm, x, ["fc"]), Evaluator(gm, triggered, ["fc"])
+            clean.logits(), trig.logits()
+            assert nc.next_cut(order, masks, clean, trig, y) == cut
+            assert cut not in order and len(order) == 2 and masks.pruned() == []  # the trials left no cut behind
+    nc = NC(candidates=3)
+    nc.layers, nc.suspect = ["fc"], 2
+    with Masks(work, layout) as masks, torch.no_grad():
+        clean = Evaluator(gm, x, ["fc"])
+        clean.logits()
+        # without reversed-trigger images (a latent sweep): the cut that keeps the most accuracy
+        assert nc.next_cut([fc + 0, fc + 1, fc + 3], masks, clean, None, y) == fc + 3
+
+
 def test_verdict_takes_the_shipped_reference_only_for_a_model_of_its_kind(monkeypatch):
     from baselines.verdict import Verdict
     from onp_env.models import build_model
