@@ -131,9 +131,14 @@ def report(
         "reversed-trigger probability, `reinvert` inverts again (at most 3 times) once the reversed trigger fails "
         "and goes on while the suspected class stays flagged. The setting "
         "with the best mean "
-        "DER (then the least accuracy lost) is marked: chosen here, on the defender's models, it is the one the "
-        "protocol runs on held-out models (`verdict shadow stop` for the thresholds alone, `verdict shadow first` "
-        "for all three).",
+        "DER (then the least accuracy lost) is marked: chosen here, on the defender's models, it is the one "
+        "held-out models are run with ("
+        + (
+            "`verdict shadow stop` for the thresholds alone, `verdict shadow first` for all three in "
+            "onp_vs_baselines.py)."
+            if source == "verdict_stop.jsonl"
+            else "`verdict shipped candidates` in verdict_rule.py)."
+        ),  # fmt: skip
         "",
         "| rule | stop_index | stop_asr | n | ACC lost | ASR % | DER % | pruned |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
