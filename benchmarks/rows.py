@@ -177,7 +177,7 @@ def read_verdicts(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, VERDICTS, fix=FIX)
 
 
-STOP_FLAGS = ("inversion_first", "latent_probe", "latent_patience", "candidates", "reinvert")
+STOP_FLAGS = ("inversion_first", "latent_probe", "latent_patience", "candidates", "reinvert", "max_acc_drop")
 """verdict_stop.py's rule flags, in the order its keys name them."""
 
 

@@ -10,8 +10,9 @@ most `stop_asr` of the other classes' defense images to its class, and following
 once the suspected class's anomaly index, the pruned units ruled out, is at most `stop_index`. Their
 defaults are Neural Cleanse's (5%, and its outlier threshold of 2). With `inversion_first` it
 follows a flagged inversion that names the latent shift's class whatever the indices; RULES add the
-latent sweep's probe or patience, and `--rules` grades others, such as the inversion sweep's
-`candidates` (5) or `reinvert` (3). This runs a grid of the thresholds and rules on the sampled zoo's
+latent sweep's probe or patience, and `--rules` grades others: the inversion sweep's `candidates` (5)
+or `reinvert` (3), or the accuracy guard `max_acc_drop` at 0.02 in place of 0.05 (both sweeps). This
+runs a grid of the thresholds and rules on the sampled zoo's
 30 shadow models (configs/agent/fashion-mnist-sampled.yaml), each judged against the class
 reference of the protocol fold that left its attack out (runs/onp-sampled/without-ATTACK/
 reference.json, as onp_vs_baselines.py writes them for `verdict shadow reference`; written here
@@ -53,9 +54,12 @@ STOP_ASR = (0.05, 0.02, 0.0)
 RULES = ((), ("inversion_first",), ("inversion_first", "latent_probe"), ("inversion_first", "latent_patience"))
 """The rules graded by default, each a set of the flags on: the larger index, then inversion_first, then
 also the latent probe or the latent patience (each against the rule before it without its last flag)."""
-VALUES = {"candidates": 5, "reinvert": 3}
+VALUES = {"candidates": 5, "reinvert": 3, "max_acc_drop": 0.02}
 """The parameter a flag sets where it is not a switch (fixed before any run, not graded)."""
-CHANGES = {"latent_gap": {"latent_probe", "latent_patience"}, "inversion": {"candidates", "reinvert"}}
+CHANGES = {
+    "latent_gap": {"latent_probe", "latent_patience", "max_acc_drop"},
+    "inversion": {"candidates", "reinvert", "max_acc_drop"},
+}
 """Flags that change the sweep that follows each signal (and no other)."""
 
 
@@ -129,8 +133,8 @@ def report(
         "sweep by the shift's own rate, `latent_patience` only after two cuts in a row below the line; `candidates` "
         "cuts, of the inversion's next 5 units, the one that keeps the most defense accuracy and takes the most "
         "reversed-trigger probability, `reinvert` inverts again (at most 3 times) once the reversed trigger fails "
-        "and goes on while the suspected class stays flagged. The setting "
-        "with the best mean "
+        "and goes on while the suspected class stays flagged, `max_acc_drop` ends either sweep before a cut that "
+        "takes defense accuracy 2 points below the unpruned model's (5 otherwise). The setting with the best mean "
         "DER (then the least accuracy lost) is marked: chosen here, on the defender's models, it is the one "
         "held-out models are run with ("
         + (
