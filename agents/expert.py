@@ -37,10 +37,10 @@ def activation_gap(env: NeuronPruningEnv) -> torch.Tensor:
 def _trial_reward(env: NeuronPruningEnv, unit: int) -> float:
     """The oracle reward of pruning `unit` now; the masks and caches are restored afterwards."""
     task, cfg = env.task, env.cfg
-    lay, c = task.layout.locate(unit)
+    lay, _ = task.layout.locate(unit)
     task.masks.prune([unit])
     acc, _, score = task.measure([lay.name])
-    task.masks.values[lay.name][c] = 1.0
+    task.masks.restore([unit])
     task.measure([lay.name])
     return cfg.alpha * (acc - env.acc) + cfg.beta * (env.score - score) - cfg.unit_cost
 

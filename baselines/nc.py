@@ -111,7 +111,9 @@ class NC(Defense):
             clean = Evaluator(gm, x, layers)
             base = (clean.logits().argmax(1) == y).float().mean().item()
             gone = self.backdoor_gone(gm, work, layout, x, y)
-            trig = self.triggered(gm, x, y)
+            # the candidates' trials read reversed-trigger images; NC's order alone does not
+            trials = (lambda: self.triggered(gm, x, y)) if self.params.candidates > 1 else lambda: None
+            trig = trials()
             self.extra["stopped"] = "max_ratio"  # why the sweep ended, for a reader of the report
             rounds = 0
             with tqdm(total=limit, desc=f"{self.name}: pruning", disable=not self.params.progress,
@@ -131,7 +133,7 @@ class NC(Defense):
                             self.extra["stopped"] = "backdoor gone"
                             break
                         rounds += 1
-                        order, gone, trig = again, self.backdoor_gone(gm, work, layout, x, y), self.triggered(gm, x, y)
+                        order, gone, trig = again, self.backdoor_gone(gm, work, layout, x, y), trials()
         return chosen
 
     def next_cut(self, order: list[int], masks: Masks, clean: Evaluator, trig: Evaluator | None,
@@ -147,8 +149,7 @@ class NC(Defense):
             value = (clean.logits(self.layers).argmax(1) == y).float().mean().item()
             if trig is not None:
                 value -= trig.logits(self.layers).softmax(1)[:, self.suspect].mean().item()
-            layer, c = masks.layout.locate(u)
-            masks.values[layer.name][c] = 1.0
+            masks.restore([u])
             return value
 
         best = max(order[: self.params.candidates], key=kept)  # ties: the first in the order

@@ -75,6 +75,12 @@ class Masks:
             layer, c = self.layout.locate(int(u))
             self.values[layer.name][c] = 0.0
 
+    def restore(self, units: Iterable[int]) -> None:
+        """Set the masks of flat unit indices back to 1 (a cut tried and taken back)."""
+        for u in units:
+            layer, c = self.layout.locate(int(u))
+            self.values[layer.name][c] = 1.0
+
     def set_layer(self, name: str, values: torch.Tensor) -> None:
         """Soft or hard mask values for one layer, each in [0, 1]."""
         if name not in self.values:
