@@ -16,11 +16,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from onp_env.config import from_dict
+from onp_env.attacks import PoisonedSet
+from onp_env.config import TrainConfig, from_dict
 from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
+from onp_env.training import train
 
 
 @dataclass
@@ -106,6 +108,16 @@ class Defense(ABC):
                              None if finetuned is None else finetuned.cpu())  # fmt: skip
 
 
+def finetune_pruned(model: nn.Module, layout: UnitLayout, pruned: list[int], x: torch.Tensor, y: torch.Tensor,
+                    cfg: TrainConfig, semantics: str, seed: int, desc: str, progress: bool) -> nn.Module:  # fmt: skip
+    """A copy of `model` trained on (x, y) with the `pruned` units held at zero by their masks (folded in)."""
+    tuned = copy.deepcopy(model)
+    with Masks(tuned, layout, semantics) as masks:
+        masks.prune(pruned)
+        train(tuned, PoisonedSet(x, y), cfg, seed, desc=desc, progress=progress)
+        return masks.export()
+
+
 def top_units(scores: torch.Tensor, keep: torch.Tensor) -> list[int]:
     """Indices where `keep` holds, ordered by descending score (ties by index: deterministic)."""
     idx = torch.nonzero(keep).flatten()
@@ -159,4 +171,12 @@ def run_policy(policy: BaselinePolicy, env: Any, seed: int | None = None,
     return record
 
 
-__all__ = ["BaselinePolicy", "Defense", "DefenseResult", "heuristic_policy", "run_policy", "top_units"]
+__all__ = [
+    "BaselinePolicy",
+    "Defense",
+    "DefenseResult",
+    "finetune_pruned",
+    "heuristic_policy",
+    "run_policy",
+    "top_units",
+]

@@ -20,15 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from baselines.common import Defense, top_units
-from onp_env.attacks import PoisonedSet
+from baselines.common import Defense, finetune_pruned, top_units
 from onp_env.config import TrainConfig, bounded
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.errors import OnpError
 from onp_env.graph.features import activation_stats
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
-from onp_env.training import train
 
 
 @dataclass
@@ -81,11 +79,8 @@ class FinePruning(Defense):
         return chosen
 
     def finetune(self, original, pruned_model, layout, pruned, x, y) -> nn.Module:
-        tuned = copy.deepcopy(pruned_model)
         p = self.params
         cfg = TrainConfig(epochs=p.finetune_epochs, batch_size=p.batch_size, lr=p.lr, threads=torch.get_num_threads(),
                           device=str(self.device))  # fmt: skip
-        with Masks(tuned, layout, self.semantics) as masks:
-            masks.prune(pruned)
-            train(tuned, PoisonedSet(x, y), cfg, self.seed, desc="fp: fine-tuning", progress=p.progress)
-            return masks.export()
+        return finetune_pruned(pruned_model, layout, pruned, x, y, cfg, self.semantics, self.seed, "fp: fine-tuning",
+                               p.progress)  # fmt: skip

@@ -23,8 +23,14 @@ cut keeps the most defense-set accuracy and takes the most probability of the su
 reversed-trigger images. With `reinvert` [ours], a sweep whose reversed trigger no longer works
 inverts every class again on the pruned model and, while the suspected class is still flagged (a
 small trigger still reaches it: a route the first trigger did not use), goes on pruning the layer's
-remaining units in the new trigger's order, at most `reinvert` times. NC's other mitigation
-(unlearning: fine-tuning on reversed-trigger images with their true labels) is not implemented."""
+remaining units in the new trigger's order, at most `reinvert` times.
+
+With `repair_epochs` [ours: NC's two mitigations chained], the pruned model of a flagged sweep is
+then fine-tuned on the defense set, the pruned units held at zero as Fine-Pruning holds them, with
+`unlearn` of the images carrying the reversed trigger under their true labels: NC's other
+mitigation, unlearning, which fine-tunes the unpruned model for one epoch on 10% of the training data,
+20% of it stamped. Here the data is the defense set only, so the epochs are more, and the model has
+already been pruned. The report then holds both models; an unflagged model is returned as it is."""
 
 from __future__ import annotations
 
@@ -36,8 +42,8 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from baselines.common import Defense, top_units
-from onp_env.config import bounded
+from baselines.common import Defense, finetune_pruned, top_units
+from onp_env.config import TrainConfig, bounded
 from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
@@ -60,6 +66,14 @@ class NCParams(InversionParams):
     reinvert: int = bounded(0, ge=0, le=20)
     """Once the reversed trigger no longer works, invert every class again on the pruned model and, while
     the suspected class is still flagged, go on in the new trigger's order: at most this many times."""
+    repair_epochs: int = bounded(0, ge=0, le=1000)
+    """After a flagged model's sweep, fine-tune its surviving weights on the defense set for this many
+    epochs with the pruned units held at zero, reported as the fine-tuned model (0: no repair)."""
+    unlearn: float = bounded(0.2, ge=0, le=1)
+    """With `repair_epochs`: this share of the defense images, drawn with the seed, carry the reversed
+    trigger and keep their true labels (NC's unlearning: 20%); none when the sweep follows no reversed trigger."""
+    repair_lr: float = bounded(0.01, gt=0, le=10)
+    """With `repair_epochs`: the initial SGD learning rate (momentum 0.9, cosine to 0, batches of 64)."""
     progress: bool = False
     """A progress bar of the pruning sweep on stderr."""
 
@@ -156,9 +170,32 @@ class NC(Defense):
         order.remove(best)
         return best
 
+    def follows_inversion(self) -> bool:
+        """Whether the sweep follows the reversed trigger (a subclass may follow another signal)."""
+        return True
+
+    def finetune(self, original, pruned_model, layout, pruned, x, y) -> nn.Module | None:
+        p = self.params
+        if not p.repair_epochs:
+            return None
+        if not self.extra["flagged"]:
+            return copy.deepcopy(pruned_model)
+        stamped = round(p.unlearn * len(x)) if self.follows_inversion() else 0
+        if stamped:
+            pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[:stamped].to(x.device)
+            x = x.clone()
+            x[pick] = self.inverted.apply(self.suspect, x[pick])
+        self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped}
+        cfg = TrainConfig(epochs=p.repair_epochs, batch_size=64, lr=p.repair_lr, threads=torch.get_num_threads(),
+                          device=str(self.device))  # fmt: skip
+        return finetune_pruned(pruned_model, layout, pruned, x, y, cfg, self.semantics, self.seed,
+                               f"{self.name}: repair", p.progress)  # fmt: skip
+
     def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
         """The pruned model on the other classes' defense images with the reversed trigger (`gm`: the
-        traced graph of the masked copy)."""
+        traced graph of the masked copy); None when the sweep follows no reversed trigger."""
+        if not self.follows_inversion():
+            return None
         trig = Evaluator(gm, self.inverted.apply(self.suspect, x[y != self.suspect]), self.layers)
         trig.logits()
         return trig
@@ -166,8 +203,10 @@ class NC(Defense):
     def reinverted(self, work: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
                    cut: list[int]) -> list[int] | None:  # fmt: skip
         """`reinvert`: every class inverted again on the pruned `work` (masks on); the layer's units not
-        `cut`, in the new trigger's order, while the suspected class is still flagged, else None. A sweep
-        that follows another signal than the inversion returns None (subclasses)."""
+        `cut`, in the new trigger's order, while the suspected class is still flagged, else None (also when
+        the sweep follows no reversed trigger)."""
+        if not self.follows_inversion():
+            return None
         with torch.enable_grad():
             classes = len(self.inverted.norms)
             inv = invert(work, x, y, classes, self.signal.params, self.seed, self.device)

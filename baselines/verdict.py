@@ -19,7 +19,9 @@ larger index, and prune the units that feed the classifier in that signal's orde
 
 With `inversion_first`, a flagged inversion that names the latent shift's class is followed whatever
 the indices. With `reinvert` (baselines.nc), a sweep that follows the inversion inverts again on the
-pruned model while the suspected class stays flagged. With `latent_patience`, the latent sweep stops
+pruned model while the suspected class stays flagged. With `repair_epochs` (baselines.nc) the pruned model is then
+fine-tuned on the defense set, the reversed trigger stamped on `unlearn` of the images only when the
+sweep follows the inversion. With `latent_patience`, the latent sweep stops
 only after two cuts in a row below the line. With `latent_probe`, the latent sweep stops as the
 inversion's does: once the shift found on the unpruned model, less its pruned units' part, sends at
 most `stop_asr` of the other classes' images to the suspected class.
@@ -61,7 +63,6 @@ from torch import fx, nn
 
 from baselines.nc import NC, NCParams
 from onp_env.config import bounded
-from onp_env.env.evaluator import Evaluator
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.signals.latent_shift import (
@@ -148,18 +149,12 @@ class Verdict(NC):
         values = unit_values(shifts[k], layout)
         return torch.where(values.isnan(), float("-inf"), values)
 
-    def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
-        return super().triggered(gm, x, y) if self.extra["follows"] == "inversion" else None
-
-    def reinverted(self, work: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
-                   cut: list[int]) -> list[int] | None:  # fmt: skip
-        if self.extra["follows"] != "inversion":
-            return None
-        return super().reinverted(work, layout, x, y, cut)
+    def follows_inversion(self) -> bool:
+        return self.extra["follows"] == "inversion"
 
     def backdoor_gone(self, gm: fx.GraphModule, work: nn.Module, layout: UnitLayout, x: torch.Tensor,
                       y: torch.Tensor) -> Callable[[list[int]], bool]:  # fmt: skip
-        if self.extra["follows"] == "inversion":
+        if self.follows_inversion():
             return super().backdoor_gone(gm, work, layout, x, y)
         pick = self.latent.pick(len(x))  # the images the shifts were solved on
         xs, ys = x[pick], y[pick].cpu()

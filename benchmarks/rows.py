@@ -206,6 +206,26 @@ def read_verdict_stop(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, VERDICT_STOP, fix=FIX)
 
 
+def repair_key(model: str, fraction: float, epochs: int, unlearn: float) -> str:
+    """verdict_repair.py's key: the model, the fraction and the repair setting."""
+    return f"{model}/{fraction:g}/repair {epochs}/unlearn {unlearn:g}"
+
+
+VERDICT_REPAIR = Schema(
+    "verdict repair setting",
+    {"key": TEXT, "model": TEXT, "attack": TEXT, "fraction": FRACTION, "epochs": COUNT, "unlearn": FRACTION,
+     "follows": TEXT, "flagged": _flag, "acc": FRACTION, "asr": FRACTION, "der": FRACTION, "before": MEASURES,
+     "pruned": COUNT, "seconds": NUMBER},
+    consistent=lambda r: None if r["key"] == repair_key(r["model"], r["fraction"], r["epochs"], r["unlearn"]) else
+    f"its key {r['key']!r} does not match its model, fraction and setting",
+)  # fmt: skip
+"""verdict_repair.py: `verdict`'s pruned model on one shadow model and fraction, then one repair setting."""
+
+
+def read_verdict_repair(path: Path) -> list[dict[str, Any]]:
+    return read_rows(path, VERDICT_REPAIR, fix=FIX)
+
+
 _MAYBE = {"acc": FRACTION, "asr": optional(FRACTION), "ra": optional(FRACTION)}  # a clean model has no ASR
 REPORT = Schema(
     "defense report",

@@ -168,6 +168,20 @@ def test_bench_report_exits_2_with_one_line_on_a_damaged_row(bench, capsys):
     assert "line 2: field 'asr' is missing" in capsys.readouterr().err
 
 
+def test_bench_report_gives_a_fine_tuned_model_a_row_of_its_own_and_checks_its_measures(bench, capsys):
+    lines = _lines(bench / RESULTS)
+    row = json.loads(lines[1])
+    tuned = {"acc": 0.5, "asr": 0.25, "ra": 0.5, "der": 0.75}
+    _write(bench / RESULTS, [lines[0], json.dumps({**row, "finetuned": tuned})])
+    assert main(["bench", "report", str(bench)]) == 0
+    der = [line for line in (bench / "results.md").read_text().splitlines() if line.startswith(f"| {row['defense']}")]
+    assert der[0] == f"| {row['defense']} + fine-tune | **75.0** |"  # first in its section's DER table
+    assert der[1].startswith(f"| {row['defense']} | ")
+    _write(bench / RESULTS, [lines[0], json.dumps({**row, "finetuned": {**tuned, "der": "high"}})])
+    assert main(["bench", "report", str(bench)]) == 2
+    assert "line 2: field 'finetuned'" in capsys.readouterr().err
+
+
 def test_bench_report_tells_of_a_dropped_last_line(bench, capsys):
     lines = _lines(bench / RESULTS)
     _write(bench / RESULTS, [lines[0], lines[1][:40]], newline=False)

@@ -561,6 +561,42 @@ def test_reinvert_follows_a_second_route_to_the_target_once_the_first_trigger_is
     assert (model(triggered).argmax(1) == 2).all() and not (result.model(triggered).argmax(1) == 2).any()
 
 
+def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps_the_pruned_units_cut(monkeypatch):
+    import baselines.nc
+
+    model, x, y = two_routes()
+    layout, _ = find_units(model, x[:2])
+    fc = layout.by_name["fc"].offset
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(2))
+    trigger_inversion._INVERTED.clear()
+    assert NC(stop_asr=0.0).run(model, x, y).finetuned is None  # no repair unless asked
+    seen = []
+    real = baselines.nc.finetune_pruned
+
+    def spy(model, layout, pruned, xs, ys, *args):
+        seen.append((xs, ys))
+        return real(model, layout, pruned, xs, ys, *args)
+
+    monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
+    result = NC(stop_asr=0.0, repair_epochs=3, unlearn=0.3, seed=5).run(model, x, y)
+    assert result.pruned == [fc + 2] and result.details["repair"] == {"epochs": 3, "stamped": 30}
+    xs, ys = seen[0]
+    stamped = (xs != x).flatten(1).any(1)
+    assert int(stamped.sum()) == 30 and torch.equal(ys, y)  # true labels kept
+    assert (xs[stamped][..., 2] == 1).all() and torch.equal(xs[~stamped], x[~stamped])
+    tuned = result.finetuned
+    assert tuned is not None and not torch.equal(tuned.classifier.weight, result.model.classifier.weight)
+    triggered = x.clone()
+    triggered[..., 2] = 1.0
+    assert (tuned.relu(tuned.fc(triggered.flatten(1)))[:, 2] == 0).all()  # the cut unit stays cut
+    # a model NC does not flag is handed back as it is, repair or not
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(None))
+    trigger_inversion._INVERTED.clear()
+    result = NC(repair_epochs=3).run(model, x, y)
+    assert result.pruned == [] and len(seen) == 1
+    assert all(torch.equal(a, b) for a, b in zip(result.finetuned.parameters(), model.parameters(), strict=True))
+
+
 def test_candidates_cut_the_unit_that_keeps_accuracy_and_takes_the_trigger_away():
     from onp_env.env.evaluator import Evaluator, without_inplace
     from onp_env.masking import Masks

@@ -58,6 +58,7 @@ def _cell_key(row: dict[str, Any]) -> str | None:
 
 _NAMED = Schema("named entry", {"name": TEXT})
 _ATTACK = Schema("attack setting", {"name": TEXT}, optional={"label": optional(TEXT)})
+_FINETUNED = Schema("fine-tuned model's measures", {"acc": FRACTION, "asr": FRACTION, "ra": FRACTION, "der": FRACTION})
 CELL = Schema(
     "bench cell",
     {
@@ -66,6 +67,7 @@ CELL = Schema(
         "acc": FRACTION, "asr": FRACTION, "ra": FRACTION, "der": FRACTION, "before": MEASURES,
         "pruned": COUNT, "seconds": NUMBER, "units": list_of(COUNT),
     },
+    optional={"finetuned": optional(_FINETUNED.problem)},
     consistent=_cell_key,
 )  # fmt: skip
 """A row of results.jsonl: one defense on one model at one defense-data fraction."""
