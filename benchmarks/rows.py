@@ -206,9 +206,9 @@ def read_verdict_stop(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, VERDICT_STOP, fix=FIX)
 
 
-def repair_key(model: str, fraction: float, epochs: int, unlearn: float) -> str:
-    """verdict_repair.py's key: the model, the fraction and the repair setting."""
-    return f"{model}/{fraction:g}/repair {epochs}/unlearn {unlearn:g}"
+def repair_key(model: str, fraction: float, epochs: int, unlearn: float, sweep: str = "first") -> str:
+    """verdict_repair.py's key: the model, the fraction, the repair setting and the sweep (named unless `first`)."""
+    return f"{model}/{fraction:g}/repair {epochs}/unlearn {unlearn:g}" + ("" if sweep == "first" else f"/{sweep}")
 
 
 VERDICT_REPAIR = Schema(
@@ -216,7 +216,9 @@ VERDICT_REPAIR = Schema(
     {"key": TEXT, "model": TEXT, "attack": TEXT, "fraction": FRACTION, "epochs": COUNT, "unlearn": FRACTION,
      "follows": TEXT, "flagged": _flag, "acc": FRACTION, "asr": FRACTION, "der": FRACTION, "before": MEASURES,
      "pruned": COUNT, "seconds": NUMBER},
-    consistent=lambda r: None if r["key"] == repair_key(r["model"], r["fraction"], r["epochs"], r["unlearn"]) else
+    optional={"sweep": TEXT},
+    consistent=lambda r: None if r["key"] == repair_key(r["model"], r["fraction"], r["epochs"], r["unlearn"],
+                                                        r.get("sweep", "first")) else
     f"its key {r['key']!r} does not match its model, fraction and setting",
 )  # fmt: skip
 """verdict_repair.py: `verdict`'s pruned model on one shadow model and fraction, then one repair setting."""

@@ -50,12 +50,18 @@ def measure(name: str, attack: str, path: str, variants: list[str] | None = None
             with tempfile.TemporaryDirectory() as tmp:
                 _, report = defend_artifact(path, "verdict", {**params, "defense_fraction": fraction}, out=f"{tmp}/o")
             d = report["details"]
-            cells[f"{variant}/{fraction}"] = {
+            cell = {
                 "acc_lost": report["before"]["acc"] - report["acc"], "asr": report["asr"], "der": report["der"],
                 "pruned": report["pruned"], "flagged": bool(d.get("flagged")), "follows": d.get("follows"),
                 "suspect": d.get("suspect"), "stopped": d.get("stopped"),
                 "seconds": report["seconds"],
             }  # fmt: skip
+            if "finetuned" in report:  # the repaired model is the defense's output; the pruned one is kept beside
+                tuned = report["finetuned"]
+                pruned = {k: cell[k] for k in ("acc_lost", "asr", "der")}
+                cell = {**cell, "acc_lost": report["before"]["acc"] - tuned["acc"], "asr": tuned["asr"],
+                        "der": tuned["der"], "pruned_model": pruned}  # fmt: skip
+            cells[f"{variant}/{fraction}"] = cell
     return {"model": name, "attack": attack, "cells": cells}
 
 
