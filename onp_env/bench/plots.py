@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only: no display on a server
 import matplotlib.pyplot as plt  # noqa: E402
 
 from onp_env.bench.config import attack_key  # noqa: E402
+from onp_env.bench.report import FINE_TUNED  # noqa: E402
 
 
 def _attack(r: dict[str, Any]) -> str:
@@ -33,8 +34,12 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
     fraction = max(r["fraction"] for r in rows)
     rows = [r for r in rows if r["fraction"] == fraction]
     attacks = sorted({_attack(r) for r in rows})
-    defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    colours = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(defenses)}
+    # a fine-tuned model beside its defense, in the light shade of its colour
+    bases = list(dict.fromkeys(r["defense"].removesuffix(FINE_TUNED) for r in rows))
+    names = {r["defense"] for r in rows}
+    shade = {d: 2 * bases.index(d.removesuffix(FINE_TUNED)) + d.endswith(FINE_TUNED) for d in names}
+    defenses = sorted(shade, key=shade.__getitem__)
+    colours = {d: plt.get_cmap("tab20")(shade[d] % 20) for d in defenses}
     names = []
 
     fig, axes = plt.subplots(2, len(attacks), figsize=(3.6 * len(attacks), 6.4), squeeze=False, sharey="row")

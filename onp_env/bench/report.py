@@ -69,11 +69,15 @@ def table(rows: list[dict[str, Any]], metric: str, best: str) -> list[str]:
     return lines
 
 
+FINE_TUNED = " + fine-tune"
+"""What a defense's name is followed by in the row of the model it fine-tuned after pruning."""
+
+
 def fine_tuned(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A row of its own, `DEFENSE + fine-tune`, for each cell whose defense also fine-tuned the pruned
     model (Fine-Pruning's own output, or a repair): the same cell measured on that model."""
     return [{**r, **{k: r["finetuned"][k] for k in ("acc", "asr", "ra", "der")}, "finetuned": None,
-             "defense": f"{r['defense']} + fine-tune"} for r in rows if r.get("finetuned")]  # fmt: skip
+             "defense": r["defense"] + FINE_TUNED} for r in rows if r.get("finetuned")]  # fmt: skip
 
 
 def _shown(path: Path) -> str:
