@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -109,12 +110,20 @@ class Defense(ABC):
 
 
 def finetune_pruned(model: nn.Module, layout: UnitLayout, pruned: list[int], x: torch.Tensor, y: torch.Tensor,
-                    cfg: TrainConfig, semantics: str, seed: int, desc: str, progress: bool) -> nn.Module:  # fmt: skip
-    """A copy of `model` trained on (x, y) with the `pruned` units held at zero by their masks (folded in)."""
+                    cfg: TrainConfig, semantics: str, seed: int, desc: str, progress: bool,
+                    pre_hooks: dict[str, Callable[..., Any]] | None = None) -> nn.Module:  # fmt: skip
+    """A copy of `model` trained on (x, y) with the `pruned` units held at zero by their masks (folded in).
+    `pre_hooks` (module name: forward pre-hook) act during the training only; the copy returned has none."""
     tuned = copy.deepcopy(model)
+    modules = dict(tuned.named_modules())
     with Masks(tuned, layout, semantics) as masks:
         masks.prune(pruned)
-        train(tuned, PoisonedSet(x, y), cfg, seed, desc=desc, progress=progress)
+        handles = [modules[name].register_forward_pre_hook(hook) for name, hook in (pre_hooks or {}).items()]
+        try:
+            train(tuned, PoisonedSet(x, y), cfg, seed, desc=desc, progress=progress)
+        finally:
+            for handle in handles:
+                handle.remove()
         return masks.export()
 
 

@@ -20,8 +20,11 @@ larger index, and prune the units that feed the classifier in that signal's orde
 With `inversion_first`, a flagged inversion that names the latent shift's class is followed whatever
 the indices. With `reinvert` (baselines.nc), a sweep that follows the inversion inverts again on the
 pruned model while the suspected class stays flagged. With `repair_epochs` (baselines.nc) the pruned model is then
-fine-tuned on the defense set, the reversed trigger stamped on `unlearn` of the images only when the
-sweep follows the inversion. With `latent_patience`, the latent sweep stops
+fine-tuned on the defense set with the followed trigger unlearnt: the reversed trigger stamped on
+`unlearn` of the images, or, for a latent sweep, the suspected class's shift (less the pruned units'
+part) added to the classifier's input for `unlearn` of each batch, labels kept, as the latent-shift
+paper fine-tunes with its estimated shift (its loss and schedule are not followed: ours is NC's
+unlearning, cross-entropy on the true labels). With `latent_patience`, the latent sweep stops
 only after two cuts in a row below the line. With `latent_probe`, the latent sweep stops as the
 inversion's does: once the shift found on the unpruned model, less its pruned units' part, sends at
 most `stop_asr` of the other classes' images to the suspected class.
@@ -151,6 +154,24 @@ class Verdict(NC):
 
     def follows_inversion(self) -> bool:
         return self.extra["follows"] == "inversion"
+
+    def unlearning_hooks(self, layout: UnitLayout, pruned: list[int]) -> dict[str, Callable[..., object]]:
+        """A latent sweep's repair: the suspected class's shift, less the pruned units' part, is added to the
+        classifier's input for `unlearn` of each training batch's images (drawn with the seed), labels kept."""
+        if self.follows_inversion():
+            return {}
+        shift = torch.where(input_columns(layout, pruned), 0.0, self.shift.detach().cpu())
+        g = torch.Generator().manual_seed(self.seed)
+        share = self.params.unlearn
+
+        def add_shift(module: nn.Module, args: tuple) -> tuple | None:
+            if not module.training:
+                return None
+            h = args[0]
+            pick = (torch.rand(len(h), generator=g) < share).to(h.device, h.dtype).view(-1, *[1] * (h.ndim - 1))
+            return (h + pick * shift.to(h.device, h.dtype).view(1, *h.shape[1:]), *args[1:])
+
+        return {layout.output: add_shift}
 
     def backdoor_gone(self, gm: fx.GraphModule, work: nn.Module, layout: UnitLayout, x: torch.Tensor,
                       y: torch.Tensor) -> Callable[[list[int]], bool]:  # fmt: skip

@@ -9,11 +9,12 @@ zoo's 30 shadow models (configs/agent/fashion-mnist-sampled.yaml) once per fract
 the class reference of the protocol fold that left its attack out (runs/onp-sampled/without-ATTACK/
 reference.json, as verdict_stop.py reads them; written here where missing). Each setting of GRID
 then fine-tunes that pruned model on the defense set, the pruned units held at zero, with `unlearn` of
-the images stamped with the reversed trigger under their true labels (baselines.nc; lr 0.01): 0
-epochs is the pruned model itself. The shadow models are the defender's: their test splits and
-triggers may score the settings; no held-out model is used. One JSON line per model, fraction and
-setting (resumable); writes verdict_repair.md. The setting with the best mean DER, then the least
-accuracy lost, is the one verdict_rule.py runs on the held-out models (`verdict shipped repair`)."""
+the images stamped with the reversed trigger under their true labels, or, where the sweep follows the
+latent shift, that shift added to the classifier's input for `unlearn` of each batch (baselines.nc,
+baselines.verdict; lr 0.01): 0 epochs is the pruned model itself. The shadow models are the
+defender's: their test splits and triggers may score the settings; no held-out model is used. One
+JSON line per model, fraction and setting (resumable); writes verdict_repair.md. The setting with the
+best mean DER, then the least accuracy lost, is the one verdict_rule.py runs on the held-out models."""
 
 from __future__ import annotations
 
@@ -71,11 +72,11 @@ def measure(model: str, path: str, attack: str, fraction: float, reference: dict
     swept = time.perf_counter() - start
     layout, _ = find_units(copy.deepcopy(art.model).eval(), x[:2])
     d = result.details
-    stamps = d["flagged"] and d["follows"] == "inversion"  # else `unlearn` is not read: one run per epochs
+    unlearns = d["flagged"]  # else nothing is repaired: one run per epochs
     measured: dict[tuple, tuple[dict, float]] = {}
     rows = []
     for epochs, unlearn in GRID:
-        setting = (epochs, unlearn if stamps else 0.0)
+        setting = (epochs, unlearn if unlearns else 0.0)
         if setting not in measured:
             start = time.perf_counter()
             repaired = result.model
@@ -120,8 +121,9 @@ def report(rows: list[dict]) -> str:
         f"`configs/agent/fashion-mnist-sampled.yaml`, {fractions} of the training split as defense data, each judged "
         "against the class reference of the protocol fold that left its attack out; then its pruned model fine-tuned "
         "on the defense set for `epochs` (SGD, lr 0.01, cosine; the pruned units held at zero), `unlearn` of the "
-        "images stamped with the reversed trigger under their true labels where the sweep follows the inversion (a "
-        "sweep that follows the latent shift is fine-tuned on clean images; an unflagged model is left as it is). "
+        "images stamped with the reversed trigger under their true labels where the sweep follows the inversion, the "
+        "latent shift added to the classifier's input of `unlearn` of each batch where it follows the shift (an "
+        "unflagged model is left as it is). "
         "0 epochs: the pruned model. Mean ± std over runs, in %; ACC lost in points; target: the share of runs with "
         f"ASR at most {TARGET[0]:.0%} and at most {TARGET[1] * 100:g} points lost; seconds: the sweep and the repair, "
         "one thread. Each sweep's setting with the best mean DER (then the least accuracy lost) is marked.",

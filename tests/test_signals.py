@@ -447,6 +447,36 @@ def test_verdict_follows_the_latent_shift_to_a_backdoor_no_pixel_reaches_and_sto
     assert torch.equal(result.model(x).argmax(1), y)  # clean behaviour intact
 
 
+def test_a_latent_sweeps_repair_unlearns_the_shift_at_the_classifiers_input_during_training_only(monkeypatch):
+    import baselines.nc
+    from baselines.verdict import Verdict
+
+    model, x, y = planted()
+    seen = []
+    real = baselines.nc.finetune_pruned
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
+    result = Verdict(steps=40, images=64, repair_epochs=2, unlearn=0.5).run(model, x, y)
+    assert result.details["follows"] == "latent_gap" and result.details["repair"]["shifted"]
+    assert result.details["repair"]["stamped"] == 0  # no reversed trigger is stamped on a latent sweep
+    hooks = seen[0]
+    assert list(hooks) == ["classifier"]
+    head = torch.nn.Linear(8, 5)
+    h = torch.zeros(1000, 8)
+    assert hooks["classifier"](head.eval(), (h,)) is None  # evaluation sees the clean features
+    shifted = hooks["classifier"](head.train(), (h,))[0]
+    moved = shifted.abs().sum(1) > 0
+    assert 400 < int(moved.sum()) < 600  # about `unlearn` of the batch
+    assert (shifted[:, 5] == 0).all() and torch.equal(shifted[moved][0], shifted[moved][-1])  # the pruned unit
+    tuned = result.finetuned
+    assert tuned is not None and not tuned.classifier._forward_pre_hooks  # the hook stayed with the training
+    assert (tuned.relu(tuned.fc(x.flatten(1)))[:, 5] == 0).all()
+
+
 def test_latent_patience_cuts_one_more_unit_once_the_index_stays_below_the_line():
     from baselines.verdict import Verdict
 
@@ -579,7 +609,7 @@ def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps
 
     monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
     result = NC(stop_asr=0.0, repair_epochs=3, unlearn=0.3, seed=5).run(model, x, y)
-    assert result.pruned == [fc + 2] and result.details["repair"] == {"epochs": 3, "stamped": 30}
+    assert result.pruned == [fc + 2] and result.details["repair"] == {"epochs": 3, "stamped": 30, "shifted": False}
     xs, ys = seen[0]
     stamped = (xs != x).flatten(1).any(1)
     assert int(stamped.sum()) == 30 and torch.equal(ys, y)  # true labels kept
