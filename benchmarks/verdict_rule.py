@@ -10,7 +10,10 @@ models) or the settings below (verdict_stop.md, on shadow models). Per model, 1%
 - `verdict clean rule first`: the same with reference_from=fashion-mnist-clean and flag_rule (the
   log ratio against 12 clean models, flagged and stopped at the rule's line);
 - `verdict shipped candidates`: `verdict shipped first` with candidates=5 and stop_index 0, the
-  setting verdict_sweep.md chose on the shadow models.
+  setting verdict_sweep.md chose on the shadow models;
+- `verdict shipped repair`: `verdict shipped first`, then its pruned model repaired (repair_epochs 5,
+  unlearn 0.5: verdict_repair.md's choice on the shadow models); its cells measure the repaired
+  model, the pruned one's measures kept beside them (`pruned_model`).
 The attack is read only to score. One JSON line per model in benchmarks/results/verdict_rule.jsonl
 (resumable); writes verdict_rule.md."""
 
@@ -31,6 +34,8 @@ VARIANTS = {
                                  "stop_asr": 0.0},
     "verdict shipped candidates": {"reference_from": "fashion-mnist", "inversion_first": True, "candidates": 5,
                                    "stop_asr": 0.0, "stop_index": 0.0},
+    "verdict shipped repair": {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0,
+                               "repair_epochs": 5, "unlearn": 0.5},
 }  # fmt: skip
 
 
