@@ -97,7 +97,9 @@ def _defend(args: argparse.Namespace) -> None:
           f"DER {report['der'] if report['der'] is None else round(report['der'], 4)}")  # fmt: skip
     if "finetuned" in report:
         f = report["finetuned"]
-        print(f"  tuned   ACC {_pct(f['acc'])}  ASR {_pct(f['asr'])}  RA {_pct(f['ra'])}  DER {round(f['der'], 4)}")
+        der = f["der"] if f["der"] is None else round(f["der"], 4)
+        print(f"  tuned   ACC {_pct(f['acc'])}  ASR {_pct(f['asr'])}  RA {_pct(f['ra'])}  DER {der}  "
+              f"(fine-tuned after pruning: {out / 'finetuned'})")  # fmt: skip
     print(out)
 
 

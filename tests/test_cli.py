@@ -82,6 +82,22 @@ def test_console_script_help():
     assert out.returncode == 0 and "--config" in out.stdout and "--set" in out.stdout
 
 
+def test_defend_prints_a_clean_models_fine_tuned_line_and_where_it_is(tmp_path, capsys):
+    import dataclasses
+
+    from onp_env import build_artifact
+
+    from .conftest import tiny_config
+
+    art = build_artifact(dataclasses.replace(tiny_config(), attack=None), tmp_path / "zoo", progress=False)
+    out = tmp_path / "fp"
+    assert (
+        main(["defend", "--method", "fp", "--artifact", str(art), "--out", str(out), "--set", "finetune_epochs=1"]) == 0
+    )
+    tuned = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("tuned")]
+    assert len(tuned) == 1 and "ASR n/a" in tuned[0] and "DER None" in tuned[0] and str(out / "finetuned") in tuned[0]
+
+
 def test_defend_writes_a_pruned_artifact_and_report(tmp_path, capsys):
     import json
 

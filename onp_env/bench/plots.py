@@ -36,8 +36,8 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
     attacks = sorted({_attack(r) for r in rows})
     # a fine-tuned model beside its defense, in the light shade of its colour
     bases = list(dict.fromkeys(r["defense"].removesuffix(FINE_TUNED) for r in rows))
-    names = {r["defense"] for r in rows}
-    shade = {d: 2 * bases.index(d.removesuffix(FINE_TUNED)) + d.endswith(FINE_TUNED) for d in names}
+    labels = {r["defense"] for r in rows}
+    shade = {d: 2 * bases.index(d.removesuffix(FINE_TUNED)) + d.endswith(FINE_TUNED) for d in labels}
     defenses = sorted(shade, key=shade.__getitem__)
     colours = {d: plt.get_cmap("tab20")(shade[d] % 20) for d in defenses}
     names = []
