@@ -71,13 +71,28 @@ SETTINGS = {
         "verdict",
         {"inversion_first": True, "stop_index": 2.0, "stop_asr": 0.0, "reference_from": "fashion-mnist"},
     ),
+    # ... then its pruned model repaired with the setting chosen on the shadow models (verdict_repair.md)
+    "verdict shipped repair": (
+        "verdict",
+        {
+            "inversion_first": True,
+            "stop_index": 2.0,
+            "stop_asr": 0.0,
+            "reference_from": "fashion-mnist",
+            "repair_epochs": 5,
+            "unlearn": 0.5,
+        },
+    ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
 `verdict shadow reference` judges both verdicts against the class reference of the fold's shadow
 models (REFERENCED), as the fold's agents do; `verdict shadow stop` also stops with the thresholds
 chosen on the shadow models (benchmarks/verdict_stop.py); `verdict shadow first` with the setting of
-that grid that also follows a flagged inversion naming the latent shift's class."""
+that grid that also follows a flagged inversion naming the latent shift's class; `verdict shipped repair`
+the README's `verdict`, its pruned model then repaired (REPAIRED)."""
+REPAIRED = ("verdict shipped repair",)
+"""Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")
 """Methods given the fold's class reference (fold_references): each class's median trigger size over the
 shadow models of the other four attacks, never over the held-out attack's models."""
@@ -284,6 +299,8 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
             shutil.rmtree(out)
         _, report = defend_artifact(art_path, name, params, out)
         report["units"] = load_artifact(out).manifest["defense"]["pruned_units"]
+        if method in REPAIRED:
+            report |= {k: report["finetuned"][k] for k in ("acc", "asr", "ra", "der")}
     attack, seed, _, _ = key.split("/")
     row = {"key": key, "attack": attack, "seed": int(seed[1:]), "fraction": fraction, "method": method,
            **{k: report[k] for k in KEPT},
