@@ -351,6 +351,15 @@ def write_fold_references(pool: ProcessPoolExecutor, runs: Path, agent_config: P
         write_text_atomic(runs / f"without-{held}" / "reference.json", json.dumps(fold_references(norms)))
 
 
+def fold_reference_files(pool: ProcessPoolExecutor, runs: Path, agent_config: Path, paths: dict[str, str],
+                         attacks: list[str]) -> dict[str, dict]:  # fmt: skip
+    """Each attack's fold reference (RUNS/without-A/reference.json, its settings for `verdict`), written
+    first where one is missing (write_fold_references)."""
+    if not all((runs / f"without-{a}" / "reference.json").is_file() for a in attacks):
+        write_fold_references(pool, runs, agent_config, paths, attacks)  # as the protocol writes them
+    return {a: json.loads((runs / f"without-{a}" / "reference.json").read_text()) for a in attacks}
+
+
 def run(args: argparse.Namespace) -> None:
     """Models, then agents and baseline cells side by side, then each agent's cells once it is trained:
     one task per worker process (1 torch thread each); this driver is the only writer of onp.jsonl."""

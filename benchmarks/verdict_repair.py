@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import multiprocessing
 import statistics
 import time
@@ -29,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from onp_vs_baselines import write_fold_references
+from onp_vs_baselines import fold_reference_files
 from rows import exit_2_on_bad_input, read_verdict_repair, repair_key
 from tqdm import tqdm
 
@@ -174,9 +173,7 @@ def main() -> None:
         attacks = sorted({lab.attack.name for lab in labs})
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            if not all((args.runs / f"without-{a}" / "reference.json").is_file() for a in attacks):
-                write_fold_references(pool, args.runs, CONFIG, paths, attacks)  # as the protocol writes them
-            refs = {a: json.loads((args.runs / f"without-{a}" / "reference.json").read_text()) for a in attacks}
+            refs = fold_reference_files(pool, args.runs, CONFIG, paths, attacks)
             futures = [pool.submit(measure, lab.name, paths[lab.name], lab.attack.name, f, refs[lab.attack.name],
                                    args.sweep) for lab, f in jobs]  # fmt: skip
             for fut in tqdm(as_completed(futures), total=len(futures), desc="shadow models"):

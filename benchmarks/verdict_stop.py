@@ -25,14 +25,13 @@ and references: a rebuilt zoo needs a --results file of its own."""
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from onp_vs_baselines import write_fold_references
+from onp_vs_baselines import fold_reference_files
 from rows import STOP_FLAGS, exit_2_on_bad_input, read_verdict_stop, stop_flags, stop_key
 from tqdm import tqdm
 
@@ -214,9 +213,7 @@ def main() -> None:
         attacks = sorted({lab.attack.name for lab in labs})
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            if not all((args.runs / f"without-{a}" / "reference.json").is_file() for a in attacks):
-                write_fold_references(pool, args.runs, CONFIG, paths, attacks)  # as the protocol writes them
-            refs = {a: json.loads((args.runs / f"without-{a}" / "reference.json").read_text()) for a in attacks}
+            refs = fold_reference_files(pool, args.runs, CONFIG, paths, attacks)
             # under the rule before: its rows (the key of a rule without a flag is the model's own)
             before = {(lab.name, f, rule): [r for r in rows if rule and r["key"] == stop_key(lab.name, f, rule[:-1])]
                       for lab, f, rule in jobs}  # fmt: skip
