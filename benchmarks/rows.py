@@ -216,7 +216,7 @@ VERDICT_REPAIR = Schema(
     {"key": TEXT, "model": TEXT, "attack": TEXT, "fraction": FRACTION, "epochs": COUNT, "unlearn": FRACTION,
      "follows": TEXT, "flagged": _flag, "acc": FRACTION, "asr": FRACTION, "der": FRACTION, "before": MEASURES,
      "pruned": COUNT, "seconds": NUMBER},
-    optional={"sweep": TEXT},
+    optional={"sweep": TEXT, "stopped": TEXT},
     consistent=lambda r: None if r["key"] == repair_key(r["model"], r["fraction"], r["epochs"], r["unlearn"],
                                                         r.get("sweep", "first")) else
     f"its key {r['key']!r} does not match its model, fraction and setting",
