@@ -1,7 +1,7 @@
 """NC's unlearning after `verdict`'s pruning (`repair_epochs`, `unlearn`), chosen on the shadow models.
 
-    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/verdict_repair.py [--sweep first|candidates] \
-        [--workers 2] [--report-only]
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/verdict_repair.py [--sweep NAME of SWEEPS] \
+        [--repairs EPOCHS:UNLEARN ...] [--workers 2] [--report-only]
 
 `verdict` as the README recommends it (sweep `first`: inversion_first, stop_asr 0), or with
 verdict_sweep.md's choice (`candidates`: also candidates=5, stop_index 0), prunes each of the sampled
