@@ -75,6 +75,11 @@ class NCParams(InversionParams):
     """With `repair_epochs`: this share of the defense images, drawn with the seed, carry the reversed
     trigger and keep their true labels (NC's unlearning: 20%); a sweep that follows another signal brings
     that signal's trigger in instead (`verdict`'s latent shift)."""
+    unlearn_all: bool = False
+    """With `repair_epochs`: each stamped image carries the reversed trigger of a class other than its own,
+    drawn uniformly with the seed, instead of the suspected class's; `verdict` stamps them on a latent
+    sweep's repair too, beside the shift. A suspect named wrong, or an all-to-all backdoor, is still
+    unlearnt (benchmarks/results/verdict_repair.md)."""
     repair_lr: float = bounded(0.01, gt=0, le=10)
     """With `repair_epochs`: the initial SGD learning rate (momentum 0.9, cosine to 0, batches of 64)."""
     progress: bool = False
@@ -184,12 +189,19 @@ class NC(Defense):
         if not self.extra["flagged"]:
             return copy.deepcopy(pruned_model)
         stamped, hooks = 0, {}
-        if self.follows_inversion():
+        if self.follows_inversion() or p.unlearn_all:
             stamped = round(p.unlearn * len(x))
-            pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[:stamped].to(x.device)
+            g = torch.Generator().manual_seed(self.seed)
+            pick = torch.randperm(len(x), generator=g)[:stamped].to(x.device)
             x = x.clone()
-            x[pick] = self.inverted.apply(self.suspect, x[pick])
-        elif p.unlearn:
+            if p.unlearn_all:
+                classes = len(self.inverted.norms)
+                k = (y[pick] + torch.randint(1, classes, (stamped,), generator=g).to(y.device)) % classes
+                for c in k.unique().tolist():
+                    x[pick[k == c]] = self.inverted.apply(c, x[pick[k == c]])
+            else:
+                x[pick] = self.inverted.apply(self.suspect, x[pick])
+        if not self.follows_inversion() and p.unlearn:
             hooks = self.unlearning_hooks(layout, pruned)
         self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped, "shifted": bool(hooks)}
         cfg = TrainConfig(epochs=p.repair_epochs, batch_size=64, lr=p.repair_lr, threads=torch.get_num_threads(),

@@ -627,6 +627,42 @@ def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps
     assert all(torch.equal(a, b) for a, b in zip(result.finetuned.parameters(), model.parameters(), strict=True))
 
 
+def test_unlearn_all_stamps_each_image_with_the_reversed_trigger_of_another_class_than_its_own(monkeypatch):
+    import baselines.nc
+
+    model, x, y = two_routes()
+    inv = pixel_trigger(2)
+    inv.masks[..., 2] = 1.0
+    inv.patterns[:, 0, 0, 2] = (torch.arange(5.0) + 1) / 10  # class k's trigger writes (k + 1) / 10
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: inv)
+    trigger_inversion._INVERTED.clear()
+    seen = []
+    real = baselines.nc.finetune_pruned
+
+    def spy(model, layout, pruned, xs, ys, *args):
+        seen.append((xs, ys))
+        return real(model, layout, pruned, xs, ys, *args)
+
+    monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
+    result = NC(stop_asr=0.0, repair_epochs=1, unlearn=0.6, unlearn_all=True, seed=5).run(model, x, y)
+    assert result.details["repair"] == {"epochs": 1, "stamped": 60, "shifted": False}
+    xs, ys = seen[0]
+    stamped = xs[..., 2].flatten() > 0  # the clean images have 0 there
+    assert int(stamped.sum()) == 60 and torch.equal(ys, y) and torch.equal(xs[~stamped], x[~stamped])
+    k = (xs[stamped][..., 2].flatten() * 10).round().long() - 1
+    assert (k != y[stamped]).all() and len(k.unique()) == 5  # never the image's own class, every class drawn
+    assert torch.equal(xs[stamped][..., :2], x[stamped][..., :2])  # only the mask's pixel changes
+
+
+def test_unlearn_all_also_stamps_reversed_triggers_on_a_latent_sweeps_repair():
+    from baselines.verdict import Verdict
+
+    model, x, y = planted()
+    result = Verdict(steps=40, images=64, repair_epochs=1, unlearn=0.5, unlearn_all=True).run(model, x, y)
+    assert result.details["follows"] == "latent_gap"
+    assert result.details["repair"] == {"epochs": 1, "stamped": round(0.5 * len(x)), "shifted": True}
+
+
 def test_candidates_cut_the_unit_that_keeps_accuracy_and_takes_the_trigger_away():
     from onp_env.env.evaluator import Evaluator, without_inplace
     from onp_env.masking import Masks
