@@ -80,6 +80,10 @@ class NCParams(InversionParams):
     drawn uniformly with the seed, instead of the suspected class's; `verdict` stamps them on a latent
     sweep's repair too, beside the shift. A suspect named wrong, or an all-to-all backdoor, is still
     unlearnt (benchmarks/results/verdict_repair.md)."""
+    unlearn_line: float | None = bounded(None, ge=-1000, le=1000)
+    """With `unlearn_all`: only the classes whose reversed trigger scores above this line (the anomaly
+    index, or the rule's score with `verdict`'s flag_rule) are drawn, the inversion's suspect always;
+    an image whose own class is the only one drawn stays clean (None: every class)."""
     repair_lr: float = bounded(0.01, gt=0, le=10)
     """With `repair_epochs`: the initial SGD learning rate (momentum 0.9, cosine to 0, batches of 64)."""
     progress: bool = False
@@ -195,10 +199,10 @@ class NC(Defense):
             pick = torch.randperm(len(x), generator=g)[:stamped].to(x.device)
             x = x.clone()
             if p.unlearn_all:
-                classes = len(self.inverted.norms)
-                k = (y[pick] + torch.randint(1, classes, (stamped,), generator=g).to(y.device)) % classes
+                some, k = self.other_classes(y[pick].cpu(), g)
+                pick, stamped = pick[some.to(pick.device)], int(some.sum())
                 for c in k.unique().tolist():
-                    x[pick[k == c]] = self.inverted.apply(c, x[pick[k == c]])
+                    x[pick[(k == c).to(pick.device)]] = self.inverted.apply(c, x[pick[(k == c).to(pick.device)]])
             else:
                 x[pick] = self.inverted.apply(self.suspect, x[pick])
         if not self.follows_inversion() and p.unlearn:
@@ -208,6 +212,19 @@ class NC(Defense):
                           device=str(self.device))  # fmt: skip
         return finetune_pruned(pruned_model, layout, pruned, x, y, cfg, self.semantics, self.seed,
                                f"{self.name}: repair", p.progress, hooks)  # fmt: skip
+
+    def other_classes(self, labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`unlearn_all`: for images of these labels, which are stamped, and (for those) the class whose
+        reversed trigger each carries, drawn uniformly among the classes `unlearn_line` admits but its own."""
+        score = self.signal.score(self.inverted.norms, self.kind)
+        if self.params.unlearn_line is None:
+            other = (labels + torch.randint(1, len(score), labels.shape, generator=g)) % len(score)
+            return torch.ones(len(labels), dtype=torch.bool), other
+        weights = ((score > self.params.unlearn_line) | (score == score.max())).float().repeat(len(labels), 1)
+        weights[torch.arange(len(labels)), labels] = 0.0
+        some = weights.sum(1) > 0
+        k = torch.multinomial(weights[some], 1, generator=g).flatten() if some.any() else labels[some]
+        return some, k
 
     def unlearning_hooks(self, layout: UnitLayout, pruned: list[int]) -> dict[str, Callable[..., object]]:
         """Forward pre-hooks (module name: hook) that bring the followed trigger into the repair's training

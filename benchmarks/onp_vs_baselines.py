@@ -83,6 +83,20 @@ SETTINGS = {
             "unlearn": 0.5,
         },
     ),
+    # ... its repair stamping the reversed triggers of every class whose index is above 1 (verdict_repair.md)
+    "verdict shipped unlearn line1": (
+        "verdict",
+        {
+            "inversion_first": True,
+            "stop_index": 2.0,
+            "stop_asr": 0.0,
+            "reference_from": "fashion-mnist",
+            "repair_epochs": 5,
+            "unlearn": 0.5,
+            "unlearn_all": True,
+            "unlearn_line": 1.0,
+        },
+    ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -90,8 +104,9 @@ not (the inversion's gap used greedily, stopped by the inverted trigger: its bes
 models (REFERENCED), as the fold's agents do; `verdict shadow stop` also stops with the thresholds
 chosen on the shadow models (benchmarks/verdict_stop.py); `verdict shadow first` with the setting of
 that grid that also follows a flagged inversion naming the latent shift's class; `verdict shipped repair`
-the README's `verdict`, its pruned model then repaired (REPAIRED)."""
-REPAIRED = ("verdict shipped repair",)
+the README's `verdict`, its pruned model then repaired (REPAIRED); `verdict shipped unlearn line1` that repair
+unlearning the reversed trigger of every class whose anomaly index is above 1, not only the suspect's."""
+REPAIRED = ("verdict shipped repair", "verdict shipped unlearn line1")
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")
 """Methods given the fold's class reference (fold_references): each class's median trigger size over the

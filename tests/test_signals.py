@@ -627,13 +627,17 @@ def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps
     assert all(torch.equal(a, b) for a, b in zip(result.finetuned.parameters(), model.parameters(), strict=True))
 
 
-def test_unlearn_all_stamps_each_image_with_the_reversed_trigger_of_another_class_than_its_own(monkeypatch):
+def unlearnt_images(monkeypatch, **params) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NC's repair on two_routes with an inversion whose class k trigger writes (k + 1) / 10 on pixel 2
+    (class 2's the smallest: anomaly indices 0, -0.67, 9.8, 0.67, -0.34): the repair's details, the
+    defense labels, which images were stamped, and the class of the trigger each stamped image carries."""
     import baselines.nc
 
     model, x, y = two_routes()
+    y[:20] = 2  # no clean image reaches the backdoor's class: give it some defense images
     inv = pixel_trigger(2)
     inv.masks[..., 2] = 1.0
-    inv.patterns[:, 0, 0, 2] = (torch.arange(5.0) + 1) / 10  # class k's trigger writes (k + 1) / 10
+    inv.patterns[:, 0, 0, 2] = (torch.arange(5.0) + 1) / 10
     monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: inv)
     trigger_inversion._INVERTED.clear()
     seen = []
@@ -644,14 +648,26 @@ def test_unlearn_all_stamps_each_image_with_the_reversed_trigger_of_another_clas
         return real(model, layout, pruned, xs, ys, *args)
 
     monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
-    result = NC(stop_asr=0.0, repair_epochs=1, unlearn=0.6, unlearn_all=True, seed=5).run(model, x, y)
-    assert result.details["repair"] == {"epochs": 1, "stamped": 60, "shifted": False}
+    result = NC(stop_asr=0.0, repair_epochs=1, unlearn=0.6, unlearn_all=True, seed=5, **params).run(model, x, y)
     xs, ys = seen[0]
     stamped = xs[..., 2].flatten() > 0  # the clean images have 0 there
-    assert int(stamped.sum()) == 60 and torch.equal(ys, y) and torch.equal(xs[~stamped], x[~stamped])
-    k = (xs[stamped][..., 2].flatten() * 10).round().long() - 1
-    assert (k != y[stamped]).all() and len(k.unique()) == 5  # never the image's own class, every class drawn
+    assert torch.equal(ys, y) and torch.equal(xs[~stamped], x[~stamped])
     assert torch.equal(xs[stamped][..., :2], x[stamped][..., :2])  # only the mask's pixel changes
+    return result.details["repair"], y, stamped, (xs[stamped][..., 2].flatten() * 10).round().long() - 1
+
+
+def test_unlearn_all_stamps_each_image_with_the_reversed_trigger_of_another_class_than_its_own(monkeypatch):
+    repair, y, stamped, k = unlearnt_images(monkeypatch)
+    assert repair == {"epochs": 1, "stamped": 60, "shifted": False} and int(stamped.sum()) == 60
+    assert (k != y[stamped]).all() and len(k.unique()) == 5  # never the image's own class, every class drawn
+
+
+def test_unlearn_line_draws_only_the_classes_above_it_and_leaves_the_suspects_own_images_clean(monkeypatch):
+    repair, y, stamped, k = unlearnt_images(monkeypatch, unlearn_line=1.0)
+    assert (k == 2).all() and not (y[stamped] == 2).any()  # the suspect only: its own images stay clean
+    assert repair["stamped"] == int(stamped.sum()) < 60 and (y == 2).sum() > 0
+    repair, y, stamped, k = unlearnt_images(monkeypatch, unlearn_line=0.5)
+    assert set(k.tolist()) == {2, 3} and (k != y[stamped]).all()
 
 
 def test_unlearn_all_also_stamps_reversed_triggers_on_a_latent_sweeps_repair():
