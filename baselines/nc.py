@@ -32,7 +32,10 @@ mitigation, unlearning, which fine-tunes the unpruned model for one epoch on 10%
 20% of it stamped. Here the data is the defense set only, so the epochs are more, and the model has
 already been pruned. The report then holds both models; an unflagged model is returned as it is.
 On the shadow models, `verdict`'s repair is best with 5 epochs and half the images stamped
-(benchmarks/results/verdict_repair.md); the defaults stay NC's share and no repair."""
+(benchmarks/results/verdict_repair.md); the defaults stay NC's share and no repair. With `unlearn_all`
+[ours] each stamped image carries the reversed trigger of another class than its own (of those whose
+anomaly index is above `unlearn_line`, the suspect always), not only the suspect's: an all-to-all
+backdoor has no one target, and a sweep may follow a wrong class."""
 
 from __future__ import annotations
 
