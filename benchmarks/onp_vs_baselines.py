@@ -58,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random", "nc", "verdict")
+_SHIPPED_FIRST = {"inversion_first": True, "stop_index": 2.0, "stop_asr": 0.0, "reference_from": "fashion-mnist"}
 SETTINGS = {
     "nc ungated": ("nc", {"flag_index": 0.0}),
     "verdict shadow reference": ("verdict", {}),
@@ -67,35 +68,13 @@ SETTINGS = {
     "verdict shadow first": ("verdict", {"inversion_first": True, "stop_index": 2.0, "stop_asr": 0.0}),
     # ... with the reference that ships (all 30 shadow models, the held-out attack's included: what a user
     # gets, not leave-one-attack-out)
-    "verdict shipped first": (
-        "verdict",
-        {"inversion_first": True, "stop_index": 2.0, "stop_asr": 0.0, "reference_from": "fashion-mnist"},
-    ),
+    "verdict shipped first": ("verdict", _SHIPPED_FIRST),
     # ... then its pruned model repaired with the setting chosen on the shadow models (verdict_repair.md)
-    "verdict shipped repair": (
-        "verdict",
-        {
-            "inversion_first": True,
-            "stop_index": 2.0,
-            "stop_asr": 0.0,
-            "reference_from": "fashion-mnist",
-            "repair_epochs": 5,
-            "unlearn": 0.5,
-        },
-    ),
+    "verdict shipped repair": ("verdict", {**_SHIPPED_FIRST, "repair_epochs": 5, "unlearn": 0.5}),
     # ... its repair stamping the reversed triggers of every class whose index is above 1 (verdict_repair.md)
     "verdict shipped unlearn line1": (
         "verdict",
-        {
-            "inversion_first": True,
-            "stop_index": 2.0,
-            "stop_asr": 0.0,
-            "reference_from": "fashion-mnist",
-            "repair_epochs": 5,
-            "unlearn": 0.5,
-            "unlearn_all": True,
-            "unlearn_line": 1.0,
-        },
+        {**_SHIPPED_FIRST, "repair_epochs": 5, "unlearn": 0.5, "unlearn_all": True, "unlearn_line": 1.0},
     ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or

@@ -591,15 +591,10 @@ def test_reinvert_follows_a_second_route_to_the_target_once_the_first_trigger_is
     assert (model(triggered).argmax(1) == 2).all() and not (result.model(triggered).argmax(1) == 2).any()
 
 
-def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps_the_pruned_units_cut(monkeypatch):
+def repair_data(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (images, labels) each repair of baselines.nc trains on, appended as it starts."""
     import baselines.nc
 
-    model, x, y = two_routes()
-    layout, _ = find_units(model, x[:2])
-    fc = layout.by_name["fc"].offset
-    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(2))
-    trigger_inversion._INVERTED.clear()
-    assert NC(stop_asr=0.0).run(model, x, y).finetuned is None  # no repair unless asked
     seen = []
     real = baselines.nc.finetune_pruned
 
@@ -608,6 +603,18 @@ def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps
         return real(model, layout, pruned, xs, ys, *args)
 
     monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
+    return seen
+
+
+def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps_the_pruned_units_cut(monkeypatch):
+
+    model, x, y = two_routes()
+    layout, _ = find_units(model, x[:2])
+    fc = layout.by_name["fc"].offset
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(2))
+    trigger_inversion._INVERTED.clear()
+    assert NC(stop_asr=0.0).run(model, x, y).finetuned is None  # no repair unless asked
+    seen = repair_data(monkeypatch)
     result = NC(stop_asr=0.0, repair_epochs=3, unlearn=0.3, seed=5).run(model, x, y)
     assert result.pruned == [fc + 2] and result.details["repair"] == {"epochs": 3, "stamped": 30, "shifted": False}
     xs, ys = seen[0]
@@ -631,7 +638,6 @@ def unlearnt_images(monkeypatch, **params) -> tuple[dict, torch.Tensor, torch.Te
     """NC's repair on two_routes with an inversion whose class k trigger writes (k + 1) / 10 on pixel 2
     (class 2's the smallest: anomaly indices 0, -0.67, 9.8, 0.67, -0.34): the repair's details, the
     defense labels, which images were stamped, and the class of the trigger each stamped image carries."""
-    import baselines.nc
 
     model, x, y = two_routes()
     y[:20] = 2  # no clean image reaches the backdoor's class: give it some defense images
@@ -640,14 +646,7 @@ def unlearnt_images(monkeypatch, **params) -> tuple[dict, torch.Tensor, torch.Te
     inv.patterns[:, 0, 0, 2] = (torch.arange(5.0) + 1) / 10
     monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: inv)
     trigger_inversion._INVERTED.clear()
-    seen = []
-    real = baselines.nc.finetune_pruned
-
-    def spy(model, layout, pruned, xs, ys, *args):
-        seen.append((xs, ys))
-        return real(model, layout, pruned, xs, ys, *args)
-
-    monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
+    seen = repair_data(monkeypatch)
     result = NC(stop_asr=0.0, repair_epochs=1, unlearn=0.6, unlearn_all=True, seed=5, **params).run(model, x, y)
     xs, ys = seen[0]
     stamped = xs[..., 2].flatten() > 0  # the clean images have 0 there
