@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from baselines.common import Defense, finetune_pruned, top_units
 from onp_env.config import TrainConfig, bounded
 from onp_env.env.evaluator import Evaluator, without_inplace
+from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
 from onp_env.signals.trigger_inversion import InversionParams, TriggerInversion, invert, trigger_gap
@@ -99,6 +100,9 @@ class NC(Defense):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.params.unlearn_line is not None and not self.params.unlearn_all:
+            raise OnpError(f"{self.name} parameters: unlearn_line only chooses among the classes of unlearn_all: "
+                           "set unlearn_all=true, or drop unlearn_line")  # fmt: skip
         inversion = {k: v for k, v in vars(self.params).items() if k in InversionParams.__dataclass_fields__}
         # built here so that a reference it cannot use is refused before any work
         self.signal = TriggerInversion(seed=self.seed, device=str(self.device), **inversion)
@@ -205,7 +209,8 @@ class NC(Defense):
                 some, k = self.other_classes(y[pick].cpu(), g)
                 pick, stamped = pick[some.to(pick.device)], int(some.sum())
                 for c in k.unique().tolist():
-                    x[pick[(k == c).to(pick.device)]] = self.inverted.apply(c, x[pick[(k == c).to(pick.device)]])
+                    sel = pick[(k == c).to(pick.device)]
+                    x[sel] = self.inverted.apply(c, x[sel])
             else:
                 x[pick] = self.inverted.apply(self.suspect, x[pick])
         if not self.follows_inversion() and p.unlearn:

@@ -54,6 +54,7 @@ SWEEPS = {
     "first drop20": {"inversion_first": True, "stop_asr": 0.0, "max_acc_drop": 0.2},
     "first all": {"inversion_first": True, "stop_asr": 0.0, "unlearn_all": True},
     "first all line1": {"inversion_first": True, "stop_asr": 0.0, "unlearn_all": True, "unlearn_line": 1.0},
+    "first all line2": {"inversion_first": True, "stop_asr": 0.0, "unlearn_all": True, "unlearn_line": 2.0},
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
 fold's reference); `drop10`/`drop20` let the sweep cost up to 10/20 points of defense-set accuracy (5
@@ -61,7 +62,7 @@ otherwise), since the repair gives accuracy back: a sweep that ends on the accur
 reversed trigger working (every held-out SIG sweep in onp_sampled_repair.md ended there); `first all` prunes
 as `first` and its repair stamps each image with the reversed trigger of another class than its own
 (`unlearn_all`), not only the suspected class's: a wrong suspect (SIG at 1%) or an all-to-all backdoor;
-`first all line1` only those of the classes whose anomaly index is above 1 (`unlearn_line`)."""
+`first all line1`/`line2` only those of the classes whose anomaly index is above 1/2 (`unlearn_line`)."""
 GRID = ((0, 0.0), *((e, u) for e in (5, 10) for u in (0.0, 0.2, 0.5)))
 """(repair_epochs, unlearn): 0 epochs is the pruned model; unlearn 0.2 is NC's share."""
 TARGET = (0.05, 0.02)
@@ -135,7 +136,7 @@ def report(rows: list[dict]) -> str:
         "`first`) from `verdict_repair.jsonl`: `verdict` (sweep `first`: inversion_first, stop_asr 0; `candidates`: "
         "also candidates=5, stop_index 0; `first drop10`/`drop20`: `first` with max_acc_drop 0.1/0.2, 0.05 "
         "otherwise; `first all`: `first` with unlearn_all, every other class's reversed trigger stamped; `first all "
-        "line1`: only those of the classes whose index is above 1, and the suspect's) "
+        "line1`/`line2`: only those of the classes whose index is above 1/2, and the suspect's) "
         f"on {len({r['model'] for r in rows})} shadow models of "
         f"`configs/agent/fashion-mnist-sampled.yaml`, {fractions} of the training split as defense data, each judged "
         "against the class reference of the protocol fold that left its attack out; then its pruned model fine-tuned "

@@ -669,6 +669,15 @@ def test_unlearn_line_draws_only_the_classes_above_it_and_leaves_the_suspects_ow
     assert set(k.tolist()) == {2, 3} and (k != y[stamped]).all()
 
 
+def test_unlearn_line_without_unlearn_all_is_refused_before_any_work():
+    from baselines.verdict import Verdict
+
+    for cls in (NC, Verdict):
+        with pytest.raises(OnpError, match=f"^{cls.name} parameters: unlearn_line .* set unlearn_all=true"):
+            cls(repair_epochs=5, unlearn_line=1.0)
+    assert NC(repair_epochs=5, unlearn_all=True, unlearn_line=1.0).params.unlearn_line == 1.0
+
+
 def test_unlearn_all_also_stamps_reversed_triggers_on_a_latent_sweeps_repair():
     from baselines.verdict import Verdict
 
