@@ -13,7 +13,9 @@ models) or the settings below (verdict_stop.md, on shadow models). Per model, 1%
   setting verdict_sweep.md chose on the shadow models;
 - `verdict shipped repair`: `verdict shipped first`, then its pruned model repaired (repair_epochs 5,
   unlearn 0.5: verdict_repair.md's choice on the shadow models); its cells measure the repaired
-  model, the pruned one's measures kept beside them (`pruned_model`).
+  model, the pruned one's measures kept beside them (`pruned_model`);
+- `verdict shipped unlearn line1`: that repair unlearning the reversed trigger of every class whose
+  anomaly index is above 1 (unlearn_all, unlearn_line 1: verdict_repair.md).
 The attack is read only to score. One JSON line per model in benchmarks/results/verdict_rule.jsonl
 (resumable); writes verdict_rule.md."""
 
@@ -36,6 +38,8 @@ VARIANTS = {
                                    "stop_asr": 0.0, "stop_index": 0.0},
     "verdict shipped repair": {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0,
                                "repair_epochs": 5, "unlearn": 0.5},
+    "verdict shipped unlearn line1": {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0,
+                                      "repair_epochs": 5, "unlearn": 0.5, "unlearn_all": True, "unlearn_line": 1.0},
 }  # fmt: skip
 
 
