@@ -47,14 +47,15 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist-sampled.yaml"
 RUNS = HERE / "runs" / "onp-sampled"
 RESULTS = HERE / "results" / "verdict_repair.md"
+_FIRST = {"inversion_first": True, "stop_asr": 0.0}
 SWEEPS = {
-    "first": {"inversion_first": True, "stop_asr": 0.0},
-    "candidates": {"inversion_first": True, "stop_asr": 0.0, "candidates": 5, "stop_index": 0.0},
-    "first drop10": {"inversion_first": True, "stop_asr": 0.0, "max_acc_drop": 0.1},
-    "first drop20": {"inversion_first": True, "stop_asr": 0.0, "max_acc_drop": 0.2},
-    "first all": {"inversion_first": True, "stop_asr": 0.0, "unlearn_all": True},
-    "first all line1": {"inversion_first": True, "stop_asr": 0.0, "unlearn_all": True, "unlearn_line": 1.0},
-    "first all line2": {"inversion_first": True, "stop_asr": 0.0, "unlearn_all": True, "unlearn_line": 2.0},
+    "first": _FIRST,
+    "candidates": {**_FIRST, "candidates": 5, "stop_index": 0.0},
+    "first drop10": {**_FIRST, "max_acc_drop": 0.1},
+    "first drop20": {**_FIRST, "max_acc_drop": 0.2},
+    "first all": {**_FIRST, "unlearn_all": True},
+    "first all line1": {**_FIRST, "unlearn_all": True, "unlearn_line": 1.0},
+    "first all line2": {**_FIRST, "unlearn_all": True, "unlearn_line": 2.0},
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
 fold's reference); `drop10`/`drop20` let the sweep cost up to 10/20 points of defense-set accuracy (5

@@ -30,17 +30,16 @@ from signal_models import HERE, per_model_main
 
 RESULTS = HERE / "results" / "verdict_rule.jsonl"
 FRACTIONS = (0.01, 0.05)
+_FIRST = {"inversion_first": True, "stop_asr": 0.0}
+_SHIPPED = {"reference_from": "fashion-mnist", **_FIRST}
+_REPAIR = {"repair_epochs": 5, "unlearn": 0.5}
 VARIANTS = {
-    "verdict shipped first": {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0},
-    "verdict clean rule first": {"reference_from": "fashion-mnist-clean", "flag_rule": True, "inversion_first": True,
-                                 "stop_asr": 0.0},
-    "verdict shipped candidates": {"reference_from": "fashion-mnist", "inversion_first": True, "candidates": 5,
-                                   "stop_asr": 0.0, "stop_index": 0.0},
-    "verdict shipped repair": {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0,
-                               "repair_epochs": 5, "unlearn": 0.5},
-    "verdict shipped unlearn line1": {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0,
-                                      "repair_epochs": 5, "unlearn": 0.5, "unlearn_all": True, "unlearn_line": 1.0},
-}  # fmt: skip
+    "verdict shipped first": _SHIPPED,
+    "verdict clean rule first": {"reference_from": "fashion-mnist-clean", "flag_rule": True, **_FIRST},
+    "verdict shipped candidates": {**_SHIPPED, "candidates": 5, "stop_index": 0.0},
+    "verdict shipped repair": {**_SHIPPED, **_REPAIR},
+    "verdict shipped unlearn line1": {**_SHIPPED, **_REPAIR, "unlearn_all": True, "unlearn_line": 1.0},
+}
 
 
 def measure(name: str, attack: str, path: str, variants: list[str] | None = None) -> dict[str, Any]:

@@ -607,7 +607,6 @@ def repair_data(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps_the_pruned_units_cut(monkeypatch):
-
     model, x, y = two_routes()
     layout, _ = find_units(model, x[:2])
     fc = layout.by_name["fc"].offset
@@ -638,7 +637,6 @@ def unlearnt_images(monkeypatch, **params) -> tuple[dict, torch.Tensor, torch.Te
     """NC's repair on two_routes with an inversion whose class k trigger writes (k + 1) / 10 on pixel 2
     (class 2's the smallest: anomaly indices 0, -0.67, 9.8, 0.67, -0.34): the repair's details, the
     defense labels, which images were stamped, and the class of the trigger each stamped image carries."""
-
     model, x, y = two_routes()
     y[:20] = 2  # no clean image reaches the backdoor's class: give it some defense images
     inv = pixel_trigger(2)
