@@ -35,7 +35,10 @@ On the shadow models, `verdict`'s repair is best with 5 epochs and half the imag
 (benchmarks/results/verdict_repair.md); the defaults stay NC's share and no repair. With `unlearn_all`
 [ours] each stamped image carries the reversed trigger of another class than its own (of those whose
 anomaly index is above `unlearn_line`, the suspect always), not only the suspect's: an all-to-all
-backdoor has no one target, and a sweep may follow a wrong class."""
+backdoor has no one target, and a sweep may follow a wrong class. With `repair_distill` [ours, after
+Hinton et al.'s distillation, arXiv 1503.02531, at temperature 1] each image's target mixes its label
+with the unpruned model's softmax on the image unstamped: a few hundred defense images' labels alone
+teach less than the model knew."""
 
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from baselines.common import Defense, finetune_pruned, top_units
@@ -53,6 +57,7 @@ from onp_env.env.evaluator import Evaluator, without_inplace
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
+from onp_env.metrics import logits
 from onp_env.signals.trigger_inversion import InversionParams, TriggerInversion, invert, trigger_gap
 
 
@@ -88,6 +93,10 @@ class NCParams(InversionParams):
     """With `unlearn_all`: only the classes whose reversed trigger scores above this line (the anomaly
     index, or the rule's score with `verdict`'s flag_rule) are drawn, the inversion's suspect always;
     an image whose own class is the only one drawn stays clean (None: every class)."""
+    repair_distill: float = bounded(0.0, ge=0, le=1)
+    """With `repair_epochs`: each image's training target is this share of the unpruned model's softmax
+    on the image unstamped, the rest its true label (0: the label alone). On a stamped image that is
+    what the model said without the trigger; on a clean one it keeps what the model knew beyond the label."""
     repair_lr: float = bounded(0.01, gt=0, le=10)
     """With `repair_epochs`: the initial SGD learning rate (momentum 0.9, cosine to 0, batches of 64)."""
     progress: bool = False
@@ -199,14 +208,17 @@ class NC(Defense):
             return None
         if not self.extra["flagged"]:
             return copy.deepcopy(pruned_model)
-        stamped, hooks = 0, {}
+        stamped, hooks, labels = 0, {}, y
+        if p.repair_distill:  # before any stamp: the targets are the unstamped images' outputs
+            soft = torch.softmax(logits(original, x), 1).to(y.device)
+            y = (1 - p.repair_distill) * F.one_hot(y, soft.shape[1]).to(soft.dtype) + p.repair_distill * soft
         if self.follows_inversion() or p.unlearn_all:
             stamped = round(p.unlearn * len(x))
             g = torch.Generator().manual_seed(self.seed)
             pick = torch.randperm(len(x), generator=g)[:stamped].to(x.device)
             x = x.clone()
             if p.unlearn_all:
-                some, k = self.other_classes(y[pick].cpu(), g)
+                some, k = self.other_classes(labels[pick].cpu(), g)
                 pick, stamped = pick[some.to(pick.device)], int(some.sum())
                 for c in k.unique().tolist():
                     sel = pick[(k == c).to(pick.device)]

@@ -59,6 +59,7 @@ CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist.yaml"
 ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random", "nc", "verdict")
 _SHIPPED_FIRST = {"inversion_first": True, "stop_index": 2.0, "stop_asr": 0.0, "reference_from": "fashion-mnist"}
+_SHIPPED_LINE1 = {**_SHIPPED_FIRST, "repair_epochs": 5, "unlearn": 0.5, "unlearn_all": True, "unlearn_line": 1.0}
 SETTINGS = {
     "nc ungated": ("nc", {"flag_index": 0.0}),
     "verdict shadow reference": ("verdict", {}),
@@ -72,10 +73,9 @@ SETTINGS = {
     # ... then its pruned model repaired with the setting chosen on the shadow models (verdict_repair.md)
     "verdict shipped repair": ("verdict", {**_SHIPPED_FIRST, "repair_epochs": 5, "unlearn": 0.5}),
     # ... its repair stamping the reversed triggers of every class whose index is above 1 (verdict_repair.md)
-    "verdict shipped unlearn line1": (
-        "verdict",
-        {**_SHIPPED_FIRST, "repair_epochs": 5, "unlearn": 0.5, "unlearn_all": True, "unlearn_line": 1.0},
-    ),
+    "verdict shipped unlearn line1": ("verdict", _SHIPPED_LINE1),
+    # ... its repair's targets half the unpruned model's output on each image unstamped (verdict_repair.md)
+    "verdict shipped unlearn line1 distill": ("verdict", {**_SHIPPED_LINE1, "repair_distill": 0.5}),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -84,8 +84,9 @@ models (REFERENCED), as the fold's agents do; `verdict shadow stop` also stops w
 chosen on the shadow models (benchmarks/verdict_stop.py); `verdict shadow first` with the setting of
 that grid that also follows a flagged inversion naming the latent shift's class; `verdict shipped repair`
 the README's `verdict`, its pruned model then repaired (REPAIRED); `verdict shipped unlearn line1` that repair
-unlearning the reversed trigger of every class whose anomaly index is above 1, not only the suspect's."""
-REPAIRED = ("verdict shipped repair", "verdict shipped unlearn line1")
+unlearning the reversed trigger of every class whose anomaly index is above 1, not only the suspect's;
+`... distill` that repair trained toward half the unpruned model's output on each image unstamped."""
+REPAIRED = ("verdict shipped repair", "verdict shipped unlearn line1", "verdict shipped unlearn line1 distill")
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")
 """Methods given the fold's class reference (fold_references): each class's median trigger size over the

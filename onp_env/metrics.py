@@ -47,18 +47,21 @@ def der(before: Mapping[str, float], after: Mapping[str, float]) -> float:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Predicted labels, on the CPU, of a model on any device for images `x` (kept where they are:
+def logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Outputs, on the CPU, of a model on any device in eval mode for images `x` (kept where they are:
     only one batch at a time moves to the model)."""
     device = device_of(model)
     was_training = model.training
     model.eval()
     try:
-        return torch.cat(
-            [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-        )
+        return torch.cat([model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Predicted labels, on the CPU (see `logits`)."""
+    return logits(model, x, batch_size).argmax(1)
 
 
 def evaluate(

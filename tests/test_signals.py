@@ -633,6 +633,23 @@ def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps
     assert all(torch.equal(a, b) for a, b in zip(result.finetuned.parameters(), model.parameters(), strict=True))
 
 
+def test_repair_distill_mixes_each_label_with_the_unpruned_models_output_on_the_unstamped_image(monkeypatch):
+    model, x, y = two_routes()
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(2))
+    trigger_inversion._INVERTED.clear()
+    with torch.no_grad():
+        soft = torch.softmax(model.eval()(x), 1)
+    seen = repair_data(monkeypatch)
+    for unlearn_all in (False, True):
+        for distill in (0.0, 0.25):
+            NC(stop_asr=0.0, repair_epochs=1, unlearn=0.3, unlearn_all=unlearn_all, repair_distill=distill,
+               seed=5).run(model, x, y)  # fmt: skip
+        (plain, labels), (xs, targets) = seen[-2:]
+        assert torch.equal(labels, y) and not torch.equal(plain, x) and torch.equal(xs, plain)  # same stamps
+        mixed = 0.75 * torch.nn.functional.one_hot(y, soft.shape[1]).float() + 0.25 * soft
+        assert torch.allclose(targets, mixed, atol=1e-6)  # stamped or not, the unstamped image's output
+
+
 def unlearnt_images(monkeypatch, **params) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """NC's repair on two_routes with an inversion whose class k trigger writes (k + 1) / 10 on pixel 2
     (class 2's the smallest: anomaly indices 0, -0.67, 9.8, 0.67, -0.34): the repair's details, the
