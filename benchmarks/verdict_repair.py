@@ -214,7 +214,7 @@ def main() -> None:
         help="the repair settings to run (default: all of GRID; 0:0 is the pruned model)",
     )
     p.add_argument("--results", type=Path, default=RESULTS,
-                   help="the report (its .jsonl beside it): another for models built elsewhere, which differ")  # fmt: skip
+                   help="the report (its .jsonl beside it): another one for models built elsewhere")  # fmt: skip
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     jsonl = args.results.with_suffix(".jsonl")
