@@ -208,17 +208,17 @@ class NC(Defense):
             return None
         if not self.extra["flagged"]:
             return copy.deepcopy(pruned_model)
-        stamped, hooks, labels = 0, {}, y
+        stamped, hooks, target = 0, {}, y
         if p.repair_distill:  # before any stamp: the targets are the unstamped images' outputs
             soft = torch.softmax(logits(original, x), 1).to(y.device)
-            y = (1 - p.repair_distill) * F.one_hot(y, soft.shape[1]).to(soft.dtype) + p.repair_distill * soft
+            target = (1 - p.repair_distill) * F.one_hot(y, soft.shape[1]).to(soft.dtype) + p.repair_distill * soft
         if self.follows_inversion() or p.unlearn_all:
             stamped = round(p.unlearn * len(x))
             g = torch.Generator().manual_seed(self.seed)
             pick = torch.randperm(len(x), generator=g)[:stamped].to(x.device)
             x = x.clone()
             if p.unlearn_all:
-                some, k = self.other_classes(labels[pick].cpu(), g)
+                some, k = self.other_classes(y[pick].cpu(), g)
                 pick, stamped = pick[some.to(pick.device)], int(some.sum())
                 for c in k.unique().tolist():
                     sel = pick[(k == c).to(pick.device)]
@@ -230,7 +230,7 @@ class NC(Defense):
         self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped, "shifted": bool(hooks)}
         cfg = TrainConfig(epochs=p.repair_epochs, batch_size=64, lr=p.repair_lr, threads=torch.get_num_threads(),
                           device=str(self.device))  # fmt: skip
-        return finetune_pruned(pruned_model, layout, pruned, x, y, cfg, self.semantics, self.seed,
+        return finetune_pruned(pruned_model, layout, pruned, x, target, cfg, self.semantics, self.seed,
                                f"{self.name}: repair", p.progress, hooks)  # fmt: skip
 
     def other_classes(self, labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
