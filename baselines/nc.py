@@ -134,7 +134,11 @@ class NC(Defense):
 
     def late_gap(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(units,) the reversed trigger's gap on the last unit layer, -inf elsewhere."""
-        gap = trigger_gap(model, layout, x, y, self.inverted, self.suspect)
+        return self.late(trigger_gap(model, layout, x, y, self.inverted, self.suspect), layout)
+
+    @staticmethod
+    def late(gap: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
+        """`gap` on the last unit layer, -inf elsewhere: the units NC prunes."""
         lay = layout.layers[-1]
         out = torch.full((layout.num_units,), float("-inf"))
         out[lay.offset : lay.offset + lay.size] = gap[lay.offset : lay.offset + lay.size].cpu()
@@ -213,18 +217,7 @@ class NC(Defense):
             soft = torch.softmax(logits(original, x), 1).to(y.device)
             target = (1 - p.repair_distill) * F.one_hot(y, soft.shape[1]).to(soft.dtype) + p.repair_distill * soft
         if self.follows_inversion() or p.unlearn_all:
-            stamped = round(p.unlearn * len(x))
-            g = torch.Generator().manual_seed(self.seed)
-            pick = torch.randperm(len(x), generator=g)[:stamped].to(x.device)
-            x = x.clone()
-            if p.unlearn_all:
-                some, k = self.other_classes(y[pick].cpu(), g)
-                pick, stamped = pick[some.to(pick.device)], int(some.sum())
-                for c in k.unique().tolist():
-                    sel = pick[(k == c).to(pick.device)]
-                    x[sel] = self.inverted.apply(c, x[sel])
-            else:
-                x[pick] = self.inverted.apply(self.suspect, x[pick])
+            x, stamped = self.stamped(x, y)
         if not self.follows_inversion() and p.unlearn:
             hooks = self.unlearning_hooks(layout, pruned)
         self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped, "shifted": bool(hooks)}
@@ -232,6 +225,24 @@ class NC(Defense):
                           device=str(self.device))  # fmt: skip
         return finetune_pruned(pruned_model, layout, pruned, x, target, cfg, self.semantics, self.seed,
                                f"{self.name}: repair", p.progress, hooks)  # fmt: skip
+
+    def stamped(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The repair's images, `unlearn` of them (drawn with the seed) carrying the reversed trigger
+        (`unlearn_all`: of another class than their own), and how many carry one."""
+        p = self.params
+        stamped = round(p.unlearn * len(x))
+        g = torch.Generator().manual_seed(self.seed)
+        pick = torch.randperm(len(x), generator=g)[:stamped].to(x.device)
+        x = x.clone()
+        if p.unlearn_all:
+            some, k = self.other_classes(y[pick].cpu(), g)
+            pick, stamped = pick[some.to(pick.device)], int(some.sum())
+            for c in k.unique().tolist():
+                sel = pick[(k == c).to(pick.device)]
+                x[sel] = self.inverted.apply(c, x[sel])
+        else:
+            x[pick] = self.inverted.apply(self.suspect, x[pick])
+        return x, stamped
 
     def other_classes(self, labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """`unlearn_all`: for images of these labels, which are stamped, and (for those) the class whose

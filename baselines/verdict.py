@@ -49,6 +49,14 @@ the medians of the protocol's 30 shadow small CNNs on Fashion-MNIST, all five at
 of such a model needs no shadow models of their own. A model of another architecture, input shape or
 class count is refused.
 
+With `untargeted` [ours], a model neither verdict flags gets a third look: one trigger that sends the
+images to any class but their own, inverted as a mask and as a whole-image blend
+(onp_env.signals.trigger_inversion.invert_untargeted) and judged across the shipped reference's
+models (NC's anomaly index of its log size against theirs). An all-to-all backdoor has no one
+target, so neither per-class verdict sees it; on benchmarks/results/untargeted_inversion.md's models
+the untargeted index flags 4-5 of 6 all-to-all models (not the warp) and none of 9 clean ones. A
+flagged one is followed as NC follows a reversed trigger, with no target class.
+
 This combination is this project's [ours]: neither paper combines the two, and the latent-shift
 paper removes the backdoor by fine-tuning with the shift, not by pruning. With `reference` and
 `latent_reference` (each class's typical trigger size on the defender's own models of the same data:
@@ -58,6 +66,7 @@ indices (env.features inversion and latent_gap): this defense is the fixed rule 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +75,7 @@ from torch import fx, nn
 
 from baselines.nc import NC, NCParams
 from onp_env.config import bounded
+from onp_env.env.evaluator import Evaluator
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.signals.latent_shift import (
@@ -76,7 +86,8 @@ from onp_env.signals.latent_shift import (
     min_shifts,
     unit_values,
 )
-from onp_env.signals.shipped import DetectRule
+from onp_env.signals.shipped import UNTARGETED_FORMS, DetectRule
+from onp_env.signals.trigger_inversion import UNTARGETED_VERSION, Inverted, invert_untargeted, untargeted_gap
 
 
 @dataclass
@@ -99,6 +110,14 @@ class VerdictParams(NCParams):
     """Follow the inversion whenever it is flagged and names the latent shift's class, whatever the two
     indices: where both reach one class the trigger is reachable in input space, and the latent
     shift's re-solved index can fall below the line after one cut while the trigger still works."""
+    untargeted: bool = False
+    """Where neither per-class verdict is flagged, invert one trigger that sends the images to any class
+    but their own (as a mask and as a whole-image blend: trigger_inversion.invert_untargeted) and judge
+    its size across the shipped reference's models (their median and spread of log sizes; NC's anomaly
+    index, flagged above `flag_index`); a flagged one is followed as a reversed trigger with no target:
+    its gap orders the cuts, the sweep stops once it moves at most `stop_asr` of the images the model
+    gets right, and the repair stamps it. An all-to-all backdoor has no one target for the per-class
+    verdicts to find. Needs `reference_from` with untargeted sizes (fashion-mnist)."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
@@ -126,6 +145,13 @@ class Verdict(NC):
         if self.rule:
             self.kind, self.flag_line = self.rule.score, self.rule.threshold
         self.stop_line = self.rule.threshold if self.rule else self.params.stop_index
+        self.untargeted: Inverted | None = None
+        if self.params.untargeted:
+            shipped = self.signal.shipped
+            if shipped is None or shipped.untargeted is None:
+                raise OnpError("verdict parameters: untargeted judges its trigger against a shipped reference's "
+                               "untargeted sizes: set reference_from=fashion-mnist")  # fmt: skip
+            shipped.untargeted.check(shipped.name, UNTARGETED_VERSION, dataclasses.asdict(self.signal.params))
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         by_inversion = super().scores(model, layout, x, y)
@@ -143,6 +169,10 @@ class Verdict(NC):
         if self.params.inversion_first and k == inversion["suspect"] and self.extra["flagged"]:
             follows = "inversion"
         self.extra.update(follows=follows, inversion=inversion, latent_gap=latent)
+        if self.params.untargeted and max(latent["score"], mine) <= self.flag_line:
+            found = self.untargeted_verdict(model, layout, x, y)
+            if found is not None:
+                return found
         if follows == "inversion":
             return by_inversion
         self.suspect, self.shift = k, shifts[k]
@@ -152,8 +182,49 @@ class Verdict(NC):
         values = unit_values(shifts[k], layout)
         return torch.where(values.isnan(), float("-inf"), values)
 
+    def untargeted_verdict(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor,
+                           y: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+        """The untargeted trigger's form with the larger index across the reference's models, recorded;
+        where flagged, it becomes the followed trigger and its gap on the last unit layer is returned."""
+        shipped = self.signal.shipped
+        assert shipped is not None and shipped.untargeted is not None
+        found = {}
+        for form in UNTARGETED_FORMS:
+            inv = invert_untargeted(model, x, y, self.signal.params, self.seed, self.device, blend=form == "blend")
+            found[form] = (shipped.untargeted.index(form, float(inv.norms[0])), inv)
+        form = max(found, key=lambda f: found[f][0])
+        index, inv = found[form]
+        self.extra["untargeted"] = {f: {"size": float(v[1].norms[0]), "anomaly_index": v[0]} for f, v in found.items()}
+        if index <= self.params.flag_index:
+            return None
+        self.untargeted = inv
+        lay = layout.layers[-1]
+        self.layers = [lay.name]
+        self.extra.update(follows="untargeted", form=form, suspect=None, anomaly_index=index, flagged=True,
+                          layer=lay.name)  # fmt: skip
+        return self.late(untargeted_gap(model, layout, x, y, inv), layout)
+
     def follows_inversion(self) -> bool:
-        return self.extra["follows"] == "inversion"
+        """Whether the sweep follows a reversed trigger: the inversion's, or the untargeted one."""
+        return self.extra["follows"] in ("inversion", "untargeted")
+
+    def stamped(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if self.untargeted is None:
+            return super().stamped(x, y)
+        stamped = round(self.params.unlearn * len(x))
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[:stamped].to(x.device)
+        x = x.clone()
+        x[pick] = self.untargeted.apply(0, x[pick])
+        return x, stamped
+
+    def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
+        """None for an untargeted sweep: its candidates are chosen by accuracy alone (there is no class to
+        take probability off)."""
+        return None if self.untargeted is not None else super().triggered(gm, x, y)
+
+    def reinverted(self, work: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
+                   cut: list[int]) -> list[int] | None:  # fmt: skip
+        return None if self.untargeted is not None else super().reinverted(work, layout, x, y, cut)
 
     def unlearning_hooks(self, layout: UnitLayout, pruned: list[int]) -> dict[str, Callable[..., object]]:
         """A latent sweep's repair: the suspected class's shift, less the pruned units' part, is added to the
@@ -175,6 +246,19 @@ class Verdict(NC):
 
     def backdoor_gone(self, gm: fx.GraphModule, work: nn.Module, layout: UnitLayout, x: torch.Tensor,
                       y: torch.Tensor) -> Callable[[list[int]], bool]:  # fmt: skip
+        if self.untargeted is not None:
+            with torch.no_grad():
+                trig = Evaluator(gm, self.untargeted.apply(0, x), self.layers)
+                clean = Evaluator(gm, x, self.layers)
+
+            def moved(_cut: list[int]) -> bool:  # of the images the pruned model gets right, the share moved
+                right = clean.logits(self.layers).argmax(1) == y
+                away = trig.logits(self.layers).argmax(1) != y
+                rate = float((right & away).float().sum() / right.float().sum().clamp(min=1))
+                self.extra.setdefault("untargeted_after", []).append(round(rate, 3))
+                return rate <= self.params.stop_asr
+
+            return moved
         if self.follows_inversion():
             return super().backdoor_gone(gm, work, layout, x, y)
         pick = self.latent.pick(len(x))  # the images the shifts were solved on

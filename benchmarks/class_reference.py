@@ -1,7 +1,8 @@
 """Write the class reference that ships with onp-env (onp_env/signals/references/fashion-mnist.json): each
 class's median trigger size, under the inversion and the latent shift, over the protocol's shadow
 models (configs/agent/fashion-mnist-sampled.yaml's zoo: 30 small CNNs, all five attacks), a model's
-own target class left out of that class's median (onp_env.signals.base.class_reference).
+own target class left out of that class's median (onp_env.signals.base.class_reference); and the
+untargeted inversion's size in each form over the same models (`verdict`'s `untargeted`).
 
 `verdict`, `nc`, the env's verdict signals and `onp detect --reference-from` read it with
 reference_from=fashion-mnist (onp_env.signals.shipped): a user of a Fashion-MNIST small CNN then needs
@@ -9,7 +10,11 @@ no shadow models of their own. The per-model sizes are those onp_vs_baselines.py
 at its defaults, seed 0, on the model's defense set) and are shared with it through RUNS/shadow-norms;
 missing models and sizes are built here, one at a time, and each is kept as soon as it is made.
 
-    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/class_reference.py
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/class_reference.py [--untargeted-only]
+
+`--untargeted-only` adds the untargeted sizes to the reference there and keeps its class sizes: the
+shipped class sizes come from the first build of the 30 shadow models, the untargeted ones (added
+2026-12-03) from a rebuild of the same configurations on another host.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,9 +36,10 @@ import onp_env
 from agents.config import load_agent_config
 from agents.train import zoo_configs
 from onp_env import build_artifact, load_artifact
-from onp_env.artifacts import write_text_atomic
+from onp_env.artifacts import Artifact, write_text_atomic
 from onp_env.signals import SIGNALS
-from onp_env.signals.shipped import FORMAT, FORMAT_VERSION, READ_ONLY, REFERENCES
+from onp_env.signals.shipped import FORMAT, FORMAT_VERSION, READ_ONLY, REFERENCES, UNTARGETED_FORMS
+from onp_env.signals.trigger_inversion import UNTARGETED_VERSION, InversionParams, invert_untargeted
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "agent" / "fashion-mnist-sampled.yaml"
@@ -41,11 +49,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "runs" / "onp-sampled")
     p.add_argument("--out", type=Path, default=REFERENCES / "fashion-mnist.json")
+    p.add_argument(
+        "--untargeted-only",
+        action="store_true",
+        help="add (or replace) the untargeted sizes in the reference at --out, its class sizes kept",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     folder = args.runs / "shadow-norms"
     labs = zoo_configs(load_agent_config(str(CONFIG), []))
-    norms, shape = {}, None
+    norms, untargeted, shape = {}, {}, None
     for lab in tqdm(labs, desc="shadow models"):
         path = build_artifact(lab, progress=False)
         kept = folder / f"{lab.name}.json"
@@ -53,6 +66,10 @@ def main() -> None:
             write_text_atomic(kept, json.dumps(shadow_norms(str(path))[0]))
         norms[lab.name] = json.loads(kept.read_text())
         art = load_artifact(path)
+        kept = folder / f"{lab.name}.untargeted.json"
+        if not kept.is_file():
+            write_text_atomic(kept, json.dumps(untargeted_sizes(art)))
+        untargeted[lab.name] = json.loads(kept.read_text())
         model = art.manifest["model"]
         found = (type(art.model).__name__, sum(p.numel() for p in art.model.parameters()), list(model["in_shape"]),
                  model["num_classes"])  # fmt: skip
@@ -60,17 +77,47 @@ def main() -> None:
             raise SystemExit(f"the shadow models differ ({shape} and {found}): one reference describes one kind")
         shape = found
     assert shape is not None
+    if args.untargeted_only:
+        ref = json.loads(args.out.read_text())
+        ref["untargeted"] = untargeted_entry(list(untargeted.values()))
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        ref["untargeted_added"] = f"{now} by benchmarks/class_reference.py --untargeted-only, on the models built then"
+        write_text_atomic(args.out, json.dumps(ref, indent=1) + "\n")
+        print(f"{args.out}: untargeted sizes of {len(untargeted)} shadow models added")
+        return
     sizes = fold_references(norms)
     kind = dict(zip(("architecture", "parameters", "input_shape", "classes"), shape, strict=True))
     targets = {n: norms[n]["target"] for n in norms}
     write_reference(args.out, labs[0].data.name, kind, targets,
                     {"inversion": sizes["reference"], "latent_gap": sizes["latent_reference"]},
-                    "benchmarks/class_reference.py")  # fmt: skip
+                    "benchmarks/class_reference.py",
+                    untargeted=untargeted_entry(list(untargeted.values())))  # fmt: skip
     print(f"{args.out}: {len(norms)} shadow models")
 
 
+def untargeted_sizes(art: Artifact) -> dict[str, float]:
+    """The untargeted inversion's size in each form (its default settings, seed 0) on the model's own
+    defense set."""
+    x, y = art.defense_set()
+    return {form: float(invert_untargeted(art.model, x, y, InversionParams(), 0, torch.device("cpu"),
+                                          blend=form == "blend").norms[0]) for form in UNTARGETED_FORMS}  # fmt: skip
+
+
+def untargeted_entry(sizes: list[dict[str, float]]) -> dict:
+    """A shipped reference's `untargeted` entry (onp_env.signals.shipped.UntargetedSizes): per form, the
+    median of the models' log sizes and their spread (1.4826 MAD)."""
+    forms = {}
+    for form in UNTARGETED_FORMS:
+        logs = [math.log(s[form]) for s in sizes]
+        med = statistics.median(logs)
+        forms[form] = {"median_log": med, "spread": 1.4826 * statistics.median(abs(v - med) for v in logs)}
+    defaults = dataclasses.asdict(InversionParams())
+    return {"version": UNTARGETED_VERSION, "settings": {k: v for k, v in defaults.items() if k not in READ_ONLY},
+            "forms": forms}  # fmt: skip
+
+
 def write_reference(out: Path, data: str, kind: dict, targets: dict[str, int | None], sizes: dict[str, list[float]],
-                    made_by: str, detect: dict | None = None) -> None:  # fmt: skip
+                    made_by: str, detect: dict | None = None, untargeted: dict | None = None) -> None:  # fmt: skip
     """Write a shipped class reference (onp_env.signals.shipped's format): `sizes` per verdict signal,
     measured at the signal's default settings, seed 0, on each model's own defense set; `kind`: the
     models' architecture, parameters, input_shape and classes; `targets`: model name -> its target."""
@@ -84,7 +131,8 @@ def write_reference(out: Path, data: str, kind: dict, targets: dict[str, int | N
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "settings": "each signal with the settings below, seed 0, on each model's own defense set",
            "models": sorted(targets), "targets": [targets[n] for n in sorted(targets)], "signals": signals,
-           **({"detect": detect} if detect is not None else {})}  # fmt: skip
+           **({"detect": detect} if detect is not None else {}),
+           **({"untargeted": untargeted} if untargeted is not None else {})}  # fmt: skip
     write_text_atomic(out, json.dumps(ref, indent=1) + "\n")
 
 

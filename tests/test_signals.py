@@ -3,6 +3,7 @@ oracle finds with the trigger, they never see the trigger, and bad parameters ar
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -338,6 +339,65 @@ def planted() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     model = PlantedHead()
     x = torch.rand(200, 1, 1, 5, generator=torch.Generator().manual_seed(0))
     return model, x, model(x).argmax(1).detach()
+
+
+class AllToAll(torch.nn.Module):
+    """Units 0-3 of `fc` copy pixels 0-3, the class is the largest; units 4-7 are silent on clean
+    images (pixel 4 is 0) and fire once pixel 4 is on, unit 4 + c sending class c to c + 1 (mod 4): an
+    all-to-all backdoor behind a one-pixel trigger, which reaches every class from one source only.
+    Without `backdoor`, pixel 4 feeds nothing."""
+
+    def __init__(self, backdoor: bool = True):
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 8)
+        self.relu = torch.nn.ReLU()
+        self.classifier = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.classifier.weight.zero_()
+            self.classifier.bias.zero_()
+            self.fc.bias.copy_(torch.tensor([0.0] * 4 + [-3.0] * 4))
+            for c in range(4):
+                self.fc.weight[c, c] = self.fc.weight[4 + c, c] = 1.0
+                self.fc.weight[4 + c, 4] = 10.0 if backdoor else 0.0
+                self.classifier.weight[c, c] = 1.0
+                self.classifier.weight[(c + 1) % 4, 4 + c] = 40.0
+
+    def forward(self, x):
+        return self.classifier(self.relu(self.fc(x.flatten(1))))
+
+
+def all_to_all(backdoor: bool = True) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 1, 1, 5, generator=g) * 0.5
+    x[..., 4] = 0.0
+    x[torch.arange(200), 0, 0, torch.randint(0, 4, (200,), generator=g)] = 0.6 + 0.4 * torch.rand(200, generator=g)
+    model = AllToAll(backdoor)
+    return model, x, model(x).argmax(1).detach()
+
+
+def test_the_untargeted_inversion_finds_an_all_to_all_trigger_and_ranks_its_units_first():
+    model, x, y = all_to_all()
+    triggered = x.clone()
+    triggered[..., 4] = 1.0
+    assert torch.equal(model(triggered).argmax(1), (y + 1) % 4)  # the planted backdoor works
+    layout, _ = find_units(model, x[:2])
+    cpu = torch.device("cpu")
+    for blend in (False, True):
+        inv = trigger_inversion.invert_untargeted(model, x, y, trigger_inversion.InversionParams(), 0, cpu, blend)
+        clean = trigger_inversion.invert_untargeted(AllToAll(False), x, y, trigger_inversion.InversionParams(), 0,
+                                                    cpu, blend)  # fmt: skip
+        assert inv.reached.all() and clean.reached.all()
+        assert float(inv.norms[0]) < float(clean.norms[0]) / 3  # the backdoor's route is the short one
+        gap = trigger_inversion.untargeted_gap(model, layout, x, y, inv)
+        assert set(torch.argsort(-gap)[:4].tolist()) == {4, 5, 6, 7}  # the planted units, first
+        if blend:
+            assert torch.equal(inv.masks[0], inv.masks[0, 0, 0, 0].expand_as(inv.masks[0]))  # one opacity
+            assert float(inv.norms[0]) == pytest.approx(5 * float(inv.masks[0, 0, 0, 0]))
+        else:
+            assert int(inv.masks[0].flatten().argmax()) == 4 and float(inv.masks[0].flatten()[:4].max()) < 0.05
+    again = trigger_inversion.invert_untargeted(model, x, y, trigger_inversion.InversionParams(), 0, cpu, True)
+    assert torch.equal(again.masks, inv.masks) and torch.equal(again.patterns, inv.patterns)
 
 
 def test_the_latent_shift_names_the_class_a_planted_unit_reaches():
@@ -796,6 +856,60 @@ def test_verdict_with_flag_rule_reads_the_shipped_detection_rule(tmp_path, monke
             Verdict(flag_rule=True, **wrong)
 
 
+def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_flagged(tmp_path, monkeypatch):
+    import baselines.verdict
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    shipped = shipped_reference("fashion-mnist")
+    ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
+    stub_sizes(monkeypatch, ref, latent)  # every class at its typical size: neither class verdict is flagged
+    assert shipped.untargeted is not None
+    asked = []
+
+    def untargeted(index: dict[str, float]):
+        def invert(model, x, y, p, seed, device, blend):  # a 3x3 white patch, sized to score `index`
+            form = "blend" if blend else "mask"
+            asked.append(form)
+            median, spread = shipped.untargeted.forms[form]
+            masks, patterns = torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28)
+            masks[..., :3, :3] = 1.0
+            size = torch.tensor([float(torch.tensor(median - index[form] * spread).exp())])
+            return trigger_inversion.Inverted(masks, patterns, size, torch.ones(1, dtype=torch.bool), 9)
+
+        monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted)
+        return invert
+
+    monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted({"mask": 5.0, "blend": 1.0}))
+    seen = repair_data(monkeypatch)
+    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "repair_epochs": 1, "unlearn": 0.5}
+    result = Verdict(untargeted=True, **params).run(art.model, x, y)
+    d = result.details
+    assert d["follows"] == "untargeted" and d["form"] == "mask" and d["flagged"] and d["suspect"] is None
+    assert d["anomaly_index"] == pytest.approx(5.0, abs=1e-4) and asked == ["mask", "blend"]
+    assert d["untargeted"]["blend"]["anomaly_index"] == pytest.approx(1.0, abs=1e-4)
+    layout, _ = find_units(art.model, x[:2])
+    last = layout.layers[-1]
+    assert result.pruned and all(last.offset <= u < last.offset + last.size for u in result.pruned)
+    assert len(d["untargeted_after"]) == len(result.pruned)
+    xs, ys = seen[0]  # the repair: the untargeted trigger on half the images, their labels kept
+    stamped = (xs != x).flatten(1).any(1)
+    assert d["repair"]["stamped"] == int(stamped.sum()) == round(0.5 * len(x)) and torch.equal(ys, y)
+    assert (xs[stamped][..., :3, :3] == 1).all()
+    monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted({"mask": 1.9, "blend": 1.0}))
+    quiet = Verdict(untargeted=True, **params).run(art.model, x, y)  # below NC's line: nothing pruned
+    assert quiet.pruned == [] and not quiet.details["flagged"] and quiet.details["follows"] == "inversion"
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), latent)  # class 4 flagged
+    asked.clear()
+    flagged = Verdict(untargeted=True, **params).run(art.model, x, y).details
+    assert flagged["follows"] == "inversion" and flagged["suspect"] == 4 and asked == []
+    for wrong in ({}, {"reference_from": "fashion-mnist-clean"}):  # no untargeted sizes to judge it against
+        with pytest.raises(OnpError, match="untargeted judges its trigger against .* set reference_from=fashion-mnist"):
+            Verdict(untargeted=True, **wrong)
+
+
 def test_a_shipped_reference_is_checked_before_it_is_used():
     from onp_env.models import build_model
     from onp_env.signals.shipped import REFERENCES, _parse, shipped_names, shipped_reference
@@ -826,6 +940,16 @@ def test_a_shipped_reference_is_checked_before_it_is_used():
             _parse("x", {**ruled, "detect": crafted})
     with pytest.raises(OnpError, match="has no sizes for signal 'mnp'"):
         ref.sizes("mnp", 1, {})
+    untargeted = good["untargeted"]
+    for crafted in ({**untargeted, "version": "1"}, {**untargeted, "forms": {"mask": untargeted["forms"]["mask"]}},
+                    {**untargeted, "forms": {**untargeted["forms"], "blend": {"median_log": 5.0, "spread": 0}}},
+                    {**untargeted, "forms": {**untargeted["forms"], "mask": {"median_log": float("inf"), "spread": 1}}},
+                    {**untargeted, "extra": 1}, [1.0]):  # fmt: skip
+        with pytest.raises(OnpError, match="shipped class reference 'x' is malformed .untargeted"):
+            _parse("x", {**good, "untargeted": crafted})
+    assert ref.untargeted is not None and ref.untargeted.index("mask", math.exp(ref.untargeted.forms["mask"][0])) == 0
+    with pytest.raises(OnpError, match="measured with the untargeted inversion steps=150: drop those settings"):
+        ref.untargeted.check("x", 1, {**ref.untargeted.settings, "steps": 40})
 
 
 def test_verdict_with_the_stronger_inversion_is_nc():

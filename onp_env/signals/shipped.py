@@ -6,7 +6,8 @@ One JSON file per reference in onp_env/signals/references/, written by benchmark
 (the shadow models' `fashion-mnist`) or benchmarks/detect_calibration.py (`fashion-mnist-clean`). A
 reference holds, per signal, the sizes and the settings they were measured with: a signal whose
 settings would size triggers differently, or a model of another kind, is refused before any work.
-It may also hold `onp detect`'s rule for it (DetectRule), chosen on calibration models."""
+It may also hold `onp detect`'s rule for it (DetectRule), chosen on calibration models, and the sizes of
+an untargeted trigger on its models (UntargetedSizes), by which `verdict` judges one across models."""
 
 from __future__ import annotations
 
@@ -49,6 +50,31 @@ class DetectRule:
     """The rule's detection ROC-AUC on them."""
 
 
+UNTARGETED_FORMS = ("mask", "blend")
+"""The untargeted inversion's two trigger forms (onp_env.signals.trigger_inversion.invert_untargeted)."""
+
+
+@dataclass(frozen=True)
+class UntargetedSizes:
+    """An untargeted trigger's size on the reference's models, per form: the median of the log sizes
+    and their spread (1.4826 MAD), measured with `settings` of the inversion at `version`."""
+
+    version: int
+    settings: dict[str, Any]
+    forms: dict[str, tuple[float, float]]
+    """form -> (median log size, spread)."""
+
+    def check(self, name: str, version: int, settings: dict[str, Any]) -> None:
+        """Refuse an inversion with other settings than these sizes were measured with (as ShippedReference.sizes)."""
+        _same_settings(name, "the untargeted inversion", self.version, self.settings, version, settings)
+
+    def index(self, form: str, size: float) -> float:
+        """NC's anomaly index of `size` across the reference's models: how many spreads its log lies
+        below their median."""
+        median, spread = self.forms[form]
+        return (median - math.log(size)) / spread
+
+
 @dataclass(frozen=True)
 class ShippedReference:
     name: str
@@ -65,6 +91,8 @@ class ShippedReference:
     """How many models it summarises."""
     detect: DetectRule | None = None
     """`onp detect`'s calibrated rule for this reference; None: NC's anomaly index, flagged above 2."""
+    untargeted: UntargetedSizes | None = None
+    """An untargeted trigger's sizes on the models; None: not measured for this reference."""
 
     def sizes(self, signal: str, version: int, settings: dict[str, Any]) -> list[float]:
         """The per-class sizes of `signal`, refused where they were measured with another version or
@@ -73,16 +101,7 @@ class ShippedReference:
         if entry is None:
             raise OnpError(f"the shipped class reference {self.name!r} has no sizes for signal {signal!r} (it has "
                            f"{', '.join(sorted(self.signals))}): leave reference_from empty for it")  # fmt: skip
-        if entry["version"] != version:
-            raise OnpError(f"the shipped class reference {self.name!r} was measured with {signal} version "
-                           f"{entry['version']}, this is version {version}: regenerate it "
-                           "(benchmarks/class_reference.py) or leave reference_from empty")  # fmt: skip
-        mine = {k: v for k, v in settings.items() if k not in READ_ONLY}
-        differ = sorted(k for k in set(mine) | set(entry["settings"]) if mine.get(k) != entry["settings"].get(k))
-        if differ:
-            was = ", ".join(f"{k}={entry['settings'].get(k)!r}" for k in differ)
-            raise OnpError(f"the shipped class reference {self.name!r} was measured with {signal} {was}: drop those "
-                           "settings, or pass a reference measured with yours")  # fmt: skip
+        _same_settings(self.name, signal, entry["version"], entry["settings"], version, settings)
         return list(entry["sizes"])
 
     def check_model(self, model: nn.Module, x: torch.Tensor) -> None:
@@ -95,6 +114,20 @@ class ShippedReference:
                            f"{self.parameters} parameters with {list(self.input_shape)} inputs and {self.classes} "
                            f"classes, not {found[0]} of {found[1]} with {list(found[2])} and {found[3]}: leave "
                            "reference_from empty, or pass a reference measured on models like yours")  # fmt: skip
+
+
+def _same_settings(name: str, what: str, was_version: int, was: dict[str, Any], version: int,
+                   settings: dict[str, Any]) -> None:  # fmt: skip
+    if was_version != version:
+        raise OnpError(f"the shipped class reference {name!r} was measured with {what} version {was_version}, this "
+                       f"is version {version}: regenerate it (benchmarks/class_reference.py) or leave reference_from "
+                       "empty")  # fmt: skip
+    mine = {k: v for k, v in settings.items() if k not in READ_ONLY}
+    differ = sorted(k for k in set(mine) | set(was) if mine.get(k) != was.get(k))
+    if differ:
+        shown = ", ".join(f"{k}={was.get(k)!r}" for k in differ)
+        raise OnpError(f"the shipped class reference {name!r} was measured with {what} {shown}: drop those settings, "
+                       "or pass a reference measured with yours")  # fmt: skip
 
 
 def shipped_names() -> list[str]:
@@ -141,7 +174,9 @@ def _parse(name: str, d: Any) -> ShippedReference:
     return ShippedReference(name=name, data=d["data"], architecture=d["architecture"], parameters=d["parameters"],
                             input_shape=tuple(shape), classes=classes, signals=signals,
                             models=len(models) if isinstance(models, list) else 0,
-                            detect=_parse_rule(d["detect"], signals, bad) if "detect" in d else None)  # fmt: skip
+                            detect=_parse_rule(d["detect"], signals, bad) if "detect" in d else None,
+                            untargeted=_parse_untargeted(d["untargeted"], bad) if "untargeted" in d else None,
+                            )  # fmt: skip
 
 
 def _parse_rule(rule: Any, signals: dict[str, Any], bad: Callable[[str], OnpError]) -> DetectRule:
@@ -161,3 +196,22 @@ def _parse_rule(rule: Any, signals: dict[str, Any], bad: Callable[[str], OnpErro
         raise bad("detect.calibration")
     return DetectRule(score=rule["score"], signals=tuple(names), threshold=float(threshold),
                       backdoored=cal["backdoored"], clean=cal["clean"], auc=float(cal["auc"]))  # fmt: skip
+
+
+def _parse_untargeted(entry: Any, bad: Callable[[str], OnpError]) -> UntargetedSizes:
+    if not isinstance(entry, dict) or set(entry) != {"version", "settings", "forms"}:
+        raise bad("untargeted")
+    forms = entry["forms"]
+    if not isinstance(entry["version"], int) or not isinstance(entry["settings"], dict):
+        raise bad("untargeted version or settings")
+    if not isinstance(forms, dict) or set(forms) != set(UNTARGETED_FORMS):
+        raise bad("untargeted forms")
+    parsed = {}
+    for form, value in forms.items():
+        ok = isinstance(value, dict) and set(value) == {"median_log", "spread"}
+        if not ok or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value.values()):
+            raise bad(f"untargeted {form}")
+        if not 0 < value["spread"] <= 100 or abs(value["median_log"]) > 100:
+            raise bad(f"untargeted {form}")
+        parsed[form] = (float(value["median_log"]), float(value["spread"]))
+    return UntargetedSizes(version=entry["version"], settings=entry["settings"], forms=parsed)

@@ -23,6 +23,10 @@ Departures from the paper:
 - The gap is computed for the most anomalous class whether or not it is flagged: the environment's
   policy decides how far to trust it, and `nc` applies NC's flag.
 Warping triggers (WaNet) are not masks: this inversion is not expected to find them.
+
+invert_untargeted [ours] runs the same optimisation for one trigger that sends the images to any class
+but their own (the loss -log(1 - p(own label))), as a mask or as one opacity over the whole image: an
+all-to-all backdoor's trigger, which no per-class target shows (`verdict`'s `untargeted`).
 """
 
 from __future__ import annotations
@@ -88,11 +92,28 @@ class Inverted:
 def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: InversionParams, seed: int,
            device: torch.device) -> Inverted:  # fmt: skip
     """Neural Cleanse's optimisation for every class at once (see the module docstring)."""
+    return _optimise(model, x, y, classes, p, seed, device, untargeted=False, blend=False)
+
+
+def invert_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: InversionParams, seed: int,
+                      device: torch.device, blend: bool) -> Inverted:  # fmt: skip
+    """One trigger that sends `success` of the images to any class but their own [ours]: the smallest
+    such mask (`blend`: one opacity over the whole image, its norm the opacity times the pixels, as a
+    blended trigger's) as an Inverted of one row. An all-to-all backdoor sends every class elsewhere with
+    one trigger, which no per-class target shows: each class is reached only from its one source."""
+    return _optimise(model, x, y, 1, p, seed, device, untargeted=True, blend=blend)
+
+
+def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, p: InversionParams, seed: int,
+              device: torch.device, untargeted: bool, blend: bool) -> Inverted:  # fmt: skip
+    """The optimisation of `rows` masks and patterns at once: row k toward class k, or (`untargeted`)
+    away from each image's own label; `blend`: each mask one value over the image."""
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(x), generator=g)[: p.images]
-    xs = x[pick].to(device)
-    k, (c, h, w) = classes, xs.shape[1:]
-    mask_raw = (0.1 * torch.randn(k, 1, h, w, generator=g)).to(device).requires_grad_()
+    xs, ys = x[pick].to(device), y[pick].to(device)
+    k, (c, h, w) = rows, xs.shape[1:]
+    pixels = h * w if blend else 1
+    mask_raw = (0.1 * torch.randn(k, 1, *((1, 1) if blend else (h, w)), generator=g)).to(device).requires_grad_()
     pattern_raw = (0.1 * torch.randn(k, c, h, w, generator=g)).to(device).requires_grad_()
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=p.lr, betas=(0.5, 0.9))
     batch = min(p.batch_size, len(xs))
@@ -109,18 +130,26 @@ def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: 
     model.eval()
     try:
         for step in range(1, p.steps + 1):
-            xb = xs[torch.randperm(len(xs), generator=g)[:batch].to(device)]
-            m = (torch.tanh(mask_raw) + 1) / 2
+            i = torch.randperm(len(xs), generator=g)[:batch].to(device)
+            xb = xs[i]
+            m = ((torch.tanh(mask_raw) + 1) / 2).expand(k, 1, h, w)
             pat = (torch.tanh(pattern_raw) + 1) / 2
             adv = (1 - m[:, None]) * xb[None] + (m * pat)[:, None]
             logits = model(adv.flatten(0, 1))
-            ce = F.cross_entropy(logits, targets, reduction="none").view(k, batch).mean(1)
-            l1 = m.flatten(1).sum(1)
+            if untargeted:  # -log(1 - p(own label)), and a hit is any other class
+                own = F.one_hot(ys[i].repeat(k), logits.shape[1]).bool()
+                loss = logits.logsumexp(1) - logits.masked_fill(own, float("-inf")).logsumexp(1)
+                hits = logits.argmax(1) != ys[i].repeat(k)
+            else:
+                loss = F.cross_entropy(logits, targets, reduction="none")
+                hits = logits.argmax(1) == targets
+            ce = loss.view(k, batch).mean(1)
+            l1 = m[:, :, :1, :1].flatten(1).sum(1) * pixels if blend else m.flatten(1).sum(1)
             opt.zero_grad(set_to_none=True)
             (ce + cost * l1).sum().backward()
             opt.step()
             with torch.no_grad():
-                hit = (logits.argmax(1) == targets).view(k, batch).float().mean(1)
+                hit = hits.view(k, batch).float().mean(1)
                 window += hit
                 better = (hit >= p.success) & (l1 < best)
                 best = torch.where(better, l1, best)
@@ -143,8 +172,8 @@ def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: 
             q.requires_grad_(req)
     with torch.no_grad():
         reached = torch.isfinite(best)
-        final = ((torch.tanh(mask_raw) + 1) / 2).flatten(1).sum(1)
-        last = (torch.tanh(mask_raw) + 1) / 2, (torch.tanh(pattern_raw) + 1) / 2
+        last = ((torch.tanh(mask_raw) + 1) / 2).expand(k, 1, h, w), (torch.tanh(pattern_raw) + 1) / 2
+        final = last[0][:, :, :1, :1].flatten(1).sum(1) * pixels if blend else last[0].flatten(1).sum(1)
         masks = torch.where(reached.view(-1, 1, 1, 1), best_masks, last[0])
         patterns = torch.where(reached.view(-1, 1, 1, 1), best_patterns, last[1])
         norms = torch.where(reached, best, final)
@@ -161,6 +190,16 @@ def trigger_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.
     return activation_gap(model, layout, xs, ys, triggered, ys)
 
 
+def untargeted_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
+                   inv: Inverted) -> torch.Tensor:  # fmt: skip
+    """(units,) the activation gap of an untargeted trigger (invert_untargeted's), on every image."""
+    with torch.no_grad():
+        triggered = inv.apply(0, x)
+    return activation_gap(model, layout, x, y, triggered, y)
+
+
+UNTARGETED_VERSION = 1
+"""invert_untargeted's version, as a shipped reference's untargeted sizes record it."""
 MEMO = 64
 """Inversions kept per process (a few hundred KB each for 10 classes of 28x28 masks and patterns)."""
 _INVERTED = Memo(MEMO)

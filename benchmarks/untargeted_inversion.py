@@ -1,0 +1,149 @@
+"""Does an untargeted trigger inversion flag the all-to-all backdoors that Neural Cleanse's per-class
+inversion misses, without flagging clean models?
+
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/untargeted_inversion.py [--workers 2] [--report-only]
+
+An all-to-all backdoor sends each class to another with one trigger, so each target class is reached
+from one source only and no class's mask is an outlier. onp_env.signals.trigger_inversion.
+invert_untargeted looks instead for one small trigger that sends the images to any class but their
+own, in two forms: a mask and pattern as Neural Cleanse's (`mask`) and one opacity over the whole
+image (`blend`, its size the opacity times the pixels, as a blended trigger's).
+
+Models: the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml's zoo, four of them
+all-to-all), the 9 clean held-out models of detect_shipped.py and the 12 configuration-shift models
+(configs/bench/fashion-mnist-shift.yaml, two all-to-all Blended). Per model and defense fraction (5%:
+the whole defense set; 1%: its stratified fifth, seed 0): both untargeted sizes, and the per-class
+verdicts `verdict` reads today (the inversion's and the latent shift's largest anomaly index against
+the shipped reference fashion-mnist). An untargeted size is judged as NC judges a class's, but
+across models: its anomaly index is (median - log size) / (1.4826 MAD) of the log sizes on the
+shadow models at 5% (each shadow model left out of its own). The attack is read only to label rows.
+
+One JSON line per model in benchmarks/results/untargeted_inversion.jsonl (resumable); writes
+untargeted_inversion.md."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from detect_shipped import models as detect_models
+from rows import exit_2_on_bad_input
+from signal_models import HERE, per_model_main, sampled_and_held_out
+
+from onp_env.bench.config import load_bench_config
+from onp_env.config import LabConfig
+
+RESULTS = HERE / "results" / "untargeted_inversion.jsonl"
+SHIFT = HERE.parent / "configs" / "bench" / "fashion-mnist-shift.yaml"
+FRACTIONS = (0.05, 0.01)
+FORMS = ("mask", "blend")
+REFERENCE = "fashion-mnist"
+LINE = 2.0
+"""NC's anomaly-index line, for the untargeted index as for a class's."""
+
+
+def models() -> list[tuple[str, str, LabConfig]]:
+    """(name, role, lab): shadow, clean, shift."""
+    shadow = [(n, role, lab) for n, role, lab in sampled_and_held_out() if role == "shadow"]
+    clean = [(n, "clean", lab) for n, role, lab in detect_models() if role == "clean"]
+    shift = [(lab.name, "shift", lab) for lab in load_bench_config(SHIFT).labs() if lab.attack is not None]
+    return shadow + clean + shift
+
+
+def measure(name: str, role: str, path: str) -> dict[str, Any]:
+    import torch
+
+    from onp_env import load_artifact
+    from onp_env.defend import defense_subset
+    from onp_env.graph.units import find_units
+    from onp_env.signals import SIGNALS
+    from onp_env.signals.trigger_inversion import InversionParams, invert_untargeted
+
+    torch.set_num_threads(1)
+    art = load_artifact(path)
+    attack = art.manifest.get("attack") or {}
+    row: dict[str, Any] = {"model": name, "role": role, "label": attack.get("label") or attack.get("name", "clean"),
+                           "mode": attack.get("mode")}  # fmt: skip
+    for fraction in FRACTIONS:
+        x, y = defense_subset(art, fraction, 0)
+        layout, _ = find_units(art.model, x[:2])
+        cell: dict[str, Any] = {}
+        for form in FORMS:
+            start = time.perf_counter()
+            inv = invert_untargeted(art.model, x, y, InversionParams(), 0, torch.device("cpu"), blend=form == "blend")
+            cell[form] = {"size": float(inv.norms[0]), "reached": bool(inv.reached[0]), "steps": inv.steps,
+                          "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+        for s in ("inversion", "latent_gap"):
+            index = SIGNALS[s](reference_from=REFERENCE).compute(art.model, layout, x, y).details["anomaly"]
+            k = max(range(len(index)), key=index.__getitem__)
+            cell[s] = {"index": index[k], "suspect": k}
+        row[str(fraction)] = cell
+    return row
+
+
+def reference(rows: list[dict[str, Any]], form: str, leave_out: str | None = None) -> tuple[float, float]:
+    """(median, 1.4826 MAD) of the log untargeted sizes of the shadow models at 5%."""
+    import math
+
+    logs = [math.log(r["0.05"][form]["size"]) for r in rows if r["role"] == "shadow" and r["model"] != leave_out]
+    med = statistics.median(logs)
+    return med, 1.4826 * statistics.median(abs(v - med) for v in logs)
+
+
+def index(rows: list[dict[str, Any]], row: dict[str, Any], fraction: str, form: str) -> float:
+    import math
+
+    med, spread = reference(rows, form, row["model"])
+    return (med - math.log(row[fraction][form]["size"])) / spread
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    lines = ["# An untargeted trigger inversion against all-to-all backdoors", "",
+             f"Generated by `python benchmarks/untargeted_inversion.py`: {len(rows)} Fashion-MNIST small CNNs. Per "
+             "defense fraction: `class` is the larger of the per-class verdicts `verdict` reads (Neural Cleanse's "
+             "inversion and the latent shift, anomaly index against the shipped reference fashion-mnist; flagged "
+             f"above {LINE:g}); `mask` and `blend` are the untargeted inversion's anomaly index across models "
+             "(against the shadow models' log sizes at 5%, each shadow model left out of its own; flagged above "
+             f"{LINE:g}); sizes in pixels of mask L1. Bold: above the line.", ""]  # fmt: skip
+    for form in FORMS:
+        med, spread = reference(rows, form)
+        lines.append(f"- reference `{form}`: median size {2.718281828 ** med:.1f}, spread (1.4826 MAD of the log "
+                     f"sizes) {spread:.3f}")  # fmt: skip
+    lines += ["", "| model | role | attack | mode | 5%: class | mask | blend | sizes | 1%: class | mask | blend "
+              "| sizes |", "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---|"]  # fmt: skip
+
+    def mark(v: float) -> str:
+        return f"**{v:.1f}**" if v > LINE else f"{v:.1f}"
+
+    for r in rows:
+        cells = []
+        for f in ("0.05", "0.01"):
+            c = r[f]
+            cls = max(c["inversion"]["index"], c["latent_gap"]["index"])
+            cells += [mark(cls), mark(index(rows, r, f, "mask")), mark(index(rows, r, f, "blend")),
+                      f"{c['mask']['size']:.0f} / {c['blend']['size']:.0f}"]  # fmt: skip
+        head = f"| {r['model'].removeprefix('fashion-mnist-')} | {r['role']} | {r['label']} | {r['mode'] or '-'} | "
+        lines.append(head + " | ".join(cells) + " |")
+    lines += ["", "## Summary", "", "| models | fraction | flagged by class | + untargeted (mask or blend) | "
+              "flagged by untargeted alone |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    groups = {"clean": lambda r: r["role"] == "clean", "all-to-all": lambda r: r["mode"] == "all-to-all",
+              "all-to-one": lambda r: r["mode"] == "all-to-one"}  # fmt: skip
+    for name, keep in groups.items():
+        group = [r for r in rows if keep(r)]
+        for f in ("0.05", "0.01"):
+            cls = [max(r[f]["inversion"]["index"], r[f]["latent_gap"]["index"]) > LINE for r in group]
+            unt = [max(index(rows, r, f, form) for form in FORMS) > LINE for r in group]
+            either = sum(a or b for a, b in zip(cls, unt, strict=True))
+            lines.append(f"| {name} ({len(group)}) | {float(f):.0%} | {sum(cls)} | {either} | {sum(unt)} |")
+    secs = sorted(r[f][form]["seconds"] for r in rows for f in ("0.05", "0.01") for form in FORMS)
+    lines += ["", f"Median seconds per untargeted inversion (one form, one thread): {secs[len(secs) // 2]:.1f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    per_model_main(__doc__, RESULTS, models(), measure, report)
+
+
+if __name__ == "__main__":
+    exit_2_on_bad_input(main)
