@@ -76,6 +76,15 @@ SETTINGS = {
     "verdict shipped unlearn line1": ("verdict", _SHIPPED_LINE1),
     # ... its repair's targets half the unpruned model's output on each image unstamped (verdict_repair.md)
     "verdict shipped unlearn line1 distill": ("verdict", {**_SHIPPED_LINE1, "repair_distill": 0.5}),
+    # ... and the suspect's repair, each with the untargeted look where no class is flagged (untargeted_inversion.md)
+    "verdict shipped repair untargeted": (
+        "verdict",
+        {**_SHIPPED_FIRST, "repair_epochs": 5, "unlearn": 0.5, "untargeted": True},
+    ),
+    "verdict shipped unlearn line1 distill untargeted": (
+        "verdict",
+        {**_SHIPPED_LINE1, "repair_distill": 0.5, "untargeted": True},
+    ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -85,8 +94,15 @@ chosen on the shadow models (benchmarks/verdict_stop.py); `verdict shadow first`
 that grid that also follows a flagged inversion naming the latent shift's class; `verdict shipped repair`
 the README's `verdict`, its pruned model then repaired (REPAIRED); `verdict shipped unlearn line1` that repair
 unlearning the reversed trigger of every class whose anomaly index is above 1, not only the suspect's;
-`... distill` that repair trained toward half the unpruned model's output on each image unstamped."""
-REPAIRED = ("verdict shipped repair", "verdict shipped unlearn line1", "verdict shipped unlearn line1 distill")
+`... distill` that repair trained toward half the unpruned model's output on each image unstamped;
+`... untargeted` also inverts an untargeted trigger where neither class verdict is flagged."""
+REPAIRED = (
+    "verdict shipped repair",
+    "verdict shipped unlearn line1",
+    "verdict shipped unlearn line1 distill",
+    "verdict shipped repair untargeted",
+    "verdict shipped unlearn line1 distill untargeted",
+)
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")
 """Methods given the fold's class reference (fold_references): each class's median trigger size over the
