@@ -59,6 +59,8 @@ SWEEPS = {
     "first all line2": {**_FIRST, "unlearn_all": True, "unlearn_line": 2.0},
     "first all line1 distill": {**_LINE1, "repair_distill": 0.5},
     "first all line1 distill1": {**_LINE1, "repair_distill": 1.0},
+    "shipped first": {**_FIRST, "reference_from": "fashion-mnist"},
+    "shipped first untargeted": {**_FIRST, "reference_from": "fashion-mnist", "untargeted": True},
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
 fold's reference); `drop10`/`drop20` let the sweep cost up to 10/20 points of defense-set accuracy (5
@@ -69,7 +71,10 @@ as `first` and its repair stamps each image with the reversed trigger of another
 `first all line1`/`line2` only those of the classes whose anomaly index is above 1/2 (`unlearn_line`);
 `distill`/`distill1` train line1's repair toward half/all of the unpruned model's output on each image
 unstamped (`repair_distill`): on the held-out WaNet models the sweep cut 2-7 units for at most 0.3 points,
-and line1's repair then cost 2.9-3.8 points at 1%."""
+and line1's repair then cost 2.9-3.8 points at 1%. `shipped first` judges the verdicts against the
+shipped reference (fashion-mnist, these 30 models' medians, each model's own included) instead of the
+fold's, as a user runs `verdict`; `shipped first untargeted` adds the untargeted look where no class
+verdict is flagged (its reference: these models' untargeted sizes, measured on this rebuild)."""
 GRID = ((0, 0.0), *((e, u) for e in (5, 10) for u in (0.0, 0.2, 0.5)))
 """(repair_epochs, unlearn): 0 epochs is the pruned model; unlearn 0.2 is NC's share."""
 REBUILT = (" These models were built on another host than `verdict_repair.md`'s, and a build moves the numbers: "
@@ -86,7 +91,7 @@ def measure(model: str, path: str, attack: str, fraction: float, reference: dict
     x, y = defense_subset(art, fraction)
     ds = art.dataset()
     before = {k: art.metrics[k] for k in ("acc", "asr", "ra")}
-    defense = Verdict(**SWEEPS[sweep], **reference)
+    defense = Verdict(**SWEEPS[sweep], **({} if "reference_from" in SWEEPS[sweep] else reference))
     start = time.perf_counter()
     result = defense.run(art.model, x, y)
     swept = time.perf_counter() - start
