@@ -99,6 +99,10 @@ class NCParams(InversionParams):
     what the model said without the trigger; on a clean one it keeps what the model knew beyond the label."""
     repair_lr: float = bounded(0.01, gt=0, le=10)
     """With `repair_epochs`: the initial SGD learning rate (momentum 0.9, cosine to 0, batches of 64)."""
+    repair_frozen_bn: bool = False
+    """With `repair_epochs`: BatchNorm layers normalise with their running statistics during the repair
+    and keep them (eval mode; their scales and shifts still train): a few hundred defense images, half of
+    them stamped, in batches of 64, would otherwise replace the statistics of the whole training set."""
     progress: bool = False
     """A progress bar of the pruning sweep on stderr."""
 
@@ -212,19 +216,21 @@ class NC(Defense):
             return None
         if not self.extra["flagged"]:
             return copy.deepcopy(pruned_model)
-        stamped, hooks, target = 0, {}, y
+        stamped, shift, target = 0, {}, y
         if p.repair_distill:  # before any stamp: the targets are the unstamped images' outputs
             soft = torch.softmax(logits(original, x), 1).to(y.device)
             target = (1 - p.repair_distill) * F.one_hot(y, soft.shape[1]).to(soft.dtype) + p.repair_distill * soft
         if self.follows_inversion() or p.unlearn_all:
             x, stamped = self.stamped(x, y)
         if not self.follows_inversion() and p.unlearn:
-            hooks = self.unlearning_hooks(layout, pruned)
-        self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped, "shifted": bool(hooks)}
+            shift = self.unlearning_hooks(layout, pruned)
+        frozen = {name: _eval_mode for name, m in pruned_model.named_modules()
+                  if p.repair_frozen_bn and isinstance(m, nn.modules.batchnorm._BatchNorm)}  # fmt: skip
+        self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped, "shifted": bool(shift)}
         cfg = TrainConfig(epochs=p.repair_epochs, batch_size=64, lr=p.repair_lr, threads=torch.get_num_threads(),
                           device=str(self.device))  # fmt: skip
         return finetune_pruned(pruned_model, layout, pruned, x, target, cfg, self.semantics, self.seed,
-                               f"{self.name}: repair", p.progress, hooks)  # fmt: skip
+                               f"{self.name}: repair", p.progress, {**shift, **frozen})  # fmt: skip
 
     def stamped(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The repair's images, `unlearn` of them (drawn with the seed) carrying the reversed trigger
@@ -300,3 +306,9 @@ class NC(Defense):
         return lambda _cut: (
             (trig.logits(self.layers).argmax(1) == self.suspect).float().mean().item() <= self.params.stop_asr
         )
+
+
+def _eval_mode(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook: the module runs in eval mode (a BatchNorm layer then normalises with its running
+    statistics and leaves them as they are)."""
+    module.training = False

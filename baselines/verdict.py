@@ -154,6 +154,7 @@ class Verdict(NC):
             shipped.untargeted.check(shipped.name, UNTARGETED_VERSION, dataclasses.asdict(self.signal.params))
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.untargeted = None  # a run follows what this model's verdicts say
         by_inversion = super().scores(model, layout, x, y)
         # the argmax of either score is the index's (both decrease with log(norm / reference)): same suspect
         mine = float(self.signal.score(self.inverted.norms, self.kind)[self.suspect])

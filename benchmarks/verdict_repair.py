@@ -61,6 +61,7 @@ SWEEPS = {
     "first all line1 distill1": {**_LINE1, "repair_distill": 1.0},
     "shipped first": {**_FIRST, "reference_from": "fashion-mnist"},
     "shipped first untargeted": {**_FIRST, "reference_from": "fashion-mnist", "untargeted": True},
+    "shipped first frozen bn": {**_FIRST, "reference_from": "fashion-mnist", "repair_frozen_bn": True},
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
 fold's reference); `drop10`/`drop20` let the sweep cost up to 10/20 points of defense-set accuracy (5
@@ -74,7 +75,8 @@ unstamped (`repair_distill`): on the held-out WaNet models the sweep cut 2-7 uni
 and line1's repair then cost 2.9-3.8 points at 1%. `shipped first` judges the verdicts against the
 shipped reference (fashion-mnist, these 30 models' medians, each model's own included) instead of the
 fold's, as a user runs `verdict`; `shipped first untargeted` adds the untargeted look where no class
-verdict is flagged (its reference: these models' untargeted sizes, measured on this rebuild)."""
+verdict is flagged (its reference: these models' untargeted sizes, measured on this rebuild); `shipped
+first frozen bn` repairs with the BatchNorm statistics kept (`repair_frozen_bn`)."""
 GRID = ((0, 0.0), *((e, u) for e in (5, 10) for u in (0.0, 0.2, 0.5)))
 """(repair_epochs, unlearn): 0 epochs is the pruned model; unlearn 0.2 is NC's share."""
 REBUILT = (" These models were built on another host than `verdict_repair.md`'s, and a build moves the numbers: "

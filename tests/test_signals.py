@@ -910,6 +910,28 @@ def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_f
             Verdict(untargeted=True, **wrong)
 
 
+def test_repair_frozen_bn_keeps_the_batchnorm_statistics_and_still_trains_the_rest(tmp_path, monkeypatch):
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), ref)  # class 4 flagged
+    stats = {}
+    for frozen in (False, True):
+        result = NC(reference_from="fashion-mnist", stop_asr=0.0, max_ratio=0.1, max_acc_drop=1.0, repair_epochs=1,
+                    repair_frozen_bn=frozen).run(art.model, x, y)  # fmt: skip
+        assert result.pruned and result.finetuned is not None
+        bns = [(n, m) for n, m in result.finetuned.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        before = dict(result.model.named_modules())
+        assert bns and not any(m.training for _, m in bns)  # handed back in eval mode either way
+        stats[frozen] = all(torch.equal(m.running_mean, before[n].running_mean)
+                            and torch.equal(m.running_var, before[n].running_var) for n, m in bns)  # fmt: skip
+        trained = any(not torch.equal(m.weight, before[n].weight) for n, m in bns)
+        assert trained and not torch.equal(result.finetuned.classifier.weight, result.model.classifier.weight)
+    assert stats == {False: False, True: True}
+
+
 def test_a_shipped_reference_is_checked_before_it_is_used():
     from onp_env.models import build_model
     from onp_env.signals.shipped import REFERENCES, _parse, shipped_names, shipped_reference
