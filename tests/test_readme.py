@@ -59,3 +59,17 @@ def test_the_suite_example_runs(digits_test_split):
     scope: dict = {}
     exec(compile(code, str(README), "exec"), scope)
     assert scope["info"]["model"] == "digits-v0/test/002" and scope["terminated"] and scope["info"]["stopped"]
+
+
+def test_the_recommended_defense_command_holds_settings_verdict_accepts():
+    from baselines.verdict import Verdict
+    from onp_env.config import apply_overrides
+
+    text = README.read_text()
+    start = text.index("**Which defense to use today**")
+    command = text[start : text.index("\n\n", text.index("onp defend", start))]
+    assert "--method verdict" in command
+    params = apply_overrides({}, re.findall(r"--set (\S+)", command))
+    assert params["untargeted"] is True and params["reference_from"] == "fashion-mnist"
+    defense = Verdict(**params)  # every setting known, in range, and the shipped reference has what it reads
+    assert defense.params.repair_epochs == 5 and defense.params.untargeted
