@@ -101,7 +101,8 @@ def complete_rows(results: Path, models: list[tuple[str, str, LabConfig]], worke
         futures = {pool.submit(measure, n, labs[n][0], paths[n], parts): n for n, parts in todo.items()}
         for fut in tqdm(as_completed(futures), total=len(futures), desc="models, completed"):
             new = fut.result()
-            rows = [{**r, "cells": {**r["cells"], **new["cells"]}} if r["model"] == new["model"] else r for r in rows]
+            rows = [{**r, "cells": {**r.get("cells", {}), **new["cells"]}} if r["model"] == new["model"] else r
+                    for r in rows]  # fmt: skip
             write_text_atomic(results, "".join(json.dumps(r) + "\n" for r in rows))
 
 

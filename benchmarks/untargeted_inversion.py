@@ -18,8 +18,10 @@ the shipped reference fashion-mnist). An untargeted size is judged as NC judges 
 across models: its anomaly index is (median - log size) / (1.4826 MAD) of the log sizes on the
 shadow models at 5% (each shadow model left out of its own). The attack is read only to label rows.
 
-One JSON line per model in benchmarks/results/untargeted_inversion.jsonl (resumable); writes
-untargeted_inversion.md."""
+On the clean and all-to-all models, also the README's recommended `verdict` command (RECOMMENDED,
+`untargeted=true`) as a user runs it (`defended`): its false alarms and what it does with an
+all-to-all backdoor. One JSON line per model in benchmarks/results/untargeted_inversion.jsonl
+(resumable); writes untargeted_inversion.md."""
 
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ FORMS = ("mask", "blend")
 REFERENCE = "fashion-mnist"
 LINE = 2.0
 """NC's anomaly-index line, for the untargeted index as for a class's."""
+RECOMMENDED = {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0, "repair_epochs": 5,
+               "unlearn": 0.5, "untargeted": True}  # fmt: skip
+"""The README's recommended `verdict` command, run on the clean and all-to-all models (`defended`)."""
 
 
 def models() -> list[tuple[str, str, LabConfig]]:
@@ -51,8 +56,35 @@ def models() -> list[tuple[str, str, LabConfig]]:
     return shadow + clean + shift
 
 
-def measure(name: str, role: str, path: str) -> dict[str, Any]:
+def defended(name: str, path: str) -> dict[str, Any]:
+    """The README's recommended defense at each fraction: what it followed, what it cut, and the repaired
+    model's ASR and accuracy lost."""
+    import tempfile
+
+    from onp_env.defend import defend_artifact
+
+    cells = {}
+    for fraction in FRACTIONS:
+        with tempfile.TemporaryDirectory() as tmp:
+            _, report = defend_artifact(path, "verdict", {**RECOMMENDED, "defense_fraction": fraction}, out=f"{tmp}/o")
+        d, tuned = report["details"], report.get("finetuned") or report
+        cells[str(fraction)] = {"follows": d.get("follows"), "flagged": bool(d.get("flagged")),
+                                "pruned": report["pruned"], "asr": tuned["asr"], "seconds": report["seconds"],
+                                "acc_lost": report["before"]["acc"] - tuned["acc"]}  # fmt: skip
+    return {"model": name, "cells": {"defended": cells}}
+
+
+def defend_missing(row: dict[str, Any]) -> list[str]:
+    wanted = row["role"] == "clean" or row["mode"] == "all-to-all"
+    return ["defended"] if wanted and "defended" not in row.get("cells", {}) else []
+
+
+def measure(name: str, role: str, path: str, parts: list[str] | None = None) -> dict[str, Any]:
     import torch
+
+    if parts is not None:
+        torch.set_num_threads(1)
+        return defended(name, path)
 
     from onp_env import load_artifact
     from onp_env.defend import defense_subset
@@ -136,13 +168,28 @@ def report(rows: list[dict[str, Any]]) -> str:
             unt = [max(index(rows, r, f, form) for form in FORMS) > LINE for r in group]
             either = sum(a or b for a, b in zip(cls, unt, strict=True))
             lines.append(f"| {name} ({len(group)}) | {float(f):.0%} | {sum(cls)} | {either} | {sum(unt)} |")
+    lines += ["", "## The recommended defense on the clean and all-to-all models", "",
+              "The README's `verdict` command (`untargeted=true`; the repaired model). Per fraction: what it "
+              "followed, units cut, ASR after (backdoored) and accuracy lost in points.", "",
+              "| model | attack | 5%: follows | cut | ASR | lost | 1%: follows | cut | ASR | lost |",
+              "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        if "defended" not in r.get("cells", {}):
+            continue
+        cells = []
+        for f in ("0.05", "0.01"):
+            c = r["cells"]["defended"][f]
+            follows = c["follows"] if c["flagged"] else "not flagged"
+            asr = "-" if c["asr"] is None else f"{100 * c['asr']:.1f}"
+            cells += [follows, str(c["pruned"]), asr, f"{100 * c['acc_lost']:.1f}"]
+        lines.append(f"| {r['model'].removeprefix('fashion-mnist-')} | {r['label']} | " + " | ".join(cells) + " |")
     secs = sorted(r[f][form]["seconds"] for r in rows for f in ("0.05", "0.01") for form in FORMS)
     lines += ["", f"Median seconds per untargeted inversion (one form, one thread): {secs[len(secs) // 2]:.1f}."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    per_model_main(__doc__, RESULTS, models(), measure, report)
+    per_model_main(__doc__, RESULTS, models(), measure, report, defend_missing)
 
 
 if __name__ == "__main__":
