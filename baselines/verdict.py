@@ -116,8 +116,10 @@ class VerdictParams(NCParams):
     its size across the shipped reference's models (their median and spread of log sizes; NC's anomaly
     index, flagged above `flag_index`); a flagged one is followed as a reversed trigger with no target:
     its gap orders the cuts, the sweep stops once it moves at most `stop_asr` of the images the model
-    gets right, and the repair stamps it. An all-to-all backdoor has no one target for the per-class
-    verdicts to find. Needs `reference_from` with untargeted sizes (fashion-mnist)."""
+    gets right, and the repair stamps it (only it: `unlearn_all` does not add the classes' triggers;
+    `reinvert` does not apply, and `candidates` choose by accuracy alone, there being no class to take
+    probability off). An all-to-all backdoor has no one target for the per-class verdicts to find.
+    Needs `reference_from` with untargeted sizes (fashion-mnist); not with `flag_rule`."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
@@ -146,6 +148,9 @@ class Verdict(NC):
             self.kind, self.flag_line = self.rule.score, self.rule.threshold
         self.stop_line = self.rule.threshold if self.rule else self.params.stop_index
         self.untargeted: Inverted | None = None
+        if self.params.untargeted and self.params.flag_rule:
+            raise OnpError("verdict parameters: untargeted reads fashion-mnist's untargeted sizes and flag_rule "
+                           "fashion-mnist-clean's rule: drop one of them")  # fmt: skip
         if self.params.untargeted:
             shipped = self.signal.shipped
             if shipped is None or shipped.untargeted is None:

@@ -879,7 +879,6 @@ def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_f
             size = torch.tensor([float(torch.tensor(median - index[form] * spread).exp())])
             return trigger_inversion.Inverted(masks, patterns, size, torch.ones(1, dtype=torch.bool), 9)
 
-        monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted)
         return invert
 
     monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted({"mask": 5.0, "blend": 1.0}))
@@ -908,6 +907,8 @@ def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_f
     for wrong in ({}, {"reference_from": "fashion-mnist-clean"}):  # no untargeted sizes to judge it against
         with pytest.raises(OnpError, match="untargeted judges its trigger against .* set reference_from=fashion-mnist"):
             Verdict(untargeted=True, **wrong)
+    with pytest.raises(OnpError, match="untargeted reads fashion-mnist's untargeted sizes and flag_rule .* drop one"):
+        Verdict(untargeted=True, flag_rule=True, reference_from="fashion-mnist-clean")
 
 
 def test_repair_frozen_bn_keeps_the_batchnorm_statistics_and_still_trains_the_rest(tmp_path, monkeypatch):
@@ -966,7 +967,8 @@ def test_a_shipped_reference_is_checked_before_it_is_used():
     for crafted in ({**untargeted, "version": "1"}, {**untargeted, "forms": {"mask": untargeted["forms"]["mask"]}},
                     {**untargeted, "forms": {**untargeted["forms"], "blend": {"median_log": 5.0, "spread": 0}}},
                     {**untargeted, "forms": {**untargeted["forms"], "mask": {"median_log": float("inf"), "spread": 1}}},
-                    {**untargeted, "extra": 1}, [1.0]):  # fmt: skip
+                    {**untargeted, "forms": {**untargeted["forms"], "mask": {"median_log": 3.0, "spread": True}}},
+                    {**untargeted, "version": True}, {**untargeted, "extra": 1}, [1.0]):  # fmt: skip
         with pytest.raises(OnpError, match="shipped class reference 'x' is malformed .untargeted"):
             _parse("x", {**good, "untargeted": crafted})
     assert ref.untargeted is not None and ref.untargeted.index("mask", math.exp(ref.untargeted.forms["mask"][0])) == 0

@@ -72,7 +72,7 @@ class UntargetedSizes:
         """NC's anomaly index of `size` across the reference's models: how many spreads its log lies
         below their median."""
         median, spread = self.forms[form]
-        return (median - math.log(size)) / spread
+        return (median - math.log(max(size, 1e-6))) / spread  # a mask that rounds to 0 is as small as they come
 
 
 @dataclass(frozen=True)
@@ -202,14 +202,14 @@ def _parse_untargeted(entry: Any, bad: Callable[[str], OnpError]) -> UntargetedS
     if not isinstance(entry, dict) or set(entry) != {"version", "settings", "forms"}:
         raise bad("untargeted")
     forms = entry["forms"]
-    if not isinstance(entry["version"], int) or not isinstance(entry["settings"], dict):
+    if type(entry["version"]) is not int or not isinstance(entry["settings"], dict):
         raise bad("untargeted version or settings")
     if not isinstance(forms, dict) or set(forms) != set(UNTARGETED_FORMS):
         raise bad("untargeted forms")
     parsed = {}
     for form, value in forms.items():
         ok = isinstance(value, dict) and set(value) == {"median_log", "spread"}
-        if not ok or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value.values()):
+        if not ok or not all(type(v) in (int, float) and math.isfinite(v) for v in value.values()):
             raise bad(f"untargeted {form}")
         if not 0 < value["spread"] <= 100 or abs(value["median_log"]) > 100:
             raise bad(f"untargeted {form}")

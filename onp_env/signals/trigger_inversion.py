@@ -68,7 +68,8 @@ class InversionParams(VerdictParams):
 
 @dataclass
 class Inverted:
-    """Per class: the best working mask and pattern, and its L1 norm."""
+    """Per row (a class, or invert_untargeted's one trigger): the best working mask and pattern, and its
+    L1 norm."""
 
     masks: torch.Tensor
     """(K, 1, H, W) in [0, 1]."""
