@@ -233,22 +233,26 @@ class NC(Defense):
                                f"{self.name}: repair", p.progress, {**shift, **frozen})  # fmt: skip
 
     def stamped(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The repair's images, `unlearn` of them (drawn with the seed) carrying the reversed trigger
-        (`unlearn_all`: of another class than their own), and how many carry one."""
-        p = self.params
-        stamped = round(p.unlearn * len(x))
+        """The repair's images, `unlearn` of them (drawn with the seed) carrying one trigger (one_trigger)
+        or, with `unlearn_all`, the reversed trigger of another class than their own; and how many carry one."""
+        stamped = round(self.params.unlearn * len(x))
         g = torch.Generator().manual_seed(self.seed)
         pick = torch.randperm(len(x), generator=g)[:stamped].to(x.device)
         x = x.clone()
-        if p.unlearn_all:
-            some, k = self.other_classes(y[pick].cpu(), g)
-            pick, stamped = pick[some.to(pick.device)], int(some.sum())
-            for c in k.unique().tolist():
-                sel = pick[(k == c).to(pick.device)]
-                x[sel] = self.inverted.apply(c, x[sel])
-        else:
-            x[pick] = self.inverted.apply(self.suspect, x[pick])
+        one = self.one_trigger()
+        if one is not None:
+            x[pick] = one(x[pick])
+            return x, stamped
+        some, k = self.other_classes(y[pick].cpu(), g)
+        pick, stamped = pick[some.to(pick.device)], int(some.sum())
+        for c in k.unique().tolist():
+            sel = pick[(k == c).to(pick.device)]
+            x[sel] = self.inverted.apply(c, x[sel])
         return x, stamped
+
+    def one_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The one trigger the repair stamps (the suspect's reversed trigger), or None under `unlearn_all`."""
+        return None if self.params.unlearn_all else lambda xs: self.inverted.apply(self.suspect, xs)
 
     def other_classes(self, labels: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """`unlearn_all`: for images of these labels, which are stamped, and (for those) the class whose

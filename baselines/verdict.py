@@ -214,14 +214,10 @@ class Verdict(NC):
         """Whether the sweep follows a reversed trigger: the inversion's, or the untargeted one."""
         return self.extra["follows"] in ("inversion", "untargeted")
 
-    def stamped(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        if self.untargeted is None:
-            return super().stamped(x, y)
-        stamped = round(self.params.unlearn * len(x))
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[:stamped].to(x.device)
-        x = x.clone()
-        x[pick] = self.untargeted.apply(0, x[pick])
-        return x, stamped
+    def one_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """An untargeted sweep's repair stamps its trigger alone, `unlearn_all` or not."""
+        untargeted = self.untargeted
+        return super().one_trigger() if untargeted is None else lambda xs: untargeted.apply(0, xs)
 
     def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
         """None for an untargeted sweep: its candidates are chosen by accuracy alone (there is no class to

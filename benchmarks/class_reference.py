@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from agents.train import zoo_configs
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import Artifact, write_text_atomic
 from onp_env.signals import SIGNALS
+from onp_env.signals.base import log_spread
 from onp_env.signals.shipped import FORMAT, FORMAT_VERSION, READ_ONLY, REFERENCES, UNTARGETED_FORMS
 from onp_env.signals.trigger_inversion import UNTARGETED_VERSION, InversionParams, invert_untargeted
 
@@ -108,9 +107,8 @@ def untargeted_entry(sizes: list[dict[str, float]]) -> dict:
     median of the models' log sizes and their spread (1.4826 MAD)."""
     forms = {}
     for form in UNTARGETED_FORMS:
-        logs = [math.log(s[form]) for s in sizes]
-        med = statistics.median(logs)
-        forms[form] = {"median_log": med, "spread": 1.4826 * statistics.median(abs(v - med) for v in logs)}
+        med, spread = log_spread([s[form] for s in sizes])
+        forms[form] = {"median_log": med, "spread": spread}
     defaults = dataclasses.asdict(InversionParams())
     return {"version": UNTARGETED_VERSION, "settings": {k: v for k, v in defaults.items() if k not in READ_ONLY},
             "forms": forms}  # fmt: skip

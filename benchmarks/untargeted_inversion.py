@@ -25,7 +25,6 @@ all-to-all backdoor. One JSON line per model in benchmarks/results/untargeted_in
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
@@ -115,12 +114,10 @@ def measure(name: str, role: str, path: str, parts: list[str] | None = None) -> 
 
 
 def reference(rows: list[dict[str, Any]], form: str, leave_out: str | None = None) -> tuple[float, float]:
-    """(median, 1.4826 MAD) of the log untargeted sizes of the shadow models at 5%."""
-    import math
+    """(median, 1.4826 MAD) of the log untargeted sizes of the shadow models at 5% (base.log_spread)."""
+    from onp_env.signals.base import log_spread
 
-    logs = [math.log(r["0.05"][form]["size"]) for r in rows if r["role"] == "shadow" and r["model"] != leave_out]
-    med = statistics.median(logs)
-    return med, 1.4826 * statistics.median(abs(v - med) for v in logs)
+    return log_spread([r["0.05"][form]["size"] for r in rows if r["role"] == "shadow" and r["model"] != leave_out])
 
 
 def index(rows: list[dict[str, Any]], row: dict[str, Any], fraction: str, form: str) -> float:

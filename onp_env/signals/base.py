@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import statistics
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,6 +43,14 @@ def anomaly_index(norms: torch.Tensor, reference: torch.Tensor | None = None) ->
     med = values.median()
     mad = (values - med).abs().median() * MAD_CONSISTENCY
     return (med - values) / mad.clamp_min(1e-12)
+
+
+def log_spread(sizes: Sequence[float]) -> tuple[float, float]:
+    """(median, MAD_CONSISTENCY x MAD) of the log sizes of one trigger on several models: where a typical
+    model's lies, and how far they spread (a shipped reference's untargeted sizes, shipped.UntargetedSizes)."""
+    logs = [math.log(s) for s in sizes]
+    med = statistics.median(logs)
+    return med, MAD_CONSISTENCY * statistics.median(abs(v - med) for v in logs)
 
 
 def log_ratio(norms: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
