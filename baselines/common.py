@@ -111,16 +111,18 @@ class Defense(ABC):
 
 def finetune_pruned(model: nn.Module, layout: UnitLayout, pruned: list[int], x: torch.Tensor, y: torch.Tensor,
                     cfg: TrainConfig, semantics: str, seed: int, desc: str, progress: bool,
-                    pre_hooks: dict[str, Callable[..., Any]] | None = None) -> nn.Module:  # fmt: skip
+                    pre_hooks: dict[str, Callable[..., Any]] | None = None,
+                    before_epoch: Callable[[nn.Module, int], None] | None = None) -> nn.Module:  # fmt: skip
     """A copy of `model` trained on (x, y) with the `pruned` units held at zero by their masks (folded in).
-    `pre_hooks` (module name: forward pre-hook) act during the training only; the copy returned has none."""
+    `pre_hooks` (module name: forward pre-hook) act during the training only; the copy returned has none.
+    `before_epoch(copy, epoch)`: onp_env.training.train's, on the masked copy (it may rewrite `x` in place)."""
     tuned = copy.deepcopy(model)
     modules = dict(tuned.named_modules())
     with Masks(tuned, layout, semantics) as masks:
         masks.prune(pruned)
         handles = [modules[name].register_forward_pre_hook(hook) for name, hook in (pre_hooks or {}).items()]
         try:
-            train(tuned, PoisonedSet(x, y), cfg, seed, desc=desc, progress=progress)
+            train(tuned, PoisonedSet(x, y), cfg, seed, desc=desc, progress=progress, before_epoch=before_epoch)
         finally:
             for handle in handles:
                 handle.remove()

@@ -214,10 +214,28 @@ class Verdict(NC):
         """Whether the sweep follows a reversed trigger: the inversion's, or the untargeted one."""
         return self.extra["follows"] in ("inversion", "untargeted")
 
+    def followed_class(self) -> int | None:
+        return self.suspect if self.extra["follows"] == "inversion" else None
+
     def one_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """An untargeted sweep's repair stamps its trigger alone, `unlearn_all` or not."""
         untargeted = self.untargeted
         return super().one_trigger() if untargeted is None else lambda xs: untargeted.apply(0, xs)
+
+    def invert_followed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> Inverted:
+        """An untargeted sweep's trigger inverted again in its form; else the suspected class's."""
+        if self.untargeted is None:
+            return super().invert_followed(model, x, y, seed)
+        blend = self.extra["form"] == "blend"
+        return invert_untargeted(model, x, y, self.signal.params, seed, self.device, blend=blend)
+
+    def still_flagged(self, size: float) -> bool:
+        """An untargeted trigger: whether its index across the reference's models is still above `flag_index`."""
+        if self.untargeted is None:
+            return super().still_flagged(size)
+        shipped = self.signal.shipped
+        assert shipped is not None and shipped.untargeted is not None
+        return shipped.untargeted.index(self.extra["form"], size) > self.params.flag_index
 
     def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
         """None for an untargeted sweep: its candidates are chosen by accuracy alone (there is no class to

@@ -85,6 +85,11 @@ SETTINGS = {
         "verdict",
         {**_SHIPPED_LINE1, "repair_distill": 0.5, "untargeted": True},
     ),
+    # ... and with half the suspect's stamps its trigger inverted as a whole-image blend (verdict_repair_rebuild.md)
+    "verdict shipped repair untargeted blend": (
+        "verdict",
+        {**_SHIPPED_FIRST, "repair_epochs": 5, "unlearn": 0.5, "untargeted": True, "repair_blend": True},
+    ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -95,13 +100,15 @@ that grid that also follows a flagged inversion naming the latent shift's class;
 the README's `verdict`, its pruned model then repaired (REPAIRED); `verdict shipped unlearn line1` that repair
 unlearning the reversed trigger of every class whose anomaly index is above 1, not only the suspect's;
 `... distill` that repair trained toward half the unpruned model's output on each image unstamped;
-`... untargeted` also inverts an untargeted trigger where neither class verdict is flagged."""
+`... untargeted` also inverts an untargeted trigger where neither class verdict is flagged; `... blend` stamps
+half the suspect's images with its trigger inverted as a whole-image blend (`repair_blend`)."""
 REPAIRED = (
     "verdict shipped repair",
     "verdict shipped unlearn line1",
     "verdict shipped unlearn line1 distill",
     "verdict shipped repair untargeted",
     "verdict shipped unlearn line1 distill untargeted",
+    "verdict shipped repair untargeted blend",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")

@@ -62,6 +62,18 @@ SWEEPS = {
     "shipped first": {**_FIRST, "reference_from": "fashion-mnist"},
     "shipped first untargeted": {**_FIRST, "reference_from": "fashion-mnist", "untargeted": True},
     "shipped first frozen bn": {**_FIRST, "reference_from": "fashion-mnist", "repair_frozen_bn": True},
+    "shipped first untargeted reinvert": {
+        **_FIRST,
+        "reference_from": "fashion-mnist",
+        "untargeted": True,
+        "repair_reinvert": True,
+    },
+    "shipped first untargeted blend": {
+        **_FIRST,
+        "reference_from": "fashion-mnist",
+        "untargeted": True,
+        "repair_blend": True,
+    },
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
 fold's reference); `drop10`/`drop20` let the sweep cost up to 10/20 points of defense-set accuracy (5
@@ -76,7 +88,10 @@ and line1's repair then cost 2.9-3.8 points at 1%. `shipped first` judges the ve
 shipped reference (fashion-mnist, these 30 models' medians, each model's own included) instead of the
 fold's, as a user runs `verdict`; `shipped first untargeted` adds the untargeted look where no class
 verdict is flagged (its reference: these models' untargeted sizes, measured on this rebuild); `shipped
-first frozen bn` repairs with the BatchNorm statistics kept (`repair_frozen_bn`)."""
+first frozen bn` repairs with the BatchNorm statistics kept (`repair_frozen_bn`); `... reinvert` inverts the
+followed trigger again before each repair epoch after the first and stamps it on half the stamped images while it
+is still flagged (`repair_reinvert`); `... blend` stamps half of them with the suspect's trigger inverted as a
+whole-image blend instead (`repair_blend`)."""
 GRID = ((0, 0.0), *((e, u) for e in (5, 10) for u in (0.0, 0.2, 0.5)))
 """(repair_epochs, unlearn): 0 epochs is the pruned model; unlearn 0.2 is NC's share."""
 REBUILT = (" These models were built on another host than `verdict_repair.md`'s, and a build moves the numbers: "

@@ -88,9 +88,12 @@ def train(
     desc: str = "train",
     progress: bool = True,
     after_step: Callable[[float], None] | None = None,
+    before_epoch: Callable[[nn.Module, int], None] | None = None,
 ) -> float:
     """Train `model` in place on `cfg.device` (it is returned to the CPU); returns the seconds it
-    took. `after_step(lr)` runs after every optimiser step (e.g. a defense's extra regularisation)."""
+    took. `after_step(lr)` runs after every optimiser step (e.g. a defense's extra regularisation);
+    `before_epoch(model, epoch)` before each epoch's first batch (it may rewrite `data`'s images; the
+    model is put back in training mode after it)."""
     if cfg.augment not in AUGMENTS:
         raise OnpError(f"unknown augment '{cfg.augment}': choose one of {', '.join(AUGMENTS)}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
@@ -104,7 +107,10 @@ def train(
     start = time.perf_counter()
     model.train()
     with torch_threads(cfg.threads), tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
+            if before_epoch is not None:
+                before_epoch(model, epoch)
+                model.train()
             for x, y in data.batches(cfg.batch_size, g):
                 loss = F.cross_entropy(model(augment(x, cfg.augment, g).to(device)), y.to(device))
                 if not torch.isfinite(loss):

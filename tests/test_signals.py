@@ -516,7 +516,7 @@ def test_a_latent_sweeps_repair_unlearns_the_shift_at_the_classifiers_input_duri
     real = baselines.nc.finetune_pruned
 
     def spy(*args):
-        seen.append(args[-1])
+        seen.append(args[10])  # the pre-hooks
         return real(*args)
 
     monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
@@ -994,3 +994,76 @@ def test_a_pruned_unit_holds_every_classifier_input_it_feeds():
     layout, _ = find_units(model, torch.rand(2, 1, 4, 4))
     cols = input_columns(layout, [layout.by_name["1"].offset + 1])
     assert cols.shape == (48,) and cols.nonzero().flatten().tolist() == list(range(16, 32))
+
+
+def one_row(pixel: int | None, size: float, opacity: float = 1.0) -> trigger_inversion.Inverted:
+    """An Inverted of one row for two_routes' images: `pixel` set to 1, or (None) every pixel blended toward 1
+    with `opacity`; its size as given."""
+    masks = torch.full((1, 1, 1, 4), opacity if pixel is None else 0.0)
+    if pixel is not None:
+        masks[..., pixel] = 1.0
+    return trigger_inversion.Inverted(masks, torch.ones(1, 1, 1, 4), torch.tensor([size]), torch.ones(1).bool(), 1)
+
+
+def test_repair_blend_stamps_half_the_suspects_images_with_its_trigger_inverted_as_a_whole_image_blend(monkeypatch):
+    import baselines.nc
+
+    model, x, y = two_routes()
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(2))
+    trigger_inversion._INVERTED.clear()
+    calls = []
+
+    def toward(m, xs, ys, target, p, seed, device, blend=False):
+        triggered = x.clone()
+        triggered[..., 2] = 1.0
+        calls.append((target, blend, bool((m(triggered).argmax(1) == 2).all())))  # the unpruned model
+        return one_row(None, 2.0, opacity=0.5)
+
+    monkeypatch.setattr(baselines.nc, "invert_toward", toward)
+    seen = repair_data(monkeypatch)
+    result = NC(stop_asr=0.0, repair_epochs=1, unlearn=0.4, seed=5, repair_blend=True).run(model, x, y)
+    assert calls == [(2, True, True)] and result.details["blend_size"] == 2.0
+    xs, ys = seen[0]
+    stamped = (xs != x).flatten(1).any(1)
+    patched = stamped & (xs[..., 2] == 1).flatten() & (xs[..., :2] == x[..., :2]).flatten(1).all(1)
+    blended = stamped & torch.isclose(xs, 0.5 * x + 0.5).flatten(1).all(1)
+    assert int(stamped.sum()) == 40 and int(patched.sum()) == int(blended.sum()) == 20 and torch.equal(ys, y)
+    with pytest.raises(OnpError, match="^nc parameters: repair_blend and repair_reinvert .* drop one"):
+        NC(repair_blend=True, repair_reinvert=True)
+
+
+def test_repair_reinvert_stamps_the_trigger_inverted_again_during_the_repair_while_it_is_still_flagged(monkeypatch):
+    import baselines.nc
+
+    model, x, y = two_routes()
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(2))
+    trigger_inversion._INVERTED.clear()
+    found = iter([one_row(3, 0.1), one_row(0, 3.0)])  # the second route, flagged; then a trigger every class has
+    calls = []
+
+    def toward(m, xs, ys, target, p, seed, device, blend=False):
+        first = x.clone()
+        first[..., 2] = 1.0
+        calls.append((target, seed, blend, bool((m(first).argmax(1) != 2).all())))  # the model under repair
+        return next(found)
+
+    monkeypatch.setattr(baselines.nc, "invert_toward", toward)
+    seen = repair_data(monkeypatch)
+    result = NC(stop_asr=0.0, repair_epochs=3, unlearn=0.4, seed=5, repair_reinvert=True).run(model, x, y)
+    assert calls == [(2, 6, False, True), (2, 7, False, True)]  # before epochs 2 and 3, the first unit cut
+    assert result.details["repair"]["reinverted"] == [{"size": 0.1, "stamped": True}, {"size": 3.0, "stamped": False}]
+    xs, _ = seen[0]  # rewritten in place: as the last epoch saw them
+    stamped = (xs != x).flatten(1).any(1)
+    first = stamped & (xs[..., 2] == 1).flatten()
+    second = stamped & (xs[..., 3] == 1).flatten() & (xs[..., 2] == 0).flatten()
+    assert int(stamped.sum()) == 40 and int(first.sum()) == int(second.sum()) == 20
+
+
+def test_an_untargeted_trigger_inverted_again_is_judged_against_the_shipped_untargeted_sizes():
+    from baselines.verdict import Verdict
+
+    v = Verdict(untargeted=True, reference_from="fashion-mnist")
+    sizes = v.signal.shipped.untargeted
+    v.untargeted, v.extra = one_row(0, 1.0), {"form": "blend"}
+    median, spread = sizes.forms["blend"]
+    assert v.still_flagged(math.exp(median - 3 * spread)) and not v.still_flagged(math.exp(median - 1 * spread))

@@ -93,7 +93,14 @@ class Inverted:
 def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: InversionParams, seed: int,
            device: torch.device) -> Inverted:  # fmt: skip
     """Neural Cleanse's optimisation for every class at once (see the module docstring)."""
-    return _optimise(model, x, y, classes, p, seed, device, untargeted=False, blend=False)
+    return _optimise(model, x, y, list(range(classes)), p, seed, device, blend=False)
+
+
+def invert_toward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, p: InversionParams, seed: int,
+                  device: torch.device, blend: bool = False) -> Inverted:  # fmt: skip
+    """Neural Cleanse's optimisation for the one class `target`, as an Inverted of one row (`blend`: one
+    opacity over the whole image, as invert_untargeted's)."""
+    return _optimise(model, x, y, [target], p, seed, device, blend=blend)
 
 
 def invert_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: InversionParams, seed: int,
@@ -102,23 +109,24 @@ def invert_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: Inv
     such mask (`blend`: one opacity over the whole image, its norm the opacity times the pixels, as a
     blended trigger's) as an Inverted of one row. An all-to-all backdoor sends every class elsewhere with
     one trigger, which no per-class target shows: each class is reached only from its one source."""
-    return _optimise(model, x, y, 1, p, seed, device, untargeted=True, blend=blend)
+    return _optimise(model, x, y, None, p, seed, device, blend=blend)
 
 
-def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: int, p: InversionParams, seed: int,
-              device: torch.device, untargeted: bool, blend: bool) -> Inverted:  # fmt: skip
-    """The optimisation of `rows` masks and patterns at once: row k toward class k, or (`untargeted`)
+def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[int] | None, p: InversionParams,
+              seed: int, device: torch.device, blend: bool) -> Inverted:  # fmt: skip
+    """The optimisation of masks and patterns at once: row i toward class goals[i], or (goals None) one row
     away from each image's own label; `blend`: each mask one value over the image."""
+    untargeted = goals is None
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(x), generator=g)[: p.images]
     xs, ys = x[pick].to(device), y[pick].to(device)
-    k, (c, h, w) = rows, xs.shape[1:]
+    k, (c, h, w) = 1 if goals is None else len(goals), xs.shape[1:]
     pixels = h * w if blend else 1
     mask_raw = (0.1 * torch.randn(k, 1, *((1, 1) if blend else (h, w)), generator=g)).to(device).requires_grad_()
     pattern_raw = (0.1 * torch.randn(k, c, h, w, generator=g)).to(device).requires_grad_()
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=p.lr, betas=(0.5, 0.9))
     batch = min(p.batch_size, len(xs))
-    targets = torch.arange(k, device=device).repeat_interleave(batch)
+    targets = torch.tensor(goals or [0], device=device).repeat_interleave(batch)
     cost = torch.zeros(k, device=device)
     cost_set = torch.zeros(k, dtype=torch.bool, device=device)
     best = torch.full((k,), float("inf"), device=device)
