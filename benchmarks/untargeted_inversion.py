@@ -18,9 +18,9 @@ the shipped reference fashion-mnist). An untargeted size is judged as NC judges 
 across models: its anomaly index is (median - log size) / (1.4826 MAD) of the log sizes on the
 shadow models at 5% (each shadow model left out of its own). The attack is read only to label rows.
 
-On the clean and all-to-all models, also the README's recommended `verdict` command (RECOMMENDED,
-`untargeted=true`) as a user runs it (`defended`): its false alarms and what it does with an
-all-to-all backdoor. One JSON line per model in benchmarks/results/untargeted_inversion.jsonl
+On the clean and all-to-all models, also the README's recommended `verdict` command (DEFENDED:
+with `untargeted=true`, and with `repair_blend=true` added) as a user runs it: its false alarms and
+what it does with an all-to-all backdoor. One JSON line per model in benchmarks/results/untargeted_inversion.jsonl
 (resumable); writes untargeted_inversion.md."""
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ FORMS = ("mask", "blend")
 REFERENCE = "fashion-mnist"
 LINE = 2.0
 """NC's anomaly-index line, for the untargeted index as for a class's."""
-RECOMMENDED = {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0, "repair_epochs": 5,
+_UNTARGETED = {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0, "repair_epochs": 5,
                "unlearn": 0.5, "untargeted": True}  # fmt: skip
-"""The README's recommended `verdict` command, run on the clean and all-to-all models (`defended`)."""
+DEFENDED = {"defended": _UNTARGETED, "defended blend": {**_UNTARGETED, "repair_blend": True}}
+"""`verdict` as the README recommended it with `untargeted=true` (`defended`), and with `repair_blend=true`
+added (`defended blend`, the README's command since 2026-12-04), run on the clean and all-to-all models."""
 
 
 def models() -> list[tuple[str, str, LabConfig]]:
@@ -55,27 +57,30 @@ def models() -> list[tuple[str, str, LabConfig]]:
     return shadow + clean + shift
 
 
-def defended(name: str, path: str) -> dict[str, Any]:
-    """The README's recommended defense at each fraction: what it followed, what it cut, and the repaired
-    model's ASR and accuracy lost."""
+def defended(name: str, path: str, parts: list[str]) -> dict[str, Any]:
+    """Each of DEFENDED's `parts` at each fraction: what it followed, what it cut, and the repaired model's ASR
+    and accuracy lost."""
     import tempfile
 
     from onp_env.defend import defend_artifact
 
-    cells = {}
-    for fraction in FRACTIONS:
-        with tempfile.TemporaryDirectory() as tmp:
-            _, report = defend_artifact(path, "verdict", {**RECOMMENDED, "defense_fraction": fraction}, out=f"{tmp}/o")
-        d, tuned = report["details"], report.get("finetuned") or report
-        cells[str(fraction)] = {"follows": d.get("follows"), "flagged": bool(d.get("flagged")),
-                                "pruned": report["pruned"], "asr": tuned["asr"], "seconds": report["seconds"],
-                                "acc_lost": report["before"]["acc"] - tuned["acc"]}  # fmt: skip
-    return {"model": name, "cells": {"defended": cells}}
+    out: dict[str, Any] = {}
+    for part in parts:
+        cells = out[part] = {}
+        for fraction in FRACTIONS:
+            with tempfile.TemporaryDirectory() as tmp:
+                params = {**DEFENDED[part], "defense_fraction": fraction}
+                _, report = defend_artifact(path, "verdict", params, out=f"{tmp}/o")
+            d, tuned = report["details"], report.get("finetuned") or report
+            cells[str(fraction)] = {"follows": d.get("follows"), "flagged": bool(d.get("flagged")),
+                                    "pruned": report["pruned"], "asr": tuned["asr"], "seconds": report["seconds"],
+                                    "acc_lost": report["before"]["acc"] - tuned["acc"]}  # fmt: skip
+    return {"model": name, "cells": out}
 
 
 def defend_missing(row: dict[str, Any]) -> list[str]:
     wanted = row["role"] == "clean" or row["mode"] == "all-to-all"
-    return ["defended"] if wanted and "defended" not in row.get("cells", {}) else []
+    return [part for part in DEFENDED if part not in row.get("cells", {})] if wanted else []
 
 
 def measure(name: str, role: str, path: str, parts: list[str] | None = None) -> dict[str, Any]:
@@ -83,7 +88,7 @@ def measure(name: str, role: str, path: str, parts: list[str] | None = None) -> 
 
     if parts is not None:
         torch.set_num_threads(1)
-        return defended(name, path)
+        return defended(name, path, parts)
 
     from onp_env import load_artifact
     from onp_env.defend import defense_subset
@@ -199,20 +204,29 @@ def report(rows: list[dict[str, Any]]) -> str:
             either = sum(a or b for a, b in zip(cls, unt, strict=True))
             lines.append(f"| {name} ({len(group)}) | {float(f):.0%} | {sum(cls)} | {either} | {sum(unt)} |")
     lines += ["", "## The recommended defense on the clean and all-to-all models", "",
-              "The README's `verdict` command (`untargeted=true`; the repaired model). Per fraction: what it "
-              "followed, units cut, ASR after (backdoored) and accuracy lost in points.", "",
-              "| model | attack | 5%: follows | cut | ASR | lost | 1%: follows | cut | ASR | lost |",
-              "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
-    for r in rows:
-        if "defended" not in r.get("cells", {}):
-            continue
-        cells = []
-        for f in ("0.05", "0.01"):
-            c = r["cells"]["defended"][f]
-            follows = c["follows"] if c["flagged"] else "not flagged"
-            asr = "-" if c["asr"] is None else f"{100 * c['asr']:.1f}"
-            cells += [follows, str(c["pruned"]), asr, f"{100 * c['acc_lost']:.1f}"]
-        lines.append(f"| {r['model'].removeprefix('fashion-mnist-')} | {r['label']} | " + " | ".join(cells) + " |")
+              "`verdict` as the README recommends it (the repaired model): `defended` with `untargeted=true`, "
+              "`defended blend` with `repair_blend=true` added (the README's command since 2026-12-04). Per "
+              "fraction: what it followed, units cut, ASR after (backdoored) and accuracy lost in points; the "
+              "mean points lost on the clean models last."]  # fmt: skip
+    for part in DEFENDED:
+        lines += ["", f"### `{part}`", "",
+                  "| model | attack | 5%: follows | cut | ASR | lost | 1%: follows | cut | ASR | lost |",
+                  "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+        lost: dict[str, list[float]] = {"0.05": [], "0.01": []}
+        for r in rows:
+            if part not in r.get("cells", {}):
+                continue
+            cells = []
+            for f in ("0.05", "0.01"):
+                c = r["cells"][part][f]
+                follows = c["follows"] if c["flagged"] else "not flagged"
+                asr = "-" if c["asr"] is None else f"{100 * c['asr']:.1f}"
+                cells += [follows, str(c["pruned"]), asr, f"{100 * c['acc_lost']:.1f}"]
+                if r["role"] == "clean":
+                    lost[f].append(100 * c["acc_lost"])
+            lines.append(f"| {r['model'].removeprefix('fashion-mnist-')} | {r['label']} | " + " | ".join(cells) + " |")
+        means = [f"{sum(v) / len(v):.2f} ({len(v)} models)" if v else "-" for v in lost.values()]
+        lines += ["", f"Mean points lost on the clean models: {means[0]} at 5%, {means[1]} at 1%."]
     secs = sorted(r[f][form]["seconds"] for r in rows for f in ("0.05", "0.01") for form in FORMS)
     lines += ["", f"Median seconds per untargeted inversion (one form, one thread): {secs[len(secs) // 2]:.1f}."]
     return "\n".join(lines) + "\n"
