@@ -260,6 +260,10 @@ class NC(Defense):
         followed = self.followed_class()
         if p.repair_blend and followed is not None:
             inv = invert_toward(original, clean, y, followed, self.signal.params, self.seed, self.device, blend=True)
+            if x is clean:  # nothing stamped yet (a latent sweep's repair): draw the images as stamped() does
+                g = torch.Generator().manual_seed(self.seed)
+                self.carrying = torch.randperm(len(x), generator=g)[: round(p.unlearn * len(x))]
+                x = x.clone()
             half = self.carrying[1::2]
             x[half] = inv.apply(0, clean[half])
             self.extra["blend_size"] = round(float(inv.norms[0]), 2)

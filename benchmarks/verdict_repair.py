@@ -74,6 +74,13 @@ SWEEPS = {
         "untargeted": True,
         "repair_blend": True,
     },
+    "shipped first untargeted blend latent": {
+        **_FIRST,
+        "reference_from": "fashion-mnist",
+        "untargeted": True,
+        "repair_blend": True,
+        "blend_latent": True,
+    },
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
 fold's reference); `drop10`/`drop20` let the sweep cost up to 10/20 points of defense-set accuracy (5

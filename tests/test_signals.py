@@ -1067,3 +1067,29 @@ def test_an_untargeted_trigger_inverted_again_is_judged_against_the_shipped_unta
     v.untargeted, v.extra = one_row(0, 1.0), {"form": "blend"}
     median, spread = sizes.forms["blend"]
     assert v.still_flagged(math.exp(median - 3 * spread)) and not v.still_flagged(math.exp(median - 1 * spread))
+
+
+def test_blend_latent_stamps_the_latent_suspects_blend_trigger_beside_the_shift_and_leaves_the_data_alone(monkeypatch):
+    import baselines.nc
+    from baselines.verdict import Verdict
+
+    model, x, y = planted()
+    given = x.clone()
+    calls = []
+
+    def toward(m, xs, ys, target, p, seed, device, blend=False):
+        calls.append((target, blend))
+        return trigger_inversion.Inverted(torch.full((1, 1, 1, 5), 0.5), torch.ones(1, 1, 1, 5), torch.tensor([2.5]),
+                                          torch.ones(1).bool(), 1)  # fmt: skip
+
+    monkeypatch.setattr(baselines.nc, "invert_toward", toward)
+    seen = repair_data(monkeypatch)
+    params = {"steps": 40, "images": 64, "repair_epochs": 1, "unlearn": 0.5, "repair_blend": True}
+    plain = Verdict(**params).run(model, x, y).details
+    assert plain["follows"] == "latent_gap" and calls == [] and torch.equal(seen[0][0], x)  # the shift alone
+    d = Verdict(**params, blend_latent=True).run(model, x, y).details
+    assert d["follows"] == "latent_gap" and d["repair"]["shifted"] and calls == [(d["suspect"], True)]
+    xs = seen[1][0]
+    blended = torch.isclose(xs, 0.5 * x + 0.5).flatten(1).all(1)
+    assert int(blended.sum()) == 50 and torch.equal(xs[~blended], x[~blended])  # half of unlearn's 100 images
+    assert torch.equal(x, given)  # the caller's defense set untouched
