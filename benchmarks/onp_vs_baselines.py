@@ -90,6 +90,18 @@ SETTINGS = {
         "verdict",
         {**_SHIPPED_FIRST, "repair_epochs": 5, "unlearn": 0.5, "untargeted": True, "repair_blend": True},
     ),
+    # ... and the latent sweeps' repairs with the blend trigger too (blend_latent)
+    "verdict shipped repair untargeted blend latent": (
+        "verdict",
+        {
+            **_SHIPPED_FIRST,
+            "repair_epochs": 5,
+            "unlearn": 0.5,
+            "untargeted": True,
+            "repair_blend": True,
+            "blend_latent": True,
+        },
+    ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -101,7 +113,8 @@ the README's `verdict`, its pruned model then repaired (REPAIRED); `verdict ship
 unlearning the reversed trigger of every class whose anomaly index is above 1, not only the suspect's;
 `... distill` that repair trained toward half the unpruned model's output on each image unstamped;
 `... untargeted` also inverts an untargeted trigger where neither class verdict is flagged; `... blend` stamps
-half the suspect's images with its trigger inverted as a whole-image blend (`repair_blend`)."""
+half the suspect's images with its trigger inverted as a whole-image blend (`repair_blend`), `... latent` also
+on a latent sweep's repair (`blend_latent`)."""
 REPAIRED = (
     "verdict shipped repair",
     "verdict shipped unlearn line1",
@@ -109,6 +122,7 @@ REPAIRED = (
     "verdict shipped repair untargeted",
     "verdict shipped unlearn line1 distill untargeted",
     "verdict shipped repair untargeted blend",
+    "verdict shipped repair untargeted blend latent",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")
