@@ -259,14 +259,7 @@ class NC(Defense):
             x, stamped = self.stamped(x, y)
         followed = self.followed_class()
         if p.repair_blend and followed is not None:
-            inv = invert_toward(original, clean, y, followed, self.signal.params, self.seed, self.device, blend=True)
-            if x is clean:  # nothing stamped yet (a latent sweep's repair): draw the images as stamped() does
-                g = torch.Generator().manual_seed(self.seed)
-                self.carrying = torch.randperm(len(x), generator=g)[: round(p.unlearn * len(x))]
-                x = x.clone()
-            half = self.carrying[1::2]
-            x[half] = inv.apply(0, clean[half])
-            self.extra["blend_size"] = round(float(inv.norms[0]), 2)
+            x = self.stamp_blend(original, clean, x, y, followed)
         restamp = self.restamping(clean, x, y) if p.repair_reinvert and self.follows_inversion() else None
         if not self.follows_inversion() and p.unlearn:
             shift = self.unlearning_hooks(layout, pruned)
@@ -279,6 +272,20 @@ class NC(Defense):
                           device=str(self.device))  # fmt: skip
         return finetune_pruned(pruned_model, layout, pruned, x, target, cfg, self.semantics, self.seed,
                                f"{self.name}: repair", p.progress, {**shift, **frozen}, restamp)  # fmt: skip
+
+    def stamp_blend(self, original: nn.Module, clean: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    k: int) -> torch.Tensor:  # fmt: skip
+        """`repair_blend`: class k's trigger inverted on the unpruned `original` as a whole-image blend, stamped
+        on every other image that carries the followed trigger (where nothing is stamped yet, a latent sweep's
+        repair, on every other image of the repair's draw); `x` with those stamps."""
+        inv = invert_toward(original, clean, y, k, self.signal.params, self.seed, self.device, blend=True)
+        if x is clean:
+            self.carrying = self.repair_draw(len(x))[0]
+            x = x.clone()
+        half = self.carrying[1::2]
+        x[half] = inv.apply(0, clean[half])
+        self.extra["blend_size"] = round(float(inv.norms[0]), 2)
+        return x
 
     def restamping(self, clean: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module, int], None]:
         """`repair_reinvert`'s hook before each repair epoch: from the second on, the followed trigger inverted
@@ -315,9 +322,8 @@ class NC(Defense):
         """The repair's images, `unlearn` of them (drawn with the seed) carrying one trigger (one_trigger)
         or, with `unlearn_all`, the reversed trigger of another class than their own; and how many carry one.
         Those that carry the followed trigger (the one trigger, or the suspect's) are kept as self.carrying."""
-        stamped = round(self.params.unlearn * len(x))
-        g = torch.Generator().manual_seed(self.seed)
-        pick = torch.randperm(len(x), generator=g)[:stamped].to(x.device)
+        pick, g = self.repair_draw(len(x))
+        stamped, pick = len(pick), pick.to(x.device)
         x = x.clone()
         one = self.one_trigger()
         if one is not None:
@@ -331,6 +337,12 @@ class NC(Defense):
             sel = pick[(k == c).to(pick.device)]
             x[sel] = self.inverted.apply(c, x[sel])
         return x, stamped
+
+    def repair_draw(self, n: int) -> tuple[torch.Tensor, torch.Generator]:
+        """Which `unlearn` of the repair's n images carry a trigger (drawn with the seed), and the generator
+        after the draw (`unlearn_all` then draws each image's class from it)."""
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(n, generator=g)[: round(self.params.unlearn * n)], g
 
     def one_trigger(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The one trigger the repair stamps (the suspect's reversed trigger), or None under `unlearn_all`."""

@@ -86,7 +86,7 @@ from onp_env.signals.latent_shift import (
     min_shifts,
     unit_values,
 )
-from onp_env.signals.shipped import UNTARGETED_FORMS, DetectRule
+from onp_env.signals.shipped import UNTARGETED_FORMS, DetectRule, UntargetedSizes
 from onp_env.signals.trigger_inversion import UNTARGETED_VERSION, Inverted, invert_untargeted, untargeted_gap
 
 
@@ -196,12 +196,10 @@ class Verdict(NC):
                            y: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
         """The untargeted trigger's form with the larger index across the reference's models, recorded;
         where flagged, it becomes the followed trigger and its gap on the last unit layer is returned."""
-        shipped = self.signal.shipped
-        assert shipped is not None and shipped.untargeted is not None
         found = {}
         for form in UNTARGETED_FORMS:
             inv = invert_untargeted(model, x, y, self.signal.params, self.seed, self.device, blend=form == "blend")
-            found[form] = (shipped.untargeted.index(form, float(inv.norms[0])), inv)
+            found[form] = (self.untargeted_sizes().index(form, float(inv.norms[0])), inv)
         form = max(found, key=lambda f: found[f][0])
         index, inv = found[form]
         self.extra["untargeted"] = {f: {"size": float(v[1].norms[0]), "anomaly_index": v[0]} for f, v in found.items()}
@@ -239,9 +237,13 @@ class Verdict(NC):
         """An untargeted trigger: whether its index across the reference's models is still above `flag_index`."""
         if self.untargeted is None:
             return super().still_flagged(size)
+        return self.untargeted_sizes().index(self.extra["form"], size) > self.params.flag_index
+
+    def untargeted_sizes(self) -> UntargetedSizes:
+        """The shipped reference's untargeted sizes (`untargeted` was refused without them)."""
         shipped = self.signal.shipped
         assert shipped is not None and shipped.untargeted is not None
-        return shipped.untargeted.index(self.extra["form"], size) > self.params.flag_index
+        return shipped.untargeted
 
     def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
         """None for an untargeted sweep: its candidates are chosen by accuracy alone (there is no class to
