@@ -42,7 +42,9 @@ teach less than the model knew. With `repair_blend` [ours] half of the images th
 reversed trigger carry instead that class's trigger inverted as a whole-image blend (one opacity, a free
 pattern): a blended or sinusoidal backdoor is reached by a small mask over part of the image, and
 unlearning that part alone leaves the whole pattern working (on the shadow models it took SIG's ASR after
-the repair from 11.8% to 8.0%; benchmarks/results/verdict_repair_rebuild.md). With `repair_reinvert`
+the repair from 11.8% to 8.0%; benchmarks/results/verdict_repair_rebuild.md); `repair_additive` [ours] stamps
+that class's trigger inverted as an additive whole-image perturbation instead (one amplitude, a free sign per
+pixel), the form in which a sinusoid is added. With `repair_reinvert`
 [ours, after I-BAU's alternation of trigger search and unlearning: Zeng, Chen, Park, Mao, Jin, Jia,
 "Adversarial Unlearning of Backdoors via Implicit Hypergradient", ICLR 2022, without its implicit
 hypergradient] the followed trigger is inverted again before each repair epoch after the first and
@@ -130,6 +132,9 @@ class NCParams(InversionParams):
     that carries it carries instead that class's trigger inverted again on the unpruned model as a
     whole-image blend (one opacity, a free pattern): a blended or sinusoidal backdoor is reached by a small
     mask over a part of the image, and unlearning that part leaves the whole pattern working."""
+    repair_additive: bool = False
+    """As `repair_blend`, with that class's trigger inverted as an additive whole-image perturbation instead
+    (one amplitude, a free sign per pixel: clip(x + a * d), as a sinusoidal trigger is added)."""
     progress: bool = False
     """A progress bar of the pruning sweep on stderr."""
 
@@ -143,9 +148,10 @@ class NC(Defense):
         if self.params.unlearn_line is not None and not self.params.unlearn_all:
             raise OnpError(f"{self.name} parameters: unlearn_line only chooses among the classes of unlearn_all: "
                            "set unlearn_all=true, or drop unlearn_line")  # fmt: skip
-        if self.params.repair_blend and self.params.repair_reinvert:
-            raise OnpError(f"{self.name} parameters: repair_blend and repair_reinvert restamp the same half of the "
-                           "images: drop one")  # fmt: skip
+        restamps = [k for k in ("repair_blend", "repair_additive", "repair_reinvert") if getattr(self.params, k)]
+        if len(restamps) > 1:
+            raise OnpError(f"{self.name} parameters: {' and '.join(restamps)} restamp the same half of the images: "
+                           "keep one")  # fmt: skip
         inversion = {k: v for k, v in vars(self.params).items() if k in InversionParams.__dataclass_fields__}
         # built here so that a reference it cannot use is refused before any work
         self.signal = TriggerInversion(seed=self.seed, device=str(self.device), **inversion)
@@ -257,9 +263,9 @@ class NC(Defense):
         clean, self.carrying = x, torch.zeros(0, dtype=torch.long)
         if self.follows_inversion() or p.unlearn_all:
             x, stamped = self.stamped(x, y)
-        followed = self.followed_class()
-        if p.repair_blend and followed is not None:
-            x = self.stamp_blend(original, clean, x, y, followed)
+        followed, whole = self.followed_class(), self.whole_form()
+        if whole is not None and followed is not None:
+            x = self.stamp_whole(original, clean, x, y, followed, whole)
         restamp = self.restamping(clean, x, y) if p.repair_reinvert and self.follows_inversion() else None
         if not self.follows_inversion() and p.unlearn:
             shift = self.unlearning_hooks(layout, pruned)
@@ -273,18 +279,22 @@ class NC(Defense):
         return finetune_pruned(pruned_model, layout, pruned, x, target, cfg, self.semantics, self.seed,
                                f"{self.name}: repair", p.progress, {**shift, **frozen}, restamp)  # fmt: skip
 
-    def stamp_blend(self, original: nn.Module, clean: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    k: int) -> torch.Tensor:  # fmt: skip
-        """`repair_blend`: class k's trigger inverted on the unpruned `original` as a whole-image blend, stamped
-        on every other image that carries the followed trigger (where nothing is stamped yet, a latent sweep's
-        repair, on every other image of the repair's draw); `x` with those stamps."""
-        inv = invert_toward(original, clean, y, k, self.signal.params, self.seed, self.device, blend=True)
+    def whole_form(self) -> str | None:
+        """The form of the whole-image trigger the repair stamps (`repair_blend`, `repair_additive`), if any."""
+        return "blend" if self.params.repair_blend else "additive" if self.params.repair_additive else None
+
+    def stamp_whole(self, original: nn.Module, clean: torch.Tensor, x: torch.Tensor, y: torch.Tensor, k: int,
+                    form: str) -> torch.Tensor:  # fmt: skip
+        """`repair_blend`, `repair_additive`: class k's trigger inverted on the unpruned `original` as a whole-image
+        trigger of `form`, stamped on every other image that carries the followed trigger (where nothing is
+        stamped yet, a latent sweep's repair, on every other image of the repair's draw); `x` with those stamps."""
+        inv = invert_toward(original, clean, y, k, self.signal.params, self.seed, self.device, form)
         if x is clean:
             self.carrying = self.repair_draw(len(x))[0]
             x = x.clone()
         half = self.carrying[1::2]
         x[half] = inv.apply(0, clean[half])
-        self.extra["blend_size"] = round(float(inv.norms[0]), 2)
+        self.extra[f"{form}_size"] = round(float(inv.norms[0]), 2)
         return x
 
     def restamping(self, clean: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module, int], None]:

@@ -121,8 +121,9 @@ class VerdictParams(NCParams):
     probability off). An all-to-all backdoor has no one target for the per-class verdicts to find.
     Needs `reference_from` with untargeted sizes (fashion-mnist); not with `flag_rule`."""
     blend_latent: bool = False
-    """With `repair_blend`: a sweep that follows the latent shift is repaired with the suspected class's
-    trigger inverted as a whole-image blend on half of `unlearn` of the images too, beside the shift. More
+    """With `repair_blend` (or `repair_additive`): a sweep that follows the latent shift is repaired with the
+    suspected class's trigger inverted as that whole-image trigger on half of `unlearn` of the images too,
+    beside the shift. More
     backdoor removed for more accuracy lost at 1% defense data (docs/methods.md): not recommended."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
@@ -198,7 +199,7 @@ class Verdict(NC):
         where flagged, it becomes the followed trigger and its gap on the last unit layer is returned."""
         found = {}
         for form in UNTARGETED_FORMS:
-            inv = invert_untargeted(model, x, y, self.signal.params, self.seed, self.device, blend=form == "blend")
+            inv = invert_untargeted(model, x, y, self.signal.params, self.seed, self.device, form)
             found[form] = (self.untargeted_sizes().index(form, float(inv.norms[0])), inv)
         form = max(found, key=lambda f: found[f][0])
         index, inv = found[form]
@@ -230,8 +231,7 @@ class Verdict(NC):
         """An untargeted sweep's trigger inverted again in its form; else the suspected class's."""
         if self.untargeted is None:
             return super().invert_followed(model, x, y, seed)
-        blend = self.extra["form"] == "blend"
-        return invert_untargeted(model, x, y, self.signal.params, seed, self.device, blend=blend)
+        return invert_untargeted(model, x, y, self.signal.params, seed, self.device, self.extra["form"])
 
     def still_flagged(self, size: float) -> bool:
         """An untargeted trigger: whether its index across the reference's models is still above `flag_index`."""

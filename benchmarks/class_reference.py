@@ -99,7 +99,7 @@ def untargeted_sizes(art: Artifact) -> dict[str, float]:
     defense set."""
     x, y = art.defense_set()
     return {form: float(invert_untargeted(art.model, x, y, InversionParams(), 0, torch.device("cpu"),
-                                          blend=form == "blend").norms[0]) for form in UNTARGETED_FORMS}  # fmt: skip
+                                          form).norms[0]) for form in UNTARGETED_FORMS}  # fmt: skip
 
 
 def untargeted_entry(sizes: list[dict[str, float]]) -> dict:

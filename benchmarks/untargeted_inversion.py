@@ -107,7 +107,7 @@ def measure(name: str, role: str, path: str, parts: list[str] | None = None) -> 
         cell: dict[str, Any] = {}
         for form in FORMS:
             start = time.perf_counter()
-            inv = invert_untargeted(art.model, x, y, InversionParams(), 0, torch.device("cpu"), blend=form == "blend")
+            inv = invert_untargeted(art.model, x, y, InversionParams(), 0, torch.device("cpu"), form)
             cell[form] = {"size": float(inv.norms[0]), "reached": bool(inv.reached[0]), "steps": inv.steps,
                           "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
         for s in ("inversion", "latent_gap"):

@@ -74,6 +74,12 @@ SWEEPS = {
         "untargeted": True,
         "repair_blend": True,
     },
+    "shipped first untargeted additive": {
+        **_FIRST,
+        "reference_from": "fashion-mnist",
+        "untargeted": True,
+        "repair_additive": True,
+    },
     "shipped first untargeted blend latent": {
         **_FIRST,
         "reference_from": "fashion-mnist",
@@ -98,7 +104,8 @@ verdict is flagged (its reference: these models' untargeted sizes, measured on t
 first frozen bn` repairs with the BatchNorm statistics kept (`repair_frozen_bn`); `... reinvert` inverts the
 followed trigger again before each repair epoch after the first and stamps it on half the stamped images while it
 is still flagged (`repair_reinvert`); `... blend` stamps half of them with the suspect's trigger inverted as a
-whole-image blend instead (`repair_blend`)."""
+whole-image blend instead (`repair_blend`), `... additive` as an additive whole-image perturbation
+(`repair_additive`)."""
 GRID = ((0, 0.0), *((e, u) for e in (5, 10) for u in (0.0, 0.2, 0.5)))
 """(repair_epochs, unlearn): 0 epochs is the pruned model; unlearn 0.2 is NC's share."""
 REBUILT = (" These models were built on another host than `verdict_repair.md`'s, and a build moves the numbers: "

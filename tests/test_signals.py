@@ -383,21 +383,66 @@ def test_the_untargeted_inversion_finds_an_all_to_all_trigger_and_ranks_its_unit
     assert torch.equal(model(triggered).argmax(1), (y + 1) % 4)  # the planted backdoor works
     layout, _ = find_units(model, x[:2])
     cpu = torch.device("cpu")
-    for blend in (False, True):
-        inv = trigger_inversion.invert_untargeted(model, x, y, trigger_inversion.InversionParams(), 0, cpu, blend)
+    for form in ("mask", "blend"):
+        inv = trigger_inversion.invert_untargeted(model, x, y, trigger_inversion.InversionParams(), 0, cpu, form)
         clean = trigger_inversion.invert_untargeted(AllToAll(False), x, y, trigger_inversion.InversionParams(), 0,
-                                                    cpu, blend)  # fmt: skip
+                                                    cpu, form)  # fmt: skip
         assert inv.reached.all() and clean.reached.all()
         assert float(inv.norms[0]) < float(clean.norms[0]) / 3  # the backdoor's route is the short one
         gap = trigger_inversion.untargeted_gap(model, layout, x, y, inv)
         assert set(torch.argsort(-gap)[:4].tolist()) == {4, 5, 6, 7}  # the planted units, first
-        if blend:
+        if form == "blend":
             assert torch.equal(inv.masks[0], inv.masks[0, 0, 0, 0].expand_as(inv.masks[0]))  # one opacity
             assert float(inv.norms[0]) == pytest.approx(5 * float(inv.masks[0, 0, 0, 0]))
         else:
             assert int(inv.masks[0].flatten().argmax()) == 4 and float(inv.masks[0].flatten()[:4].max()) < 0.05
-    again = trigger_inversion.invert_untargeted(model, x, y, trigger_inversion.InversionParams(), 0, cpu, True)
+    again = trigger_inversion.invert_untargeted(model, x, y, trigger_inversion.InversionParams(), 0, cpu, "blend")
     assert torch.equal(again.masks, inv.masks) and torch.equal(again.patterns, inv.patterns)
+
+
+class Sinusoid(torch.nn.Module):
+    """Units 0-3 of `fc` copy pixels 0-3 of a 16-pixel row, the class is the largest; units 4 and 5 read
+    pixels 4-15 against a +-1 wave (and its opposite), zero on clean images (those pixels are 0.5), and
+    send anything to class 2 once they fire: a backdoor behind a small additive wave, as SIG's. Without
+    `backdoor`, they feed nothing."""
+
+    WAVE = torch.tensor([1.0, 1.0, -1.0, -1.0] * 3)
+
+    def __init__(self, backdoor: bool = True):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 6)
+        self.relu = torch.nn.ReLU()
+        self.classifier = torch.nn.Linear(6, 4)
+        with torch.no_grad():
+            for q in (self.fc.weight, self.fc.bias, self.classifier.weight, self.classifier.bias):
+                q.zero_()
+            for c in range(4):
+                self.fc.weight[c, c] = self.classifier.weight[c, c] = 1.0
+            self.fc.weight[4, 4:], self.fc.weight[5, 4:] = 10 * self.WAVE, -10 * self.WAVE
+            self.classifier.weight[2, 4:] = 40.0 if backdoor else 0.0
+
+    def forward(self, x):
+        return self.classifier(self.relu(self.fc(x.flatten(1))))
+
+
+def test_the_additive_inversion_finds_a_small_wave_trigger_and_its_signs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((200, 1, 1, 16), 0.5)
+    x[..., :4] = 0.2 + 0.6 * torch.rand(200, 1, 1, 4, generator=g)
+    cpu, p = torch.device("cpu"), trigger_inversion.InversionParams()
+    sizes = {}
+    for backdoor in (True, False):
+        model = Sinusoid(backdoor)
+        y = model(x).argmax(1).detach()
+        inv = trigger_inversion.invert_toward(model, x, y, 2, p, 0, cpu, "additive")
+        assert inv.reached.all() and inv.form == "additive"
+        assert torch.equal(inv.masks[0], inv.masks[0, 0, 0, 0].expand_as(inv.masks[0]))  # one amplitude
+        assert torch.equal(inv.apply(0, x), (x + inv.masks[0] * (2 * inv.patterns[0] - 1)).clamp(0, 1))
+        sizes[backdoor] = float(inv.norms[0])
+        if backdoor:  # the wave's signs (or their opposite, which the other unit reads)
+            agree = ((2 * inv.patterns[0].flatten()[4:] - 1).sign() == Sinusoid.WAVE).float().mean()
+            assert max(float(agree), 1 - float(agree)) > 0.9
+    assert sizes[True] < sizes[False] / 3
 
 
 def test_the_latent_shift_names_the_class_a_planted_unit_reaches():
@@ -870,8 +915,7 @@ def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_f
     asked = []
 
     def untargeted(index: dict[str, float]):
-        def invert(model, x, y, p, seed, device, blend):  # a 3x3 white patch, sized to score `index`
-            form = "blend" if blend else "mask"
+        def invert(model, x, y, p, seed, device, form):  # a 3x3 white patch, sized to score `index`
             asked.append(form)
             median, spread = shipped.untargeted.forms[form]
             masks, patterns = torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28)
@@ -1005,7 +1049,10 @@ def one_row(pixel: int | None, size: float, opacity: float = 1.0) -> trigger_inv
     return trigger_inversion.Inverted(masks, torch.ones(1, 1, 1, 4), torch.tensor([size]), torch.ones(1).bool(), 1)
 
 
-def test_repair_blend_stamps_half_the_suspects_images_with_its_trigger_inverted_as_a_whole_image_blend(monkeypatch):
+@pytest.mark.parametrize("form", ["blend", "additive"])
+def test_repair_blend_or_additive_stamps_half_the_suspects_images_with_its_trigger_inverted_over_the_whole_image(
+    monkeypatch, form
+):
     import baselines.nc
 
     model, x, y = two_routes()
@@ -1013,23 +1060,25 @@ def test_repair_blend_stamps_half_the_suspects_images_with_its_trigger_inverted_
     trigger_inversion._INVERTED.clear()
     calls = []
 
-    def toward(m, xs, ys, target, p, seed, device, blend=False):
+    def toward(m, xs, ys, target, p, seed, device, form="mask"):
         triggered = x.clone()
         triggered[..., 2] = 1.0
-        calls.append((target, blend, bool((m(triggered).argmax(1) == 2).all())))  # the unpruned model
-        return one_row(None, 2.0, opacity=0.5)
+        calls.append((target, form, bool((m(triggered).argmax(1) == 2).all())))  # the unpruned model
+        return dataclasses.replace(one_row(None, 2.0, opacity=0.5), form=form)
 
     monkeypatch.setattr(baselines.nc, "invert_toward", toward)
     seen = repair_data(monkeypatch)
-    result = NC(stop_asr=0.0, repair_epochs=1, unlearn=0.4, seed=5, repair_blend=True).run(model, x, y)
-    assert calls == [(2, True, True)] and result.details["blend_size"] == 2.0
+    result = NC(stop_asr=0.0, repair_epochs=1, unlearn=0.4, seed=5, **{f"repair_{form}": True}).run(model, x, y)
+    assert calls == [(2, form, True)] and result.details[f"{form}_size"] == 2.0
     xs, ys = seen[0]
     stamped = (xs != x).flatten(1).any(1)
     patched = stamped & (xs[..., 2] == 1).flatten() & (xs[..., :2] == x[..., :2]).flatten(1).all(1)
-    blended = stamped & torch.isclose(xs, 0.5 * x + 0.5).flatten(1).all(1)
-    assert int(stamped.sum()) == 40 and int(patched.sum()) == int(blended.sum()) == 20 and torch.equal(ys, y)
-    with pytest.raises(OnpError, match="^nc parameters: repair_blend and repair_reinvert .* drop one"):
-        NC(repair_blend=True, repair_reinvert=True)
+    whole = 0.5 * x + 0.5 if form == "blend" else (x + 0.5).clamp(0, 1)  # a pattern of ones: sign +1
+    assert int(stamped.sum()) == 40 and int(patched.sum()) == 20 and torch.equal(ys, y)
+    assert int((stamped & torch.isclose(xs, whole).flatten(1).all(1)).sum()) == 20
+    for both in ({"repair_blend": True, "repair_reinvert": True}, {"repair_blend": True, "repair_additive": True}):
+        with pytest.raises(OnpError, match="^nc parameters: repair_.* restamp the same half of the images: keep one"):
+            NC(**both)
 
 
 def test_repair_reinvert_stamps_the_trigger_inverted_again_during_the_repair_while_it_is_still_flagged(monkeypatch):
@@ -1041,16 +1090,16 @@ def test_repair_reinvert_stamps_the_trigger_inverted_again_during_the_repair_whi
     found = iter([one_row(3, 0.1), one_row(0, 3.0)])  # the second route, flagged; then a trigger every class has
     calls = []
 
-    def toward(m, xs, ys, target, p, seed, device, blend=False):
+    def toward(m, xs, ys, target, p, seed, device, form="mask"):
         first = x.clone()
         first[..., 2] = 1.0
-        calls.append((target, seed, blend, bool((m(first).argmax(1) != 2).all())))  # the model under repair
+        calls.append((target, seed, form, bool((m(first).argmax(1) != 2).all())))  # the model under repair
         return next(found)
 
     monkeypatch.setattr(baselines.nc, "invert_toward", toward)
     seen = repair_data(monkeypatch)
     result = NC(stop_asr=0.0, repair_epochs=3, unlearn=0.4, seed=5, repair_reinvert=True).run(model, x, y)
-    assert calls == [(2, 6, False, True), (2, 7, False, True)]  # before epochs 2 and 3, the first unit cut
+    assert calls == [(2, 6, "mask", True), (2, 7, "mask", True)]  # before epochs 2 and 3, the first unit cut
     assert result.details["repair"]["reinverted"] == [{"size": 0.1, "stamped": True}, {"size": 3.0, "stamped": False}]
     xs, _ = seen[0]  # rewritten in place: as the last epoch saw them
     stamped = (xs != x).flatten(1).any(1)
@@ -1077,8 +1126,8 @@ def test_blend_latent_stamps_the_latent_suspects_blend_trigger_beside_the_shift_
     given = x.clone()
     calls = []
 
-    def toward(m, xs, ys, target, p, seed, device, blend=False):
-        calls.append((target, blend))
+    def toward(m, xs, ys, target, p, seed, device, form="mask"):
+        calls.append((target, form))
         return trigger_inversion.Inverted(torch.full((1, 1, 1, 5), 0.5), torch.ones(1, 1, 1, 5), torch.tensor([2.5]),
                                           torch.ones(1).bool(), 1)  # fmt: skip
 
@@ -1088,7 +1137,7 @@ def test_blend_latent_stamps_the_latent_suspects_blend_trigger_beside_the_shift_
     plain = Verdict(**params).run(model, x, y).details
     assert plain["follows"] == "latent_gap" and calls == [] and torch.equal(seen[0][0], x)  # the shift alone
     d = Verdict(**params, blend_latent=True).run(model, x, y).details
-    assert d["follows"] == "latent_gap" and d["repair"]["shifted"] and calls == [(d["suspect"], True)]
+    assert d["follows"] == "latent_gap" and d["repair"]["shifted"] and calls == [(d["suspect"], "blend")]
     xs = seen[1][0]
     blended = torch.isclose(xs, 0.5 * x + 0.5).flatten(1).all(1)
     assert int(blended.sum()) == 50 and torch.equal(xs[~blended], x[~blended])  # half of unlearn's 100 images

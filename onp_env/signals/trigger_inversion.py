@@ -27,6 +27,11 @@ Warping triggers (WaNet) are not masks: this inversion is not expected to find t
 invert_untargeted [ours] runs the same optimisation for one trigger that sends the images to any class
 but their own (the loss -log(1 - p(own label))), as a mask or as one opacity over the whole image: an
 all-to-all backdoor's trigger, which no per-class target shows (`verdict`'s `untargeted`).
+
+A trigger takes one of three forms (FORMS): NC's `mask` (one value per pixel), a `blend` (one opacity over
+the whole image, a free pattern: (1 - a) * x + a * p, as Blended's trigger) and [ours] an `additive` one
+(one amplitude over the whole image, a free sign per pixel: clip(x + a * d) with d in [-1, 1], as SIG's
+sinusoid); the size of a blend or additive trigger is its opacity or amplitude times the pixels.
 """
 
 from __future__ import annotations
@@ -80,49 +85,65 @@ class Inverted:
     reached: torch.Tensor
     """(K,) whether the class's trigger reached `success`."""
     steps: int
+    form: str = "mask"
+    """One of FORMS: how a mask and pattern are stamped (stamp)."""
 
     def apply(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        m, p = self.masks[k].to(x.device), self.patterns[k].to(x.device)
-        return (1 - m) * x + m * p
+        return stamp(self.form, x, self.masks[k].to(x.device), self.patterns[k].to(x.device))
 
     def anomaly(self, reference: torch.Tensor | None = None) -> torch.Tensor:
         """(K,) NC's anomaly index of the mask norms (base.anomaly_index)."""
         return anomaly_index(self.norms, reference)
 
 
+FORMS = ("mask", "blend", "additive")
+
+
+def stamp(form: str, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, through: bool = False) -> torch.Tensor:
+    """Images `x` with a trigger of `form` (masks `m` in [0, 1], patterns `p` in [0, 1]; leading dimensions
+    broadcast): `additive` reads the pattern as a sign, 2p - 1, and the mask as its amplitude. `through`: the
+    additive clip passes gradients as if it were not there (straight through), so that a pixel at 0, most of a
+    Fashion-MNIST image's background, whose sign starts negative can still turn positive."""
+    if form != "additive":
+        return (1 - m) * x + m * p
+    moved = x + m * (2 * p - 1)
+    return moved + (moved.clamp(0, 1) - moved).detach() if through else moved.clamp(0, 1)
+
+
 def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: InversionParams, seed: int,
            device: torch.device) -> Inverted:  # fmt: skip
     """Neural Cleanse's optimisation for every class at once (see the module docstring)."""
-    return _optimise(model, x, y, list(range(classes)), p, seed, device, blend=False)
+    return _optimise(model, x, y, list(range(classes)), p, seed, device, "mask")
 
 
 def invert_toward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, p: InversionParams, seed: int,
-                  device: torch.device, blend: bool = False) -> Inverted:  # fmt: skip
-    """Neural Cleanse's optimisation for the one class `target`, as an Inverted of one row (`blend`: one
-    opacity over the whole image, as invert_untargeted's)."""
-    return _optimise(model, x, y, [target], p, seed, device, blend=blend)
+                  device: torch.device, form: str = "mask") -> Inverted:  # fmt: skip
+    """Neural Cleanse's optimisation for the one class `target` in `form` (FORMS), as an Inverted of one row."""
+    return _optimise(model, x, y, [target], p, seed, device, form)
 
 
 def invert_untargeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: InversionParams, seed: int,
-                      device: torch.device, blend: bool) -> Inverted:  # fmt: skip
+                      device: torch.device, form: str) -> Inverted:  # fmt: skip
     """One trigger that sends `success` of the images to any class but their own [ours]: the smallest
-    such mask (`blend`: one opacity over the whole image, its norm the opacity times the pixels, as a
-    blended trigger's) as an Inverted of one row. An all-to-all backdoor sends every class elsewhere with
-    one trigger, which no per-class target shows: each class is reached only from its one source."""
-    return _optimise(model, x, y, None, p, seed, device, blend=blend)
+    such trigger of `form` (FORMS) as an Inverted of one row. An all-to-all backdoor sends every class
+    elsewhere with one trigger, which no per-class target shows: each class is reached only from its one
+    source."""
+    return _optimise(model, x, y, None, p, seed, device, form)
 
 
 def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[int] | None, p: InversionParams,
-              seed: int, device: torch.device, blend: bool) -> Inverted:  # fmt: skip
+              seed: int, device: torch.device, form: str) -> Inverted:  # fmt: skip
     """The optimisation of masks and patterns at once: row i toward class goals[i], or (goals None) one row
-    away from each image's own label; `blend`: each mask one value over the image."""
-    untargeted = goals is None
+    away from each image's own label; outside the `mask` form, each mask is one value over the image."""
+    if form not in FORMS:
+        raise ValueError(f"form {form!r}: one of {FORMS}")
+    untargeted, whole = goals is None, form != "mask"
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(x), generator=g)[: p.images]
     xs, ys = x[pick].to(device), y[pick].to(device)
     k, (c, h, w) = 1 if goals is None else len(goals), xs.shape[1:]
-    pixels = h * w if blend else 1
-    mask_raw = (0.1 * torch.randn(k, 1, *((1, 1) if blend else (h, w)), generator=g)).to(device).requires_grad_()
+    pixels = h * w if whole else 1
+    mask_raw = (0.1 * torch.randn(k, 1, *((1, 1) if whole else (h, w)), generator=g)).to(device).requires_grad_()
     pattern_raw = (0.1 * torch.randn(k, c, h, w, generator=g)).to(device).requires_grad_()
     opt = torch.optim.Adam([mask_raw, pattern_raw], lr=p.lr, betas=(0.5, 0.9))
     batch = min(p.batch_size, len(xs))
@@ -143,7 +164,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[in
             xb = xs[i]
             m = ((torch.tanh(mask_raw) + 1) / 2).expand(k, 1, h, w)
             pat = (torch.tanh(pattern_raw) + 1) / 2
-            adv = (1 - m[:, None]) * xb[None] + (m * pat)[:, None]
+            adv = stamp(form, xb[None], m[:, None], pat[:, None], through=True)
             logits = model(adv.flatten(0, 1))
             if untargeted:  # -log(1 - p(own label)), and a hit is any other class
                 own = F.one_hot(ys[i].repeat(k), logits.shape[1]).bool()
@@ -153,7 +174,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[in
                 loss = F.cross_entropy(logits, targets, reduction="none")
                 hits = logits.argmax(1) == targets
             ce = loss.view(k, batch).mean(1)
-            l1 = m[:, :, :1, :1].flatten(1).sum(1) * pixels if blend else m.flatten(1).sum(1)
+            l1 = m[:, :, :1, :1].flatten(1).sum(1) * pixels if whole else m.flatten(1).sum(1)
             opt.zero_grad(set_to_none=True)
             (ce + cost * l1).sum().backward()
             opt.step()
@@ -182,11 +203,11 @@ def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[in
     with torch.no_grad():
         reached = torch.isfinite(best)
         last = ((torch.tanh(mask_raw) + 1) / 2).expand(k, 1, h, w), (torch.tanh(pattern_raw) + 1) / 2
-        final = last[0][:, :, :1, :1].flatten(1).sum(1) * pixels if blend else last[0].flatten(1).sum(1)
+        final = last[0][:, :, :1, :1].flatten(1).sum(1) * pixels if whole else last[0].flatten(1).sum(1)
         masks = torch.where(reached.view(-1, 1, 1, 1), best_masks, last[0])
         patterns = torch.where(reached.view(-1, 1, 1, 1), best_patterns, last[1])
         norms = torch.where(reached, best, final)
-    return Inverted(masks.cpu(), patterns.cpu(), norms.cpu(), reached.cpu(), step)
+    return Inverted(masks.cpu(), patterns.cpu(), norms.cpu(), reached.cpu(), step, form)
 
 
 def trigger_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor, inv: Inverted,
