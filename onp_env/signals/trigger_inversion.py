@@ -164,7 +164,11 @@ def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[in
             xb = xs[i]
             m = ((torch.tanh(mask_raw) + 1) / 2).expand(k, 1, h, w)
             pat = (torch.tanh(pattern_raw) + 1) / 2
-            adv = stamp(form, xb[None], m[:, None], pat[:, None], through=True)
+            if form == "additive":
+                adv = stamp(form, xb[None], m[:, None], pat[:, None], through=True)
+            else:  # spelled as before the additive form: the order in which autograd sums m's gradients
+                # moves the last bits, and 300 steps later a near tie in a verdict (measured: 2 of 24 cells)
+                adv = (1 - m[:, None]) * xb[None] + (m * pat)[:, None]
             logits = model(adv.flatten(0, 1))
             if untargeted:  # -log(1 - p(own label)), and a hit is any other class
                 own = F.one_hot(ys[i].repeat(k), logits.shape[1]).bool()
