@@ -43,8 +43,9 @@ reversed trigger carry instead that class's trigger inverted as a whole-image bl
 pattern): a blended or sinusoidal backdoor is reached by a small mask over part of the image, and
 unlearning that part alone leaves the whole pattern working (on the shadow models it took SIG's ASR after
 the repair from 11.8% to 8.0%; benchmarks/results/verdict_repair_rebuild.md); `repair_additive` [ours] stamps
-that class's trigger inverted as an additive whole-image perturbation instead (one amplitude, a free sign per
-pixel), the form in which a sinusoid is added. With `repair_reinvert`
+that class's trigger inverted as an additive whole-image perturbation instead (one amplitude, a free value in
+[-1, 1] per pixel), the form in which a sinusoid is added: on the shadow and configuration-shift models it
+gained nothing over `repair_blend` (docs/methods.md). With `repair_reinvert`
 [ours, after I-BAU's alternation of trigger search and unlearning: Zeng, Chen, Park, Mao, Jin, Jia,
 "Adversarial Unlearning of Backdoors via Implicit Hypergradient", ICLR 2022, without its implicit
 hypergradient] the followed trigger is inverted again before each repair epoch after the first and
@@ -134,7 +135,8 @@ class NCParams(InversionParams):
     mask over a part of the image, and unlearning that part leaves the whole pattern working."""
     repair_additive: bool = False
     """As `repair_blend`, with that class's trigger inverted as an additive whole-image perturbation instead
-    (one amplitude, a free sign per pixel: clip(x + a * d), as a sinusoidal trigger is added)."""
+    (one amplitude, a free value per pixel: clip(x + a * d) with d in [-1, 1], as a sinusoidal trigger is
+    added). Measured: nothing gained over `repair_blend` (docs/methods.md); default off."""
     progress: bool = False
     """A progress bar of the pruning sweep on stderr."""
 

@@ -123,8 +123,8 @@ class VerdictParams(NCParams):
     blend_latent: bool = False
     """With `repair_blend` (or `repair_additive`): a sweep that follows the latent shift is repaired with the
     suspected class's trigger inverted as that whole-image trigger on half of `unlearn` of the images too,
-    beside the shift. More
-    backdoor removed for more accuracy lost at 1% defense data (docs/methods.md): not recommended."""
+    beside the shift. More backdoor removed for more accuracy lost at 1% defense data (docs/methods.md,
+    measured with `repair_blend`): not recommended."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is

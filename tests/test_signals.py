@@ -445,6 +445,12 @@ def test_the_additive_inversion_finds_a_small_wave_trigger_and_its_signs():
     assert sizes[True] < sizes[False] / 3
 
 
+def test_an_inversion_of_an_unknown_form_is_refused():
+    x, y, p = torch.zeros(4, 1, 1, 16), torch.zeros(4, dtype=torch.long), trigger_inversion.InversionParams()
+    with pytest.raises(ValueError, match="form 'wave': one of"):
+        trigger_inversion.invert_untargeted(Sinusoid(), x, y, p, 0, torch.device("cpu"), "wave")
+
+
 def test_the_latent_shift_names_the_class_a_planted_unit_reaches():
     from onp_env.signals import LatentShift
 

@@ -51,7 +51,8 @@ class DetectRule:
 
 
 UNTARGETED_FORMS = ("mask", "blend")
-"""The untargeted inversion's two trigger forms (onp_env.signals.trigger_inversion.invert_untargeted)."""
+"""The untargeted inversion's forms (of onp_env.signals.trigger_inversion.FORMS) a shipped reference records
+and `verdict` reads."""
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ Departures from the paper:
 Warping triggers (WaNet) are not masks: this inversion is not expected to find them.
 
 invert_untargeted [ours] runs the same optimisation for one trigger that sends the images to any class
-but their own (the loss -log(1 - p(own label))), as a mask or as one opacity over the whole image: an
-all-to-all backdoor's trigger, which no per-class target shows (`verdict`'s `untargeted`).
+but their own (the loss -log(1 - p(own label))), in any of the forms below: an all-to-all backdoor's
+trigger, which no per-class target shows (`verdict`'s `untargeted`).
 
 A trigger takes one of three forms (FORMS): NC's `mask` (one value per pixel), a `blend` (one opacity over
 the whole image, a free pattern: (1 - a) * x + a * p, as Blended's trigger) and [ours] an `additive` one
-(one amplitude over the whole image, a free sign per pixel: clip(x + a * d) with d in [-1, 1], as SIG's
+(one amplitude over the whole image, a free value per pixel: clip(x + a * d) with d in [-1, 1], as SIG's
 sinusoid); the size of a blend or additive trigger is its opacity or amplitude times the pixels.
 """
 
@@ -167,7 +167,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[in
             if form == "additive":
                 adv = stamp(form, xb[None], m[:, None], pat[:, None], through=True)
             else:  # spelled as before the additive form: the order in which autograd sums m's gradients
-                # moves the last bits, and 300 steps later a near tie in a verdict (measured: 2 of 24 cells)
+                # moves the last bits, and steps later a near tie in a verdict (measured: 2 of 24 cells)
                 adv = (1 - m[:, None]) * xb[None] + (m * pat)[:, None]
             logits = model(adv.flatten(0, 1))
             if untargeted:  # -log(1 - p(own label)), and a hit is any other class
