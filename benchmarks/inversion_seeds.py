@@ -90,6 +90,32 @@ def class_spread(norms: list[float]) -> float:
     return float((values - values.median()).abs().median() * 1.4826)
 
 
+def top_score(norms: list[float], kind: str) -> float:
+    """The largest class score of `kind` (`index` or `ratio`, base.class_scores) of one model's norms."""
+    import torch
+
+    return float(_signal().score(torch.tensor(norms), kind).max())
+
+
+def detection_auc(clean: list[dict[str, Any]], bad: list[dict[str, Any]], fraction: str, kind: str,
+                  count: int | None) -> float:  # fmt: skip
+    """ROC-AUC of the top score separating `bad` from `clean`: per seed and averaged (count None), or of the
+    per-class median of the first `count` seeds' norms."""
+    import torch
+    from feature_separability import auc
+
+    def scores(models: list[dict[str, Any]], seed: int | None) -> list[float]:
+        return [top_score(r[fraction][seed] if seed is not None else median(r[fraction], count or 0), kind)
+                for r in models]  # fmt: skip
+
+    seeds: list[int | None] = list(range(len(SEEDS))) if count is None else [None]
+    values = []
+    for seed in seeds:
+        score = torch.tensor(scores(bad, seed) + scores(clean, seed))
+        values.append(auc(score, torch.arange(len(score)) < len(bad)))
+    return statistics.mean(values)
+
+
 GROUPS = {
     "clean": lambda r: r["role"] == "clean",
     "shadow all-to-one": lambda r: r["role"] == "shadow" and r["mode"] == "all-to-one",
@@ -123,6 +149,21 @@ def report(rows: list[dict[str, Any]]) -> str:
                 lines.append(f"| {name} ({len(group)}) | {float(f):.0%} | {rule} | {len(flagged) / len(vs):.0%} | "
                              f"{share} | {statistics.mean(v[1] for _, v in vs):.2f} | "
                              f"{f'{spread:.2f}' if rule == 'one seed' else ''} |")  # fmt: skip
+    lines += ["", "## Detection ROC-AUC", "",
+              "The top class score as a detector, threshold-free: clean models against the backdoored all-to-one "
+              "ones, with NC's `index` and the `ratio` that does not divide by the model's spread (base.log_ratio, "
+              f"against the same reference {REFERENCE}); `one seed`: the mean of the five seeds' AUCs.", "",
+              "| backdoored | fraction | score | one seed | median of 3 | median of 5 |",
+              "|---|---|---|---:|---:|---:|"]  # fmt: skip
+    clean = [r for r in rows if GROUPS["clean"](r)]
+    for name in ("shadow all-to-one", "shift all-to-one"):
+        bad = [r for r in rows if GROUPS[name](r)]
+        if not clean or not bad:
+            continue
+        for f in ("0.05", "0.01"):
+            for kind in ("index", "ratio"):
+                aucs = [f"{detection_auc(clean, bad, f, kind, k):.2f}" for k in RULES.values()]
+                lines.append(f"| {name} ({len(bad)}) | {float(f):.0%} | {kind} | {' | '.join(aucs)} |")
     lines += ["", "## Why the medians flag more clean models", "",
               "NC's index divides by the model's own spread across classes (1.4826 MAD of log(norm / reference)); "
               "the median of several seeds averages noise away and shrinks that spread, so a modest dip becomes a "
