@@ -83,11 +83,14 @@ def median(norms: list[list[float]], count: int) -> list[float]:
 
 
 def class_spread(norms: list[float]) -> float:
-    """1.4826 MAD across classes of log(norm / reference): what NC's index divides by."""
+    """1.4826 MAD across classes of log(norm / reference): what NC's index divides by (base.anomaly_index's
+    torch median, the lower middle of ten classes, not log_spread's mean of the two)."""
     import torch
 
+    from onp_env.signals.base import MAD_CONSISTENCY
+
     values = (torch.tensor(norms) / torch.tensor(_signal().reference_for(len(norms)))).log()
-    return float((values - values.median()).abs().median() * 1.4826)
+    return float((values - values.median()).abs().median() * MAD_CONSISTENCY)
 
 
 def top_score(norms: list[float], kind: str) -> float:

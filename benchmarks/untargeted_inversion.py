@@ -101,8 +101,8 @@ def untargeted(model: Any, x: Any, y: Any, form: str) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
 
 
-def later_forms(name: str, path: str, forms: list[str]) -> dict[str, Any]:
-    """`forms` of LATER at each fraction, as cells."""
+def later_forms(path: str, forms: list[str]) -> dict[str, Any]:
+    """`forms` of LATER at each fraction, as cells: form -> fraction -> size record."""
     from onp_env import load_artifact
     from onp_env.defend import defense_subset
 
@@ -112,7 +112,7 @@ def later_forms(name: str, path: str, forms: list[str]) -> dict[str, Any]:
         x, y = defense_subset(art, fraction, 0)
         for form in forms:
             cells[form][str(fraction)] = untargeted(art.model, x, y, form)
-    return {"model": name, "cells": cells}
+    return cells
 
 
 def size(row: dict[str, Any], fraction: str, form: str) -> dict[str, Any]:
@@ -126,7 +126,7 @@ def measure(name: str, role: str, path: str, parts: list[str] | None = None) -> 
     if parts is not None:
         torch.set_num_threads(1)
         forms = [p for p in parts if p in LATER]
-        cells = later_forms(name, path, forms)["cells"] if forms else {}
+        cells = later_forms(path, forms) if forms else {}
         others = [p for p in parts if p not in LATER]
         return {"model": name, "cells": {**cells, **(defended(name, path, others)["cells"] if others else {})}}
 
@@ -144,9 +144,12 @@ def measure(name: str, role: str, path: str, parts: list[str] | None = None) -> 
         x, y = defense_subset(art, fraction, 0)
         layout, _ = find_units(art.model, x[:2])
         cell: dict[str, Any] = {}
-        for form in FORMS:
-            if form not in LATER:
-                cell[form] = untargeted(art.model, x, y, form)
+        for form in FORMS:  # a LATER form goes where the rows written before it keep it
+            found = untargeted(art.model, x, y, form)
+            if form in LATER:
+                row.setdefault("cells", {}).setdefault(form, {})[str(fraction)] = found
+            else:
+                cell[form] = found
         for s in ("inversion", "latent_gap"):
             index = SIGNALS[s](reference_from=REFERENCE).compute(art.model, layout, x, y).details["anomaly"]
             k = max(range(len(index)), key=index.__getitem__)
