@@ -314,25 +314,35 @@ def test_the_latent_shift_solves_its_quadratic_programme():
         assert abs(float(shifts[k].double().norm()) - float((best.x @ best.x) ** 0.5)) < 1e-3
 
 
-class PlantedHead(torch.nn.Module):
+class Head(torch.nn.Module):
+    """A planted head: `fc` (inputs -> units), ReLU, `classifier` (units -> classes), every weight and bias
+    zero until a fixture sets the ones it plants."""
+
+    def __init__(self, inputs: int, units: int, classes: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(inputs, units)
+        self.relu = torch.nn.ReLU()
+        self.classifier = torch.nn.Linear(units, classes)
+        with torch.no_grad():
+            for q in self.parameters():
+                q.zero_()
+
+    def forward(self, x):
+        return self.classifier(self.relu(self.fc(x.flatten(1))))
+
+
+class PlantedHead(Head):
     """Units 0-4 of `fc` copy a 5-pixel input, the class is its largest pixel; units 5-7 are silent on
     clean inputs, and unit 5, once it fires, sends anything to class 2: a backdoor only a latent
     shift reaches (no input pixel drives it)."""
 
     def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(5, 8)
-        self.relu = torch.nn.ReLU()
-        self.classifier = torch.nn.Linear(8, 5)
+        super().__init__(5, 8, 5)
         with torch.no_grad():
             self.fc.weight.copy_(torch.cat([torch.eye(5), torch.zeros(3, 5)]))
             self.fc.bias.copy_(torch.tensor([0.0] * 5 + [-1.0] * 3))
             self.classifier.weight.copy_(torch.cat([torch.eye(5), torch.zeros(5, 3)], 1))
-            self.classifier.bias.zero_()
             self.classifier.weight[2, 5] = 40.0
-
-    def forward(self, x):
-        return self.classifier(self.relu(self.fc(x.flatten(1))))
 
 
 def planted() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -341,30 +351,21 @@ def planted() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, model(x).argmax(1).detach()
 
 
-class AllToAll(torch.nn.Module):
+class AllToAll(Head):
     """Units 0-3 of `fc` copy pixels 0-3, the class is the largest; units 4-7 are silent on clean
     images (pixel 4 is 0) and fire once pixel 4 is on, unit 4 + c sending class c to c + 1 (mod 4): an
     all-to-all backdoor behind a one-pixel trigger, which reaches every class from one source only.
     Without `backdoor`, pixel 4 feeds nothing."""
 
     def __init__(self, backdoor: bool = True):
-        super().__init__()
-        self.fc = torch.nn.Linear(5, 8)
-        self.relu = torch.nn.ReLU()
-        self.classifier = torch.nn.Linear(8, 4)
+        super().__init__(5, 8, 4)
         with torch.no_grad():
-            self.fc.weight.zero_()
-            self.classifier.weight.zero_()
-            self.classifier.bias.zero_()
             self.fc.bias.copy_(torch.tensor([0.0] * 4 + [-3.0] * 4))
             for c in range(4):
                 self.fc.weight[c, c] = self.fc.weight[4 + c, c] = 1.0
                 self.fc.weight[4 + c, 4] = 10.0 if backdoor else 0.0
                 self.classifier.weight[c, c] = 1.0
                 self.classifier.weight[(c + 1) % 4, 4 + c] = 40.0
-
-    def forward(self, x):
-        return self.classifier(self.relu(self.fc(x.flatten(1))))
 
 
 def all_to_all(backdoor: bool = True) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -400,7 +401,7 @@ def test_the_untargeted_inversion_finds_an_all_to_all_trigger_and_ranks_its_unit
     assert torch.equal(again.masks, inv.masks) and torch.equal(again.patterns, inv.patterns)
 
 
-class Sinusoid(torch.nn.Module):
+class Sinusoid(Head):
     """Units 0-3 of `fc` copy pixels 0-3 of a 16-pixel row, the class is the largest; units 4 and 5 read
     pixels 4-15 against a +-1 wave (and its opposite), zero on clean images (those pixels are 0.5), and
     send anything to class 2 once they fire: a backdoor behind a small additive wave, as SIG's. Without
@@ -409,20 +410,12 @@ class Sinusoid(torch.nn.Module):
     WAVE = torch.tensor([1.0, 1.0, -1.0, -1.0] * 3)
 
     def __init__(self, backdoor: bool = True):
-        super().__init__()
-        self.fc = torch.nn.Linear(16, 6)
-        self.relu = torch.nn.ReLU()
-        self.classifier = torch.nn.Linear(6, 4)
+        super().__init__(16, 6, 4)
         with torch.no_grad():
-            for q in (self.fc.weight, self.fc.bias, self.classifier.weight, self.classifier.bias):
-                q.zero_()
             for c in range(4):
                 self.fc.weight[c, c] = self.classifier.weight[c, c] = 1.0
             self.fc.weight[4, 4:], self.fc.weight[5, 4:] = 10 * self.WAVE, -10 * self.WAVE
             self.classifier.weight[2, 4:] = 40.0 if backdoor else 0.0
-
-    def forward(self, x):
-        return self.classifier(self.relu(self.fc(x.flatten(1))))
 
 
 def test_the_additive_inversion_finds_a_small_wave_trigger_and_its_signs():
@@ -636,26 +629,18 @@ def test_inversion_first_follows_a_flagged_inversion_of_the_latent_shifts_class_
     assert Verdict(steps=40, images=64, inversion_first=True).run(model, x, y).details["follows"] == "latent_gap"
 
 
-class TwoRoutes(torch.nn.Module):
+class TwoRoutes(Head):
     """Units 0-1 of `fc` copy pixels 0-1, the clean class is the larger; unit 2 fires on pixel 2 and
     unit 3 on pixel 3 (both 0 on clean images), and either sends anything to class 2: two triggers,
     each through a unit of its own. Classes 3-4 are never predicted."""
 
     def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(4, 4)
-        self.relu = torch.nn.ReLU()
-        self.classifier = torch.nn.Linear(4, 5)
+        super().__init__(4, 4, 5)
         with torch.no_grad():
             self.fc.weight.copy_(torch.eye(4))
-            self.fc.bias.zero_()
-            self.classifier.weight.zero_()
             self.classifier.weight[0, 0] = self.classifier.weight[1, 1] = 1.0
             self.classifier.weight[2, 2] = self.classifier.weight[2, 3] = 40.0
             self.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -1.0, -1.0]))
-
-    def forward(self, x):
-        return self.classifier(self.relu(self.fc(x.flatten(1))))
 
 
 def two_routes() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
