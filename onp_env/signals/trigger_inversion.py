@@ -111,9 +111,10 @@ def stamp(form: str, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, through:
 
 
 def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: int, p: InversionParams, seed: int,
-           device: torch.device) -> Inverted:  # fmt: skip
-    """Neural Cleanse's optimisation for every class at once (see the module docstring)."""
-    return _optimise(model, x, y, list(range(classes)), p, seed, device, "mask")
+           device: torch.device, form: str = "mask") -> Inverted:  # fmt: skip
+    """Neural Cleanse's optimisation for every class at once (see the module docstring), in `form` (FORMS:
+    the signal's is `mask`)."""
+    return _optimise(model, x, y, list(range(classes)), p, seed, device, form)
 
 
 def invert_toward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: int, p: InversionParams, seed: int,
