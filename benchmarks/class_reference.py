@@ -14,7 +14,10 @@ missing models and sizes are built here, one at a time, and each is kept as soon
 
 `--untargeted-only` adds the untargeted sizes to the reference there and keeps its class sizes: the
 shipped class sizes come from the first build of the 30 shadow models, the untargeted ones (added
-2026-12-03) from a rebuild of the same configurations on another host.
+2026-12-03) from a rebuild of the same configurations on another host. `--blend-only` adds, the same
+way, each class's median size of its trigger inverted as a whole-image blend (signal name
+`inversion_blend`, the inversion's settings; `verdict`'s `blend_verdict`; added 2026-12-04 from the
+rebuild).
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from agents.train import zoo_configs
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import Artifact, write_text_atomic
 from onp_env.signals import SIGNALS
-from onp_env.signals.base import log_spread
-from onp_env.signals.shipped import FORMAT, FORMAT_VERSION, READ_ONLY, REFERENCES, UNTARGETED_FORMS
-from onp_env.signals.trigger_inversion import UNTARGETED_VERSION, InversionParams, invert_untargeted
+from onp_env.signals.base import class_reference, log_spread
+from onp_env.signals.shipped import BLEND_SIGNAL, FORMAT, FORMAT_VERSION, READ_ONLY, REFERENCES, UNTARGETED_FORMS
+from onp_env.signals.trigger_inversion import UNTARGETED_VERSION, InversionParams, invert, invert_untargeted
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "agent" / "fashion-mnist-sampled.yaml"
@@ -53,11 +56,16 @@ def main() -> None:
         action="store_true",
         help="add (or replace) the untargeted sizes in the reference at --out, its class sizes kept",
     )
+    p.add_argument(
+        "--blend-only",
+        action="store_true",
+        help="add (or replace) the per-class blend sizes (inversion_blend) in the reference at --out, the rest kept",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     folder = args.runs / "shadow-norms"
     labs = zoo_configs(load_agent_config(str(CONFIG), []))
-    norms, untargeted, shape = {}, {}, None
+    norms, untargeted, blend, shape = {}, {}, {}, None
     for lab in tqdm(labs, desc="shadow models"):
         path = build_artifact(lab, progress=False)
         kept = folder / f"{lab.name}.json"
@@ -65,10 +73,16 @@ def main() -> None:
             write_text_atomic(kept, json.dumps(shadow_norms(str(path))[0]))
         norms[lab.name] = json.loads(kept.read_text())
         art = load_artifact(path)
-        kept = folder / f"{lab.name}.untargeted.json"
-        if not kept.is_file():
-            write_text_atomic(kept, json.dumps(untargeted_sizes(art)))
-        untargeted[lab.name] = json.loads(kept.read_text())
+        if args.blend_only:
+            kept = folder / f"{lab.name}.blend.json"
+            if not kept.is_file():
+                write_text_atomic(kept, json.dumps(blend_sizes(art)))
+            blend[lab.name] = json.loads(kept.read_text())
+        else:
+            kept = folder / f"{lab.name}.untargeted.json"
+            if not kept.is_file():
+                write_text_atomic(kept, json.dumps(untargeted_sizes(art)))
+            untargeted[lab.name] = json.loads(kept.read_text())
         model = art.manifest["model"]
         found = (type(art.model).__name__, sum(p.numel() for p in art.model.parameters()), list(model["in_shape"]),
                  model["num_classes"])  # fmt: skip
@@ -83,6 +97,19 @@ def main() -> None:
         ref["untargeted_added"] = f"{now} by benchmarks/class_reference.py --untargeted-only, on the models built then"
         write_text_atomic(args.out, json.dumps(ref, indent=1) + "\n")
         print(f"{args.out}: untargeted sizes of {len(untargeted)} shadow models added")
+        return
+    if args.blend_only:
+        ref = json.loads(args.out.read_text())
+        names = sorted(blend)
+        sizes = class_reference([torch.tensor(blend[n]) for n in names], [norms[n]["target"] for n in names])
+        defaults = dataclasses.asdict(InversionParams())
+        settings = {k: v for k, v in defaults.items() if k not in READ_ONLY}
+        ref["signals"][BLEND_SIGNAL] = {"version": SIGNALS["inversion"].version, "sizes": sizes.tolist(),
+                                        "settings": settings}  # fmt: skip
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        ref["blend_added"] = f"{now} by benchmarks/class_reference.py --blend-only, on the models built then"
+        write_text_atomic(args.out, json.dumps(ref, indent=1) + "\n")
+        print(f"{args.out}: per-class blend sizes of {len(names)} shadow models added")
         return
     sizes = fold_references(norms)
     kind = dict(zip(("architecture", "parameters", "input_shape", "classes"), shape, strict=True))
@@ -100,6 +127,15 @@ def untargeted_sizes(art: Artifact) -> dict[str, float]:
     x, y = art.defense_set()
     return {form: float(invert_untargeted(art.model, x, y, InversionParams(), 0, torch.device("cpu"),
                                           form).norms[0]) for form in UNTARGETED_FORMS}  # fmt: skip
+
+
+def blend_sizes(art: Artifact) -> list[float]:
+    """Every class's trigger inverted as a whole-image blend (the inversion's default settings, seed 0) on the
+    model's own defense set: its sizes."""
+    x, y = art.defense_set()
+    with torch.no_grad():
+        classes = int(art.model(x[:1]).shape[1])
+    return invert(art.model, x, y, classes, InversionParams(), 0, torch.device("cpu"), "blend").norms.tolist()
 
 
 def untargeted_entry(sizes: list[dict[str, float]]) -> dict:

@@ -87,6 +87,13 @@ SWEEPS = {
         "repair_blend": True,
         "blend_latent": True,
     },
+    "shipped first untargeted blend verdict": {
+        **_FIRST,
+        "reference_from": "fashion-mnist",
+        "untargeted": True,
+        "repair_blend": True,
+        "blend_verdict": True,
+    },
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
 fold's reference); `drop10`/`drop20` let the sweep cost up to 10/20 points of defense-set accuracy (5
@@ -105,7 +112,9 @@ first frozen bn` repairs with the BatchNorm statistics kept (`repair_frozen_bn`)
 followed trigger again before each repair epoch after the first and stamps it on half the stamped images while it
 is still flagged (`repair_reinvert`); `... blend` stamps half of them with the suspect's trigger inverted as a
 whole-image blend instead (`repair_blend`), `... additive` as an additive whole-image perturbation
-(`repair_additive`)."""
+(`repair_additive`); `... blend verdict` adds to `... blend` a third per-class verdict, every class's trigger
+inverted as a whole-image blend (`blend_verdict`; its reference: these models' blend sizes, measured on this
+rebuild)."""
 GRID = ((0, 0.0), *((e, u) for e in (5, 10) for u in (0.0, 0.2, 0.5)))
 """(repair_epochs, unlearn): 0 epochs is the pruned model; unlearn 0.2 is NC's share."""
 REBUILT = (" These models were built on another host than `verdict_repair.md`'s, and a build moves the numbers: "

@@ -946,6 +946,67 @@ def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_f
         Verdict(untargeted=True, flag_rule=True, reference_from="fashion-mnist-clean")
 
 
+def test_the_strongest_verdict_is_followed_and_a_latent_one_gives_way_to_a_flagged_inversion_of_its_class():
+    from baselines.verdict import choose
+
+    def found(inv, blend, latent):
+        return {"inversion": {"suspect": inv[0], "score": inv[1]}, "blend": {"suspect": blend[0], "score": blend[1]},
+                "latent_gap": {"suspect": latent[0], "score": latent[1]}}  # fmt: skip
+
+    assert choose(found((1, 3.0), (2, 5.0), (3, 4.0)), 2.0, True) == "blend"
+    assert choose(found((1, 5.0), (2, 5.0), (3, 4.0)), 2.0, True) == "inversion"  # a tie: the mask
+    assert choose(found((3, 2.5), (3, 3.0), (3, 9.0)), 2.0, False) == "latent_gap"
+    assert choose(found((3, 2.5), (3, 3.0), (3, 9.0)), 2.0, True) == "inversion"  # flagged, the latent's class
+    assert choose(found((3, 1.5), (3, 3.0), (3, 9.0)), 2.0, True) == "blend"  # the mask is not flagged
+    assert choose(found((1, 2.5), (2, 3.0), (3, 9.0)), 2.0, True) == "latent_gap"  # other classes
+    assert choose({"inversion": {"suspect": 3, "score": 2.5}, "latent_gap": {"suspect": 3, "score": 9.0}}, 2.0,
+                  True) == "inversion"  # fmt: skip
+
+
+def test_verdict_follows_a_blend_trigger_where_the_blend_verdict_is_the_strongest(tmp_path, monkeypatch):
+    import baselines.verdict
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import BLEND_SIGNAL, shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    shipped = shipped_reference("fashion-mnist")
+    ref, latent, blend = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap", BLEND_SIGNAL))
+    stub_sizes(monkeypatch, ref, latent)  # every class at its typical size: neither of those verdicts is flagged
+    asked = []
+
+    def blended(sizes: torch.Tensor):
+        def invert(model, x, y, classes, p, seed, device, form):  # every class: a 0.3 opacity of white
+            asked.append(form)
+            masks, patterns = torch.full((classes, 1, 28, 28), 0.3), torch.ones(classes, 1, 28, 28)
+            return trigger_inversion.Inverted(masks, patterns, sizes, torch.ones(classes, dtype=torch.bool), 9, form)
+
+        return invert
+
+    monkeypatch.setattr(baselines.verdict, "invert", blended(torch.where(torch.arange(10) == 4, blend / 4, blend)))
+    seen = repair_data(monkeypatch)
+    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "repair_epochs": 1, "unlearn": 0.5}
+    result = Verdict(blend_verdict=True, inversion_first=True, **params).run(art.model, x, y)
+    d = result.details
+    assert asked == ["blend"] and d["follows"] == "blend" and d["suspect"] == 4 and d["flagged"]
+    assert d["blend"]["suspect"] == 4 and d["anomaly_index"] == d["blend"]["anomaly_index"] > 2
+    layout, _ = find_units(art.model, x[:2])
+    last = layout.layers[-1]
+    assert result.pruned and all(last.offset <= u < last.offset + last.size for u in result.pruned)
+    xs, ys = seen[0]  # the repair: the blend trigger on half the images (not of class 4), their labels kept
+    stamped = (xs != x).flatten(1).any(1)
+    assert d["repair"]["stamped"] == int(stamped.sum()) and torch.equal(ys, y)
+    assert torch.allclose(xs[stamped], 0.7 * x[stamped] + 0.3)
+    monkeypatch.setattr(baselines.verdict, "invert", blended(blend))  # at its typical size: nothing flagged
+    quiet = Verdict(blend_verdict=True, **params).run(art.model, x, y)
+    assert quiet.pruned == [] and not quiet.details["flagged"] and quiet.details["follows"] == "inversion"
+    for wrong in ({}, {"reference_from": "fashion-mnist-clean"}):  # no blend sizes to judge them against
+        with pytest.raises(OnpError, match="blend_verdict judges .* set reference_from=fashion-mnist"):
+            Verdict(blend_verdict=True, **wrong)
+    with pytest.raises(OnpError, match="blend_verdict follows a blend trigger, which unlearn_all does not read"):
+        Verdict(blend_verdict=True, unlearn_all=True, reference_from="fashion-mnist")
+
+
 def test_repair_frozen_bn_keeps_the_batchnorm_statistics_and_still_trains_the_rest(tmp_path, monkeypatch):
     from onp_env.signals.shipped import shipped_reference
 

@@ -50,6 +50,9 @@ class DetectRule:
     """The rule's detection ROC-AUC on them."""
 
 
+BLEND_SIGNAL = "inversion_blend"
+"""The name under which a reference's `signals` hold each class's size of its trigger inverted as a whole-image
+blend (onp_env.signals.trigger_inversion's `blend` form, the inversion's settings): `verdict`'s `blend_verdict`."""
 UNTARGETED_FORMS = ("mask", "blend")
 """The untargeted inversion's forms (of onp_env.signals.trigger_inversion.FORMS) a shipped reference records
 and `verdict` reads."""
