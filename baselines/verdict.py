@@ -57,6 +57,15 @@ target, so neither per-class verdict sees it; on benchmarks/results/untargeted_i
 the untargeted index flags 4-5 of 6 all-to-all models (not the warp) and none of 9 clean ones. A
 flagged one is followed as NC follows a reversed trigger, with no target class.
 
+With `blend_verdict` [ours], a third per-class verdict joins the two: every class's trigger inverted as
+a whole-image blend (one opacity over the image and a free pattern: trigger_inversion's `blend` form),
+its sizes judged against the shipped reference's (`inversion_blend`). A sinusoid or a blended pattern
+covers the whole image, which a mask reaches only through a part of it: on the sampled shadow models the
+blend form names the target of 25 of 26 all-to-one models at 5% where the mask names 19, and both
+strong-sinusoid models of the configuration-shift set at both fractions where the mask names 3 of 4
+(benchmarks/results/per_class_forms.md). The largest of the three scores is followed (choose); a blend
+verdict is followed as the inversion's reversed trigger is.
+
 This combination is this project's [ours]: neither paper combines the two, and the latent-shift
 paper removes the backdoor by fine-tuning with the shift, not by pruning. With `reference` and
 `latent_reference` (each class's typical trigger size on the defender's own models of the same data:

@@ -102,6 +102,18 @@ SETTINGS = {
             "blend_latent": True,
         },
     ),
+    # ... and a third per-class verdict, every class's trigger inverted as a whole-image blend (per_class_forms.md)
+    "verdict shipped repair untargeted blend verdict": (
+        "verdict",
+        {
+            **_SHIPPED_FIRST,
+            "repair_epochs": 5,
+            "unlearn": 0.5,
+            "untargeted": True,
+            "repair_blend": True,
+            "blend_verdict": True,
+        },
+    ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -114,7 +126,8 @@ unlearning the reversed trigger of every class whose anomaly index is above 1, n
 `... distill` that repair trained toward half the unpruned model's output on each image unstamped;
 `... untargeted` also inverts an untargeted trigger where neither class verdict is flagged; `... blend` stamps
 half the suspect's images with its trigger inverted as a whole-image blend (`repair_blend`), `... latent` also
-on a latent sweep's repair (`blend_latent`)."""
+on a latent sweep's repair (`blend_latent`), `... verdict` adds a per-class verdict of whole-image blend triggers
+(`blend_verdict`)."""
 REPAIRED = (
     "verdict shipped repair",
     "verdict shipped unlearn line1",
@@ -123,6 +136,7 @@ REPAIRED = (
     "verdict shipped unlearn line1 distill untargeted",
     "verdict shipped repair untargeted blend",
     "verdict shipped repair untargeted blend latent",
+    "verdict shipped repair untargeted blend verdict",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")
