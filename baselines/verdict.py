@@ -63,8 +63,9 @@ its sizes judged against the shipped reference's (`inversion_blend`). A sinusoid
 covers the whole image, which a mask reaches only through a part of it: on the sampled shadow models the
 blend form names the target of 25 of 26 all-to-one models at 5% where the mask names 19, and both
 strong-sinusoid models of the configuration-shift set at both fractions where the mask names 3 of 4
-(benchmarks/results/per_class_forms.md). The largest of the three scores is followed (choose); a blend
-verdict is followed as the inversion's reversed trigger is.
+(benchmarks/results/per_class_forms.md). The largest of the three scores is followed (choose), but a
+blend verdict gives way to a flagged mask of its class and, with `untargeted`, to a flagged untargeted look
+where neither of the other two is flagged; a blend verdict is followed as the inversion's reversed trigger is.
 
 This combination is this project's [ours]: neither paper combines the two, and the latent-shift
 paper removes the backdoor by fine-tuning with the shift, not by pruning. With `reference` and
@@ -142,7 +143,10 @@ class VerdictParams(NCParams):
     (its gap orders the cuts, the sweep stops on it, the repair stamps it). With `inversion_first`, a
     latent verdict gives way to a flagged mask, else a flagged blend, that names its class. On the sampled
     shadow models the blend form names the target of 25 of 26 all-to-one models where the mask names 19
-    (WaNet 4 of 5 against 0; benchmarks/results/per_class_forms.md). Needs `reference_from=fashion-mnist`;
+    (WaNet 4 of 5 against 0; benchmarks/results/per_class_forms.md). A blend verdict gives way to a flagged
+    mask of its class (a patch's units follow the mask's trigger) and to a flagged untargeted look where neither
+    the mask nor the latent shift is flagged (`untargeted`: an all-to-all backdoor can lift one class's blend
+    verdict). Needs `reference_from=fashion-mnist`;
     not with `unlearn_all`, `reinvert` or `repair_reinvert` (they read or invert mask triggers)."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
@@ -152,10 +156,14 @@ class VerdictParams(NCParams):
 
 
 def choose(found: dict[str, dict], line: float, inversion_first: bool) -> str:
-    """Which verdict a sweep follows (`found`: name -> its suspect and score): the largest score; with
-    `inversion_first`, a latent verdict gives way to a flagged (score above `line`) mask inversion, else a
-    flagged blend one, that names its class."""
+    """Which verdict a sweep follows (`found`: name -> its suspect and score): the largest score, but a blend
+    verdict gives way to a flagged (score above `line`) mask inversion of its class, whose trigger a patch
+    backdoor's units follow more closely; with `inversion_first`, a latent verdict gives way to a flagged
+    mask inversion, else a flagged blend one, that names its class."""
     follows = max(found, key=lambda name: found[name]["score"])  # ties: the first, the mask inversion
+    mask = found["inversion"]
+    if follows == "blend" and mask["score"] > line and mask["suspect"] == found["blend"]["suspect"]:
+        return "inversion"
     if inversion_first and follows == "latent_gap":
         k = found["latent_gap"]["suspect"]
         for name in ("inversion", "blend"):
@@ -227,7 +235,8 @@ class Verdict(NC):
             found["blend"] = {"suspect": blend[1], "anomaly_index": blend[2], "score": blend[3]}
         follows = choose(found, self.flag_line, self.params.inversion_first)
         self.extra.update(follows=follows, **found)
-        if self.params.untargeted and max(v["score"] for v in found.values()) <= self.flag_line:
+        # an all-to-all backdoor can lift one class's blend verdict alone: the untargeted look still goes first
+        if self.params.untargeted and max(latent["score"], mine) <= self.flag_line:
             untargeted = self.untargeted_verdict(model, layout, x, y)
             if untargeted is not None:
                 return untargeted

@@ -955,6 +955,8 @@ def test_the_strongest_verdict_is_followed_and_a_latent_one_gives_way_to_a_flagg
 
     assert choose(found((1, 3.0), (2, 5.0), (3, 4.0)), 2.0, True) == "blend"
     assert choose(found((1, 5.0), (2, 5.0), (3, 4.0)), 2.0, True) == "inversion"  # a tie: the mask
+    assert choose(found((2, 3.0), (2, 9.0), (3, 4.0)), 2.0, False) == "inversion"  # flagged, the blend's class
+    assert choose(found((2, 1.5), (2, 9.0), (3, 4.0)), 2.0, False) == "blend"  # the mask is not flagged
     assert choose(found((3, 2.5), (3, 3.0), (3, 9.0)), 2.0, False) == "latent_gap"
     assert choose(found((3, 2.5), (3, 3.0), (3, 9.0)), 2.0, True) == "inversion"  # flagged, the latent's class
     assert choose(found((3, 1.5), (3, 3.0), (3, 9.0)), 2.0, True) == "blend"  # the mask is not flagged
@@ -1000,6 +1002,18 @@ def test_verdict_follows_a_blend_trigger_where_the_blend_verdict_is_the_stronges
     monkeypatch.setattr(baselines.verdict, "invert", blended(blend))  # at its typical size: nothing flagged
     quiet = Verdict(blend_verdict=True, **params).run(art.model, x, y)
     assert quiet.pruned == [] and not quiet.details["flagged"] and quiet.details["follows"] == "inversion"
+    seen.clear()  # nothing else flagged: a flagged untargeted look goes before the blend verdict
+    shipped_untargeted = shipped.untargeted
+    assert shipped_untargeted is not None
+    median, spread = shipped_untargeted.forms["mask"]
+    patch = torch.zeros(1, 1, 28, 28)
+    patch[..., :3, :3] = 1.0
+    found = trigger_inversion.Inverted(patch, torch.ones(1, 1, 28, 28), torch.tensor([math.exp(median - 5 * spread)]),
+                                       torch.ones(1, dtype=torch.bool), 9)  # fmt: skip
+    monkeypatch.setattr(baselines.verdict, "invert_untargeted", lambda *a: found)
+    monkeypatch.setattr(baselines.verdict, "invert", blended(torch.where(torch.arange(10) == 4, blend / 4, blend)))
+    first = Verdict(blend_verdict=True, untargeted=True, **params).run(art.model, x, y).details
+    assert first["follows"] == "untargeted" and first["blend"]["suspect"] == 4 and first["suspect"] is None
     for wrong in ({}, {"reference_from": "fashion-mnist-clean"}):  # no blend sizes to judge them against
         with pytest.raises(OnpError, match="blend_verdict judges .* set reference_from=fashion-mnist"):
             Verdict(blend_verdict=True, **wrong)
