@@ -184,19 +184,25 @@ def report(rows: list[dict[str, Any]]) -> str:
               "target.", "", "| model | role | target | fraction | seeds | median of 3 | median of 5 |",
               "|---|---|---:|---|---|---|---|"]  # fmt: skip
 
-    def show(r: dict[str, Any], v: tuple[int, float]) -> str:
-        star = "*" if v[0] == r["target"] and r["mode"] == "all-to-one" else ""
-        text = f"{v[0]}{star}:{v[1]:.1f}"
-        return f"**{text}**" if v[1] > LINE else text
-
     for r in rows:
         for f in ("0.05", "0.01"):
-            seeds = " ".join(show(r, v) for v in verdicts(r[f], "one seed"))
-            medians = [show(r, verdicts(r[f], rule)[0]) for rule in ("median of 3", "median of 5")]
-            target = "-" if r["target"] is None or r["mode"] != "all-to-one" else str(r["target"])
-            lines.append(f"| {r['model'].removeprefix('fashion-mnist-')} | {r['role']} | {target} | "
-                         f"{float(f):.0%} | {seeds} | {' | '.join(medians)} |")  # fmt: skip
+            seeds = " ".join(verdict_cell(r, v) for v in verdicts(r[f], "one seed"))
+            medians = [verdict_cell(r, verdicts(r[f], rule)[0]) for rule in ("median of 3", "median of 5")]
+            lines.append(f"{model_cells(r, f)} {seeds} | {' | '.join(medians)} |")
     return "\n".join(lines) + "\n"
+
+
+def verdict_cell(r: dict[str, Any], v: tuple[int, float]) -> str:
+    """A per-model table's suspect:index, `*` where the suspect is the all-to-one target, bold above LINE."""
+    star = "*" if v[0] == r["target"] and r["mode"] == "all-to-one" else ""
+    text = f"{v[0]}{star}:{v[1]:.1f}"
+    return f"**{text}**" if v[1] > LINE else text
+
+
+def model_cells(r: dict[str, Any], fraction: str) -> str:
+    """A per-model table's first cells: model, role, all-to-one target, fraction (with the bars around them)."""
+    target = "-" if r["target"] is None or r["mode"] != "all-to-one" else str(r["target"])
+    return f"| {r['model'].removeprefix('fashion-mnist-')} | {r['role']} | {target} | {float(fraction):.0%} |"
 
 
 def main() -> None:

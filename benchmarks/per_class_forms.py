@@ -25,6 +25,7 @@ import statistics
 import time
 from typing import Any
 
+from inversion_seeds import GROUPS, model_cells, verdict_cell
 from inversion_seeds import RESULTS as SEEDS_RESULTS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, per_model_main
@@ -101,14 +102,6 @@ def verdict(rows: list[dict[str, Any]], r: dict[str, Any], form: str, fraction: 
     return k, float(index[k])
 
 
-GROUPS = {
-    "clean": lambda r: r["role"] == "clean",
-    "shadow all-to-one": lambda r: r["role"] == "shadow" and r["mode"] == "all-to-one",
-    "shift all-to-one": lambda r: r["role"] == "shift" and r["mode"] == "all-to-one",
-    "all-to-all": lambda r: r["mode"] == "all-to-all",
-}
-
-
 def report(rows: list[dict[str, Any]]) -> str:
     import torch
     from feature_separability import auc
@@ -159,14 +152,8 @@ def report(rows: list[dict[str, Any]]) -> str:
               "|---|---|---:|---|" + "---|" * len(forms)]  # fmt: skip
     for r in rows:
         for fraction in ("0.05", "0.01"):
-            shown = []
-            for form in forms:
-                k, i = verdict(rows, r, form, fraction)
-                text = f"{k}{'*' if k == r['target'] and r['mode'] == 'all-to-one' else ''}:{i:.1f}"
-                shown.append(f"**{text}**" if i > LINE else text)
-            target = "-" if r["target"] is None or r["mode"] != "all-to-one" else str(r["target"])
-            lines.append(f"| {r['model'].removeprefix('fashion-mnist-')} | {r['role']} | {target} | "
-                         f"{float(fraction):.0%} | {' | '.join(shown)} |")  # fmt: skip
+            shown = [verdict_cell(r, verdict(rows, r, form, fraction)) for form in forms]
+            lines.append(f"{model_cells(r, fraction)} {' | '.join(shown)} |")
     return "\n".join(lines) + "\n"
 
 
