@@ -21,9 +21,9 @@ across models: its anomaly index is (median - log size) / (1.4826 MAD) of the lo
 shadow models at 5% (each shadow model left out of its own). The attack is read only to label rows.
 
 On the clean and all-to-all models, also the README's recommended `verdict` command (DEFENDED:
-with `untargeted=true`, and with `repair_blend=true` added) as a user runs it: its false alarms and
-what it does with an all-to-all backdoor. One JSON line per model in benchmarks/results/untargeted_inversion.jsonl
-(resumable); writes untargeted_inversion.md."""
+with `untargeted=true`, with `repair_blend=true` added, and with `blend_verdict=true` too) as a user runs
+it: its false alarms and what it does with an all-to-all backdoor. One JSON line per model in
+benchmarks/results/untargeted_inversion.jsonl (resumable); writes untargeted_inversion.md."""
 
 from __future__ import annotations
 
@@ -48,9 +48,11 @@ LINE = 2.0
 """NC's anomaly-index line, for the untargeted index as for a class's."""
 _UNTARGETED = {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0, "repair_epochs": 5,
                "unlearn": 0.5, "untargeted": True}  # fmt: skip
-DEFENDED = {"defended": _UNTARGETED, "defended blend": {**_UNTARGETED, "repair_blend": True}}
-"""`verdict` as the README recommended it with `untargeted=true` (`defended`), and with `repair_blend=true`
-added (`defended blend`, the README's command since 2026-12-04), run on the clean and all-to-all models."""
+DEFENDED = {"defended": _UNTARGETED, "defended blend": {**_UNTARGETED, "repair_blend": True},
+            "defended blend verdict": {**_UNTARGETED, "repair_blend": True, "blend_verdict": True}}  # fmt: skip
+"""`verdict` as the README recommended it with `untargeted=true` (`defended`), with `repair_blend=true`
+added (`defended blend`, the README's command since 2026-12-04), and with `blend_verdict=true` too (`defended
+blend verdict`), run on the clean and all-to-all models."""
 
 
 def models() -> list[tuple[str, str, LabConfig]]:
@@ -255,7 +257,8 @@ def report(rows: list[dict[str, Any]]) -> str:
                          f"{sum(add)} |")  # fmt: skip
     lines += ["", "## The recommended defense on the clean and all-to-all models", "",
               "`verdict` as the README recommends it (the repaired model): `defended` with `untargeted=true`, "
-              "`defended blend` with `repair_blend=true` added (the README's command since 2026-12-04). Per "
+              "`defended blend` with `repair_blend=true` added (the README's command since 2026-12-04), `defended "
+              "blend verdict` with `blend_verdict=true` too. Per "
               "fraction: what it followed, units cut, ASR after (backdoored) and accuracy lost in points; the "
               "mean points lost on the clean models last."]  # fmt: skip
     for part in DEFENDED:
