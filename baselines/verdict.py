@@ -138,16 +138,16 @@ class VerdictParams(NCParams):
     measured with `repair_blend`): not recommended."""
     blend_verdict: bool = False
     """Also invert every class as a whole-image blend [ours] (one opacity over the image, a free pattern:
-    trigger_inversion's `blend` form) and judge its sizes against the shipped reference's (`inversion_blend`);
-    the largest of the three verdicts' scores is followed, a blend one as the inversion's reversed trigger
-    (its gap orders the cuts, the sweep stops on it, the repair stamps it). With `inversion_first`, a
-    latent verdict gives way to a flagged mask, else a flagged blend, that names its class. On the sampled
-    shadow models the blend form names the target of 25 of 26 all-to-one models where the mask names 19
-    (WaNet 4 of 5 against 0; benchmarks/results/per_class_forms.md). A blend verdict gives way to a flagged
-    mask of its class (a patch's units follow the mask's trigger) and to a flagged untargeted look where neither
-    the mask nor the latent shift is flagged (`untargeted`: an all-to-all backdoor can lift one class's blend
-    verdict). Needs `reference_from=fashion-mnist`;
-    not with `unlearn_all`, `reinvert` or `repair_reinvert` (they read or invert mask triggers)."""
+    trigger_inversion's `blend` form) and judge its sizes against the shipped reference's (`inversion_blend`).
+    On the sampled shadow models the blend form names the target of 25 of 26 all-to-one models where the
+    mask names 19 (WaNet 4 of 5 against 0; benchmarks/results/per_class_forms.md). The largest of the three
+    verdicts' scores is followed (choose), a blend one as the inversion's reversed trigger (its gap orders
+    the cuts, the sweep stops on it, the repair stamps it), but a blend verdict gives way to a flagged mask
+    of its class (a patch's units follow the mask's trigger) and to a flagged untargeted look where neither
+    the mask nor the latent shift is flagged (`untargeted`: an all-to-all backdoor can lift one class's
+    blend verdict); with `inversion_first`, a latent verdict gives way to a flagged mask, else a flagged
+    blend, that names its class. Needs `reference_from=fashion-mnist`; not with `unlearn_all`, `reinvert` or
+    `repair_reinvert` (they read or invert mask triggers). Measured: docs/methods.md."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is

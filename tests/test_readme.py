@@ -73,3 +73,4 @@ def test_the_recommended_defense_command_holds_settings_verdict_accepts():
     assert params["untargeted"] is True and params["reference_from"] == "fashion-mnist"
     defense = Verdict(**params)  # every setting known, in range, and the shipped reference has what it reads
     assert defense.params.repair_epochs == 5 and defense.params.untargeted and defense.params.repair_blend
+    assert defense.params.blend_verdict and len(defense.blend_reference) == 10
