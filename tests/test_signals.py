@@ -892,6 +892,25 @@ def test_verdict_with_flag_rule_reads_the_shipped_detection_rule(tmp_path, monke
             Verdict(flag_rule=True, **wrong)
 
 
+def untargeted_patch(index: dict[str, float], asked: list[str]):
+    """A stand-in for invert_untargeted: a 3x3 white patch in every form, sized to score `index[form]` across the
+    shipped reference fashion-mnist's models; each form asked for is appended to `asked`."""
+    from onp_env.signals.shipped import shipped_reference
+
+    sizes = shipped_reference("fashion-mnist").untargeted
+    assert sizes is not None
+
+    def invert(model, x, y, p, seed, device, form):
+        asked.append(form)
+        median, spread = sizes.forms[form]
+        masks, patterns = torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28)
+        masks[..., :3, :3] = 1.0
+        size = torch.tensor([float(torch.tensor(median - index[form] * spread).exp())])
+        return trigger_inversion.Inverted(masks, patterns, size, torch.ones(1, dtype=torch.bool), 9)
+
+    return invert
+
+
 def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_flagged(tmp_path, monkeypatch):
     import baselines.verdict
     from baselines.verdict import Verdict
@@ -902,21 +921,8 @@ def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_f
     shipped = shipped_reference("fashion-mnist")
     ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
     stub_sizes(monkeypatch, ref, latent)  # every class at its typical size: neither class verdict is flagged
-    assert shipped.untargeted is not None
-    asked = []
-
-    def untargeted(index: dict[str, float]):
-        def invert(model, x, y, p, seed, device, form):  # a 3x3 white patch, sized to score `index`
-            asked.append(form)
-            median, spread = shipped.untargeted.forms[form]
-            masks, patterns = torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28)
-            masks[..., :3, :3] = 1.0
-            size = torch.tensor([float(torch.tensor(median - index[form] * spread).exp())])
-            return trigger_inversion.Inverted(masks, patterns, size, torch.ones(1, dtype=torch.bool), 9)
-
-        return invert
-
-    monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted({"mask": 5.0, "blend": 1.0}))
+    asked: list[str] = []
+    monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted_patch({"mask": 5.0, "blend": 1.0}, asked))
     seen = repair_data(monkeypatch)
     params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "repair_epochs": 1, "unlearn": 0.5}
     result = Verdict(untargeted=True, **params).run(art.model, x, y)
@@ -932,7 +938,7 @@ def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_f
     stamped = (xs != x).flatten(1).any(1)
     assert d["repair"]["stamped"] == int(stamped.sum()) == round(0.5 * len(x)) and torch.equal(ys, y)
     assert (xs[stamped][..., :3, :3] == 1).all()
-    monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted({"mask": 1.9, "blend": 1.0}))
+    monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted_patch({"mask": 1.9, "blend": 1.0}, asked))
     quiet = Verdict(untargeted=True, **params).run(art.model, x, y)  # below NC's line: nothing pruned
     assert quiet.pruned == [] and not quiet.details["flagged"] and quiet.details["follows"] == "inversion"
     stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), latent)  # class 4 flagged
@@ -1002,15 +1008,8 @@ def test_verdict_follows_a_blend_trigger_where_the_blend_verdict_is_the_stronges
     monkeypatch.setattr(baselines.verdict, "invert", blended(blend))  # at its typical size: nothing flagged
     quiet = Verdict(blend_verdict=True, **params).run(art.model, x, y)
     assert quiet.pruned == [] and not quiet.details["flagged"] and quiet.details["follows"] == "inversion"
-    seen.clear()  # nothing else flagged: a flagged untargeted look goes before the blend verdict
-    shipped_untargeted = shipped.untargeted
-    assert shipped_untargeted is not None
-    median, spread = shipped_untargeted.forms["mask"]
-    patch = torch.zeros(1, 1, 28, 28)
-    patch[..., :3, :3] = 1.0
-    found = trigger_inversion.Inverted(patch, torch.ones(1, 1, 28, 28), torch.tensor([math.exp(median - 5 * spread)]),
-                                       torch.ones(1, dtype=torch.bool), 9)  # fmt: skip
-    monkeypatch.setattr(baselines.verdict, "invert_untargeted", lambda *a: found)
+    # nothing else flagged: a flagged untargeted look goes before the blend verdict
+    monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted_patch({"mask": 5.0, "blend": 5.0}, []))
     monkeypatch.setattr(baselines.verdict, "invert", blended(torch.where(torch.arange(10) == 4, blend / 4, blend)))
     first = Verdict(blend_verdict=True, untargeted=True, **params).run(art.model, x, y).details
     assert first["follows"] == "untargeted" and first["blend"]["suspect"] == 4 and first["suspect"] is None
