@@ -232,7 +232,8 @@ class Verdict(NC):
         found = {"inversion": inversion, "latent_gap": latent}
         blend = self.blend_verdict(model, x, y) if self.params.blend_verdict else None
         if blend is not None:
-            found["blend"] = {"suspect": blend[1], "anomaly_index": blend[2], "score": blend[3]}
+            found["blend"] = {"suspect": blend[1], "anomaly_index": blend[2], "score": blend[3],
+                              "norms": blend[0].norms.tolist()}  # fmt: skip
         follows = choose(found, self.flag_line, self.params.inversion_first)
         self.extra.update(follows=follows, **found)
         # an all-to-all backdoor can lift one class's blend verdict alone: the untargeted look still goes first
