@@ -202,8 +202,9 @@ def report(rows: list[dict], source: str = "verdict_repair.jsonl") -> str:
         "latent shift added to the classifier's input of `unlearn` of each batch where it follows the shift (an "
         "unflagged model is left as it is). "
         "0 epochs: the pruned model. Mean ± std over runs, in %; ACC lost in points; target: the share of runs with "
-        f"ASR at most {TARGET[0]:.0%} and at most {TARGET[1] * 100:g} points lost; seconds: the sweep and the repair, "
-        "one thread; bound: the share of the runs whose sweep ended on the accuracy bound (`max_acc_drop`) rather than "
+        f"ASR at most {TARGET[0]:.0%} and at most {TARGET[1] * 100:g} points lost; seconds: the sweep, the repair "
+        "and the test set's evaluation, one thread (deploy_cost.md times the defense alone, beside ANP); bound: "
+        "the share of the runs whose sweep ended on the accuracy bound (`max_acc_drop`) rather than "
         "with the reversed trigger or shift gone. Each sweep's setting with the best mean DER (then the least "
         "accuracy lost) among those whose mean ASR and accuracy lost are within the target, else among all, is marked."
         + ("" if default else REBUILT),
