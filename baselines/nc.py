@@ -161,6 +161,11 @@ class NC(Defense):
         """How a class's trigger size is scored, and above what it is flagged (a subclass may read a rule)."""
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.judge(model, layout, x, y)
+        return self.late_gap(model, layout, x, y)
+
+    def judge(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Every class's trigger inverted; the suspect, its anomaly index and whether it is flagged, recorded."""
         self.inverted = self.signal.invert(model, x, y)
         index = self.signal.suspicion(self.inverted.norms)  # against params.reference where one is given
         if self.params.reference_from:
@@ -172,7 +177,6 @@ class NC(Defense):
         lay = layout.layers[-1]
         self.layers = [lay.name]
         self.extra["layer"] = lay.name
-        return self.late_gap(model, layout, x, y)
 
     def late_gap(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(units,) the reversed trigger's gap on the last unit layer, -inf elsewhere."""

@@ -218,7 +218,7 @@ class Verdict(NC):
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.untargeted = None  # a run follows what this model's verdicts say
-        by_inversion = super().scores(model, layout, x, y)
+        self.judge(model, layout, x, y)  # its gap only where the sweep follows it: the gap is a pass over x twice
         # the argmax of either score is the index's (both decrease with log(norm / reference)): same suspect
         mine = float(self.signal.score(self.inverted.norms, self.kind)[self.suspect])
         inversion = {"suspect": self.suspect, "anomaly_index": self.extra["anomaly_index"], "score": mine}
@@ -242,7 +242,7 @@ class Verdict(NC):
             if untargeted is not None:
                 return untargeted
         if follows == "inversion":
-            return by_inversion
+            return self.late_gap(model, layout, x, y)
         if follows == "blend":
             assert blend is not None
             self.inverted, self.suspect = blend[0], blend[1]

@@ -608,24 +608,23 @@ def test_the_latent_probe_stops_once_the_shift_without_the_pruned_units_no_longe
 def test_inversion_first_follows_a_flagged_inversion_of_the_latent_shifts_class_whatever_the_indices(monkeypatch):
     from baselines.verdict import Verdict
 
-    real = NC.scores
+    real = NC.judge
 
     def inverts(suspect):  # a flagged inversion naming `suspect`, with a smaller index than the latent shift's
-        def scores(self, *args):
-            out = real(self, *args)
+        def judge(self, *args):
+            real(self, *args)
             self.suspect = suspect
             self.extra.update(suspect=suspect, anomaly_index=2.5, flagged=True)
-            return out
 
-        return scores
+        return judge
 
     model, x, y = planted()  # its latent shift names class 2
-    monkeypatch.setattr(NC, "scores", inverts(2))
+    monkeypatch.setattr(NC, "judge", inverts(2))
     larger = Verdict(steps=40, images=64).run(model, x, y).details
     first = Verdict(steps=40, images=64, inversion_first=True).run(model, x, y).details
     assert larger["latent_gap"]["anomaly_index"] > 2.5 and larger["follows"] == "latent_gap"
     assert first["follows"] == "inversion" and first["suspect"] == 2 and first["anomaly_index"] == 2.5
-    monkeypatch.setattr(NC, "scores", inverts(3))  # another class: the larger index still decides
+    monkeypatch.setattr(NC, "judge", inverts(3))  # another class: the larger index still decides
     assert Verdict(steps=40, images=64, inversion_first=True).run(model, x, y).details["follows"] == "latent_gap"
 
 
@@ -837,7 +836,7 @@ def test_verdict_takes_the_shipped_reference_only_for_a_model_of_its_kind(monkey
     def seen(self, *args):  # what the inversion and the latent shift would judge the classes against
         raise Seen(self.signal.params.reference, self.latent.params.reference)
 
-    monkeypatch.setattr(NC, "scores", seen)
+    monkeypatch.setattr(NC, "judge", seen)
     shipped = json.loads((REFERENCES / "fashion-mnist.json").read_text())
     sizes = {name: entry["sizes"] for name, entry in shipped["signals"].items()}
     assert len(shipped["models"]) == 30 and len(sizes["inversion"]) == len(sizes["latent_gap"]) == 10
