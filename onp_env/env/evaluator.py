@@ -52,6 +52,8 @@ class Evaluator:
         self.output = self.nodes[-1]
         self.last: torch.Tensor
         self.watched = {by_target[name]: name for name in unit_layers} if watch else {}
+        self.retained = self.keep | {self.output} | set(self.watched)
+        """The values a pass keeps to its end: the cache's, the logits, the watched layers' outputs."""
         self.fresh: dict[str, torch.Tensor] = {}
 
     def _run(self, order: list[fx.Node]) -> torch.Tensor:
@@ -59,7 +61,6 @@ class Evaluator:
         # A value no later node of `order` reads is let go at once, as the model's own forward lets it go: held
         # to the end of a full pass, a large batch's activations took 1.6-3x its time (fresh memory every node).
         last_read = {a: i for i, n in enumerate(order) for a in n.all_input_nodes}
-        kept = self.keep | {self.output} | set(self.watched)
 
         def value(n: fx.Node) -> Any:
             return local[n] if n in local else self.values[n]
@@ -85,7 +86,7 @@ class Evaluator:
                 out = args[0]
             local[n] = out
             for a in n.all_input_nodes:
-                if last_read[a] == i and a not in kept:
+                if last_read[a] == i and a not in self.retained:
                     local.pop(a, None)
         if self.cache:
             self.values.update({n: v for n, v in local.items() if n in self.keep})
