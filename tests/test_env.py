@@ -513,3 +513,30 @@ def test_make_vec_batches_the_dict_observation(mode):
             assert reward.shape == (2,) and envs.observation_space.contains(obs)
     finally:
         envs.close()
+
+
+def test_an_evaluator_pass_lets_go_of_what_no_later_node_reads():
+    import weakref
+
+    from onp_env.env.evaluator import Evaluator, without_inplace
+    from onp_env.graph.units import find_units
+
+    torch.manual_seed(0)
+    model = without_inplace(UserNet()).eval()
+    x = torch.rand(8, 3, 10, 10)
+    layout, gm = find_units(model, x[:2])
+    seen: dict[str, weakref.ref] = {}
+    hooks = [getattr(model, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: weakref.ref(o)}))
+             for name in ("conv", "bn")]  # fmt: skip
+    alive_at_head = []
+    hooks.append(model.head.register_forward_hook(lambda *_: alive_at_head.append(seen["bn"]() is not None)))
+    with Masks(model, layout) as masks:
+        ev, reference = Evaluator(gm, x, ["bn"]), Evaluator(gm, x, ["bn"], cache=False)
+        first = ev.logits()
+        # the conv output feeds the unit layer: the cache keeps it for the next pass; the unit layer's own output
+        # is read by the ReLU alone, so by the time the head runs nothing holds it
+        assert any(v is seen["conv"]() for v in ev.values.values()) and alive_at_head == [False]
+        masks.prune([layout.by_name["bn"].offset + 1])
+        assert torch.equal(ev.logits(["bn"]), reference.logits()) and not torch.equal(first, ev.last)
+    for h in hooks:
+        h.remove()
