@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from onp_vs_baselines import fold_references, shadow_norms
@@ -68,21 +70,12 @@ def main() -> None:
     norms, untargeted, blend, shape = {}, {}, {}, None
     for lab in tqdm(labs, desc="shadow models"):
         path = build_artifact(lab, progress=False)
-        kept = folder / f"{lab.name}.json"
-        if not kept.is_file():
-            write_text_atomic(kept, json.dumps(shadow_norms(str(path))[0]))
-        norms[lab.name] = json.loads(kept.read_text())
+        norms[lab.name] = kept(folder / f"{lab.name}.json", lambda p=path: shadow_norms(str(p))[0])
         art = load_artifact(path)
         if args.blend_only:
-            kept = folder / f"{lab.name}.blend.json"
-            if not kept.is_file():
-                write_text_atomic(kept, json.dumps(blend_sizes(art)))
-            blend[lab.name] = json.loads(kept.read_text())
+            blend[lab.name] = kept(folder / f"{lab.name}.blend.json", lambda a=art: blend_sizes(a))
         else:
-            kept = folder / f"{lab.name}.untargeted.json"
-            if not kept.is_file():
-                write_text_atomic(kept, json.dumps(untargeted_sizes(art)))
-            untargeted[lab.name] = json.loads(kept.read_text())
+            untargeted[lab.name] = kept(folder / f"{lab.name}.untargeted.json", lambda a=art: untargeted_sizes(a))
         model = art.manifest["model"]
         found = (type(art.model).__name__, sum(p.numel() for p in art.model.parameters()), list(model["in_shape"]),
                  model["num_classes"])  # fmt: skip
@@ -91,24 +84,17 @@ def main() -> None:
         shape = found
     assert shape is not None
     if args.untargeted_only:
-        ref = json.loads(args.out.read_text())
-        ref["untargeted"] = untargeted_entry(list(untargeted.values()))
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        ref["untargeted_added"] = f"{now} by benchmarks/class_reference.py --untargeted-only, on the models built then"
-        write_text_atomic(args.out, json.dumps(ref, indent=1) + "\n")
+        amend(args.out, "untargeted", "--untargeted-only", untargeted=untargeted_entry(list(untargeted.values())))
         print(f"{args.out}: untargeted sizes of {len(untargeted)} shadow models added")
         return
     if args.blend_only:
-        ref = json.loads(args.out.read_text())
         names = sorted(blend)
         sizes = class_reference([torch.tensor(blend[n]) for n in names], [norms[n]["target"] for n in names])
         defaults = dataclasses.asdict(InversionParams())
         settings = {k: v for k, v in defaults.items() if k not in READ_ONLY}
-        ref["signals"][BLEND_SIGNAL] = {"version": SIGNALS["inversion"].version, "sizes": sizes.tolist(),
-                                        "settings": settings}  # fmt: skip
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        ref["blend_added"] = f"{now} by benchmarks/class_reference.py --blend-only, on the models built then"
-        write_text_atomic(args.out, json.dumps(ref, indent=1) + "\n")
+        signals = json.loads(args.out.read_text())["signals"]
+        signals[BLEND_SIGNAL] = {"version": SIGNALS["inversion"].version, "sizes": sizes.tolist(), "settings": settings}
+        amend(args.out, "blend", "--blend-only", signals=signals)
         print(f"{args.out}: per-class blend sizes of {len(names)} shadow models added")
         return
     sizes = fold_references(norms)
@@ -119,6 +105,22 @@ def main() -> None:
                     "benchmarks/class_reference.py",
                     untargeted=untargeted_entry(list(untargeted.values())))  # fmt: skip
     print(f"{args.out}: {len(norms)} shadow models")
+
+
+def kept(path: Path, compute: Callable[[], Any]) -> Any:
+    """The JSON kept at `path`, computed and written first where it is missing: a rerun measures nothing twice."""
+    if not path.is_file():
+        write_text_atomic(path, json.dumps(compute()))
+    return json.loads(path.read_text())
+
+
+def amend(out: Path, what: str, flag: str, **entries: Any) -> None:
+    """Add (or replace) `entries` in the reference at `out`, the rest kept, with a note of when `flag` added
+    `what` (its `WHAT_added` entry)."""
+    ref = json.loads(out.read_text())
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    ref |= {**entries, f"{what}_added": f"{now} by benchmarks/class_reference.py {flag}, on the models built then"}
+    write_text_atomic(out, json.dumps(ref, indent=1) + "\n")
 
 
 def untargeted_sizes(art: Artifact) -> dict[str, float]:
