@@ -79,7 +79,8 @@ def report(rows: Rows) -> str:
         "paper's 2000 iterations, sequential. Hosts: "
         f"{', '.join(sorted({r['host'] for r in rows}))}; torch {', '.join(sorted({r['torch'] for r in rows}))}. "
         "ASR and accuracy lost after each show what each left, not a comparison of the two: these models are in "
-        "the shipped reference `verdict` judges against, and ANP's paper tuned it for more defense data.",
+        "the shipped reference `verdict` judges against, and ANP runs at its paper's settings, not tuned for "
+        "these models.",
         "",
         "| model | defense data | verdict s | ANP s | verdict / ANP | verdict ASR % | ANP ASR % | verdict ACC lost | "
         "ANP ACC lost |",
