@@ -7,9 +7,10 @@ names a suspected class three ways: NC's mask inversion, the latent shift and th
 inversion, each with a score against the shipped reference; `choose` picks the one the sweep follows,
 and the untargeted look runs where neither the mask nor the latent shift is flagged. A sweep and repair
 that follow a wrong class leave the backdoor in place, so most of what the defense gets wrong is
-decided here, at about a tenth of a full run's cost. Per model and defense-data fraction (1% and 5%, the
-defense images `onp defend` draws with seed 0), this records what `Verdict.scores` records: each
-verdict's suspect, anomaly index, score and per-class sizes, the one followed, and the untargeted look.
+decided here, before the sweep and the repair (about 12 s of a 15-20 s run). Per model and defense-data
+fraction (1% and 5%, the defense images `onp defend` draws with seed 0), this records what
+`Verdict.scores` records: each verdict's suspect, anomaly index, score and per-class sizes, the one
+followed, and the untargeted look.
 The target is read only to score the verdicts.
 
 Models: the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml; the shipped reference
