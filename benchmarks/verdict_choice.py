@@ -10,7 +10,8 @@ that follow a wrong class leave the backdoor in place, so most of what the defen
 decided here, before the sweep and the repair (about 12 s of a 15-20 s run). Per model and defense-data
 fraction (1% and 5%, the defense images `onp defend` draws with seed 0), this records what
 `Verdict.scores` records: each verdict's suspect, anomaly index, score and per-class sizes, the one
-followed, and the untargeted look.
+followed, and the untargeted look (its size and index in each form; also on the models where the run does not
+look, for the record: `looked` says whether it did).
 The target is read only to score the verdicts.
 
 Models: the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml; the shipped reference
@@ -56,11 +57,14 @@ def verdicts(defense: Verdict, model: torch.nn.Module, x: torch.Tensor, y: torch
     defense.extra = {}
     torch.manual_seed(defense.seed)
     defense.scores(work, layout, x, y)
-    e = defense.extra
+    e = dict(defense.extra)
     found = {name: {k: e[name][k] for k in KEPT if k in e[name]} for name in VERDICTS}
     found["inversion"]["norms"] = e["mask_norms"]
+    looked = "untargeted" in e
+    if not looked:  # where a class verdict is flagged the run does not look: looked at here for the record alone
+        defense.untargeted_verdict(work, layout, x, y)
     return {**found, "follows": e["follows"], "suspect": e["suspect"], "flagged": bool(e["flagged"]),
-            "untargeted": e.get("untargeted")}  # fmt: skip
+            "untargeted": defense.extra["untargeted"], "looked": looked}  # fmt: skip
 
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:
@@ -103,8 +107,10 @@ def report(rows: Rows) -> str:
             counts = [sum(right(r, r["cells"][i], name) for r in group) for name in (*VERDICTS, "followed")]
             lines.append(f"| {fraction:.0%} | " + " | ".join(str(c) for c in counts) + " |")
         lines.append("")
-    lines += ["## Every model", "", "| model | target | data | mask | latent | blend | followed |",
-              "|---|---:|---:|---|---|---|---|"]  # fmt: skip
+    lines += ["## Every model", "", "`untargeted`: the larger of the untargeted trigger's two indices (mask and blend "
+              "forms; flagged above 2), in brackets where the run did not look.", "",
+              "| model | target | data | mask | latent | blend | untargeted | followed |",
+              "|---|---:|---:|---|---|---|---:|---|"]  # fmt: skip
     for r in rows:
         target = r["target"] if r["mode"] == "all-to-one" else "all-to-all"
         for c in r["cells"]:
@@ -113,7 +119,9 @@ def report(rows: Rows) -> str:
             mark = "" if r["mode"] != "all-to-one" or c["follows"] == "untargeted" else (
                 " ✓" if c["suspect"] == r["target"] else " ✗")  # fmt: skip
             flagged = "" if c["flagged"] else " (not flagged)"
-            lines.append(f"| {r['model']} | {target} | {c['fraction']:.0%} | {' | '.join(shown)} | "
+            index = max(v["anomaly_index"] for v in c["untargeted"].values())
+            look = f"{index:.2f}" if c["looked"] else f"({index:.2f})"
+            lines.append(f"| {r['model']} | {target} | {c['fraction']:.0%} | {' | '.join(shown)} | {look} | "
                          f"{followed}{mark}{flagged} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
