@@ -84,6 +84,13 @@ class Defense(ABC):
 
     def plan(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[UnitLayout, torch.Tensor, list[int]]:
         """(layout, scores on the CPU, units to prune) without touching `model`."""
+        work, layout, s = self.scored(model, x, y)
+        x, y = x.to(self.device), y.to(self.device)
+        return layout, s, self.select(s, work, layout, x, y)
+
+    def scored(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[nn.Module, UnitLayout, torch.Tensor]:
+        """(the working copy of `model` on the device, its layout, scores on the CPU): what `plan` reads before it
+        selects, `extra` holding what scoring recorded."""
         if len(x) == 0:
             raise OnpError(f"{self.name} needs a non-empty defense set")
         work = copy.deepcopy(model).to(self.device).eval()
@@ -91,8 +98,7 @@ class Defense(ABC):
         layout, _ = find_units(work, x[:2])
         self.extra = {}
         torch.manual_seed(self.seed)
-        s = self.scores(work, layout, x, y).cpu()
-        return layout, s, self.select(s, work, layout, x, y)
+        return work, layout, self.scores(work, layout, x, y).cpu()
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> DefenseResult:
         start = time.perf_counter()

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from onp_vs_baselines import SETTINGS
+from onp_vs_baselines import RECOMMENDED, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
 
 from onp_env.defend import defend_artifact
 
 RESULTS = HERE / "results" / "deploy_cost.jsonl"
-RECOMMENDED = "verdict shipped repair untargeted blend verdict"
 FRACTIONS = (0.01, 0.05)
 TENTH = 0.1
 

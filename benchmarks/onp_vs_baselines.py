@@ -128,6 +128,8 @@ unlearning the reversed trigger of every class whose anomaly index is above 1, n
 half the suspect's images with its trigger inverted as a whole-image blend (`repair_blend`), `... latent` also
 on a latent sweep's repair (`blend_latent`), `... verdict` adds a per-class verdict of whole-image blend triggers
 (`blend_verdict`)."""
+RECOMMENDED = "verdict shipped repair untargeted blend verdict"
+"""The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
     "verdict shipped repair",
     "verdict shipped unlearn line1",

@@ -22,11 +22,10 @@ benchmarks/results/verdict_choice.jsonl (resumable); writes verdict_choice.md.""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-from onp_vs_baselines import SETTINGS
+from onp_vs_baselines import RECOMMENDED, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
 
@@ -34,11 +33,9 @@ from baselines.verdict import Verdict
 from onp_env import load_artifact
 from onp_env.bench.config import load_bench_config
 from onp_env.defend import defense_subset
-from onp_env.graph.units import find_units
 
 RESULTS = HERE / "results" / "verdict_choice.jsonl"
 SHIFT = HERE.parent / "configs" / "bench" / "fashion-mnist-shift.yaml"
-RECOMMENDED = "verdict shipped repair untargeted blend verdict"
 FRACTIONS = (0.01, 0.05)
 VERDICTS = ("inversion", "latent_gap", "blend")
 KEPT = ("suspect", "anomaly_index", "score", "norms")
@@ -52,11 +49,7 @@ def models() -> list[tuple[str, str, Any]]:
 
 def verdicts(defense: Verdict, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """What `defense.scores` records on `model` (as `Defense.plan` calls it), the three verdicts kept whole."""
-    work = copy.deepcopy(model).eval()
-    layout, _ = find_units(work, x[:2])
-    defense.extra = {}
-    torch.manual_seed(defense.seed)
-    defense.scores(work, layout, x, y)
+    work, layout, _ = defense.scored(model, x, y)
     e = dict(defense.extra)
     found = {name: {k: e[name][k] for k in KEPT if k in e[name]} for name in VERDICTS}
     found["inversion"]["norms"] = e["mask_norms"]
