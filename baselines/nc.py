@@ -294,14 +294,19 @@ class NC(Defense):
         """`repair_blend`, `repair_additive`: class k's trigger inverted on the unpruned `original` as a whole-image
         trigger of `form`, stamped on every other image that carries the followed trigger (where nothing is
         stamped yet, a latent sweep's repair, on every other image of the repair's draw); `x` with those stamps."""
-        inv = invert_toward(original, clean, y, k, self.signal.params, self.seed, self.device, form)
+        inv, row = self.whole_trigger(original, clean, y, k, form)
         if x is clean:
             self.carrying = self.repair_draw(len(x))[0]
             x = x.clone()
         half = self.carrying[1::2]
-        x[half] = inv.apply(0, clean[half])
-        self.extra[f"{form}_size"] = round(float(inv.norms[0]), 2)
+        x[half] = inv.apply(row, clean[half])
+        self.extra[f"{form}_size"] = round(float(inv.norms[row]), 2)
         return x
+
+    def whole_trigger(self, original: nn.Module, clean: torch.Tensor, y: torch.Tensor, k: int,
+                      form: str) -> tuple[Inverted, int]:  # fmt: skip
+        """stamp_whole's trigger of class k in `form`, and its row: inverted on the unpruned `original`."""
+        return invert_toward(original, clean, y, k, self.signal.params, self.seed, self.device, form), 0
 
     def restamping(self, clean: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module, int], None]:
         """`repair_reinvert`'s hook before each repair epoch: from the second on, the followed trigger inverted

@@ -114,6 +114,19 @@ SETTINGS = {
             "blend_verdict": True,
         },
     ),
+    # ... and the untargeted look on every model, followed above every class verdict (verdict_choice.md)
+    "verdict shipped repair untargeted blend verdict outranks": (
+        "verdict",
+        {
+            **_SHIPPED_FIRST,
+            "repair_epochs": 5,
+            "unlearn": 0.5,
+            "untargeted": True,
+            "repair_blend": True,
+            "blend_verdict": True,
+            "untargeted_outranks": True,
+        },
+    ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -127,7 +140,8 @@ unlearning the reversed trigger of every class whose anomaly index is above 1, n
 `... untargeted` also inverts an untargeted trigger where neither class verdict is flagged; `... blend` stamps
 half the suspect's images with its trigger inverted as a whole-image blend (`repair_blend`), `... latent` also
 on a latent sweep's repair (`blend_latent`), `... verdict` adds a per-class verdict of whole-image blend triggers
-(`blend_verdict`)."""
+(`blend_verdict`), `... outranks` looks untargeted on every model and follows a flagged look whose index is above
+every class verdict's score (`untargeted_outranks`)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -139,6 +153,7 @@ REPAIRED = (
     "verdict shipped repair untargeted blend",
     "verdict shipped repair untargeted blend latent",
     "verdict shipped repair untargeted blend verdict",
+    "verdict shipped repair untargeted blend verdict outranks",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")

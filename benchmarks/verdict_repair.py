@@ -94,6 +94,23 @@ SWEEPS = {
         "repair_blend": True,
         "blend_verdict": True,
     },
+    "shipped first untargeted blend verdict outranks": {
+        **_FIRST,
+        "reference_from": "fashion-mnist",
+        "untargeted": True,
+        "repair_blend": True,
+        "blend_verdict": True,
+        "untargeted_outranks": True,
+    },
+    "shipped first untargeted blend verdict outranks reuse": {
+        **_FIRST,
+        "reference_from": "fashion-mnist",
+        "untargeted": True,
+        "repair_blend": True,
+        "blend_verdict": True,
+        "untargeted_outranks": True,
+        "blend_reuse": True,
+    },
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
 fold's reference); `drop10`/`drop20` let the sweep cost up to 10/20 points of defense-set accuracy (5
@@ -114,7 +131,9 @@ is still flagged (`repair_reinvert`); `... blend` stamps half of them with the s
 whole-image blend instead (`repair_blend`), `... additive` as an additive whole-image perturbation
 (`repair_additive`); `... blend verdict` adds to `... blend` a third per-class verdict, every class's trigger
 inverted as a whole-image blend (`blend_verdict`; its reference: these models' blend sizes, measured on this
-rebuild)."""
+rebuild); `... outranks` looks untargeted on every model and follows a flagged look above every class verdict's
+score (`untargeted_outranks`), `... reuse` stamps the blend verdict's trigger of the suspect in the repair instead
+of inverting it again (`blend_reuse`)."""
 GRID = ((0, 0.0), *((e, u) for e in (5, 10) for u in (0.0, 0.2, 0.5)))
 """(repair_epochs, unlearn): 0 epochs is the pruned model; unlearn 0.2 is NC's share."""
 REBUILT = (" These models were built on another host than `verdict_repair.md`'s, and a build moves the numbers: "

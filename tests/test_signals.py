@@ -951,6 +951,36 @@ def test_verdict_follows_an_outlying_untargeted_trigger_only_where_no_class_is_f
         Verdict(untargeted=True, flag_rule=True, reference_from="fashion-mnist-clean")
 
 
+def test_untargeted_outranks_follows_an_untargeted_look_above_every_flagged_class_verdict(tmp_path, monkeypatch):
+    import baselines.verdict
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    shipped = shipped_reference("fashion-mnist")
+    ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
+    spread = torch.linspace(-0.3, 0.3, 10)
+    spread[4] = -1.0
+    stub_sizes(monkeypatch, ref * spread.exp(), latent)  # class 4's mask flagged, at a score an index can beat
+    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "untargeted": True}
+    asked: list[str] = []
+    monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted_patch({"mask": 1.0, "blend": 1.0}, asked))
+    plain = Verdict(**params).run(art.model, x, y).details
+    mask = plain["inversion"]["score"]
+    assert plain["follows"] == "inversion" and plain["suspect"] == 4 and 2.5 < mask < 20 and asked == []
+    for index, follows in ((mask + 1.0, "untargeted"), (mask - 0.1, "inversion"), (1.9, "inversion")):
+        asked.clear()
+        monkeypatch.setattr(baselines.verdict, "invert_untargeted",
+                            untargeted_patch({"mask": 1.0, "blend": index}, asked))  # fmt: skip
+        d = Verdict(untargeted_outranks=True, **params).run(art.model, x, y).details
+        assert asked == ["mask", "blend"] and d["untargeted"]["blend"]["anomaly_index"] == pytest.approx(index, 1e-4)
+        assert d["follows"] == follows and d["suspect"] == (None if follows == "untargeted" else 4)
+        assert d["inversion"]["score"] == pytest.approx(mask)
+    with pytest.raises(OnpError, match="untargeted_outranks ranks the untargeted look, .* set untargeted=true"):
+        Verdict(untargeted_outranks=True, reference_from="fashion-mnist")
+
+
 def test_the_strongest_verdict_is_followed_and_a_latent_one_gives_way_to_a_flagged_inversion_of_its_class():
     from baselines.verdict import choose
 
@@ -1017,6 +1047,49 @@ def test_verdict_follows_a_blend_trigger_where_the_blend_verdict_is_the_stronges
             Verdict(blend_verdict=True, **wrong)
     with pytest.raises(OnpError, match="blend_verdict follows a blend trigger, which unlearn_all does not read"):
         Verdict(blend_verdict=True, unlearn_all=True, reference_from="fashion-mnist")
+
+
+def test_blend_reuse_stamps_the_blend_verdicts_own_trigger_instead_of_inverting_it_again(tmp_path, monkeypatch):
+    import baselines.nc
+    import baselines.verdict
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import BLEND_SIGNAL, shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    shipped = shipped_reference("fashion-mnist")
+    ref, latent, blend = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap", BLEND_SIGNAL))
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), latent)  # class 4's mask flagged
+    sizes = torch.where(torch.arange(10) == 4, blend / 2, blend)
+
+    def blended(model, x, y, classes, p, seed, device, form):  # class k's row: a 0.3 opacity of the value k / 10
+        masks, patterns = torch.full((classes, 1, 28, 28), 0.3), torch.arange(classes).view(-1, 1, 1, 1) / 10
+        return trigger_inversion.Inverted(masks, patterns.expand(classes, 1, 28, 28), sizes,
+                                          torch.ones(classes, dtype=torch.bool), 9, "blend")  # fmt: skip
+
+    again: list[int] = []
+
+    def toward(model, x, y, target, p, seed, device, form="mask"):  # a 0.5 opacity of black
+        again.append(target)
+        return trigger_inversion.Inverted(torch.full((1, 1, 28, 28), 0.5), torch.zeros(1, 1, 28, 28),
+                                          torch.tensor([50.0]), torch.ones(1, dtype=torch.bool), 9, form)  # fmt: skip
+
+    monkeypatch.setattr(baselines.verdict, "invert", blended)
+    monkeypatch.setattr(baselines.nc, "invert_toward", toward)
+    seen = repair_data(monkeypatch)
+    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "repair_epochs": 1, "unlearn": 0.5,
+              "blend_verdict": True, "repair_blend": True}  # fmt: skip
+    for reuse, whole in ((True, 0.7 * x + 0.3 * 0.4), (False, 0.5 * x)):
+        again.clear()
+        d = Verdict(blend_reuse=reuse, **params).run(art.model, x, y).details
+        assert d["follows"] == "inversion" and d["suspect"] == 4 and d["blend"]["suspect"] == 4
+        assert again == ([] if reuse else [4]) and d["blend_size"] == pytest.approx(float(50.0 if not reuse else sizes[4]),
+                                                                                    abs=0.01)  # fmt: skip
+        xs, _ = seen.pop()
+        restamped = torch.isclose(xs, whole).flatten(1).all(1) & (xs != x).flatten(1).any(1)
+        assert int(restamped.sum()) == d["repair"]["stamped"] // 2  # every other image that carries the mask's
+    with pytest.raises(OnpError, match="blend_reuse stamps the blend verdict's trigger .* repair_blend=true"):
+        Verdict(blend_reuse=True, blend_verdict=True, reference_from="fashion-mnist")
 
 
 def test_repair_frozen_bn_keeps_the_batchnorm_statistics_and_still_trains_the_rest(tmp_path, monkeypatch):
