@@ -139,7 +139,12 @@ class VerdictParams(NCParams):
     class's mask a little (shadow BadNets-025: a mask at 4.4 beside an untargeted index of 6.6 at 1%, 2.7
     beside 10.4 at 5%), and that class's sweep and repair then leave most of the backdoor; on the shadow
     models' verdicts (benchmarks/results/verdict_choice.md) the all-to-one models whose untargeted index is
-    above 2 have a class verdict of 4-20 above it. Costs the two untargeted inversions on every run."""
+    above 2 have a class verdict of 4-20 above it. Costs the two untargeted inversions on every run below
+    `outrank_ceiling`. Measured: docs/methods.md."""
+    outrank_ceiling: float = bounded(12.0, ge=0, le=1e9)
+    """With `untargeted_outranks`: no look where a class verdict's score is above this, since no untargeted index
+    that high was seen (at most 10.4 on the shadow models, verdict_choice.md) and the look could not outrank it:
+    a strongly flagged model is spared the look's two inversions."""
     blend_latent: bool = False
     """With `repair_blend` (or `repair_additive`): a sweep that follows the latent shift is repaired with the
     suspected class's trigger inverted as that whole-image trigger on half of `unlearn` of the images too,
@@ -160,7 +165,8 @@ class VerdictParams(NCParams):
     blend_reuse: bool = False
     """With `blend_verdict` and `repair_blend`: the repair stamps the suspect's row of the blend verdict's own
     inversion (every class at once, on the unpruned model) instead of inverting that class again as a blend
-    (one inversion saved; where the sweep follows the blend verdict, the repair then stamps its one trigger)."""
+    (one inversion saved; where the sweep follows the blend verdict, the repair then stamps its one trigger).
+    Neutral on the shadow and configuration-shift means (docs/methods.md)."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
@@ -259,9 +265,10 @@ class Verdict(NC):
         self.extra.update(follows=follows, **found)
         # an all-to-all backdoor can lift one class's blend verdict alone: the untargeted look still goes first
         classes = max(latent["score"], mine) > self.flag_line
-        if self.params.untargeted and (not classes or self.params.untargeted_outranks):
-            above = max(f["score"] for f in found.values()) if classes else None
-            untargeted = self.untargeted_verdict(model, layout, x, y, above)
+        top = max(f["score"] for f in found.values())
+        outranks = self.params.untargeted_outranks and top <= self.params.outrank_ceiling
+        if self.params.untargeted and (not classes or outranks):
+            untargeted = self.untargeted_verdict(model, layout, x, y, top if classes else None)
             if untargeted is not None:
                 return untargeted
         if follows == "inversion":

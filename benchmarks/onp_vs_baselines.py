@@ -127,6 +127,20 @@ SETTINGS = {
             "untargeted_outranks": True,
         },
     ),
+    # ... and its repair stamping the blend verdict's own trigger of the suspect (verdict_repair_second_build.md)
+    "verdict shipped repair untargeted blend verdict outranks reuse": (
+        "verdict",
+        {
+            **_SHIPPED_FIRST,
+            "repair_epochs": 5,
+            "unlearn": 0.5,
+            "untargeted": True,
+            "repair_blend": True,
+            "blend_verdict": True,
+            "untargeted_outranks": True,
+            "blend_reuse": True,
+        },
+    ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -141,8 +155,9 @@ unlearning the reversed trigger of every class whose anomaly index is above 1, n
 half the suspect's images with its trigger inverted as a whole-image blend (`repair_blend`), `... latent` also
 on a latent sweep's repair (`blend_latent`), `... verdict` adds a per-class verdict of whole-image blend triggers
 (`blend_verdict`), `... outranks` looks untargeted on every model and follows a flagged look whose index is above
-every class verdict's score (`untargeted_outranks`)."""
-RECOMMENDED = "verdict shipped repair untargeted blend verdict"
+every class verdict's score (`untargeted_outranks`), `... reuse` stamps the blend verdict's own trigger of the suspect
+in the repair instead of inverting it again (`blend_reuse`)."""
+RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
     "verdict shipped repair",
@@ -154,6 +169,7 @@ REPAIRED = (
     "verdict shipped repair untargeted blend latent",
     "verdict shipped repair untargeted blend verdict",
     "verdict shipped repair untargeted blend verdict outranks",
+    "verdict shipped repair untargeted blend verdict outranks reuse",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")

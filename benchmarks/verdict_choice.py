@@ -2,13 +2,15 @@
 
     ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/verdict_choice.py [--workers 2] [--report-only]
 
-The README's `verdict` (onp_vs_baselines.SETTINGS's `verdict shipped repair untargeted blend verdict`)
-names a suspected class three ways: NC's mask inversion, the latent shift and the whole-image blend
-inversion, each with a score against the shipped reference; `choose` picks the one the sweep follows,
-and the untargeted look runs where neither the mask nor the latent shift is flagged. A sweep and repair
-that follow a wrong class leave the backdoor in place, so most of what the defense gets wrong is
-decided here, before the sweep and the repair (about 12 s of a 15-20 s run). Per model and defense-data
-fraction (1% and 5%, the defense images `onp defend` draws with seed 0), this records what
+The README's `verdict` (onp_vs_baselines.SETTINGS's RECOMMENDED entry) names a suspected class three ways:
+NC's mask inversion, the latent shift and the whole-image blend inversion, each with a score against the
+shipped reference; `choose` picks the one the sweep follows, and the untargeted look (with
+`untargeted_outranks`, on every model) is followed where it is flagged and either no mask or latent verdict
+is, or its index is above every class verdict's score. A sweep and repair that follow a wrong class leave
+the backdoor in place, so most of what the defense gets wrong is decided here, before the sweep and the
+repair (about 12 s of a 15-20 s run). Per model and defense-data fraction (1% and 5%; the defense images
+and the defense's seed as the runs it explains draw them: seed 0 on a shadow model, as verdict_repair.py
+does, and the model's own seed on a shift model, as `onp bench` does), this records what
 `Verdict.scores` records: each verdict's suspect, anomaly index, score and per-class sizes, the one
 followed, and the untargeted look (its size and index in each form; also on the models where the run does not
 look, for the record: `looked` says whether it did).
@@ -66,10 +68,12 @@ def measure(name: str, role: str, path: str) -> dict[str, Any]:
     attack = art.manifest["attack"]
     method, params = SETTINGS[RECOMMENDED]
     assert method == "verdict"
+    # as the runs this dump explains draw them: verdict_repair.py's with seed 0, a bench cell's with its model's seed
+    seed = art.manifest["config"]["seed"] if role == "shift" else 0
     cells = []
     for fraction in FRACTIONS:
-        x, y = defense_subset(art, fraction)
-        cells.append({"fraction": fraction, **verdicts(Verdict(**params), art.model, x, y)})
+        x, y = defense_subset(art, fraction, seed)
+        cells.append({"fraction": fraction, **verdicts(Verdict(seed=seed, **params), art.model, x, y)})
     return {"model": name, "role": role, "attack": attack["name"], "mode": attack["mode"],
             "target": attack["target"], "cells": cells}  # fmt: skip
 

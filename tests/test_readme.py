@@ -74,3 +74,23 @@ def test_the_recommended_defense_command_holds_settings_verdict_accepts():
     defense = Verdict(**params)  # every setting known, in range, and the shipped reference has what it reads
     assert defense.params.repair_epochs == 5 and defense.params.untargeted and defense.params.repair_blend
     assert defense.params.blend_verdict and len(defense.blend_reference) == 10
+
+
+def test_the_recommended_command_is_the_setting_the_benchmarks_time_and_dump(monkeypatch):
+    """deploy_cost.py and verdict_choice.py measure onp_vs_baselines.RECOMMENDED: it must be the README's command."""
+    import importlib.util
+
+    from baselines.verdict import Verdict
+    from onp_env.config import apply_overrides
+
+    benchmarks = README.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # the script imports rows as a sibling
+    spec = importlib.util.spec_from_file_location("onp_vs_baselines", benchmarks / "onp_vs_baselines.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = README.read_text()
+    start = text.index("**Which defense to use today**")
+    command = text[start : text.index("\n\n", text.index("onp defend", start))]
+    method, params = script.SETTINGS[script.RECOMMENDED]
+    assert method == "verdict" and script.RECOMMENDED in script.REPAIRED
+    assert Verdict(**apply_overrides({}, re.findall(r"--set (\S+)", command))).params == Verdict(**params).params

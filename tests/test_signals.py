@@ -977,6 +977,9 @@ def test_untargeted_outranks_follows_an_untargeted_look_above_every_flagged_clas
         assert asked == ["mask", "blend"] and d["untargeted"]["blend"]["anomaly_index"] == pytest.approx(index, 1e-4)
         assert d["follows"] == follows and d["suspect"] == (None if follows == "untargeted" else 4)
         assert d["inversion"]["score"] == pytest.approx(mask)
+    asked.clear()  # a class verdict above the ceiling: no look (it could not outrank it)
+    d = Verdict(untargeted_outranks=True, outrank_ceiling=mask - 0.1, **params).run(art.model, x, y).details
+    assert asked == [] and d["follows"] == "inversion" and "untargeted" not in d
     with pytest.raises(OnpError, match="untargeted_outranks ranks the untargeted look, .* set untargeted=true"):
         Verdict(untargeted_outranks=True, reference_from="fashion-mnist")
 
