@@ -194,6 +194,8 @@ def choose(found: dict[str, dict], line: float, inversion_first: bool) -> str:
 class Verdict(NC):
     name = "verdict"
     Params = VerdictParams
+    blends: Inverted | None = None
+    """The blend verdict's inversion of the model being defended (scores), every class a row."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -225,7 +227,6 @@ class Verdict(NC):
             raise OnpError("verdict parameters: untargeted_outranks ranks the untargeted look, which runs only with "
                            "untargeted: set untargeted=true")  # fmt: skip
         self.blend_reference: list[float] = []
-        self.blends: Inverted | None = None
         if self.params.blend_reuse and not (self.params.blend_verdict and self.params.repair_blend):
             raise OnpError("verdict parameters: blend_reuse stamps the blend verdict's trigger in repair_blend's "
                            "place: set blend_verdict=true and repair_blend=true")  # fmt: skip

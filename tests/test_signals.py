@@ -1086,8 +1086,8 @@ def test_blend_reuse_stamps_the_blend_verdicts_own_trigger_instead_of_inverting_
         again.clear()
         d = Verdict(blend_reuse=reuse, **params).run(art.model, x, y).details
         assert d["follows"] == "inversion" and d["suspect"] == 4 and d["blend"]["suspect"] == 4
-        assert again == ([] if reuse else [4]) and d["blend_size"] == pytest.approx(float(50.0 if not reuse else sizes[4]),
-                                                                                    abs=0.01)  # fmt: skip
+        size = float(sizes[4]) if reuse else 50.0
+        assert again == ([] if reuse else [4]) and d["blend_size"] == pytest.approx(size, abs=0.01)
         xs, _ = seen.pop()
         restamped = torch.isclose(xs, whole).flatten(1).all(1) & (xs != x).flatten(1).any(1)
         assert int(restamped.sum()) == d["repair"]["stamped"] // 2  # every other image that carries the mask's
