@@ -60,6 +60,14 @@ ATTACKS = ("badnets", "blended", "wanet", "sig", "trojannn")
 BASELINES = ("mnp", "anp", "rnp", "bnp", "fp", "clp", "magnitude", "random", "nc", "verdict")
 _SHIPPED_FIRST = {"inversion_first": True, "stop_index": 2.0, "stop_asr": 0.0, "reference_from": "fashion-mnist"}
 _SHIPPED_LINE1 = {**_SHIPPED_FIRST, "repair_epochs": 5, "unlearn": 0.5, "unlearn_all": True, "unlearn_line": 1.0}
+_BLEND_VERDICT = {
+    **_SHIPPED_FIRST,
+    "repair_epochs": 5,
+    "unlearn": 0.5,
+    "untargeted": True,
+    "repair_blend": True,
+    "blend_verdict": True,
+}
 SETTINGS = {
     "nc ungated": ("nc", {"flag_index": 0.0}),
     "verdict shadow reference": ("verdict", {}),
@@ -103,43 +111,16 @@ SETTINGS = {
         },
     ),
     # ... and a third per-class verdict, every class's trigger inverted as a whole-image blend (per_class_forms.md)
-    "verdict shipped repair untargeted blend verdict": (
-        "verdict",
-        {
-            **_SHIPPED_FIRST,
-            "repair_epochs": 5,
-            "unlearn": 0.5,
-            "untargeted": True,
-            "repair_blend": True,
-            "blend_verdict": True,
-        },
-    ),
+    "verdict shipped repair untargeted blend verdict": ("verdict", _BLEND_VERDICT),
     # ... and the untargeted look on every model, followed above every class verdict (verdict_choice.md)
     "verdict shipped repair untargeted blend verdict outranks": (
         "verdict",
-        {
-            **_SHIPPED_FIRST,
-            "repair_epochs": 5,
-            "unlearn": 0.5,
-            "untargeted": True,
-            "repair_blend": True,
-            "blend_verdict": True,
-            "untargeted_outranks": True,
-        },
+        {**_BLEND_VERDICT, "untargeted_outranks": True},
     ),
     # ... and its repair stamping the blend verdict's own trigger of the suspect (verdict_repair_second_build.md)
     "verdict shipped repair untargeted blend verdict outranks reuse": (
         "verdict",
-        {
-            **_SHIPPED_FIRST,
-            "repair_epochs": 5,
-            "unlearn": 0.5,
-            "untargeted": True,
-            "repair_blend": True,
-            "blend_verdict": True,
-            "untargeted_outranks": True,
-            "blend_reuse": True,
-        },
+        {**_BLEND_VERDICT, "untargeted_outranks": True, "blend_reuse": True},
     ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
