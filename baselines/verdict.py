@@ -56,8 +56,10 @@ models (NC's anomaly index of its log size against theirs). An all-to-all backdo
 target, so neither per-class verdict sees it; on benchmarks/results/untargeted_inversion.md's models
 the untargeted index flags 4-5 of 6 all-to-all models (not the warp) and none of 9 clean ones. A
 flagged one is followed as NC follows a reversed trigger, with no target class. With `untargeted_outranks`
-[ours] the look runs on every model, and a flagged look whose index is above every class verdict's score is
-followed even where a class verdict is flagged: an all-to-all backdoor can lift one class's mask a little.
+[ours] the look runs on every model (but one whose class verdicts score above `outrank_ceiling`, 12, which no
+untargeted index on the shadow models reached), and a flagged look whose index is above every class verdict's
+score is followed even where a class verdict is flagged: an all-to-all backdoor can lift one class's mask a
+little.
 
 With `blend_verdict` [ours], a third per-class verdict joins the two: every class's trigger inverted as
 a whole-image blend (one opacity over the image and a free pattern: trigger_inversion's `blend` form),

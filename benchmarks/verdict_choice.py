@@ -5,13 +5,13 @@
 The README's `verdict` (onp_vs_baselines.SETTINGS's RECOMMENDED entry) names a suspected class three ways:
 NC's mask inversion, the latent shift and the whole-image blend inversion, each with a score against the
 shipped reference; `choose` picks the one the sweep follows, and the untargeted look (with
-`untargeted_outranks`, on every model) is followed where it is flagged and either no mask or latent verdict
-is, or its index is above every class verdict's score. A sweep and repair that follow a wrong class leave
-the backdoor in place, so most of what the defense gets wrong is decided here, before the sweep and the
-repair (about 12 s of a 15-20 s run). Per model and defense-data fraction (1% and 5%; the defense images
-and the defense's seed as the runs it explains draw them: seed 0 on a shadow model, as verdict_repair.py
-does, and the model's own seed on a shift model, as `onp bench` does), this records what
-`Verdict.scores` records: each verdict's suspect, anomaly index, score and per-class sizes, the one
+`untargeted_outranks`, on every model whose class verdicts score at most `outrank_ceiling`) is followed where
+it is flagged and either no mask or latent verdict is, or its index is above every class verdict's score. A
+sweep and repair that follow a wrong class leave the backdoor in place, so most of what the defense gets wrong
+is decided here, before the sweep and the repair (about 12 s of a 15-20 s run). Per model and defense-data
+fraction (1% and 5%; the defense images and the defense's seed as the runs it explains draw them: seed 0 on a
+shadow model, as verdict_repair.py does, and the model's own seed on a shift model, as `onp bench` does), this
+records what `Verdict.scores` records: each verdict's suspect, anomaly index, score and per-class sizes, the one
 followed, and the untargeted look (its size and index in each form; also on the models where the run does not
 look, for the record: `looked` says whether it did).
 The target is read only to score the verdicts.
