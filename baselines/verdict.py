@@ -300,7 +300,8 @@ class Verdict(NC):
     def whole_trigger(self, original: nn.Module, clean: torch.Tensor, y: torch.Tensor, k: int,
                       form: str) -> tuple[Inverted, int]:  # fmt: skip
         """With `blend_reuse`, class k's row of the blend verdict's inversion; else NC's."""
-        if self.params.blend_reuse and form == "blend" and self.blends is not None:
+        if self.params.blend_reuse:  # refused without blend_verdict (scores sets blends) and repair_blend
+            assert self.blends is not None and form == "blend"
             return self.blends, k
         return super().whole_trigger(original, clean, y, k, form)
 

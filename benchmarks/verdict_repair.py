@@ -49,6 +49,13 @@ RUNS = HERE / "runs" / "onp-sampled"
 RESULTS = HERE / "results" / "verdict_repair.md"
 _FIRST = {"inversion_first": True, "stop_asr": 0.0}
 _LINE1 = {**_FIRST, "unlearn_all": True, "unlearn_line": 1.0}
+_BLEND_VERDICT = {
+    **_FIRST,
+    "reference_from": "fashion-mnist",
+    "untargeted": True,
+    "repair_blend": True,
+    "blend_verdict": True,
+}
 SWEEPS = {
     "first": _FIRST,
     "candidates": {**_FIRST, "candidates": 5, "stop_index": 0.0},
@@ -87,27 +94,10 @@ SWEEPS = {
         "repair_blend": True,
         "blend_latent": True,
     },
-    "shipped first untargeted blend verdict": {
-        **_FIRST,
-        "reference_from": "fashion-mnist",
-        "untargeted": True,
-        "repair_blend": True,
-        "blend_verdict": True,
-    },
-    "shipped first untargeted blend verdict outranks": {
-        **_FIRST,
-        "reference_from": "fashion-mnist",
-        "untargeted": True,
-        "repair_blend": True,
-        "blend_verdict": True,
-        "untargeted_outranks": True,
-    },
+    "shipped first untargeted blend verdict": _BLEND_VERDICT,
+    "shipped first untargeted blend verdict outranks": {**_BLEND_VERDICT, "untargeted_outranks": True},
     "shipped first untargeted blend verdict outranks reuse": {
-        **_FIRST,
-        "reference_from": "fashion-mnist",
-        "untargeted": True,
-        "repair_blend": True,
-        "blend_verdict": True,
+        **_BLEND_VERDICT,
         "untargeted_outranks": True,
         "blend_reuse": True,
     },

@@ -867,6 +867,14 @@ def test_verdict_takes_the_shipped_reference_only_for_a_model_of_its_kind(monkey
     assert nc.signal.params.reference == sizes["inversion"]
 
 
+def spread_sizes(ref: torch.Tensor, width: float, low: float) -> torch.Tensor:
+    """`ref`'s per-class sizes with the classes spread evenly over +-`width` in log and class 4 at `low`: a class
+    below the others by a margin its spread sets, so that its score is finite."""
+    spread = torch.linspace(-width, width, len(ref))
+    spread[4] = low
+    return ref * spread.exp()
+
+
 def test_verdict_with_flag_rule_reads_the_shipped_detection_rule(tmp_path, monkeypatch):
     from baselines.verdict import Verdict
     from onp_env.signals.shipped import shipped_reference
@@ -877,9 +885,7 @@ def test_verdict_with_flag_rule_reads_the_shipped_detection_rule(tmp_path, monke
     ref, latent = (torch.tensor(clean.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
     # widely spread classes and class 4 0.5 below their median in log: the log ratio flags it (0.5 > 0.27),
     # the anomaly index does not (0.5 / (1.4826 x MAD 0.4) = 0.84)
-    spread = torch.linspace(-0.6, 0.6, 10)
-    spread[4] = -0.7
-    stub_sizes(monkeypatch, ref * spread.exp(), latent)
+    stub_sizes(monkeypatch, spread_sizes(ref, 0.6, -0.7), latent)
     ruled = Verdict(reference_from="fashion-mnist-clean", flag_rule=True, inversion_first=True, max_ratio=0.1)
     d = ruled.run(art.model, x, y).details
     assert d["flagged"] and d["follows"] == "inversion" and d["suspect"] == 4
@@ -960,9 +966,9 @@ def test_untargeted_outranks_follows_an_untargeted_look_above_every_flagged_clas
     x, y = art.defense_set()
     shipped = shipped_reference("fashion-mnist")
     ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
-    spread = torch.linspace(-0.3, 0.3, 10)
-    spread[4] = -1.0
-    stub_sizes(monkeypatch, ref * spread.exp(), latent)  # class 4's mask flagged, at a score an index can beat
+    stub_sizes(
+        monkeypatch, spread_sizes(ref, 0.3, -1.0), latent
+    )  # class 4's mask flagged, at a score an index can beat
     params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "untargeted": True}
     asked: list[str] = []
     monkeypatch.setattr(baselines.verdict, "invert_untargeted", untargeted_patch({"mask": 1.0, "blend": 1.0}, asked))
