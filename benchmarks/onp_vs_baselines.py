@@ -68,6 +68,7 @@ _BLEND_VERDICT = {
     "repair_blend": True,
     "blend_verdict": True,
 }
+_REUSE = {**_BLEND_VERDICT, "untargeted_outranks": True, "blend_reuse": True}
 SETTINGS = {
     "nc ungated": ("nc", {"flag_index": 0.0}),
     "verdict shadow reference": ("verdict", {}),
@@ -118,9 +119,15 @@ SETTINGS = {
         {**_BLEND_VERDICT, "untargeted_outranks": True},
     ),
     # ... and its repair stamping the blend verdict's own trigger of the suspect (verdict_repair_second_build.md)
-    "verdict shipped repair untargeted blend verdict outranks reuse": (
+    "verdict shipped repair untargeted blend verdict outranks reuse": ("verdict", _REUSE),
+    # ... and its repair trained toward half / all of the unpruned model's output (verdict_repair_second_build.md)
+    "verdict shipped repair untargeted blend verdict outranks reuse distill": (
         "verdict",
-        {**_BLEND_VERDICT, "untargeted_outranks": True, "blend_reuse": True},
+        {**_REUSE, "repair_distill": 0.5},
+    ),
+    "verdict shipped repair untargeted blend verdict outranks reuse distill1": (
+        "verdict",
+        {**_REUSE, "repair_distill": 1.0},
     ),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
@@ -137,7 +144,8 @@ half the suspect's images with its trigger inverted as a whole-image blend (`rep
 on a latent sweep's repair (`blend_latent`), `... verdict` adds a per-class verdict of whole-image blend triggers
 (`blend_verdict`), `... outranks` looks untargeted on every model and follows a flagged look whose index is above
 every class verdict's score (`untargeted_outranks`), `... reuse` stamps the blend verdict's own trigger of the suspect
-in the repair instead of inverting it again (`blend_reuse`)."""
+in the repair instead of inverting it again (`blend_reuse`), `... reuse distill`/`distill1` trains that repair
+toward half/all of the unpruned model's output on each image unstamped (`repair_distill`)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -151,6 +159,8 @@ REPAIRED = (
     "verdict shipped repair untargeted blend verdict",
     "verdict shipped repair untargeted blend verdict outranks",
     "verdict shipped repair untargeted blend verdict outranks reuse",
+    "verdict shipped repair untargeted blend verdict outranks reuse distill",
+    "verdict shipped repair untargeted blend verdict outranks reuse distill1",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")
