@@ -38,13 +38,13 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 """Names that become folder names (a grid's, a defense's or an attack setting's label): no separators,
 no dot-names."""
+NAME_RULE = "use 1-64 letters, digits and _ . + -, the first a letter or digit"
 
 
 def check_labels(keys: list[str], where: str) -> None:
     for key in keys:
         if not NAME.fullmatch(key):
-            raise OnpError(f"{where}: the name {short_repr(key)} becomes part of folder names: use letters, digits "
-                           "and _ . + - only")  # fmt: skip
+            raise OnpError(f"{where}: the name {short_repr(key)} becomes part of folder names: {NAME_RULE}")
 
 
 SEED_LIMIT = 2**63

@@ -103,6 +103,7 @@ def test_worker_count_does_not_change_the_numbers(tmp_path, monkeypatch):
         ({"defenses": [{"name": "onp", "params": {"agent_config": {"zoo": {"seeds": "x"}}}}]}, "seeds"),
         ({"defenses": [{"name": "magnitude", "label": "../../../../tmp/victim"}]}, "becomes a folder name"),
         ({"name": "../up"}, "becomes a folder name"),
+        ({"defenses": [{"name": "magnitude", "label": "m" * 65}]}, "use 1-64 letters"),
         ({"defenses": [{"name": "magnitude", "params": {"seed": 3}}]}, "come from the grid"),
         ({"defenses": [{"name": "magnitude", "params": {"semantics": "bogus"}}]}, "semantics must be one of"),
         ({"attacks": [{"name": "badnets"}, {"name": "badnets", "params": {"patch_size": 2}}]}, "own label"),

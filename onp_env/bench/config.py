@@ -14,6 +14,7 @@ import torch
 from onp_env.attacks import build_attack
 from onp_env.config import (
     NAME,
+    NAME_RULE,
     AttackConfig,
     DataConfig,
     LabConfig,
@@ -133,7 +134,7 @@ def check(cfg: BenchConfig) -> None:
         if not getattr(cfg, what):
             raise OnpError(f"bench.{what} is empty: list at least one")
     if not NAME.fullmatch(cfg.name):
-        raise OnpError(f"bench.name {cfg.name!r} becomes a folder name: use letters, digits, _ . + - only")
+        raise OnpError(f"bench.name {cfg.name!r} becomes a folder name: {NAME_RULE}")
     shown = [f"{f:g}" for f in cfg.fractions]
     if any(not 0 < f < 1 for f in cfg.fractions) or len(set(shown)) != len(shown):
         raise OnpError(f"bench.fractions {cfg.fractions} must be distinct shares in (0, 1), e.g. [0.01, 0.05]")
@@ -145,7 +146,7 @@ def check(cfg: BenchConfig) -> None:
         raise OnpError(f"bench.defenses repeat a label ({keys}): give each spec a distinct label")
     for spec in specs:
         if not NAME.fullmatch(spec.key):
-            raise OnpError(f"defense label {spec.key!r} becomes a folder name: use letters, digits, _ . + - only")
+            raise OnpError(f"defense label {spec.key!r} becomes a folder name: {NAME_RULE}")
         grid_keys = sorted(set(spec.params) & {"defense_fraction", "seed"})
         if grid_keys:
             raise OnpError(f"defense {spec.key}: {', '.join(grid_keys)} come from the grid (fractions, seeds)")
