@@ -21,7 +21,8 @@ across models: its anomaly index is (median - log size) / (1.4826 MAD) of the lo
 shadow models at 5% (each shadow model left out of its own). The attack is read only to label rows.
 
 On the clean and all-to-all models, also the README's recommended `verdict` command (DEFENDED:
-with `untargeted=true`, with `repair_blend=true` added, and with `blend_verdict=true` too) as a user runs
+with `untargeted=true`, with `repair_blend=true` added, with `blend_verdict=true` too, and with
+`untargeted_outranks`, `blend_reuse` and `repair_distill=0.5` too) as a user runs
 it: its false alarms and what it does with an all-to-all backdoor. One JSON line per model in
 benchmarks/results/untargeted_inversion.jsonl (resumable); writes untargeted_inversion.md."""
 
@@ -31,6 +32,7 @@ import time
 from typing import Any
 
 from detect_shipped import models as detect_models
+from onp_vs_baselines import SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, per_model_main, sampled_and_held_out
 
@@ -49,10 +51,13 @@ LINE = 2.0
 _UNTARGETED = {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0, "repair_epochs": 5,
                "unlearn": 0.5, "untargeted": True}  # fmt: skip
 DEFENDED = {"defended": _UNTARGETED, "defended blend": {**_UNTARGETED, "repair_blend": True},
-            "defended blend verdict": {**_UNTARGETED, "repair_blend": True, "blend_verdict": True}}  # fmt: skip
+            "defended blend verdict": {**_UNTARGETED, "repair_blend": True, "blend_verdict": True},
+            "defended outranks reuse distill": SETTINGS["verdict shipped repair untargeted blend verdict outranks reuse "
+                                                        "distill"][1]}  # fmt: skip
 """`verdict` as the README recommended it with `untargeted=true` (`defended`), with `repair_blend=true`
-added (`defended blend`, the README's command since 2026-12-04), and with `blend_verdict=true` too (`defended
-blend verdict`), run on the clean and all-to-all models."""
+added (`defended blend`, the README's command since 2026-12-04), with `blend_verdict=true` too (`defended
+blend verdict`), and with `untargeted_outranks`, `blend_reuse` and `repair_distill=0.5` too (`defended outranks
+reuse distill`, the README's command since 2026-12-05), run on the clean and all-to-all models."""
 
 
 def models() -> list[tuple[str, str, LabConfig]]:
@@ -258,7 +263,9 @@ def report(rows: list[dict[str, Any]]) -> str:
     lines += ["", "## The recommended defense on the clean and all-to-all models", "",
               "`verdict` as the README recommends it (the repaired model): `defended` with `untargeted=true`, "
               "`defended blend` with `repair_blend=true` added (the README's command since 2026-12-04), `defended "
-              "blend verdict` with `blend_verdict=true` too. Per "
+              "blend verdict` with `blend_verdict=true` too, `defended outranks reuse distill` with "
+              "`untargeted_outranks`, `blend_reuse` and `repair_distill=0.5` too (the README's command since "
+              "2026-12-05). Per "
               "fraction: what it followed, units cut, ASR after (backdoored) and accuracy lost in points; the "
               "mean points lost on the clean models last."]  # fmt: skip
     for part in DEFENDED:
