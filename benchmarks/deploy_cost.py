@@ -18,7 +18,8 @@ script's result; the ASR and accuracy columns show what each defense left.
 One JSON line per model in benchmarks/results/deploy_cost.jsonl (resumable), then deploy_cost.md; each row
 names the setting it timed. deploy_cost_blend_verdict.md holds the same measure of the setting recommended
 before `untargeted_outranks` and `blend_reuse` (2026-12-04), deploy_cost_outranks.md that of the recommended
-setting before `outrank_ceiling` existed (the untargeted look on every model)."""
+setting before `outrank_ceiling` existed (the untargeted look on every model), deploy_cost_reuse.md that of the
+setting recommended before `repair_distill` (2026-12-05)."""
 
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ on a latent sweep's repair (`blend_latent`), `... verdict` adds a per-class verd
 every class verdict's score (`untargeted_outranks`), `... reuse` stamps the blend verdict's own trigger of the suspect
 in the repair instead of inverting it again (`blend_reuse`), `... reuse distill`/`distill1` trains that repair
 toward half/all of the unpruned model's output on each image unstamped (`repair_distill`)."""
-RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse"
+RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
     "verdict shipped repair",
