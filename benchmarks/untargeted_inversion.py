@@ -50,14 +50,23 @@ LINE = 2.0
 """NC's anomaly-index line, for the untargeted index as for a class's."""
 _UNTARGETED = {"reference_from": "fashion-mnist", "inversion_first": True, "stop_asr": 0.0, "repair_epochs": 5,
                "unlearn": 0.5, "untargeted": True}  # fmt: skip
-DEFENDED = {"defended": _UNTARGETED, "defended blend": {**_UNTARGETED, "repair_blend": True},
-            "defended blend verdict": {**_UNTARGETED, "repair_blend": True, "blend_verdict": True},
-            "defended outranks reuse distill": SETTINGS["verdict shipped repair untargeted blend verdict outranks reuse "
-                                                        "distill"][1]}  # fmt: skip
+_REUSE = "verdict shipped repair untargeted blend verdict outranks reuse"
+_DISTILL = f"{_REUSE} distill"
+DEFENDED = {
+    "defended": _UNTARGETED,
+    "defended blend": {**_UNTARGETED, "repair_blend": True},
+    "defended blend verdict": {**_UNTARGETED, "repair_blend": True, "blend_verdict": True},
+    "defended outranks reuse": SETTINGS[_REUSE][1],
+    "defended outranks reuse distill": SETTINGS[_DISTILL][1],
+}
 """`verdict` as the README recommended it with `untargeted=true` (`defended`), with `repair_blend=true`
 added (`defended blend`, the README's command since 2026-12-04), with `blend_verdict=true` too (`defended
-blend verdict`), and with `untargeted_outranks`, `blend_reuse` and `repair_distill=0.5` too (`defended outranks
-reuse distill`, the README's command since 2026-12-05), run on the clean and all-to-all models."""
+blend verdict`), with `untargeted_outranks` and `blend_reuse` too (`defended outranks reuse`), and with
+`repair_distill=0.5` too (`defended outranks reuse distill`, the README's command since 2026-12-05), run on the
+clean and all-to-all models. The last two ran on a later build of the models than the others (REBUILT_PARTS)."""
+REBUILT_PARTS = ("defended outranks reuse", "defended outranks reuse distill")
+"""Parts measured on 2026-12-05 on models rebuilt on another host (the shadow models as verdict_repair_second_build.md
+measured them): the sizes and the other parts were measured on an earlier build, and a build moves the numbers."""
 
 
 def models() -> list[tuple[str, str, LabConfig]]:
@@ -263,9 +272,11 @@ def report(rows: list[dict[str, Any]]) -> str:
     lines += ["", "## The recommended defense on the clean and all-to-all models", "",
               "`verdict` as the README recommends it (the repaired model): `defended` with `untargeted=true`, "
               "`defended blend` with `repair_blend=true` added (the README's command since 2026-12-04), `defended "
-              "blend verdict` with `blend_verdict=true` too, `defended outranks reuse distill` with "
-              "`untargeted_outranks`, `blend_reuse` and `repair_distill=0.5` too (the README's command since "
-              "2026-12-05). Per "
+              "blend verdict` with `blend_verdict=true` too, `defended outranks reuse` with `untargeted_outranks` "
+              "and `blend_reuse` too, `defended outranks reuse distill` with `repair_distill=0.5` too (the README's "
+              "command since 2026-12-05). " + ", ".join(f"`{part}`" for part in REBUILT_PARTS) + " ran on models "
+              "rebuilt on another host than the other parts and the sizes above: compare them with each other only. "
+              "Per "
               "fraction: what it followed, units cut, ASR after (backdoored) and accuracy lost in points; the "
               "mean points lost on the clean models last."]  # fmt: skip
     for part in DEFENDED:
