@@ -67,7 +67,10 @@ def main() -> None:
     torch.set_num_threads(1)
     labs = {lab.name: lab for lab in zoo_configs(load_agent_config(str(CONFIG), []))}
     for short in args.models:
-        (name,) = [n for n in labs if f"-{short}-" in n]
+        names = [n for n in labs if f"-{short}-" in n]
+        if len(names) != 1:
+            p.error(f"--models {short!r} names {len(names)} shadow models: write ATTACK-INDEX, e.g. wanet-012")
+        (name,) = names
         art = load_artifact(build_artifact(labs[name], progress=False))
         before = art.metrics
         for fraction in args.fractions:
