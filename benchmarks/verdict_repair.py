@@ -99,6 +99,7 @@ SWEEPS = {
     "shipped first untargeted blend verdict outranks": {**_BLEND_VERDICT, "untargeted_outranks": True},
     "shipped first untargeted blend verdict outranks reuse": _REUSE,
     "shipped first untargeted blend verdict outranks reuse distill": {**_REUSE, "repair_distill": 0.5},
+    "shipped first untargeted blend verdict outranks reuse distill025": {**_REUSE, "repair_distill": 0.25},
     "shipped first untargeted blend verdict outranks reuse distill1": {**_REUSE, "repair_distill": 1.0},
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
@@ -122,8 +123,9 @@ whole-image blend instead (`repair_blend`), `... additive` as an additive whole-
 inverted as a whole-image blend (`blend_verdict`; its reference: these models' blend sizes, measured on this
 rebuild); `... outranks` looks untargeted on every model and follows a flagged look above every class verdict's
 score (`untargeted_outranks`), `... reuse` stamps the blend verdict's trigger of the suspect in the repair instead
-of inverting it again (`blend_reuse`); `... reuse distill`/`distill1` train that repair toward half/all of the
-unpruned model's output on each image unstamped (`repair_distill`), for the accuracy the 1% repair loses."""
+of inverting it again (`blend_reuse`); `... reuse distill`/`distill1`/`distill025` train that repair toward half/all/a
+quarter of the unpruned model's output on each image unstamped (`repair_distill`), for the accuracy the 1% repair
+loses (`distill025` after half let shadow WaNet-012's backdoor back at 5%)."""
 GRID = ((0, 0.0), *((e, u) for e in (5, 10) for u in (0.0, 0.2, 0.5)))
 """(repair_epochs, unlearn): 0 epochs is the pruned model; unlearn 0.2 is NC's share."""
 REBUILT = (" These models were built on another host than `verdict_repair.md`'s, and a build moves the numbers: "
