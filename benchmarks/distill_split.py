@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from onp_vs_baselines import RECOMMENDED, SETTINGS
 from rows import exit_2_on_bad_input
-from verdict_repair import CONFIG
+from verdict_repair import CONFIG, sweep_of
 
 import baselines.nc as nc
 from agents.config import load_agent_config
@@ -35,10 +35,12 @@ from onp_env.metrics import evaluate
 SPLITS = ("labels", "every image", "stamped", "clean")
 
 
-def repair(defense: Verdict, art, result, layout, x, y, split: str) -> dict:
+def repair(defense: Verdict, art, ds, result, layout, x, y, split: str) -> dict:
     """The pruned model repaired with the soft targets on `split`'s images only."""
-    distill = 0.0 if split == "labels" else SETTINGS[RECOMMENDED][1]["repair_distill"]
-    defense.params = dataclasses.replace(defense.params, repair_distill=distill)
+    recommended = SETTINGS[RECOMMENDED][1]
+    epochs, unlearn, distill = recommended["repair_epochs"], recommended["unlearn"], recommended["repair_distill"]
+    distill = 0.0 if split == "labels" else distill
+    defense.params = dataclasses.replace(defense.params, repair_epochs=epochs, unlearn=unlearn, repair_distill=distill)
     original_logits = nc.logits
     pick = defense.repair_draw(len(x))[0]
     hard = torch.zeros(len(x), dtype=torch.bool)
@@ -55,7 +57,6 @@ def repair(defense: Verdict, art, result, layout, x, y, split: str) -> dict:
         tuned = defense.finetune(art.model, result.model, layout, result.pruned, x, y)
     finally:
         nc.logits = original_logits
-    ds = art.dataset()
     return evaluate(tuned, ds.test_x, ds.test_y, art.attack)
 
 
@@ -72,14 +73,14 @@ def main() -> None:
             p.error(f"--models {short!r} names {len(names)} shadow models: write ATTACK-INDEX, e.g. wanet-012")
         (name,) = names
         art = load_artifact(build_artifact(labs[name], progress=False))
-        before = art.metrics
+        before, ds = art.metrics, art.dataset()
         for fraction in args.fractions:
             x, y = defense_subset(art, fraction)
-            defense = Verdict(**SETTINGS[RECOMMENDED][1])
+            defense = Verdict(**sweep_of(RECOMMENDED))  # the sweep alone: each split repairs it
             result = defense.run(art.model, x, y)
             layout, _ = find_units(copy.deepcopy(art.model).eval(), x[:2])
             for split in SPLITS:
-                after = repair(defense, art, result, layout, x, y, split)
+                after = repair(defense, art, ds, result, layout, x, y, split)
                 print(
                     f"{short} {fraction:.0%} follows {result.details['follows']}, soft targets on {split}: "
                     f"ASR {100 * after['asr']:.1f}%, {100 * (before['acc'] - after['acc']):.2f} points lost"

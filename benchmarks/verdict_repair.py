@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from onp_vs_baselines import fold_reference_files
+from onp_vs_baselines import SETTINGS, fold_reference_files
 from rows import exit_2_on_bad_input, read_verdict_repair, repair_key
 from tqdm import tqdm
 
@@ -49,14 +49,15 @@ RUNS = HERE / "runs" / "onp-sampled"
 RESULTS = HERE / "results" / "verdict_repair.md"
 _FIRST = {"inversion_first": True, "stop_asr": 0.0}
 _LINE1 = {**_FIRST, "unlearn_all": True, "unlearn_line": 1.0}
-_BLEND_VERDICT = {
-    **_FIRST,
-    "reference_from": "fashion-mnist",
-    "untargeted": True,
-    "repair_blend": True,
-    "blend_verdict": True,
-}
-_REUSE = {**_BLEND_VERDICT, "untargeted_outranks": True, "blend_reuse": True}
+
+
+def sweep_of(setting: str) -> dict:
+    """onp_vs_baselines.SETTINGS's `verdict` `setting` as a sweep: without the repair's epochs and share, which
+    each GRID setting sets (with them, `Verdict.run` would repair inside the sweep)."""
+    return {k: v for k, v in SETTINGS[setting][1].items() if k not in ("repair_epochs", "unlearn")}
+
+
+_REUSE = sweep_of("verdict shipped repair untargeted blend verdict outranks reuse")
 SWEEPS = {
     "first": _FIRST,
     "candidates": {**_FIRST, "candidates": 5, "stop_index": 0.0},
@@ -95,12 +96,18 @@ SWEEPS = {
         "repair_blend": True,
         "blend_latent": True,
     },
-    "shipped first untargeted blend verdict": _BLEND_VERDICT,
-    "shipped first untargeted blend verdict outranks": {**_BLEND_VERDICT, "untargeted_outranks": True},
+    "shipped first untargeted blend verdict": sweep_of("verdict shipped repair untargeted blend verdict"),
+    "shipped first untargeted blend verdict outranks": sweep_of(
+        "verdict shipped repair untargeted blend verdict outranks"
+    ),
     "shipped first untargeted blend verdict outranks reuse": _REUSE,
-    "shipped first untargeted blend verdict outranks reuse distill": {**_REUSE, "repair_distill": 0.5},
+    "shipped first untargeted blend verdict outranks reuse distill": sweep_of(
+        "verdict shipped repair untargeted blend verdict outranks reuse distill"
+    ),
     "shipped first untargeted blend verdict outranks reuse distill025": {**_REUSE, "repair_distill": 0.25},
-    "shipped first untargeted blend verdict outranks reuse distill1": {**_REUSE, "repair_distill": 1.0},
+    "shipped first untargeted blend verdict outranks reuse distill1": sweep_of(
+        "verdict shipped repair untargeted blend verdict outranks reuse distill1"
+    ),
 }
 """The prunings a repair starts from: the README's `verdict` and verdict_sweep.md's choice (each with the
 fold's reference); `drop10`/`drop20` let the sweep cost up to 10/20 points of defense-set accuracy (5
