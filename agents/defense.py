@@ -16,14 +16,20 @@ Deployment sees only the model and its clean defense set: the environment runs w
 and no attack, so nothing the policy reads can come from the trigger or the test split. An episode
 that ends because a step took the defense-set accuracy past the env's limit does not keep that step
 (`undo_collapse`): on unseen warp triggers the last step was often a first-layer channel that cost
-10-25 points (benchmarks/results/onp_sampled.md)."""
+10-25 points (benchmarks/results/onp_sampled.md).
+
+With `repair_with` [ours] the pruned model is then repaired by another registered defense's own repair (its
+`finetune`): `verdict` or `nc` judge the *unpruned* model as they would alone (their trigger inversions,
+suspect and flag) and fine-tune the agent's pruned model with their reversed trigger stamped on a share of
+the defense images, the agent's units held at zero; the report's `finetuned` is that model. What the agent
+prunes is unchanged; the repair's cost (the other defense's inversions) comes on top of the agent's."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +66,12 @@ class ONPParams:
     undo_collapse: bool = True
     """Leave out the last step when it took the defense-set accuracy past the training env's limit
     (`max_acc_drop`); False: return every unit the episode pruned."""
+    repair_with: str = ""
+    """A registered defense whose repair runs on the agent's pruned model: `verdict` or `nc` (with
+    `repair.repair_epochs` > 0) unlearn their reversed trigger, `fp` and `bnp` fine-tune on the clean defense
+    images alone; empty: no repair."""
+    repair: dict[str, Any] = field(default_factory=dict)
+    """That defense's parameters (`--set repair.KEY=VALUE`), checked as its own are."""
 
 
 @torch.inference_mode()
@@ -133,10 +145,38 @@ class ONP(Defense):
             raise OnpError("no agent ships with this install of onp-env: pass --agent DIR (from `onp train-agent`)")
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
+        self.repairer = self._repairer(semantics, seed, device)
         self.agent = load_agent(self.params.agent or SHIPPED)  # validated before any expensive step
         self.trained_on = _trained_on(self.agent)
         self.agent.env = replace(self.agent.env, semantics=semantics, device=str(self.device))
         self.agent.net.to(self.device)
+
+    def _repairer(self, semantics: str, seed: int, device: str) -> Defense | None:
+        """The defense named by `repair_with`, built from `repair` (refused here, before any work, where it
+        does not repair)."""
+        name, params = self.params.repair_with, self.params.repair
+        if not name:
+            if params:
+                raise OnpError("onp parameters: repair holds the parameters of repair_with's defense: set "
+                               "repair_with=verdict (or nc), or drop repair")  # fmt: skip
+            return None
+        from onp_env.registry import defense_class, defense_names
+
+        def repairs(n: str) -> bool:
+            return n != self.name and getattr(defense_class(n), "finetune", None) not in (None, Defense.finetune)
+
+        cls = defense_class(name)
+        if not repairs(name):
+            known = ", ".join(n for n in defense_names() if repairs(n))
+            raise OnpError(f"onp parameters: {name} has no repair of its own: set repair_with to one of {known}")
+        reserved = sorted(set(params) & {"seed", "device", "semantics"})
+        if reserved:
+            raise OnpError(f"onp parameters: repair.{reserved[0]} is the agent's own: drop it from repair")
+        repairer = cls(semantics, seed, device, **params)
+        if getattr(repairer.params, "repair_epochs", 1) == 0:
+            raise OnpError(f"onp parameters: {name} repairs nothing with repair_epochs 0: set "
+                           "repair.repair_epochs=5 (the README's setting)")  # fmt: skip
+        return repairer
 
     @classmethod
     def prepare(cls, params: dict[str, Any], workdir: Path | None, progress: bool = True) -> dict[str, Any]:
@@ -216,6 +256,16 @@ class ONP(Defense):
 
     def select(self, scores, model, layout, x, y) -> list[int]:
         return list(self._order)
+
+    def finetune(self, original, pruned_model, layout, pruned, x, y) -> nn.Module | None:
+        """`repair_with`'s repair of the agent's pruned model, after that defense has judged `original` (its
+        findings, e.g. the suspect and whether it flagged the model, go in the report under `repair`)."""
+        if self.repairer is None:
+            return None
+        self.repairer.scored(original, x, y)  # its verdicts and reversed triggers, which its repair stamps
+        tuned = self.repairer.finetune(original, pruned_model, layout, pruned, x, y)
+        self.extra["repair"] = {"with": self.repairer.name, **self.repairer.extra}
+        return tuned
 
 
 class AgentPolicy:

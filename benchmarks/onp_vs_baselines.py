@@ -129,6 +129,10 @@ SETTINGS = {
         "verdict",
         {**_REUSE, "repair_distill": 1.0},
     ),
+    # the agent that ships (trained on every attack type: not leave-one-attack-out), alone and with the repair of
+    # the recommended command on its pruned model (`repair_with`)
+    "shipped agent": ("onp", {}),
+    "shipped agent verdict repair": ("onp", {"repair_with": "verdict", "repair": {**_REUSE, "repair_distill": 0.5}}),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -145,7 +149,9 @@ on a latent sweep's repair (`blend_latent`), `... verdict` adds a per-class verd
 (`blend_verdict`), `... outranks` looks untargeted on every model and follows a flagged look whose index is above
 every class verdict's score (`untargeted_outranks`), `... reuse` stamps the blend verdict's own trigger of the suspect
 in the repair instead of inverting it again (`blend_reuse`), `... reuse distill`/`distill1` trains that repair
-toward half/all of the unpruned model's output on each image unstamped (`repair_distill`)."""
+toward half/all of the unpruned model's output on each image unstamped (`repair_distill`). `shipped agent` is
+`onp` without --agent (agents/pretrained: it saw every attack type, so on these models it is no leave-one-attack-out
+result), `shipped agent verdict repair` that agent's pruned model repaired by the recommended command's repair."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -161,6 +167,7 @@ REPAIRED = (
     "verdict shipped repair untargeted blend verdict outranks reuse",
     "verdict shipped repair untargeted blend verdict outranks reuse distill",
     "verdict shipped repair untargeted blend verdict outranks reuse distill1",
+    "shipped agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")

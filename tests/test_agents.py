@@ -686,3 +686,54 @@ def test_the_verdict_head_scores_a_column_by_its_verdict_not_by_which_signal_it_
             assert torch.allclose(net(moved)[0], choice[:, perm])
         stronger = dataclasses.replace(g, verdicts=g.verdicts + torch.tensor([[0.0, 0.0, 0.5]]))
         assert not torch.allclose(net(stronger)[0][:, 2], choice[:, 2])  # the verdict reaches the logit
+
+
+def test_repair_with_runs_that_defenses_repair_on_the_agents_pruned_model(monkeypatch):
+    """The agent's units stay its own; NC's repair stamps its reversed trigger and keeps them cut."""
+    import agents.defense
+    from agents.defense import ONP
+    from onp_env.signals import trigger_inversion
+
+    from .test_signals import pixel_trigger, repair_data, two_routes
+
+    model, x, y = two_routes()
+    layout, _ = find_units(model, x[:2])
+    fc = layout.by_name["fc"].offset
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: ([fc + 3], [{"acc": 1.0}, {"acc": 1.0}]))
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(2))
+    trigger_inversion._INVERTED.clear()
+    assert ONP().run(model, x, y).finetuned is None  # no repair unless asked
+    seen = repair_data(monkeypatch)
+    result = ONP(repair_with="nc", repair={"repair_epochs": 2, "unlearn": 0.3, "stop_asr": 0.0}, seed=5).run(
+        model, x, y
+    )
+    assert result.pruned == [fc + 3]  # the agent's, not NC's own cut (fc + 2)
+    repair = result.details["repair"]
+    assert repair["with"] == "nc" and repair["suspect"] == 2 and repair["flagged"]
+    assert repair["repair"] == {"epochs": 2, "stamped": 30, "shifted": False}
+    xs, ys = seen[0]
+    assert int((xs != x).flatten(1).any(1).sum()) == 30 and torch.equal(ys, y)
+    tuned = result.finetuned
+    assert tuned is not None and not torch.equal(tuned.classifier.weight, result.model.classifier.weight)
+    triggered = x.clone()
+    triggered[..., 3] = 1.0
+    assert (tuned.relu(tuned.fc(triggered.flatten(1)))[:, 3] == 0).all()  # the agent's cut unit stays cut
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"repair": {"repair_epochs": 5}}, "repair holds the parameters of repair_with's defense"),
+        ({"repair_with": "mnp"}, "mnp has no repair of its own: set repair_with to one of bnp, fp, nc, verdict"),
+        ({"repair_with": "onp"}, "onp has no repair of its own"),
+        ({"repair_with": "nc"}, "nc repairs nothing with repair_epochs 0: set repair.repair_epochs=5"),
+        ({"repair_with": "nc", "repair": {"repair_epochs": 5, "seed": 3}}, "repair.seed is the agent's own"),
+        ({"repair_with": "nc", "repair": {"repair_epochs": 5, "bogus": 1}}, "unknown key.s. bogus in nc parameters"),
+        ({"repair_with": "nope"}, "unknown defense 'nope'"),
+    ],
+)
+def test_a_repair_that_cannot_run_is_refused_when_the_defense_is_built(params, message):
+    from agents.defense import ONP
+
+    with pytest.raises(OnpError, match=message):
+        ONP(**params)
