@@ -145,38 +145,11 @@ class ONP(Defense):
             raise OnpError("no agent ships with this install of onp-env: pass --agent DIR (from `onp train-agent`)")
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
-        self.repairer = self._repairer(semantics, seed, device)
+        self.repairer = repairer(self.params, semantics, seed, device)
         self.agent = load_agent(self.params.agent or SHIPPED)  # validated before any expensive step
         self.trained_on = _trained_on(self.agent)
         self.agent.env = replace(self.agent.env, semantics=semantics, device=str(self.device))
         self.agent.net.to(self.device)
-
-    def _repairer(self, semantics: str, seed: int, device: str) -> Defense | None:
-        """The defense named by `repair_with`, built from `repair` (refused here, before any work, where it
-        does not repair)."""
-        name, params = self.params.repair_with, self.params.repair
-        if not name:
-            if params:
-                raise OnpError("onp parameters: repair holds the parameters of repair_with's defense: set "
-                               "repair_with=verdict (or nc), or drop repair")  # fmt: skip
-            return None
-        from onp_env.registry import defense_class, defense_names
-
-        def repairs(n: str) -> bool:
-            return n != self.name and getattr(defense_class(n), "finetune", None) not in (None, Defense.finetune)
-
-        cls = defense_class(name)
-        if not repairs(name):
-            known = ", ".join(n for n in defense_names() if repairs(n))
-            raise OnpError(f"onp parameters: {name} has no repair of its own: set repair_with to one of {known}")
-        reserved = sorted(set(params) & {"seed", "device", "semantics"})
-        if reserved:
-            raise OnpError(f"onp parameters: repair.{reserved[0]} is the agent's own: drop it from repair")
-        repairer = cls(semantics, seed, device, **params)
-        if getattr(repairer.params, "repair_epochs", 1) == 0:
-            raise OnpError(f"onp parameters: {name} repairs nothing with repair_epochs 0: set "
-                           "repair.repair_epochs=5 (the README's setting)")  # fmt: skip
-        return repairer
 
     @classmethod
     def prepare(cls, params: dict[str, Any], workdir: Path | None, progress: bool = True) -> dict[str, Any]:
@@ -186,6 +159,8 @@ class ONP(Defense):
         params = dict(params)
         cfg = cls._agent_config(params)
         params.pop("agent_config", None), params.pop("agent_set", None)
+        if workdir is None:  # the repair's parameters too, before any model is built
+            repairer(from_dict(ONPParams, params, "onp parameters"))
         if cfg is None:
             return params
         if workdir is None:
@@ -266,6 +241,34 @@ class ONP(Defense):
         tuned = self.repairer.finetune(original, pruned_model, layout, pruned, x, y)
         self.extra["repair"] = {"with": self.repairer.name, **self.repairer.extra}
         return tuned
+
+
+def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: str = "cpu") -> Defense | None:
+    """The defense named by `params.repair_with`, built from `params.repair`; refused with one line, before any
+    work, where it cannot repair."""
+    name, settings = params.repair_with, params.repair
+    if not name:
+        if settings:
+            raise OnpError("onp parameters: repair holds the parameters of repair_with's defense: set "
+                           "repair_with (verdict, say), or drop repair")  # fmt: skip
+        return None
+    from onp_env.registry import defense_class, defense_names
+
+    def repairs(n: str) -> bool:
+        return n != ONP.name and getattr(defense_class(n), "finetune", None) not in (None, Defense.finetune)
+
+    cls = defense_class(name)
+    if not repairs(name):
+        known = ", ".join(n for n in defense_names() if repairs(n))
+        raise OnpError(f"onp parameters: {name} has no repair of its own: set repair_with to one of {known}")
+    reserved = sorted(set(settings) & {"seed", "device", "semantics"})
+    if reserved:
+        raise OnpError(f"onp parameters: repair.{reserved[0]} is the agent's own: drop it from repair")
+    built = cls(semantics, seed, device, **settings)
+    if getattr(built.params, "repair_epochs", 1) == 0:
+        raise OnpError(f"onp parameters: {name} repairs nothing with repair_epochs 0: set "
+                       "repair.repair_epochs=5 (the README's setting)")  # fmt: skip
+    return built
 
 
 class AgentPolicy:

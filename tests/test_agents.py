@@ -505,6 +505,11 @@ def test_cli_onp_with_a_bad_agent_exits_2(tmp_path, capsys):
         ["defend", "--method", "onp", "--agent", str(tmp_path), "--artifact", art, "--out", str(tmp_path / "b")]
     )
     assert code == 2 and "not an agent directory" in capsys.readouterr().err
+    code = main(["defend", "--method", "onp", "--artifact", art, "--set", "repair_with=verdict",
+                 "--set", "repair.repair_epochs=0", "--out", str(tmp_path / "c")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "verdict repairs nothing with repair_epochs 0" in err
+    assert not (tmp_path / "c").exists()
     assert main(["train-agent", "--config", CONFIG, "--set", "policy.gnn=mlp", "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r").exists()
 
