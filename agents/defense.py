@@ -68,8 +68,9 @@ class ONPParams:
     (`max_acc_drop`); False: return every unit the episode pruned."""
     repair_with: str = ""
     """A registered defense whose repair runs on the agent's pruned model: `verdict` or `nc` (with
-    `repair.repair_epochs` > 0) unlearn their reversed trigger, `fp` and `bnp` fine-tune on the clean defense
-    images alone; empty: no repair."""
+    `repair.repair_epochs` > 0) unlearn their reversed trigger, `fp` fine-tunes on the clean defense images alone
+    (each with the agent's units held at zero); `bnp` retrains the *unpruned* model with the agent's units
+    regularised toward zero (its AR), not held there. Empty: no repair."""
     repair: dict[str, Any] = field(default_factory=dict)
     """That defense's parameters (`--set repair.KEY=VALUE`), checked as its own are."""
 
