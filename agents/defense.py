@@ -48,6 +48,7 @@ from onp_env.devices import device_of
 from onp_env.env import EnvConfig, NeuronPruningEnv, PruningTarget
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
+from onp_env.masking import Masks
 
 SHIPPED = Path(__file__).resolve().parent / "pretrained" / "fashion-mnist"
 """The agent `onp defend --method onp` runs without --agent (agents/pretrained/README.md: what it
@@ -70,9 +71,10 @@ class ONPParams:
     """A registered defense whose repair runs on the agent's pruned model: `verdict` or `nc` (with
     `repair.repair_epochs` > 0) unlearn their reversed trigger, `fp` fine-tunes on the clean defense images alone
     (each with the agent's units held at zero); `bnp` retrains the *unpruned* model with the agent's units
-    regularised toward zero (its AR), not held there. Empty: no repair."""
+    regularised toward zero (its AR), and those units are cut again afterwards. Empty: no repair."""
     repair: dict[str, Any] = field(default_factory=dict)
-    """That defense's parameters (`--set repair.KEY=VALUE`), checked as its own are."""
+    """That defense's parameters (`--set repair.KEY=VALUE`), checked as its own are. Those of its pruning sweep
+    (`stop_asr`, `max_ratio`, `candidates`, `reinvert`, ...) change nothing here: the agent chose the units."""
 
 
 @torch.inference_mode()
@@ -241,7 +243,11 @@ class ONP(Defense):
         self.repairer.scored(original, x, y)  # its verdicts and reversed triggers, which its repair stamps
         tuned = self.repairer.finetune(original, pruned_model, layout, pruned, x, y)
         self.extra["repair"] = {"with": self.repairer.name, **self.repairer.extra}
-        return tuned
+        if tuned is None:
+            return None
+        with Masks(tuned, layout, self.semantics) as masks:  # the agent's cuts, whatever the repair retrained
+            masks.prune(pruned)
+            return masks.export()
 
 
 def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: str = "cpu") -> Defense | None:
@@ -265,6 +271,7 @@ def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: 
     reserved = sorted(set(settings) & {"seed", "device", "semantics"})
     if reserved:
         raise OnpError(f"onp parameters: repair.{reserved[0]} is the agent's own: drop it from repair")
+    from_dict(cls.Params, settings, f"onp parameters: repair ({name})")  # keys that are not names, first
     built = cls(semantics, seed, device, **settings)
     if getattr(built.params, "repair_epochs", 1) == 0:
         raise OnpError(f"onp parameters: {name} repairs nothing with repair_epochs 0: set "

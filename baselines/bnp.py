@@ -31,13 +31,13 @@ from onp_env.training import train
 class BNPParams:
     ratio: float = bounded(0.05, ge=0, le=1)
     """Share of all units marked bad."""
-    epochs: int = bounded(10, ge=1)
+    epochs: int = bounded(10, ge=1, le=100_000)
     lr: float = bounded(0.01, gt=0)
     reg: float = bounded(0.05, ge=0)
     """Adaptive-regularisation strength."""
     rms_decay: float = bounded(0.9, ge=0, lt=1)
     """Decay of the running root-mean-square of each marked parameter."""
-    batch_size: int = bounded(64, ge=1)
+    batch_size: int = bounded(64, ge=1, le=1_000_000)
     progress: bool = False
     """A progress bar of the fine-tuning on stderr."""
 

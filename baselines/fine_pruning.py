@@ -33,9 +33,9 @@ from onp_env.masking import Masks
 class FinePruningParams:
     max_acc_drop: float = bounded(0.05, ge=0, le=1)
     """Stop before defense-set accuracy falls more than this below the unpruned model's."""
-    finetune_epochs: int = bounded(10, ge=1)
+    finetune_epochs: int = bounded(10, ge=1, le=100_000)
     lr: float = bounded(0.01, gt=0)
-    batch_size: int = bounded(64, ge=1)
+    batch_size: int = bounded(64, ge=1, le=1_000_000)
     progress: bool = False
     """Progress bars of the pruning sweep and the fine-tuning on stderr."""
 

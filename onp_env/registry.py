@@ -16,6 +16,7 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from onp_env.config import short_repr
 from onp_env.errors import OnpError
 
 GROUP = "onp_env.defenses"
@@ -42,5 +43,5 @@ def defense_class(name: str) -> Any:
     entries = _entries()
     if name not in entries:
         known = ", ".join(sorted(entries)) or "none (is onp-env installed with pip?)"
-        raise OnpError(f"unknown defense '{name}': registered defenses are {known}")
+        raise OnpError(f"unknown defense {short_repr(name)}: registered defenses are {known}")
     return entries[name].load()

@@ -697,6 +697,7 @@ def test_repair_with_runs_that_defenses_repair_on_the_agents_pruned_model(monkey
     """The agent's units stay its own; NC's repair stamps its reversed trigger and keeps them cut."""
     import agents.defense
     from agents.defense import ONP
+    from baselines.nc import NC
     from onp_env.signals import trigger_inversion
 
     from .test_signals import pixel_trigger, repair_data, two_routes
@@ -723,6 +724,61 @@ def test_repair_with_runs_that_defenses_repair_on_the_agents_pruned_model(monkey
     triggered = x.clone()
     triggered[..., 3] = 1.0
     assert (tuned.relu(tuned.fc(triggered.flatten(1)))[:, 3] == 0).all()  # the agent's cut unit stays cut
+    NC(stop_asr=0.0, repair_epochs=2, unlearn=0.3, seed=5).run(model, x, y)  # NC alone, same seed: same draw
+    assert torch.equal((xs != x).flatten(1).any(1), (seen[1][0] != x).flatten(1).any(1))
+    # a model NC does not flag is handed back as the agent pruned it
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(None))
+    trigger_inversion._INVERTED.clear()
+    result = ONP(repair_with="nc", repair={"repair_epochs": 2}).run(model, x, y)
+    assert not result.details["repair"]["flagged"] and len(seen) == 2
+    assert all(torch.equal(a, b) for a, b in zip(result.finetuned.parameters(), result.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("name", "repair"), [("fp", {"finetune_epochs": 1}), ("bnp", {"epochs": 1})])
+def test_a_clean_fine_tuning_repair_keeps_the_agents_units_cut(monkeypatch, name, repair):
+    """fp fine-tunes the pruned model; bnp retrains the unpruned one (its AR): both outputs have the units cut."""
+    import agents.defense
+    from agents.defense import ONP
+    from onp_env.graph.features import activation_stats
+
+    art = load_artifact(default_artifact())
+    x, y = (t[:200] for t in art.defense_set())
+    layout, _ = find_units(art.model, x[:2])
+    first = layout.layers[0]
+    cut = [first.offset + 1, layout.layers[-1].offset + 2]
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: (cut, [{"acc": 1.0}, {"acc": 1.0}]))
+    result = ONP(repair_with=name, repair=repair).run(art.model, x, y)
+    tuned = result.finetuned
+    assert result.details["repair"]["with"] == name and tuned is not None
+    changed = [not torch.equal(a, b) for a, b in zip(tuned.parameters(), result.model.parameters(), strict=True)]
+    assert any(changed)
+    stats = activation_stats(tuned, layout, x, y, saliency=False)
+    for u in cut:
+        lay, c = layout.locate(u)
+        assert stats[lay.name]["act_mean"][c] == 0 and stats[lay.name]["act_std"][c] == 0
+
+
+def test_a_verdict_repair_of_a_latent_sweep_shifts_the_classifier_input_less_the_agents_units(monkeypatch):
+    import agents.defense
+    import baselines.nc
+    from agents.defense import ONP
+
+    from .test_signals import planted
+
+    model, x, y = planted()  # verdict follows its latent shift (class 2) through unit 5 of fc
+    layout, _ = find_units(model, x[:2])
+    fc = layout.by_name["fc"].offset
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: ([fc + 5], [{"acc": 1.0}, {"acc": 1.0}]))
+    hooks = []
+    real = baselines.nc.finetune_pruned
+    monkeypatch.setattr(baselines.nc, "finetune_pruned", lambda *a: hooks.append(a[10]) or real(*a))
+    repair = {"steps": 40, "images": 64, "repair_epochs": 1, "unlearn": 0.5}
+    result = ONP(repair_with="verdict", repair=repair).run(model, x, y)
+    d = result.details["repair"]
+    assert d["with"] == "verdict" and d["follows"] == "latent_gap" and d["repair"]["shifted"]
+    shifted = hooks[0]["classifier"](torch.nn.Linear(8, 5).train(), (torch.zeros(1000, 8),))[0]
+    assert (shifted[:, 5] == 0).all() and (shifted.abs().sum(1) > 0).any()  # the agent's unit moves no more
+    assert (result.finetuned.relu(result.finetuned.fc(x.flatten(1)))[:, 5] == 0).all()
 
 
 @pytest.mark.parametrize(
@@ -733,8 +789,14 @@ def test_repair_with_runs_that_defenses_repair_on_the_agents_pruned_model(monkey
         ({"repair_with": "onp"}, "onp has no repair of its own"),
         ({"repair_with": "nc"}, "nc repairs nothing with repair_epochs 0: set repair.repair_epochs=5"),
         ({"repair_with": "nc", "repair": {"repair_epochs": 5, "seed": 3}}, "repair.seed is the agent's own"),
-        ({"repair_with": "nc", "repair": {"repair_epochs": 5, "bogus": 1}}, "unknown key.s. bogus in nc parameters"),
+        (
+            {"repair_with": "nc", "repair": {"repair_epochs": 5, "bogus": 1}},
+            "unknown key.s. bogus in onp parameters: repair .nc.",
+        ),
         ({"repair_with": "nope"}, "unknown defense 'nope'"),
+        ({"repair_with": "nc", "repair": {1: 2}}, "key 1, which is not a name"),
+        ({"repair_with": "nc", "repair": {"self": 1}}, "unknown key.s. self in onp parameters: repair .nc."),
+        ({"repair_with": "fp", "repair": {"finetune_epochs": 10**9}}, "finetune_epochs must be"),
     ],
 )
 def test_a_repair_that_cannot_run_is_refused_when_the_defense_is_built(params, message):

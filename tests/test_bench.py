@@ -101,7 +101,10 @@ def test_worker_count_does_not_change_the_numbers(tmp_path, monkeypatch):
         ({"workers": 0}, "workers must be >= 1"),
         ({"attacks": [{"name": "badnets", "poison_rate": 2}]}, "poison_rate"),
         ({"defenses": [{"name": "onp", "params": {"agent_config": {"zoo": {"seeds": "x"}}}}]}, "seeds"),
-        ({"defenses": [{"name": "onp", "params": {"repair_with": "nc", "repair": {"bogus": 1}}}]}, "bogus in nc"),
+        (
+            {"defenses": [{"name": "onp", "params": {"repair_with": "nc", "repair": {"bogus": 1}}}]},
+            "bogus in onp parameters: repair .nc.",
+        ),
         ({"defenses": [{"name": "onp", "params": {"repair_with": "mnp"}}]}, "mnp has no repair of its own"),
         ({"defenses": [{"name": "onp", "params": {"budget_x": 1}}]}, "unknown key.s. budget_x in onp parameters"),
         ({"defenses": [{"name": "magnitude", "label": "../../../../tmp/victim"}]}, "becomes a folder name"),
