@@ -4,6 +4,7 @@ crash is dropped, and said so; anything else is one line naming the file, the li
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -249,6 +250,17 @@ def test_a_benchmark_script_exits_2_with_one_line_on_a_damaged_file(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"onp_units.py: error: {path}, line 2: field 'asr' must be a number in [0, 1]; {ROWS.FIX}\n"
+
+
+def test_bench_units_names_a_missing_label_or_model_in_one_line(tmp_path):
+    results = str(ROOT / "benchmarks" / "results" / "bench-fashion-mnist-shift-onp-repair" / RESULTS)
+    script = str(ROOT / "benchmarks" / "bench_units.py")
+    env = {**os.environ, "ONP_CACHE": str(tmp_path)}
+    for label, message in [("onp-nope", "holds no cell of defense 'onp-nope'"), ("onp", "is not in the cache")]:
+        args = [sys.executable, script, results, label, results, "onp-verdict-repair", "--out", str(tmp_path / "u.md")]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "u.md").exists()
 
 
 def test_the_margins_reader_refuses_damaged_rows(tmp_path):
