@@ -228,7 +228,7 @@ def test_a_whole_last_row_without_its_newline_is_kept_and_ended(tmp_path):
 
 def test_the_committed_results_files_pass_their_readers():
     results = ROOT / "benchmarks" / "results"
-    for name in ("onp.jsonl", "onp_fresh.jsonl", "onp_signals.jsonl", "onp_sampled.jsonl"):
+    for name in ("onp.jsonl", "onp_fresh.jsonl", "onp_signals.jsonl", "onp_sampled.jsonl", "onp_shipped_repair.jsonl"):
         assert ROWS.read_protocol(results / name)
     for path in sorted(results.glob("suite-*.jsonl")):
         assert read_suite_rows(path)
