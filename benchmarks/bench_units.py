@@ -45,6 +45,13 @@ def layers_of(lab: dict) -> list[tuple[str, int, int]]:
     return [(lay.name, lay.offset, lay.size) for lay in layout.layers]
 
 
+def per_layer(mine: set[int], other: set[int], layers: list[tuple[str, int, int]]) -> str:
+    """`mine`'s units in each layer, in brackets how many of them are also in `other`."""
+    counts = [(len([u for u in mine if o <= u < o + s]), len([u for u in mine & other if o <= u < o + s]))
+              for _, o, s in layers]  # fmt: skip
+    return " / ".join(f"{n} ({shared})" for n, shared in counts)
+
+
 def left(cell: dict) -> tuple[float, float, float, float]:
     """ASR % and points lost after pruning, then after the repair (the pruned model's where none ran)."""
     tuned = cell.get("finetuned") or cell
@@ -64,7 +71,11 @@ def main() -> None:
     keys = sorted(set(a) & set(b), key=lambda k: (k[1], k[0]))
     if not keys:
         raise OnpError(f"the two runs share no model and fraction: compare runs of one grid ({args.a}, {args.b})")
-    names = [n for n, _, _ in layers_of(a[keys[0]]["config"])]
+    layouts: dict[str, list[tuple[str, int, int]]] = {}  # by model: both fractions read one model
+    for key in keys:
+        if key[0] not in layouts:
+            layouts[key[0]] = layers_of(a[key]["config"])
+    names = [n for n, _, _ in layouts[keys[0][0]]]
     head = " | ".join(names)
     lines = [
         f"# Units pruned by `{args.label_a}` and `{args.label_b}`",
@@ -80,16 +91,10 @@ def main() -> None:
     summary: dict[float, list[tuple[float, ...]]] = {}
     for key in keys:
         ca, cb = a[key], b[key]
-        layers = layers_of(ca["config"])
+        layers = layouts[key[0]]
         ua, ub = set(ca["units"]), set(cb["units"])
-
-        def per_layer(mine: set[int], other: set[int], layers: list = layers) -> str:
-            counts = [(len([u for u in mine if o <= u < o + s]), len([u for u in mine & other if o <= u < o + s]))
-                      for _, o, s in layers]  # fmt: skip
-            return " / ".join(f"{n} ({shared})" for n, shared in counts)
-
         la, lb = left(ca), left(cb)
-        lines.append(f"| {key[0]} | {key[1]:.0%} | {per_layer(ua, ub)} | {per_layer(ub, ua)} "
+        lines.append(f"| {key[0]} | {key[1]:.0%} | {per_layer(ua, ub, layers)} | {per_layer(ub, ua, layers)} "
                      f"| {la[0]:.1f}, {la[1]:.2f} → {la[2]:.1f}, {la[3]:.2f} "
                      f"| {lb[0]:.1f}, {lb[1]:.2f} → {lb[2]:.1f}, {lb[3]:.2f} |")  # fmt: skip
         summary.setdefault(key[1], []).append((len(ua), len(ub), len(ua & ub), *la, *lb))

@@ -69,6 +69,7 @@ _BLEND_VERDICT = {
     "blend_verdict": True,
 }
 _REUSE = {**_BLEND_VERDICT, "untargeted_outranks": True, "blend_reuse": True}
+_DISTILL = {**_REUSE, "repair_distill": 0.5}
 SETTINGS = {
     "nc ungated": ("nc", {"flag_index": 0.0}),
     "verdict shadow reference": ("verdict", {}),
@@ -121,10 +122,7 @@ SETTINGS = {
     # ... and its repair stamping the blend verdict's own trigger of the suspect (verdict_repair_second_build.md)
     "verdict shipped repair untargeted blend verdict outranks reuse": ("verdict", _REUSE),
     # ... and its repair trained toward half / all of the unpruned model's output (verdict_repair_second_build.md)
-    "verdict shipped repair untargeted blend verdict outranks reuse distill": (
-        "verdict",
-        {**_REUSE, "repair_distill": 0.5},
-    ),
+    "verdict shipped repair untargeted blend verdict outranks reuse distill": ("verdict", _DISTILL),
     "verdict shipped repair untargeted blend verdict outranks reuse distill1": (
         "verdict",
         {**_REUSE, "repair_distill": 1.0},
@@ -132,7 +130,7 @@ SETTINGS = {
     # the agent that ships (trained on every attack type: not leave-one-attack-out), alone and with the repair of
     # the recommended command on its pruned model (`repair_with`)
     "shipped agent": ("onp", {}),
-    "shipped agent verdict repair": ("onp", {"repair_with": "verdict", "repair": {**_REUSE, "repair_distill": 0.5}}),
+    "shipped agent verdict repair": ("onp", {"repair_with": "verdict", "repair": _DISTILL}),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
