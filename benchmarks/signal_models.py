@@ -108,17 +108,25 @@ def complete_rows(results: Path, models: list[tuple[str, str, LabConfig]], worke
 
 def per_model_main(doc: str, results: Path, models: list[tuple[str, str, LabConfig]],
                    measure: Callable[..., dict[str, Any]], report: Callable[[Rows], str],
-                   complete: Callable[[dict[str, Any]], list[str]] | None = None) -> None:  # fmt: skip
+                   complete: Callable[[dict[str, Any]], list[str]] | None = None,
+                   option: tuple[str, dict[str, Any], Callable[[Any], Path]] | None = None) -> None:  # fmt: skip
     """A per-model benchmark's command line (`--workers N`, `--report-only`): measure the models not yet
     in `results` (measure_models), complete the rows that lack parts (complete_rows, where `complete`
-    names a row's missing parts), then write report(rows, in the models' order) beside it as .md."""
+    names a row's missing parts), then write report(rows, in the models' order) beside it as .md.
+    `option` = (flag, argparse settings, results file of a value): one more argument, passed to `measure`
+    after the artifact path, whose value chooses the results file (each value's rows in their own)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
+    if option is not None:
+        p.add_argument(option[0], **option[1])
     args = p.parse_args()
+    extra = () if option is None else (getattr(args, option[0].lstrip("-").replace("-", "_")),)
+    if option is not None:
+        results = option[2](extra[0])
     done = {json.loads(line)["model"] for line in results.read_text().splitlines()} if results.is_file() else set()
     if not args.report_only:
-        measure_models(results, done, models, args.workers, measure)
+        measure_models(results, done, models, args.workers, measure, *extra)
         if complete is not None:
             complete_rows(results, models, args.workers, measure, complete)
     order = {name: i for i, (name, _, _) in enumerate(models)}
