@@ -202,6 +202,31 @@ def test_one_worker_writes_each_cell_before_the_next(tmp_path, monkeypatch):
     assert len({r["key"] for r in read_cells(tmp_path / "b" / RESULTS)}) == 4
 
 
+def test_a_cell_whose_defense_fails_is_listed_and_the_grid_goes_on(tmp_path, monkeypatch):
+    import onp_env.defend
+
+    real = onp_env.defend.defend_artifact
+
+    def diverging(path, method, params, out, **kw):
+        if method == "random" and params["seed"] == 102:
+            raise OnpError("training diverged (loss nan): lower lr")
+        return real(path, method, params, out, **kw)
+
+    monkeypatch.setattr(onp_env.defend, "defend_artifact", diverging)
+    grid, out = tiny(fractions=[0.05]), tmp_path / "b"
+    with pytest.raises(OnpError, match=r"^1 of 4 cells failed, the first \S*/s102/0.05/random: training diverged "
+                                       r"\(loss nan\): lower lr; the others are in \S*results.md"):  # fmt: skip
+        run_bench(grid, out, workers=1, progress=False)
+    assert sorted((r["defense"], r["seed"]) for r in read_cells(out / RESULTS)) == [
+        ("magnitude", 101), ("magnitude", 102), ("random", 101)]  # fmt: skip
+    text = (out / "results.md").read_text()
+    assert "## Failed cells" in text and "s102/0.05/random | training diverged (loss nan): lower lr |" in text
+    monkeypatch.setattr(onp_env.defend, "defend_artifact", real)  # --resume tries it again
+    run_bench(grid, out, workers=1, resume=True, progress=False)
+    assert len(read_cells(out / RESULTS)) == 4 and "Failed cells" not in (out / "results.md").read_text()
+    assert not (out / "failed.jsonl").exists()
+
+
 def _named(name):
     return name
 

@@ -17,6 +17,7 @@ import onp_env
 from onp_env.artifacts import write_text_atomic
 from onp_env.bench.config import attack_key
 from onp_env.errors import OnpError
+from onp_env.results import read_rows
 
 
 def _ms(values: list[float], scale: float = 100.0) -> str:
@@ -90,7 +91,7 @@ def _shown(path: Path) -> str:
 
 def write_report(out: str | Path, plots: bool = True) -> Path:
     out = Path(out)
-    from onp_env.bench.run import CONFIG, RESULTS, read_cells
+    from onp_env.bench.run import CONFIG, FAILED, FAILED_CELL, FIX, RESULTS, read_cells
 
     rows = list({r["key"]: r for r in read_cells(out / RESULTS)}.values())  # a key twice counts once (the last)
     if not rows:
@@ -127,6 +128,13 @@ def write_report(out: str | Path, plots: bool = True) -> Path:
         lines += ["### Seconds to defend", "", "| defense | seconds | pruned units |", "|---|---:|---:|"]
         lines += [f"| {d} | {_ms([r['seconds'] for r in secs[d,]], 1)} | {_ms([r['pruned'] for r in secs[d,]], 1)} |"
                   for d in ranking(rs)]  # fmt: skip
+        lines.append("")
+    done = {r["key"] for r in rows}
+    failed = [r for r in read_rows(out / FAILED, FAILED_CELL, fix=FIX) if r["key"] not in done]
+    if failed:
+        lines += ["## Failed cells", "", "Their defense stopped with this error on this model; `onp bench --resume` "
+                  "tries them again.", "", "| cell | error |", "|---|---|"]  # fmt: skip
+        lines += [f"| {r['key']} | {r['error'].replace('|', '/')} |" for r in failed]
         lines.append("")
     if plots:
         from onp_env.bench.plots import write_plots

@@ -4,9 +4,11 @@ its model (and its agent) exist, so heuristic cells run beside an agent's traini
 
 Each finished cell is one JSON line in results.jsonl, appended and fsync'd by this driver alone, so a
 killed run loses at most the cells in flight, and `--resume` skips the cells already there (none is
-counted twice). Seeds are per cell (the model's seed), never per worker: executors give identical
-numbers. With Ray, artifacts and agents travel as bytes through the object store, so workers need
-no shared disk."""
+counted twice). A cell whose defense fails on its model with a one-line error (a repair that diverges,
+say) goes to failed.jsonl instead and the grid goes on; the run then ends with that error, and
+`--resume` tries the failed cells again. Seeds are per cell (the model's seed), never per worker:
+executors give identical numbers. With Ray, artifacts and agents travel as bytes through the object
+store, so workers need no shared disk."""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from onp_env.results import (
     read_rows,
 )
 
-RESULTS, CONFIG = "results.jsonl", "config.json"
+RESULTS, CONFIG, FAILED = "results.jsonl", "config.json", "failed.jsonl"
 
 
 def _cell_key(row: dict[str, Any]) -> str | None:
@@ -71,6 +73,10 @@ CELL = Schema(
     consistent=_cell_key,
 )  # fmt: skip
 """A row of results.jsonl: one defense on one model at one defense-data fraction."""
+
+FAILED_CELL = Schema("failed bench cell", {"key": TEXT, "defense": TEXT, "fraction": FRACTION, "seed": COUNT,
+                                           "error": TEXT})  # fmt: skip
+"""A row of failed.jsonl: a cell whose defense stopped with an OnpError, and that error."""
 
 FIX = "delete that line (`onp bench --resume` redoes its cell) or restore the file from its source"
 
@@ -143,7 +149,10 @@ def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict
         shutil.rmtree(out)
     start = time.perf_counter()
     run = {**params, "defense_fraction": fraction, "seed": seed}
-    _, report = defend_artifact(art_path, spec["name"], run, out, data_root=data_root)
+    try:
+        _, report = defend_artifact(art_path, spec["name"], run, out, data_root=data_root)
+    except OnpError as e:  # this defense on this model only (a diverging repair, say): the other cells go on
+        return {"key": key, "defense": DefenseSpec(**spec).key, "fraction": fraction, "seed": seed, "error": str(e)}
     manifest = load_artifact(out).manifest
     config = manifest["config"]  # the grid's label: a model cached under another label is the same model
     config["attack"]["label"] = label
@@ -346,6 +355,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
         raise OnpError(f"{results} holds {len(foreign)} cell(s) this grid does not have (first: {foreign[0]!r}): "
                        "it is another grid's file; resume with that grid's config or pass another --out")  # fmt: skip
     todo = [c for c in cells if _key(*c) not in finished]
+    (out / FAILED).unlink(missing_ok=True)  # the last run's failures are tried again
+    failed: list[dict[str, Any]] = []
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     needed = {model_key(c[0]): c[0] for c in todo}
     learned = {k: s for k, s in learned.items() if any(c[2].key == k for c in todo)}
@@ -383,9 +394,15 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
         for handle, result in pool.completed(pending):
             kind, key = role.pop(handle)
             if kind == "cell":
-                append(results, result)
+                if "error" in result:
+                    failed.append(result)
+                    append(out / FAILED, result)
+                else:
+                    append(results, result)
+                    finished.add(result["key"])
                 bar.update()
-                write_report(out, plots=False)  # the table follows the data; plots at the end
+                if finished:
+                    write_report(out, plots=False)  # the table follows the data; plots at the end
                 continue
             if kind == "model":
                 models[key] = (result[0], pool.put(result[1]))
@@ -397,4 +414,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
         setup.close()
         bar.close()
         pool.close()
-    return write_report(out)
+    path = write_report(out) if finished else None
+    if failed:
+        first = failed[0]
+        raise OnpError(f"{len(failed)} of {len(cells)} cells failed, the first {first['key']}: {first['error']}; "
+                       f"{f'the others are in {path}' if path else 'no cell finished'} (failed.jsonl lists the "
+                       "failed; --resume tries them again)")  # fmt: skip
+    assert path is not None  # a grid holds at least one cell
+    return path
