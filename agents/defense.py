@@ -46,6 +46,7 @@ from onp_env.attacks.base import Attack
 from onp_env.config import apply_overrides, from_dict, to_dict
 from onp_env.devices import device_of
 from onp_env.env import EnvConfig, NeuronPruningEnv, PruningTarget
+from onp_env.env.config import PRUNABLE
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import Masks
@@ -64,6 +65,9 @@ class ONPParams:
     """Take the most likely action (False: sample it, seeded by the defense's seed)."""
     budget: float | None = None
     """Largest share of units to prune (default: the training environment's budget)."""
+    prunable: str | None = None
+    """Which units the policy may prune (onp_env.env.EnvConfig.prunable): all, or last (the last unit layer's,
+    where NC and verdict prune; the policy sees the whole model either way). Default: the training env's."""
     undo_collapse: bool = True
     """Leave out the last step when it took the defense-set accuracy past the training env's limit
     (`max_acc_drop`); False: return every unit the episode pruned."""
@@ -148,10 +152,14 @@ class ONP(Defense):
             raise OnpError("no agent ships with this install of onp-env: pass --agent DIR (from `onp train-agent`)")
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
+        check_prunable(self.params.prunable)
         self.repairer = repairer(self.params, semantics, seed, device)
         self.agent = load_agent(self.params.agent or SHIPPED)  # validated before any expensive step
         self.trained_on = _trained_on(self.agent)
-        self.agent.env = replace(self.agent.env, semantics=semantics, device=str(self.device))
+        env = replace(self.agent.env, semantics=semantics, device=str(self.device))
+        if self.params.prunable is not None:
+            env = replace(env, prunable=self.params.prunable).validate("onp parameters: the agent's env")
+        self.agent.env = env
         self.agent.net.to(self.device)
 
     @classmethod
@@ -163,14 +171,16 @@ class ONP(Defense):
         cfg = cls._agent_config(params)
         params.pop("agent_config", None), params.pop("agent_set", None)
         if workdir is None:  # the repair's parameters too, before any model is built
-            repairer(from_dict(ONPParams, params, "onp parameters"))
+            parsed = from_dict(ONPParams, params, "onp parameters")
+            check_prunable(parsed.prunable)
+            repairer(parsed)
         if cfg is None:
             return params
         if workdir is None:
             return {**params, "agent": "<trained by prepare>"}
         settings = to_dict(cfg)
         for part, key, default in (("env", "signal_scale", "z"), ("env", "signal_spans", ["layer"]),
-                                   ("env", "candidates", 0), ("env", "follow", "any"),
+                                   ("env", "candidates", 0), ("env", "follow", "any"), ("env", "prunable", "all"),
                                    ("imitation", "dagger_rounds", 0), ("policy", "skip", False),
                                    ("policy", "verdict_head", False)):  # fmt: skip
             if settings[part][key] == default:  # hashed as before the field existed: trained agents are found
@@ -203,6 +213,7 @@ class ONP(Defense):
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Pruning order as a score: the first pruned unit scores highest, unpruned units -inf."""
         self.extra["agent"] = self.params.agent or "shipped"
+        self.extra["prunable"] = self.agent.env.prunable
         agent = self.agent
         with torch.no_grad():
             found = (list(x.shape[1:]), int(model(x[:1]).shape[1]))
@@ -248,6 +259,12 @@ class ONP(Defense):
         with Masks(tuned, layout, self.semantics) as masks:  # the agent's cuts, whatever the repair retrained
             masks.prune(pruned)
             return masks.export()
+
+
+def check_prunable(value: str | None) -> None:
+    if value is not None and value not in PRUNABLE:
+        raise OnpError(f"onp parameters: unknown prunable {value!r}: choose one of {', '.join(PRUNABLE)}, or leave it "
+                       "unset (the agent's own)")  # fmt: skip
 
 
 def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: str = "cpu") -> Defense | None:

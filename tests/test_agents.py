@@ -207,6 +207,23 @@ def test_a_policy_trained_on_small_cnns_deploys_on_a_residual_network(agent_dir)
     assert len(order) <= int(np.ceil(0.05 * layout.num_units))
 
 
+def test_onp_with_prunable_last_prunes_only_the_last_unit_layer(agent_dir):
+    from agents.defense import ONP
+
+    art = load_artifact(default_artifact())
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    last = layout.layers[-1]
+    for seed in range(3):  # sampled: the tiny agent would prune in other layers too (it does with prunable all)
+        result = ONP(agent=str(agent_dir), deterministic=False, budget=0.1, seed=seed, prunable="last").run(
+            art.model, x, y
+        )
+        assert result.details["prunable"] == "last" and result.pruned
+        assert all(last.offset <= u < last.offset + last.size for u in result.pruned)
+    with pytest.raises(OnpError, match="unknown prunable 'some': choose one of all, last"):
+        ONP(agent=str(agent_dir), prunable="some")
+
+
 def test_deploying_with_the_attack_known_reports_asr_and_prunes_the_same_units(agent_dir):
     agent = load_agent(agent_dir)
     art = load_artifact(default_artifact())

@@ -312,6 +312,31 @@ def test_candidates_need_a_signal_column_and_neuron_mode(overrides):
         NeuronPruningEnv(candidates=1, **overrides)
 
 
+def test_prunable_last_opens_only_the_last_unit_layer_and_leaves_the_observation_alone(art):
+    x, y = art.defense_set()
+    envs = [NeuronPruningEnv(targets=[PruningTarget("m", art.model, x, y, art.attack)], score="oracle", prunable=p)
+            for p in ("all", "last")]  # fmt: skip
+    (everywhere, _), (last_only, _) = (env.reset(seed=0) for env in envs)
+    assert all(np.array_equal(everywhere[k], last_only[k]) for k in everywhere)
+    env = envs[1]
+    lay = env.task.layout.layers[-1]
+    mask = env.action_masks()
+    assert np.flatnonzero(mask[:-1]).tolist() == list(range(lay.offset, lay.offset + lay.size)) and mask[-1]
+    _, reward, done, _, info = env.step(0)  # a unit of the first layer: refused, nothing pruned
+    assert info["invalid_action"] and not env.pruned.any() and reward < 0 and not done
+    _, _, _, _, info = env.step(lay.offset + 1)
+    assert info["units"] == [lay.offset + 1] and not env.action_masks()[lay.offset + 1]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"prunable": "first"}, "unknown prunable 'first'"),
+    ({"prunable": "last", "action_mode": "layer"}, "prunable last needs action_mode neuron"),
+])  # fmt: skip
+def test_prunable_is_all_or_last_and_neuron_mode_only(overrides, message):
+    with pytest.raises(OnpError, match=message):
+        NeuronPruningEnv(**overrides)
+
+
 def test_same_seed_same_episode_and_cache_changes_no_number(art, tmp_path):
     base = default_config()  # a second zoo model: 3 epochs suffice, its numbers only have to repeat
     second_cfg = dataclasses.replace(base, name="second", seed=1, train=dataclasses.replace(base.train, epochs=3))

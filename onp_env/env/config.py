@@ -20,6 +20,7 @@ from onp_env.errors import OnpError
 from onp_env.masking import SEMANTICS
 
 ACTION_MODES = ("neuron", "layer", "signal")
+PRUNABLE = ("all", "last")
 FOLLOWS = ("any", "verdict")
 
 
@@ -39,6 +40,10 @@ class EnvConfig:
     """Neuron mode: 0, every unpruned unit is a valid action; k, only the k highest unpruned units of
     each signal column (the signals nominate, the policy chooses among them or STOPs; any other unit
     is an invalid action). Needs a signal feature set (onp_env.env.signals)."""
+    prunable: str = "all"
+    """Neuron mode: which units an action may prune. all: every layer's; last: only the last unit layer's
+    (the hidden Linear of a small CNN, the last BatchNorm of a ResNet: where NC and verdict prune). Only the
+    action mask narrows, not the observation, so an agent trained with `all` can be deployed with `last`."""
     group: bool = False
     """Prune the coupled channels of a residual group together."""
     semantics: str = "zero"
@@ -109,7 +114,7 @@ class EnvConfig:
                 raise OnpError(f"{where}.{key} must be a finite number, got {value!r}")
         cfg = from_dict(cls, data, where)
         for key, allowed in (("action_mode", ACTION_MODES), ("follow", FOLLOWS), ("semantics", SEMANTICS),
-                             ("score", SCORES)):  # fmt: skip
+                             ("score", SCORES), ("prunable", PRUNABLE)):  # fmt: skip
             value = getattr(cfg, key)
             if value not in allowed:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")
@@ -125,6 +130,9 @@ class EnvConfig:
         if cfg.candidates and (cfg.action_mode != "neuron" or no_signal):
             raise OnpError(f"{where}.candidates needs action_mode neuron and a signal feature set (e.g. features: "
                            "[inversion]): add one or set candidates: 0")  # fmt: skip
+        if cfg.prunable != "all" and cfg.action_mode != "neuron":
+            raise OnpError(f"{where}.prunable {cfg.prunable} needs action_mode neuron (the other modes choose "
+                           "among layers or signals): set prunable: all")  # fmt: skip
         resolve_device(cfg.device)  # a GPU that is not there fails here, before any model is prepared
         return cfg
 

@@ -422,9 +422,12 @@ class NeuronPruningEnv(gym.Env):
         return int(np.flatnonzero((self.nominees() == unit) & self.open_columns())[0])
 
     def _valid_units(self) -> np.ndarray:
-        """(units,) the unpruned units, or with `candidates` k those among the k highest unpruned of
-        each signal column."""
+        """(units,) the unpruned units (of the last unit layer with prunable `last`), or with `candidates` k
+        those among the k highest of them in each signal column."""
         free = ~self.pruned[: self.num_units]
+        if self.cfg.prunable == "last":
+            last = self.task.layout.layers[-1]
+            free[: last.offset] = free[last.offset + last.size :] = False
         if not self.cfg.candidates:
             return free
         valid = np.zeros_like(free)
