@@ -70,6 +70,27 @@ def _mean(values: list[float], scale: float = 100) -> str:
     return f"{statistics.mean(values) * scale:.1f}"
 
 
+def choice(rows: Rows) -> str:
+    """The rule of the docstring, per fraction: the best mean DER after the repair among the settings whose mean
+    ASR and accuracy lost meet the target (else among all); a tie keeps `all`, the agent's training env."""
+    picks = {}
+    for fraction in FRACTIONS:
+        means = {}
+        for prunable in PRUNABLE:
+            cs = [c for r in rows for c in r["cells"] if c["fraction"] == fraction and c["prunable"] == prunable]
+            lost = statistics.mean(c["before"]["acc"] - c["repaired"]["acc"] for c in cs)
+            asr = statistics.mean(c["repaired"]["asr"] for c in cs)
+            means[prunable] = (
+                asr <= 0.05 and lost <= 0.02,
+                round(statistics.mean(c["repaired"]["der"] for c in cs), 3),
+            )
+        picks[fraction] = max(PRUNABLE, key=lambda p: means[p])  # max keeps the first of equals: all
+    said = ", ".join(f"{p} with {f:.0%}" for f, p in picks.items())
+    return f"Choice for the held-out runs: {said}" + (
+        " (the agent's own setting: no held-out run of `last` follows)." if set(picks.values()) == {"all"} else "."
+    )
+
+
 def report(rows: Rows) -> str:
     lines = [
         "# Where the shipped agent may prune, on shadow models",
@@ -78,12 +99,13 @@ def report(rows: Rows) -> str:
         "models (the first three of each attack; the shipped agent trained on them), the shipped agent with "
         "`prunable` all (its training env) or last (only the last unit layer), then verdict's repair "
         "(`repair_with: verdict`, the recommended command's parameters). DER, ASR and accuracy lost in %/points; "
-        "within: models with ASR <= 5% and <= 2 points lost. Hosts: "
+        "within: models with ASR <= 5% and <= 2 points lost. No seconds: `last` runs after `all` in the same "
+        "process and reuses its trigger inversions (memoised), so they would flatter it. Hosts: "
         f"{', '.join(sorted({r['host'] for r in rows}))}; torch {', '.join(sorted({r['torch'] for r in rows}))}.",
         "",
         "| defense data | prunable | units | in earlier layers | agent DER | agent ASR | agent lost | repaired DER | "
-        "repaired ASR | repaired lost | within | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "repaired ASR | repaired lost | within |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fraction in FRACTIONS:
         for prunable in PRUNABLE:
@@ -97,9 +119,9 @@ def report(rows: Rows) -> str:
                 f"| {fraction:.0%} | {prunable} | {statistics.mean(c['pruned'] for c in cs):.1f} | {earlier:.1f} | "
                 f"{_mean([c['agent']['der'] for c in cs])} | {_mean([c['agent']['asr'] for c in cs])} | "
                 f"{_mean(lost['agent'])} | {_mean([c['repaired']['der'] for c in cs])} | "
-                f"{_mean([c['repaired']['asr'] for c in cs])} | {_mean(lost['repaired'])} | {within} of {len(cs)} | "
-                f"{statistics.mean(c['seconds'] for c in cs):.1f} |"
+                f"{_mean([c['repaired']['asr'] for c in cs])} | {_mean(lost['repaired'])} | {within} of {len(cs)} |"
             )
+    lines += ["", choice(rows)]
     lines += ["", "## Per model", "", "| model | defense data | prunable | units | agent ASR | repaired ASR | "
               "repaired lost |", "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
