@@ -152,14 +152,11 @@ class ONP(Defense):
             raise OnpError("no agent ships with this install of onp-env: pass --agent DIR (from `onp train-agent`)")
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
-        check_prunable(self.params.prunable)
         self.repairer = repairer(self.params, semantics, seed, device)
         self.agent = load_agent(self.params.agent or SHIPPED)  # validated before any expensive step
         self.trained_on = _trained_on(self.agent)
         env = replace(self.agent.env, semantics=semantics, device=str(self.device))
-        if self.params.prunable is not None:
-            env = replace(env, prunable=self.params.prunable).validate("onp parameters: the agent's env")
-        self.agent.env = env
+        self.agent.env = with_prunable(env, self.params.prunable)
         self.agent.net.to(self.device)
 
     @classmethod
@@ -172,8 +169,9 @@ class ONP(Defense):
         params.pop("agent_config", None), params.pop("agent_set", None)
         if workdir is None:  # the repair's parameters too, before any model is built
             parsed = from_dict(ONPParams, params, "onp parameters")
-            check_prunable(parsed.prunable)
             repairer(parsed)
+            if parsed.prunable is not None:  # against the env of the agent the cells will run
+                with_prunable(cfg.env if cfg is not None else load_agent(parsed.agent or SHIPPED).env, parsed.prunable)
         if cfg is None:
             return params
         if workdir is None:
@@ -261,10 +259,14 @@ class ONP(Defense):
             return masks.export()
 
 
-def check_prunable(value: str | None) -> None:
-    if value is not None and value not in PRUNABLE:
-        raise OnpError(f"onp parameters: unknown prunable {value!r}: choose one of {', '.join(PRUNABLE)}, or leave it "
-                       "unset (the agent's own)")  # fmt: skip
+def with_prunable(env: EnvConfig, prunable: str | None) -> EnvConfig:
+    """The agent's env with `prunable` (None: its own), refused with one line where that env cannot take it."""
+    if prunable is None:
+        return env
+    if prunable not in PRUNABLE:
+        raise OnpError(f"onp parameters: unknown prunable {prunable!r}: choose one of {', '.join(PRUNABLE)}, or leave "
+                       "it unset (the agent's own)")  # fmt: skip
+    return replace(env, prunable=prunable).validate("onp parameters: the agent's env")
 
 
 def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: str = "cpu") -> Defense | None:

@@ -821,3 +821,21 @@ def test_a_repair_that_cannot_run_is_refused_when_the_defense_is_built(params, m
 
     with pytest.raises(OnpError, match=message):
         ONP(**params)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"prunable": "first"}, "unknown prunable 'first': choose one of all, last"),
+        (
+            {"prunable": "last", "agent_config": str(ROOT / "configs" / "agent" / "digits.yaml"),
+             "agent_set": ["env.action_mode=signal", "env.features=[dynamic, mnp]"]},
+            "prunable last needs action_mode neuron",
+        ),
+    ],
+)  # fmt: skip
+def test_bench_checks_prunable_against_the_agent_its_cells_will_run(params, message):
+    from agents.defense import ONP
+
+    with pytest.raises(OnpError, match=message):
+        ONP.prepare(params, None)
