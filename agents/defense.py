@@ -46,7 +46,6 @@ from onp_env.attacks.base import Attack
 from onp_env.config import apply_overrides, from_dict, to_dict
 from onp_env.devices import device_of
 from onp_env.env import EnvConfig, NeuronPruningEnv, PruningTarget
-from onp_env.env.config import PRUNABLE
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import Masks
@@ -148,12 +147,10 @@ class ONP(Defense):
 
     def __init__(self, semantics: str = "zero", seed: int = 0, device: str = "cpu", **params: Any):
         super().__init__(semantics, seed, device, **params)
-        if not self.params.agent and not (SHIPPED / "agent.json").is_file():
-            raise OnpError("no agent ships with this install of onp-env: pass --agent DIR (from `onp train-agent`)")
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
         self.repairer = repairer(self.params, semantics, seed, device)
-        self.agent = load_agent(self.params.agent or SHIPPED)  # validated before any expensive step
+        self.agent = agent_of(self.params)  # validated before any expensive step
         self.trained_on = _trained_on(self.agent)
         env = replace(self.agent.env, semantics=semantics, device=str(self.device))
         self.agent.env = with_prunable(env, self.params.prunable)
@@ -170,8 +167,7 @@ class ONP(Defense):
         if workdir is None:  # the repair's parameters too, before any model is built
             parsed = from_dict(ONPParams, params, "onp parameters")
             repairer(parsed)
-            if parsed.prunable is not None:  # against the env of the agent the cells will run
-                with_prunable(cfg.env if cfg is not None else load_agent(parsed.agent or SHIPPED).env, parsed.prunable)
+            with_prunable(cfg.env if cfg is not None else agent_of(parsed).env, parsed.prunable)  # the cells' agent
         if cfg is None:
             return params
         if workdir is None:
@@ -259,14 +255,16 @@ class ONP(Defense):
             return masks.export()
 
 
+def agent_of(params: ONPParams) -> Agent:
+    """The agent `params` name (--agent, else the shipped one), checked as hostile input."""
+    if not params.agent and not (SHIPPED / "agent.json").is_file():
+        raise OnpError("no agent ships with this install of onp-env: pass --agent DIR (from `onp train-agent`)")
+    return load_agent(params.agent or SHIPPED)
+
+
 def with_prunable(env: EnvConfig, prunable: str | None) -> EnvConfig:
     """The agent's env with `prunable` (None: its own), refused with one line where that env cannot take it."""
-    if prunable is None:
-        return env
-    if prunable not in PRUNABLE:
-        raise OnpError(f"onp parameters: unknown prunable {prunable!r}: choose one of {', '.join(PRUNABLE)}, or leave "
-                       "it unset (the agent's own)")  # fmt: skip
-    return replace(env, prunable=prunable).validate("onp parameters: the agent's env")
+    return env if prunable is None else replace(env, prunable=prunable).validate("onp parameters: the agent's env")
 
 
 def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: str = "cpu") -> Defense | None:

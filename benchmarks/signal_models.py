@@ -115,6 +115,8 @@ def per_model_main(doc: str, results: Path, models: list[tuple[str, str, LabConf
     names a row's missing parts), then write report(rows, in the models' order) beside it as .md.
     `option` = (flag, argparse settings, results file of a value): one more argument, passed to `measure`
     after the artifact path, whose value chooses the results file (each value's rows in their own)."""
+    if option is not None and complete is not None:  # complete_rows passes `parts` where the option's value would go
+        raise TypeError("per_model_main takes `option` or `complete`, not both")
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--report-only", action="store_true")

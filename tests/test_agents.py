@@ -220,7 +220,7 @@ def test_onp_with_prunable_last_prunes_only_the_last_unit_layer(agent_dir):
         )
         assert result.details["prunable"] == "last" and result.pruned
         assert all(last.offset <= u < last.offset + last.size for u in result.pruned)
-    with pytest.raises(OnpError, match="unknown prunable 'some': choose one of all, last"):
+    with pytest.raises(OnpError, match="unknown prunable .some. in onp parameters: the agent.s env: choose one of all"):
         ONP(agent=str(agent_dir), prunable="some")
 
 
@@ -826,7 +826,8 @@ def test_a_repair_that_cannot_run_is_refused_when_the_defense_is_built(params, m
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"prunable": "first"}, "unknown prunable 'first': choose one of all, last"),
+        ({"prunable": "first"}, "unknown prunable .first. in onp parameters: the agent.s env: choose one of all"),
+        ({"agent": "/nonexistent/agent", "prunable": None}, "nonexistent"),
         (
             {"prunable": "last", "agent_config": str(ROOT / "configs" / "agent" / "digits.yaml"),
              "agent_set": ["env.action_mode=signal", "env.features=[dynamic, mnp]"]},
@@ -834,7 +835,7 @@ def test_a_repair_that_cannot_run_is_refused_when_the_defense_is_built(params, m
         ),
     ],
 )  # fmt: skip
-def test_bench_checks_prunable_against_the_agent_its_cells_will_run(params, message):
+def test_the_bench_check_loads_the_agent_its_cells_will_run_and_checks_prunable_against_it(params, message):
     from agents.defense import ONP
 
     with pytest.raises(OnpError, match=message):

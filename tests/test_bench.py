@@ -214,8 +214,8 @@ def test_a_cell_whose_defense_fails_is_listed_and_the_grid_goes_on(tmp_path, mon
 
     monkeypatch.setattr(onp_env.defend, "defend_artifact", diverging)
     grid, out = tiny(fractions=[0.05]), tmp_path / "b"
-    with pytest.raises(OnpError, match=r"^1 of 4 cells failed, the first \S*/s102/0.05/random: training diverged "
-                                       r"\(loss nan\): lower lr; the others are in \S*results.md"):  # fmt: skip
+    with pytest.raises(OnpError, match=r"^1 of 4 cells failed, the first in the grid \S*/s102/0.05/random: training "
+                                       r"diverged \(loss nan\): lower lr; \S*results.md lists them all"):  # fmt: skip
         run_bench(grid, out, workers=1, progress=False)
     assert sorted((r["defense"], r["seed"]) for r in read_cells(out / RESULTS)) == [
         ("magnitude", 101), ("magnitude", 102), ("random", 101)]  # fmt: skip

@@ -331,6 +331,7 @@ def test_prunable_last_opens_only_the_last_unit_layer_and_leaves_the_observation
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"prunable": "first"}, "unknown prunable 'first'"),
     ({"prunable": "last", "action_mode": "layer"}, "prunable last needs action_mode neuron"),
+    ({"prunable": "last", "group": True}, "prunable last cannot hold with group: true"),
 ])  # fmt: skip
 def test_prunable_is_all_or_last_and_neuron_mode_only(overrides, message):
     with pytest.raises(OnpError, match=message):

@@ -130,7 +130,9 @@ def write_report(out: str | Path, plots: bool = True) -> Path:
                   for d in ranking(rs)]  # fmt: skip
         lines.append("")
     done = {r["key"] for r in rows}
-    failed = [r for r in read_rows(out / FAILED, FAILED_CELL, fix=FIX) if r["key"] not in done]
+    # a run cut short leaves the failures of the one before it, some of them finished since: the last row of a key
+    failed = [r for r in {r["key"]: r for r in read_rows(out / FAILED, FAILED_CELL, fix=FIX)}.values()
+              if r["key"] not in done]  # fmt: skip
     if failed:
         lines += ["## Failed cells", "", "Their defense stopped with this error on this model; `onp bench --resume` "
                   "tries them again.", "", "| cell | error |", "|---|---|"]  # fmt: skip

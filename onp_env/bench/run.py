@@ -355,8 +355,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
         raise OnpError(f"{results} holds {len(foreign)} cell(s) this grid does not have (first: {foreign[0]!r}): "
                        "it is another grid's file; resume with that grid's config or pass another --out")  # fmt: skip
     todo = [c for c in cells if _key(*c) not in finished]
-    (out / FAILED).unlink(missing_ok=True)  # the last run's failures are tried again
-    failed: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []  # failed.jsonl keeps the last run's until this run has tried them again
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not progress)
     needed = {model_key(c[0]): c[0] for c in todo}
     learned = {k: s for k, s in learned.items() if any(c[2].key == k for c in todo)}
@@ -414,11 +413,17 @@ def run_bench(cfg: BenchConfig, out: str | Path, executor: str = "local", addres
         setup.close()
         bar.close()
         pool.close()
+    if failed:  # this run's failures alone: every earlier one was tried again
+        order = {_key(*c): i for i, c in enumerate(cells)}
+        failed.sort(key=lambda r: order[r["key"]])
+        write_text_atomic(out / FAILED, "".join(json.dumps(r) + "\n" for r in failed))
+    else:
+        (out / FAILED).unlink(missing_ok=True)
     path = write_report(out) if finished else None
     if failed:
         first = failed[0]
-        raise OnpError(f"{len(failed)} of {len(cells)} cells failed, the first {first['key']}: {first['error']}; "
-                       f"{f'the others are in {path}' if path else 'no cell finished'} (failed.jsonl lists the "
-                       "failed; --resume tries them again)")  # fmt: skip
+        raise OnpError(f"{len(failed)} of {len(cells)} cells failed, the first in the grid {first['key']}: "
+                       f"{first['error']}; {f'{path} lists them all' if path else 'no cell finished'} "
+                       "(and failed.jsonl); --resume tries them again")  # fmt: skip
     assert path is not None  # a grid holds at least one cell
     return path

@@ -133,6 +133,9 @@ class EnvConfig:
         if cfg.prunable != "all" and cfg.action_mode != "neuron":
             raise OnpError(f"{where}.prunable {cfg.prunable} needs action_mode neuron (the other modes choose "
                            "among layers or signals): set prunable: all")  # fmt: skip
+        if cfg.prunable != "all" and cfg.group:  # a residual group's coupled channels lie in earlier layers too
+            raise OnpError(f"{where}.prunable {cfg.prunable} cannot hold with group: true, whose coupled channels span "
+                           "earlier layers: set group: false or prunable: all")  # fmt: skip
         resolve_device(cfg.device)  # a GPU that is not there fails here, before any model is prepared
         return cfg
 
