@@ -18,18 +18,14 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from onp_prunable import FRACTIONS, models
+from onp_prunable import FRACTIONS, models, outcome, repaired_cell
 from onp_prunable import RESULTS as SHIPPED_ROWS
-from onp_vs_baselines import SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
-
-from onp_env.defend import defend_artifact
 
 
 def results_of(agent: str) -> Path:
@@ -38,30 +34,13 @@ def results_of(agent: str) -> Path:
 
 def measure(name: str, role: str, path: str, agent: str) -> dict[str, Any]:
     torch.set_num_threads(1)
-    method, params = SETTINGS["shipped agent verdict repair"]
-    cells = []
-    for fraction in FRACTIONS:
-        with tempfile.TemporaryDirectory() as tmp:
-            run = {**params, "agent": agent, "defense_fraction": fraction}
-            _, r = defend_artifact(path, method, run, Path(tmp) / "out")
-        cells.append({"fraction": fraction, "before": r["before"], "pruned": r["pruned"],
-                      "agent": {k: r[k] for k in ("acc", "asr", "der")},
-                      "repaired": {k: r["finetuned"][k] for k in ("acc", "asr", "der")},
-                      "sequence": r["details"]["sequence"]})  # fmt: skip
+    cells = [repaired_cell(path, fraction, agent=agent) for fraction in FRACTIONS]
     return {"model": name, "role": role, "agent": agent, "host": platform.node(), "torch": torch.__version__,
             "cells": cells}  # fmt: skip
 
 
 def _line(label: str, fraction: float, cs: list[dict[str, Any]]) -> str:
-    def mean(f: Any) -> str:
-        return f"{statistics.mean(f(c) for c in cs) * 100:.1f}"
-
-    within = sum(c["repaired"]["asr"] <= 0.05 and c["before"]["acc"] - c["repaired"]["acc"] <= 0.02 for c in cs)
-    return (f"| {fraction:.0%} | {label} | {statistics.mean(c['pruned'] for c in cs):.1f} | "
-            f"{mean(lambda c: c['agent']['der'])} | {mean(lambda c: c['agent']['asr'])} | "
-            f"{mean(lambda c: c['before']['acc'] - c['agent']['acc'])} | {mean(lambda c: c['repaired']['der'])} | "
-            f"{mean(lambda c: c['repaired']['asr'])} | {mean(lambda c: c['before']['acc'] - c['repaired']['acc'])} | "
-            f"{within} of {len(cs)} |")  # fmt: skip
+    return f"| {fraction:.0%} | {label} | {statistics.mean(c['pruned'] for c in cs):.1f} | {outcome(cs)} |"
 
 
 def report(rows: Rows) -> str:

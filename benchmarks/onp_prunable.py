@@ -25,6 +25,7 @@ import torch
 from onp_vs_baselines import SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
+from verdict_repair import TARGET
 
 from onp_env import load_artifact
 from onp_env.defend import defend_artifact
@@ -47,27 +48,46 @@ def models() -> list[tuple[str, str, Any]]:
     return out
 
 
+def repaired_cell(path: str, fraction: float, **params: Any) -> dict[str, Any]:
+    """One `onp defend` run of the shipped agent with verdict's repair (`params` on top: another agent, prunable):
+    what the agent's pruned model and the repaired one left, and the agent's units."""
+    method, setting = SETTINGS["shipped agent verdict repair"]
+    with tempfile.TemporaryDirectory() as tmp:
+        _, r = defend_artifact(path, method, {**setting, **params, "defense_fraction": fraction}, Path(tmp) / "out")
+    return {"fraction": fraction, "before": r["before"], "seconds": r["seconds"], "pruned": r["pruned"],
+            "agent": {k: r[k] for k in ("acc", "asr", "der")},
+            "repaired": {k: r["finetuned"][k] for k in ("acc", "asr", "der")},
+            "sequence": r["details"]["sequence"]}  # fmt: skip
+
+
 def measure(name: str, role: str, path: str) -> dict[str, Any]:
     torch.set_num_threads(1)
-    method, params = SETTINGS["shipped agent verdict repair"]
     art = load_artifact(path)
     last = find_units(art.model, art.defense_set()[0][:2])[0].layers[-1].name
     cells = []
     for fraction in FRACTIONS:
         for prunable in PRUNABLE:
-            with tempfile.TemporaryDirectory() as tmp:
-                run = {**params, "prunable": prunable, "defense_fraction": fraction}
-                _, r = defend_artifact(path, method, run, Path(tmp) / "out")
-            cells.append({"fraction": fraction, "prunable": prunable, "before": r["before"], "seconds": r["seconds"],
-                          "pruned": r["pruned"], "agent": {k: r[k] for k in ("acc", "asr", "der")},
-                          "repaired": {k: r["finetuned"][k] for k in ("acc", "asr", "der")},
-                          "sequence": r["details"]["sequence"],
-                          "earlier": sum(not u.startswith(f"{last}[") for u in r["details"]["sequence"])})  # fmt: skip
+            c = repaired_cell(path, fraction, prunable=prunable)
+            cells.append(
+                {**c, "prunable": prunable, "earlier": sum(not u.startswith(f"{last}[") for u in c["sequence"])}
+            )
     return {"model": name, "role": role, "host": platform.node(), "torch": torch.__version__, "cells": cells}
 
 
 def _mean(values: list[float], scale: float = 100) -> str:
     return f"{statistics.mean(values) * scale:.1f}"
+
+
+def outcome(cs: list[dict[str, Any]]) -> str:
+    """The table columns agent DER | ASR | lost | repaired DER | ASR | lost | within (of TARGET), over cells `cs`."""
+    lost = {k: [c["before"]["acc"] - c[k]["acc"] for c in cs] for k in ("agent", "repaired")}
+    within = sum(
+        c["repaired"]["asr"] <= TARGET[0] and x <= TARGET[1] for c, x in zip(cs, lost["repaired"], strict=True)
+    )
+    means = [
+        _mean(v) for k in ("agent", "repaired") for v in ([c[k]["der"] for c in cs], [c[k]["asr"] for c in cs], lost[k])
+    ]
+    return " | ".join([*means, f"{within} of {len(cs)}"])
 
 
 def choice(rows: Rows) -> str:
@@ -81,7 +101,7 @@ def choice(rows: Rows) -> str:
             lost = statistics.mean(c["before"]["acc"] - c["repaired"]["acc"] for c in cs)
             asr = statistics.mean(c["repaired"]["asr"] for c in cs)
             means[prunable] = (
-                asr <= 0.05 and lost <= 0.02,
+                asr <= TARGET[0] and lost <= TARGET[1],
                 round(statistics.mean(c["repaired"]["der"] for c in cs), 3),
             )
         picks[fraction] = max(PRUNABLE, key=lambda p: means[p])  # max keeps the first of equals: all
@@ -112,15 +132,9 @@ def report(rows: Rows) -> str:
             cs = [c for r in rows for c in r["cells"] if c["fraction"] == fraction and c["prunable"] == prunable]
             if not cs:
                 continue
-            lost = {k: [c["before"]["acc"] - c[k]["acc"] for c in cs] for k in ("agent", "repaired")}
-            within = sum(c["repaired"]["asr"] <= 0.05 and c["before"]["acc"] - c["repaired"]["acc"] <= 0.02 for c in cs)
             earlier = statistics.mean(c["earlier"] for c in cs)
-            lines.append(
-                f"| {fraction:.0%} | {prunable} | {statistics.mean(c['pruned'] for c in cs):.1f} | {earlier:.1f} | "
-                f"{_mean([c['agent']['der'] for c in cs])} | {_mean([c['agent']['asr'] for c in cs])} | "
-                f"{_mean(lost['agent'])} | {_mean([c['repaired']['der'] for c in cs])} | "
-                f"{_mean([c['repaired']['asr'] for c in cs])} | {_mean(lost['repaired'])} | {within} of {len(cs)} |"
-            )
+            lines.append(f"| {fraction:.0%} | {prunable} | {statistics.mean(c['pruned'] for c in cs):.1f} | "
+                         f"{earlier:.1f} | {outcome(cs)} |")  # fmt: skip
     lines += ["", choice(rows)]
     lines += ["", "## Per model", "", "| model | defense data | prunable | units | agent ASR | repaired ASR | "
               "repaired lost |", "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
