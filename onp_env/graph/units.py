@@ -21,6 +21,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from onp_env.errors import OnpError
+from onp_env.models.layers import max_pool_2x2
 
 PASS_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -30,7 +31,7 @@ PASS_MODULES: tuple[type[nn.Module], ...] = (
 PASS_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.sigmoid, torch.tanh, torch.relu,
     F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten,
-    operator.sub, operator.truediv, operator.mul, operator.getitem,
+    operator.sub, operator.truediv, operator.mul, operator.getitem, max_pool_2x2,
 }  # fmt: skip
 PASS_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "contiguous", "sigmoid", "tanh", "size"}
 ADDS = {operator.add, operator.iadd, torch.add}

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from onp_env.models.layers import ConvClassifier, conv_bn_relu
+from onp_env.models.layers import ConvClassifier, MaxPool2x2, conv_bn_relu
 
 
 class SmallCNN(ConvClassifier):
@@ -28,7 +28,7 @@ class SmallCNN(ConvClassifier):
         for cout in channels:
             layers += conv_bn_relu(c, cout)
             if min(h, w) >= 2:
-                layers.append(nn.MaxPool2d(2))
+                layers.append(MaxPool2x2())
                 h, w = h // 2, w // 2
             c = cout
         self.features = nn.Sequential(*layers)

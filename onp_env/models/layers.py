@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,6 +25,37 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def _quarters(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four corners of every 2x2 window, in the window's row-major order (odd edges dropped, as floor mode)."""
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    return x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2], x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]
+
+
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """F.max_pool2d(x, 2), the same numbers. Without autograd on CPU it is the elementwise maximum of the
+    windows' corners, several times faster than PyTorch's kernel, which also finds every window's index
+    (benchmarks/pool_speed.py); with autograd, or on another device, it is that kernel, whose backward
+    needs the indices (computing them from the corners cost as much as the kernel)."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return F.max_pool2d(x, 2)
+    a, b, c, d = _quarters(x)
+    return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+
+
+torch.fx.wrap("max_pool_2x2")  # one node in a traced model, which onp_env.graph.units passes through as pooling
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """nn.MaxPool2d(2) computed by max_pool_2x2: the architectures' pooling, which every defense's and the
+    environment's forward passes go through many times."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool_2x2(x)
 
 
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:

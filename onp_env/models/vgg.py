@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from onp_env.models.layers import ConvClassifier, conv_bn_relu
+from onp_env.models.layers import ConvClassifier, MaxPool2x2, conv_bn_relu
 
 DEFAULT_CFG: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M")
 
@@ -32,7 +32,7 @@ class VGGStyle(ConvClassifier):
         for v in cfg:
             if v == "M":
                 if min(h, w) >= 2:
-                    layers.append(nn.MaxPool2d(2))
+                    layers.append(MaxPool2x2())
                     h, w = h // 2, w // 2
             else:
                 cout = max(1, int(round(int(v) * width)))
