@@ -70,6 +70,9 @@ _BLEND_VERDICT = {
 }
 _REUSE = {**_BLEND_VERDICT, "untargeted_outranks": True, "blend_reuse": True}
 _DISTILL = {**_REUSE, "repair_distill": 0.5}
+NO_MNP = HERE / "runs" / "agents" / "fashion-mnist-sampled-no-mnp" / "agent"
+"""Where `onp train-agent --config configs/agent/fashion-mnist-sampled-no-mnp.yaml --out` HERE/runs/agents/
+fashion-mnist-sampled-no-mnp writes its agent (git-ignored)."""
 SETTINGS = {
     "nc ungated": ("nc", {"flag_index": 0.0}),
     "verdict shadow reference": ("verdict", {}),
@@ -131,6 +134,10 @@ SETTINGS = {
     # the recommended command on its pruned model (`repair_with`)
     "shipped agent": ("onp", {}),
     "shipped agent verdict repair": ("onp", {"repair_with": "verdict", "repair": _DISTILL}),
+    # an agent trained without MNP's signal (configs/agent/fashion-mnist-sampled-no-mnp.yaml, trained into NO_MNP),
+    # alone and with the same repair
+    "no-mnp agent": ("onp", {"agent": str(NO_MNP)}),
+    "no-mnp agent verdict repair": ("onp", {"agent": str(NO_MNP), "repair_with": "verdict", "repair": _DISTILL}),
 }
 """Methods run with other settings than their defaults: `nc ungated` prunes every model, flagged or
 not (the inversion's gap used greedily, stopped by the inverted trigger: its best signal as a fixed rule);
@@ -149,7 +156,8 @@ every class verdict's score (`untargeted_outranks`), `... reuse` stamps the blen
 in the repair instead of inverting it again (`blend_reuse`), `... reuse distill`/`distill1` trains that repair
 toward half/all of the unpruned model's output on each image unstamped (`repair_distill`). `shipped agent` is
 `onp` without --agent (agents/pretrained: it saw every attack type, so on these models it is no leave-one-attack-out
-result), `shipped agent verdict repair` that agent's pruned model repaired by the recommended command's repair."""
+result), `shipped agent verdict repair` that agent's pruned model repaired by the recommended command's repair;
+`no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -166,6 +174,7 @@ REPAIRED = (
     "verdict shipped repair untargeted blend verdict outranks reuse distill",
     "verdict shipped repair untargeted blend verdict outranks reuse distill1",
     "shipped agent verdict repair",
+    "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
 REFERENCED = ("verdict shadow reference", "verdict shadow stop", "verdict shadow first")
