@@ -13,7 +13,10 @@ and the inverted trigger's (share sent to k). Reported per attack: whether k is 
 Spearman correlation of the two rates along the path, and the real ASR at the first step where the
 inverted rate is at most 10% (what a stop there would leave). Models: the 30 sampled shadow models
 and the 15 held-out models of benchmarks/signal_models.py. One JSON line per model in
-benchmarks/results/inverted_asr.jsonl (resumable); writes inverted_asr.md."""
+benchmarks/results/inverted_asr.jsonl (resumable); writes inverted_asr.md.
+The results files were made with the agent shipped until 2026-12-05 (with MNP's signal); a run now measures the one
+that ships since (configs/agent/fashion-mnist-sampled-no-mnp.yaml). The two agents' class references were
+computed on the same 30 shadow models built on two hosts, so they differ a little."""
 
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ are the shipped agent's. Both agents trained on these models, so both are flatte
 model in onp_agent_shadow_<agent folder>.jsonl (resumable), then its .md beside it.
 
 onp_agent_shadow_fashion-mnist-sampled-no-mnp.md: the sampled config without MNP's signal, trained in 7.8 min on one
-thread (git-ignored; again with `onp train-agent --config configs/agent/fashion-mnist-sampled.yaml --set
-"env.features=[dynamic, inversion, latent_gap]" --set name=fashion-mnist-sampled-no-mnp --out
-benchmarks/runs/agents/fashion-mnist-sampled-no-mnp`)."""
+thread (again with `onp train-agent --config configs/agent/fashion-mnist-sampled-no-mnp.yaml --out
+benchmarks/runs/agents/fashion-mnist-sampled-no-mnp`), beside the agent shipped then (with MNP's signal); it ships
+since 2026-12-05, so `shipped` in a run now is that agent itself."""
 
 from __future__ import annotations
 

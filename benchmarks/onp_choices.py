@@ -14,7 +14,9 @@ A signal-mode agent (env.action_mode=signal) is ranked by its unit head (its log
 read at the nominees); its probability on the oracle's units is that of the columns nominating one,
 and each step records the column it follows, beside the verdict signal with the larger anomaly index.
 One row per (variant, model) appended to benchmarks/results/onp_choices.jsonl
-(resumable); writes onp_choices.md."""
+(resumable); writes onp_choices.md.
+The results files were made with the agent shipped until 2026-12-05 (with MNP's signal); a run now measures the one
+that ships since (configs/agent/fashion-mnist-sampled-no-mnp.yaml)."""
 
 from __future__ import annotations
 

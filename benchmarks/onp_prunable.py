@@ -11,7 +11,9 @@ the shipped agent trained on them, so they flatter it either way), at 1% and 5% 
 with the recommended command's repair (`repair_with: verdict`, onp_vs_baselines._DISTILL), whose report
 also measures the pruned model before the repair. One torch thread per worker. One JSON line per model in
 onp_prunable.jsonl (resumable), then onp_prunable.md: the choice for the held-out runs is the setting with
-the better mean DER after the repair, among those within the target (mean ASR <= 5%, <= 2 points lost)."""
+the better mean DER after the repair, among those within the target (mean ASR <= 5%, <= 2 points lost).
+The results files were made with the agent shipped until 2026-12-05 (with MNP's signal); a run now measures the one
+that ships since (configs/agent/fashion-mnist-sampled-no-mnp.yaml)."""
 
 from __future__ import annotations
 

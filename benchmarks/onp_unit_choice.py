@@ -9,7 +9,9 @@ costing 3.7-3.8 points before the repair). For each unit the agent prunes (as `o
 defense subset of that fraction, seed 0, the step `undo_collapse` leaves out included and marked), this
 tables its rank within its layer in each signal column the agent observes (1 = the column's top unit) and the
 clean accuracy on the defense images that pruning that unit alone costs. It reads the held-out models' test
-data nowhere and chooses nothing: it says where to look, not what to ship."""
+data nowhere and chooses nothing: it says where to look, not what to ship.
+The results files were made with the agent shipped until 2026-12-05 (with MNP's signal); a run now measures the one
+that ships since (configs/agent/fashion-mnist-sampled-no-mnp.yaml)."""
 
 from __future__ import annotations
 

@@ -130,7 +130,8 @@ SETTINGS = {
         "verdict",
         {**_REUSE, "repair_distill": 1.0},
     ),
-    # the agent that ships (trained on every attack type: not leave-one-attack-out), alone and with the repair of
+    # the agent that ships (trained on every attack type: not leave-one-attack-out; before 2026-12-05 the one with
+    # MNP's signal), alone and with the repair of
     # the recommended command on its pruned model (`repair_with`)
     "shipped agent": ("onp", {}),
     "shipped agent verdict repair": ("onp", {"repair_with": "verdict", "repair": _DISTILL}),
@@ -157,7 +158,8 @@ in the repair instead of inverting it again (`blend_reuse`), `... reuse distill`
 toward half/all of the unpruned model's output on each image unstamped (`repair_distill`). `shipped agent` is
 `onp` without --agent (agents/pretrained: it saw every attack type, so on these models it is no leave-one-attack-out
 result), `shipped agent verdict repair` that agent's pruned model repaired by the recommended command's repair;
-`no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP)."""
+`no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
+ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (

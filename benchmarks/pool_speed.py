@@ -13,7 +13,8 @@ corners, with autograd PyTorch's kernel. Both give the same numbers; this measur
    each in a fresh process (nothing memoised, as a new `onp defend`): the defense's seconds and whether the
    reports are identical.
 
-One torch thread; medians of alternating repeats. Writes benchmarks/results/pool_speed.md."""
+One torch thread; medians of alternating repeats. Writes benchmarks/results/pool_speed.md (run with the agent
+shipped until 2026-12-05, with MNP's signal)."""
 
 from __future__ import annotations
 

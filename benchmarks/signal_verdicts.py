@@ -16,7 +16,10 @@ class reference its agent's environment uses:
   shipped agent, agents/pretrained/fashion-mnist).
 Rule `larger`: follow the signal whose anomaly index is larger. The target is used only to score
 the verdicts. One JSON line per model in benchmarks/results/signal_verdicts.jsonl (resumable);
-writes signal_verdicts.md."""
+writes signal_verdicts.md.
+The results files were made with the agent shipped until 2026-12-05 (with MNP's signal); a run now measures the one
+that ships since (configs/agent/fashion-mnist-sampled-no-mnp.yaml). The two agents' class references were
+computed on the same 30 shadow models built on two hosts, so they differ a little."""
 
 from __future__ import annotations
 
