@@ -10,6 +10,8 @@ less A's), build held-out models of A with seeds no shadow model uses, and run o
 each of them, with 1% and 5% of the training split as defense data: ONP (the agent), every
 registered baseline at its paper's defaults, and the oracle expert as the upper reference (it uses
 the trigger; no defense does). Then the ablations (--ablations), on the first held-out attack at 5%.
+--agent-repair also runs each fold's agent with verdict's repair of its pruned model (`onp verdict repair`, as the
+README deploys the shipped agent); onp_no_mnp.md holds the folds of the shipped agent's config so.
 --variants runs chosen ablation variants on every fold and fraction instead: a variant picked from the
 ablation table has to be confirmed on held-out models the pick did not see (--seeds, a --results file
 of its own), or the test models will have chosen it.
@@ -160,6 +162,8 @@ toward half/all of the unpruned model's output on each image unstamped (`repair_
 result), `shipped agent verdict repair` that agent's pruned model repaired by the recommended command's repair;
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
 ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
+REPAIRED_AGENT = " verdict repair"
+"""With --agent-repair, the suffix of the rows of each fold's agent repaired as `shipped agent verdict repair` is."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -372,7 +376,9 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
         fold_agent = runs / f"without-{key.split('/')[0]}" / _folder("log-z signals") / "agent"
         report = oracle_cell(Path(art_path), fraction, load_agent_config(str(CONFIG), []), method, fold_agent)
     else:
-        name, params = ("onp", {}) if agent is not None else SETTINGS.get(method, (method, {}))
+        name, params = SETTINGS.get(method, (method, {}))
+        if agent is not None:  # a fold's agent, or with --agent-repair that agent repaired as the shipped one is
+            name, params = SETTINGS["shipped agent verdict repair"] if method.endswith(REPAIRED_AGENT) else ("onp", {})
         params = {**params, "defense_fraction": fraction}
         if method in REFERENCED:
             params |= json.loads((runs / f"without-{key.split('/')[0]}" / "reference.json").read_text())
@@ -385,7 +391,7 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
             shutil.rmtree(out)
         _, report = defend_artifact(art_path, name, params, out)
         report["units"] = load_artifact(out).manifest["defense"]["pruned_units"]
-        if method in REPAIRED:
+        if method in REPAIRED or method.endswith(REPAIRED_AGENT):
             report |= {k: report["finetuned"][k] for k in ("acc", "asr", "ra", "der")}
     attack, seed, _, _ = key.split("/")
     row = {"key": key, "attack": attack, "seed": int(seed[1:]), "fraction": fraction, "method": method,
@@ -493,9 +499,12 @@ def run(args: argparse.Namespace) -> None:
             for fraction in args.fractions:
                 ablate = fraction == max(args.fractions)
                 for variant in [v for (h, v) in variants if h == held and (ablate or v in everywhere)]:
-                    key = f"{held}/s{seed}/{fraction:g}/{variant}"
-                    if key not in finished:
-                        waiting.setdefault((held, variant), []).append((key, paths[hl.name], fraction, variant, True))
+                    repaired = [variant + REPAIRED_AGENT] if args.agent_repair and variant == args.name else []
+                    for method in [variant, *repaired]:
+                        key = f"{held}/s{seed}/{fraction:g}/{method}"
+                        if key not in finished:
+                            waiting.setdefault((held, variant), []).append((key, paths[hl.name], fraction, method,
+                                                                            True))  # fmt: skip
                 for method in args.methods:
                     key = f"{held}/s{seed}/{fraction:g}/{method}"
                     if key in finished:
@@ -824,6 +833,9 @@ def main() -> None:
     p.add_argument("--name", default="onp", type=_agent_name,
                    help="the agent's method name in the rows: another name keeps the baselines' rows and "
                         "adds a second agent beside `onp` (its runs under --runs/without-A/NAME)")  # fmt: skip
+    p.add_argument("--agent-repair", action="store_true",
+                   help=f"also run each fold's agent with verdict's repair of its pruned model (the parameters of "
+                        f"`shipped agent verdict repair`), as `NAME{REPAIRED_AGENT}`")  # fmt: skip
     p.add_argument("--no-agent", action="store_true",
                    help="run only --methods and --variants, not the protocol's agent (e.g. to confirm them on "
                         "fresh --seeds without training it)")  # fmt: skip

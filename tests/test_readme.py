@@ -94,3 +94,25 @@ def test_the_recommended_command_is_the_setting_the_benchmarks_time_and_dump(mon
     method, params = script.SETTINGS[script.RECOMMENDED]
     assert method == "verdict" and script.RECOMMENDED in script.REPAIRED
     assert Verdict(**apply_overrides({}, re.findall(r"--set (\S+)", command))).params == Verdict(**params).params
+
+
+def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatch):
+    """The README's `onp defend --method onp` command is onp_vs_baselines' `shipped agent verdict repair` setting."""
+    import importlib.util
+
+    from agents.defense import ONP
+    from baselines.verdict import Verdict
+    from onp_env.config import apply_overrides
+
+    benchmarks = README.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("onp_vs_baselines", benchmarks / "onp_vs_baselines.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = README.read_text()
+    start = text.index("onp defend --method onp --artifact ARTIFACT_DIR")
+    command = text[start : text.index("```", start)]
+    defense = ONP(**apply_overrides({}, re.findall(r"--set (\S+)", command)))
+    method, params = script.SETTINGS["shipped agent verdict repair"]
+    assert method == "onp" and params["repair_with"] == "verdict" and not defense.params.agent
+    assert defense.repairer is not None and defense.repairer.params == Verdict(**params["repair"]).params
