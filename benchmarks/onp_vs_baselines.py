@@ -515,9 +515,10 @@ def run(args: argparse.Namespace) -> None:
                         )
                     else:
                         ready.append((2, len(ready), ("cell", key, paths[hl.name], fraction, method, None)))
-        for held, variant in waiting:
-            variants.setdefault((held, variant), ([f"zoo.exclude=[{held}]", *ABLATIONS[variant]], args.runs /
-                                                  f"without-{held}" / _folder(variant)))  # fmt: skip
+        for held, variant in waiting:  # an agent another method reads (`oracle signal mode`'s), not already listed
+            if (held, variant) not in variants:
+                sets = [f"zoo.exclude=[{held}]", *ABLATIONS[variant]]
+                variants[held, variant] = (sets, args.runs / f"without-{held}" / _folder(variant))
         for (held, variant), (sets, out) in variants.items():  # only an agent with cells still to run
             if waiting.get((held, variant)):
                 ready.append((1 if variant in everywhere else 3, len(ready), ("agent", held, variant, sets, out)))
