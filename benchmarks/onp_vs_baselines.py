@@ -163,7 +163,7 @@ result), `shipped agent verdict repair` that agent's pruned model repaired by th
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
 ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
 REPAIRED_AGENT = " verdict repair"
-"""With --agent-repair, the suffix of the rows of each fold's agent repaired as `shipped agent verdict repair` is."""
+"""The method-name suffix of a fold's agent repaired with `shipped agent verdict repair`'s settings (--agent-repair)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
