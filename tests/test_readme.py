@@ -15,6 +15,32 @@ def section_code(heading: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
 
 
+def recommended_command() -> str:
+    """The README's recommended `verdict` command, from its section to the paragraph's end."""
+    text = README.read_text()
+    start = text.index("**Which defense to use today**")
+    return text[start : text.index("\n\n", text.index("onp defend", start))]
+
+
+def settings_of(command: str) -> dict:
+    """A command's `--set KEY=VALUE` pairs as parameters."""
+    from onp_env.config import apply_overrides
+
+    return apply_overrides({}, re.findall(r"--set (\S+)", command))
+
+
+def benchmark_settings(monkeypatch):
+    """benchmarks/onp_vs_baselines.py, imported as the benchmarks run it (its siblings on the path)."""
+    import importlib.util
+
+    benchmarks = README.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # the script imports rows as a sibling
+    spec = importlib.util.spec_from_file_location("onp_vs_baselines", benchmarks / "onp_vs_baselines.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_the_environment_and_sb3_examples_run():
     blocks = section_code("The environment")
     assert len(blocks) == 2, "the environment section should hold the gym.make and the MaskablePPO examples"
@@ -63,13 +89,10 @@ def test_the_suite_example_runs(digits_test_split):
 
 def test_the_recommended_defense_command_holds_settings_verdict_accepts():
     from baselines.verdict import Verdict
-    from onp_env.config import apply_overrides
 
-    text = README.read_text()
-    start = text.index("**Which defense to use today**")
-    command = text[start : text.index("\n\n", text.index("onp defend", start))]
+    command = recommended_command()
     assert "--method verdict" in command
-    params = apply_overrides({}, re.findall(r"--set (\S+)", command))
+    params = settings_of(command)
     assert params["untargeted"] is True and params["reference_from"] == "fashion-mnist"
     defense = Verdict(**params)  # every setting known, in range, and the shipped reference has what it reads
     assert defense.params.repair_epochs == 5 and defense.params.untargeted and defense.params.repair_blend
@@ -78,41 +101,22 @@ def test_the_recommended_defense_command_holds_settings_verdict_accepts():
 
 def test_the_recommended_command_is_the_setting_the_benchmarks_time_and_dump(monkeypatch):
     """deploy_cost.py and verdict_choice.py measure onp_vs_baselines.RECOMMENDED: it must be the README's command."""
-    import importlib.util
-
     from baselines.verdict import Verdict
-    from onp_env.config import apply_overrides
 
-    benchmarks = README.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))  # the script imports rows as a sibling
-    spec = importlib.util.spec_from_file_location("onp_vs_baselines", benchmarks / "onp_vs_baselines.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    text = README.read_text()
-    start = text.index("**Which defense to use today**")
-    command = text[start : text.index("\n\n", text.index("onp defend", start))]
+    script = benchmark_settings(monkeypatch)
     method, params = script.SETTINGS[script.RECOMMENDED]
     assert method == "verdict" and script.RECOMMENDED in script.REPAIRED
-    assert Verdict(**apply_overrides({}, re.findall(r"--set (\S+)", command))).params == Verdict(**params).params
+    assert Verdict(**settings_of(recommended_command())).params == Verdict(**params).params
 
 
 def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatch):
     """The README's `onp defend --method onp` command is onp_vs_baselines' `shipped agent verdict repair` setting."""
-    import importlib.util
-
     from agents.defense import ONP
     from baselines.verdict import Verdict
-    from onp_env.config import apply_overrides
 
-    benchmarks = README.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))
-    spec = importlib.util.spec_from_file_location("onp_vs_baselines", benchmarks / "onp_vs_baselines.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     text = README.read_text()
     start = text.index("onp defend --method onp --artifact ARTIFACT_DIR")
-    command = text[start : text.index("```", start)]
-    defense = ONP(**apply_overrides({}, re.findall(r"--set (\S+)", command)))
-    method, params = script.SETTINGS["shipped agent verdict repair"]
+    defense = ONP(**settings_of(text[start : text.index("```", start)]))
+    method, params = benchmark_settings(monkeypatch).SETTINGS["shipped agent verdict repair"]
     assert method == "onp" and params["repair_with"] == "verdict" and not defense.params.agent
     assert defense.repairer is not None and defense.repairer.params == Verdict(**params["repair"]).params
