@@ -566,3 +566,35 @@ def test_an_evaluator_pass_lets_go_of_what_no_later_node_reads():
         assert torch.equal(ev.logits(["bn"]), reference.logits()) and not torch.equal(first, ev.last)
     for h in hooks:
         h.remove()
+
+
+@pytest.mark.parametrize("semantics", ["zero", "gamma"])
+def test_an_evaluator_reruns_only_the_hooks_of_a_linear_unit_layer_whose_inputs_did_not_change(semantics):
+    """A Linear unit layer's output before its mask is kept (a tenth of its inputs' size): pruning its own units
+    runs its mask on it, not its matmul. Logits equal a full pass each time."""
+    from onp_env.env.evaluator import Evaluator, without_inplace
+    from onp_env.graph.units import find_units
+
+    from .test_signals import Head
+
+    torch.manual_seed(0)
+    model = without_inplace(Head(40, 4, 3)).eval()
+    for q in (model.fc.weight, model.fc.bias, model.classifier.weight):
+        torch.nn.init.normal_(q)
+    x = torch.rand(16, 40)
+    layout, gm = find_units(model, x[:2])
+    calls = []
+    forward = model.fc.forward
+    model.fc.forward = lambda *a: calls.append(1) or forward(*a)
+    fc = layout.by_name["fc"].offset
+    with Masks(model, layout, semantics) as masks:
+        ev, reference = Evaluator(gm, x, ["fc"]), Evaluator(gm, x, ["fc"], cache=False)
+        first = ev.logits()
+        for units in ([fc + 1], [fc + 3]):
+            masks.prune(units)
+            assert torch.equal(ev.logits(["fc"]), reference.logits()) and not torch.equal(ev.last, first)
+        assert len(calls) == 1 + 2  # the first pass, then the reference's two
+        masks.restore([fc + 1, fc + 3])
+        assert torch.equal(ev.logits(["fc"]), first)
+        ev.x = x + 1.0  # a full pass (changed None) runs the layer on what it reads now
+        assert torch.equal(ev.logits(), Evaluator(gm, x + 1.0, ["fc"], cache=False).logits()) and len(calls) == 5

@@ -4,7 +4,9 @@ touches.
 The first call runs the whole fx graph and keeps the values later calls need. After masks change
 in some unit layers, only the graph nodes downstream of those layers run again; everything upstream
 is read from the cache. The masks themselves are forward hooks on the model's modules (see
-`onp_env.masking`), so the cached and the full evaluation compute exactly the same thing."""
+`onp_env.masking`), so the cached and the full evaluation compute exactly the same thing. A unit
+layer whose inputs did not change is not run again either where its output before the hooks is at
+most half its inputs' size (a Linear layer's, say): that output is kept and only the hooks run on it."""
 
 from __future__ import annotations
 
@@ -52,6 +54,9 @@ class Evaluator:
         self.output = self.nodes[-1]
         self.last: torch.Tensor
         self.watched = {by_target[name]: name for name in unit_layers} if watch else {}
+        self.units = {by_target[name] for name in unit_layers}
+        self.raw: dict[fx.Node, torch.Tensor] = {}
+        """Unit layers' outputs before their hooks, where kept (see the module's docstring)."""
         self.retained = self.keep | {self.output} | set(self.watched)
         """The values a pass keeps to its end: the cache's, the logits, the watched layers' outputs."""
         self.fresh: dict[str, torch.Tensor] = {}
@@ -75,6 +80,8 @@ class Evaluator:
                 out = self.gm
                 for atom in str(n.target).split("."):
                     out = getattr(out, atom)
+            elif n.op == "call_module" and n in self.units and self.cache and _plain_hooks(self.modules[str(n.target)]):
+                out = self._unit(n, args, kwargs, local)
             elif n.op == "call_module":
                 out = self.modules[str(n.target)](*args, **kwargs)
             elif n.op == "call_function":
@@ -94,6 +101,23 @@ class Evaluator:
         self.fresh = {name: local[n] for n, name in self.watched.items() if n in local}
         return self.last
 
+    def _unit(self, n: fx.Node, args: tuple, kwargs: dict[str, Any], local: dict[fx.Node, Any]) -> torch.Tensor:
+        """A unit layer's output as its module's call gives it: forward, then the forward hooks in their order (the
+        masks'); the forward's output reused where it was kept and no input was computed again in this pass."""
+        module = self.modules[str(n.target)]
+        if n in self.raw and not any(a in local for a in n.all_input_nodes):
+            raw = self.raw[n]
+        else:
+            raw = module.forward(*args, **kwargs)
+            size = sum(a.numel() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+            if isinstance(raw, torch.Tensor) and 2 * raw.numel() <= size:
+                self.raw[n] = raw
+        out = raw
+        for hook in module._forward_hooks.values():
+            result = hook(module, args, out)
+            out = out if result is None else result
+        return out
+
     @torch.inference_mode()
     def logits(self, changed: Iterable[str] | None = None) -> torch.Tensor:
         """Logits after masks changed in the unit layers `changed` (None: anything may have)."""
@@ -104,3 +128,20 @@ class Evaluator:
             self.fresh = {}
             return self.last
         return self._run([n for n in self.nodes if n in needed])
+
+
+def _plain_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` is its forward then its forward hooks, each given (module, args, output): no
+    pre-hooks, no hooks with kwargs, none always called, no global ones (Evaluator._unit calls them so)."""
+    from torch.nn.modules import module as torch_module
+
+    return not (
+        module._forward_pre_hooks
+        or module._forward_hooks_with_kwargs
+        or module._forward_hooks_always_called
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
