@@ -77,7 +77,13 @@ class ONPParams:
     regularised toward zero (its AR), and those units are cut again afterwards. Empty: no repair."""
     repair: dict[str, Any] = field(default_factory=dict)
     """That defense's parameters (`--set repair.KEY=VALUE`), checked as its own are. Those of its pruning sweep
-    (`stop_asr`, `max_ratio`, `candidates`, `reinvert`, ...) change nothing here: the agent chose the units."""
+    (`stop_asr`, `max_ratio`, `candidates`, `reinvert`, ...) change nothing here unless `repair_sweep`: the agent
+    chose the units."""
+    repair_sweep: bool = False
+    """[ours] Before the repair, `repair_with`'s own pruning sweep (`verdict` or `nc`) goes on from the agent's
+    units: in its order, the agent's units held at zero, until its reversed trigger no longer works after them
+    (nothing added where it already fails after the agent's). An agent that cut little leaves the repair an
+    intact backdoor to unlearn from a few hundred images (benchmarks/results/onp_no_mnp.md, WaNet at 1%)."""
 
 
 @torch.inference_mode()
@@ -150,6 +156,7 @@ class ONP(Defense):
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
         self.repairer = repairer(self.params, semantics, seed, device)
+        self._judged = False  # whether select's repair_sweep has had repair_with judge the model of this run
         self.agent = agent_of(self.params)  # validated before any expensive step
         self.trained_on = _trained_on(self.agent)
         env = replace(self.agent.env, semantics=semantics, device=str(self.device))
@@ -238,14 +245,24 @@ class ONP(Defense):
         return s
 
     def select(self, scores, model, layout, x, y) -> list[int]:
-        return list(self._order)
+        order = list(self._order)
+        self._judged = False
+        if self.params.repair_sweep:
+            assert self.repairer is not None and hasattr(self.repairer, "sweep")  # checked by repairer()
+            _, _, judged = self.repairer.scored(model, x, y)  # on the unpruned model, as finetune would
+            self._judged = True
+            added = self.repairer.sweep(judged, model, layout, x, y, order)
+            self.extra["swept"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, added)]
+            order += added
+        return order
 
     def finetune(self, original, pruned_model, layout, pruned, x, y) -> nn.Module | None:
         """`repair_with`'s repair of the agent's pruned model, after that defense has judged `original` (its
         findings, e.g. the suspect and whether it flagged the model, go in the report under `repair`)."""
         if self.repairer is None:
             return None
-        self.repairer.scored(original, x, y)  # its verdicts and reversed triggers, which its repair stamps
+        if not self._judged:  # its verdicts and reversed triggers, which its repair stamps
+            self.repairer.scored(original, x, y)
         tuned = self.repairer.finetune(original, pruned_model, layout, pruned, x, y)
         self.extra["repair"] = {"with": self.repairer.name, **self.repairer.extra}
         if tuned is None:
@@ -272,9 +289,9 @@ def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: 
     work, where it cannot repair."""
     name, settings = params.repair_with, params.repair
     if not name:
-        if settings:
-            raise OnpError("onp parameters: repair holds the parameters of repair_with's defense: set "
-                           "repair_with (verdict, say), or drop repair")  # fmt: skip
+        if settings or params.repair_sweep:
+            raise OnpError(f"onp parameters: {'repair' if settings else 'repair_sweep'} needs repair_with's defense: "
+                           "set repair_with (verdict, say), or drop it")  # fmt: skip
         return None
     from onp_env.registry import defense_class, defense_names
 
@@ -290,6 +307,9 @@ def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: 
         raise OnpError(f"onp parameters: repair.{reserved[0]} is the agent's own: drop it from repair")
     from_dict(cls.Params, settings, f"onp parameters: repair ({name})")  # keys that are not names, first
     built = cls(semantics, seed, device, **settings)
+    if params.repair_sweep and not hasattr(built, "sweep"):
+        raise OnpError(f"onp parameters: repair_sweep goes on with repair_with's pruning sweep, which {name} has not: "
+                       "set repair_with to verdict or nc, or drop repair_sweep")  # fmt: skip
     if getattr(built.params, "repair_epochs", 1) == 0:
         raise OnpError(f"onp parameters: {name} repairs nothing with repair_epochs 0: set "
                        "repair.repair_epochs=5 (the README's setting)")  # fmt: skip

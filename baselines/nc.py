@@ -191,18 +191,35 @@ class NC(Defense):
         return out
 
     def select(self, scores, model, layout, x, y) -> list[int]:
+        return self.sweep(scores, model, layout, x, y)
+
+    def sweep(self, scores: torch.Tensor, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
+              cut: list[int] | None = None) -> list[int]:  # fmt: skip
+        """The units `select` prunes; with `cut` (units another method pruned, e.g. `onp`'s agent), the units the
+        sweep adds after them: `cut` held at zero first, nothing where the backdoor is then already gone, the
+        accuracy limit still measured from the unpruned `model`."""
         if not self.extra["flagged"]:
             return []
-        order = top_units(scores, torch.isfinite(scores))
+        cut = list(cut or [])
+        keep = torch.isfinite(scores)
+        keep[cut] = False
+        order = top_units(scores, keep)
         limit = int(self.params.max_ratio * len(order))
         layers = self.layers
         work = without_inplace(copy.deepcopy(model)).eval()
         _, gm = find_units(work, x[:2])
         chosen: list[int] = []
+        hit = list(dict.fromkeys(layout.locate(u)[0].name for u in cut))
         with Masks(work, layout) as masks, torch.no_grad():
-            clean = Evaluator(gm, x, layers)
+            clean = Evaluator(gm, x, list(dict.fromkeys(layers + hit)))
             base = (clean.logits().argmax(1) == y).float().mean().item()
+            if cut:
+                masks.prune(cut)
+                clean.logits(hit)
             gone = self.backdoor_gone(gm, work, layout, x, y)
+            if cut and gone(cut):
+                self.extra["stopped"] = "backdoor gone"
+                return []
             # the candidates' trials read reversed-trigger images; NC's order alone does not
             trials = (lambda: self.triggered(gm, x, y)) if self.params.candidates > 1 else lambda: None
             trig = trials()
@@ -219,8 +236,9 @@ class NC(Defense):
                         break
                     chosen.append(u)
                     sweep.update()
-                    if gone(chosen):
-                        again = self.reinverted(work, layout, x, y, chosen) if rounds < self.params.reinvert else None
+                    if gone(cut + chosen):
+                        again = (self.reinverted(work, layout, x, y, cut + chosen) if rounds < self.params.reinvert
+                                 else None)  # fmt: skip
                         if again is None:
                             self.extra["stopped"] = "backdoor gone"
                             break

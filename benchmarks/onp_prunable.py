@@ -59,7 +59,7 @@ def repaired_cell(path: str, fraction: float, **params: Any) -> dict[str, Any]:
     return {"fraction": fraction, "before": r["before"], "seconds": r["seconds"], "pruned": r["pruned"],
             "agent": {k: r[k] for k in ("acc", "asr", "der")},
             "repaired": {k: r["finetuned"][k] for k in ("acc", "asr", "der")},
-            "sequence": r["details"]["sequence"]}  # fmt: skip
+            "sequence": r["details"]["sequence"], "swept": r["details"].get("swept", [])}  # fmt: skip
 
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:

@@ -137,6 +137,7 @@ SETTINGS = {
     # the recommended command on its pruned model (`repair_with`)
     "shipped agent": ("onp", {}),
     "shipped agent verdict repair": ("onp", {"repair_with": "verdict", "repair": _DISTILL}),
+    "shipped agent verdict repair sweep": ("onp", {"repair_with": "verdict", "repair": _DISTILL, "repair_sweep": True}),
     # an agent trained without MNP's signal (configs/agent/fashion-mnist-sampled-no-mnp.yaml, trained into NO_MNP),
     # alone and with the same repair
     "no-mnp agent": ("onp", {"agent": str(NO_MNP)}),
@@ -159,11 +160,16 @@ every class verdict's score (`untargeted_outranks`), `... reuse` stamps the blen
 in the repair instead of inverting it again (`blend_reuse`), `... reuse distill`/`distill1` trains that repair
 toward half/all of the unpruned model's output on each image unstamped (`repair_distill`). `shipped agent` is
 `onp` without --agent (agents/pretrained: it saw every attack type, so on these models it is no leave-one-attack-out
-result), `shipped agent verdict repair` that agent's pruned model repaired by the recommended command's repair;
+result), `shipped agent verdict repair` that agent's pruned model repaired by the recommended command's repair,
+`... sweep` with verdict's sweep going on from the agent's units before that repair (`repair_sweep`);
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
 ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
-REPAIRED_AGENT = " verdict repair"
-"""The method-name suffix of a fold's agent repaired with `shipped agent verdict repair`'s settings (--agent-repair)."""
+AGENT_REPAIRS = {
+    " verdict repair": "shipped agent verdict repair",
+    " verdict repair sweep": "shipped agent verdict repair sweep",
+}
+"""Method-name suffixes of a fold's agent repaired as the shipped one is by that SETTINGS entry (--agent-repair: the
+first; --repair-sweep: the second)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -180,6 +186,7 @@ REPAIRED = (
     "verdict shipped repair untargeted blend verdict outranks reuse distill",
     "verdict shipped repair untargeted blend verdict outranks reuse distill1",
     "shipped agent verdict repair",
+    "shipped agent verdict repair sweep",
     "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
@@ -377,8 +384,9 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
         report = oracle_cell(Path(art_path), fraction, load_agent_config(str(CONFIG), []), method, fold_agent)
     else:
         name, params = SETTINGS.get(method, (method, {}))
+        repaired = next((s for s in AGENT_REPAIRS if method.endswith(s)), None)
         if agent is not None:  # a fold's agent, or with --agent-repair that agent repaired as the shipped one is
-            name, params = SETTINGS["shipped agent verdict repair"] if method.endswith(REPAIRED_AGENT) else ("onp", {})
+            name, params = SETTINGS[AGENT_REPAIRS[repaired]] if repaired else ("onp", {})
         params = {**params, "defense_fraction": fraction}
         if method in REFERENCED:
             params |= json.loads((runs / f"without-{key.split('/')[0]}" / "reference.json").read_text())
@@ -391,7 +399,7 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
             shutil.rmtree(out)
         _, report = defend_artifact(art_path, name, params, out)
         report["units"] = load_artifact(out).manifest["defense"]["pruned_units"]
-        if method in REPAIRED or method.endswith(REPAIRED_AGENT):
+        if method in REPAIRED or repaired:
             report |= {k: report["finetuned"][k] for k in ("acc", "asr", "ra", "der")}
     attack, seed, _, _ = key.split("/")
     row = {"key": key, "attack": attack, "seed": int(seed[1:]), "fraction": fraction, "method": method,
@@ -499,7 +507,10 @@ def run(args: argparse.Namespace) -> None:
             for fraction in args.fractions:
                 ablate = fraction == max(args.fractions)
                 for variant in [v for (h, v) in variants if h == held and (ablate or v in everywhere)]:
-                    repaired = [variant + REPAIRED_AGENT] if args.agent_repair and variant == args.name else []
+                    asked = (args.agent_repair, args.repair_sweep)
+                    repaired = [
+                        variant + s for s, on in zip(AGENT_REPAIRS, asked, strict=True) if on and variant == args.name
+                    ]
                     for method in [variant, *repaired]:
                         key = f"{held}/s{seed}/{fraction:g}/{method}"
                         if key not in finished:
@@ -834,9 +845,13 @@ def main() -> None:
     p.add_argument("--name", default="onp", type=_agent_name,
                    help="the agent's method name in the rows: another name keeps the baselines' rows and "
                         "adds a second agent beside `onp` (its runs under --runs/without-A/NAME)")  # fmt: skip
+    first, sweep = AGENT_REPAIRS
     p.add_argument("--agent-repair", action="store_true",
                    help=f"also run each fold's agent with verdict's repair of its pruned model (the parameters of "
-                        f"`shipped agent verdict repair`), as `NAME{REPAIRED_AGENT}`")  # fmt: skip
+                        f"`{AGENT_REPAIRS[first]}`), as `NAME{first}`")  # fmt: skip
+    p.add_argument("--repair-sweep", action="store_true",
+                   help=f"also run each fold's agent with verdict's sweep going on from its units before that repair "
+                        f"(`{AGENT_REPAIRS[sweep]}`), as `NAME{sweep}`")  # fmt: skip
     p.add_argument("--no-agent", action="store_true",
                    help="run only --methods and --variants, not the protocol's agent (e.g. to confirm them on "
                         "fresh --seeds without training it)")  # fmt: skip

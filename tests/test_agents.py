@@ -751,6 +751,35 @@ def test_repair_with_runs_that_defenses_repair_on_the_agents_pruned_model(monkey
     assert all(torch.equal(a, b) for a, b in zip(result.finetuned.parameters(), result.model.parameters(), strict=True))
 
 
+def test_repair_sweep_goes_on_from_the_agents_units_until_the_reversed_trigger_fails(monkeypatch):
+    """NC's sweep after the agent's cut: its unit where the agent cut another route, nothing where the agent cut
+    the trigger's own; the repair then keeps every unit cut."""
+    import agents.defense
+    from agents.defense import ONP
+    from onp_env.signals import trigger_inversion
+
+    from .test_signals import pixel_trigger, two_routes
+
+    model, x, y = two_routes()
+    layout, _ = find_units(model, x[:2])
+    fc = layout.by_name["fc"].offset
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(2))  # reaches class 2 via fc[2]
+    repair = {"repair_epochs": 1, "unlearn": 0.3, "stop_asr": 0.0}
+    for agents_cut, added in (([fc + 3], [fc + 2]), ([fc + 2], [])):
+        monkeypatch.setattr(agents.defense, "deploy", lambda *a, cut=agents_cut, **k: (cut, [{"acc": 1.0}] * 2))
+        trigger_inversion._INVERTED.clear()
+        result = ONP(repair_with="nc", repair=repair, repair_sweep=True).run(model, x, y)
+        assert result.pruned == agents_cut + added
+        assert result.details["swept"] == [f"fc[{u - fc}]" for u in added]
+        assert result.details["repair"]["stopped"] == "backdoor gone"
+        triggered = x.clone()
+        triggered[..., 2:] = 1.0
+        hidden = result.finetuned.relu(result.finetuned.fc(triggered.flatten(1)))
+        assert (hidden[:, [u - fc for u in result.pruned]] == 0).all()
+        plain = ONP(repair_with="nc", repair=repair).run(model, x, y)  # the agent's units alone, as before
+        assert plain.pruned == agents_cut and "swept" not in plain.details
+
+
 @pytest.mark.parametrize(("name", "repair"), [("fp", {"finetune_epochs": 1}), ("bnp", {"epochs": 1})])
 def test_a_clean_fine_tuning_repair_keeps_the_agents_units_cut(monkeypatch, name, repair):
     """fp fine-tunes the pruned model; bnp retrains the unpruned one (its AR): both outputs have the units cut."""
@@ -801,7 +830,12 @@ def test_a_verdict_repair_of_a_latent_sweep_shifts_the_classifier_input_less_the
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"repair": {"repair_epochs": 5}}, "repair holds the parameters of repair_with's defense"),
+        ({"repair": {"repair_epochs": 5}}, "repair needs repair_with's defense: set repair_with"),
+        ({"repair_sweep": True}, "repair_sweep needs repair_with's defense: set repair_with"),
+        (
+            {"repair_with": "fp", "repair": {"finetune_epochs": 1}, "repair_sweep": True},
+            "repair_sweep goes on with repair_with's pruning sweep, which fp has not",
+        ),
         ({"repair_with": "mnp"}, "mnp has no repair of its own: set repair_with to one of bnp, fp, nc, verdict"),
         ({"repair_with": "onp"}, "onp has no repair of its own"),
         ({"repair_with": "nc"}, "nc repairs nothing with repair_epochs 0: set repair.repair_epochs=5"),

@@ -1,0 +1,137 @@
+"""`repair_sweep` (verdict's sweep going on from the agent's units before its repair), chosen on shadow models.
+
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/onp_repair_sweep.py [--workers 2] [--report-only]
+
+onp_no_mnp.md's leave-one-attack-out run found the repaired fold agents 0.17 points over the accuracy bound at 1%,
+all of it on WaNet: the WaNet fold's agent, which never saw a warp, cuts 0-5 units, and verdict's repair of a
+barely pruned model costs 4.4-5.5 points, where verdict's own sweep (64 units) loses 0.9-1.6 after the same repair.
+`onp defend --method onp --set repair_sweep=true` lets verdict's sweep go on from the agent's units until its
+reversed trigger fails after them (nothing where it already fails). Whether that helps is measured here on the
+defender's own models, never on the held-out ones:
+
+- `fold agents`: each of the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml) defended by the
+  leave-one-attack-out agent that never saw its attack (benchmarks/runs/onp-no-mnp/without-ATTACK, trained by
+  `onp_vs_baselines.py --agent-config configs/agent/fashion-mnist-sampled-no-mnp.yaml`): the situation of the
+  protocol's held-out models, on models whose settings lie inside the sampler's ranges;
+- `shipped agent`: the first three shadow models of each attack (onp_prunable.py's), the shipped agent, which
+  trained on them.
+
+Each at 1% and 5% defense data, with the recommended repair (onp_vs_baselines's `shipped agent verdict repair`)
+without and with `repair_sweep`, in one process (the second run reuses the first's memoised inversions: no
+seconds are compared). One torch thread per worker. One JSON line per model in onp_repair_sweep.jsonl
+(resumable), then onp_repair_sweep.md. The choice for the held-out runs, per fraction, is onp_prunable.py's rule
+on the fold agents' rows: the better mean DER after the repair among settings within the target (mean ASR <= 5%,
+<= 2 points lost), else among all; a tie keeps the repair alone."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from onp_prunable import FRACTIONS, outcome, repaired_cell
+from onp_prunable import models as first_three
+from rows import exit_2_on_bad_input
+from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
+from verdict_repair import TARGET
+
+RESULTS = HERE / "results" / "onp_repair_sweep.jsonl"
+FOLDS = HERE / "runs" / "onp-no-mnp"
+SWEEP = (False, True)
+AGENTS = ("fold agents", "shipped agent")
+
+
+def fold_agent(attack: str) -> Path:
+    """The leave-one-attack-out agent that never saw `attack`, refused with one line where it was not trained."""
+    path = FOLDS / f"without-{attack}" / "onp" / "agent"
+    if not (path / "agent.json").is_file():
+        raise SystemExit(f"error: no fold agent at {path}: run benchmarks/onp_vs_baselines.py --agent-config "
+                         "configs/agent/fashion-mnist-sampled-no-mnp.yaml first")  # fmt: skip
+    return path
+
+
+def models() -> list[tuple[str, str, Any]]:
+    return [m for m in sampled_and_held_out() if m[1] == "shadow" and m[2].attack is not None]
+
+
+def measure(name: str, role: str, path: str) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    attack = next(lab.attack.name for n, _, lab in models() if n == name)
+    shipped = {n for n, _, _ in first_three()}
+    runs = [("fold agents", {"agent": str(fold_agent(attack))})] + ([("shipped agent", {})] if name in shipped else [])
+    cells = [{**repaired_cell(path, fraction, **agent, repair_sweep=sweep), "agents": label, "repair_sweep": sweep}
+             for label, agent in runs for fraction in FRACTIONS for sweep in SWEEP]  # fmt: skip
+    return {"model": name, "attack": attack, "host": platform.node(), "torch": torch.__version__, "cells": cells}
+
+
+def _cells(rows: Rows, agents: str, fraction: float, sweep: bool, attack: str | None = None) -> list[dict[str, Any]]:
+    return [c for r in rows for c in r["cells"] if c["agents"] == agents and c["fraction"] == fraction
+            and c["repair_sweep"] == sweep and attack in (None, r["attack"])]  # fmt: skip
+
+
+def _units(cs: list[dict[str, Any]]) -> str:
+    """The table columns units | swept: the mean of all units cut and of the sweep's."""
+    return f"{statistics.mean(c['pruned'] for c in cs):.1f} | {statistics.mean(len(c['swept']) for c in cs):.1f}"
+
+
+def choice(rows: Rows) -> str:
+    picks = {}
+    for fraction in FRACTIONS:
+        means = {}
+        for sweep in SWEEP:
+            cs = _cells(rows, "fold agents", fraction, sweep)
+            lost = statistics.mean(c["before"]["acc"] - c["repaired"]["acc"] for c in cs)
+            asr = statistics.mean(c["repaired"]["asr"] for c in cs)
+            means[sweep] = (
+                asr <= TARGET[0] and lost <= TARGET[1],
+                round(statistics.mean(c["repaired"]["der"] for c in cs), 3),
+            )
+        picks[fraction] = max(SWEEP, key=lambda s: means[s])  # max keeps the first of equals: the repair alone
+    said = ", ".join(f"{'repair_sweep' if s else 'the repair alone'} with {f:.0%}" for f, s in picks.items())
+    return f"Choice for the held-out runs (fold agents' rows): {said}."
+
+
+def report(rows: Rows) -> str:
+    hosts, torches = sorted({r["host"] for r in rows}), sorted({r["torch"] for r in rows})
+    lines = [
+        "# `repair_sweep` on shadow models",
+        "",
+        f"Generated by `python benchmarks/onp_repair_sweep.py` from onp_repair_sweep.jsonl: {len(rows)} sampled shadow "
+        "models. Fold agents: each model defended by the leave-one-attack-out agent that never saw its attack; "
+        "shipped agent: the first three models of each attack (it trained on them). Each with verdict's repair "
+        "(the recommended command's), without and with `repair_sweep`. Units: all the run cut (the agent's and the "
+        "sweep's); swept: the sweep's. DER, ASR and accuracy lost in %/points; within: ASR <= 5% and <= 2 points "
+        f"lost. Hosts: {', '.join(hosts)}; torch {', '.join(torches)}.",
+        "",
+        "| agents | defense data | repair_sweep | units | swept | agent DER | agent ASR | agent lost | repaired DER | "
+        "repaired ASR | repaired lost | within |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for agents in AGENTS:
+        for fraction in FRACTIONS:
+            for sweep in SWEEP:
+                cs = _cells(rows, agents, fraction, sweep)
+                if cs:
+                    lines.append(f"| {agents} | {fraction:.0%} | {sweep} | {_units(cs)} | {outcome(cs)} |")
+    lines += ["", choice(rows), "", "## Fold agents by attack", "",
+              "| attack | defense data | repair_sweep | units | swept | agent DER | agent ASR | agent lost | "
+              "repaired DER | repaired ASR | repaired lost | within |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for attack in sorted({r["attack"] for r in rows}):
+        for fraction in FRACTIONS:
+            for sweep in SWEEP:
+                cs = _cells(rows, "fold agents", fraction, sweep, attack)
+                lines.append(f"| {attack} | {fraction:.0%} | {sweep} | {_units(cs)} | {outcome(cs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    for attack in sorted({lab.attack.name for _, _, lab in models()}):
+        fold_agent(attack)  # before any model is built
+    per_model_main(__doc__, RESULTS, models(), measure, report)
+
+
+if __name__ == "__main__":
+    exit_2_on_bad_input(main)
