@@ -23,7 +23,9 @@ deploy_cost_blend_verdict.md holds the same measure of the setting recommended
 before `untargeted_outranks` and `blend_reuse` (2026-12-04), deploy_cost_outranks.md that of the recommended
 setting before `outrank_ceiling` existed (the untargeted look on every model), deploy_cost_reuse.md that of the
 setting recommended before `repair_distill` (2026-12-05). deploy_cost_shipped_agent_verdict_repair.md timed the agent
-shipped until 2026-12-05 (with MNP's signal), deploy_cost_no_mnp_agent_verdict_repair.md the one that ships since."""
+shipped until 2026-12-05 (with MNP's signal), deploy_cost_no_mnp_agent_verdict_repair.md the one that ships since,
+deploy_cost_shipped_agent_verdict_repair_sweep.md that one with `repair_sweep` (and the Evaluator's reuse of a
+Linear unit layer's output, added the same day)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ each of them, with 1% and 5% of the training split as defense data: ONP (the age
 registered baseline at its paper's defaults, and the oracle expert as the upper reference (it uses
 the trigger; no defense does). Then the ablations (--ablations), on the first held-out attack at 5%.
 --agent-repair also runs each fold's agent with verdict's repair of its pruned model (`onp verdict repair`, as the
-README deploys the shipped agent); onp_no_mnp.md holds the folds of the shipped agent's config so.
+README deploys the shipped agent), --repair-sweep with verdict's sweep going on from its units before that repair
+(`onp verdict repair sweep`, `repair_sweep`); onp_no_mnp.md holds the folds of the shipped agent's config so.
 --variants runs chosen ablation variants on every fold and fraction instead: a variant picked from the
 ablation table has to be confirmed on held-out models the pick did not see (--seeds, a --results file
 of its own), or the test models will have chosen it.
