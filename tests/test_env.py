@@ -598,3 +598,9 @@ def test_an_evaluator_reruns_only_the_hooks_of_a_linear_unit_layer_whose_inputs_
         assert torch.equal(ev.logits(["fc"]), first)
         ev.x = x + 1.0  # a full pass (changed None) runs the layer on what it reads now
         assert torch.equal(ev.logits(), Evaluator(gm, x + 1.0, ["fc"], cache=False).logits()) and len(calls) == 5
+        # a module with a pre-hook is called as it is, and its kept output let go
+        handle = model.fc.register_forward_pre_hook(lambda m, a: (a[0] * 2.0,))
+        masks.prune([fc + 2])
+        assert torch.equal(ev.logits(["fc"]), Evaluator(gm, x + 1.0, ["fc"], cache=False).logits())
+        assert not ev.raw
+        handle.remove()

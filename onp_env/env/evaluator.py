@@ -80,7 +80,7 @@ class Evaluator:
                 out = self.gm
                 for atom in str(n.target).split("."):
                     out = getattr(out, atom)
-            elif n.op == "call_module" and n in self.units and self.cache and _plain_hooks(self.modules[str(n.target)]):
+            elif n.op == "call_module" and n in self.units and self.cache:
                 out = self._unit(n, args, kwargs, local)
             elif n.op == "call_module":
                 out = self.modules[str(n.target)](*args, **kwargs)
@@ -103,8 +103,12 @@ class Evaluator:
 
     def _unit(self, n: fx.Node, args: tuple, kwargs: dict[str, Any], local: dict[fx.Node, Any]) -> torch.Tensor:
         """A unit layer's output as its module's call gives it: forward, then the forward hooks in their order (the
-        masks'); the forward's output reused where it was kept and no input was computed again in this pass."""
+        masks'); the forward's output reused where it was kept and no input was computed again in this pass. A module
+        with other hooks is called as it is (and what was kept of it let go: its inputs may change meanwhile)."""
         module = self.modules[str(n.target)]
+        if not _plain_hooks(module):
+            self.raw.pop(n, None)
+            return module(*args, **kwargs)
         if n in self.raw and not any(a in local for a in n.all_input_nodes):
             raw = self.raw[n]
         else:
