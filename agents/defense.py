@@ -84,6 +84,9 @@ class ONPParams:
     units: in its order, the agent's units held at zero, until its reversed trigger no longer works after them
     (nothing added where it already fails after the agent's). An agent that cut little leaves the repair an
     intact backdoor to unlearn from a few hundred images (benchmarks/results/onp_no_mnp.md, WaNet at 1%)."""
+    sweep_limit_from: str = "unpruned"
+    """With `repair_sweep`: the sweep's accuracy limit (`repair.max_acc_drop`) is measured from the `unpruned` model
+    (the agent's units spend part of it) or from the `agent`'s pruned model (a budget of its own)."""
 
 
 @torch.inference_mode()
@@ -155,6 +158,10 @@ class ONP(Defense):
         super().__init__(semantics, seed, device, **params)
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
+        if self.params.sweep_limit_from not in ("unpruned", "agent"):
+            raise OnpError(
+                f"onp parameters: sweep_limit_from must be unpruned or agent, got {self.params.sweep_limit_from!r}"
+            )
         self.repairer = repairer(self.params, semantics, seed, device)
         self._judged = False  # whether select's repair_sweep has had repair_with judge the model of this run
         self.agent = agent_of(self.params)  # validated before any expensive step
@@ -251,7 +258,7 @@ class ONP(Defense):
             assert self.repairer is not None and hasattr(self.repairer, "sweep")  # checked by repairer()
             _, _, judged = self.repairer.scored(model, x, y)  # on the unpruned model, as finetune would
             self._judged = True
-            added = self.repairer.sweep(judged, model, layout, x, y, order)
+            added = self.repairer.sweep(judged, model, layout, x, y, order, self.params.sweep_limit_from == "agent")
             self.extra["swept"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, added)]
             order += added
         return order

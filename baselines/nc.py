@@ -194,10 +194,10 @@ class NC(Defense):
         return self.sweep(scores, model, layout, x, y)
 
     def sweep(self, scores: torch.Tensor, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
-              cut: list[int] | None = None) -> list[int]:  # fmt: skip
+              cut: list[int] | None = None, limit_from_cut: bool = False) -> list[int]:  # fmt: skip
         """The units `select` prunes; with `cut` (units another method pruned, e.g. `onp`'s agent), the units the
         sweep adds after them: `cut` held at zero first, nothing where the backdoor is then already gone, the
-        accuracy limit still measured from the unpruned `model`."""
+        accuracy limit measured from the unpruned `model` (`limit_from_cut`: from `model` with `cut` pruned)."""
         if not self.extra["flagged"]:
             return []
         cut = list(cut or [])
@@ -215,7 +215,8 @@ class NC(Defense):
             base = (clean.logits().argmax(1) == y).float().mean().item()
             if cut:
                 masks.prune(cut)
-                clean.logits(hit)
+                after = (clean.logits(hit).argmax(1) == y).float().mean().item()
+                base = after if limit_from_cut else base
             gone = self.backdoor_gone(gm, work, layout, x, y)
             if cut and gone(cut):
                 self.extra["stopped"] = "backdoor gone"

@@ -56,13 +56,23 @@ def models() -> list[tuple[str, str, Any]]:
     return [m for m in sampled_and_held_out() if m[1] == "shadow" and m[2].attack is not None]
 
 
-def measure(name: str, role: str, path: str) -> dict[str, Any]:
+def results_of(limit_from: str) -> Path:
+    """The rows of `--sweep-limit-from`: unpruned (the default's, both settings) or agent (its sweep cells alone)."""
+    return RESULTS if limit_from == "unpruned" else RESULTS.with_name("onp_repair_sweep_agent_limit.jsonl")
+
+
+def measure(name: str, role: str, path: str, limit_from: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     attack = next(lab.attack.name for n, _, lab in models() if n == name)
     shipped = {n for n, _, _ in first_three()}
     runs = [("fold agents", {"agent": str(fold_agent(attack))})] + ([("shipped agent", {})] if name in shipped else [])
-    cells = [{**repaired_cell(path, fraction, **agent, repair_sweep=sweep), "agents": label, "repair_sweep": sweep}
-             for label, agent in runs for fraction in FRACTIONS for sweep in SWEEP]  # fmt: skip
+    if limit_from == "agent":  # the sweep's own accuracy budget, beside the default file's rows
+        runs, sweeps = runs[:1], (True,)
+    else:
+        sweeps = SWEEP
+    cells = [{**repaired_cell(path, fraction, **agent, repair_sweep=sweep, sweep_limit_from=limit_from),
+              "agents": label, "repair_sweep": sweep}
+             for label, agent in runs for fraction in FRACTIONS for sweep in sweeps]  # fmt: skip
     return {"model": name, "attack": attack, "host": platform.node(), "torch": torch.__version__, "cells": cells}
 
 
@@ -115,7 +125,9 @@ def report(rows: Rows) -> str:
                 cs = _cells(rows, agents, fraction, sweep)
                 if cs:
                     lines.append(f"| {agents} | {fraction:.0%} | {sweep} | {_units(cs)} | {outcome(cs)} |")
-    lines += ["", choice(rows), "", "## Fold agents by attack", "",
+    both = all(_cells(rows, "fold agents", f, sweep) for f in FRACTIONS for sweep in SWEEP)
+    lines += ["", choice(rows) if both else "(The sweep alone: compare onp_repair_sweep.md's rows.)", "",
+              "## Fold agents by attack", "",
               "| attack | defense data | repair_sweep | units | swept | agent DER | agent ASR | agent lost | "
               "repaired DER | repaired ASR | repaired lost | within |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -123,14 +135,17 @@ def report(rows: Rows) -> str:
         for fraction in FRACTIONS:
             for sweep in SWEEP:
                 cs = _cells(rows, "fold agents", fraction, sweep, attack)
-                lines.append(f"| {attack} | {fraction:.0%} | {sweep} | {_units(cs)} | {outcome(cs)} |")
+                if cs:
+                    lines.append(f"| {attack} | {fraction:.0%} | {sweep} | {_units(cs)} | {outcome(cs)} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     for attack in sorted({lab.attack.name for _, _, lab in models()}):
         fold_agent(attack)  # before any model is built
-    per_model_main(__doc__, RESULTS, models(), measure, report)
+    limit = {"choices": ["unpruned", "agent"], "default": "unpruned",
+             "help": "where the sweep's accuracy limit is measured from (onp's sweep_limit_from)"}  # fmt: skip
+    per_model_main(__doc__, RESULTS, models(), measure, report, option=("--sweep-limit-from", limit, results_of))
 
 
 if __name__ == "__main__":

@@ -778,6 +778,15 @@ def test_repair_sweep_goes_on_from_the_agents_units_until_the_reversed_trigger_f
         assert (hidden[:, [u - fc for u in result.pruned]] == 0).all()
         plain = ONP(repair_with="nc", repair=repair).run(model, x, y)  # the agent's units alone, as before
         assert plain.pruned == agents_cut and "swept" not in plain.details
+    # an agent's cut that costs accuracy (fc[0] carries a clean class) spends the limit measured from the unpruned
+    # model; measured from the agent's model, the sweep has a budget of its own
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: ([fc], [{"acc": 1.0}] * 2))
+    for limit_from, added in (("unpruned", []), ("agent", [fc + 2])):
+        trigger_inversion._INVERTED.clear()
+        result = ONP(repair_with="nc", repair=repair, repair_sweep=True, sweep_limit_from=limit_from).run(model, x, y)
+        assert result.pruned == [fc, *added]
+    with pytest.raises(OnpError, match="sweep_limit_from must be unpruned or agent"):
+        ONP(repair_with="nc", repair=repair, repair_sweep=True, sweep_limit_from="other")
 
 
 @pytest.mark.parametrize(("name", "repair"), [("fp", {"finetune_epochs": 1}), ("bnp", {"epochs": 1})])
