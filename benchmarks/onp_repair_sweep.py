@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from onp_prunable import models as first_three
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
 from verdict_repair import TARGET
+
+from onp_env.errors import OnpError
 
 RESULTS = HERE / "results" / "onp_repair_sweep.jsonl"
 FOLDS = HERE / "runs" / "onp-no-mnp"
@@ -47,8 +50,10 @@ def fold_agent(attack: str) -> Path:
     """The leave-one-attack-out agent that never saw `attack`, refused with one line where it was not trained."""
     path = FOLDS / f"without-{attack}" / "onp" / "agent"
     if not (path / "agent.json").is_file():
-        raise SystemExit(f"error: no fold agent at {path}: run benchmarks/onp_vs_baselines.py --agent-config "
-                         "configs/agent/fashion-mnist-sampled-no-mnp.yaml first")  # fmt: skip
+        raise OnpError(
+            f"no fold agent at {path}: run benchmarks/onp_vs_baselines.py --agent-config "
+            "configs/agent/fashion-mnist-sampled-no-mnp.yaml --runs benchmarks/runs/onp-no-mnp first"
+        )
     return path
 
 
@@ -141,8 +146,9 @@ def report(rows: Rows) -> str:
 
 
 def main() -> None:
-    for attack in sorted({lab.attack.name for _, _, lab in models()}):
-        fold_agent(attack)  # before any model is built
+    if "--report-only" not in sys.argv:
+        for attack in sorted({lab.attack.name for _, _, lab in models()}):
+            fold_agent(attack)  # before any model is built
     limit = {"choices": ["unpruned", "agent"], "default": "unpruned",
              "help": "where the sweep's accuracy limit is measured from (onp's sweep_limit_from)"}  # fmt: skip
     per_model_main(__doc__, RESULTS, models(), measure, report, option=("--sweep-limit-from", limit, results_of))
