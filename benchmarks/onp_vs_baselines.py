@@ -139,6 +139,10 @@ SETTINGS = {
     "shipped agent": ("onp", {}),
     "shipped agent verdict repair": ("onp", {"repair_with": "verdict", "repair": _DISTILL}),
     "shipped agent verdict repair sweep": ("onp", {"repair_with": "verdict", "repair": _DISTILL, "repair_sweep": True}),
+    "shipped agent verdict repair sweep agent limit": (
+        "onp",
+        {"repair_with": "verdict", "repair": _DISTILL, "repair_sweep": True, "sweep_limit_from": "agent"},
+    ),
     # an agent trained without MNP's signal (configs/agent/fashion-mnist-sampled-no-mnp.yaml, trained into NO_MNP),
     # alone and with the same repair
     "no-mnp agent": ("onp", {"agent": str(NO_MNP)}),
@@ -162,15 +166,17 @@ in the repair instead of inverting it again (`blend_reuse`), `... reuse distill`
 toward half/all of the unpruned model's output on each image unstamped (`repair_distill`). `shipped agent` is
 `onp` without --agent (agents/pretrained: it saw every attack type, so on these models it is no leave-one-attack-out
 result), `shipped agent verdict repair` that agent's pruned model repaired by the recommended command's repair,
-`... sweep` with verdict's sweep going on from the agent's units before that repair (`repair_sweep`);
+`... sweep` with verdict's sweep going on from the agent's units before that repair (`repair_sweep`), `... agent limit`
+with that sweep's accuracy limit measured from the agent's pruned model (`sweep_limit_from: agent`);
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
 ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
 AGENT_REPAIRS = {
     " verdict repair": "shipped agent verdict repair",
     " verdict repair sweep": "shipped agent verdict repair sweep",
+    " verdict repair sweep agent limit": "shipped agent verdict repair sweep agent limit",
 }
 """Method-name suffixes of a fold's agent repaired as the shipped one is by that SETTINGS entry (--agent-repair: the
-first; --repair-sweep: the second)."""
+first; --repair-sweep: the second; --sweep-agent-limit: the third)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -188,6 +194,7 @@ REPAIRED = (
     "verdict shipped repair untargeted blend verdict outranks reuse distill1",
     "shipped agent verdict repair",
     "shipped agent verdict repair sweep",
+    "shipped agent verdict repair sweep agent limit",
     "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
@@ -508,7 +515,7 @@ def run(args: argparse.Namespace) -> None:
             for fraction in args.fractions:
                 ablate = fraction == max(args.fractions)
                 for variant in [v for (h, v) in variants if h == held and (ablate or v in everywhere)]:
-                    asked = (args.agent_repair, args.repair_sweep)
+                    asked = (args.agent_repair, args.repair_sweep, args.sweep_agent_limit)
                     repaired = [
                         variant + s for s, on in zip(AGENT_REPAIRS, asked, strict=True) if on and variant == args.name
                     ]
@@ -846,13 +853,16 @@ def main() -> None:
     p.add_argument("--name", default="onp", type=_agent_name,
                    help="the agent's method name in the rows: another name keeps the baselines' rows and "
                         "adds a second agent beside `onp` (its runs under --runs/without-A/NAME)")  # fmt: skip
-    first, sweep = AGENT_REPAIRS
+    first, sweep, limit = AGENT_REPAIRS
     p.add_argument("--agent-repair", action="store_true",
                    help=f"also run each fold's agent with verdict's repair of its pruned model (the parameters of "
                         f"`{AGENT_REPAIRS[first]}`), as `NAME{first}`")  # fmt: skip
     p.add_argument("--repair-sweep", action="store_true",
                    help=f"also run each fold's agent with verdict's sweep going on from its units before that repair "
                         f"(`{AGENT_REPAIRS[sweep]}`), as `NAME{sweep}`")  # fmt: skip
+    p.add_argument("--sweep-agent-limit", action="store_true",
+                   help=f"also run each fold's agent with that sweep's accuracy limit measured from the agent's pruned "
+                        f"model (`{AGENT_REPAIRS[limit]}`), as `NAME{limit}`")  # fmt: skip
     p.add_argument("--no-agent", action="store_true",
                    help="run only --methods and --variants, not the protocol's agent (e.g. to confirm them on "
                         "fresh --seeds without training it)")  # fmt: skip
