@@ -158,10 +158,6 @@ class ONP(Defense):
         super().__init__(semantics, seed, device, **params)
         if self.params.budget is not None and not 0 < self.params.budget <= 1:
             raise OnpError("budget must be in (0, 1]")
-        if self.params.sweep_limit_from not in ("unpruned", "agent"):
-            raise OnpError(
-                f"onp parameters: sweep_limit_from must be unpruned or agent, got {self.params.sweep_limit_from!r}"
-            )
         self.repairer = repairer(self.params, semantics, seed, device)
         self._judged = False  # whether select's repair_sweep has had repair_with judge the model of this run
         self.agent = agent_of(self.params)  # validated before any expensive step
@@ -295,6 +291,8 @@ def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: 
     """The defense named by `params.repair_with`, built from `params.repair`; refused with one line, before any
     work, where it cannot repair."""
     name, settings = params.repair_with, params.repair
+    if params.sweep_limit_from not in ("unpruned", "agent"):
+        raise OnpError(f"onp parameters: sweep_limit_from must be unpruned or agent, got {params.sweep_limit_from!r}")
     if not name:
         if settings or params.repair_sweep:
             raise OnpError(f"onp parameters: {'repair' if settings else 'repair_sweep'} needs repair_with's defense: "

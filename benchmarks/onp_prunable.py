@@ -20,6 +20,7 @@ from __future__ import annotations
 import platform
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,21 +93,26 @@ def outcome(cs: list[dict[str, Any]]) -> str:
     return " | ".join([*means, f"{within} of {len(cs)}"])
 
 
+def best(settings: tuple[Any, ...], cells: Callable[[Any], list[dict[str, Any]]]) -> Any:
+    """The setting with the best mean DER after the repair among those whose mean ASR and accuracy lost meet the
+    target (else among all), DER compared to 0.1 points; a tie keeps the first of `settings`."""
+
+    def rank(setting: Any) -> tuple[bool, float]:
+        cs = cells(setting)
+        lost = statistics.mean(c["before"]["acc"] - c["repaired"]["acc"] for c in cs)
+        asr = statistics.mean(c["repaired"]["asr"] for c in cs)
+        return asr <= TARGET[0] and lost <= TARGET[1], round(statistics.mean(c["repaired"]["der"] for c in cs), 3)
+
+    return max(settings, key=rank)  # max keeps the first of equals
+
+
 def choice(rows: Rows) -> str:
-    """The rule of the docstring, per fraction: the best mean DER after the repair among the settings whose mean
-    ASR and accuracy lost meet the target (else among all); a tie keeps `all`, the agent's training env."""
-    picks = {}
-    for fraction in FRACTIONS:
-        means = {}
-        for prunable in PRUNABLE:
-            cs = [c for r in rows for c in r["cells"] if c["fraction"] == fraction and c["prunable"] == prunable]
-            lost = statistics.mean(c["before"]["acc"] - c["repaired"]["acc"] for c in cs)
-            asr = statistics.mean(c["repaired"]["asr"] for c in cs)
-            means[prunable] = (
-                asr <= TARGET[0] and lost <= TARGET[1],
-                round(statistics.mean(c["repaired"]["der"] for c in cs), 3),
-            )
-        picks[fraction] = max(PRUNABLE, key=lambda p: means[p])  # max keeps the first of equals: all
+    """The rule of the docstring, per fraction (`best`); a tie keeps `all`, the agent's training env."""
+    picks = {
+        fraction: best(PRUNABLE, lambda p, f=fraction: [c for r in rows for c in r["cells"]
+                                                         if c["fraction"] == f and c["prunable"] == p])
+        for fraction in FRACTIONS
+    }  # fmt: skip
     said = ", ".join(f"{p} with {f:.0%}" for f, p in picks.items())
     return f"Choice for the held-out runs: {said}" + (
         " (the agent's own setting: no held-out run of `last` follows)." if set(picks.values()) == {"all"} else "."

@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from onp_prunable import FRACTIONS, outcome, repaired_cell
+from onp_prunable import FRACTIONS, best, outcome, repaired_cell
 from onp_prunable import models as first_three
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
-from verdict_repair import TARGET
 
 from onp_env.errors import OnpError
 
@@ -92,18 +91,8 @@ def _units(cs: list[dict[str, Any]]) -> str:
 
 
 def choice(rows: Rows) -> str:
-    picks = {}
-    for fraction in FRACTIONS:
-        means = {}
-        for sweep in SWEEP:
-            cs = _cells(rows, "fold agents", fraction, sweep)
-            lost = statistics.mean(c["before"]["acc"] - c["repaired"]["acc"] for c in cs)
-            asr = statistics.mean(c["repaired"]["asr"] for c in cs)
-            means[sweep] = (
-                asr <= TARGET[0] and lost <= TARGET[1],
-                round(statistics.mean(c["repaired"]["der"] for c in cs), 3),
-            )
-        picks[fraction] = max(SWEEP, key=lambda s: means[s])  # max keeps the first of equals: the repair alone
+    """onp_prunable's rule on the fold agents' rows, per fraction; a tie keeps the repair alone."""
+    picks = {f: best(SWEEP, lambda s, f=f: _cells(rows, "fold agents", f, s)) for f in FRACTIONS}
     said = ", ".join(f"{'repair_sweep' if s else 'the repair alone'} with {f:.0%}" for f, s in picks.items())
     return f"Choice for the held-out runs (fold agents' rows): {said}."
 

@@ -509,16 +509,15 @@ def run(args: argparse.Namespace) -> None:
         # 2. agents and cells, at most one task per worker in flight, by priority: an agent's cells as
         # soon as it is trained, then the protocol's agents, the baseline cells, the ablation agents
         everywhere = (args.name, *args.variants)  # every fold and fraction, not only the ablation's
+        asked = (args.agent_repair, args.repair_sweep, args.sweep_agent_limit)
+        suffixes = [s for s, on in zip(AGENT_REPAIRS, asked, strict=True) if on]  # the protocol agent's repaired runs
         ready: list[tuple[int, int, tuple]] = []
         waiting: dict[tuple[str, str], list[tuple]] = {}
         for (held, seed), hl in held_labs.items():
             for fraction in args.fractions:
                 ablate = fraction == max(args.fractions)
                 for variant in [v for (h, v) in variants if h == held and (ablate or v in everywhere)]:
-                    asked = (args.agent_repair, args.repair_sweep, args.sweep_agent_limit)
-                    repaired = [
-                        variant + s for s, on in zip(AGENT_REPAIRS, asked, strict=True) if on and variant == args.name
-                    ]
+                    repaired = [variant + s for s in suffixes] if variant == args.name else []
                     for method in [variant, *repaired]:
                         key = f"{held}/s{seed}/{fraction:g}/{method}"
                         if key not in finished:
