@@ -25,7 +25,8 @@ setting before `outrank_ceiling` existed (the untargeted look on every model), d
 setting recommended before `repair_distill` (2026-12-05). deploy_cost_shipped_agent_verdict_repair.md timed the agent
 shipped until 2026-12-05 (with MNP's signal), deploy_cost_no_mnp_agent_verdict_repair.md the one that ships since,
 deploy_cost_shipped_agent_verdict_repair_sweep.md that one with `repair_sweep` (and the Evaluator's reuse of a
-Linear unit layer's output, added the same day)."""
+Linear unit layer's output, added the same day), deploy_cost_shipped_agent_verdict_repair_sweep_agent_limit.md with the
+sweep's accuracy limit measured from the agent's pruned model (`sweep_limit_from: agent`)."""
 
 from __future__ import annotations
 
