@@ -84,9 +84,10 @@ class ONPParams:
     units: in its order, the agent's units held at zero, until its reversed trigger no longer works after them
     (nothing added where it already fails after the agent's). An agent that cut little leaves the repair an
     intact backdoor to unlearn from a few hundred images (benchmarks/results/onp_no_mnp.md, WaNet at 1%)."""
-    sweep_limit_from: str = "unpruned"
-    """With `repair_sweep`: the sweep's accuracy limit (`repair.max_acc_drop`) is measured from the `unpruned` model
-    (the agent's units spend part of it) or from the `agent`'s pruned model (a budget of its own)."""
+    sweep_limit_from: str = "agent"
+    """With `repair_sweep`: the sweep's accuracy limit (`repair.max_acc_drop`) is measured from the `agent`'s pruned
+    model (a budget of its own; chosen on shadow models, docs/methods.md) or from the `unpruned` model (the agent's
+    units spend part of it: a costly agent cut leaves the sweep nothing)."""
 
 
 @torch.inference_mode()

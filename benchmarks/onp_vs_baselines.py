@@ -138,7 +138,10 @@ SETTINGS = {
     # the recommended command on its pruned model (`repair_with`)
     "shipped agent": ("onp", {}),
     "shipped agent verdict repair": ("onp", {"repair_with": "verdict", "repair": _DISTILL}),
-    "shipped agent verdict repair sweep": ("onp", {"repair_with": "verdict", "repair": _DISTILL, "repair_sweep": True}),
+    "shipped agent verdict repair sweep": (
+        "onp",
+        {"repair_with": "verdict", "repair": _DISTILL, "repair_sweep": True, "sweep_limit_from": "unpruned"},
+    ),
     "shipped agent verdict repair sweep agent limit": (
         "onp",
         {"repair_with": "verdict", "repair": _DISTILL, "repair_sweep": True, "sweep_limit_from": "agent"},
