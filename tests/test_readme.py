@@ -1,6 +1,7 @@
 """The README's examples run as written."""
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,10 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
     method, params = benchmark_settings(monkeypatch).SETTINGS["shipped agent verdict repair"]
     assert method == "onp" and params["repair_with"] == "verdict" and not defense.params.agent
     assert defense.repairer is not None and defense.repairer.params == Verdict(**params["repair"]).params
+    # with 1% defense data the README adds `--set repair_sweep=true`: the setting measured with its default limit
+    _, swept = benchmark_settings(monkeypatch).SETTINGS["shipped agent verdict repair sweep agent limit"]
+    assert "--set repair_sweep=true" in text
+    with_sweep, measured = ONP(**settings_of(text[start : text.index("```", start)]), repair_sweep=True), ONP(**swept)
+    assert replace(with_sweep.params, repair={}) == replace(measured.params, repair={})
+    assert with_sweep.repairer is not None and measured.repairer is not None
+    assert with_sweep.repairer.params == measured.repairer.params
