@@ -117,14 +117,18 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
 
     text = README.read_text()
     start = text.index("onp defend --method onp --artifact ARTIFACT_DIR")
-    defense = ONP(**settings_of(text[start : text.index("```", start)]))
-    method, params = benchmark_settings(monkeypatch).SETTINGS["shipped agent verdict repair"]
+    command = settings_of(text[start : text.index("```", start)])
+    defense = ONP(**command)
+    settings = benchmark_settings(monkeypatch).SETTINGS
+    method, params = settings["shipped agent verdict repair"]
     assert method == "onp" and params["repair_with"] == "verdict" and not defense.params.agent
     assert defense.repairer is not None and defense.repairer.params == Verdict(**params["repair"]).params
     # with 1% defense data the README adds `--set repair_sweep=true`: the setting measured with its default limit
-    _, swept = benchmark_settings(monkeypatch).SETTINGS["shipped agent verdict repair sweep agent limit"]
     assert "--set repair_sweep=true" in text
-    with_sweep, measured = ONP(**settings_of(text[start : text.index("```", start)]), repair_sweep=True), ONP(**swept)
+    with_sweep, measured = (
+        ONP(**command, repair_sweep=True),
+        ONP(**settings["shipped agent verdict repair sweep agent limit"][1]),
+    )
     assert replace(with_sweep.params, repair={}) == replace(measured.params, repair={})
     assert with_sweep.repairer is not None and measured.repairer is not None
     assert with_sweep.repairer.params == measured.repairer.params
