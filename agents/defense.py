@@ -89,6 +89,13 @@ class ONPParams:
     model (a budget of its own; chosen on shadow models, docs/methods.md) or from the `unpruned` model (the agent's
     units spend part of it: a costly agent cut leaves the sweep nothing)."""
 
+    sweep_spare: float | None = None
+    """[ours] With `repair_sweep`: after the sweep, give back the agent's units its reversed trigger does not need
+    (NC.spare: the latest first, each whose return raises the defense-set accuracy while that trigger sends at most
+    this share of the other classes' images to its class); nothing where the sweep follows no reversed trigger or
+    it sends more. None: keep every unit the agent cut. The agent's extra units cost accuracy that a repair on a
+    few hundred images does not give back (benchmarks/results/bench-fashion-mnist-shift-onp-sweep-agent-limit/)."""
+
 
 @torch.inference_mode()
 def act(agent: Agent, env: NeuronPruningEnv, obs: dict[str, np.ndarray], deterministic: bool = True,
@@ -257,6 +264,10 @@ class ONP(Defense):
             self._judged = True
             added = self.repairer.sweep(judged, model, layout, x, y, order, self.params.sweep_limit_from == "agent")
             self.extra["swept"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, added)]
+            if self.params.sweep_spare is not None:
+                spared = set(self.repairer.spare(model, layout, x, y, order, added, self.params.sweep_spare))
+                self.extra["spared"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, sorted(spared))]
+                order = [u for u in order if u not in spared]
             order += added
         return order
 
@@ -294,6 +305,11 @@ def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: 
     name, settings = params.repair_with, params.repair
     if params.sweep_limit_from not in ("unpruned", "agent"):
         raise OnpError(f"onp parameters: sweep_limit_from must be unpruned or agent, got {params.sweep_limit_from!r}")
+    if params.sweep_spare is not None and not 0 <= params.sweep_spare <= 1:
+        raise OnpError(f"onp parameters: sweep_spare is a share of images, in [0, 1]: got {params.sweep_spare}")
+    if params.sweep_spare is not None and not params.repair_sweep:
+        raise OnpError("onp parameters: sweep_spare gives back units after repair_sweep's sweep: set "
+                       "repair_sweep=true, or drop sweep_spare")  # fmt: skip
     if not name:
         if settings or params.repair_sweep:
             raise OnpError(f"onp parameters: {'repair' if settings else 'repair_sweep'} needs repair_with's defense: "

@@ -247,6 +247,48 @@ class NC(Defense):
                         order, gone, trig = again, self.backdoor_gone(gm, work, layout, x, y), trials()
         return chosen
 
+    def spare(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor, cut: list[int],
+              added: list[int], allowed: float) -> list[int]:  # fmt: skip
+        """[ours] Of `cut` (another method's units, e.g. `onp`'s agent's, in the order it cut them), those given
+        back, the latest first: each whose return raises the defense-set accuracy while the reversed trigger still
+        sends at most `allowed` of the other classes' images to its class, with `added` (the sweep's units after
+        them) and the rest of `cut` held at zero. Nothing where the model is not flagged, the sweep follows no
+        reversed trigger (a latent or untargeted one), or the trigger sends more than that after all of them."""
+        if not self.extra["flagged"] or not cut:
+            return []
+        work = without_inplace(copy.deepcopy(model)).eval()
+        _, gm = find_units(work, x[:2])
+        layer_of = {u: layout.locate(u)[0].name for u in cut}
+        layers = list(dict.fromkeys(self.layers + list(layer_of.values())))
+        spared: list[int] = []
+        with Masks(work, layout) as masks, torch.no_grad():
+            masks.prune(cut + added)
+            trig = self.triggered(gm, x, y, layers)
+            if trig is None:
+                return []
+            clean = Evaluator(gm, x, layers)
+
+            def works(changed: list[str] | None) -> float:
+                return (trig.logits(changed).argmax(1) == self.suspect).float().mean().item()
+
+            def accuracy(changed: list[str] | None) -> float:
+                return (clean.logits(changed).argmax(1) == y).float().mean().item()
+
+            if works(None) > allowed:
+                return []
+            acc, stale = accuracy(None), set[str]()  # stale: layers whose masks changed since the evaluators last ran
+            for u in reversed(cut):
+                masks.restore([u])
+                changed = list(stale | {layer_of[u]})
+                now = accuracy(changed)
+                if now > acc and works(changed) <= allowed:
+                    acc, stale = now, set()
+                    spared.append(u)
+                else:
+                    masks.prune([u])
+                    stale = set(changed)  # the evaluators hold u's return
+        return spared
+
     def next_cut(self, order: list[int], masks: Masks, clean: Evaluator, trig: Evaluator | None,
                  y: torch.Tensor) -> int:  # fmt: skip
         """The next unit to cut, taken out of `order`: its first, or with `candidates` the one of its first
@@ -406,12 +448,14 @@ class NC(Defense):
         where it cannot be stamped on images: none for NC, whose sweep follows the reversed trigger."""
         return {}
 
-    def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
+    def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor,
+                  layers: list[str] | None = None) -> Evaluator | None:  # fmt: skip
         """The pruned model on the other classes' defense images with the reversed trigger (`gm`: the
-        traced graph of the masked copy); None when the sweep follows no reversed trigger."""
+        traced graph of the masked copy; `layers`: the unit layers whose masks may change, default the
+        sweep's); None when the sweep follows no reversed trigger."""
         if not self.follows_inversion():
             return None
-        trig = Evaluator(gm, self.inverted.apply(self.suspect, x[y != self.suspect]), self.layers)
+        trig = Evaluator(gm, self.inverted.apply(self.suspect, x[y != self.suspect]), layers or self.layers)
         trig.logits()
         return trig
 

@@ -358,10 +358,11 @@ class Verdict(NC):
         assert shipped is not None and shipped.untargeted is not None
         return shipped.untargeted
 
-    def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> Evaluator | None:
+    def triggered(self, gm: fx.GraphModule, x: torch.Tensor, y: torch.Tensor,
+                  layers: list[str] | None = None) -> Evaluator | None:  # fmt: skip
         """None for an untargeted sweep: its candidates are chosen by accuracy alone (there is no class to
         take probability off)."""
-        return None if self.untargeted is not None else super().triggered(gm, x, y)
+        return None if self.untargeted is not None else super().triggered(gm, x, y, layers)
 
     def reinverted(self, work: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
                    cut: list[int]) -> list[int] | None:  # fmt: skip

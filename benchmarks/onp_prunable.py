@@ -60,7 +60,8 @@ def repaired_cell(path: str, fraction: float, **params: Any) -> dict[str, Any]:
     return {"fraction": fraction, "before": r["before"], "seconds": r["seconds"], "pruned": r["pruned"],
             "agent": {k: r[k] for k in ("acc", "asr", "der")},
             "repaired": {k: r["finetuned"][k] for k in ("acc", "asr", "der")},
-            "sequence": r["details"]["sequence"], "swept": r["details"].get("swept", [])}  # fmt: skip
+            "sequence": r["details"]["sequence"], "swept": r["details"].get("swept", []),
+            "spared": r["details"].get("spared", [])}  # fmt: skip
 
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:

@@ -43,6 +43,8 @@ RESULTS = HERE / "results" / "onp_repair_sweep.jsonl"
 FOLDS = HERE / "runs" / "onp-no-mnp"
 SWEEP = (False, True)
 AGENTS = ("fold agents", "shipped agent")
+SPARE = ("agent-spare-0.01", "agent-spare-0.05")
+"""`sweep_spare`'s candidates: the reversed trigger's rate allowed after a unit's return."""
 
 
 def fold_agent(attack: str) -> Path:
@@ -61,8 +63,11 @@ def models() -> list[tuple[str, str, Any]]:
 
 
 def results_of(limit_from: str) -> Path:
-    """The rows of `--sweep-limit-from`: unpruned (the default's, both settings) or agent (its sweep cells alone)."""
-    return RESULTS if limit_from == "unpruned" else RESULTS.with_name("onp_repair_sweep_agent_limit.jsonl")
+    """The rows of `--sweep-limit-from`: unpruned (the default's, both settings), agent (its sweep cells alone) or
+    agent-spare-X (those with `sweep_spare` X)."""
+    if limit_from.startswith("agent-spare-"):
+        return RESULTS.with_name(f"onp_repair_sweep_spare_{limit_from.removeprefix('agent-spare-')}.jsonl")
+    return RESULTS.with_name("onp_repair_sweep_agent_limit.jsonl") if limit_from == "agent" else RESULTS
 
 
 def measure(name: str, role: str, path: str, limit_from: str) -> dict[str, Any]:
@@ -70,11 +75,15 @@ def measure(name: str, role: str, path: str, limit_from: str) -> dict[str, Any]:
     attack = next(lab.attack.name for n, _, lab in models() if n == name)
     shipped = {n for n, _, _ in first_three()}
     runs = [("fold agents", {"agent": str(fold_agent(attack))})] + ([("shipped agent", {})] if name in shipped else [])
+    spare = {"sweep_spare": float(limit_from.removeprefix("agent-spare-"))} if "spare" in limit_from else {}
+    if spare:
+        limit_from = "agent"
     if limit_from == "agent":  # the sweep's own accuracy budget, beside the default file's rows
         runs, sweeps = runs[:1], (True,)
     else:
         sweeps = SWEEP
-    cells = [{**repaired_cell(path, fraction, **agent, repair_sweep=sweep, sweep_limit_from=limit_from),
+    cells = [{**repaired_cell(path, fraction, **agent, repair_sweep=sweep, sweep_limit_from=limit_from,
+                              **spare),
               "agents": label, "repair_sweep": sweep}
              for label, agent in runs for fraction in FRACTIONS for sweep in sweeps]  # fmt: skip
     return {"model": name, "attack": attack, "host": platform.node(), "torch": torch.__version__, "cells": cells}
@@ -138,8 +147,9 @@ def main() -> None:
     if "--report-only" not in sys.argv:
         for attack in sorted({lab.attack.name for _, _, lab in models()}):
             fold_agent(attack)  # before any model is built
-    limit = {"choices": ["unpruned", "agent"], "default": "unpruned",
-             "help": "where the sweep's accuracy limit is measured from (onp's sweep_limit_from)"}  # fmt: skip
+    limit = {"choices": ["unpruned", "agent", *SPARE], "default": "unpruned",
+             "help": "where the sweep's accuracy limit is measured from (onp's sweep_limit_from; agent-spare-X: "
+                     "from the agent's, with sweep_spare X)"}  # fmt: skip
     per_model_main(__doc__, RESULTS, models(), measure, report, option=("--sweep-limit-from", limit, results_of))
 
 

@@ -789,6 +789,101 @@ def test_repair_sweep_goes_on_from_the_agents_units_until_the_reversed_trigger_f
         ONP(repair_with="nc", repair=repair, repair_sweep=True, sweep_limit_from="other")
 
 
+def test_sweep_spare_gives_back_the_agents_units_that_cost_accuracy_while_the_reversed_trigger_still_fails(
+    monkeypatch,
+):
+    """The agent cut fc[1] (a clean class's unit) and fc[2] (the trigger's route, which here also carries a little
+    of the clean images): fc[1] comes back; fc[2] comes back only where the trigger's rate after it is allowed."""
+    import agents.defense
+    from agents.defense import ONP
+    from onp_env.signals import trigger_inversion
+
+    from .test_signals import pixel_trigger, two_routes
+
+    model, x, _ = two_routes()
+    x[..., 2] = 0.02  # unit 2 reads a little on clean images, and class 1 a little of unit 2
+    with torch.no_grad():
+        model.classifier.weight[1, 2] = 20.0
+    y = model(x).argmax(1)
+    layout, _ = find_units(model, x[:2])
+    fc = layout.by_name["fc"].offset
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(2))
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: ([fc + 1, fc + 2], [{"acc": 1.0}] * 3))
+    repair = {"repair_epochs": 1, "unlearn": 0.3, "stop_asr": 0.0}
+    for allowed, spared in ((0.0, [fc + 1]), (1.0, [fc + 1, fc + 2])):
+        trigger_inversion._INVERTED.clear()
+        result = ONP(repair_with="nc", repair=repair, repair_sweep=True, sweep_spare=allowed).run(model, x, y)
+        assert result.details["spared"] == [f"fc[{u - fc}]" for u in spared]
+        assert result.pruned == [u for u in (fc + 1, fc + 2) if u not in spared]
+    trigger_inversion._INVERTED.clear()
+    assert ONP(repair_with="nc", repair=repair, repair_sweep=True).run(model, x, y).pruned == [fc + 1, fc + 2]
+    # an unflagged model: nothing swept, nothing given back
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: pixel_trigger(None))
+    trigger_inversion._INVERTED.clear()
+    result = ONP(repair_with="nc", repair=repair, repair_sweep=True, sweep_spare=1.0).run(model, x, y)
+    assert result.pruned == [fc + 1, fc + 2] and result.details["spared"] == []
+    with pytest.raises(OnpError, match="sweep_spare gives back units after repair_sweep"):
+        ONP(repair_with="nc", repair=repair, sweep_spare=0.0)
+    with pytest.raises(OnpError, match=r"sweep_spare is a share of images, in \[0, 1\]"):
+        ONP(repair_with="nc", repair=repair, repair_sweep=True, sweep_spare=2.0)
+
+
+def test_spare_decides_each_unit_as_full_forward_passes_would(monkeypatch):
+    """NC.spare reruns only the layers whose masks changed: its choices across several layers are those of the
+    plain greedy with every check a whole forward pass of the masked model."""
+    from baselines.nc import NC
+    from onp_env.masking import Masks
+    from onp_env.signals import trigger_inversion
+
+    art = load_artifact(default_artifact())
+    x, y = (t[:300] for t in art.defense_set())
+    layout, _ = find_units(art.model, x[:2])
+    attack = art.attack
+    assert attack is not None and attack.target == 0
+    stamped = attack.apply(x[:1])[0]
+    masks = (stamped != x[0]).any(0, keepdim=True).float()[None].repeat(10, 1, 1, 1)  # the model's own trigger
+    norms = torch.full((10,), 9.0)
+    norms[0] = 1.0
+    fake = trigger_inversion.Inverted(masks, stamped[None].repeat(10, 1, 1, 1), norms, torch.ones(10).bool(), 1)
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: fake)
+    trigger_inversion._INVERTED.clear()
+    nc = NC(stop_asr=0.0)
+    model, _, _ = nc.scored(art.model, x, y)
+    assert nc.extra["flagged"] and nc.suspect == 0
+    g = torch.Generator().manual_seed(3)
+    cut = [lay.offset + int(c) for lay in layout.layers for c in torch.randperm(lay.size, generator=g)[:10]]
+    gap = trigger_inversion.trigger_gap(model, layout, x, y, fake, 0)
+    added = [u for u in gap.argsort(descending=True).tolist() if u not in cut][:8]  # the trigger's units: a rate
+    # left short of 1, which the returns move
+
+    def checks(pruned: list[int]) -> tuple[float, float]:
+        with Masks(model, layout) as m, torch.no_grad():
+            m.prune(pruned)
+            acc = (model(x).argmax(1) == y).float().mean().item()
+            rate = (model(fake.apply(0, x[y != 0])).argmax(1) == 0).float().mean().item()
+        return acc, rate
+
+    def reference(allowed: float) -> tuple[list[int], list[float]]:
+        """The greedy's units given back, and the trigger's rates after every return that raised accuracy."""
+        kept, back, rates = list(cut), [], []
+        acc = checks(cut + added)[0]
+        for u in reversed(cut):
+            now, rate = checks([v for v in kept if v != u] + added)
+            rates += [rate] if now > acc else []
+            if now > acc and rate <= allowed:
+                acc, kept = now, [v for v in kept if v != u]
+                back.append(u)
+        return back, rates
+
+    back, rates = reference(1.0)
+    assert len(back) > 3 and nc.spare(model, layout, x, y, cut, added, 1.0) == back
+    start = checks(cut + added)[1]
+    assert max(rates) > start
+    between = (start + max(rates)) / 2  # some returns that raise accuracy now raise the trigger's rate too far
+    back, rates = reference(between)
+    assert 0 < len(back) < len(rates) and nc.spare(model, layout, x, y, cut, added, between) == back
+
+
 @pytest.mark.parametrize(("name", "repair"), [("fp", {"finetune_epochs": 1}), ("bnp", {"epochs": 1})])
 def test_a_clean_fine_tuning_repair_keeps_the_agents_units_cut(monkeypatch, name, repair):
     """fp fine-tunes the pruned model; bnp retrains the unpruned one (its AR): both outputs have the units cut."""
