@@ -259,7 +259,8 @@ class ONP(Defense):
         order = list(self._order)
         self._judged = False
         if self.params.repair_sweep:
-            assert self.repairer is not None and hasattr(self.repairer, "sweep")  # checked by repairer()
+            # repairer() admits only a defense with a pruning sweep: NC's, which also spares
+            assert self.repairer is not None and hasattr(self.repairer, "sweep") and hasattr(self.repairer, "spare")
             _, _, judged = self.repairer.scored(model, x, y)  # on the unpruned model, as finetune would
             self._judged = True
             added = self.repairer.sweep(judged, model, layout, x, y, order, self.params.sweep_limit_from == "agent")

@@ -178,7 +178,8 @@ def spare_report() -> str | None:
     for fraction in FRACTIONS:
         for spare in files:
             cs = cells(spare, fraction)
-            units = f"{statistics.mean(c['pruned'] for c in cs):.1f} | {statistics.mean(len(c.get('spared', [])) for c in cs):.1f}"
+            spared = statistics.mean(len(c.get("spared", [])) for c in cs)
+            units = f"{statistics.mean(c['pruned'] for c in cs):.1f} | {spared:.1f}"
             lines.append(f"| {fraction:.0%} | {spare if spare is not None else 'none'} | {units} | {outcome(cs)} |")
         picks[fraction] = best(tuple(files), lambda v, f=fraction: cells(v, f))
     said = ", ".join(f"{'no spare' if v is None else f'sweep_spare {v}'} with {f:.0%}" for f, v in picks.items())
