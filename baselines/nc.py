@@ -274,7 +274,7 @@ class NC(Defense):
             def accuracy(changed: list[str] | None) -> float:
                 return (clean.logits(changed).argmax(1) == y).float().mean().item()
 
-            if works(None) > allowed:
+            if works([]) > allowed:  # triggered() has just run it
                 return []
             acc, stale = accuracy(None), set[str]()  # stale: layers whose masks changed since the evaluators last ran
             for u in reversed(cut):

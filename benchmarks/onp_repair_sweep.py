@@ -63,11 +63,16 @@ def models() -> list[tuple[str, str, Any]]:
     return [m for m in sampled_and_held_out() if m[1] == "shadow" and m[2].attack is not None]
 
 
+def spare_of(limit_from: str) -> float | None:
+    """The `sweep_spare` of a `--sweep-limit-from` value (agent-spare-X: X; else None)."""
+    return float(limit_from.removeprefix("agent-spare-")) if limit_from.startswith("agent-spare-") else None
+
+
 def results_of(limit_from: str) -> Path:
     """The rows of `--sweep-limit-from`: unpruned (the default's, both settings), agent (its sweep cells alone) or
     agent-spare-X (those with `sweep_spare` X)."""
-    if limit_from.startswith("agent-spare-"):
-        return RESULTS.with_name(f"onp_repair_sweep_spare_{limit_from.removeprefix('agent-spare-')}.jsonl")
+    if spare_of(limit_from) is not None:
+        return RESULTS.with_name(f"onp_repair_sweep_spare_{spare_of(limit_from)}.jsonl")
     return RESULTS.with_name("onp_repair_sweep_agent_limit.jsonl") if limit_from == "agent" else RESULTS
 
 
@@ -76,7 +81,7 @@ def measure(name: str, role: str, path: str, limit_from: str) -> dict[str, Any]:
     attack = next(lab.attack.name for n, _, lab in models() if n == name)
     shipped = {n for n, _, _ in first_three()}
     runs = [("fold agents", {"agent": str(fold_agent(attack))})] + ([("shipped agent", {})] if name in shipped else [])
-    spare = {"sweep_spare": float(limit_from.removeprefix("agent-spare-"))} if "spare" in limit_from else {}
+    spare = {} if spare_of(limit_from) is None else {"sweep_spare": spare_of(limit_from)}
     if spare:
         limit_from = "agent"
     if limit_from == "agent":  # the sweep's own accuracy budget, beside the default file's rows
@@ -148,7 +153,7 @@ def spare_report() -> str | None:
     """onp_repair_sweep_spare.md: the fold agents' sweep (limit from the agent's model) without and with each
     `sweep_spare` candidate, on the models all have rows for, and onp_prunable's rule's pick per fraction (a tie
     keeps no spare); None until every candidate has rows."""
-    files = {None: results_of("agent"), **{float(v.removeprefix("agent-spare-")): results_of(v) for v in SPARE}}
+    files = {None: results_of("agent"), **{spare_of(v): results_of(v) for v in SPARE}}
     if not all(f.is_file() for f in files.values()):
         return None
     rows = {k: {r["model"]: r for r in map(json.loads, f.read_text().splitlines())} for k, f in files.items()}

@@ -36,10 +36,13 @@ SEEDS = (1, 2)
 
 def models() -> list[tuple[str, str, Any]]:
     picked = []
-    for config, seed in (("fashion-mnist-resnet.yaml", 201), ("fashion-mnist-resnet-shadow-2.yaml", 302)):
+    for config, seed, role in (
+        ("fashion-mnist-resnet.yaml", 201, "bench"),
+        ("fashion-mnist-resnet-shadow-2.yaml", 302, "shadow"),
+    ):
         for lab in load_bench_config(CONFIGS / config).labs():
             if lab.attack is not None and lab.attack.name == "blended" and lab.seed == seed:
-                picked.append((lab.name, "bench" if seed == 201 else "shadow", lab))
+                picked.append((lab.name, role, lab))
     return picked
 
 
