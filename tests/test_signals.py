@@ -1123,6 +1123,39 @@ def test_repair_frozen_bn_keeps_the_batchnorm_statistics_and_still_trains_the_re
     assert stats == {False: False, True: True}
 
 
+def test_repair_augment_shifts_the_repair_batches_seeded_and_auto_leaves_grayscale_images_alone(tmp_path, monkeypatch):
+    import onp_env.training
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), ref)  # class 4 flagged
+    fed = []
+    real = onp_env.training.augment
+
+    def spy(xs, kind, g, pad=2):
+        out = real(xs, kind, g, pad)
+        fed.append((kind, bool(torch.equal(out, xs))))
+        return out
+
+    monkeypatch.setattr(onp_env.training, "augment", spy)
+    tuned = {}
+    for setting in ("none", "auto", "crop", "crop", "crop-flip"):
+        fed.clear()
+        result = NC(reference_from="fashion-mnist", stop_asr=0.0, max_ratio=0.1, max_acc_drop=1.0, repair_epochs=1,
+                    repair_augment=setting).run(art.model, x, y)  # fmt: skip
+        kind = "none" if setting == "auto" else setting  # auto: grayscale images stay as they are
+        assert fed and {k for k, _ in fed} == {kind} and all(same == (kind == "none") for _, same in fed)
+        weights = result.finetuned.classifier.weight
+        assert setting not in tuned or torch.equal(tuned[setting], weights)  # the seed draws the same shifts
+        tuned[setting] = weights
+    assert torch.equal(tuned["auto"], tuned["none"]) and not torch.equal(tuned["crop"], tuned["none"])
+    assert not torch.equal(tuned["crop-flip"], tuned["crop"])
+    with pytest.raises(OnpError, match="unknown augment 'rotate'"):
+        NC(repair_augment="rotate")
+
+
 def test_a_shipped_reference_is_checked_before_it_is_used():
     from onp_env.models import build_model
     from onp_env.signals.shipped import REFERENCES, _parse, shipped_names, shipped_reference

@@ -1,0 +1,138 @@
+"""Settings of the repair that follows the agent's pipeline, chosen on shadow models, one study at a time.
+
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/onp_repair_knobs.py --run STUDY-FRACTION [--workers 2]
+
+With 1% defense data the agent's pipeline (`repair_sweep`, the sweep's limit from the agent's model, then verdict's
+repair) loses about 2 points of clean accuracy on the 30 shadow models (onp_repair_sweep_agent_limit.md: 2.05) and
+2.27 on the configuration-shift set, against 0.9 and 1.1 with 5%: the units cut are about as many at both fractions,
+and the repair recovers less from 600 images (50 SGD steps over 5 epochs) than from 3000. The studies (STUDIES):
+
+- `augment`: `repair_augment` shifts each repair batch by up to 2 pixels (`crop`) and flips half of it (`crop-flip`),
+  so the 5 epochs do not show the pruned model the same 600 images over again (and crop over 10 epochs);
+- `lr`: the repair's learning rate (`repair_lr`, 0.01 since verdict_repair.md, never varied on the small CNNs): a
+  lower one moves the pruned model less from what it knew on a few hundred images;
+- `lr-high`: measured after `lr` (lower rates gave less of the pruned units' accuracy back), higher ones.
+
+Each of the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml) is defended by the leave-one-attack-out
+agent that never saw its attack (onp_repair_sweep.fold_agent) with the pipeline of onp_vs_baselines's `shipped agent
+verdict repair sweep agent limit`, its repair with each of the study's settings, all in one process per model (the
+later settings reuse the first's memoised inversions: no seconds are compared beyond the repair's own). One JSON line
+per model in onp_repair_STUDY_F.jsonl (F: the defense data in %; resumable), then onp_repair_STUDY_F.md. The choice for
+the held-out runs is onp_prunable.py's rule: the best mean DER after the repair among the settings within the target
+(mean ASR <= 5%, <= 2 points lost), else among all; a tie keeps the first, the recommended command's."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from onp_prunable import FRACTIONS, best, outcome, repaired_cell
+from onp_repair_sweep import fold_agent, models
+from onp_vs_baselines import _DISTILL
+from rows import exit_2_on_bad_input
+from signal_models import HERE, Rows, per_model_main
+
+STUDIES: dict[str, dict[str, dict[str, Any]]] = {
+    "augment": {
+        "none": {},
+        "crop": {"repair_augment": "crop"},
+        "crop-flip": {"repair_augment": "crop-flip"},
+        "crop 10 epochs": {"repair_augment": "crop", "repair_epochs": 10},
+    },
+    "lr": {"lr 0.01": {}, "lr 0.005": {"repair_lr": 0.005}, "lr 0.002": {"repair_lr": 0.002}},
+    "lr-high": {"lr 0.01": {}, "lr 0.02": {"repair_lr": 0.02}, "lr 0.03": {"repair_lr": 0.03}},
+}
+"""Each study's settings: repair parameters on top of the recommended command's (`_DISTILL`: 5 epochs, lr 0.01); the
+first of each is that command's."""
+RUNS = [f"{study}-{fraction}" for study in STUDIES for fraction in FRACTIONS]
+
+
+def parsed(run: str) -> tuple[str, float]:
+    """(study, fraction) of a `--run` value."""
+    study, fraction = run.rsplit("-", 1)
+    return study, float(fraction)
+
+
+def results_of(run: str) -> Path:
+    study, fraction = parsed(run)
+    return HERE / "results" / f"onp_repair_{study}_{round(fraction * 100)}.jsonl"
+
+
+def measure(name: str, role: str, path: str, run: str) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    study, fraction = parsed(run)
+    attack = next(lab.attack.name for n, _, lab in models() if n == name)
+    agent = str(fold_agent(attack))
+    cells = [{**repaired_cell(path, fraction, agent=agent, repair_sweep=True, sweep_limit_from="agent",
+                              repair={**_DISTILL, **extra}),
+              "setting": setting}
+             for setting, extra in STUDIES[study].items()]  # fmt: skip
+    return {
+        "model": name,
+        "attack": attack,
+        "study": study,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "cells": cells,
+    }
+
+
+WHAT = {
+    "augment": "`repair_augment` none, crop (a random shift of up to 2 pixels), crop-flip (and half flipped left to "
+    "right) or crop over 10 epochs",
+    "lr": "`repair_lr` 0.01, 0.005 or 0.002",
+    "lr-high": "`repair_lr` 0.01, 0.02 or 0.03",
+}
+"""Each study's settings, as its report says them."""
+
+
+def report(rows: Rows) -> str:
+    study, fraction = rows[0]["study"], rows[0]["cells"][0]["fraction"]
+    settings = tuple(STUDIES[study])
+
+    def cells(setting: str, attack: str | None = None) -> list[dict[str, Any]]:
+        return [c for r in rows if attack in (None, r["attack"]) for c in r["cells"] if c["setting"] == setting]
+
+    lines = [
+        f"# The repair after the agent's pipeline on shadow models: {study}, {fraction:.0%} defense data",
+        "",
+        f"Generated by `python benchmarks/onp_repair_knobs.py --run {study}-{fraction}` from "
+        f"{results_of(f'{study}-{fraction}').name}: {len(rows)} sampled shadow models, each defended by the "
+        "leave-one-attack-out agent that never saw its attack, `repair_sweep` with the limit from the agent's model, "
+        "then verdict's repair (the recommended command's: 5 epochs, lr 0.01, half the images stamped, half the "
+        f"targets distilled) with {WHAT[study]}. 'agent' columns: the pruned model before the repair. DER, ASR and "
+        "accuracy lost in %/points; within: ASR <= 5% and <= 2 points lost; seconds: the whole defense, mean (the "
+        "inversions are memoised after the first setting, so only differences in the repair's share compare). Hosts: "
+        f"{', '.join(sorted({r['host'] for r in rows}))}.",
+        "",
+        "| setting | units | agent DER | agent ASR | agent lost | repaired DER | repaired ASR | repaired lost | "
+        "within | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for setting in settings:
+        cs = cells(setting)
+        units, seconds = statistics.mean(c["pruned"] for c in cs), statistics.mean(c["seconds"] for c in cs)
+        lines.append(f"| {setting} | {units:.1f} | {outcome(cs)} | {seconds:.1f} |")
+    lines += ["", "## By attack", "", "| attack | setting | repaired DER | repaired ASR | repaired lost | within |",
+              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for attack in sorted({r["attack"] for r in rows}):
+        for setting in settings:
+            lines.append(f"| {attack} | {setting} | {' | '.join(outcome(cells(setting, attack)).split(' | ')[3:])} |")
+    pick = best(settings, cells)
+    return "\n".join([*lines, "", f"Choice for the held-out runs (onp_prunable.py's rule): {pick}."]) + "\n"
+
+
+def main() -> None:
+    if "--report-only" not in sys.argv:
+        for attack in sorted({lab.attack.name for _, _, lab in models()}):
+            fold_agent(attack)  # before any model is built
+    run = {"choices": RUNS, "required": True, "help": "the study and the defense data (a share of the split)"}
+    per_model_main(__doc__, results_of(RUNS[0]), models(), measure, report, option=("--run", run, results_of))
+
+
+if __name__ == "__main__":
+    exit_2_on_bad_input(main)
