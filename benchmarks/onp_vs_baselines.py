@@ -156,6 +156,15 @@ SETTINGS = {
             "sweep_spare": 0.01,
         },
     ),
+    "shipped agent verdict repair sweep agent limit lr": (
+        "onp",
+        {
+            "repair_with": "verdict",
+            "repair": {**_DISTILL, "repair_lr": 0.02},
+            "repair_sweep": True,
+            "sweep_limit_from": "agent",
+        },
+    ),
     # an agent trained without MNP's signal (configs/agent/fashion-mnist-sampled-no-mnp.yaml, trained into NO_MNP),
     # alone and with the same repair
     "no-mnp agent": ("onp", {"agent": str(NO_MNP)}),
@@ -182,7 +191,8 @@ result), `shipped agent verdict repair` that agent's pruned model repaired by th
 `... sweep` with verdict's sweep going on from the agent's units before that repair (`repair_sweep`), `... agent limit`
 with that sweep's accuracy limit measured from the agent's pruned model (`sweep_limit_from: agent`), `... spare`
 then giving back the agent's units whose return raises accuracy while the reversed trigger sends at most 1% of the
-images to its class (`sweep_spare: 0.01`);
+images to its class (`sweep_spare: 0.01`), `... agent limit lr` is `... agent limit` with the repair's learning rate
+at 0.02 (`repair.repair_lr`, onp_repair_knobs.py's study lr-high);
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
 ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
 AGENT_REPAIRS = {
@@ -190,9 +200,11 @@ AGENT_REPAIRS = {
     " verdict repair sweep": "shipped agent verdict repair sweep",
     " verdict repair sweep agent limit": "shipped agent verdict repair sweep agent limit",
     " verdict repair sweep spare": "shipped agent verdict repair sweep spare",
+    " verdict repair sweep agent limit lr": "shipped agent verdict repair sweep agent limit lr",
 }
 """Method-name suffixes of a fold's agent repaired as the shipped one is by that SETTINGS entry (--agent-repair: the
-first; --repair-sweep: the second; --sweep-agent-limit: the third; --sweep-spare: the fourth)."""
+first; --repair-sweep: the second; --sweep-agent-limit: the third; --sweep-spare: the fourth; --sweep-lr: the
+fifth)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -212,6 +224,7 @@ REPAIRED = (
     "shipped agent verdict repair sweep",
     "shipped agent verdict repair sweep agent limit",
     "shipped agent verdict repair sweep spare",
+    "shipped agent verdict repair sweep agent limit lr",
     "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
@@ -526,7 +539,7 @@ def run(args: argparse.Namespace) -> None:
         # 2. agents and cells, at most one task per worker in flight, by priority: an agent's cells as
         # soon as it is trained, then the protocol's agents, the baseline cells, the ablation agents
         everywhere = (args.name, *args.variants)  # every fold and fraction, not only the ablation's
-        asked = (args.agent_repair, args.repair_sweep, args.sweep_agent_limit, args.sweep_spare)
+        asked = (args.agent_repair, args.repair_sweep, args.sweep_agent_limit, args.sweep_spare, args.sweep_lr)
         suffixes = [s for s, on in zip(AGENT_REPAIRS, asked, strict=True) if on]  # the protocol agent's repaired runs
         ready: list[tuple[int, int, tuple]] = []
         waiting: dict[tuple[str, str], list[tuple]] = {}
@@ -869,7 +882,7 @@ def main() -> None:
     p.add_argument("--name", default="onp", type=_agent_name,
                    help="the agent's method name in the rows: another name keeps the baselines' rows and "
                         "adds a second agent beside `onp` (its runs under --runs/without-A/NAME)")  # fmt: skip
-    first, sweep, limit, spare = AGENT_REPAIRS
+    first, sweep, limit, spare, lr = AGENT_REPAIRS
     p.add_argument("--agent-repair", action="store_true",
                    help=f"also run each fold's agent with verdict's repair of its pruned model (the parameters of "
                         f"`{AGENT_REPAIRS[first]}`), as `NAME{first}`")  # fmt: skip
@@ -882,6 +895,9 @@ def main() -> None:
     p.add_argument("--sweep-spare", action="store_true",
                    help=f"also run each fold's agent with that sweep then giving back the agent's units the reversed "
                         f"trigger does not need (`{AGENT_REPAIRS[spare]}`), as `NAME{spare}`")  # fmt: skip
+    p.add_argument("--sweep-lr", action="store_true",
+                   help=f"also run each fold's agent with that sweep, the limit from the agent's model, and the "
+                        f"repair at lr 0.02 (`{AGENT_REPAIRS[lr]}`), as `NAME{lr}`")  # fmt: skip
     p.add_argument("--no-agent", action="store_true",
                    help="run only --methods and --variants, not the protocol's agent (e.g. to confirm them on "
                         "fresh --seeds without training it)")  # fmt: skip

@@ -123,11 +123,12 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
     method, params = settings["shipped agent verdict repair"]
     assert method == "onp" and params["repair_with"] == "verdict" and not defense.params.agent
     assert defense.repairer is not None and defense.repairer.params == Verdict(**params["repair"]).params
-    # with 1% defense data the README adds `--set repair_sweep=true`: the setting measured with its default limit
-    assert "--set repair_sweep=true" in text
+    # with 1% defense data the README adds `--set repair_sweep=true --set repair.repair_lr=0.02`: the setting measured
+    # with the sweep's default limit
+    assert "add `--set repair_sweep=true --set\nrepair.repair_lr=0.02`" in text
     with_sweep, measured = (
-        ONP(**command, repair_sweep=True),
-        ONP(**settings["shipped agent verdict repair sweep agent limit"][1]),
+        ONP(**{**command, "repair": {**command["repair"], "repair_lr": 0.02}}, repair_sweep=True),
+        ONP(**settings["shipped agent verdict repair sweep agent limit lr"][1]),
     )
     assert replace(with_sweep.params, repair={}) == replace(measured.params, repair={})
     assert with_sweep.repairer is not None and measured.repairer is not None
