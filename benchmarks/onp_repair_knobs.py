@@ -117,11 +117,12 @@ def report(rows: Rows) -> str:
         cs = cells(setting)
         units, seconds = statistics.mean(c["pruned"] for c in cs), statistics.mean(c["seconds"] for c in cs)
         lines.append(f"| {setting} | {units:.1f} | {outcome(cs)} | {seconds:.1f} |")
-    lines += ["", "## By attack", "", "| attack | setting | repaired DER | repaired ASR | repaired lost | within |",
-              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines += ["", "## By attack", "",
+              "| attack | setting | agent DER | agent ASR | agent lost | repaired DER | repaired ASR | repaired lost | "
+              "within |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for attack in sorted({r["attack"] for r in rows}):
         for setting in settings:
-            lines.append(f"| {attack} | {setting} | {' | '.join(outcome(cells(setting, attack)).split(' | ')[3:])} |")
+            lines.append(f"| {attack} | {setting} | {outcome(cells(setting, attack))} |")
     pick = best(settings, cells)
     return "\n".join([*lines, "", f"Choice for the held-out runs (onp_prunable.py's rule): {pick}."]) + "\n"
 
