@@ -88,6 +88,36 @@ def test_an_inversion_is_reused_only_for_the_same_weights_images_and_settings(mo
     assert len(calls) == 4
 
 
+def test_clear_all_empties_every_memo_of_the_process():
+    memos = [trigger_inversion.Memo(4), trigger_inversion.Memo(4)]
+    model = torch.nn.Linear(2, 2)
+    for i, memo in enumerate(memos):
+        assert memo.get(lambda i=i: i, model, torch.zeros(1)) == i
+    trigger_inversion.Memo.clear_all()
+    assert all(not memo.entries for memo in memos)
+
+
+def test_a_trigger_gap_is_reused_only_for_the_same_trigger_class_weights_and_images(monkeypatch):
+    art = load_artifact(build_artifact(default_config(), progress=False))
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    inv = trigger_inversion.invert(art.model, x, y, 10, trigger_inversion.InversionParams(steps=20), 0, x.device)
+    calls = []
+    real = trigger_inversion.activation_gap
+    monkeypatch.setattr(trigger_inversion, "activation_gap", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(trigger_inversion, "_GAPS", trigger_inversion.Memo(trigger_inversion.MEMO))
+    first = trigger_inversion.trigger_gap(art.model, layout, x, y, inv, 3)
+    first.zero_()  # a caller's change stays its own
+    again = trigger_inversion.trigger_gap(art.model, layout, x, y, inv, 3)
+    assert len(calls) == 1 and again.abs().sum() > 0
+    trigger_inversion.trigger_gap(art.model, layout, x, y, inv, 4)  # another class's trigger
+    trigger_inversion.trigger_gap(art.model, layout, x[:-1], y[:-1], inv, 3)  # other images
+    with torch.no_grad():
+        art.model.fc.weight[0, 0] += 1.0
+    moved = trigger_inversion.trigger_gap(art.model, layout, x, y, inv, 3)  # other weights
+    assert len(calls) == 4 and not torch.equal(moved, again)
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [({"steps": 0}, "steps must be >= 1"), ({"lr": -1}, "lr must be > 0"), ({"nope": 1}, "nope")],

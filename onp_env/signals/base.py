@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import statistics
+import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -107,6 +108,7 @@ class Memo:
     def __init__(self, size: int = 64):
         self.size = size
         self.entries: OrderedDict[str, Any] = OrderedDict()
+        _MEMOS.add(self)
 
     def get(self, compute: Callable[[], Any], model: nn.Module, *tensors: torch.Tensor, **settings: Any) -> Any:
         if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
@@ -120,6 +122,16 @@ class Memo:
 
     def clear(self) -> None:
         self.entries.clear()
+
+    @staticmethod
+    def clear_all() -> None:
+        """Empty every memo of this process: a run timed after another on the same model starts as a fresh
+        `onp defend` would (benchmarks/deploy_cost.py)."""
+        for memo in list(_MEMOS):
+            memo.clear()
+
+
+_MEMOS: weakref.WeakSet[Memo] = weakref.WeakSet()
 
 
 @dataclass
