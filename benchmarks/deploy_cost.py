@@ -26,7 +26,10 @@ setting recommended before `repair_distill` (2026-12-05). deploy_cost_shipped_ag
 shipped until 2026-12-05 (with MNP's signal), deploy_cost_no_mnp_agent_verdict_repair.md the one that ships since,
 deploy_cost_shipped_agent_verdict_repair_sweep.md that one with `repair_sweep` (and the Evaluator's reuse of a
 Linear unit layer's output, added the same day), deploy_cost_shipped_agent_verdict_repair_sweep_agent_limit.md with the
-sweep's accuracy limit measured from the agent's pruned model (`sweep_limit_from: agent`)."""
+sweep's accuracy limit measured from the agent's pruned model (`sweep_limit_from: agent`), deploy_cost_agent_pipeline.md
+the agent's command as PIPELINES gives it per fraction (its repair at lr 0.02, over 5 epochs with 1% defense data and 3
+with 5%), deploy_cost_agent_repairs_at_5.md and _at_1.md that agent's repairs at one fraction, each against the same
+ANP run (COMPARED)."""
 
 from __future__ import annotations
 
@@ -43,10 +46,46 @@ from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
 
 from onp_env.defend import defend_artifact
+from onp_env.signals.base import Memo
 
 RESULTS = HERE / "results" / "deploy_cost.jsonl"
 FRACTIONS = (0.01, 0.05)
 TENTH = 0.1
+PIPELINES = {
+    "agent pipeline": {
+        0.01: "shipped agent verdict repair sweep agent limit lr",
+        0.05: "shipped agent verdict repair sweep agent limit lr 3 epochs",
+    }
+}
+"""--setting names that time one SETTINGS entry per defense fraction: `agent pipeline`, the agent's command once the
+study epochs had chosen 3 epochs with 5% defense data and before epochs-high chose 8 with 1% (onp_repair_knobs.py)."""
+
+
+COMPARED = {
+    "agent repairs at 5%": (
+        0.05,
+        (
+            "shipped agent verdict repair",
+            "shipped agent verdict repair sweep agent limit lr",
+            "shipped agent verdict repair sweep agent limit lr 3 epochs",
+        ),
+    ),
+    "agent repairs at 1%": (
+        0.01,
+        (
+            "shipped agent verdict repair sweep agent limit lr",
+            "shipped agent verdict repair sweep agent limit lr 8 epochs",
+        ),
+    ),
+}
+"""--setting names that time several SETTINGS entries against one ANP run per model, at one fraction, in an order that
+turns from model to model: ratios from separate runs move by up to 15% with the shared host's load, more than the
+seconds a setting saves (the 5% repair's two epochs, about 9%)."""
+
+
+def setting_at(setting: str, fraction: float) -> str:
+    """The SETTINGS entry `setting` times with `fraction` of the defense data."""
+    return PIPELINES.get(setting, {}).get(fraction, setting)
 
 
 def models() -> list[tuple[str, str, Any]]:
@@ -70,16 +109,19 @@ def defend(path: str, method: str, params: dict[str, Any], fraction: float) -> d
 
 def results_of(setting: str) -> Path:
     """The results file of `setting`: deploy_cost.jsonl for the recommended one."""
-    slug = re.sub(r"\W+", "_", setting)
+    slug = re.sub(r"\W+", "_", setting).strip("_")
     return RESULTS if setting == RECOMMENDED else RESULTS.with_stem(f"deploy_cost_{slug}")
 
 
 def measure(name: str, role: str, path: str, setting: str = RECOMMENDED) -> dict[str, Any]:
     torch.set_num_threads(1)
-    method, params = SETTINGS[setting]
+    if setting in COMPARED:
+        return {"model": name, "role": role, "setting": setting, "host": platform.node(), "torch": torch.__version__,
+                "cells": [compared(name, path, *COMPARED[setting])]}  # fmt: skip
     cells = []
     for i, fraction in enumerate(FRACTIONS):
-        runs = [(method, lambda f=fraction: defend(path, method, params, f)),
+        method, params = SETTINGS[setting_at(setting, fraction)]
+        runs = [(method, lambda f=fraction, m=method, p=params: defend(path, m, p, f)),
                 ("anp", lambda f=fraction: defend(path, "anp", {}, f))]  # fmt: skip
         got = dict((label, run()) for label, run in (runs if i % 2 == 0 else runs[::-1]))
         cells.append({"fraction": fraction, "first": runs[i % 2][0], **got})
@@ -87,16 +129,67 @@ def measure(name: str, role: str, path: str, setting: str = RECOMMENDED) -> dict
             "cells": cells}  # fmt: skip
 
 
+def compared(name: str, path: str, fraction: float, settings: tuple[str, ...]) -> dict[str, Any]:
+    """One cell of a COMPARED entry: ANP and each of `settings` on the model at `path`, the order turned by the
+    model's place in models()."""
+    labels = ["anp", *settings]
+    turn = [n for n, _, _ in models()].index(name) % len(labels)
+    order = labels[turn:] + labels[:turn]
+    got = {}
+    for label in order:
+        Memo.clear_all()  # each run as a fresh `onp defend`: no inversion of an earlier setting reused
+        got[label] = defend(path, *(("anp", {}) if label == "anp" else SETTINGS[label]), fraction)
+    return {"fraction": fraction, "order": order, **got}
+
+
+def compared_report(rows: Rows) -> str:
+    setting = rows[0]["setting"]
+    fraction, settings = COMPARED[setting]
+    lines = [
+        f"# Deploying {len(settings)} settings against one ANP run each: {setting}",
+        "",
+        f"Generated by `python benchmarks/deploy_cost.py --setting '{setting}'` from {results_of(setting).name}. "
+        f"Per model, with {fraction:.0%} defense data, ANP's 2000 iterations and each setting "
+        "(onp_vs_baselines.SETTINGS) as `onp defend` runs them, one torch thread, one after another in an order that "
+        "turns from model to model; seconds as `onp defend` reports them (the defense alone, the repair included), "
+        "each setting's as a share of that model's ANP run. Hosts: "
+        f"{', '.join(sorted({r['host'] for r in rows}))}; torch {', '.join(sorted({r['torch'] for r in rows}))}.",
+        "",
+        "| model | ANP s | " + " | ".join(f"`{s}` s (/ ANP)" for s in settings) + " |",
+        "|---|---:|" + "---:|" * len(settings),
+    ]
+    for r in rows:
+        c = r["cells"][0]
+        a = c["anp"]["seconds"]
+        timed = " | ".join(f"{c[s]['seconds']:.1f} ({c[s]['seconds'] / a:.3f})" for s in settings)
+        lines.append(f"| {r['model']} | {a:.1f} | {timed} |")
+    lines += ["", "| setting | median / ANP | max | within a tenth | mean ASR % | mean ACC lost |",
+              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for s in settings:
+        ratios = [r["cells"][0][s]["seconds"] / r["cells"][0]["anp"]["seconds"] for r in rows]
+        outs = [r["cells"][0][s] for r in rows]
+        asr = statistics.mean(o["asr"] for o in outs) * 100
+        lost = statistics.mean((o["before"]["acc"] - o["acc"]) * 100 for o in outs)
+        lines.append(f"| `{s}` | {statistics.median(ratios):.3f} | {max(ratios):.3f} | "
+                     f"{sum(x <= TENTH for x in ratios)} of {len(ratios)} | {asr:.1f} | {lost:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def report(rows: Rows) -> str:
+    if rows[0]["setting"] in COMPARED:
+        return compared_report(rows)
     settings = sorted({r["setting"] for r in rows})
-    method = SETTINGS[settings[0]][0]  # a cell's key: the timed defense's name (each setting has its own file)
+    # a cell's key: the timed defense's name (each setting has its own file)
+    method = SETTINGS[setting_at(settings[0], FRACTIONS[0])][0]
     what = "the recommended `verdict`" if settings == [RECOMMENDED] else f"`{'`, `'.join(settings)}`"
+    timed = ", ".join(dict.fromkeys(f"`{setting_at(s, f)}`" + (f" with {f:.0%}" if s in PIPELINES else "")
+                                    for s in settings for f in FRACTIONS))  # fmt: skip
     lines = [
         f"# Deploying {what} against ANP, side by side",
         "",
         f"Generated by `python benchmarks/deploy_cost.py` from {results_of(settings[0]).name}. Seconds as `onp "
         "defend` reports them (the defense alone, the repair included), one torch thread each, on the same model "
-        f"and defense images; `{method}` with the settings `{'`, `'.join(settings)}` (onp_vs_baselines.SETTINGS), "
+        f"and defense images; `{method}` with the settings {timed} (onp_vs_baselines.SETTINGS), "
         "ANP with its paper's 2000 iterations, sequential. Hosts: "
         f"{', '.join(sorted({r['host'] for r in rows}))}; torch {', '.join(sorted({r['torch'] for r in rows}))}. "
         "ASR and accuracy lost after each show what each left, not a comparison of the two: these models are "
@@ -130,7 +223,8 @@ def report(rows: Rows) -> str:
 
 
 def main() -> None:
-    setting = {"choices": sorted(SETTINGS), "default": RECOMMENDED, "help": "onp_vs_baselines.SETTINGS entry to time"}
+    setting = {"choices": sorted([*SETTINGS, *PIPELINES, *COMPARED]), "default": RECOMMENDED,
+               "help": "onp_vs_baselines.SETTINGS entry to time, or a PIPELINES or COMPARED name"}  # fmt: skip
     per_model_main(__doc__, RESULTS, models(), measure, report, option=("--setting", setting, results_of))
 
 

@@ -165,15 +165,18 @@ SETTINGS = {
             "sweep_limit_from": "agent",
         },
     ),
-    "shipped agent verdict repair sweep agent limit lr 3 epochs": (
-        "onp",
-        {
-            "repair_with": "verdict",
-            "repair": {**_DISTILL, "repair_lr": 0.02, "repair_epochs": 3},
-            "repair_sweep": True,
-            "sweep_limit_from": "agent",
-        },
-    ),
+    **{
+        f"shipped agent verdict repair sweep agent limit lr {n} epochs": (
+            "onp",
+            {
+                "repair_with": "verdict",
+                "repair": {**_DISTILL, "repair_lr": 0.02, "repair_epochs": n},
+                "repair_sweep": True,
+                "sweep_limit_from": "agent",
+            },
+        )
+        for n in (3, 8)
+    },
     # an agent trained without MNP's signal (configs/agent/fashion-mnist-sampled-no-mnp.yaml, trained into NO_MNP),
     # alone and with the same repair
     "no-mnp agent": ("onp", {"agent": str(NO_MNP)}),
@@ -201,8 +204,8 @@ result), `shipped agent verdict repair` that agent's pruned model repaired by th
 with that sweep's accuracy limit measured from the agent's pruned model (`sweep_limit_from: agent`), `... spare`
 then giving back the agent's units whose return raises accuracy while the reversed trigger sends at most 1% of the
 images to its class (`sweep_spare: 0.01`), `... agent limit lr` is `... agent limit` with the repair's learning rate
-at 0.02 (`repair.repair_lr`, onp_repair_knobs.py's study lr-high), `... lr 3 epochs` that repair over 3 epochs instead
-of 5 (`repair.repair_epochs`, the study epochs);
+at 0.02 (`repair.repair_lr`, onp_repair_knobs.py's study lr-high), `... lr 3 epochs`/`8 epochs` that repair over 3 or 8
+epochs instead of 5 (`repair.repair_epochs`, the studies epochs and epochs-high);
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
 ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
 AGENT_REPAIRS = {
@@ -212,10 +215,11 @@ AGENT_REPAIRS = {
     " verdict repair sweep spare": "shipped agent verdict repair sweep spare",
     " verdict repair sweep agent limit lr": "shipped agent verdict repair sweep agent limit lr",
     " verdict repair sweep agent limit lr 3 epochs": "shipped agent verdict repair sweep agent limit lr 3 epochs",
+    " verdict repair sweep agent limit lr 8 epochs": "shipped agent verdict repair sweep agent limit lr 8 epochs",
 }
 """Method-name suffixes of a fold's agent repaired as the shipped one is by that SETTINGS entry (--agent-repair: the
 first; --repair-sweep: the second; --sweep-agent-limit: the third; --sweep-spare: the fourth; --sweep-lr: the
-fifth; --sweep-epochs: the sixth)."""
+fifth; --sweep-epochs N: the one of N epochs)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -237,6 +241,7 @@ REPAIRED = (
     "shipped agent verdict repair sweep spare",
     "shipped agent verdict repair sweep agent limit lr",
     "shipped agent verdict repair sweep agent limit lr 3 epochs",
+    "shipped agent verdict repair sweep agent limit lr 8 epochs",
     "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
@@ -551,15 +556,11 @@ def run(args: argparse.Namespace) -> None:
         # 2. agents and cells, at most one task per worker in flight, by priority: an agent's cells as
         # soon as it is trained, then the protocol's agents, the baseline cells, the ablation agents
         everywhere = (args.name, *args.variants)  # every fold and fraction, not only the ablation's
-        asked = (
-            args.agent_repair,
-            args.repair_sweep,
-            args.sweep_agent_limit,
-            args.sweep_spare,
-            args.sweep_lr,
-            args.sweep_epochs,
-        )
-        suffixes = [s for s, on in zip(AGENT_REPAIRS, asked, strict=True) if on]  # the protocol agent's repaired runs
+        asked = (args.agent_repair, args.repair_sweep, args.sweep_agent_limit, args.sweep_spare, args.sweep_lr)
+        suffixes = [
+            s for s, on in zip(list(AGENT_REPAIRS)[: len(asked)], asked, strict=True) if on
+        ]  # the protocol agent's repaired runs
+        suffixes += [f" verdict repair sweep agent limit lr {n} epochs" for n in args.sweep_epochs]
         ready: list[tuple[int, int, tuple]] = []
         waiting: dict[tuple[str, str], list[tuple]] = {}
         for (held, seed), hl in held_labs.items():
@@ -901,7 +902,7 @@ def main() -> None:
     p.add_argument("--name", default="onp", type=_agent_name,
                    help="the agent's method name in the rows: another name keeps the baselines' rows and "
                         "adds a second agent beside `onp` (its runs under --runs/without-A/NAME)")  # fmt: skip
-    first, sweep, limit, spare, lr, epochs = AGENT_REPAIRS
+    first, sweep, limit, spare, lr, *_ = AGENT_REPAIRS
     p.add_argument("--agent-repair", action="store_true",
                    help=f"also run each fold's agent with verdict's repair of its pruned model (the parameters of "
                         f"`{AGENT_REPAIRS[first]}`), as `NAME{first}`")  # fmt: skip
@@ -917,9 +918,9 @@ def main() -> None:
     p.add_argument("--sweep-lr", action="store_true",
                    help=f"also run each fold's agent with that sweep, the limit from the agent's model, and the "
                         f"repair at lr 0.02 (`{AGENT_REPAIRS[lr]}`), as `NAME{lr}`")  # fmt: skip
-    p.add_argument("--sweep-epochs", action="store_true",
-                   help=f"also run each fold's agent as with --sweep-lr, the repair over 3 epochs "
-                        f"(`{AGENT_REPAIRS[epochs]}`), as `NAME{epochs}`")  # fmt: skip
+    p.add_argument("--sweep-epochs", nargs="+", type=int, default=[], choices=(3, 8), metavar="N",
+                   help=f"also run each fold's agent as with --sweep-lr, the repair over N epochs (3 or 8: "
+                        f"`{AGENT_REPAIRS[lr]} N epochs`), as `NAME{lr} N epochs`")  # fmt: skip
     p.add_argument("--no-agent", action="store_true",
                    help="run only --methods and --variants, not the protocol's agent (e.g. to confirm them on "
                         "fresh --seeds without training it)")  # fmt: skip

@@ -30,13 +30,14 @@ def settings_of(command: str) -> dict:
     return apply_overrides({}, re.findall(r"--set (\S+)", command))
 
 
-def benchmark_settings(monkeypatch):
-    """benchmarks/onp_vs_baselines.py, imported as the benchmarks run it (its siblings on the path)."""
+def benchmark_settings(monkeypatch, name: str = "onp_vs_baselines"):
+    """benchmarks/NAME.py (onp_vs_baselines: the settings), imported as the benchmarks run it (its siblings on the
+    path)."""
     import importlib.util
 
     benchmarks = README.parent / "benchmarks"
     monkeypatch.syspath_prepend(str(benchmarks))  # the script imports rows as a sibling
-    spec = importlib.util.spec_from_file_location("onp_vs_baselines", benchmarks / "onp_vs_baselines.py")
+    spec = importlib.util.spec_from_file_location(name, benchmarks / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
@@ -123,13 +124,18 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
     method, params = settings["shipped agent verdict repair"]
     assert method == "onp" and params["repair_with"] == "verdict" and not defense.params.agent
     assert defense.repairer is not None and defense.repairer.params == Verdict(**params["repair"]).params
-    # with 1% defense data the README adds `--set repair_sweep=true --set repair.repair_lr=0.02`: the setting measured
-    # with the sweep's default limit
-    assert "add `--set repair_sweep=true --set repair.repair_lr=0.02`" in " ".join(text.split())  # any line breaks
-    with_sweep, measured = (
-        ONP(**{**command, "repair": {**command["repair"], "repair_lr": 0.02}}, repair_sweep=True),
-        ONP(**settings["shipped agent verdict repair sweep agent limit lr"][1]),
-    )
-    assert replace(with_sweep.params, repair={}) == replace(measured.params, repair={})
-    assert with_sweep.repairer is not None and measured.repairer is not None
-    assert with_sweep.repairer.params == measured.repairer.params
+    # with 1% and 5% defense data the README adds the sweep, lr 0.02 and 8 or 3 epochs: the settings measured, which
+    # deploy_cost.py times side by side with ANP
+    said, timed = " ".join(text.split()), benchmark_settings(monkeypatch, "deploy_cost").COMPARED
+    for fraction, epochs in ((0.01, 8), (0.05, 3)):
+        added = {"repair_lr": 0.02, "repair_epochs": epochs}
+        assert f"`--set repair_sweep=true --set repair.repair_lr=0.02 --set repair.repair_epochs={epochs}`" in said
+        name = f"shipped agent verdict repair sweep agent limit lr {epochs} epochs"
+        with_sweep, measured = (
+            ONP(**{**command, "repair": {**command["repair"], **added}}, repair_sweep=True),
+            ONP(**settings[name][1]),
+        )
+        assert replace(with_sweep.params, repair={}) == replace(measured.params, repair={})
+        assert with_sweep.repairer is not None and measured.repairer is not None
+        assert with_sweep.repairer.params == measured.repairer.params
+        assert name in timed[f"agent repairs at {fraction:.0%}"][1]
