@@ -80,7 +80,7 @@ COMPARED = {
 }
 """--setting names that time several SETTINGS entries against one ANP run per model, at one fraction, in an order that
 turns from model to model: ratios from separate runs move by up to 15% with the shared host's load, more than the
-seconds a setting saves (the 5% repair's two epochs, about 9%)."""
+seconds a setting saves (two of the 5% repair's epochs: 12% in deploy_cost_agent_repairs_at_5.md)."""
 
 
 def setting_at(setting: str, fraction: float) -> str:

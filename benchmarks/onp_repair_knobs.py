@@ -61,11 +61,13 @@ STUDIES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 """Each study's settings: repair parameters on top of the recommended command's (`_DISTILL`: 5 epochs, lr 0.01); the
-first of each is that command's."""
+first of each is the agent's command of its time (lr 0.02 once `lr-high` chose it)."""
 AMONG = {"epochs-0.05": ("3 epochs", "2 epochs")}
 """Runs whose choice is made among some of their settings only: with 5% defense data the pipeline's 5 epochs take
 its deployment to 0.103 of ANP's time (deploy_cost_shipped_agent_verdict_repair_sweep_agent_limit.md), above the tenth
-issue 23 sets; 3 epochs take about 1.8 of its ~20 s off (deploy_profile.py: the repair is 4.6 s there)."""
+issue 23 sets; 3 epochs take about 1.8 of its ~20 s off (deploy_profile.py: the repair is 4.6 s there). Measured
+afterwards against one ANP run per model (deploy_cost_agent_repairs_at_5.md): 0.117 -> 0.103, still above the tenth on 4
+of 5 models in that run."""
 RUNS = [f"{study}-{fraction}" for study in STUDIES for fraction in FRACTIONS]
 
 
