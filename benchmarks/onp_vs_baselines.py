@@ -557,10 +557,9 @@ def run(args: argparse.Namespace) -> None:
         # soon as it is trained, then the protocol's agents, the baseline cells, the ablation agents
         everywhere = (args.name, *args.variants)  # every fold and fraction, not only the ablation's
         asked = (args.agent_repair, args.repair_sweep, args.sweep_agent_limit, args.sweep_spare, args.sweep_lr)
-        suffixes = [
-            s for s, on in zip(list(AGENT_REPAIRS)[: len(asked)], asked, strict=True) if on
-        ]  # the protocol agent's repaired runs
-        suffixes += [f" verdict repair sweep agent limit lr {n} epochs" for n in args.sweep_epochs]
+        named = list(AGENT_REPAIRS)  # the flags' suffixes in their order, then the epochs'
+        suffixes = [s for s, on in zip(named, asked, strict=False) if on]  # the protocol agent's repaired runs
+        suffixes += [f"{named[len(asked) - 1]} {n} epochs" for n in args.sweep_epochs]  # --sweep-lr's, N epochs
         ready: list[tuple[int, int, tuple]] = []
         waiting: dict[tuple[str, str], list[tuple]] = {}
         for (held, seed), hl in held_labs.items():
