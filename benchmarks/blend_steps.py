@@ -1,0 +1,155 @@
+"""Does `verdict`'s blend verdict need the inversion's 150 steps, or does it name the same targets with fewer?
+
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/blend_steps.py [--workers 2] [--report-only]
+
+With 5% defense data the agent's pipeline (onp_vs_baselines's `shipped agent verdict repair sweep agent limit lr 3
+epochs`) takes about 0.103 of one ANP run on the same model (deploy_cost_agent_repairs_at_5.md), above the issue's
+tenth; two ten-class inversions are 11 s of its 17-20 s (deploy_profile.py): the mask inversion, which the agent's
+signal reads too, and `blend_verdict`'s inversion of every class as a whole-image blend, which only `verdict` reads.
+The blend inversion ran its 150 steps on 94 of 102 model-fractions of per_class_forms.jsonl: its early stop (no best
+size shrinking by 1% in 60 steps) almost never comes first, so a cap on its steps is a saving of its own.
+
+This inverts every class as a blend (onp_env.signals.trigger_inversion.invert, the shipped settings but `steps`, seed
+0) with each of STEPS on the models of untargeted_inversion.py: the 30 sampled shadow models, the 9 clean held-out
+models and the 12 configuration-shift models, per defense fraction (5%: the whole defense set; 1%: its stratified
+fifth, seed 0). Each step cap's sizes are judged as per_class_forms.py judges a form's: NC's anomaly index against each
+class's median size at that cap over the shadow models at 5% (own target and own model left out). The attack is read
+only to label and score rows. One JSON line per model (resumable); writes blend_steps.md.
+
+The rule, fixed before the run (RULE): the fewest steps that, at both fractions, name the target of at least as many
+shadow all-to-one models as 150 steps less one, and flag no more clean models than 150 steps. The shift models are
+reported, not read by the rule.
+
+Measured (2026-12-05, blend_steps.md): the rule keeps 150 steps. 100 steps (3.7 s against 5.5 s) name as many shadow
+targets but flag 4 of 9 clean models at 5% against 2; 75 and 50 name fewer at 5% (23 and 24 of 26 against 25) and flag
+more clean models. The verdicts move from cap to cap on the shift models too (5%: 10, 8, 8, 6 of 10 targets named).
+No cap on the blend inversion was added to `verdict`."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from inversion_seeds import GROUPS, model_cells, verdict_cell
+from per_class_forms import verdict
+from rows import exit_2_on_bad_input
+from signal_models import HERE, per_model_main
+from untargeted_inversion import FRACTIONS, LINE
+from untargeted_inversion import models as all_models
+
+RESULTS = HERE / "results" / "blend_steps.jsonl"
+STEPS = (150, 100, 75, 50)
+RULE = ("fewest steps that, at both fractions, name the target of at least as many shadow all-to-one models as 150 "
+        "steps less one and flag no more clean models than 150 steps")  # fmt: skip
+
+
+def form(steps: int) -> str:
+    return f"blend@{steps}"
+
+
+def measure(name: str, role: str, path: str) -> dict[str, Any]:
+    import dataclasses
+
+    import torch
+
+    from onp_env import load_artifact
+    from onp_env.defend import defense_subset
+    from onp_env.signals import SIGNALS
+    from onp_env.signals.trigger_inversion import invert
+
+    torch.set_num_threads(1)
+    art = load_artifact(path)
+    attack = art.manifest.get("attack") or {}
+    shipped = SIGNALS["inversion"]().params
+    row: dict[str, Any] = {"model": name, "role": role, "label": attack.get("label") or attack.get("name", "clean"),
+                           "mode": attack.get("mode"), "target": attack.get("target"), "cells": {}}  # fmt: skip
+    for steps in STEPS:
+        params = dataclasses.replace(shipped, steps=steps)
+        for fraction in FRACTIONS:
+            x, y = defense_subset(art, fraction, 0)
+            with torch.no_grad():
+                classes = int(art.model(x[:1]).shape[1])
+            start = time.perf_counter()
+            inv = invert(art.model, x, y, classes, params, 0, torch.device("cpu"), "blend")
+            row["cells"].setdefault(form(steps), {})[str(fraction)] = {
+                "norms": inv.norms.tolist(), "reached": inv.reached.tolist(), "steps": inv.steps,
+                "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    return row
+
+
+def tally(rows: list[dict[str, Any]], steps: int, fraction: str) -> tuple[int, int]:
+    """(shadow all-to-one models whose target the cap's verdict names, clean models it flags)."""
+    named = sum(verdict(rows, r, form(steps), fraction)[0] == r["target"] for r in rows
+                if r["role"] == "shadow" and r["mode"] == "all-to-one")  # fmt: skip
+    flagged = sum(verdict(rows, r, form(steps), fraction)[1] > LINE for r in rows if r["role"] == "clean")
+    return named, flagged
+
+
+def chosen(rows: list[dict[str, Any]]) -> int:
+    """RULE's step cap."""
+    base = {f: tally(rows, STEPS[0], f) for f in ("0.05", "0.01")}
+    fits = [s for s in STEPS if all(tally(rows, s, f)[0] >= base[f][0] - 1 and tally(rows, s, f)[1] <= base[f][1]
+                                    for f in base)]  # fmt: skip
+    return min(fits)
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    import torch
+    from feature_separability import auc
+
+    lines = ["# The blend verdict's inversion with fewer steps", "",
+             f"Generated by `python benchmarks/blend_steps.py`: {len(rows)} Fashion-MNIST small CNNs, every class "
+             "inverted as a whole-image blend (the shipped settings, seed 0) with at most "
+             f"{', '.join(map(str, STEPS))} steps. Index: NC's anomaly index of log(size / reference), the "
+             "reference each class's median at the same cap over the shadow models at 5% (own target and own model "
+             f"left out). Flagged: index above {LINE:g}; target named: the suspect is the attack's target (all-to-one "
+             "models, flagged or not); detection ROC-AUC: the top index, clean models against that group. Seconds: "
+             "one inversion of ten classes, one thread (median).", "",
+             f"Rule (fixed before the run): the {RULE}: **{chosen(rows)} steps**.", "",
+             "| models | fraction | steps | flagged | target named | mean top index | detection AUC | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    clean = [r for r in rows if GROUPS["clean"](r)]
+    for name, keep in GROUPS.items():
+        group = [r for r in rows if keep(r)]
+        for fraction in ("0.05", "0.01") if group else ():
+            for steps in STEPS:
+                vs = [verdict(rows, r, form(steps), fraction) for r in group]
+                flagged = sum(i > LINE for _, i in vs)
+                aimed = [k == r["target"] for r, (k, _) in zip(group, vs, strict=True) if r["mode"] == "all-to-one"]
+                named = f"{sum(aimed)} of {len(aimed)}" if aimed and name != "clean" else "-"
+                detect = "-"
+                if name != "clean" and clean:
+                    tops = [i for _, i in vs] + [verdict(rows, r, form(steps), fraction)[1] for r in clean]
+                    detect = f"{auc(torch.tensor(tops), torch.arange(len(tops)) < len(vs)):.2f}"
+                sec = statistics.median(r["cells"][form(steps)][fraction]["seconds"] for r in group)
+                lines.append(f"| {name} ({len(group)}) | {float(fraction):.0%} | {steps} | {flagged} | {named} | "
+                             f"{statistics.mean(i for _, i in vs):.2f} | {detect} | {sec:.1f} |")  # fmt: skip
+    lines += ["", "## Target named, per attack (all-to-one models, 5% / 1%)", "",
+              "| models | attack | " + " | ".join(f"{s} steps" for s in STEPS) + " |",
+              "|---|---|" + "---:|" * len(STEPS)]  # fmt: skip
+    for role in ("shadow", "shift"):
+        group = [r for r in rows if r["role"] == role and r["mode"] == "all-to-one"]
+        for label in sorted({r["label"] for r in group}):
+            of = [r for r in group if r["label"] == label]
+            cells = []
+            for steps in STEPS:
+                hits = [sum(verdict(rows, r, form(steps), f)[0] == r["target"] for r in of) for f in ("0.05", "0.01")]
+                cells.append(f"{hits[0]} / {hits[1]} of {len(of)}")
+            lines.append(f"| {role} | {label} | {' | '.join(cells)} |")
+    lines += ["", "## Per model", "", "Suspect:index per step cap; `*` marks the attack's target, bold a flag.", "",
+              "| model | role | target | fraction | " + " | ".join(f"{s} steps" for s in STEPS) + " |",
+              "|---|---|---:|---|" + "---|" * len(STEPS)]  # fmt: skip
+    for r in rows:
+        for fraction in ("0.05", "0.01"):
+            shown = [verdict_cell(r, verdict(rows, r, form(s), fraction)) for s in STEPS]
+            lines.append(f"{model_cells(r, fraction)} {' | '.join(shown)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    per_model_main(__doc__, RESULTS, all_models(), measure, report)
+
+
+if __name__ == "__main__":
+    exit_2_on_bad_input(main)
