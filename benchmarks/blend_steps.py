@@ -44,11 +44,18 @@ RULE = ("fewest steps that, at both fractions, name the target of at least as ma
         "steps less one and flag no more clean models than 150 steps")  # fmt: skip
 
 
+VARIANTS = {f"blend@{steps}": ("blend", {"steps": steps}) for steps in STEPS}
+"""Cell name -> (form, the inversion's settings that differ from the shipped ones)."""
+
+
 def form(steps: int) -> str:
     return f"blend@{steps}"
 
 
-def measure(name: str, role: str, path: str) -> dict[str, Any]:
+def measure_variants(
+    name: str, role: str, path: str, variants: dict[str, tuple[str, dict[str, Any]]]
+) -> dict[str, Any]:
+    """A row: each of `variants` (cell -> form and settings) inverted for every class, seed 0, per fraction."""
     import dataclasses
 
     import torch
@@ -64,40 +71,85 @@ def measure(name: str, role: str, path: str) -> dict[str, Any]:
     shipped = SIGNALS["inversion"]().params
     row: dict[str, Any] = {"model": name, "role": role, "label": attack.get("label") or attack.get("name", "clean"),
                            "mode": attack.get("mode"), "target": attack.get("target"), "cells": {}}  # fmt: skip
-    for steps in STEPS:
-        params = dataclasses.replace(shipped, steps=steps)
+    for cell, (shape, changed) in variants.items():
+        params = dataclasses.replace(shipped, **changed)
         for fraction in FRACTIONS:
             x, y = defense_subset(art, fraction, 0)
             with torch.no_grad():
                 classes = int(art.model(x[:1]).shape[1])
             start = time.perf_counter()
-            inv = invert(art.model, x, y, classes, params, 0, torch.device("cpu"), "blend")
-            row["cells"].setdefault(form(steps), {})[str(fraction)] = {
+            inv = invert(art.model, x, y, classes, params, 0, torch.device("cpu"), shape)
+            row["cells"].setdefault(cell, {})[str(fraction)] = {
                 "norms": inv.norms.tolist(), "reached": inv.reached.tolist(), "steps": inv.steps,
                 "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
     return row
 
 
-def tally(rows: list[dict[str, Any]], steps: int, fraction: str) -> tuple[int, int]:
-    """(shadow all-to-one models whose target the cap's verdict names, clean models it flags)."""
-    named = sum(verdict(rows, r, form(steps), fraction)[0] == r["target"] for r in rows
+def measure(name: str, role: str, path: str) -> dict[str, Any]:
+    return measure_variants(name, role, path, VARIANTS)
+
+
+def tally(rows: list[dict[str, Any]], cell: str, fraction: str) -> tuple[int, int]:
+    """(shadow all-to-one models whose target the cell's verdict names, clean models it flags)."""
+    named = sum(verdict(rows, r, cell, fraction)[0] == r["target"] for r in rows
                 if r["role"] == "shadow" and r["mode"] == "all-to-one")  # fmt: skip
-    flagged = sum(verdict(rows, r, form(steps), fraction)[1] > LINE for r in rows if r["role"] == "clean")
+    flagged = sum(verdict(rows, r, cell, fraction)[1] > LINE for r in rows if r["role"] == "clean")
     return named, flagged
 
 
 def chosen(rows: list[dict[str, Any]]) -> int:
     """RULE's step cap."""
-    base = {f: tally(rows, STEPS[0], f) for f in ("0.05", "0.01")}
-    fits = [s for s in STEPS if all(tally(rows, s, f)[0] >= base[f][0] - 1 and tally(rows, s, f)[1] <= base[f][1]
-                                    for f in base)]  # fmt: skip
+    base = {f: tally(rows, form(STEPS[0]), f) for f in ("0.05", "0.01")}
+    fits = [s for s in STEPS if all(tally(rows, form(s), f)[0] >= base[f][0] - 1
+                                    and tally(rows, form(s), f)[1] <= base[f][1] for f in base)]  # fmt: skip
     return min(fits)
 
 
-def report(rows: list[dict[str, Any]]) -> str:
+def tables(rows: list[dict[str, Any]], cells: list[str], label: str) -> list[str]:
+    """The report's tables of `cells` (each a column `label`ed by its name), from the groups' table on."""
     import torch
     from feature_separability import auc
 
+    lines = [f"| models | fraction | {label} | flagged | target named | mean top index | detection AUC | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    clean = [r for r in rows if GROUPS["clean"](r)]
+    for name, keep in GROUPS.items():
+        group = [r for r in rows if keep(r)]
+        for fraction in ("0.05", "0.01") if group else ():
+            for cell in cells:
+                vs = [verdict(rows, r, cell, fraction) for r in group]
+                flagged = sum(i > LINE for _, i in vs)
+                aimed = [k == r["target"] for r, (k, _) in zip(group, vs, strict=True) if r["mode"] == "all-to-one"]
+                named = f"{sum(aimed)} of {len(aimed)}" if aimed and name != "clean" else "-"
+                detect = "-"
+                if name != "clean" and clean:
+                    tops = [i for _, i in vs] + [verdict(rows, r, cell, fraction)[1] for r in clean]
+                    detect = f"{auc(torch.tensor(tops), torch.arange(len(tops)) < len(vs)):.2f}"
+                sec = statistics.median(r["cells"][cell][fraction]["seconds"] for r in group)
+                lines.append(f"| {name} ({len(group)}) | {float(fraction):.0%} | {cell.split('@')[1]} | {flagged} | "
+                             f"{named} | {statistics.mean(i for _, i in vs):.2f} | {detect} | {sec:.1f} |")  # fmt: skip
+    lines += ["", "## Target named, per attack (all-to-one models, 5% / 1%)", "",
+              "| models | attack | " + " | ".join(cells) + " |", "|---|---|" + "---:|" * len(cells)]  # fmt: skip
+    for role in ("shadow", "shift"):
+        group = [r for r in rows if r["role"] == role and r["mode"] == "all-to-one"]
+        for attack in sorted({r["label"] for r in group}):
+            of = [r for r in group if r["label"] == attack]
+            shown = []
+            for cell in cells:
+                hits = [sum(verdict(rows, r, cell, f)[0] == r["target"] for r in of) for f in ("0.05", "0.01")]
+                shown.append(f"{hits[0]} / {hits[1]} of {len(of)}")
+            lines.append(f"| {role} | {attack} | {' | '.join(shown)} |")
+    lines += ["", "## Per model", "", "Suspect:index per cell; `*` marks the attack's target, bold a flag.", "",
+              "| model | role | target | fraction | " + " | ".join(cells) + " |",
+              "|---|---|---:|---|" + "---|" * len(cells)]  # fmt: skip
+    for r in rows:
+        for fraction in ("0.05", "0.01"):
+            shown = [verdict_cell(r, verdict(rows, r, cell, fraction)) for cell in cells]
+            lines.append(f"{model_cells(r, fraction)} {' | '.join(shown)} |")
+    return lines
+
+
+def report(rows: list[dict[str, Any]]) -> str:
     lines = ["# The blend verdict's inversion with fewer steps", "",
              f"Generated by `python benchmarks/blend_steps.py`: {len(rows)} Fashion-MNIST small CNNs, every class "
              "inverted as a whole-image blend (the shipped settings, seed 0) with at most "
@@ -106,45 +158,8 @@ def report(rows: list[dict[str, Any]]) -> str:
              f"left out). Flagged: index above {LINE:g}; target named: the suspect is the attack's target (all-to-one "
              "models, flagged or not); detection ROC-AUC: the top index, clean models against that group. Seconds: "
              "one inversion of ten classes, one thread (median).", "",
-             f"Rule (fixed before the run): the {RULE}: **{chosen(rows)} steps**.", "",
-             "| models | fraction | steps | flagged | target named | mean top index | detection AUC | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    clean = [r for r in rows if GROUPS["clean"](r)]
-    for name, keep in GROUPS.items():
-        group = [r for r in rows if keep(r)]
-        for fraction in ("0.05", "0.01") if group else ():
-            for steps in STEPS:
-                vs = [verdict(rows, r, form(steps), fraction) for r in group]
-                flagged = sum(i > LINE for _, i in vs)
-                aimed = [k == r["target"] for r, (k, _) in zip(group, vs, strict=True) if r["mode"] == "all-to-one"]
-                named = f"{sum(aimed)} of {len(aimed)}" if aimed and name != "clean" else "-"
-                detect = "-"
-                if name != "clean" and clean:
-                    tops = [i for _, i in vs] + [verdict(rows, r, form(steps), fraction)[1] for r in clean]
-                    detect = f"{auc(torch.tensor(tops), torch.arange(len(tops)) < len(vs)):.2f}"
-                sec = statistics.median(r["cells"][form(steps)][fraction]["seconds"] for r in group)
-                lines.append(f"| {name} ({len(group)}) | {float(fraction):.0%} | {steps} | {flagged} | {named} | "
-                             f"{statistics.mean(i for _, i in vs):.2f} | {detect} | {sec:.1f} |")  # fmt: skip
-    lines += ["", "## Target named, per attack (all-to-one models, 5% / 1%)", "",
-              "| models | attack | " + " | ".join(f"{s} steps" for s in STEPS) + " |",
-              "|---|---|" + "---:|" * len(STEPS)]  # fmt: skip
-    for role in ("shadow", "shift"):
-        group = [r for r in rows if r["role"] == role and r["mode"] == "all-to-one"]
-        for label in sorted({r["label"] for r in group}):
-            of = [r for r in group if r["label"] == label]
-            cells = []
-            for steps in STEPS:
-                hits = [sum(verdict(rows, r, form(steps), f)[0] == r["target"] for r in of) for f in ("0.05", "0.01")]
-                cells.append(f"{hits[0]} / {hits[1]} of {len(of)}")
-            lines.append(f"| {role} | {label} | {' | '.join(cells)} |")
-    lines += ["", "## Per model", "", "Suspect:index per step cap; `*` marks the attack's target, bold a flag.", "",
-              "| model | role | target | fraction | " + " | ".join(f"{s} steps" for s in STEPS) + " |",
-              "|---|---|---:|---|" + "---|" * len(STEPS)]  # fmt: skip
-    for r in rows:
-        for fraction in ("0.05", "0.01"):
-            shown = [verdict_cell(r, verdict(rows, r, form(s), fraction)) for s in STEPS]
-            lines.append(f"{model_cells(r, fraction)} {' | '.join(shown)} |")
-    return "\n".join(lines) + "\n"
+             f"Rule (fixed before the run): the {RULE}: **{chosen(rows)} steps**.", ""]  # fmt: skip
+    return "\n".join(lines + tables(rows, list(VARIANTS), "steps")) + "\n"
 
 
 def main() -> None:
