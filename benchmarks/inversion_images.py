@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from blend_steps import measure_variants, tables, tally
+from blend_steps import measure_variants, tally
+from per_class_forms import tables
 from rows import exit_2_on_bad_input
 from signal_models import HERE, per_model_main
 from untargeted_inversion import LINE
@@ -66,7 +67,7 @@ def report(rows: list[dict[str, Any]]) -> str:
              "(all-to-one models, flagged or not); detection ROC-AUC: the top index, clean models against that group. "
              "Seconds: one inversion of ten classes, one thread (median).", "",
              f"Rule (fixed before the run): {RULE}: **{'a lead' if lead(rows) else 'no lead'}**.", ""]  # fmt: skip
-    return "\n".join(lines + tables(rows, list(VARIANTS), "images")) + "\n"
+    return "\n".join(lines + tables(rows, list(VARIANTS))) + "\n"
 
 
 def main() -> None:

@@ -102,10 +102,53 @@ def verdict(rows: list[dict[str, Any]], r: dict[str, Any], form: str, fraction: 
     return k, float(index[k])
 
 
-def report(rows: list[dict[str, Any]]) -> str:
+def tables(rows: list[dict[str, Any]], cells: list[str]) -> list[str]:
+    """The report's tables of `cells` (each a form, or a form under other settings: blend_steps.py), from the
+    groups' table on."""
     import torch
     from feature_separability import auc
 
+    lines = ["| models | fraction | cell | flagged | target named | mean top index | detection AUC | seconds |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    clean = [r for r in rows if GROUPS["clean"](r)]
+    for name, keep in GROUPS.items():
+        group = [r for r in rows if keep(r)]
+        for fraction in ("0.05", "0.01") if group else ():
+            for cell in cells:
+                vs = [verdict(rows, r, cell, fraction) for r in group]
+                flagged = sum(i > LINE for _, i in vs)
+                aimed = [k == r["target"] for r, (k, _) in zip(group, vs, strict=True) if r["mode"] == "all-to-one"]
+                named = f"{sum(aimed)} of {len(aimed)}" if aimed and name != "clean" else "-"
+                detect = "-"
+                if name != "clean" and clean:
+                    tops = torch.tensor([i for _, i in vs] + [verdict(rows, r, cell, fraction)[1] for r in clean])
+                    detect = f"{auc(tops, torch.arange(len(tops)) < len(vs)):.2f}"
+                secs = [r["cells"][cell][fraction].get("seconds") for r in group]
+                sec = f"{statistics.median(secs):.1f}" if None not in secs else "-"
+                lines.append(f"| {name} ({len(group)}) | {float(fraction):.0%} | {cell} | {flagged} of {len(vs)} | "
+                             f"{named} | {statistics.mean(i for _, i in vs):.2f} | {detect} | {sec} |")  # fmt: skip
+    lines += ["", "## Target named, per attack (all-to-one models, 5% / 1%)", "",
+              "| models | attack | " + " | ".join(cells) + " |", "|---|---|" + "---:|" * len(cells)]  # fmt: skip
+    for role in ("shadow", "shift"):
+        group = [r for r in rows if r["role"] == role and r["mode"] == "all-to-one"]
+        for label in sorted({r["label"] for r in group}):
+            of = [r for r in group if r["label"] == label]
+            shown = []
+            for cell in cells:
+                hits = [sum(verdict(rows, r, cell, f)[0] == r["target"] for r in of) for f in ("0.05", "0.01")]
+                shown.append(f"{hits[0]} / {hits[1]} of {len(of)}")
+            lines.append(f"| {role} | {label} | {' | '.join(shown)} |")
+    lines += ["", "## Per model", "", "Suspect:index per cell; `*` marks the attack's target, bold a flag.", "",
+              "| model | role | target | fraction | " + " | ".join(cells) + " |",
+              "|---|---|---:|---|" + "---|" * len(cells)]  # fmt: skip
+    for r in rows:
+        for fraction in ("0.05", "0.01"):
+            shown = [verdict_cell(r, verdict(rows, r, cell, fraction)) for cell in cells]
+            lines.append(f"{model_cells(r, fraction)} {' | '.join(shown)} |")
+    return lines
+
+
+def report(rows: list[dict[str, Any]]) -> str:
     rows = with_mask(rows)
     forms = [f for f in ("mask", *FORMS) if all(f in r["cells"] for r in rows)]
     lines = ["# The per-class inversion in three trigger forms", "",
@@ -116,45 +159,8 @@ def report(rows: list[dict[str, Any]]) -> str:
              "class's median over the shadow models at 5% (own target and own model left out). Flagged: index above "
              f"{LINE:g}; target named: the suspect is the attack's target (all-to-one models, flagged or not); "
              "detection ROC-AUC: the top index, clean models against that group. Seconds: one inversion of ten "
-             "classes, one thread (median).", "",
-             "| models | fraction | form | flagged | target named | mean top index | detection AUC | seconds |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    clean = [r for r in rows if GROUPS["clean"](r)]
-    for name, keep in GROUPS.items():
-        group = [r for r in rows if keep(r)]
-        for fraction in ("0.05", "0.01") if group else ():
-            for form in forms:
-                vs = [verdict(rows, r, form, fraction) for r in group]
-                flagged = sum(i > LINE for _, i in vs) / len(vs)
-                aimed = [k == r["target"] for r, (k, _) in zip(group, vs, strict=True) if r["mode"] == "all-to-one"]
-                named = f"{sum(aimed)} of {len(aimed)}" if aimed and name != "clean" else "-"
-                detect = "-"
-                if name != "clean" and clean:
-                    tops = torch.tensor([i for _, i in vs] + [verdict(rows, r, form, fraction)[1] for r in clean])
-                    detect = f"{auc(tops, torch.arange(len(tops)) < len(vs)):.2f}"
-                secs = [r["cells"][form][fraction].get("seconds") for r in group]
-                sec = f"{statistics.median(secs):.1f}" if None not in secs else "-"
-                lines.append(f"| {name} ({len(group)}) | {float(fraction):.0%} | {form} | {flagged:.0%} | {named} | "
-                             f"{statistics.mean(i for _, i in vs):.2f} | {detect} | {sec} |")  # fmt: skip
-    lines += ["", "## Target named, per attack (all-to-one models, 5% / 1%)", "",
-              "| models | attack | " + " | ".join(forms) + " |", "|---|---|" + "---:|" * len(forms)]  # fmt: skip
-    for role in ("shadow", "shift"):
-        group = [r for r in rows if r["role"] == role and r["mode"] == "all-to-one"]
-        for label in sorted({r["label"] for r in group}):
-            of = [r for r in group if r["label"] == label]
-            cells = []
-            for form in forms:
-                hits = [sum(verdict(rows, r, form, f)[0] == r["target"] for r in of) for f in ("0.05", "0.01")]
-                cells.append(f"{hits[0]} / {hits[1]} of {len(of)}")
-            lines.append(f"| {role} | {label} | {' | '.join(cells)} |")
-    lines += ["", "## Per model", "", "Suspect:index per form; `*` marks the attack's target, bold a flag.", "",
-              "| model | role | target | fraction | " + " | ".join(forms) + " |",
-              "|---|---|---:|---|" + "---|" * len(forms)]  # fmt: skip
-    for r in rows:
-        for fraction in ("0.05", "0.01"):
-            shown = [verdict_cell(r, verdict(rows, r, form, fraction)) for form in forms]
-            lines.append(f"{model_cells(r, fraction)} {' | '.join(shown)} |")
-    return "\n".join(lines) + "\n"
+             "classes, one thread (median).", ""]  # fmt: skip
+    return "\n".join(lines + tables(rows, forms)) + "\n"
 
 
 def main() -> None:
