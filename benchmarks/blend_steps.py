@@ -27,13 +27,12 @@ No cap on the blend inversion was added to `verdict`."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from per_class_forms import tables, verdict
+from per_class_forms import measure_variants, tables, verdict
 from rows import exit_2_on_bad_input
 from signal_models import HERE, per_model_main
-from untargeted_inversion import FRACTIONS, LINE
+from untargeted_inversion import LINE
 from untargeted_inversion import models as all_models
 
 RESULTS = HERE / "results" / "blend_steps.jsonl"
@@ -48,39 +47,6 @@ VARIANTS = {f"blend@{steps}": ("blend", {"steps": steps}) for steps in STEPS}
 
 def form(steps: int) -> str:
     return f"blend@{steps}"
-
-
-def measure_variants(
-    name: str, role: str, path: str, variants: dict[str, tuple[str, dict[str, Any]]]
-) -> dict[str, Any]:
-    """A row: each of `variants` (cell -> form and settings) inverted for every class, seed 0, per fraction."""
-    import dataclasses
-
-    import torch
-
-    from onp_env import load_artifact
-    from onp_env.defend import defense_subset
-    from onp_env.signals import SIGNALS
-    from onp_env.signals.trigger_inversion import invert
-
-    torch.set_num_threads(1)
-    art = load_artifact(path)
-    attack = art.manifest.get("attack") or {}
-    shipped = SIGNALS["inversion"]().params
-    row: dict[str, Any] = {"model": name, "role": role, "label": attack.get("label") or attack.get("name", "clean"),
-                           "mode": attack.get("mode"), "target": attack.get("target"), "cells": {}}  # fmt: skip
-    for cell, (shape, changed) in variants.items():
-        params = dataclasses.replace(shipped, **changed)
-        for fraction in FRACTIONS:
-            x, y = defense_subset(art, fraction, 0)
-            with torch.no_grad():
-                classes = int(art.model(x[:1]).shape[1])
-            start = time.perf_counter()
-            inv = invert(art.model, x, y, classes, params, 0, torch.device("cpu"), shape)
-            row["cells"].setdefault(cell, {})[str(fraction)] = {
-                "norms": inv.norms.tolist(), "reached": inv.reached.tolist(), "steps": inv.steps,
-                "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
-    return row
 
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:

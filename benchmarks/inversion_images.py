@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from blend_steps import measure_variants, tally
-from per_class_forms import tables
+from blend_steps import tally
+from per_class_forms import measure_variants, tables
 from rows import exit_2_on_bad_input
 from signal_models import HERE, per_model_main
 from untargeted_inversion import LINE

@@ -37,7 +37,12 @@ FORMS = ("blend", "additive")
 """Forms inverted here; the `mask` form's sizes come from inversion_seeds.jsonl (seed 0)."""
 
 
-def measure(name: str, role: str, path: str) -> dict[str, Any]:
+def measure_variants(
+    name: str, role: str, path: str, variants: dict[str, tuple[str, dict[str, Any]]]
+) -> dict[str, Any]:
+    """A row: each of `variants` (cell -> form and settings) inverted for every class, seed 0, per fraction."""
+    import dataclasses
+
     import torch
 
     from onp_env import load_artifact
@@ -48,20 +53,25 @@ def measure(name: str, role: str, path: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     art = load_artifact(path)
     attack = art.manifest.get("attack") or {}
-    params = SIGNALS["inversion"]().params
+    shipped = SIGNALS["inversion"]().params
     row: dict[str, Any] = {"model": name, "role": role, "label": attack.get("label") or attack.get("name", "clean"),
                            "mode": attack.get("mode"), "target": attack.get("target"), "cells": {}}  # fmt: skip
-    for form in FORMS:
+    for cell, (shape, changed) in variants.items():
+        params = dataclasses.replace(shipped, **changed)
         for fraction in FRACTIONS:
             x, y = defense_subset(art, fraction, 0)
             with torch.no_grad():
                 classes = int(art.model(x[:1]).shape[1])
             start = time.perf_counter()
-            inv = invert(art.model, x, y, classes, params, 0, torch.device("cpu"), form)
-            row["cells"].setdefault(form, {})[str(fraction)] = {
+            inv = invert(art.model, x, y, classes, params, 0, torch.device("cpu"), shape)
+            row["cells"].setdefault(cell, {})[str(fraction)] = {
                 "norms": inv.norms.tolist(), "reached": inv.reached.tolist(), "steps": inv.steps,
                 "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
     return row
+
+
+def measure(name: str, role: str, path: str) -> dict[str, Any]:
+    return measure_variants(name, role, path, {form: (form, {}) for form in FORMS})
 
 
 def with_mask(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
