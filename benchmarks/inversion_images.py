@@ -21,9 +21,15 @@ The shift models are reported, not read by the rule.
 Measured (2026-12-05, inversion_images.md): a lead, by one count. 256 images flag 2 of 9 clean models at 5% against 4
 (5 against 5 at 1%) and name as many shadow targets at 5% (19 of 26), one fewer at 1% (19 against 20); the top index
 separates backdoored from clean models better at every fraction (detection ROC-AUC 0.80 -> 0.88 and 0.79 -> 0.88 on the
-shadow models, 0.67 -> 0.84 and 0.68 -> 0.83 on the shift set). Not adopted yet: the shipped references (class, blend
-and untargeted sizes, all measured with 64 images) and the agents, whose signal reads this inversion, would be rebuilt
-first."""
+shadow models, 0.67 -> 0.84 and 0.68 -> 0.83 on the shift set).
+
+Carried to the agent's pipeline on git branch `images-256` (commit 1580920, not merged): the default at 256 images, the
+shipped reference fashion-mnist measured again with it (class_reference.py, then --blend-only), the five fold agents
+trained again (their references at 256), then onp_repair_knobs.py's study `images-256` on the 30 shadow models, its
+rule fixed before the run (at both fractions, DER at least the 64-image command's less 0.1 and at most one run fewer
+within the target). With 1% the 8-epoch command ties: 91.8 / 2.3% / 1.8 points (21 of 30 within) against 91.8 / 2.5% /
+1.7 (21). With 5% the 3-epoch command falls: 91.0 / 4.3% / 1.4 (25 of 30) against 92.6 / 1.5% / 1.0 (29), WaNet
+89.6 / 14.9% against 96.6 / 1.8%. Not adopted: the default stays 64."""
 
 from __future__ import annotations
 
