@@ -70,7 +70,7 @@ STUDIES: dict[str, dict[str, dict[str, Any]]] = {
             "repair_epochs": 3,
             "blend_verdict": False,
             "blend_reuse": False,
-        },  # fmt: skip
+        },
     },
 }
 """Each study's settings: repair parameters on top of the recommended command's (`_DISTILL`: 5 epochs, lr 0.01); the
