@@ -35,7 +35,7 @@ from onp_env.artifacts import (
 )
 from onp_env.config import from_dict, to_dict
 from onp_env.env import GLOBALS, EnvConfig
-from onp_env.env.signals import feature_names, global_names
+from onp_env.env.signals import feature_names, global_names, signal_settings
 from onp_env.errors import OnpError
 from onp_env.graph.build import EDGE_TYPES
 from onp_env.graph.features import FEATURES
@@ -76,6 +76,7 @@ def save_agent(dest: Path, net: GraphPolicyNet, policy: PolicyConfig, env: EnvCo
             "feature_names": list(feature_names(FEATURES, env_cfg.features, env_cfg.signal_spans)),
             "globals": list(global_names(GLOBALS, env_cfg.features)),
             "edge_types": list(EDGE_TYPES), "training": training, "sha256": sha256_file(tmp / WEIGHTS),
+            "signal_settings": signal_settings(env_cfg.features, env_cfg.signal_params),
         }  # fmt: skip
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
         os.rename(tmp, dest)
@@ -107,6 +108,8 @@ def load_agent(path: str | Path) -> Agent:
             f"{root}: the agent's observation features {meta['feature_names']} and globals {meta['globals']} do "
             f"not match this onp-env's {expected} and {glob}: retrain the agent with this version"
         )
+    if "signal_settings" in meta:  # agents saved before 2026-12-05 did not record them
+        check_signal_settings(root, meta["signal_settings"], env)
     weights = regular_file(root / WEIGHTS, "the agent is incomplete; retrain it")
     if sha256_file(weights) != meta["sha256"]:
         raise OnpError(f"{weights} does not match the SHA-256 in {CONFIG}: the agent is corrupt or was edited")
@@ -119,6 +122,26 @@ def load_agent(path: str | Path) -> Agent:
         raise OnpError(f"{weights} has NaN/inf weights: the agent is broken; retrain it")
     net.load_state_dict(state)
     return Agent(root, net.eval(), policy, env, meta)
+
+
+def check_signal_settings(root: Path, trained: Any, env: EnvConfig) -> None:
+    """Refuse an agent whose signals this onp-env computes with other settings than those it was trained with (a
+    default changed since, or an edited agent.json): its observations would not be those the policy learnt from."""
+    here = json.loads(json.dumps(signal_settings(env.features, env.signal_params)))
+    if trained == here:
+        return
+    if not isinstance(trained, dict) or not all(isinstance(v, dict) for v in trained.values()):
+        raise OnpError(f"{root / CONFIG}: 'signal_settings' is not a mapping of mappings: the agent config is corrupt")
+    name = next(n for n in sorted(set(here) | set(trained)) if here.get(n) != trained.get(n))
+    was, now = trained.get(name, {}), here.get(name, {})
+    keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+
+    def said(d: dict[str, Any]) -> str:
+        return ", ".join(f"{k}={d.get(k)!r}" for k in keys)
+
+    raise OnpError(f"{root}: the agent was trained with signal {name} at {said(was)}; this onp-env computes it at "
+                   f"{said(now)}: retrain the agent with this onp-env (onp train-agent), or use the one it was trained "
+                   "with")  # fmt: skip
 
 
 def _net(policy: PolicyConfig, env: EnvConfig) -> GraphPolicyNet:

@@ -164,6 +164,7 @@ def test_maskable_ppo_trains_the_graph_policy_in_layer_mode(tmp_path):
 def test_train_save_load_and_deploy_on_a_model_of_an_unseen_seed(agent_dir, tmp_path, capsys):
     meta = json.loads((agent_dir / "agent.json").read_text())
     assert meta["training"]["steps"] == 256 and meta["env"]["score"] == "none"
+    assert meta["signal_settings"] == {}  # features [dynamic]: no once-per-model signal to record
     assert (agent_dir.parent / "logs" / "progress.csv").is_file() and (agent_dir.parent / "imitation.json").is_file()
     cfg = load_agent_config(CONFIG, TINY)
     shadow_seeds = {lab.seed for lab in zoo_configs(cfg)}
@@ -323,6 +324,8 @@ def _flip_a_byte(d):
         (_edit_json(policy__gnn="transformer"), "unknown gnn"),
         (_edit_json(policy__layers="three"), "must be int"),
         (_edit_json(sha256=None), "'sha256' is missing"),
+        (_edit_json(signal_settings={"inversion": {"version": 1, "images": 63}}), "trained with signal inversion at"),
+        (_edit_json(signal_settings=[1]), "'signal_settings' is not a mapping of mappings"),
         (_symlink_weights, "not a regular file"),
         (_flip_a_byte, "SHA-256"),
         (lambda d: (d / "policy.safetensors").unlink(), "not a regular file"),
@@ -612,6 +615,30 @@ def test_a_shipped_agent_with_a_corrupt_data_record_is_refused(tmp_path):
     (copy / "agent.json").write_text(json.dumps(meta))
     with pytest.raises(OnpError, match="training.data must hold an input shape"):
         ONP(agent=str(copy))
+
+
+def test_an_agent_is_refused_where_this_onp_env_computes_its_signals_otherwise(tmp_path):
+    """A default moved since the agent was trained (here: as if it was trained with 256 inversion images) would feed
+    it observations it never learnt from: refused in one line naming the setting."""
+    from agents.defense import ONP, SHIPPED
+    from onp_env.env.signals import signal_settings
+
+    shipped = load_agent(SHIPPED)
+    assert shipped.meta["signal_settings"] == json.loads(
+        json.dumps(signal_settings(shipped.env.features, shipped.env.signal_params))
+    )
+    assert shipped.meta["signal_settings"]["inversion"]["images"] == 64
+    copy = tmp_path / "agent"
+    shutil.copytree(SHIPPED, copy)
+    meta = json.loads((copy / "agent.json").read_text())
+    meta["signal_settings"]["inversion"]["images"] = 256
+    (copy / "agent.json").write_text(json.dumps(meta))
+    with pytest.raises(OnpError, match="trained with signal inversion at images=256; this onp-env computes it at "
+                                       "images=64: retrain the agent"):  # fmt: skip
+        ONP(agent=str(copy))
+    del meta["signal_settings"]  # an agent saved before the record: loaded as before
+    (copy / "agent.json").write_text(json.dumps(meta))
+    assert load_agent(copy).env == shipped.env
 
 
 def test_the_wheel_carries_the_shipped_agent(tmp_path):

@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from onp_env.config import from_dict
 from onp_env.errors import OnpError
 from onp_env.graph.features import Z_CLIP, zscore
 from onp_env.graph.units import UnitLayout
 from onp_env.registry import defense_class
 from onp_env.signals import SIGNALS
 from onp_env.signals.base import Memo, VerdictParams, class_reference
+from onp_env.signals.shipped import READ_ONLY
 
 DYNAMIC = ("act_mean_now", "act_std_now")
 SIGNAL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -119,6 +122,24 @@ def column_verdicts(features: Sequence[str], globals_: Sequence[str]) -> list[in
         full = name[len("signal_") :]
         base = full if full in FEATURE_SETS else full.removesuffix("_model")  # feature_names' two spans
         out.append(globals_.index(f"{base}_anomaly") if f"{base}_anomaly" in globals_ else -1)
+    return out
+
+
+def signal_settings(sets: Sequence[str], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each once-per-model signal set's settings as this onp-env computes it under `params` (its defaults filled
+    in; the class reference and what only reads it left out) and, for onp_env.signals' sets, its version: what
+    an agent records of the signals it was trained on (agents.io), so that an onp-env whose defaults have moved
+    since refuses it instead of feeding it other observations."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in (s for s in sets if s not in STEPWISE):
+        given = params.get(name, {})
+        if name in SIGNALS:
+            found: Any = from_dict(SIGNALS[name].Params, given, f"signal {name} parameters")
+            settings = {k: v for k, v in dataclasses.asdict(found).items() if k not in READ_ONLY}
+            out[name] = {"version": SIGNALS[name].version, **settings}
+        else:
+            cls = defense_class(name)
+            out[name] = dataclasses.asdict(from_dict(cls.Params, {**SIGNAL_DEFAULTS[name], **given}, f"{name} params"))
     return out
 
 
