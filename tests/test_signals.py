@@ -116,6 +116,10 @@ def test_a_trigger_gap_is_reused_only_for_the_same_trigger_class_weights_and_ima
         art.model.fc.weight[0, 0] += 1.0
     moved = trigger_inversion.trigger_gap(art.model, layout, x, y, inv, 3)  # other weights
     assert len(calls) == 4 and not torch.equal(moved, again)
+    twin = dataclasses.replace(inv, masks=inv.masks.clone(), patterns=inv.patterns.clone())
+    twin.masks[5], twin.patterns[5] = inv.masks[3], inv.patterns[3]
+    trigger_inversion.trigger_gap(art.model, layout, x, y, twin, 5)  # class 3's trigger, on the images not of class 5
+    assert len(calls) == 5
 
 
 @pytest.mark.parametrize(

@@ -230,7 +230,8 @@ def trigger_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.
         return activation_gap(model, layout, xs, ys, triggered, ys)
 
     layers = [lay.name for lay in layout.layers]
-    return _GAPS.get(gap, model, x, y, inv.masks[k], inv.patterns[k], form=inv.form, layers=layers).clone()
+    # k too: the images measured are those not of class k, whatever its trigger
+    return _GAPS.get(gap, model, x, y, inv.masks[k], inv.patterns[k], form=inv.form, layers=layers, k=k).clone()
 
 
 def untargeted_gap(model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor,
