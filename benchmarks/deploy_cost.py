@@ -29,7 +29,7 @@ Linear unit layer's output, added the same day), deploy_cost_shipped_agent_verdi
 sweep's accuracy limit measured from the agent's pruned model (`sweep_limit_from: agent`), deploy_cost_agent_pipeline.md
 the agent's command as PIPELINES gives it per fraction (its repair at lr 0.02, over 5 epochs with 1% defense data and 3
 with 5%), deploy_cost_agent_repairs_at_5.md and _at_1.md that agent's repairs at one fraction, each against the same
-ANP run (COMPARED)."""
+ANP run (COMPARED), deploy_cost_agent_command.md the agent's command of the README (PIPELINES)."""
 
 from __future__ import annotations
 
@@ -55,10 +55,16 @@ PIPELINES = {
     "agent pipeline": {
         0.01: "shipped agent verdict repair sweep agent limit lr",
         0.05: "shipped agent verdict repair sweep agent limit lr 3 epochs",
-    }
+    },
+    "agent command": {
+        0.01: "shipped agent verdict repair sweep agent limit lr 8 epochs",
+        0.05: "shipped agent verdict repair sweep agent limit lr 3 epochs",
+    },
 }
 """--setting names that time one SETTINGS entry per defense fraction: `agent pipeline`, the agent's command once the
-study epochs had chosen 3 epochs with 5% defense data and before epochs-high chose 8 with 1% (onp_repair_knobs.py)."""
+study epochs had chosen 3 epochs with 5% defense data and before epochs-high chose 8 with 1% (onp_repair_knobs.py);
+`agent command`, the README's since (8 epochs with 1%), timed once the inversions ran in channels-last
+(trigger_inversion.CPU_LAYOUT)."""
 
 
 COMPARED = {
