@@ -60,11 +60,11 @@ def test_the_inversion_is_deterministic_and_leaves_the_model_alone():
     before = {k: v.clone() for k, v in art.model.state_dict().items()}
     grads = [p.requires_grad for p in art.model.parameters()]
     conv = art.model.features[4]  # 16 -> 32 channels: its weight's layouts differ
-    seen = []  # whether the weight is channels-last at each forward with gradients (the optimisation's)
+    seen = []  # whether the weight is in CPU_LAYOUT at each forward with gradients (the optimisation's)
 
     def record(module, inputs):
         if torch.is_grad_enabled():
-            seen.append(module.weight.is_contiguous(memory_format=torch.channels_last))
+            seen.append(module.weight.is_contiguous(memory_format=trigger_inversion.CPU_LAYOUT))
 
     conv.register_forward_pre_hook(record)
     results = []
@@ -73,7 +73,7 @@ def test_the_inversion_is_deterministic_and_leaves_the_model_alone():
         results.append(TriggerInversion(steps=40).compute(art.model, layout, x, y))
     one, two = results
     assert torch.equal(one.units, two.units) and one.globals == two.globals
-    assert seen and all(seen)  # trigger_inversion.CPU_LAYOUT while optimising on the CPU ...
+    assert seen and all(seen)  # CPU_LAYOUT while optimising on the CPU ...
     assert all(v.is_contiguous() for v in art.model.state_dict().values())  # ... and the default layout back
     assert all(torch.equal(before[k], v) for k, v in art.model.state_dict().items())
     assert [p.requires_grad for p in art.model.parameters()] == grads
