@@ -60,11 +60,12 @@ PIPELINES = {
         0.01: "shipped agent verdict repair sweep agent limit lr 8 epochs",
         0.05: "shipped agent verdict repair sweep agent limit lr 3 epochs",
     },
+    "verdict channels last": {0.01: RECOMMENDED, 0.05: RECOMMENDED},
 }
 """--setting names that time one SETTINGS entry per defense fraction: `agent pipeline`, the agent's command once the
 study epochs had chosen 3 epochs with 5% defense data and before epochs-high chose 8 with 1% (onp_repair_knobs.py);
 `agent command`, the README's since (8 epochs with 1%), timed once the inversions ran in channels-last
-(trigger_inversion.CPU_LAYOUT)."""
+(trigger_inversion.CPU_LAYOUT); `verdict channels last`, the recommended `verdict` timed again then."""
 
 
 COMPARED = {

@@ -192,6 +192,9 @@ WHAT = {
 """Each study's settings, as its report says them."""
 
 
+MEMOS = "the inversions are memoised after the first setting, so only differences in the repair's share compare"
+
+
 def report(rows: Rows) -> str:
     study, fraction = rows[0]["study"], rows[0]["cells"][0]["fraction"]
     settings = tuple(STUDIES[study])
@@ -207,8 +210,8 @@ def report(rows: Rows) -> str:
         "leave-one-attack-out agent that never saw its attack, `repair_sweep` with the limit from the agent's model, "
         "then verdict's repair (the recommended command's: 5 epochs, lr 0.01, half the images stamped, half the "
         f"targets distilled) with {WHAT[study]}. 'agent' columns: the pruned model before the repair. DER, ASR and "
-        "accuracy lost in %/points; within: ASR <= 5% and <= 2 points lost; seconds: the whole defense, mean (the "
-        "inversions are memoised after the first setting, so only differences in the repair's share compare). Hosts: "
+        "accuracy lost in %/points; within: ASR <= 5% and <= 2 points lost; seconds: the whole defense, mean "
+        f"({MEMOS if study not in LAYOUTS else 'each setting from empty memos: they compare'}). Hosts: "
         f"{', '.join(sorted({r['host'] for r in rows}))}.",
         "",
         "| setting | units | agent DER | agent ASR | agent lost | repaired DER | repaired ASR | repaired lost | "
