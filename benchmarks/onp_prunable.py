@@ -94,6 +94,14 @@ def outcome(cs: list[dict[str, Any]]) -> str:
     return " | ".join([*means, f"{within} of {len(cs)}"])
 
 
+def repaired_means(cs: list[dict[str, Any]]) -> tuple[float, float, float, int]:
+    """Mean DER, ASR and accuracy lost after the repair over cells `cs` (%/points), and how many are within TARGET."""
+    lost = [c["before"]["acc"] - c["repaired"]["acc"] for c in cs]
+    within = sum(c["repaired"]["asr"] <= TARGET[0] and x <= TARGET[1] for c, x in zip(cs, lost, strict=True))
+    der, asr = (statistics.mean(c["repaired"][k] for c in cs) * 100 for k in ("der", "asr"))
+    return der, asr, statistics.mean(lost) * 100, within
+
+
 def best(settings: tuple[Any, ...], cells: Callable[[Any], list[dict[str, Any]]]) -> Any:
     """The setting with the best mean DER after the repair among those whose mean ASR and accuracy lost meet the
     target (else among all), DER compared to 0.1 points; a tie keeps the first of `settings`."""

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from onp_prunable import FRACTIONS, best, outcome, repaired_cell
+from onp_prunable import FRACTIONS, best, outcome, repaired_cell, repaired_means
 from onp_repair_sweep import fold_agent, models
 from onp_vs_baselines import _DISTILL
 from rows import exit_2_on_bad_input
@@ -258,14 +258,7 @@ def layout_verdict(study: str, fraction: float, cells: Callable[[str], list[dict
         for layout, out in zip(settings, (new, old), strict=True):
             out += [c for r in earlier for c in r["cells"] if LAYOUTS[SEEDED[study]][c["setting"]][0] == layout]
         seeds += 1
-
-    def means(cs: list[dict[str, Any]]) -> tuple[float, float, float, int]:
-        lost = [c["before"]["acc"] - c["repaired"]["acc"] for c in cs]
-        within = sum(c["repaired"]["asr"] <= TARGET[0] and x <= TARGET[1] for c, x in zip(cs, lost, strict=True))
-        der, asr = (statistics.mean(c["repaired"][k] for c in cs) * 100 for k in ("der", "asr"))
-        return der, asr, statistics.mean(lost) * 100, within
-
-    (der, asr, lost, within), (der0, asr0, lost0, within0) = means(new), means(old)
+    (der, asr, lost, within), (der0, asr0, lost0, within0) = repaired_means(new), repaired_means(old)
     d_der, d_asr, d_lost, d_within = LAYOUT_RULE
     holds = (
         der >= der0 - d_der and asr <= asr0 + d_asr and lost <= lost0 + d_lost and within >= within0 - d_within * seeds
