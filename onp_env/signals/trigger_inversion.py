@@ -110,11 +110,22 @@ over the defense's seeds 0-2, both ways: 92.0% DER / 2.5% ASR / 1.12 points lost
 (benchmarks/results/onp_repair_layout-seeds_*.md)."""
 
 
-def _lay_out(model: nn.Module, layout: torch.memory_format) -> None:
-    """The model's 4-d weights and buffers in `layout`, in place (nn.Module.to(memory_format=...), typed)."""
-    for t in (*model.parameters(), *model.buffers()):
-        if t.dim() == 4:
-            t.data = t.data.contiguous(memory_format=layout)
+def _lay_out(model: nn.Module, layout: torch.memory_format) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The model's 4-d weights and buffers copied into `layout`, in place (nn.Module.to(memory_format=...),
+    typed); returns each tensor with its data before, for _put_back. A copy, not `contiguous(memory_format=)`:
+    that returns a tensor unchanged where it is contiguous in both layouts, as a first convolution's weight of
+    one input channel is, and a convolution whose input and weight are both ambiguous runs in the default."""
+    moved = [(t, t.data) for t in (*model.parameters(), *model.buffers()) if t.dim() == 4]
+    for t, data in moved:
+        t.data = data.clone(memory_format=layout)
+    return moved
+
+
+def _put_back(moved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The tensors' data as _lay_out found it (the same storage and strides: the layout a stride-1 dimension
+    reads as is kept too)."""
+    for t, data in moved:
+        t.data = data
 
 
 def stamp(form: str, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, through: bool = False) -> torch.Tensor:
@@ -177,8 +188,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[in
     for q in model.parameters():
         q.requires_grad_(False)
     model.eval()
-    layout = CPU_LAYOUT if device.type == "cpu" else torch.contiguous_format
-    _lay_out(model, layout)
+    moved = _lay_out(model, CPU_LAYOUT) if device.type == "cpu" else []
     try:
         for step in range(1, p.steps + 1):
             i = torch.randperm(len(xs), generator=g)[:batch].to(device)
@@ -223,7 +233,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[in
                 if torch.isfinite(best).all() and since >= p.patience:
                     break
     finally:
-        _lay_out(model, torch.contiguous_format)
+        _put_back(moved)
         for q, req in zip(model.parameters(), frozen, strict=True):
             q.requires_grad_(req)
     with torch.no_grad():
