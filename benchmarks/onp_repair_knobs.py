@@ -247,10 +247,8 @@ def report(rows: Rows) -> str:
     said = "" if among == settings else f", among {', '.join(among)} (AMONG: the others do not fit the time bound)"
     if f"{study}-{fraction}" in CHEAPER:
         cheaper, slack = CHEAPER[f"{study}-{fraction}"]
-        asr, lost, der = (statistics.mean(f(c) for c in cells(cheaper)) * 100 for f in
-                          (lambda c: c["repaired"]["asr"], lambda c: c["before"]["acc"] - c["repaired"]["acc"],
-                           lambda c: c["repaired"]["der"]))  # fmt: skip
-        picked = statistics.mean(c["repaired"]["der"] for c in cells(pick)) * 100
+        der, asr, lost, _ = repaired_means(cells(cheaper))
+        picked = repaired_means(cells(pick))[0]
         fits = asr <= TARGET[0] * 100 and lost <= TARGET[1] * 100 and der >= picked - slack
         said += f"; CHEAPER: {cheaper} if within the target and its DER at most {slack:g} below, {der:.1f} against "
         said += f"{picked:.1f}"
