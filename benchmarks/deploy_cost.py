@@ -29,7 +29,11 @@ Linear unit layer's output, added the same day), deploy_cost_shipped_agent_verdi
 sweep's accuracy limit measured from the agent's pruned model (`sweep_limit_from: agent`), deploy_cost_agent_pipeline.md
 the agent's command as PIPELINES gives it per fraction (its repair at lr 0.02, over 5 epochs with 1% defense data and 3
 with 5%), deploy_cost_agent_repairs_at_5.md and _at_1.md that agent's repairs at one fraction, each against the same
-ANP run (COMPARED), deploy_cost_agent_command.md the agent's command of the README (PIPELINES)."""
+ANP run (COMPARED), deploy_cost_agent_command.md the agent's command of the README (PIPELINES), and
+deploy_cost_verdict_channels_last.md the recommended `verdict` in the same weeks, both with the first convolution's
+inversion in the default layout (its weight of one input channel was left there; fixed 2026-12-06).
+deploy_cost_commands_at_5.md and _at_1.md time both commands of the README, the agent's and `verdict`, against one ANP
+run per model, with every 4-d weight in channels-last for the inversions."""
 
 from __future__ import annotations
 
@@ -84,6 +88,8 @@ COMPARED = {
             "shipped agent verdict repair sweep agent limit lr 8 epochs",
         ),
     ),
+    "commands at 5%": (0.05, ("shipped agent verdict repair sweep agent limit lr 3 epochs", RECOMMENDED)),
+    "commands at 1%": (0.01, ("shipped agent verdict repair sweep agent limit lr 8 epochs", RECOMMENDED)),
 }
 """--setting names that time several SETTINGS entries against one ANP run per model, at one fraction, in an order that
 turns from model to model: ratios from separate runs move by up to 15% with the shared host's load, more than the
