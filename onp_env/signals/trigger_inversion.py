@@ -100,14 +100,13 @@ class Inverted:
 
 FORMS = ("mask", "blend", "additive")
 CPU_LAYOUT = torch.channels_last
-"""The memory layout of the model's 4-d weights while a trigger is optimised on a CPU, put back to the default
-afterwards: PyTorch's CPU kernel for max-pooling with indices is several times faster in channels-last than in the
-default layout, and the convolutions' backward somewhat (a step of the small CNN's inversion 37 against 52 ms on one
-thread; PreAct-ResNet-18 and the VGG 15-20% faster). Convolutions then sum in another order, and over 150 steps a
-blend trigger's size moves by a few percent, a mask's by under 1%. The agent's pipeline on the 30 shadow models,
-over the defense's seeds 0-2, both ways: 92.0% DER / 2.5% ASR / 1.12 points lost against 92.1 / 2.5 / 1.09 with
-5% defense data, 91.7 / 2.5 / 1.62 against 91.9 / 2.3 / 1.62 with 1%, at 0.78-0.80 of the time
-(benchmarks/results/onp_repair_layout-seeds_*.md)."""
+"""The memory layout of the model's 4-d weights while a trigger is optimised on a CPU, put back as found afterwards:
+PyTorch's CPU kernel for max-pooling with indices is several times faster in channels-last than in the default
+layout (a step of the small CNN's inversion 28 against 43 ms on one thread; PreAct-ResNet-18 and the VGG 12-20%
+faster: benchmarks/results/layout_speed.md). Convolutions then sum in another order, and over 150 steps a blend
+trigger's size moves by a few percent, a mask's by under 1%. The agent's pipeline on the 30 shadow models, over the
+defense's seeds 0-2, both ways: 92.0% DER / 2.5% ASR / 1.12 points lost against 92.1 / 2.5 / 1.09 with 5% defense
+data, 91.7 / 2.5 / 1.62 against 91.9 / 2.3 / 1.62 with 1% (benchmarks/results/onp_repair_layout-whole_*.md)."""
 
 
 def _lay_out(model: nn.Module, layout: torch.memory_format) -> list[tuple[torch.Tensor, torch.Tensor]]:
