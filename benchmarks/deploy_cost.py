@@ -30,8 +30,8 @@ sweep's accuracy limit measured from the agent's pruned model (`sweep_limit_from
 the agent's command as PIPELINES gives it per fraction (its repair at lr 0.02, over 5 epochs with 1% defense data and 3
 with 5%), deploy_cost_agent_repairs_at_5.md and _at_1.md that agent's repairs at one fraction, each against the same
 ANP run (COMPARED), deploy_cost_agent_command.md the agent's command of the README (PIPELINES), and
-deploy_cost_verdict_channels_last.md the recommended `verdict` in the same weeks, both with the first convolution's
-inversion in the default layout (its weight of one input channel was left there; fixed 2026-12-06).
+deploy_cost_verdict_channels_last.md the recommended `verdict` with the inversions' first convolution left in the
+default layout by a helper that did not copy its weight of one input channel (fixed 2026-12-06).
 deploy_cost_commands_at_5.md and _at_1.md time both commands of the README, the agent's and `verdict`, against one ANP
 run per model, with every 4-d weight in channels-last for the inversions."""
 

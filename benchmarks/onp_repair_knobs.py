@@ -36,21 +36,18 @@ and the repair recovers less from 600 images (50 SGD steps over 5 epochs) than f
   is worth: the default layout's 29 of 30 within with 5% is seed 0's; seeds 1 and 2 leave 26 and 24 (3.2% and 2.7%
   mean ASR against 1.5%), and a model can fail under one layout on every seed (TrojanNN-024 with channels-last,
   2.4-2.7 points lost: the agent, whose signals are computed with a fixed seed, cuts two convolution channels more).
-  Both studies ran with the first convolution in the default layout: its weight, of one input channel, is contiguous
-  in both layouts and `contiguous(memory_format=)` left it so, and its convolution, the pooling after it, and their
-  backward ran in the default (session 61: the recommended `verdict` alone was then no faster, 5.4-5.7 s a ten-class
-  inversion either way on SIG-003; every 4-d weight really in channels-last, 3.8 s).
+  Both studies ran with `nn.Module.to(memory_format=)`; the typed helper that replaced it afterwards used
+  `contiguous(memory_format=)`, which left the first convolution's weight (one input channel: contiguous in both
+  layouts) in the default, found in session 61 (the recommended `verdict` alone was no faster then).
 - `layout-whole`: channels-last with every 4-d weight copied into it (the first convolution's too), the defense's
   seeds 0, 1 and 2, against the default layout's cells of `layout` and `layout-seeds` (the same seeds: the default
   layout's numbers did not move) by LAYOUT_RULE on the means over the three seeds (COMPARED). Written before the run;
   if it fails, trigger_inversion.CPU_LAYOUT goes back to the default layout. Measured: all 180 cells (30 models, 3
-  seeds, 2 fractions) equal `layout`'s and `layout-seeds`' channels-last cells in every field but the seconds (with one
-  input channel there is no sum over channels whose order the layout could change), so the rule holds as
-  it did: 92.0 / 2.5 / 1.12 (76 of 90) against 92.1 / 2.5 / 1.09 (79) with 5%, 91.7 / 2.5 / 1.62 (65) against
-  91.9 / 2.3 / 1.62 (67) with 1%. Mean seconds a seed, from separate runs: 15.1-19.5 with 5% against 16.9-21.8 with
-  the first convolution in the default layout and 20.0-27.3 wholly in it; 11.2-15.5 with 1% against 13.5-16.9 and
-  17.4-22.1 (seed 0 is the fastest in every run: the agent's signals are inverted with seed 0 and verdict reuses
-  them only when its seed is the same).
+  seeds, 2 fractions) equal `layout`'s and `layout-seeds`' channels-last cells in every field but the seconds (those
+  ran with Module.to, which copies every weight too: a check that the copy reproduces them), so the rule holds as it
+  did: 92.0 / 2.5 / 1.12 (76 of 90) against 92.1 / 2.5 / 1.09 (79) with 5%, 91.7 / 2.5 / 1.62 (65) against 91.9 /
+  2.3 / 1.62 (67) with 1%. Mean seconds a seed: 15.1-19.5 with 5%, 11.2-15.5 with 1% (seed 0 is the fastest in every
+  run: the agent's signals are inverted with seed 0 and verdict reuses them only when its seed is the same).
 
 Each of the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml) is defended by the leave-one-attack-out
 agent that never saw its attack (onp_repair_sweep.fold_agent) with the pipeline of onp_vs_baselines's `shipped agent
