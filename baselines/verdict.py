@@ -169,6 +169,13 @@ class VerdictParams(NCParams):
     inversion (every class at once, on the unpruned model) instead of inverting that class again as a blend
     (one inversion saved; where the sweep follows the blend verdict, the repair then stamps its one trigger).
     Neutral on the shadow and configuration-shift means (docs/methods.md)."""
+    flagged_pair: bool = False
+    """Where two of the class verdicts name one class and both are flagged (score above the flag line), follow
+    that class even where the third verdict scores higher [ours]: two triggers found apart outvote one. On the
+    shadow models with the defense's seeds 0-4 (benchmarks/results/verdict_choice_rules.md) the third verdict's
+    larger score named another class 7 times in 260 all-to-one cells, a flagged pair then named the target once
+    and the wrong class never; WaNet's masks and blends agree on a wrong class (bag) with the blend below the
+    line, so both must be flagged. Needs `blend_verdict` (three verdicts)."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
@@ -176,12 +183,18 @@ class VerdictParams(NCParams):
     is at most that line; `flag_index` and `stop_index` are then not read."""
 
 
-def choose(found: dict[str, dict], line: float, inversion_first: bool) -> str:
-    """Which verdict a sweep follows (`found`: name -> its suspect and score): the largest score, but a blend
-    verdict gives way to a flagged (score above `line`) mask inversion of its class, whose trigger a patch
-    backdoor's units follow more closely; with `inversion_first`, a latent verdict gives way to a flagged
-    mask inversion, else a flagged blend one, that names its class."""
+def choose(found: dict[str, dict], line: float, inversion_first: bool, flagged_pair: bool = False) -> str:
+    """Which verdict a sweep follows (`found`: name -> its suspect and score): the largest score, but with
+    `flagged_pair` the larger of two flagged (score above `line`) verdicts that name one class; a blend verdict
+    gives way to a flagged mask inversion of its class, whose trigger a patch backdoor's units follow more
+    closely; with `inversion_first`, a latent verdict gives way to a flagged mask inversion, else a flagged
+    blend one, that names its class."""
     follows = max(found, key=lambda name: found[name]["score"])  # ties: the first, the mask inversion
+    if flagged_pair:
+        flagged = [name for name in found if found[name]["score"] > line]
+        paired = [n for n in flagged if sum(found[m]["suspect"] == found[n]["suspect"] for m in flagged) > 1]
+        if paired:  # of three verdicts, at most one class has two
+            follows = max(paired, key=lambda name: found[name]["score"])
     mask = found["inversion"]
     if follows == "blend" and mask["score"] > line and mask["suspect"] == found["blend"]["suspect"]:
         return "inversion"
@@ -232,6 +245,9 @@ class Verdict(NC):
         if self.params.blend_reuse and not (self.params.blend_verdict and self.params.repair_blend):
             raise OnpError("verdict parameters: blend_reuse stamps the blend verdict's trigger in repair_blend's "
                            "place: set blend_verdict=true and repair_blend=true")  # fmt: skip
+        if self.params.flagged_pair and not self.params.blend_verdict:
+            raise OnpError("verdict parameters: flagged_pair needs three verdicts to outvote one: set "
+                           "blend_verdict=true")  # fmt: skip
         if self.params.blend_verdict:
             mixed = [k for k in ("unlearn_all", "reinvert", "repair_reinvert") if getattr(self.params, k)]
             if mixed:
@@ -264,7 +280,7 @@ class Verdict(NC):
             self.blends = blend[0]
             found["blend"] = {"suspect": blend[1], "anomaly_index": blend[2], "score": blend[3],
                               "norms": blend[0].norms.tolist()}  # fmt: skip
-        follows = choose(found, self.flag_line, self.params.inversion_first)
+        follows = choose(found, self.flag_line, self.params.inversion_first, self.params.flagged_pair)
         self.extra.update(follows=follows, **found)
         # an all-to-all backdoor can lift one class's blend verdict alone: the untargeted look still goes first
         classes = max(latent["score"], mine) > self.flag_line

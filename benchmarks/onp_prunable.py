@@ -61,7 +61,17 @@ def repaired_cell(path: str, fraction: float, **params: Any) -> dict[str, Any]:
             "agent": {k: r[k] for k in ("acc", "asr", "der")},
             "repaired": {k: r["finetuned"][k] for k in ("acc", "asr", "der")},
             "sequence": r["details"]["sequence"], "swept": r["details"].get("swept", []),
-            "spared": r["details"].get("spared", [])}  # fmt: skip
+            "spared": r["details"].get("spared", []), **verdicts_of(r["details"].get("repair", {}))}  # fmt: skip
+
+
+def verdicts_of(repair: dict[str, Any]) -> dict[str, Any]:
+    """What `verdict`'s judgement of the unpruned model named, where it repaired (its class verdicts' suspects and
+    scores, the one followed and its suspect): {} for another repair."""
+    if "follows" not in repair:
+        return {}
+    names = [n for n in ("inversion", "latent_gap", "blend") if n in repair]
+    found = {n: {k: repair[n][k] for k in ("suspect", "score")} for n in names}
+    return {"verdict": {"follows": repair["follows"], "suspect": repair["suspect"], **found}}
 
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:

@@ -177,6 +177,20 @@ def read_verdicts(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, VERDICTS, fix=FIX)
 
 
+_FOUND = Schema("class verdict", {"suspect": COUNT, "score": REAL})
+CHOICE = Schema(
+    "model's verdict choice",
+    {"model": TEXT, "role": TEXT, "mode": TEXT, "target": optional(COUNT),
+     "cells": list_of(Schema("cell", {"fraction": FRACTION, "follows": TEXT, "inversion": _FOUND,
+                                      "latent_gap": _FOUND, "blend": _FOUND}).problem)},
+)  # fmt: skip
+"""verdict_choice.py: each class verdict's suspect and score on one model, per defense-data fraction."""
+
+
+def read_verdict_choice(path: Path) -> list[dict[str, Any]]:
+    return read_rows(path, CHOICE, fix=FIX)
+
+
 STOP_FLAGS = ("inversion_first", "latent_probe", "latent_patience", "candidates", "reinvert", "max_acc_drop")
 """verdict_stop.py's rule flags, in the order its keys name them."""
 

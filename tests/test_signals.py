@@ -1057,6 +1057,25 @@ def test_the_strongest_verdict_is_followed_and_a_latent_one_gives_way_to_a_flagg
                   True) == "inversion"  # fmt: skip
 
 
+def test_a_flagged_pair_of_verdicts_outvotes_a_stronger_third_of_another_class():
+    from baselines.verdict import Verdict, choose
+
+    def found(inv, blend, latent):
+        return {"inversion": {"suspect": inv[0], "score": inv[1]}, "blend": {"suspect": blend[0], "score": blend[1]},
+                "latent_gap": {"suspect": latent[0], "score": latent[1]}}  # fmt: skip
+
+    sig_008 = found((2, 2.80), (2, 5.04), (6, 13.21))  # the shadow SIG-008 at 1% with the defense's seed 2
+    assert choose(sig_008, 2.0, True) == "latent_gap"
+    assert choose(sig_008, 2.0, True, flagged_pair=True) == "inversion"  # the pair's class; a flagged mask first
+    assert choose(found((6, 7.7), (2, 8.4), (6, 4.85)), 2.0, True, flagged_pair=True) == "inversion"
+    wanet_027 = found((8, 8.66), (8, 1.90), (0, 10.24))  # the pair's blend is below the line: no pair
+    assert choose(wanet_027, 2.0, True, flagged_pair=True) == "latent_gap"
+    assert choose(found((1, 3.0), (2, 5.0), (3, 4.0)), 2.0, True, flagged_pair=True) == "blend"  # no two agree
+    assert choose(found((3, 2.5), (3, 3.0), (3, 9.0)), 2.0, False, flagged_pair=True) == "latent_gap"  # as before
+    with pytest.raises(OnpError, match="flagged_pair needs three verdicts .* set blend_verdict=true"):
+        Verdict(flagged_pair=True, reference_from="fashion-mnist")
+
+
 def test_verdict_follows_a_blend_trigger_where_the_blend_verdict_is_the_strongest(tmp_path, monkeypatch):
     import baselines.verdict
     from baselines.verdict import Verdict
