@@ -83,6 +83,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -92,7 +93,7 @@ from onp_env.config import bounded
 from onp_env.env.evaluator import Evaluator
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
-from onp_env.signals.base import anomaly_index, class_scores
+from onp_env.signals.base import anomaly_index, class_scores, standardised
 from onp_env.signals.latent_shift import (
     LatentShift,
     classifier_connection,
@@ -101,7 +102,7 @@ from onp_env.signals.latent_shift import (
     min_shifts,
     unit_values,
 )
-from onp_env.signals.shipped import BLEND_SIGNAL, UNTARGETED_FORMS, DetectRule, UntargetedSizes
+from onp_env.signals.shipped import BLEND_SIGNAL, UNTARGETED_FORMS, ClassSpread, DetectRule, UntargetedSizes
 from onp_env.signals.trigger_inversion import UNTARGETED_VERSION, Inverted, invert, invert_untargeted, untargeted_gap
 
 
@@ -176,6 +177,15 @@ class VerdictParams(NCParams):
     larger score named another class 7 times in 260 all-to-one cells, a flagged pair then named the target once
     and the wrong class never; WaNet's masks and blends agree on a wrong class (bag) with the blend below the
     line, so both must be flagged. Needs `blend_verdict` (three verdicts)."""
+    class_spread: bool = False
+    """Choose which class to follow on each class verdict's scores standardised per class [ours]: the log ratio
+    against the shipped reference, less its median over the reference's models and divided by its spread there
+    (onp_env.signals.base.standardised; the reference's ClassSpread), so that a class whose trigger size varies
+    from model to model (Fashion-MNIST's bag under the mask inversion: twice the other classes' spread) needs more
+    to win the race between verdicts. `choose` (with `inversion_first`) runs on those scores, and where it names
+    another class than on the indices, its verdict and class are followed (flagged above the flag line in those
+    units); elsewhere nothing changes, flags and the untargeted look included. Needs `blend_verdict` and
+    `reference_from=fashion-mnist`. Measured: docs/methods.md."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
@@ -260,6 +270,17 @@ class Verdict(NC):
             self.blend_reference = shipped.sizes(
                 BLEND_SIGNAL, self.signal.version, dataclasses.asdict(self.signal.params)
             )
+        self.spreads: dict[str, ClassSpread | None] = {}
+        if self.params.class_spread:
+            shipped = self.signal.shipped
+            blend = shipped.spread(BLEND_SIGNAL, self.signal.version, dataclasses.asdict(self.signal.params)) if (
+                shipped is not None and self.params.blend_verdict) else None  # fmt: skip
+            self.spreads = {"inversion": self.signal.class_spread(), "latent_gap": self.latent.class_spread(),
+                            "blend": blend}  # fmt: skip
+            if None in self.spreads.values():
+                raise OnpError("verdict parameters: class_spread reads each class verdict's per-class spread "
+                               "from a shipped reference: set blend_verdict=true and "
+                               "reference_from=fashion-mnist")  # fmt: skip
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.untargeted = self.blends = None  # a run follows what this model's verdicts say
@@ -281,6 +302,10 @@ class Verdict(NC):
             found["blend"] = {"suspect": blend[1], "anomaly_index": blend[2], "score": blend[3],
                               "norms": blend[0].norms.tolist()}  # fmt: skip
         follows = choose(found, self.flag_line, self.params.inversion_first, self.params.flagged_pair)
+        spread = None
+        if blend is not None and self.params.class_spread:
+            norms_of = {"inversion": self.inverted.norms, "latent_gap": norms, "blend": blend[0].norms}
+            follows, spread = self.spread_choice(found, follows, norms_of)
         self.extra.update(follows=follows, **found)
         # an all-to-all backdoor can lift one class's blend verdict alone: the untargeted look still goes first
         classes = max(latent["score"], mine) > self.flag_line
@@ -291,18 +316,47 @@ class Verdict(NC):
             if untargeted is not None:
                 return untargeted
         if follows == "inversion":
+            if spread is not None:  # the standardised choice's class, flagged in its units
+                self.suspect = spread["suspect"]
+                index = float(self.signal.suspicion(self.inverted.norms)[self.suspect])
+                self.extra.update(suspect=self.suspect, anomaly_index=index, flagged=spread["score"] > self.flag_line)
             return self.late_gap(model, layout, x, y)
         if follows == "blend":
             assert blend is not None
             self.inverted, self.suspect = blend[0], blend[1]
-            self.extra.update(suspect=blend[1], anomaly_index=blend[2], flagged=blend[3] > self.flag_line)
+            index, flagged = blend[2], blend[3] > self.flag_line
+            if spread is not None:
+                self.suspect, flagged = spread["suspect"], spread["score"] > self.flag_line
+                index = float(anomaly_index(blend[0].norms, torch.tensor(self.blend_reference))[self.suspect])
+            self.extra.update(suspect=self.suspect, anomaly_index=index, flagged=flagged)
             return self.late_gap(model, layout, x, y)
+        index, flagged = latent["anomaly_index"], latent["score"] > self.flag_line
+        if spread is not None:
+            k, flagged = spread["suspect"], spread["score"] > self.flag_line
+            index = float(self.latent.suspicion(norms)[k])
         self.suspect, self.shift = k, shifts[k]
         self.layers = list(classifier_connection(layout).sources)
-        self.extra.update(suspect=k, anomaly_index=latent["anomaly_index"], layer=", ".join(self.layers),
-                          flagged=latent["score"] > self.flag_line)  # fmt: skip
+        self.extra.update(suspect=k, anomaly_index=index, layer=", ".join(self.layers), flagged=flagged)
         values = unit_values(shifts[k], layout)
         return torch.where(values.isnan(), float("-inf"), values)
+
+    def spread_choice(self, found: dict[str, dict], follows: str,
+                      norms: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any] | None]:  # fmt: skip
+        """With `class_spread`: `choose` on each verdict's standardised scores (every class's `norms`). Where it names
+        another class than `follows` does, (its verdict, {suspect, score}); else (`follows`, None). Recorded as
+        `class_spread` in the report."""
+        classes = len(norms["inversion"])
+        references = {"inversion": self.signal.reference_for(classes), "latent_gap": self.latent.reference_for(classes),
+                      "blend": self.blend_reference}  # fmt: skip
+        z = {}
+        for name, spread in self.spreads.items():
+            assert spread is not None  # refused in __init__
+            scores = standardised(norms[name], torch.tensor(references[name], dtype=norms[name].dtype), spread)
+            z[name] = {"suspect": int(torch.argmax(scores)), "score": float(scores.max())}
+        pick = choose(z, self.flag_line, self.params.inversion_first)
+        moved = z[pick]["suspect"] != found[follows]["suspect"]
+        self.extra["class_spread"] = {**z, "follows": pick, "moved": moved}
+        return (pick, z[pick]) if moved else (follows, None)
 
     def blend_verdict(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Inverted, int, float, float]:
         """Every class inverted as a whole-image blend, judged against the shipped reference's blend sizes: the

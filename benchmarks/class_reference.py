@@ -17,7 +17,10 @@ shipped class sizes come from the first build of the 30 shadow models, the untar
 2026-12-03) from a rebuild of the same configurations on another host. `--blend-only` adds, the same
 way, each class's median size of its trigger inverted as a whole-image blend (signal name
 `inversion_blend`, the inversion's settings; `verdict`'s `blend_verdict`; added 2026-12-04 from the
-rebuild).
+rebuild). `--spread-only --spread-seeds 0 1 ...` adds, per signal of `verdict`'s three class verdicts, each class's
+median and spread of its log-ratio score over the shadow models whose target is another class (ClassSpread: `verdict`'s
+`class_spread`), from verdict_choice.py's records of the shadow models with those defense seeds (both fractions); no
+model is built or defended for it.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from typing import Any
 
 import torch
 from onp_vs_baselines import fold_references, shadow_norms
-from rows import exit_2_on_bad_input
+from rows import exit_2_on_bad_input, read_verdict_choice
 from tqdm import tqdm
+from verdict_choice import results_of
 
 import onp_env
 from agents.config import load_agent_config
@@ -41,7 +45,7 @@ from agents.train import zoo_configs
 from onp_env import build_artifact, load_artifact
 from onp_env.artifacts import Artifact, write_text_atomic
 from onp_env.signals import SIGNALS
-from onp_env.signals.base import class_reference, log_spread
+from onp_env.signals.base import class_reference, log_ratio, log_spread, median_spread
 from onp_env.signals.shipped import BLEND_SIGNAL, FORMAT, FORMAT_VERSION, READ_ONLY, REFERENCES, UNTARGETED_FORMS
 from onp_env.signals.trigger_inversion import UNTARGETED_VERSION, InversionParams, invert, invert_untargeted
 
@@ -63,7 +67,18 @@ def main() -> None:
         action="store_true",
         help="add (or replace) the per-class blend sizes (inversion_blend) in the reference at --out, the rest kept",
     )
+    p.add_argument(
+        "--spread-only",
+        action="store_true",
+        help="add (or replace) each class verdict's per-class spread in the reference at --out, the rest kept",
+    )
+    p.add_argument("--spread-seeds", type=int, nargs="+", default=[0], help="the verdict_choice records' defense seeds")
     args = p.parse_args()
+    if args.spread_only:
+        signals = spread_signals(json.loads(args.out.read_text())["signals"], args.spread_seeds)
+        amend(args.out, "spread", "--spread-only", signals=signals)
+        print(f"{args.out}: per-class spreads from verdict_choice seeds {args.spread_seeds} added")
+        return
     torch.set_num_threads(1)
     folder = args.runs / "shadow-norms"
     labs = zoo_configs(load_agent_config(str(CONFIG), []))
@@ -105,6 +120,36 @@ def main() -> None:
                     "benchmarks/class_reference.py",
                     untargeted=untargeted_entry(list(untargeted.values())))  # fmt: skip
     print(f"{args.out}: {len(norms)} shadow models")
+
+
+SPREAD_SIGNALS = {"inversion": "inversion", "latent_gap": "latent_gap", "blend": BLEND_SIGNAL}
+"""verdict_choice.py's name of each class verdict -> the reference's name of its signal."""
+
+
+def spread_signals(signals: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """`signals` with each class verdict's ClassSpread added: per class, the median and spread of its log-ratio score
+    against the reference's sizes over the shadow models' recorded cells (verdict_choice.py, defense `seeds`, both
+    fractions), a model whose backdoor targets the class left out of that class's."""
+    rows = [r for seed in seeds for r in read_verdict_choice(results_of(seed)) if r["role"] == "shadow"]
+    models = len({r["model"] for r in rows})
+    out = {name: dict(entry) for name, entry in signals.items()}
+    for verdict, signal in SPREAD_SIGNALS.items():
+        reference = torch.tensor(signals[signal]["sizes"], dtype=torch.float64)
+        per_class: list[list[float]] = [[] for _ in reference]
+        for r in rows:
+            for cell in r["cells"]:
+                score = log_ratio(torch.tensor(cell[verdict]["norms"], dtype=torch.float64), reference).tolist()
+                for k, value in enumerate(score):
+                    if r["mode"] != "all-to-one" or r["target"] != k:
+                        per_class[k].append(value)
+        spreads = [median_spread(values) for values in per_class]
+        where = f"seeds {', '.join(map(str, seeds))}, 1% and 5% defense data"
+        out[signal]["spread"] = {
+            "median": [round(m, 6) for m, _ in spreads],
+            "spread": [round(s, 6) for _, s in spreads],
+            "from": f"verdict_choice.py's records of {models} shadow models, defense {where}",
+        }
+    return out
 
 
 def kept(path: Path, compute: Callable[[], Any]) -> Any:

@@ -177,7 +177,7 @@ def read_verdicts(path: Path) -> list[dict[str, Any]]:
     return read_rows(path, VERDICTS, fix=FIX)
 
 
-_FOUND = Schema("class verdict", {"suspect": COUNT, "score": REAL})
+_FOUND = Schema("class verdict", {"suspect": COUNT, "score": REAL, "norms": list_of(REAL)})
 CHOICE = Schema(
     "model's verdict choice",
     {"model": TEXT, "role": TEXT, "mode": TEXT, "target": optional(COUNT),

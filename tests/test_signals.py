@@ -1076,6 +1076,35 @@ def test_a_flagged_pair_of_verdicts_outvotes_a_stronger_third_of_another_class()
         Verdict(flagged_pair=True, reference_from="fashion-mnist")
 
 
+def test_class_spread_follows_the_class_that_stands_out_by_its_own_spread():
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import BLEND_SIGNAL, shipped_reference
+
+    shipped = shipped_reference("fashion-mnist")
+    verdict = Verdict(reference_from="fashion-mnist", blend_verdict=True, inversion_first=True, class_spread=True)
+    signals = {"inversion": "inversion", "latent_gap": "latent_gap", "blend": BLEND_SIGNAL}
+    spread = shipped.signals["inversion"]["spread"]["spread"]
+    assert spread[8] == max(spread)  # the bag's mask varies most from model to model
+    norms = {}  # every class at its typical score on the reference's models
+    for name, signal in signals.items():
+        entry = shipped.signals[signal]
+        sizes, median = (torch.tensor(v, dtype=torch.float64) for v in (entry["sizes"], entry["spread"]["median"]))
+        norms[name] = sizes * torch.exp(-median)
+    norms["inversion"] = norms["inversion"] * torch.where(torch.arange(10) == 8, 0.55, 1.0)  # the bag's mask: small
+    norms["blend"] = norms["blend"] * torch.where(torch.arange(10) == 4, 0.8, 1.0)  # class 4's blend: a little small
+    found = {"inversion": {"suspect": 8, "score": 6.0}, "latent_gap": {"suspect": 2, "score": 1.0},
+             "blend": {"suspect": 4, "score": 3.0}}  # fmt: skip
+    follows, moved = verdict.spread_choice(found, "inversion", norms)
+    z = verdict.extra["class_spread"]
+    assert (follows, moved["suspect"]) == ("blend", 4) and z["inversion"]["suspect"] == 8
+    assert z["blend"]["score"] > z["inversion"]["score"] and moved["score"] == z["blend"]["score"]
+    norms["inversion"] = norms["inversion"] * torch.where(torch.arange(10) == 8, 0.5, 1.0)  # smaller still: it wins
+    assert verdict.spread_choice(found, "inversion", norms) == ("inversion", None)
+    assert not verdict.extra["class_spread"]["moved"]
+    with pytest.raises(OnpError, match="class_spread reads each class verdict's per-class spread .* set blend_verdict"):
+        Verdict(class_spread=True, reference_from="fashion-mnist")
+
+
 def test_verdict_follows_a_blend_trigger_where_the_blend_verdict_is_the_strongest(tmp_path, monkeypatch):
     import baselines.verdict
     from baselines.verdict import Verdict
@@ -1264,6 +1293,30 @@ def test_a_shipped_reference_is_checked_before_it_is_used():
     assert ref.untargeted is not None and ref.untargeted.index("mask", math.exp(ref.untargeted.forms["mask"][0])) == 0
     with pytest.raises(OnpError, match="measured with the untargeted inversion steps=150: drop those settings"):
         ref.untargeted.check("x", 1, {**ref.untargeted.settings, "steps": 40})
+    entry = good["signals"]["inversion"]
+    spread = entry["spread"]
+    for crafted in ({**spread, "median": spread["median"][:9]}, {**spread, "spread": [0.0] * 10},
+                    {**spread, "spread": [float("nan")] * 10}, {**spread, "median": ["0"] * 10},
+                    {**spread, "from": 3}, {**spread, "extra": 1}, [0.1] * 10):  # fmt: skip
+        with pytest.raises(OnpError, match="shipped class reference 'x' is malformed .inversion spread"):
+            _parse("x", {**good, "signals": {**good["signals"], "inversion": {**entry, "spread": crafted}}})
+    settings = {**entry["settings"], "reference": []}
+    assert ref.spread("inversion", entry["version"], settings) == (spread["median"], spread["spread"])
+    with pytest.raises(OnpError, match="was measured with inversion steps=150: drop those settings"):
+        ref.spread("inversion", entry["version"], {**settings, "steps": 40})
+    bare = {**good, "signals": {**good["signals"], "inversion": {k: v for k, v in entry.items() if k != "spread"}}}
+    assert _parse("x", bare).spread("inversion", entry["version"], settings) is None
+
+
+def test_standardised_scores_divide_each_class_by_its_own_spread():
+    from onp_env.signals.base import log_ratio, standardised
+
+    reference = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    norms = torch.tensor([5.0, 20.0, 30.0, 40.0])  # class 0 half its reference size
+    median, spread = [0.0, 0.1, 0.0, 0.0], [0.5, 0.1, 0.1, 0.1]
+    z = standardised(norms, reference, (median, spread))
+    assert torch.allclose(z, (log_ratio(norms, reference) - torch.tensor(median)) / torch.tensor(spread))
+    assert z[0] == pytest.approx(math.log(2) / 0.5) and z[1] == pytest.approx(-1.0)
 
 
 def test_verdict_with_the_stronger_inversion_is_nc():

@@ -28,7 +28,7 @@ from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.models import MAX_CLASSES
-from onp_env.signals.shipped import ShippedReference, shipped_reference
+from onp_env.signals.shipped import ClassSpread, ShippedReference, shipped_reference
 
 MAD_CONSISTENCY = 1.4826
 """MAD x this estimates a normal distribution's standard deviation (NC's anomaly index)."""
@@ -46,12 +46,16 @@ def anomaly_index(norms: torch.Tensor, reference: torch.Tensor | None = None) ->
     return (med - values) / mad.clamp_min(1e-12)
 
 
+def median_spread(values: Sequence[float]) -> tuple[float, float]:
+    """(median, MAD_CONSISTENCY x MAD) of `values`: where a typical one lies, and how far they spread."""
+    med = statistics.median(values)
+    return med, MAD_CONSISTENCY * statistics.median(abs(v - med) for v in values)
+
+
 def log_spread(sizes: Sequence[float]) -> tuple[float, float]:
-    """(median, MAD_CONSISTENCY x MAD) of the log sizes of one trigger on several models: where a typical
-    model's lies, and how far they spread (a shipped reference's untargeted sizes, shipped.UntargetedSizes)."""
-    logs = [math.log(s) for s in sizes]
-    med = statistics.median(logs)
-    return med, MAD_CONSISTENCY * statistics.median(abs(v - med) for v in logs)
+    """median_spread of the log sizes of one trigger on several models (a shipped reference's untargeted sizes,
+    shipped.UntargetedSizes)."""
+    return median_spread([math.log(s) for s in sizes])
 
 
 def log_ratio(norms: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -63,6 +67,14 @@ def log_ratio(norms: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     (benchmarks/results/detect_calibration.md)."""
     values = (norms / reference).log()
     return values.median() - values
+
+
+def standardised(norms: torch.Tensor, reference: torch.Tensor, spread: ClassSpread) -> torch.Tensor:
+    """(K,) each class's log_ratio in units of that class's own spread over the reference models, less its
+    median there: a class whose trigger size varies more from model to model (a natural shortcut) needs a
+    larger ratio to stand out as much as one that varies little."""
+    median, scale = (torch.tensor(v, dtype=norms.dtype) for v in spread)
+    return (log_ratio(norms, reference) - median) / scale
 
 
 def class_scores(norms: torch.Tensor, reference: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -208,6 +220,12 @@ class Signal(ABC):
         if self.shipped is not None:
             self.shipped.check_model(model, x)
         return self.reference_for(classes)
+
+    def class_spread(self) -> ClassSpread | None:
+        """The shipped reference's per-class spread of this signal's scores (its settings checked), None without one."""
+        if self.shipped is None:
+            return None
+        return self.shipped.spread(self.name, self.version, dataclasses.asdict(self.params))
 
     def reference_for(self, classes: int) -> list[float]:
         """The reference, refused where it was computed for another class count."""

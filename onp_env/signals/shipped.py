@@ -58,6 +58,11 @@ UNTARGETED_FORMS = ("mask", "blend")
 and `verdict` reads."""
 
 
+ClassSpread = tuple[list[float], list[float]]
+"""Per class, the median and the spread (1.4826 MAD) of its log-ratio score (onp_env.signals.base.log_ratio) over the
+reference's models whose backdoor does not target it: how a class's score varies from model to model."""
+
+
 @dataclass(frozen=True)
 class UntargetedSizes:
     """An untargeted trigger's size on the reference's models, per form: the median of the log sizes
@@ -107,6 +112,12 @@ class ShippedReference:
                            f"{', '.join(sorted(self.signals))}): leave reference_from empty for it")  # fmt: skip
         _same_settings(self.name, signal, entry["version"], entry["settings"], version, settings)
         return list(entry["sizes"])
+
+    def spread(self, signal: str, version: int, settings: dict[str, Any]) -> ClassSpread | None:
+        """The per-class spread of `signal`'s scores (ClassSpread), refused as `sizes` are; None where not measured."""
+        self.sizes(signal, version, settings)
+        entry = self.signals[signal].get("spread")
+        return None if entry is None else (list(entry["median"]), list(entry["spread"]))
 
     def check_model(self, model: nn.Module, x: torch.Tensor) -> None:
         """Refuse a model of another kind than the reference's shadow models."""
@@ -169,6 +180,8 @@ def _parse(name: str, d: Any) -> ShippedReference:
             raise bad(f"{signal} sizes")
         if not isinstance(entry.get("version"), int) or not isinstance(entry.get("settings"), dict):
             raise bad(f"{signal} version or settings")
+        if "spread" in entry:
+            _check_spread(entry["spread"], classes, bad(f"{signal} spread"))
     for key in ("data", "architecture"):
         if not isinstance(d.get(key), str):
             raise bad(key)
@@ -181,6 +194,17 @@ def _parse(name: str, d: Any) -> ShippedReference:
                             detect=_parse_rule(d["detect"], signals, bad) if "detect" in d else None,
                             untargeted=_parse_untargeted(d["untargeted"], bad) if "untargeted" in d else None,
                             )  # fmt: skip
+
+
+def _check_spread(entry: Any, classes: int, bad: OnpError) -> None:
+    if not isinstance(entry, dict) or set(entry) != {"median", "spread", "from"} or not isinstance(entry["from"], str):
+        raise bad
+    for key, low, high in (("median", -100, 100), ("spread", 1e-6, 100)):
+        values = entry[key]
+        if not isinstance(values, list) or len(values) != classes:
+            raise bad
+        if not all(type(v) in (int, float) and math.isfinite(v) and low <= v <= high for v in values):
+            raise bad
 
 
 def _parse_rule(rule: Any, signals: dict[str, Any], bad: Callable[[str], OnpError]) -> DetectRule:
