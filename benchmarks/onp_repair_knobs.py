@@ -48,10 +48,11 @@ and the repair recovers less from 600 images (50 SGD steps over 5 epochs) than f
   did: 92.0 / 2.5 / 1.12 (76 of 90) against 92.1 / 2.5 / 1.09 (79) with 5%, 91.7 / 2.5 / 1.62 (65) against 91.9 /
   2.3 / 1.62 (67) with 1%. Mean seconds a seed: 15.1-19.5 with 5%, 11.2-15.5 with 1% (seed 0 is the fastest in every
   run: the agent's signals are inverted with seed 0 and verdict reuses them only when its seed is the same).
-- `pair`: the agent's command with verdict's `flagged_pair` (two flagged class verdicts that name one class outvote a
-  third verdict's larger score), the defense's seeds 0, 1 and 2, against `layout-whole`'s cells (PAIRED) by
-  PAIR_RULE, written before the run; chosen from the verdicts recorded on the shadow models with seeds 0-4
-  (verdict_choice_rules.py). Only runs whose verdicts race can move.
+- `spread`: the agent's command with verdict's `class_spread` (which class to follow chosen on each verdict's scores
+  standardised per class by the shipped reference's spreads), the defense's seeds 0, 1 and 2, against
+  `layout-whole`'s cells (AGAINST) by CHANGE_RULE, written before the run. Chosen on the verdicts recorded on the
+  shadow models (verdict_choice_rules.py; `flagged_pair`, tried first, failed its check on seed 5's shift rows).
+  Only runs whose verdicts race can move. The spreads come from those models' records, so this is in-sample.
 
 Each of the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml) is defended by the leave-one-attack-out
 agent that never saw its attack (onp_repair_sweep.fold_agent) with the pipeline of onp_vs_baselines's `shipped agent
@@ -118,7 +119,7 @@ STUDIES: dict[str, dict[str, dict[str, Any]]] = {
         "channels last seed 2": {},
     },
     "layout-whole": {f"channels last seed {seed}": {} for seed in (0, 1, 2)},
-    "pair": {f"flagged pair seed {seed}": {"flagged_pair": True} for seed in (0, 1, 2)},
+    "spread": {f"class spread seed {seed}": {"class_spread": True} for seed in (0, 1, 2)},
 }
 """Each study's settings: repair parameters on top of the recommended command's (`_DISTILL`: 5 epochs, lr 0.01); the
 first of each is the agent's command of its time (lr 0.02 once `lr-high` chose it)."""
@@ -144,7 +145,7 @@ LAYOUTS = {
         for name, layout in (("contiguous", torch.contiguous_format), ("channels last", torch.channels_last))
     },
     "layout-whole": {f"channels last seed {seed}": (torch.channels_last, seed) for seed in (0, 1, 2)},
-    "pair": {f"flagged pair seed {seed}": (torch.channels_last, seed) for seed in (0, 1, 2)},
+    "spread": {f"class spread seed {seed}": (torch.channels_last, seed) for seed in (0, 1, 2)},
 }
 """Studies whose settings are the inversions' memory layout on the CPU (trigger_inversion.CPU_LAYOUT) and the defense's
 seed, under the fraction's COMMAND; every memo of the process is emptied before each setting, so each is a fresh
@@ -158,13 +159,14 @@ LAYOUT_RULE = (0.5, 0.5, 0.2, 1)
 at most 0.5 above, its accuracy lost at most 0.2 above and its count within the target at most 1 below: a change of
 the last bits is a change of the optimisation's path, as another seed would be, and is taken for its speed where the
 defense's outcome holds."""
-PAIRED = {"pair": "layout-whole"}
-"""Studies of one change to the command, judged by PAIR_RULE against another study's cells of the same seeds."""
-PAIR_RULE = (0.0, 0.1, 0.1, 0)
-"""`flagged_pair` joins the commands where, at both fractions over the defense's seeds 0-2, its mean DER is not below
-the command's without it, its mean ASR and accuracy lost at most 0.1 above, and its count within the target not below
-(LAYOUT_RULE's order). Written before the run: the rule changes the followed class only where two flagged verdicts
-outvote a third, so every other run is the same to the last bit, and it must not make the outcome worse."""
+AGAINST = {"spread": "layout-whole"}
+"""Studies of one change to the command, judged by CHANGE_RULE against another study's cells of the same seeds."""
+CHANGE_RULE = (0.0, 0.1, 0.1, 0)
+"""The change joins the agent's command where, at both fractions over the defense's seeds 0-2, its mean DER is not
+below the command's without it, its mean ASR and accuracy lost at most 0.1 above, and its count within the target not
+below (LAYOUT_RULE's order). Written before the run: `class_spread` changes the followed class only where the
+standardised race names another class, so every other run is the same to the last bit, and it must not make the
+outcome worse."""
 RUNS = [f"{study}-{fraction}" for study in STUDIES for fraction in FRACTIONS]
 
 
@@ -219,7 +221,7 @@ WHAT = {
     "optimised in the default memory layout or channels-last, the defense's seed 1 or 2, each from empty memos",
     "layout-whole": "`repair_lr` 0.02 over 8 epochs with 1%, 3 with 5% (the agent's command), its inversions "
     "optimised with every 4-d weight in channels-last, the defense's seed 0, 1 or 2, each from empty memos",
-    "pair": "the agent's command (channels-last) with verdict's `flagged_pair`, the defense's seed 0, 1 or 2, each "
+    "spread": "the agent's command (channels-last) with verdict's `class_spread`, the defense's seed 0, 1 or 2, each "
     "from empty memos",
 }
 """Each study's settings, as its report says them."""
@@ -272,8 +274,8 @@ def report(rows: Rows) -> str:
         said += f"; CHEAPER: {cheaper} if within the target and its DER at most {slack:g} below, {der:.1f} against "
         said += f"{picked:.1f}"
         pick = cheaper if fits else pick
-    if study in PAIRED:
-        return "\n".join([*lines, "", *pair_verdict(study, fraction, rows)]) + "\n"
+    if study in AGAINST:
+        return "\n".join([*lines, "", *change_verdict(study, fraction, rows)]) + "\n"
     if study in LAYOUTS:
         return "\n".join([*lines, "", layout_verdict(study, fraction, cells)]) + "\n"
     return "\n".join([*lines, "", f"Choice for the held-out runs (onp_prunable.py's rule{said}): {pick}."]) + "\n"
@@ -315,19 +317,19 @@ def judged(new: list[dict[str, Any]], old: list[dict[str, Any]], rule: tuple[flo
     )
 
 
-def pair_verdict(study: str, fraction: float, rows: Rows) -> list[str]:
-    """PAIR_RULE at this fraction against PAIRED's study (cells of the same seeds), and every run that moved."""
-    other = PAIRED[study]
+def change_verdict(study: str, fraction: float, rows: Rows) -> list[str]:
+    """CHANGE_RULE at this fraction against AGAINST's study (cells of the same seeds), and every run that moved."""
+    other = AGAINST[study]
     seed_of = {setting: seed for setting, (_, seed) in {**LAYOUTS[study], **LAYOUTS[other]}.items()}
     before = {(json.loads(line)["model"], seed_of[c["setting"]]): c
               for line in results_of(f"{other}-{fraction}").read_text().splitlines()
               for c in json.loads(line)["cells"]}  # fmt: skip
     after = {(r["model"], seed_of[c["setting"]]): c for r in rows for c in r["cells"]}
     old = [before[key] for key in after]
-    lines = [f"PAIR_RULE at this fraction, over {len(LAYOUTS[study])} seeds ({len(after)} runs), against {other}: "
-             f"{judged(list(after.values()), old, PAIR_RULE, len(LAYOUTS[study]))}.", "",
-             "Runs whose units or ASR after the repair moved (ASR and points lost after the repair; the class followed "
-             "with flagged_pair, where recorded):", "", "| model | seed | units | ASR | lost | followed |",
+    lines = [f"CHANGE_RULE at this fraction, over {len(LAYOUTS[study])} seeds ({len(after)} runs), against {other}: "
+             f"{judged(list(after.values()), old, CHANGE_RULE, len(LAYOUTS[study]))}.", "",
+             "Runs whose units or ASR after the repair moved (ASR and points lost after the repair; the verdict and "
+             "class followed with the change):", "", "| model | seed | units | ASR | lost | followed |",
              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for (model, seed), c in after.items():
         b = before[(model, seed)]

@@ -1,4 +1,4 @@
-"""`choose` with and without `flagged_pair` or `class_spread` over every recorded race between `verdict`'s class verdicts.
+"""`choose` with and without `flagged_pair` or `class_spread` over every recorded race between the class verdicts.
 
     python benchmarks/verdict_choice_rules.py
 
