@@ -172,11 +172,12 @@ class VerdictParams(NCParams):
     Neutral on the shadow and configuration-shift means (docs/methods.md)."""
     flagged_pair: bool = False
     """Where two of the class verdicts name one class and both are flagged (score above the flag line), follow
-    that class even where the third verdict scores higher [ours]: two triggers found apart outvote one. On the
-    shadow models with the defense's seeds 0-4 (benchmarks/results/verdict_choice_rules.md) the third verdict's
-    larger score named another class 7 times in 260 all-to-one cells, a flagged pair then named the target once
-    and the wrong class never; WaNet's masks and blends agree on a wrong class (bag) with the blend below the
-    line, so both must be flagged. Needs `blend_verdict` (three verdicts)."""
+    that class even where the third verdict scores higher [ours]: two triggers found apart outvote one. Chosen on
+    the shadow models' recorded verdicts with the defense's seeds 0-4 (one wrong follow fixed in 260 all-to-one
+    cells, none broken; WaNet's masks and blends agree on a wrong class, the bag, with the blend below the line,
+    hence both flagged). Not recommended: on its check, seed 5, it broke two configuration-shift cells whose mask
+    and one other verdict barely flag the bag (2.2-3.7) against a right verdict of 8.7-18.9, and fixed none
+    (benchmarks/results/verdict_choice_rules.md). Needs `blend_verdict` (three verdicts)."""
     class_spread: bool = False
     """Choose which class to follow on each class verdict's scores standardised per class [ours]: the log ratio
     against the shipped reference, less its median over the reference's models and divided by its spread there
