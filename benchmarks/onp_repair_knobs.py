@@ -293,8 +293,7 @@ def layout_verdict(study: str, fraction: float, cells: Callable[[str], list[dict
         if each == study:
             found = [c for s in LAYOUTS[study] for c in cells(s)]
         else:
-            found = [c for line in results_of(f"{each}-{fraction}").read_text().splitlines()
-                     for c in json.loads(line)["cells"]]  # fmt: skip
+            found = [c for _, c in study_cells(each, fraction)]
         for layout, out in ((torch.channels_last, new), (torch.contiguous_format, old)):
             if layout in layouts:
                 out += [c for c in found if LAYOUTS[each][c["setting"]][0] == layout]
@@ -302,6 +301,12 @@ def layout_verdict(study: str, fraction: float, cells: Callable[[str], list[dict
             seeds += sum(f == torch.channels_last for f, _ in LAYOUTS[each].values())
     return (f"LAYOUT_RULE at this fraction, over {seeds} seed(s) ({len(new)} runs a layout): channels last "
             f"{judged(new, old, LAYOUT_RULE, seeds)}.")  # fmt: skip
+
+
+def study_cells(study: str, fraction: float) -> list[tuple[str, dict[str, Any]]]:
+    """(model, cell) of every cell another study recorded at this fraction."""
+    rows = [json.loads(line) for line in results_of(f"{study}-{fraction}").read_text().splitlines()]
+    return [(r["model"], c) for r in rows for c in r["cells"]]
 
 
 def judged(new: list[dict[str, Any]], old: list[dict[str, Any]], rule: tuple[float, ...], seeds: int) -> str:
@@ -321,9 +326,7 @@ def change_verdict(study: str, fraction: float, rows: Rows) -> list[str]:
     """CHANGE_RULE at this fraction against AGAINST's study (cells of the same seeds), and every run that moved."""
     other = AGAINST[study]
     seed_of = {setting: seed for setting, (_, seed) in {**LAYOUTS[study], **LAYOUTS[other]}.items()}
-    before = {(json.loads(line)["model"], seed_of[c["setting"]]): c
-              for line in results_of(f"{other}-{fraction}").read_text().splitlines()
-              for c in json.loads(line)["cells"]}  # fmt: skip
+    before = {(model, seed_of[c["setting"]]): c for model, c in study_cells(other, fraction)}
     after = {(r["model"], seed_of[c["setting"]]): c for r in rows for c in r["cells"]}
     old = [before[key] for key in after]
     lines = [f"CHANGE_RULE at this fraction, over {len(LAYOUTS[study])} seeds ({len(after)} runs), against {other}: "
