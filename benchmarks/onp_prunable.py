@@ -66,12 +66,13 @@ def repaired_cell(path: str, fraction: float, **params: Any) -> dict[str, Any]:
 
 def verdicts_of(repair: dict[str, Any]) -> dict[str, Any]:
     """What `verdict`'s judgement of the unpruned model named, where it repaired (its class verdicts' suspects and
-    scores, the one followed and its suspect): {} for another repair."""
+    scores, the one followed and its suspect, and with `class_spread` whether that moved it): {} for another repair."""
     if "follows" not in repair:
         return {}
     names = [n for n in ("inversion", "latent_gap", "blend") if n in repair]
     found = {n: {k: repair[n][k] for k in ("suspect", "score")} for n in names}
-    return {"verdict": {"follows": repair["follows"], "suspect": repair["suspect"], **found}}
+    moved = {"class_spread_moved": repair["class_spread"]["moved"]} if "class_spread" in repair else {}
+    return {"verdict": {"follows": repair["follows"], "suspect": repair["suspect"], **found, **moved}}
 
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:
