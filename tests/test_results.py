@@ -237,6 +237,8 @@ def test_the_committed_results_files_pass_their_readers():
     assert ROWS.read_separability(results / "feature_separability.jsonl")
     assert ROWS.read_choices(results / "onp_choices.jsonl")
     assert ROWS.read_verdicts(results / "signal_verdicts.jsonl")
+    for path in sorted(results.glob("verdict_choice*.jsonl")):
+        assert ROWS.read_verdict_choice(path)
     for folder in sorted(results.glob("bench-*")):
         assert read_cells(folder / RESULTS)
 
