@@ -187,6 +187,12 @@ class VerdictParams(NCParams):
     another class than on the indices, its verdict and class are followed (flagged above the flag line in those
     units); elsewhere nothing changes, flags and the untargeted look included. Needs `blend_verdict` and
     `reference_from=fashion-mnist`. Measured: docs/methods.md."""
+    spread_latent: bool = True
+    """With `class_spread`: a standardised choice of the latent shift moves the followed class too (false: it does
+    not; only a mask or blend inversion's does). The latent shift's per-class spreads are the narrowest (0.03-0.07
+    against 0.05-0.08 and 0.10-0.26), so a small error in them moves its standardised scores most; in the agent's
+    command on the shadow models its moves were the ones that cost (onp_repair_spread_1.md). Measured:
+    docs/methods.md."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
@@ -271,6 +277,8 @@ class Verdict(NC):
             self.blend_reference = shipped.sizes(
                 BLEND_SIGNAL, self.signal.version, dataclasses.asdict(self.signal.params)
             )
+        if not self.params.spread_latent and not self.params.class_spread:
+            raise OnpError("verdict parameters: spread_latent limits class_spread's moves: set class_spread=true")
         self.spreads: dict[str, ClassSpread | None] = {}
         if self.params.class_spread:
             shipped = self.signal.shipped
@@ -355,7 +363,7 @@ class Verdict(NC):
             scores = standardised(norms[name], torch.tensor(references[name], dtype=norms[name].dtype), spread)
             z[name] = {"suspect": int(torch.argmax(scores)), "score": float(scores.max())}
         pick = choose(z, self.flag_line, self.params.inversion_first)
-        moved = z[pick]["suspect"] != found[follows]["suspect"]
+        moved = z[pick]["suspect"] != found[follows]["suspect"] and (self.params.spread_latent or pick != "latent_gap")
         self.extra["class_spread"] = {**z, "follows": pick, "moved": moved}
         return (pick, z[pick]) if moved else (follows, None)
 

@@ -53,6 +53,13 @@ and the repair recovers less from 600 images (50 SGD steps over 5 epochs) than f
   `layout-whole`'s cells (AGAINST) by CHANGE_RULE, written before the run. Chosen on the verdicts recorded on the
   shadow models (verdict_choice_rules.py; `flagged_pair`, tried first, failed its check on seed 5's shift rows).
   Only runs whose verdicts race can move. The spreads come from those models' records, so this is in-sample.
+  Measured: holds at 5% (92.2 / 2.0 / 1.14, 77 of 90, against 92.0 / 2.5 / 1.12, 76), fails at 1% by 0.07 DER (91.7 /
+  2.6 / 1.66, 66, against 91.7 / 2.5 / 1.62, 65): the commands do not take it. Its costly moves at 1% were to the
+  latent shift (the all-to-all TrojanNN-024, 0.4% -> 25.5% on seed 1; SIG-028 seed 0, 7.05 points lost).
+- `spread-input`: written after `spread`, on fresh seeds: the agent's command without and with `class_spread` and
+  `spread_latent` false (the standardised choice moves the class only to a mask or blend inversion), the defense's
+  seeds 3 and 4, judged by CHANGE_RULE within the study; written before the run. Seeds 0-2 chose the variant, so only
+  these seeds judge it.
 
 Each of the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml) is defended by the leave-one-attack-out
 agent that never saw its attack (onp_repair_sweep.fold_agent) with the pipeline of onp_vs_baselines's `shipped agent
@@ -120,6 +127,11 @@ STUDIES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "layout-whole": {f"channels last seed {seed}": {} for seed in (0, 1, 2)},
     "spread": {f"class spread seed {seed}": {"class_spread": True} for seed in (0, 1, 2)},
+    "spread-input": {
+        f"{name} seed {seed}": extra
+        for seed in (3, 4)
+        for name, extra in (("command", {}), ("input spread", {"class_spread": True, "spread_latent": False}))
+    },
 }
 """Each study's settings: repair parameters on top of the recommended command's (`_DISTILL`: 5 epochs, lr 0.01); the
 first of each is the agent's command of its time (lr 0.02 once `lr-high` chose it)."""
@@ -146,6 +158,9 @@ LAYOUTS = {
     },
     "layout-whole": {f"channels last seed {seed}": (torch.channels_last, seed) for seed in (0, 1, 2)},
     "spread": {f"class spread seed {seed}": (torch.channels_last, seed) for seed in (0, 1, 2)},
+    "spread-input": {
+        f"{name} seed {seed}": (torch.channels_last, seed) for seed in (3, 4) for name in ("command", "input spread")
+    },  # fmt: skip
 }
 """Studies whose settings are the inversions' memory layout on the CPU (trigger_inversion.CPU_LAYOUT) and the defense's
 seed, under the fraction's COMMAND; every memo of the process is emptied before each setting, so each is a fresh
@@ -159,8 +174,9 @@ LAYOUT_RULE = (0.5, 0.5, 0.2, 1)
 at most 0.5 above, its accuracy lost at most 0.2 above and its count within the target at most 1 below: a change of
 the last bits is a change of the optimisation's path, as another seed would be, and is taken for its speed where the
 defense's outcome holds."""
-AGAINST = {"spread": "layout-whole"}
-"""Studies of one change to the command, judged by CHANGE_RULE against another study's cells of the same seeds."""
+AGAINST = {"spread": ("layout-whole", "channels last"), "spread-input": ("spread-input", "command")}
+"""Studies of one change to the command, judged by CHANGE_RULE against the cells of the same seeds of a study (itself,
+where its runs hold both) whose settings begin so."""
 CHANGE_RULE = (0.0, 0.1, 0.1, 0)
 """The change joins the agent's command where, at both fractions over the defense's seeds 0-2, its mean DER is not
 below the command's without it, its mean ASR and accuracy lost at most 0.1 above, and its count within the target not
@@ -223,6 +239,8 @@ WHAT = {
     "optimised with every 4-d weight in channels-last, the defense's seed 0, 1 or 2, each from empty memos",
     "spread": "the agent's command (channels-last) with verdict's `class_spread`, the defense's seed 0, 1 or 2, each "
     "from empty memos",
+    "spread-input": "the agent's command (channels-last) without and with verdict's `class_spread` and `spread_latent` "
+    "false, the defense's seed 3 or 4, each from empty memos",
 }
 """Each study's settings, as its report says them."""
 
@@ -324,13 +342,16 @@ def judged(new: list[dict[str, Any]], old: list[dict[str, Any]], rule: tuple[flo
 
 def change_verdict(study: str, fraction: float, rows: Rows) -> list[str]:
     """CHANGE_RULE at this fraction against AGAINST's study (cells of the same seeds), and every run that moved."""
-    other = AGAINST[study]
+    other, base = AGAINST[study]
     seed_of = {setting: seed for setting, (_, seed) in {**LAYOUTS[study], **LAYOUTS[other]}.items()}
-    before = {(model, seed_of[c["setting"]]): c for model, c in study_cells(other, fraction)}
-    after = {(r["model"], seed_of[c["setting"]]): c for r in rows for c in r["cells"]}
+    cells = [(r["model"], c) for r in rows for c in r["cells"]]
+    found = cells if other == study else study_cells(other, fraction)
+    before = {(model, seed_of[c["setting"]]): c for model, c in found if c["setting"].startswith(base)}
+    after = {(model, seed_of[c["setting"]]): c for model, c in cells if not c["setting"].startswith(base)}
     old = [before[key] for key in after]
-    lines = [f"CHANGE_RULE at this fraction, over {len(LAYOUTS[study])} seeds ({len(after)} runs), against {other}: "
-             f"{judged(list(after.values()), old, CHANGE_RULE, len(LAYOUTS[study]))}.", "",
+    seeds = len({seed for _, seed in after})
+    lines = [f"CHANGE_RULE at this fraction, over {seeds} seeds ({len(after)} runs), against {other}'s `{base}`: "
+             f"{judged(list(after.values()), old, CHANGE_RULE, seeds)}.", "",
              "Runs whose units or ASR after the repair moved (ASR and points lost after the repair; the verdict and "
              "class followed with the change):", "", "| model | seed | units | ASR | lost | followed |",
              "|---|---:|---:|---:|---:|---|"]  # fmt: skip

@@ -1101,8 +1101,16 @@ def test_class_spread_follows_the_class_that_stands_out_by_its_own_spread():
     norms["inversion"] = norms["inversion"] * torch.where(torch.arange(10) == 8, 0.5, 1.0)  # smaller still: it wins
     assert verdict.spread_choice(found, "inversion", norms) == ("inversion", None)
     assert not verdict.extra["class_spread"]["moved"]
+    found["latent_gap"] = {"suspect": 2, "score": 1.0}
+    norms["latent_gap"] = norms["latent_gap"] * torch.where(torch.arange(10) == 2, 0.8, 1.0)  # a latent class 2 wins
+    assert verdict.spread_choice(found, "inversion", norms)[0] == "latent_gap"
+    inputs = Verdict(reference_from="fashion-mnist", blend_verdict=True, inversion_first=True, class_spread=True,
+                     spread_latent=False)  # fmt: skip
+    assert inputs.spread_choice(found, "inversion", norms) == ("inversion", None)
     with pytest.raises(OnpError, match="class_spread reads each class verdict's per-class spread .* set blend_verdict"):
         Verdict(class_spread=True, reference_from="fashion-mnist")
+    with pytest.raises(OnpError, match="spread_latent limits class_spread's moves: set class_spread=true"):
+        Verdict(spread_latent=False)
 
 
 def test_verdict_follows_a_blend_trigger_where_the_blend_verdict_is_the_strongest(tmp_path, monkeypatch):
