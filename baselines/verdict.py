@@ -70,6 +70,9 @@ strong-sinusoid models of the configuration-shift set at both fractions where th
 (benchmarks/results/per_class_forms.md). The largest of the three scores is followed (choose), but a
 blend verdict gives way to a flagged mask of its class and, with `untargeted`, to a flagged untargeted look
 where neither of the other two is flagged; a blend verdict is followed as the inversion's reversed trigger is.
+Two rules for the race between the three [ours], neither in the recommended command: `flagged_pair` (two
+flagged verdicts of one class outvote a third) and `class_spread` (the race run on each class's score
+standardised by its spread over the reference's models), measured in docs/methods.md.
 
 This combination is this project's [ours]: neither paper combines the two, and the latent-shift
 paper removes the backdoor by fine-tuning with the shift, not by pruning. With `reference` and
