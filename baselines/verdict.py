@@ -330,22 +330,24 @@ class Verdict(NC):
         if follows == "inversion":
             if spread is not None:  # the standardised choice's class, flagged in its units
                 self.suspect = spread["suspect"]
-                index = float(self.signal.suspicion(self.inverted.norms)[self.suspect])
-                self.extra.update(suspect=self.suspect, anomaly_index=index, flagged=spread["score"] > self.flag_line)
+                self.extra.update(suspect=self.suspect, anomaly_index=spread["anomaly_index"],
+                                  flagged=spread["score"] > self.flag_line)  # fmt: skip
             return self.late_gap(model, layout, x, y)
         if follows == "blend":
             assert blend is not None
             self.inverted, self.suspect = blend[0], blend[1]
             index, flagged = blend[2], blend[3] > self.flag_line
             if spread is not None:
-                self.suspect, flagged = spread["suspect"], spread["score"] > self.flag_line
-                index = float(anomaly_index(blend[0].norms, torch.tensor(self.blend_reference))[self.suspect])
+                self.suspect, index, flagged = (
+                    spread["suspect"],
+                    spread["anomaly_index"],
+                    spread["score"] > self.flag_line,
+                )
             self.extra.update(suspect=self.suspect, anomaly_index=index, flagged=flagged)
             return self.late_gap(model, layout, x, y)
         index, flagged = latent["anomaly_index"], latent["score"] > self.flag_line
         if spread is not None:
-            k, flagged = spread["suspect"], spread["score"] > self.flag_line
-            index = float(self.latent.suspicion(norms)[k])
+            k, index, flagged = spread["suspect"], spread["anomaly_index"], spread["score"] > self.flag_line
         self.suspect, self.shift = k, shifts[k]
         self.layers = list(classifier_connection(layout).sources)
         self.extra.update(suspect=k, anomaly_index=index, layer=", ".join(self.layers), flagged=flagged)
@@ -355,16 +357,19 @@ class Verdict(NC):
     def spread_choice(self, found: dict[str, dict], follows: str,
                       norms: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any] | None]:  # fmt: skip
         """With `class_spread`: `choose` on each verdict's standardised scores (every class's `norms`). Where it names
-        another class than `follows` does, (its verdict, {suspect, score}); else (`follows`, None). Recorded as
-        `class_spread` in the report."""
+        another class than `follows` does, (its verdict, {suspect, score, anomaly_index}: the index of that class under
+        that verdict); else (`follows`, None). Recorded as `class_spread` in the report."""
         classes = len(norms["inversion"])
         references = {"inversion": self.signal.reference_for(classes), "latent_gap": self.latent.reference_for(classes),
                       "blend": self.blend_reference}  # fmt: skip
         z = {}
         for name, spread in self.spreads.items():
             assert spread is not None  # refused in __init__
-            scores = standardised(norms[name], torch.tensor(references[name], dtype=norms[name].dtype), spread)
-            z[name] = {"suspect": int(torch.argmax(scores)), "score": float(scores.max())}
+            reference = torch.tensor(references[name], dtype=norms[name].dtype)
+            scores = standardised(norms[name], reference, spread)
+            k = int(torch.argmax(scores))
+            z[name] = {"suspect": k, "score": float(scores[k]),
+                       "anomaly_index": float(anomaly_index(norms[name], reference)[k])}  # fmt: skip
         pick = choose(z, self.flag_line, self.params.inversion_first)
         moved = z[pick]["suspect"] != found[follows]["suspect"] and (self.params.spread_latent or pick != "latent_gap")
         self.extra["class_spread"] = {**z, "follows": pick, "moved": moved}
