@@ -73,6 +73,7 @@ _BLEND_VERDICT = {
 }
 _REUSE = {**_BLEND_VERDICT, "untargeted_outranks": True, "blend_reuse": True}
 _DISTILL = {**_REUSE, "repair_distill": 0.5}
+_SPREAD_INPUT = {"class_spread": True, "spread_latent": False}
 NO_MNP = HERE / "runs" / "agents" / "fashion-mnist-sampled-no-mnp" / "agent"
 """Where `onp train-agent --config configs/agent/fashion-mnist-sampled-no-mnp.yaml --out` HERE/runs/agents/
 fashion-mnist-sampled-no-mnp writes its agent (git-ignored)."""
@@ -177,6 +178,20 @@ SETTINGS = {
         )
         for n in (3, 8)
     },
+    # ... and verdict's choice between its verdicts made on scores standardised per class, moving only to a mask or
+    # blend inversion (onp_repair_spread-input_{1,5}.md)
+    **{
+        f"shipped agent verdict repair sweep agent limit lr {n} epochs spread": (
+            "onp",
+            {
+                "repair_with": "verdict",
+                "repair": {**_DISTILL, "repair_lr": 0.02, "repair_epochs": n, **_SPREAD_INPUT},
+                "repair_sweep": True,
+                "sweep_limit_from": "agent",
+            },
+        )
+        for n in (3, 8)
+    },
     # an agent trained without MNP's signal (configs/agent/fashion-mnist-sampled-no-mnp.yaml, trained into NO_MNP),
     # alone and with the same repair
     "no-mnp agent": ("onp", {"agent": str(NO_MNP)}),
@@ -205,9 +220,12 @@ with that sweep's accuracy limit measured from the agent's pruned model (`sweep_
 then giving back the agent's units whose return raises accuracy while the reversed trigger sends at most 1% of the
 images to its class (`sweep_spare: 0.01`), `... agent limit lr` is `... agent limit` with the repair's learning rate
 at 0.02 (`repair.repair_lr`, onp_repair_knobs.py's study lr-high), `... lr 3 epochs`/`8 epochs` that repair over 3 or 8
-epochs instead of 5 (`repair.repair_epochs`, the studies epochs and epochs-high);
+epochs instead of 5 (`repair.repair_epochs`, the studies epochs and epochs-high), `... epochs spread` that repair
+with verdict choosing on scores standardised per class, moved only to a mask or blend inversion (`repair.class_spread`,
+`repair.spread_latent: false`, the study spread-input);
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
 ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
+_LR = " verdict repair sweep agent limit lr"
 AGENT_REPAIRS = {
     " verdict repair": "shipped agent verdict repair",
     " verdict repair sweep": "shipped agent verdict repair sweep",
@@ -216,10 +234,11 @@ AGENT_REPAIRS = {
     " verdict repair sweep agent limit lr": "shipped agent verdict repair sweep agent limit lr",
     " verdict repair sweep agent limit lr 3 epochs": "shipped agent verdict repair sweep agent limit lr 3 epochs",
     " verdict repair sweep agent limit lr 8 epochs": "shipped agent verdict repair sweep agent limit lr 8 epochs",
+    **{f"{_LR} {n} epochs spread": f"shipped agent{_LR} {n} epochs spread" for n in (3, 8)},
 }
 """Method-name suffixes of a fold's agent repaired as the shipped one is by that SETTINGS entry (--agent-repair: the
 first; --repair-sweep: the second; --sweep-agent-limit: the third; --sweep-spare: the fourth; --sweep-lr: the
-fifth; --sweep-epochs N: the one of N epochs)."""
+fifth; --sweep-epochs N: the one of N epochs; with --spread also its `spread` form)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
 """The SETTINGS entry that is the README's recommended `verdict` command."""
 REPAIRED = (
@@ -242,6 +261,8 @@ REPAIRED = (
     "shipped agent verdict repair sweep agent limit lr",
     "shipped agent verdict repair sweep agent limit lr 3 epochs",
     "shipped agent verdict repair sweep agent limit lr 8 epochs",
+    "shipped agent verdict repair sweep agent limit lr 3 epochs spread",
+    "shipped agent verdict repair sweep agent limit lr 8 epochs spread",
     "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
@@ -560,6 +581,7 @@ def run(args: argparse.Namespace) -> None:
         named = list(AGENT_REPAIRS)  # the flags' suffixes in their order, then the epochs'
         suffixes = [s for s, on in zip(named, asked, strict=False) if on]  # the protocol agent's repaired runs
         suffixes += [f"{named[len(asked) - 1]} {n} epochs" for n in args.sweep_epochs]  # --sweep-lr's, N epochs
+        suffixes += [f"{named[len(asked) - 1]} {n} epochs spread" for n in args.sweep_epochs if args.spread]
         ready: list[tuple[int, int, tuple]] = []
         waiting: dict[tuple[str, str], list[tuple]] = {}
         for (held, seed), hl in held_labs.items():
@@ -717,7 +739,8 @@ def report_md(results: Path, out: Path) -> None:
         for r in cells:
             if r["fraction"] == fraction:
                 methods.setdefault((r["attack"], r["seed"]), set()).add(r["method"])
-        complete = {k for k, v in methods.items() if set(main) <= v}
+        ran = {r["method"] for r in cells if r["fraction"] == fraction}  # a method run at one fraction only
+        complete = {k for k, v in methods.items() if set(main) & ran <= v}
         at = [r for r in cells if r["fraction"] == fraction and (r["attack"], r["seed"]) in complete]
         if not at:
             continue
@@ -741,7 +764,9 @@ def report_md(results: Path, out: Path) -> None:
     for attack in dict.fromkeys(r["attack"] for r in cells):
         for fraction in sorted({r["fraction"] for r in cells if r["attack"] == attack}):
             rs = [r for r in cells if r["attack"] == attack and r["fraction"] == fraction]
-            before = [r["before"] for r in rs if r["method"] == "oracle"] or [rs[0]["before"]]
+            before = [r["before"] for r in rs if r["method"] == "oracle"] or list(
+                {r["seed"]: r["before"] for r in rs}.values()  # without the oracle: one per model
+            )
             lines += [f"### {attack}, {fraction:.0%} defense data", "",
                       f"Before: ACC {_ms([b['acc'] for b in before])}, ASR {_ms([b['asr'] for b in before])}, "
                       f"RA {_ms([b['ra'] for b in before])} ({len(before)} models).", "", *HEADER]  # fmt: skip
@@ -920,12 +945,18 @@ def main() -> None:
     p.add_argument("--sweep-epochs", nargs="+", type=int, default=[], choices=(3, 8), metavar="N",
                    help=f"also run each fold's agent as with --sweep-lr, the repair over N epochs (3 or 8: "
                         f"`{AGENT_REPAIRS[lr]} N epochs`), as `NAME{lr} N epochs`")  # fmt: skip
+    p.add_argument("--spread", action="store_true",
+                   help="with --sweep-epochs, also run each of those with verdict choosing on scores standardised "
+                        "per class, moved only to a mask or blend inversion (`repair.class_spread=true`, "
+                        "`repair.spread_latent=false`), as `NAME... N epochs spread`")  # fmt: skip
     p.add_argument("--no-agent", action="store_true",
                    help="run only --methods and --variants, not the protocol's agent (e.g. to confirm them on "
                         "fresh --seeds without training it)")  # fmt: skip
     p.add_argument("--runs", type=Path, default=HERE / "runs" / "onp")
     p.add_argument("--results", type=Path, default=HERE / "results" / "onp.md")
     args = p.parse_args()
+    if args.spread and not args.sweep_epochs:
+        p.error("--spread runs the --sweep-epochs runs' spread form: give --sweep-epochs N too")
     if args.report_only:
         report_md(args.results.with_suffix(".jsonl"), args.results)
     else:
