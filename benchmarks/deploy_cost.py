@@ -33,7 +33,9 @@ ANP run (COMPARED), deploy_cost_agent_command.md the agent's command of the READ
 deploy_cost_verdict_channels_last.md the recommended `verdict` with the inversions' first convolution left in the
 default layout by a helper that did not copy its weight of one input channel (fixed 2026-12-06).
 deploy_cost_commands_at_5.md and _at_1.md time both commands of the README, the agent's and `verdict`, against one ANP
-run per model, with every 4-d weight in channels-last for the inversions."""
+run per model, with every 4-d weight in channels-last for the inversions. deploy_cost_spread_command_at_5.md and
+_at_1.md time the agent's command with `class_spread` and `spread_latent=false` (2026-12-06) beside the same command
+without them."""
 
 from __future__ import annotations
 
@@ -90,6 +92,16 @@ COMPARED = {
     ),
     "commands at 5%": (0.05, ("shipped agent verdict repair sweep agent limit lr 3 epochs", RECOMMENDED)),
     "commands at 1%": (0.01, ("shipped agent verdict repair sweep agent limit lr 8 epochs", RECOMMENDED)),
+    **{
+        f"spread command at {fraction:.0%}": (
+            fraction,
+            (
+                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs spread",
+                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs",
+            ),
+        )
+        for fraction, epochs in ((0.05, 3), (0.01, 8))
+    },
 }
 """--setting names that time several SETTINGS entries against one ANP run per model, at one fraction, in an order that
 turns from model to model: ratios from separate runs move by up to 15% with the shared host's load, more than the
