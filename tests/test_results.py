@@ -333,6 +333,28 @@ def test_the_protocol_report_groups_a_configs_training_seeds_and_pairs_their_mod
     assert script._seeds_md(cells, ["cand"]) == []
 
 
+def test_the_protocol_report_tables_a_fraction_without_the_methods_run_only_at_another(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("onp_vs_baselines", ROOT / "benchmarks" / "onp_vs_baselines.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path, out = tmp_path / "p.jsonl", tmp_path / "p.md"
+    ran = {0.01: ["onp", "onp verdict repair sweep agent limit lr 8 epochs"],
+           0.05: ["onp", "onp verdict repair sweep agent limit lr 3 epochs"]}  # fmt: skip
+    for fraction, methods in ran.items():
+        for method in methods:
+            for seed in (101, 102):
+                append(path, {**PROTOCOL, "key": f"badnets/s{seed}/{fraction:g}/{method}", "seed": seed,
+                              "fraction": fraction, "method": method})  # fmt: skip
+    script.report_md(path, out)
+    text = out.read_text()
+    for fraction in ("1%", "5%"):  # each summary table over both models, of the methods run at its fraction
+        assert f"## All held-out attacks, {fraction} defense data (badnets; 2 models on which every method ran)" in text
+    assert (
+        "Before: ACC 90.0 ± 0.0, ASR 100.0 ± 0.0, RA 0.0 ± 0.0 (2 models)." in text
+    )  # without the oracle: one before a model
+
+
 def test_the_verdicts_report_counts_the_larger_verdict_naming_the_target(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("signal_verdicts", ROOT / "benchmarks" / "signal_verdicts.py")
