@@ -60,7 +60,13 @@ and the repair recovers less from 600 images (50 SGD steps over 5 epochs) than f
   `spread_latent` false (the standardised choice moves the class only to a mask or blend inversion), the defense's
   seeds 3 and 4, judged by CHANGE_RULE within the study; written before the run. Seeds 0-2 chose the variant, so only
   these seeds judge it. Measured: holds at 1% (91.7 / 2.5 / 1.65, 47 of 60, against 91.6 / 2.8 / 1.64,
-  47) and at 5% (92.4 / 1.6 / 1.13, 54, against 92.3 / 1.9 / 1.12, 53): the agent's command is to take it.
+  47) and at 5% (92.4 / 1.6 / 1.13, 54, against 92.3 / 1.9 / 1.12, 53): the agent's command is to take it, and
+  does since 2026-12-06.
+- `spread-check`: written after the command took it, when the README's `verdict` with the same change
+  (verdict_spread.py, seeds 7-8) showed costly moves (SIG-003 at 5%: 0.4% -> 15.2% ASR; the all-to-all WaNet-012 at
+  1%: 9.2% -> 32.4%): the same comparison as `spread-input` on the defense's seeds 7 and 8, judged by CHANGE_RULE over
+  seeds 3, 4, 7 and 8 together (POOLED), written before the run. Where it fails at either fraction, the agent's
+  command drops `class_spread` again.
 
 Each of the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml) is defended by the leave-one-attack-out
 agent that never saw its attack (onp_repair_sweep.fold_agent) with the pipeline of onp_vs_baselines's `shipped agent
@@ -128,10 +134,13 @@ STUDIES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "layout-whole": {f"channels last seed {seed}": {} for seed in (0, 1, 2)},
     "spread": {f"class spread seed {seed}": {"class_spread": True} for seed in (0, 1, 2)},
-    "spread-input": {
-        f"{name} seed {seed}": extra
-        for seed in (3, 4)
-        for name, extra in (("command", {}), ("input spread", {"class_spread": True, "spread_latent": False}))
+    **{
+        study: {
+            f"{name} seed {seed}": extra
+            for seed in seeds
+            for name, extra in (("command", {}), ("input spread", {"class_spread": True, "spread_latent": False}))
+        }
+        for study, seeds in (("spread-input", (3, 4)), ("spread-check", (7, 8)))
     },
 }
 """Each study's settings: repair parameters on top of the recommended command's (`_DISTILL`: 5 epochs, lr 0.01); the
@@ -159,9 +168,12 @@ LAYOUTS = {
     },
     "layout-whole": {f"channels last seed {seed}": (torch.channels_last, seed) for seed in (0, 1, 2)},
     "spread": {f"class spread seed {seed}": (torch.channels_last, seed) for seed in (0, 1, 2)},
-    "spread-input": {
-        f"{name} seed {seed}": (torch.channels_last, seed) for seed in (3, 4) for name in ("command", "input spread")
-    },  # fmt: skip
+    **{
+        study: {
+            f"{name} seed {seed}": (torch.channels_last, seed) for seed in seeds for name in ("command", "input spread")
+        }
+        for study, seeds in (("spread-input", (3, 4)), ("spread-check", (7, 8)))
+    },
 }
 """Studies whose settings are the inversions' memory layout on the CPU (trigger_inversion.CPU_LAYOUT) and the defense's
 seed, under the fraction's COMMAND; every memo of the process is emptied before each setting, so each is a fresh
@@ -175,9 +187,16 @@ LAYOUT_RULE = (0.5, 0.5, 0.2, 1)
 at most 0.5 above, its accuracy lost at most 0.2 above and its count within the target at most 1 below: a change of
 the last bits is a change of the optimisation's path, as another seed would be, and is taken for its speed where the
 defense's outcome holds."""
-AGAINST = {"spread": ("layout-whole", "channels last"), "spread-input": ("spread-input", "command")}
+AGAINST = {
+    "spread": ("layout-whole", "channels last"),
+    "spread-input": ("spread-input", "command"),
+    "spread-check": ("spread-check", "command"),
+}
 """Studies of one change to the command, judged by CHANGE_RULE against the cells of the same seeds of a study (itself,
 where its runs hold both) whose settings begin so."""
+POOLED = {"spread-check": ("spread-input",)}
+"""Studies judged over their own seeds and those of the studies named (their cells at the same fraction, both
+settings)."""
 CHANGE_RULE = (0.0, 0.1, 0.1, 0)
 """The change joins the agent's command where, at both fractions over the defense's seeds 0-2, its mean DER is not
 below the command's without it, its mean ASR and accuracy lost at most 0.1 above, and its count within the target not
@@ -242,6 +261,8 @@ WHAT = {
     "from empty memos",
     "spread-input": "the agent's command (channels-last) without and with verdict's `class_spread` and `spread_latent` "
     "false, the defense's seed 3 or 4, each from empty memos",
+    "spread-check": "the agent's command (channels-last) without and with verdict's `class_spread` and `spread_latent` "
+    "false, the defense's seed 7 or 8, each from empty memos",
 }
 """Each study's settings, as its report says them."""
 
@@ -346,6 +367,9 @@ def change_verdict(study: str, fraction: float, rows: Rows) -> list[str]:
     other, base = AGAINST[study]
     seed_of = {setting: seed for setting, (_, seed) in {**LAYOUTS[study], **LAYOUTS[other]}.items()}
     cells = [(r["model"], c) for r in rows for c in r["cells"]]
+    for each in POOLED.get(study, ()):
+        seed_of |= {setting: seed for setting, (_, seed) in LAYOUTS[each].items()}
+        cells += study_cells(each, fraction)
     found = cells if other == study else study_cells(other, fraction)
     before = {(model, seed_of[c["setting"]]): c for model, c in found if c["setting"].startswith(base)}
     after = {(model, seed_of[c["setting"]]): c for model, c in cells if not c["setting"].startswith(base)}
@@ -353,7 +377,14 @@ def change_verdict(study: str, fraction: float, rows: Rows) -> list[str]:
     seeds = len({seed for _, seed in after})
     lines = [f"CHANGE_RULE at this fraction, over {seeds} seeds ({len(after)} runs), against {other}'s `{base}`: "
              f"{judged(list(after.values()), old, CHANGE_RULE, seeds)}.", "",
-             "Runs whose units or ASR after the repair moved (ASR and points lost after the repair; the verdict and "
+             *moved(before, after)]  # fmt: skip
+    return lines
+
+
+def moved(before: dict[tuple[str, int], dict[str, Any]], after: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """A table of the runs (keyed by model and seed) whose units or ASR after the repair moved from `before` to
+    `after`, with the verdict and class followed after."""
+    lines = ["Runs whose units or ASR after the repair moved (ASR and points lost after the repair; the verdict and "
              "class followed with the change):", "", "| model | seed | units | ASR | lost | followed |",
              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for (model, seed), c in after.items():
