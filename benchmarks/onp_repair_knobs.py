@@ -61,12 +61,14 @@ and the repair recovers less from 600 images (50 SGD steps over 5 epochs) than f
   seeds 3 and 4, judged by CHANGE_RULE within the study; written before the run. Seeds 0-2 chose the variant, so only
   these seeds judge it. Measured: holds at 1% (91.7 / 2.5 / 1.65, 47 of 60, against 91.6 / 2.8 / 1.64,
   47) and at 5% (92.4 / 1.6 / 1.13, 54, against 92.3 / 1.9 / 1.12, 53): the agent's command is to take it, and
-  does since 2026-12-06.
+  did on 2026-12-06 until `spread-check`.
 - `spread-check`: written after the command took it, when the README's `verdict` with the same change
   (verdict_spread.py, seeds 7-8) showed costly moves (SIG-003 at 5%: 0.4% -> 15.2% ASR; the all-to-all WaNet-012 at
   1%: 9.2% -> 32.4%): the same comparison as `spread-input` on the defense's seeds 7 and 8, judged by CHANGE_RULE over
   seeds 3, 4, 7 and 8 together (POOLED), written before the run. Where it fails at either fraction, the agent's
-  command drops `class_spread` again.
+  command drops `class_spread` again. Measured with 1%: 91.8 / 2.2 / 1.75, 93 of 120 within, against 91.8 / 2.4 /
+  1.73, 94: it fails (WaNet-012 seed 8 follows a blend of class 2: 1.89 -> 3.06 points lost), and the command dropped
+  it. The 5% half ran after the decision.
 
 Each of the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml) is defended by the leave-one-attack-out
 agent that never saw its attack (onp_repair_sweep.fold_agent) with the pipeline of onp_vs_baselines's `shipped agent
