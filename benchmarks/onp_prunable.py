@@ -57,11 +57,17 @@ def repaired_cell(path: str, fraction: float, **params: Any) -> dict[str, Any]:
     method, setting = SETTINGS["shipped agent verdict repair"]
     with tempfile.TemporaryDirectory() as tmp:
         _, r = defend_artifact(path, method, {**setting, **params, "defense_fraction": fraction}, Path(tmp) / "out")
-    return {"fraction": fraction, "before": r["before"], "seconds": r["seconds"], "pruned": r["pruned"],
+    return {"fraction": fraction, **repaired_outcome(r), "sequence": r["details"]["sequence"],
+            "swept": r["details"].get("swept", []), "spared": r["details"].get("spared", []),
+            **verdicts_of(r["details"].get("repair", {}))}  # fmt: skip
+
+
+def repaired_outcome(r: dict[str, Any]) -> dict[str, Any]:
+    """What a defense that repairs its pruned model left, from its `onp defend` report `r`: the model before, the
+    seconds, the units cut, the pruned model (`agent`, before the repair) and the repaired one."""
+    return {"before": r["before"], "seconds": r["seconds"], "pruned": r["pruned"],
             "agent": {k: r[k] for k in ("acc", "asr", "der")},
-            "repaired": {k: r["finetuned"][k] for k in ("acc", "asr", "der")},
-            "sequence": r["details"]["sequence"], "swept": r["details"].get("swept", []),
-            "spared": r["details"].get("spared", []), **verdicts_of(r["details"].get("repair", {}))}  # fmt: skip
+            "repaired": {k: r["finetuned"][k] for k in ("acc", "asr", "der")}}  # fmt: skip
 
 
 def verdicts_of(repair: dict[str, Any]) -> dict[str, Any]:

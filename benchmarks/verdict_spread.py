@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from onp_prunable import FRACTIONS, outcome, verdicts_of
+from onp_prunable import FRACTIONS, outcome, repaired_outcome, verdicts_of
 from onp_repair_knobs import CHANGE_RULE, judged, moved
 from onp_repair_sweep import models
 from onp_vs_baselines import RECOMMENDED
@@ -48,10 +48,7 @@ def measure(name: str, role: str, path: str) -> dict[str, Any]:
                 with tempfile.TemporaryDirectory() as tmp:
                     _, r = defend_artifact(path, method, {**params, **extra, "defense_fraction": fraction,
                                                           "seed": seed}, Path(tmp) / "out")  # fmt: skip
-                cells.append({"fraction": fraction, "seed": seed, "setting": setting, "before": r["before"],
-                              "seconds": r["seconds"], "pruned": r["pruned"],
-                              "agent": {k: r[k] for k in ("acc", "asr", "der")},
-                              "repaired": {k: r["finetuned"][k] for k in ("acc", "asr", "der")},
+                cells.append({"fraction": fraction, "seed": seed, "setting": setting, **repaired_outcome(r),
                               **verdicts_of(r["details"])})  # fmt: skip
     attack = next(lab.attack.name for n, _, lab in models() if n == name)
     return {"model": name, "role": role, "attack": attack, "host": platform.node(), "torch": torch.__version__,
