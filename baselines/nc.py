@@ -348,11 +348,19 @@ class NC(Defense):
         self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped, "shifted": bool(shift)}
         if restamp is not None:
             self.extra["repair"]["reinverted"] = []
+        hedge = self.hedged(clean, target)
+        if hedge is not None:  # added at the end: the followed trigger's stamps index the first images
+            x, target = torch.cat([x, hedge[0]]), torch.cat([target, hedge[1]])
         augment = defense_augment(p.repair_augment, x)
         cfg = TrainConfig(epochs=p.repair_epochs, batch_size=64, lr=p.repair_lr, augment=augment,
                           threads=torch.get_num_threads(), device=str(self.device))  # fmt: skip
         return finetune_pruned(pruned_model, layout, pruned, x, target, cfg, self.semantics, self.seed,
                                f"{self.name}: repair", p.progress, {**shift, **frozen}, restamp)  # fmt: skip
+
+    def hedged(self, clean: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Images (and targets) the repair adds beside the followed trigger's stamps: none for NC, which follows one
+        reversed trigger (verdict's `hedge` adds another verdict's)."""
+        return None
 
     def whole_form(self) -> str | None:
         """The form of the whole-image trigger the repair stamps (`repair_blend`, `repair_additive`), if any."""

@@ -196,6 +196,15 @@ class VerdictParams(NCParams):
     against 0.05-0.08 and 0.10-0.26), so a small error in them moves its standardised scores most; in the agent's
     command on the shadow models its moves were the ones that cost (onp_repair_spread_1.md). Measured:
     docs/methods.md."""
+    hedge: bool = False
+    """Where a flagged mask or blend verdict (score above the flag line) names another class than the one
+    followed, the repair also unlearns its trigger [ours]: that verdict's row of its inversion (the strongest such
+    verdict's) stamped on copies of every other image the repair draws for unlearning (`unlearn`), labels and
+    targets kept, added to the repair's images. The sweep still follows one class; the repair hedges the race
+    between verdicts. On the recorded verdicts of the shadow models (verdict_choice, defense seeds 0-6) the
+    runner-up named the target in 6 of the 7 all-to-one cells that followed a wrong class, and a wrong class in
+    50 of the 357 that followed the right one (those pay for a trigger that is not the backdoor's). Not with
+    `unlearn_all` or `repair_reinvert`. Measured: docs/methods.md."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
@@ -231,6 +240,8 @@ class Verdict(NC):
     Params = VerdictParams
     blends: Inverted | None = None
     """The blend verdict's inversion of the model being defended (scores), every class a row."""
+    masks: Inverted | None = None
+    """The mask inversion of the model being defended (scores), every class a row, whichever verdict is followed."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -265,6 +276,10 @@ class Verdict(NC):
         if self.params.blend_reuse and not (self.params.blend_verdict and self.params.repair_blend):
             raise OnpError("verdict parameters: blend_reuse stamps the blend verdict's trigger in repair_blend's "
                            "place: set blend_verdict=true and repair_blend=true")  # fmt: skip
+        mixed = [k for k in ("unlearn_all", "repair_reinvert") if self.params.hedge and getattr(self.params, k)]
+        if mixed:  # unlearn_all stamps every class's trigger; repair_reinvert restamps the images hedge copies
+            raise OnpError(f"verdict parameters: hedge adds one verdict's trigger to the repair's images, which "
+                           f"{mixed[0]} stamps otherwise: drop one of them")  # fmt: skip
         if self.params.flagged_pair and not self.params.blend_verdict:
             raise OnpError("verdict parameters: flagged_pair needs three verdicts to outvote one: set "
                            "blend_verdict=true")  # fmt: skip
@@ -295,9 +310,10 @@ class Verdict(NC):
                                "reference_from=fashion-mnist")  # fmt: skip
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.untargeted = self.blends = None  # a run follows what this model's verdicts say
+        self.untargeted = self.blends = self.masks = None  # a run follows what this model's verdicts say
         self.judge(model, layout, x, y)  # its gap only where the sweep follows it: the gap is a pass over x twice
         # the argmax of either score is the index's (both decrease with log(norm / reference)): same suspect
+        self.masks = self.inverted
         mine = float(self.signal.score(self.inverted.norms, self.kind)[self.suspect])
         inversion = {"suspect": self.suspect, "anomaly_index": self.extra["anomaly_index"], "score": mine}
         self.extra["flagged"] = mine > self.flag_line
@@ -426,6 +442,24 @@ class Verdict(NC):
         """An untargeted sweep's repair stamps its trigger alone, `unlearn_all` or not."""
         untargeted = self.untargeted
         return super().one_trigger() if untargeted is None else lambda xs: untargeted.apply(0, xs)
+
+    def hedged(self, clean: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """With `hedge`: copies of every other image the repair draws for unlearning, each carrying the strongest
+        flagged mask or blend verdict of another class than the followed one, with their targets; None where there
+        is none (or the sweep follows the untargeted look, which has no class)."""
+        if not self.params.hedge or self.extra["follows"] == "untargeted":
+            return None
+        rows = {"inversion": self.masks, "blend": self.blends}
+        found = [(self.extra[v]["score"], v) for v in rows if v in self.extra and rows[v] is not None
+                 and self.extra[v]["score"] > self.flag_line and self.extra[v]["suspect"] != self.suspect]  # fmt: skip
+        if not found:
+            return None
+        verdict = max(found)[1]
+        inv, k = rows[verdict], int(self.extra[verdict]["suspect"])
+        assert inv is not None
+        half = self.repair_draw(len(clean))[0][1::2].to(clean.device)
+        self.extra["hedge"] = {"verdict": verdict, "suspect": k, "images": len(half)}
+        return inv.apply(k, clean[half]), target[half]
 
     def invert_followed(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> Inverted:
         """An untargeted sweep's trigger inverted again in its form; else the suspected class's."""

@@ -1449,3 +1449,40 @@ def test_blend_latent_stamps_the_latent_suspects_blend_trigger_beside_the_shift_
     blended = torch.isclose(xs, 0.5 * x + 0.5).flatten(1).all(1)
     assert int(blended.sum()) == 50 and torch.equal(xs[~blended], x[~blended])  # half of unlearn's 100 images
     assert torch.equal(x, given)  # the caller's defense set untouched
+
+
+def test_hedge_adds_copies_carrying_a_flagged_runner_up_of_another_class_to_the_repair(tmp_path, monkeypatch):
+    import baselines.verdict
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import BLEND_SIGNAL, shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    shipped = shipped_reference("fashion-mnist")
+    ref, latent, blend = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap", BLEND_SIGNAL))
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 8, ref), latent)  # class 4's mask, far ahead
+    sizes = torch.where(torch.arange(10) == 7, blend / 2, blend)  # class 7's blend, flagged behind it
+
+    def blended(model, x, y, classes, p, seed, device, form):  # class k's row: a 0.3 opacity of the value k / 10
+        masks, patterns = torch.full((classes, 1, 28, 28), 0.3), torch.arange(classes).view(-1, 1, 1, 1) / 10
+        return trigger_inversion.Inverted(masks, patterns.expand(classes, 1, 28, 28), sizes,
+                                          torch.ones(classes, dtype=torch.bool), 9, "blend")  # fmt: skip
+
+    monkeypatch.setattr(baselines.verdict, "invert", blended)
+    seen = repair_data(monkeypatch)
+    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "repair_epochs": 1, "unlearn": 0.5,
+              "blend_verdict": True, "repair_blend": True, "blend_reuse": True, "seed": 3}  # fmt: skip
+    plain = Verdict(**params).run(art.model, x, y).details
+    d = Verdict(hedge=True, **params).run(art.model, x, y).details
+    assert d["follows"] == plain["follows"] == "inversion" and d["suspect"] == 4
+    assert d["blend"]["suspect"] == 7 and d["blend"]["score"] > 2.0 and "hedge" not in plain
+    half = len(x) // 4  # every other image of the half drawn for unlearning
+    assert d["hedge"] == {"verdict": "blend", "suspect": 7, "images": half}
+    (xs0, ys0), (xs, ys) = seen
+    assert len(xs0) == len(x) and torch.equal(xs[: len(x)], xs0) and torch.equal(ys[: len(x)], ys0)
+    added = xs[len(x) :]
+    assert len(added) == half
+    drawn = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))[: round(0.5 * len(x))][1::2]
+    assert torch.allclose(added, 0.7 * x[drawn] + 0.3 * 0.7) and torch.equal(ys[len(x) :], y[drawn])
+    with pytest.raises(OnpError, match="hedge adds one verdict's trigger .* unlearn_all stamps otherwise"):
+        Verdict(hedge=True, unlearn_all=True)
