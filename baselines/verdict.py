@@ -203,8 +203,10 @@ class VerdictParams(NCParams):
     targets kept, added to the repair's images. The sweep still follows one class; the repair hedges the race
     between verdicts. On the recorded verdicts of the shadow models (verdict_choice, defense seeds 0-6) the
     runner-up named the target in 6 of the 7 all-to-one cells that followed a wrong class, and a wrong class in
-    50 of the 357 that followed the right one (those pay for a trigger that is not the backdoor's). Not with
-    `unlearn_all` or `repair_reinvert`. Measured: docs/methods.md."""
+    50 of the 357 that followed the right one (those pay for a trigger that is not the backdoor's). Not
+    recommended: in the agent's command on fresh seeds 9-12 it fired on 14 of 120 shadow runs at 1%, 12 times with
+    the bag's mask (a wrong class), followed the right class in all 14, and cost accuracy (1.92 -> 1.96 points,
+    83 -> 81 runs within; benchmarks/results/onp_repair_hedge_1.md). Not with `unlearn_all` or `repair_reinvert`."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
