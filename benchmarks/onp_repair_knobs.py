@@ -110,6 +110,7 @@ from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 from verdict_repair import TARGET
 
+from baselines.verdict import VerdictParams
 from onp_env.signals import trigger_inversion
 from onp_env.signals.base import Memo
 
@@ -279,7 +280,8 @@ def hedge_fires(cell: dict[str, Any]) -> bool:
     v = cell.get("verdict")
     if not v or v["follows"] == "untargeted":
         return False
-    return any(v[n]["score"] > 2.0 and v[n]["suspect"] != v["suspect"] for n in ("inversion", "blend") if n in v)
+    line = VerdictParams().flag_index  # the command leaves it at its default
+    return any(v[n]["score"] > line and v[n]["suspect"] != v["suspect"] for n in ("inversion", "blend") if n in v)
 
 
 WHAT = {
