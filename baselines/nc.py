@@ -173,7 +173,7 @@ class NC(Defense):
 
     def judge(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> None:
         """Every class's trigger inverted; the suspect, its anomaly index and whether it is flagged, recorded."""
-        self.inverted = self.signal.invert(model, x, y)
+        self.inverted = self.invert_all(model, x, y)
         index = self.signal.suspicion(self.inverted.norms)  # against params.reference where one is given
         if self.params.reference_from:
             self.extra["reference_from"] = self.params.reference_from
@@ -184,6 +184,10 @@ class NC(Defense):
         lay = layout.layers[-1]
         self.layers = [lay.name]
         self.extra["layer"] = lay.name
+
+    def invert_all(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Inverted:
+        """Every class's trigger inverted (memoised by the signal)."""
+        return self.signal.invert(model, x, y)
 
     def late_gap(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(units,) the reversed trigger's gap on the last unit layer, -inf elsewhere."""

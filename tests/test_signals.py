@@ -1486,3 +1486,37 @@ def test_hedge_adds_copies_carrying_a_flagged_runner_up_of_another_class_to_the_
     assert torch.allclose(added, 0.7 * x[drawn] + 0.3 * 0.7) and torch.equal(ys[len(x) :], y[drawn])
     with pytest.raises(OnpError, match="hedge adds one verdict's trigger .* unlearn_all stamps otherwise"):
         Verdict(hedge=True, unlearn_all=True)
+
+
+def test_mask_restarts_invert_the_top_classes_again_and_keep_each_ones_smallest_working_trigger(tmp_path, monkeypatch):
+    import baselines.verdict
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    shipped = shipped_reference("fashion-mnist")
+    ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
+    scale = torch.ones(10)
+    scale[8], scale[6] = 1 / 4, 1 / 2  # the all-class run: the bag far ahead, class 6 behind it
+    stub_sizes(monkeypatch, ref * scale, latent)
+    calls = []
+
+    def alone(model, x, y, target, p, seed, device, form="mask"):  # class 6 alone finds a 20th of its size; 8 does not
+        calls.append((target, seed))
+        size = ref[6] / 20 if target == 6 else ref[target]
+        masks = torch.full((1, 1, 28, 28), float(target))
+        return trigger_inversion.Inverted(masks, masks, size.view(1), torch.ones(1, dtype=torch.bool), 5)
+
+    monkeypatch.setattr(baselines.verdict, "invert_toward", alone)
+    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "seed": 3}
+    assert Verdict(**params).run(art.model, x, y).details["suspect"] == 8 and not calls
+    v = Verdict(mask_restarts=2, restart_classes=2, **params)
+    d = v.run(art.model, x, y).details
+    assert calls == [(8, 3), (8, 4), (6, 3), (6, 4)]  # the two top classes, seeds seed and seed + 1
+    assert d["follows"] == "inversion" and d["suspect"] == 6 and d["flagged"]
+    eight, six = [float(ref[8] / 4), float(ref[8]), float(ref[8])], [float(ref[6] / 2), *[float(ref[6] / 20)] * 2]
+    assert d["restarts"] == {"8": pytest.approx(eight), "6": pytest.approx(six)}
+    assert v.masks is not None and float(v.masks.norms[6]) == pytest.approx(float(ref[6] / 20))
+    assert torch.equal(v.masks.masks[6], torch.full((1, 28, 28), 6.0))  # the sweep and repair stamp the restart's
+    assert torch.equal(v.masks.masks[8], torch.zeros(1, 28, 28))  # a restart no smaller leaves the row as it was
