@@ -215,22 +215,32 @@ class VerdictParams(NCParams):
     the bag's mask (a wrong class), followed the right class in all 14, and cost accuracy (1.92 -> 1.96 points,
     83 -> 81 runs within; benchmarks/results/onp_repair_hedge_1.md). Not with `unlearn_all` or `repair_reinvert`."""
     mask_restarts: int = bounded(0, ge=0, le=20)
-    """Before the verdicts are compared, the `restart_classes` classes the mask inversion scores highest are each
-    inverted again alone this many times [ours] (trigger_inversion.invert_toward with the same settings and seeds
-    seed, seed + 1, ...: each run starts elsewhere than the all-class run did), and each keeps the smallest trigger
-    that works (NC's own criterion), in its size, its score and, where followed, the sweep's gap and the repair's
-    stamps. The all-class run can settle on a trigger off the backdoor's: on the configuration-shift set's centred
-    3-pixel TrojanNN its class-6 mask measured 17.3 with 1.5 of it on the patch, and the bag's mask was followed; one
-    run of class 6 alone measured 5.6, all of it on the patch (benchmarks/results/mask_restarts.md). The shipped
-    reference's sizes come from all-class runs, so a restarted class's score leans high: the candidates all lean
-    alike. 0: off."""
+    """Mask triggers inverted again, each class alone, this many times [ours] (trigger_inversion.invert_toward with
+    the same settings and seeds seed, seed + 1, ...: each run starts elsewhere than the all-class run did); a class
+    keeps the smallest trigger that works (NC's own criterion). Which classes, `restart_scope` says. The all-class
+    run can settle on a trigger off the backdoor's: on the configuration-shift set's centred 3-pixel TrojanNN its
+    class-6 mask measured 17.3 with 1.5 of it on the patch, and the bag's mask was followed; one run of class 6 alone
+    measured 5.6, all of it on the patch (benchmarks/results/mask_restart_patch.md). Not recommended with scope
+    `candidates`: on the shadow models (fresh seed 13) it fails CHANGE_RULE at both fractions, as a restarted bag
+    outgrows its reference (SIG-028 at 5%: 1.4% -> 13.7% ASR; benchmarks/results/mask_restarts_shadow-candidates.md).
+    0: off."""
+    restart_scope: str = "candidates"
+    """With `mask_restarts`: `candidates`, the `restart_classes` classes the mask inversion scores highest, before
+    the verdicts are compared (their sizes, scores and, where followed, triggers become the restarts'; the shipped
+    reference's sizes come from all-class runs, so a restarted class's score leans high); `followed`, only the class
+    whose mask the sweep follows, after the verdicts are compared (its trigger in the sweep's gap and the repair's
+    stamps; no score changes)."""
     restart_classes: int = bounded(3, ge=1, le=1000)
-    """With `mask_restarts`: how many of the mask inversion's highest-scoring classes are inverted again."""
+    """With `mask_restarts` and scope `candidates`: how many of the mask inversion's highest-scoring classes."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
     followed and flagged above the rule's line, and the latent sweep stops once the re-solved score
     is at most that line; `flag_index` and `stop_index` are then not read."""
+
+
+RESTART_SCOPES = ("candidates", "followed")
+"""The classes `mask_restarts` inverts again (VerdictParams.restart_scope)."""
 
 
 def choose(found: dict[str, dict], line: float, inversion_first: bool, flagged_pair: bool = False) -> str:
@@ -316,6 +326,9 @@ class Verdict(NC):
             self.blend_reference = shipped.sizes(
                 BLEND_SIGNAL, self.signal.version, dataclasses.asdict(self.signal.params)
             )
+        if self.params.restart_scope not in RESTART_SCOPES:
+            raise OnpError(f"verdict parameters: restart_scope {self.params.restart_scope!r}: one of "
+                           f"{', '.join(RESTART_SCOPES)}")  # fmt: skip
         if not self.params.spread_latent and not self.params.class_spread:
             raise OnpError("verdict parameters: spread_latent limits class_spread's moves: set class_spread=true")
         self.spreads: dict[str, ClassSpread | None] = {}
@@ -369,6 +382,8 @@ class Verdict(NC):
                 self.suspect = spread["suspect"]
                 self.extra.update(suspect=self.suspect, anomaly_index=spread["anomaly_index"],
                                   flagged=spread["score"] > self.flag_line)  # fmt: skip
+            if self.params.mask_restarts and self.params.restart_scope == "followed":
+                self.inverted = self.restarted(model, x, y, self.inverted, [self.suspect])
             return self.late_gap(model, layout, x, y)
         if follows == "blend":
             assert blend is not None
@@ -392,21 +407,26 @@ class Verdict(NC):
         return torch.where(values.isnan(), float("-inf"), values)
 
     def invert_all(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Inverted:
-        """NC's inversion of every class, with `mask_restarts`' runs of its highest-scoring classes: each such
-        row replaced by the smallest working trigger of its runs (the all-class run's among them); their sizes
-        recorded."""
+        """NC's inversion of every class; with `mask_restarts` and scope `candidates`, its highest-scoring classes'
+        rows restarted."""
         inv = super().invert_all(model, x, y)
-        if not self.params.mask_restarts:
+        if not self.params.mask_restarts or self.params.restart_scope != "candidates":
             return inv
+        top = self.signal.score(inv.norms, self.kind).argsort(descending=True)[: self.params.restart_classes]
+        return self.restarted(model, x, y, inv, top.tolist())
+
+    def restarted(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, inv: Inverted,
+                  classes: list[int]) -> Inverted:  # fmt: skip
+        """`inv` with each of `classes`' rows replaced by the smallest working trigger of `mask_restarts` runs of that
+        class alone, where one is smaller (or the row never worked); every run's size recorded."""
         masks, patterns, norms, reached = (
             inv.masks.clone(),
             inv.patterns.clone(),
             inv.norms.clone(),
             inv.reached.clone(),
         )
-        top = self.signal.score(inv.norms, self.kind).argsort(descending=True)[: self.params.restart_classes]
         sizes: dict[str, list[float]] = {}
-        for k in top.tolist():
+        for k in classes:
             sizes[str(k)] = [float(norms[k])]
             for r in range(self.params.mask_restarts):
                 one = invert_toward(model, x, y, k, self.signal.params, self.seed + r, self.device)

@@ -1,27 +1,34 @@
-"""Whether `verdict`'s `mask_restarts` (its highest-scoring classes' mask triggers inverted again alone) pays.
+"""Whether `verdict`'s `mask_restarts` (mask triggers inverted again, each class alone) pays.
 
-    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/mask_restarts.py --set shadow|shift [--workers 2]
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/mask_restarts.py --run SET-SCOPE [--workers 2]
 
 On the configuration-shift set's centred 3-pixel TrojanNN s202 with 5% defense data and the defense's seed 2, the
 mask inversion of every class at once settles on a class-6 trigger of 17.3 pixels with 1.5 of them on the patch, and
 the bag's mask (class 8) is followed: 83% ASR after the repair. One run of class 6 alone from another start finds 5.6
-pixels, all on the patch. Here the README's recommended command (`verdict` as
-configs/bench/fashion-mnist-shift-distill.yaml holds it) runs without and with `mask_restarts` = 1 (RESTARTS;
-`restart_classes` 3), at 1% and 5%.
+pixels, all on the patch (mask_restart_patch.md). Here the README's recommended command (`verdict` as
+configs/bench/fashion-mnist-shift-distill.yaml holds it) runs without and with `mask_restarts` = 1 in one of the
+RESTART_SCOPES, at 1% and 5%. `--run` is SET-SCOPE:
 
-- `--set shadow`: the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml) with the defense's seed 13
-  (SHADOW_SEEDS; run by no study before). The rule, written before the run: by onp_repair_knobs.CHANGE_RULE at each
-  fraction (mean DER not below, mean ASR and points lost at most 0.1 above, runs within the target not fewer), and
-  where it holds at both fractions, the README's `verdict` command takes the change; where it fails at either, not.
-  The leave-one-attack-out fold agents were not on this host, so the agent's command is not judged here.
-- `--set shift`: the 12 configuration-shift models with the model's seed and seeds 1-2 (shift_seeds.SEEDS), for
-  the report only; nothing is chosen on them.
+- `shadow-candidates`: the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml), the defense's seed 13
+  (run by no study before), scope `candidates` (`restart_classes` 3). The rule, written before the run: by
+  onp_repair_knobs.CHANGE_RULE at each fraction (mean DER not below, mean ASR and points lost at most 0.1 above, runs
+  within the target not fewer); where it holds at both fractions the README's `verdict` command takes the change,
+  where it fails at either, not. Measured: fails at both (89.0 / 8.3 / 1.43, 22 of 30, against 89.0 / 8.3 / 1.40,
+  23 at 1%; 90.0 / 7.0 / 0.77, 24, against 90.2 / 6.6 / 0.75, 25 at 5%, where SIG-028 follows the bag's restarted
+  mask, 1.4% -> 13.7% ASR).
+- `shadow-followed`: written after that failure: scope `followed` (only the followed mask class, after the verdicts
+  are compared: no race moves), the defense's seed 14 (fresh), the same rule written before the run. A run whose
+  `without` cell did not follow the mask inversion is copied (the change cannot touch it).
+- `shift-candidates`, `shift-followed`: the 12 configuration-shift models with the model's seed and seeds 1-2
+  (shift_seeds.SEEDS), for the report only; nothing is chosen on them.
 
-Both settings of one model run in one process: the second reuses the first's memoised inversions (no seconds are
-compared). One JSON line per model in mask_restarts_SET.jsonl (resumable), then mask_restarts_SET.md."""
+The leave-one-attack-out fold agents were not on this host, so the agent's command is not judged here. Both settings
+of one model run in one process: the second reuses the first's memoised inversions (no seconds are compared). One
+JSON line per model in mask_restarts_RUN.jsonl (resumable), then mask_restarts_RUN.md."""
 
 from __future__ import annotations
 
+import argparse
 import platform
 import tempfile
 from pathlib import Path
@@ -35,54 +42,62 @@ from shift_seeds import METHODS, SEEDS
 from shift_seeds import models as shift_models
 from signal_models import HERE, Rows, per_model_main
 
+from baselines.verdict import RESTART_SCOPES
 from onp_env.defend import defend_artifact
 
 FRACTIONS = (0.01, 0.05)
-SHADOW_SEEDS = (13,)
-RESTARTS = {"without": {}, "with": {"mask_restarts": 1}}
-"""The two settings, added to `verdict`'s parameters."""
+SHADOW_SEEDS = {"candidates": (13,), "followed": (14,)}
 SETS = {"shadow": shadow_models, "shift": shift_models}
+CLASSES = {"candidates": " (`restart_classes` 3)"}
+RUNS = [f"{which}-{scope}" for which in SETS for scope in RESTART_SCOPES]
 
 
-def results_of(which: str) -> Path:
-    return HERE / "results" / f"mask_restarts_{which}.jsonl"
+def results_of(run: str) -> Path:
+    return HERE / "results" / f"mask_restarts_{run}.jsonl"
 
 
-def seeds_of(name: str, role: str) -> tuple[int, ...]:
-    return SHADOW_SEEDS if role == "shadow" else (int(name.rsplit("-s", 1)[1]), *SEEDS)
+def seeds_of(name: str, role: str, scope: str) -> tuple[int, ...]:
+    return SHADOW_SEEDS[scope] if role == "shadow" else (int(name.rsplit("-s", 1)[1]), *SEEDS)
 
 
-def measure(name: str, role: str, path: str, which: str) -> dict[str, Any]:
+def measure(name: str, role: str, path: str, run: str) -> dict[str, Any]:
     torch.set_num_threads(1)
+    scope = run.split("-", 1)[1]
     cells = []
     for fraction in FRACTIONS:
         defense, params = METHODS["verdict"][fraction]
-        for seed in seeds_of(name, role):
-            for setting, extra in RESTARTS.items():
+        for seed in seeds_of(name, role, scope):
+            for setting, extra in (("without", {}), ("with", {"mask_restarts": 1, "restart_scope": scope})):
+                if setting == "with" and scope == "followed" and cells[-1]["verdict"]["follows"] != "inversion":
+                    cells.append({**cells[-1], "setting": setting, "copied": True})
+                    continue
                 with tempfile.TemporaryDirectory() as tmp:
-                    run = {**params, **extra, "defense_fraction": fraction, "seed": seed}
-                    _, r = defend_artifact(path, defense, run, Path(tmp) / "out")
+                    run_params = {**params, **extra, "defense_fraction": fraction, "seed": seed}
+                    _, r = defend_artifact(path, defense, run_params, Path(tmp) / "out")
                 d = r["details"]
                 cells.append({"setting": setting, "fraction": fraction, "seed": seed, "before": r["before"],
                               "repaired": r["finetuned"], "pruned": r["pruned"], "seconds": r["seconds"],
                               "verdict": {"follows": d.get("follows"), "suspect": d.get("suspect")},
                               "restarts": d.get("restarts")})  # fmt: skip
-    return {"model": name, "role": role, "host": platform.node(), "torch": torch.__version__, "cells": cells}
+    return {"model": name, "role": role, "run": run, "host": platform.node(), "torch": torch.__version__,
+            "cells": cells}  # fmt: skip
 
 
 def report(rows: Rows) -> str:
-    which = rows[0]["role"] if rows else "shadow"
+    run = rows[0].get("run", "shadow-candidates") if rows else "?"
+    which, scope = run.split("-", 1)
     lines = [
-        f"# `verdict` without and with `mask_restarts` ({which} models)",
+        f"# `verdict` without and with `mask_restarts`, scope `{scope}` ({which} models)",
         "",
-        f"Generated by `python benchmarks/mask_restarts.py --set {which}` from mask_restarts_{which}.jsonl: "
+        f"Generated by `python benchmarks/mask_restarts.py --run {run}` from mask_restarts_{run}.jsonl: "
         f"{len(rows)} models, `verdict` as configs/bench/fashion-mnist-shift-distill.yaml holds it, without and with "
-        "`mask_restarts` 1 (`restart_classes` 3). Mean DER / ASR left / points lost after the repair, and the runs "
-        f"within the target (ASR <= 5%, <= 2 points lost). Hosts: {', '.join(sorted({r['host'] for r in rows}))}.",
+        f"`mask_restarts` 1, scope `{scope}`{CLASSES.get(scope, '')}. Mean DER / ASR left / points lost after the "
+        "repair, and the runs within the target (ASR <= 5%, <= 2 points lost). Hosts: "
+        f"{', '.join(sorted({r['host'] for r in rows}))}.",
     ]
     for fraction in FRACTIONS:
         by = {s: {(r["model"], c["seed"]): c for r in rows for c in r["cells"]
-                  if c["fraction"] == fraction and c["setting"] == s} for s in RESTARTS}  # fmt: skip
+                  if c["fraction"] == fraction and c["setting"] == s} for s in ("without", "with")}  # fmt: skip
         if not by["with"]:
             continue
         seeds = len({seed for _, seed in by["with"]})
@@ -95,13 +110,11 @@ def report(rows: Rows) -> str:
 
 
 def main() -> None:
-    import argparse
-
     peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--set", choices=list(SETS), default="shadow")
-    which = peek.parse_known_args()[0].set
-    per_model_main(__doc__, results_of(which), SETS[which](), measure, report,
-                   option=("--set", {"choices": list(SETS), "required": True}, results_of))  # fmt: skip
+    peek.add_argument("--run", choices=RUNS, required=True)
+    run = peek.parse_known_args()[0].run
+    per_model_main(__doc__, results_of(run), SETS[run.split("-", 1)[0]](), measure, report,
+                   option=("--run", {"choices": RUNS, "required": True}, results_of))  # fmt: skip
 
 
 if __name__ == "__main__":

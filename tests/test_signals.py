@@ -1500,17 +1500,19 @@ def test_mask_restarts_invert_the_top_classes_again_and_keep_each_ones_smallest_
     scale = torch.ones(10)
     scale[8], scale[6] = 1 / 4, 1 / 2  # the all-class run: the bag far ahead, class 6 behind it
     stub_sizes(monkeypatch, ref * scale, latent)
-    calls = []
+    calls, bag = [], 1.0
 
     def alone(model, x, y, target, p, seed, device, form="mask"):  # class 6 alone finds a 20th of its size; 8 does not
         calls.append((target, seed))
-        size = ref[6] / 20 if target == 6 else ref[target]
+        size = ref[6] / 20 if target == 6 else ref[target] * bag
         masks = torch.full((1, 1, 28, 28), float(target))
         return trigger_inversion.Inverted(masks, masks, size.view(1), torch.ones(1, dtype=torch.bool), 5)
 
     monkeypatch.setattr(baselines.verdict, "invert_toward", alone)
     params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "seed": 3}
-    assert Verdict(**params).run(art.model, x, y).details["suspect"] == 8 and not calls
+    plain = Verdict(**params).run(art.model, x, y).details
+    assert plain["suspect"] == 8 and not calls
+    plain_index = plain["anomaly_index"]
     v = Verdict(mask_restarts=2, restart_classes=2, **params)
     d = v.run(art.model, x, y).details
     assert calls == [(8, 3), (8, 4), (6, 3), (6, 4)]  # the two top classes, seeds seed and seed + 1
@@ -1520,3 +1522,14 @@ def test_mask_restarts_invert_the_top_classes_again_and_keep_each_ones_smallest_
     assert v.masks is not None and float(v.masks.norms[6]) == pytest.approx(float(ref[6] / 20))
     assert torch.equal(v.masks.masks[6], torch.full((1, 28, 28), 6.0))  # the sweep and repair stamp the restart's
     assert torch.equal(v.masks.masks[8], torch.zeros(1, 28, 28))  # a restart no smaller leaves the row as it was
+    calls.clear()
+    bag = 1 / 8  # the bag alone finds half its all-class size
+    v = Verdict(mask_restarts=1, restart_scope="followed", **params)
+    d = v.run(art.model, x, y).details
+    assert calls == [(8, 3)] and d["suspect"] == 8  # the followed class alone, after the verdicts were compared
+    assert d["restarts"] == {"8": pytest.approx([float(ref[8] / 4), float(ref[8] / 8)])}
+    assert v.inverted is not None and torch.equal(v.inverted.masks[8], torch.full((1, 28, 28), 8.0))  # followed
+    assert v.masks is not None and torch.equal(v.masks.masks[8], torch.zeros(1, 28, 28))  # the verdicts' record
+    assert d["anomaly_index"] == plain_index  # no score moves
+    with pytest.raises(OnpError, match="restart_scope 'all': one of candidates, followed"):
+        Verdict(mask_restarts=1, restart_scope="all")
