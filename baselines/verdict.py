@@ -220,10 +220,13 @@ class VerdictParams(NCParams):
     keeps the smallest trigger that works (NC's own criterion). Which classes, `restart_scope` says. The all-class
     run can settle on a trigger off the backdoor's: on the configuration-shift set's centred 3-pixel TrojanNN its
     class-6 mask measured 17.3 with 1.5 of it on the patch, and the bag's mask was followed; one run of class 6 alone
-    measured 5.6, all of it on the patch (benchmarks/results/mask_restart_patch.md). Not recommended with scope
-    `candidates`: on the shadow models (fresh seed 13) it fails CHANGE_RULE at both fractions, as a restarted bag
-    outgrows its reference (SIG-028 at 5%: 1.4% -> 13.7% ASR; benchmarks/results/mask_restarts_shadow-candidates.md).
-    0: off."""
+    measured 5.6, all of it on the patch; over 24 runs on the four centred-patch models the smaller of the two runs
+    correlated better with the real trigger's gap wherever the run alone was smaller (11 of 11), and the mask named
+    the target in 24 of 24 runs (23 before; benchmarks/results/mask_restart_patch.md). Not recommended: in the
+    README's `verdict` on the shadow models it fails CHANGE_RULE at both fractions in either scope (`candidates`,
+    seed 13: a restarted bag outgrows its reference, SIG-028 at 5% 1.4% -> 13.7% ASR; `followed`, seed 14: neutral
+    in the means, one model within fewer at each fraction, BadNets-010 3.6% -> 6.1% at 5%: a corner patch's restart
+    finds a smaller trigger than the patch; benchmarks/results/mask_restarts_shadow-*.md). 0: off."""
     restart_scope: str = "candidates"
     """With `mask_restarts`: `candidates`, the `restart_classes` classes the mask inversion scores highest, before
     the verdicts are compared (their sizes, scores and, where followed, triggers become the restarts'; the shipped
