@@ -27,6 +27,8 @@ RESTART_SCOPES, at 1% and 5%. `--run` is SET-SCOPE:
   with 1%, 94.0 / 5.4 / 0.81 (27) against 92.6 / 8.2 / 0.79 (27) with 5%. It fixes the centred TrojanNN s202 at 5%
   (83.1% -> 3.1%) and a centred BadNets at 1% (27.7% -> 1.1%), and breaks alpha-0.4 Blended s202 at 1% (0.1% ->
   77.6%: its restarted mask of the target outscores the blend verdict, and a mask's repair leaves the blend).
+  `shift-followed`: neutral (93.4 / 5.7 / 1.69, 21, against 93.4 / 5.6 / 1.70 with 1%; 92.6 / 8.2 / 0.79, 27, both
+  ways with 5%); its `without` cells reproduce `shift-candidates`' to the last digit (72 of 72).
 
 The leave-one-attack-out fold agents were not on this host, so the agent's command is not judged here. Both settings
 of one model run in one process: the second reuses the first's memoised inversions (no seconds are compared). One
