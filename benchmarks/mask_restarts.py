@@ -92,7 +92,7 @@ def measure(name: str, role: str, path: str, run: str) -> dict[str, Any]:
 
 
 def report(rows: Rows) -> str:
-    run = rows[0].get("run", "shadow-candidates") if rows else "?"
+    run = rows[0]["run"] if rows else "?"
     which, scope = run.split("-", 1)
     lines = [
         f"# `verdict` without and with `mask_restarts`, scope `{scope}` ({which} models)",
