@@ -23,6 +23,7 @@ from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
+from onp_env.models.layers import keep_values, lay_out
 from onp_env.training import train
 
 
@@ -118,18 +119,23 @@ class Defense(ABC):
 def finetune_pruned(model: nn.Module, layout: UnitLayout, pruned: list[int], x: torch.Tensor, y: torch.Tensor,
                     cfg: TrainConfig, semantics: str, seed: int, desc: str, progress: bool,
                     pre_hooks: dict[str, Callable[..., Any]] | None = None,
-                    before_epoch: Callable[[nn.Module, int], None] | None = None) -> nn.Module:  # fmt: skip
+                    before_epoch: Callable[[nn.Module, int], None] | None = None,
+                    cpu_layout: torch.memory_format = torch.contiguous_format) -> nn.Module:  # fmt: skip
     """A copy of `model` trained on (x, y) with the `pruned` units held at zero by their masks (folded in).
     `pre_hooks` (module name: forward pre-hook) act during the training only; the copy returned has none.
-    `before_epoch(copy, epoch)`: onp_env.training.train's, on the masked copy (it may rewrite `x` in place)."""
+    `before_epoch(copy, epoch)`: onp_env.training.train's, on the masked copy (it may rewrite `x` in place).
+    `cpu_layout`: the memory layout of the copy's 4-d weights while it trains on a CPU; it is returned in the
+    model's own."""
     tuned = copy.deepcopy(model)
     modules = dict(tuned.named_modules())
     with Masks(tuned, layout, semantics) as masks:
         masks.prune(pruned)
         handles = [modules[name].register_forward_pre_hook(hook) for name, hook in (pre_hooks or {}).items()]
+        moved = lay_out(tuned, cpu_layout) if resolve_device(cfg.device).type == "cpu" else []
         try:
             train(tuned, PoisonedSet(x, y), cfg, seed, desc=desc, progress=progress, before_epoch=before_epoch)
         finally:
+            keep_values(moved)
             for handle in handles:
                 handle.remove()
         return masks.export()

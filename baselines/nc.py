@@ -80,6 +80,11 @@ from onp_env.signals.trigger_inversion import (
 )
 from onp_env.training import check_defense_augment, defense_augment
 
+REPAIR_LAYOUT = torch.contiguous_format
+"""The memory layout of the pruned model's 4-d weights while the repair trains it on a CPU (the model is returned in
+its own). A training step of the small CNN takes 0.64 of the default layout's time in channels-last
+(benchmarks/results/layout_speed_training.md); its sums run in another order, which moves the repair's path."""
+
 
 @dataclass
 class NCParams(InversionParams):
@@ -359,7 +364,8 @@ class NC(Defense):
         cfg = TrainConfig(epochs=p.repair_epochs, batch_size=64, lr=p.repair_lr, augment=augment,
                           threads=torch.get_num_threads(), device=str(self.device))  # fmt: skip
         return finetune_pruned(pruned_model, layout, pruned, x, target, cfg, self.semantics, self.seed,
-                               f"{self.name}: repair", p.progress, {**shift, **frozen}, restamp)  # fmt: skip
+                               f"{self.name}: repair", p.progress, {**shift, **frozen}, restamp,
+                               REPAIR_LAYOUT)  # fmt: skip
 
     def hedged(self, clean: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Images (and targets) the repair adds beside the followed trigger's stamps: none for NC, which follows one

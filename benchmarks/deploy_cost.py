@@ -33,7 +33,9 @@ ANP run (COMPARED), deploy_cost_agent_command.md the agent's command of the READ
 deploy_cost_verdict_channels_last.md the recommended `verdict` with the inversions' first convolution left in the
 default layout by a helper that did not copy its weight of one input channel (fixed 2026-12-06).
 deploy_cost_commands_at_5.md and _at_1.md time both commands of the README, the agent's and `verdict`, against one ANP
-run per model, with every 4-d weight in channels-last for the inversions. deploy_cost_spread_command_at_5.md and
+run per model, with every 4-d weight in channels-last for the inversions. deploy_cost_repair_layout_at_5.md and _at_1.md
+time both commands with their repair trained in the default layout and in channels-last (CHANNELS_LAST) against one ANP
+run per model. deploy_cost_spread_command_at_5.md and
 _at_1.md time the agent's command with `class_spread` and `spread_latent=false` (2026-12-06) beside the same command
 without them."""
 
@@ -51,8 +53,12 @@ from onp_vs_baselines import RECOMMENDED, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
 
+from baselines import nc
 from onp_env.defend import defend_artifact
 from onp_env.signals.base import Memo
+
+REPAIR_LAYOUT = nc.REPAIR_LAYOUT
+"""The repair's layout as this package ships it, put back after each run of compared()."""
 
 RESULTS = HERE / "results" / "deploy_cost.jsonl"
 FRACTIONS = (0.01, 0.05)
@@ -74,6 +80,9 @@ study epochs had chosen 3 epochs with 5% defense data and before epochs-high cho
 (trigger_inversion.CPU_LAYOUT); `verdict channels last`, the recommended `verdict` timed again then."""
 
 
+CHANNELS_LAST = " repair channels last"
+"""A COMPARED label that ends so is the SETTINGS entry before it with the repair trained in channels-last on the CPU
+(nc.REPAIR_LAYOUT), the inversions in channels-last either way."""
 COMPARED = {
     "agent repairs at 5%": (
         0.05,
@@ -98,6 +107,18 @@ COMPARED = {
             (
                 f"shipped agent verdict repair sweep agent limit lr {epochs} epochs spread",
                 f"shipped agent verdict repair sweep agent limit lr {epochs} epochs",
+            ),
+        )
+        for fraction, epochs in ((0.05, 3), (0.01, 8))
+    },
+    **{
+        f"repair layout at {fraction:.0%}": (
+            fraction,
+            (
+                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs",
+                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs{CHANNELS_LAST}",
+                RECOMMENDED,
+                f"{RECOMMENDED}{CHANNELS_LAST}",
             ),
         )
         for fraction, epochs in ((0.05, 3), (0.01, 8))
@@ -163,7 +184,12 @@ def compared(name: str, path: str, fraction: float, settings: tuple[str, ...]) -
     got = {}
     for label in order:
         Memo.clear_all()  # each run as a fresh `onp defend`: no inversion of an earlier setting reused
-        got[label] = defend(path, *(("anp", {}) if label == "anp" else SETTINGS[label]), fraction)
+        setting = label.removesuffix(CHANNELS_LAST)
+        nc.REPAIR_LAYOUT = torch.channels_last if label.endswith(CHANNELS_LAST) else torch.contiguous_format
+        try:
+            got[label] = defend(path, *(("anp", {}) if label == "anp" else SETTINGS[setting]), fraction)
+        finally:
+            nc.REPAIR_LAYOUT = REPAIR_LAYOUT
     return {"fraction": fraction, "order": order, **got}
 
 

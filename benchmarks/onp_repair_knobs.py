@@ -70,6 +70,13 @@ and the repair recovers less from 600 images (50 SGD steps over 5 epochs) than f
   1.73, 94: it fails (WaNet-012 seed 8 follows a blend of class 2: 1.89 -> 3.06 points lost), and the command dropped
   it. With 5%, run after the decision: 92.3 / 1.9 / 1.17, 107 of 120, against 92.3 / 1.9 / 1.16, 107, holds, as
   SIG-028 seed 4's gain (16.9% -> 2.3%) offsets SIG-003 seed 7's loss (0.2% -> 11.9%).
+- `repair-layout`: the repair itself trained in channels-last on the CPU (nc.REPAIR_LAYOUT; the inversions stay in
+  channels-last), against the default layout, the defense's seeds 0, 1 and 2 both ways on this host's fold agents
+  (rebuilt 2026-12-06), judged by LAYOUT_RULE over the three seeds. A training step of the small CNN takes 0.64 of
+  the default's time (layout_speed_training.md), about 1 s of the 5% deployment; the deployment's margin under a
+  tenth of ANP's time is a few hundredths. Written before the run: where it holds at both fractions,
+  nc.REPAIR_LAYOUT becomes channels-last (every NC and verdict repair, the agent's command's included); where it
+  fails at either, it stays the default.
 
 - `hedge`: verdict's `hedge` (the repair also unlearns the strongest flagged mask or blend verdict of another class
   than the one followed), written after the configuration-shift set's 1% misses were traced (trigger_floor.md: the
@@ -110,6 +117,7 @@ from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 from verdict_repair import TARGET
 
+from baselines import nc
 from baselines.verdict import VerdictParams
 from onp_env.signals import trigger_inversion
 from onp_env.signals.base import Memo
@@ -166,6 +174,7 @@ STUDIES: dict[str, dict[str, dict[str, Any]]] = {
         for seed in HEDGE_SEEDS
         for name, extra in (("command", {}), ("hedge", {"hedge": True}))
     },
+    "repair-layout": {f"{name} seed {seed}": {} for seed in (0, 1, 2) for name in ("contiguous", "channels last")},
 }
 """Each study's settings: repair parameters on top of the recommended command's (`_DISTILL`: 5 epochs, lr 0.01); the
 first of each is the agent's command of its time (lr 0.02 once `lr-high` chose it)."""
@@ -201,10 +210,16 @@ LAYOUTS = {
     "hedge": {
         f"{name} seed {seed}": (torch.channels_last, seed) for seed in HEDGE_SEEDS for name in ("command", "hedge")
     },
+    "repair-layout": {
+        f"{name} seed {seed}": (layout, seed)
+        for seed in (0, 1, 2)
+        for name, layout in (("contiguous", torch.contiguous_format), ("channels last", torch.channels_last))
+    },
 }
 """Studies whose settings are the inversions' memory layout on the CPU (trigger_inversion.CPU_LAYOUT) and the defense's
 seed, under the fraction's COMMAND; every memo of the process is emptied before each setting, so each is a fresh
-deployment."""
+deployment. In REPAIR_LAYOUT_STUDIES the layout is the repair's (nc.REPAIR_LAYOUT), the inversions' channels-last."""
+REPAIR_LAYOUT_STUDIES = ("repair-layout",)
 SEEDED = {"layout-seeds": ("layout",)}
 """Studies judged with other studies' cells of the same fraction (their seeds), of both layouts."""
 COMPARED = {"layout-whole": ("layout", "layout-seeds")}
@@ -257,7 +272,11 @@ def measure(name: str, role: str, path: str, run: str) -> dict[str, Any]:
             continue
         seed = {}
         if study in LAYOUTS:
-            trigger_inversion.CPU_LAYOUT, seed["seed"] = LAYOUTS[study][setting]
+            layout, seed["seed"] = LAYOUTS[study][setting]
+            if study in REPAIR_LAYOUT_STUDIES:
+                trigger_inversion.CPU_LAYOUT, nc.REPAIR_LAYOUT = torch.channels_last, layout
+            else:
+                trigger_inversion.CPU_LAYOUT = layout
             Memo.clear_all()
             extra = {**COMMAND[fraction], **extra}
         cell = repaired_cell(path, fraction, agent=agent, repair_sweep=True, sweep_limit_from="agent",
@@ -305,6 +324,8 @@ WHAT = {
     "false, the defense's seed 3 or 4, each from empty memos",
     "spread-check": "the agent's command (channels-last) without and with verdict's `class_spread` and `spread_latent` "
     "false, the defense's seed 7 or 8, each from empty memos",
+    "repair-layout": "`repair_lr` 0.02 over 8 epochs with 1%, 3 with 5% (the agent's command), its repair trained in "
+    "the default memory layout or channels-last on the CPU, the defense's seed 0, 1 or 2, each from empty memos",
     "hedge": "the agent's command (channels-last) without and with verdict's `hedge`, the defense's seed 9, 10, 11 or "
     "12, each from empty memos (a run whose verdicts hold no flagged runner-up of another class is the command's "
     "cell, copied: `hedge` cannot change it)",

@@ -408,3 +408,38 @@ def test_mask_bn_eval_learns_masks_on_the_running_statistics():
         assert make(cls, mask_bn="eval").run(cnn(), x, y).details["params"]["mask_bn"] == "eval"
         with pytest.raises(OnpError, match="unknown mask_bn 'frozen'"):
             cls(mask_bn="frozen")
+
+
+def test_a_repair_trained_in_channels_last_returns_its_model_in_the_default_layout(monkeypatch):
+    import baselines.common
+    from baselines.common import finetune_pruned
+    from onp_env.config import TrainConfig
+
+    x, y = data(n=64)
+    model = cnn()
+    layout, _ = find_units(model, x[:2])
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, threads=1)
+    seen: list[bool] = []  # whether every 4-d weight is channels-last at each training step
+    real = baselines.common.train
+
+    def spy(tuned, *a, **kw):
+        hook = tuned.register_forward_pre_hook(lambda m, _: seen.append(all(
+            q.is_contiguous(memory_format=torch.channels_last) and q.stride(1) == 1
+            for q in m.parameters() if q.dim() == 4)))  # fmt: skip
+        try:
+            return real(tuned, *a, **kw)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(baselines.common, "train", spy)
+    tuned = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        seen.clear()
+        tuned[fmt] = finetune_pruned(model, layout, [0, 5], x, y, cfg, "zero", 0, "repair", False, cpu_layout=fmt)
+        assert seen and all(seen) == (fmt == torch.channels_last)
+    weights = {fmt: dict(m.named_parameters()) for fmt, m in tuned.items()}
+    for name, w in model.named_parameters():
+        for fmt in tuned:
+            assert weights[fmt][name].stride() == w.stride()  # the model's own layout, whatever it trained in
+        # the same training, its sums possibly in another order: close
+        assert torch.allclose(weights[torch.channels_last][name], weights[torch.contiguous_format][name], atol=1e-4)

@@ -58,6 +58,33 @@ class MaxPool2x2(nn.MaxPool2d):
         return max_pool_2x2(x)
 
 
+def lay_out(model: nn.Module, layout: torch.memory_format) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The model's 4-d weights and buffers copied into `layout`, in place (nn.Module.to(memory_format=...),
+    typed); returns each tensor with its data before, for put_back or keep_values. A copy, not
+    `contiguous(memory_format=)`: that returns a tensor unchanged where it is contiguous in both layouts, as a first
+    convolution's weight of one input channel is, and a convolution whose input and weight are both ambiguous runs in
+    the default. On a CPU, channels-last runs max-pooling with indices (autograd's) several times faster
+    (benchmarks/results/layout_speed.md, layout_speed_training.md)."""
+    moved = [(t, t.data) for t in (*model.parameters(), *model.buffers()) if t.dim() == 4]
+    for t, data in moved:
+        t.data = data.clone(memory_format=layout)
+    return moved
+
+
+def put_back(moved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The tensors' data as lay_out found it (the same storage and strides: the layout a stride-1 dimension
+    reads as is kept too)."""
+    for t, data in moved:
+        t.data = data
+
+
+def keep_values(moved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The tensors' values now (trained since lay_out) in the strides lay_out found them in, as put_back would lay
+    them out: a model trained in another layout is returned in its own."""
+    for t, data in moved:
+        t.data = torch.empty_like(data).copy_(t.data)
+
+
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 

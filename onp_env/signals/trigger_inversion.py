@@ -48,6 +48,7 @@ from torch import nn
 from onp_env.config import bounded
 from onp_env.graph.features import activation_gap
 from onp_env.graph.units import UnitLayout
+from onp_env.models.layers import lay_out, put_back
 from onp_env.signals.base import Memo, Signal, SignalResult, VerdictParams, anomaly_index
 from onp_env.signals.shipped import READ_ONLY
 
@@ -107,24 +108,6 @@ faster: benchmarks/results/layout_speed.md). Convolutions then sum in another or
 trigger's size moves by a few percent, a mask's by under 1%. The agent's pipeline on the 30 shadow models, over the
 defense's seeds 0-2, both ways: 92.0% DER / 2.5% ASR / 1.12 points lost against 92.1 / 2.5 / 1.09 with 5% defense
 data, 91.7 / 2.5 / 1.62 against 91.9 / 2.3 / 1.62 with 1% (benchmarks/results/onp_repair_layout-whole_*.md)."""
-
-
-def _lay_out(model: nn.Module, layout: torch.memory_format) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The model's 4-d weights and buffers copied into `layout`, in place (nn.Module.to(memory_format=...),
-    typed); returns each tensor with its data before, for _put_back. A copy, not `contiguous(memory_format=)`:
-    that returns a tensor unchanged where it is contiguous in both layouts, as a first convolution's weight of
-    one input channel is, and a convolution whose input and weight are both ambiguous runs in the default."""
-    moved = [(t, t.data) for t in (*model.parameters(), *model.buffers()) if t.dim() == 4]
-    for t, data in moved:
-        t.data = data.clone(memory_format=layout)
-    return moved
-
-
-def _put_back(moved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """The tensors' data as _lay_out found it (the same storage and strides: the layout a stride-1 dimension
-    reads as is kept too)."""
-    for t, data in moved:
-        t.data = data
 
 
 def stamp(form: str, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, through: bool = False) -> torch.Tensor:
@@ -187,7 +170,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[in
     for q in model.parameters():
         q.requires_grad_(False)
     model.eval()
-    moved = _lay_out(model, CPU_LAYOUT) if device.type == "cpu" else []
+    moved = lay_out(model, CPU_LAYOUT) if device.type == "cpu" else []
     try:
         for step in range(1, p.steps + 1):
             i = torch.randperm(len(xs), generator=g)[:batch].to(device)
@@ -232,7 +215,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, goals: list[in
                 if torch.isfinite(best).all() and since >= p.patience:
                     break
     finally:
-        _put_back(moved)
+        put_back(moved)
         for q, req in zip(model.parameters(), frozen, strict=True):
             q.requires_grad_(req)
     with torch.no_grad():
