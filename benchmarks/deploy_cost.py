@@ -34,7 +34,7 @@ deploy_cost_verdict_channels_last.md the recommended `verdict` with the inversio
 default layout by a helper that did not copy its weight of one input channel (fixed 2026-12-06).
 deploy_cost_commands_at_5.md and _at_1.md time both commands of the README, the agent's and `verdict`, against one ANP
 run per model, with every 4-d weight in channels-last for the inversions. deploy_cost_repair_layout_at_5.md and _at_1.md
-time both commands with their repair trained in the default layout and in channels-last (CHANNELS_LAST) against one ANP
+time both commands with their repair trained in the default layout and in channels-last (REPAIR_LAYOUTS) against one ANP
 run per model. deploy_cost_spread_command_at_5.md and
 _at_1.md time the agent's command with `class_spread` and `spread_latent=false` (2026-12-06) beside the same command
 without them."""
@@ -80,9 +80,10 @@ study epochs had chosen 3 epochs with 5% defense data and before epochs-high cho
 (trigger_inversion.CPU_LAYOUT); `verdict channels last`, the recommended `verdict` timed again then."""
 
 
-CHANNELS_LAST = " repair channels last"
-"""A COMPARED label that ends so is the SETTINGS entry before it with the repair trained in channels-last on the CPU
-(nc.REPAIR_LAYOUT), the inversions in channels-last either way."""
+REPAIR_LAYOUTS = {" repair default layout": torch.contiguous_format, " repair channels last": torch.channels_last}
+"""A COMPARED label that ends so is the SETTINGS entry before it with the repair trained in that layout on the CPU
+(nc.REPAIR_LAYOUT), the inversions in channels-last either way; any other label runs the repair as shipped."""
+DEFAULT_LAYOUT, CHANNELS_LAST = REPAIR_LAYOUTS
 COMPARED = {
     "agent repairs at 5%": (
         0.05,
@@ -115,9 +116,9 @@ COMPARED = {
         f"repair layout at {fraction:.0%}": (
             fraction,
             (
-                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs",
+                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs{DEFAULT_LAYOUT}",
                 f"shipped agent verdict repair sweep agent limit lr {epochs} epochs{CHANNELS_LAST}",
-                RECOMMENDED,
+                f"{RECOMMENDED}{DEFAULT_LAYOUT}",
                 f"{RECOMMENDED}{CHANNELS_LAST}",
             ),
         )
@@ -184,8 +185,8 @@ def compared(name: str, path: str, fraction: float, settings: tuple[str, ...]) -
     got = {}
     for label in order:
         Memo.clear_all()  # each run as a fresh `onp defend`: no inversion of an earlier setting reused
-        setting = label.removesuffix(CHANNELS_LAST)
-        nc.REPAIR_LAYOUT = torch.channels_last if label.endswith(CHANNELS_LAST) else torch.contiguous_format
+        setting, nc.REPAIR_LAYOUT = next(((label.removesuffix(s), f) for s, f in REPAIR_LAYOUTS.items()
+                                          if label.endswith(s)), (label, REPAIR_LAYOUT))  # fmt: skip
         try:
             got[label] = defend(path, *(("anp", {}) if label == "anp" else SETTINGS[setting]), fraction)
         finally:
