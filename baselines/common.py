@@ -24,6 +24,7 @@ from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout, find_units
 from onp_env.masking import Masks
 from onp_env.models.layers import keep_values, lay_out
+from onp_env.presets import Preset
 from onp_env.training import train
 
 
@@ -53,6 +54,8 @@ class Defense(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type]
+    presets: ClassVar[dict[str, Preset]] = {}
+    """Named parameter sets (`onp defend --preset NAME`), each as it was measured."""
 
     def __init__(self, semantics: str = "zero", seed: int = 0, device: str = "cpu", **params: Any):
         # typed and range-checked against the Params dataclass (onp_env.config.bounded), one place for all

@@ -96,6 +96,7 @@ from onp_env.config import bounded
 from onp_env.env.evaluator import Evaluator
 from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
+from onp_env.presets import Preset
 from onp_env.signals.base import anomaly_index, class_scores, standardised
 from onp_env.signals.latent_shift import (
     LatentShift,
@@ -269,9 +270,32 @@ def choose(found: dict[str, dict], line: float, inversion_first: bool, flagged_p
     return follows
 
 
+RECOMMENDED = Preset(
+    "the README's recommended command for Fashion-MNIST small CNNs: the shipped class reference, the repair that "
+    "unlearns the reversed trigger on half the images toward half the unpruned model's output (benchmarks/"
+    "onp_vs_baselines.py: 'verdict shipped repair untargeted blend verdict outranks reuse distill')",
+    {
+        "reference_from": "fashion-mnist",
+        "inversion_first": True,
+        "stop_index": 2.0,
+        "stop_asr": 0.0,
+        "repair_epochs": 5,
+        "unlearn": 0.5,
+        "untargeted": True,
+        "repair_blend": True,
+        "blend_verdict": True,
+        "untargeted_outranks": True,
+        "blend_reuse": True,
+        "repair_distill": 0.5,
+    },
+    scope="Fashion-MNIST small CNNs: it reads the class reference measured on them",
+)
+
+
 class Verdict(NC):
     name = "verdict"
     Params = VerdictParams
+    presets = {"recommended": RECOMMENDED}
     blends: Inverted | None = None
     """The blend verdict's inversion of the model being defended (scores), every class a row."""
     masks: Inverted | None = None

@@ -35,6 +35,7 @@ from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.masking import SEMANTICS
 from onp_env.metrics import der, evaluate
+from onp_env.presets import merged, preset_of
 from onp_env.registry import defense_class
 from onp_env.zoo import cache_dir
 
@@ -148,15 +149,17 @@ def _write(folder: Path, result: Any, report: dict[str, Any], manifest: dict[str
 
 
 def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[str, Any] | None = None,
-                    out: str | Path | None = None, progress: bool = False,
-                    data_root: str | None = None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+                    out: str | Path | None = None, progress: bool = False, data_root: str | None = None,
+                    preset: str | None = None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Run `method` on the artifact at `path` (or an already loaded Artifact); returns (output
     directory, report). `overrides` holds the method's parameters and the run keys (RunParams);
     `progress` shows progress bars (on stderr) for methods with long steps; `data_root` is the
-    dataset folder for artifacts trained on data of your own (a manifest's own path is not followed).
+    dataset folder for artifacts trained on data of your own (a manifest's own path is not followed);
+    `preset` names parameters the method lists (onp_env.presets), which `overrides` then change.
 
     Everything is checked before the defense runs, and `out` is written whole or not at all."""
     cls = defense_class(method)
+    chosen = None if preset is None else preset_of(cls, preset)
     if out is not None:
         _check_output(Path(out))
     overrides = dict(overrides or {})
@@ -164,10 +167,14 @@ def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[st
     if progress and "progress" in {f.name for f in dataclasses.fields(cls.Params)}:
         overrides.setdefault("progress", True)
     device = resolve_device(run.device)
-    # checks its parameters' types and ranges
-    defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **overrides)
+    # checks its parameters' types and ranges (a preset's as it reads with many images: its `few` only moves values)
+    params = overrides if chosen is None else merged(chosen.resolve(chosen.few_below), overrides)
+    defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **params)
     art = path if isinstance(path, Artifact) else load_artifact(path)
     x, y = defense_subset(art, run.defense_fraction, run.seed, data_root)
+    if chosen is not None and merged(chosen.resolve(len(x)), overrides) != params:
+        params = merged(chosen.resolve(len(x)), overrides)
+        defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **params)
     out = Path(out) if out is not None else cache_dir().parent / "defenses" / art.path.name / method
     _check_output(out)
     # measured, not the manifest's claim (a crafted manifest could inflate the DER); this also builds
@@ -175,7 +182,14 @@ def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[st
     before = {k: v for k, v in _measure(art.model, art, None, data_root, device).items() if k in ("acc", "asr", "ra")}
     staging = _staging_folder(out)
     try:
-        result, report, manifest = _run(defense, method, art, x, y, before, data_root, device)
+        try:
+            result, report, manifest = _run(defense, method, art, x, y, before, data_root, device)
+        except OnpError as e:  # e.g. a shipped reference refusing another kind of model
+            if chosen is None or not chosen.scope:
+                raise
+            raise OnpError(f"{e} (preset {preset!r} is for {chosen.scope})") from e
+        if preset is not None:
+            report["preset"] = preset
         folder = staging / "out"  # built whole here, then renamed into place in one step
         _write(folder, result, report, manifest)
         if out.exists():  # made by someone else while the defense ran: never replace it

@@ -180,6 +180,9 @@ def test_train_save_load_and_deploy_on_a_model_of_an_unseen_seed(agent_dir, tmp_
     pruned = load_artifact(tmp_path / "d").manifest["defense"]["pruned_units"]
     assert len(pruned) == report["pruned"]
     assert report["details"]["stopped_by"] in ("policy", "budget", "accuracy limit")
+    assert main(["defend", "--method", "onp", "--agent", str(agent_dir), "--artifact", str(art),
+                 "--out", str(tmp_path / "e"), "--quiet"]) == 0  # fmt: skip
+    assert "--preset recommended adds verdict's sweep and repair" in capsys.readouterr().out  # the agent alone
 
 
 def test_a_policy_trained_on_small_models_deploys_on_a_wider_one(agent_dir):

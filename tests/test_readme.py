@@ -1,7 +1,6 @@
 """The README's examples run as written."""
 
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,18 @@ def section_code(heading: str) -> list[str]:
 
 
 def recommended_command() -> str:
-    """The README's recommended `verdict` command, from its section to the paragraph's end."""
+    """The README's recommended `verdict` command, from its section to the end of the paragraph that says what its
+    preset stands for."""
     text = README.read_text()
     start = text.index("**Which defense to use today**")
-    return text[start : text.index("\n\n", text.index("onp defend", start))]
+    return text[start : text.index("\n\n", text.index("The preset", start))]
 
 
 def settings_of(command: str) -> dict:
     """A command's `--set KEY=VALUE` pairs as parameters."""
     from onp_env.config import apply_overrides
 
-    return apply_overrides({}, re.findall(r"--set (\S+)", command))
+    return apply_overrides({}, re.findall(r"--set\s+([^\s`]+)", command))
 
 
 def benchmark_settings(monkeypatch, name: str = "onp_vs_baselines"):
@@ -89,12 +89,14 @@ def test_the_suite_example_runs(digits_test_split):
     assert scope["info"]["model"] == "digits-v0/test/002" and scope["terminated"] and scope["info"]["stopped"]
 
 
-def test_the_recommended_defense_command_holds_settings_verdict_accepts():
+def test_the_recommended_defense_command_is_verdicts_preset_and_verdict_accepts_it():
     from baselines.verdict import Verdict
 
     command = recommended_command()
-    assert "--method verdict" in command
-    params = settings_of(command)
+    assert "onp defend --method verdict --preset recommended --artifact DIR" in command
+    params = Verdict.presets["recommended"].resolve(600)
+    said = settings_of(command)  # the `--set`s the README says the preset stands for
+    assert set(said) <= set(params) and Verdict(**said).params == Verdict(**params).params
     assert params["untargeted"] is True and params["reference_from"] == "fashion-mnist"
     defense = Verdict(**params)  # every setting known, in range, and the shipped reference has what it reads
     assert defense.params.repair_epochs == 5 and defense.params.untargeted and defense.params.repair_blend
@@ -102,40 +104,35 @@ def test_the_recommended_defense_command_holds_settings_verdict_accepts():
 
 
 def test_the_recommended_command_is_the_setting_the_benchmarks_time_and_dump(monkeypatch):
-    """deploy_cost.py and verdict_choice.py measure onp_vs_baselines.RECOMMENDED: it must be the README's command."""
+    """deploy_cost.py and verdict_choice.py measure onp_vs_baselines.RECOMMENDED: it must be the README's command,
+    whatever the defense set's size."""
     from baselines.verdict import Verdict
 
     script = benchmark_settings(monkeypatch)
     method, params = script.SETTINGS[script.RECOMMENDED]
     assert method == "verdict" and script.RECOMMENDED in script.REPAIRED
-    assert Verdict(**settings_of(recommended_command())).params == Verdict(**params).params
+    preset = Verdict.presets["recommended"]
+    assert preset.resolve(600) == preset.resolve(3000) == params
 
 
 def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatch):
-    """The README's `onp defend --method onp` command is onp_vs_baselines' `shipped agent verdict repair` setting."""
-    from agents.defense import ONP
-    from baselines.verdict import Verdict
+    """The README's `onp defend --method onp --preset recommended` is onp_vs_baselines' agent command measured with
+    600 images (1% of Fashion-MNIST's training split: 8 epochs) and with 3000 (5%: 3 epochs), which deploy_cost.py
+    times side by side with ANP; the README says what the preset stands for."""
+    from agents.defense import FEW_IMAGES, ONP
 
     text = README.read_text()
-    start = text.index("onp defend --method onp --artifact ARTIFACT_DIR")
-    command = settings_of(text[start : text.index("```", start)])
-    defense = ONP(**command)
+    assert "onp defend --method onp --preset recommended --artifact ARTIFACT_DIR" in text
+    said = " ".join(text.split())
+    assert f"or `--set repair.repair_epochs=8` where the defense set holds fewer than {FEW_IMAGES} images" in said
+    assert "`--set repair_sweep=true --set repair.repair_lr=0.02 --set repair.repair_epochs=3`" in said
     settings = benchmark_settings(monkeypatch).SETTINGS
-    method, params = settings["shipped agent verdict repair"]
-    assert method == "onp" and params["repair_with"] == "verdict" and not defense.params.agent
-    assert defense.repairer is not None and defense.repairer.params == Verdict(**params["repair"]).params
-    # with 1% and 5% defense data the README adds the sweep, lr 0.02 and 8 or 3 epochs: the settings measured, which
-    # deploy_cost.py times side by side with ANP
-    said, timed = " ".join(text.split()), benchmark_settings(monkeypatch, "deploy_cost").COMPARED
-    for fraction, epochs in ((0.01, 8), (0.05, 3)):
-        added = {"repair_lr": 0.02, "repair_epochs": epochs}
-        assert f"`--set repair_sweep=true --set repair.repair_lr=0.02 --set repair.repair_epochs={epochs}`" in said
+    timed = {name for _, names in benchmark_settings(monkeypatch, "deploy_cost").COMPARED.values() for name in names}
+    preset = ONP.presets["recommended"]
+    for images, epochs in ((600, 8), (3000, 3)):
         name = f"shipped agent verdict repair sweep agent limit lr {epochs} epochs"
-        with_sweep, measured = (
-            ONP(**{**command, "repair": {**command["repair"], **added}}, repair_sweep=True),
-            ONP(**settings[name][1]),
-        )
-        assert replace(with_sweep.params, repair={}) == replace(measured.params, repair={})
-        assert with_sweep.repairer is not None and measured.repairer is not None
-        assert with_sweep.repairer.params == measured.repairer.params
-        assert name in timed[f"agent repairs at {fraction:.0%}"][1]
+        assert settings[name] == ("onp", preset.resolve(images)) and name in timed
+    assert preset.resolve(600)["repair"] == {**settings[benchmark_settings(monkeypatch).RECOMMENDED][1],
+                                             "repair_lr": 0.02, "repair_epochs": 8}  # fmt: skip
+    defense = ONP(**preset.resolve(600))
+    assert not defense.params.agent and defense.repairer is not None

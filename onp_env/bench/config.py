@@ -31,6 +31,7 @@ from onp_env.defend import RUN_KEYS, check_run
 from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.models import build_model
+from onp_env.presets import merged, preset_of
 from onp_env.registry import defense_class
 from onp_env.training import AUGMENTS
 
@@ -46,6 +47,9 @@ class DefenseSpec:
     take what its `prepare` understands (onp: agent_config)."""
     label: str | None = None
     """Its name in the tables (default: name); two specs of one defense need distinct labels."""
+    preset: str | None = None
+    """Named parameters the defense lists (onp defend --preset), which `params` then change; resolved per cell,
+    where the defense set's size is known."""
 
     @property
     def key(self) -> str:
@@ -154,6 +158,9 @@ def check(cfg: BenchConfig) -> None:
         check_run(run, spec.key)
         params = {k: v for k, v in spec.params.items() if k not in RUN_KEYS}
         cls = defense_class(spec.name)
+        if spec.preset is not None:
+            chosen = preset_of(cls, spec.preset)
+            params = merged(chosen.resolve(chosen.few_below), params)
         if hasattr(cls, "prepare"):  # a learned defense: its preparation's inputs (e.g. the agent config)
             cls.prepare(params, None)
         else:

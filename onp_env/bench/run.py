@@ -69,7 +69,7 @@ CELL = Schema(
         "acc": FRACTION, "asr": FRACTION, "ra": FRACTION, "der": FRACTION, "before": MEASURES,
         "pruned": COUNT, "seconds": NUMBER, "units": list_of(COUNT),
     },
-    optional={"finetuned": optional(_FINETUNED.problem)},
+    optional={"finetuned": optional(_FINETUNED.problem), "preset": optional(TEXT)},
     consistent=_cell_key,
 )  # fmt: skip
 """A row of results.jsonl: one defense on one model at one defense-data fraction."""
@@ -150,7 +150,7 @@ def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict
     start = time.perf_counter()
     run = {**params, "defense_fraction": fraction, "seed": seed}
     try:
-        _, report = defend_artifact(art_path, spec["name"], run, out, data_root=data_root)
+        _, report = defend_artifact(art_path, spec["name"], run, out, data_root=data_root, preset=spec.get("preset"))
     except OnpError as e:  # this defense on this model only (a diverging repair, say): the other cells go on
         return {"key": key, "defense": DefenseSpec(**spec).key, "fraction": fraction, "seed": seed, "error": str(e)}
     manifest = load_artifact(out).manifest
@@ -158,6 +158,7 @@ def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict
     config["attack"]["label"] = label
     return {
         "key": key, "defense": DefenseSpec(**spec).key, "method": spec["name"], "params": spec["params"],
+        **({"preset": spec["preset"]} if spec.get("preset") else {}),
         "fraction": fraction, "seed": seed, "config": config,
         **{k: report[k] for k in ("acc", "asr", "ra", "der", "before", "pruned", "seconds", "defense_images")},
         "finetuned": report.get("finetuned"), "units": manifest["defense"]["pruned_units"],
