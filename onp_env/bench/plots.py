@@ -40,6 +40,9 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
     shade = {d: 2 * bases.index(d.removesuffix(FINE_TUNED)) + d.endswith(FINE_TUNED) for d in labels}
     defenses = sorted(shade, key=shade.__getitem__)
     colours = {d: plt.get_cmap("tab20")(shade[d] % 20) for d in defenses}
+    # past ten defenses the colours come round again: a marker and a hatch of their own tell those apart
+    markers = {d: "os^Dv"[shade[d] // 20 % 5] for d in defenses}
+    hatches = {d: ["", "//", "..", "xx", "\\\\"][shade[d] // 20 % 5] for d in defenses}
     names = []
 
     fig, axes = plt.subplots(2, len(attacks), figsize=(3.6 * len(attacks), 6.4), squeeze=False, sharey="row")
@@ -47,8 +50,8 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
         for d in defenses:
             sel = [r for r in rows if r["defense"] == d and _attack(r) == attack]
             x = [r["pruned"] for r in sel]
-            axes[0, j].scatter(x, [100 * r["asr"] for r in sel], color=colours[d], label=d, s=28)
-            axes[1, j].scatter(x, [100 * r["acc"] for r in sel], color=colours[d], s=28)
+            axes[0, j].scatter(x, [100 * r["asr"] for r in sel], color=colours[d], marker=markers[d], label=d, s=28)
+            axes[1, j].scatter(x, [100 * r["acc"] for r in sel], color=colours[d], marker=markers[d], s=28)
         axes[0, j].set_title(attack, fontsize=9)
         axes[1, j].set_xlabel("pruned units")
     axes[0, 0].set_ylabel("ASR after, % (lower is better)")
@@ -66,7 +69,8 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
             v = [100 * r["der"] for r in rows if r["defense"] == d and _attack(r) == attack and r["der"] is not None]
             means.append(statistics.mean(v) if v else float("nan"))  # missing: no bar, not a zero
             errs.append(statistics.stdev(v) if len(v) > 1 else 0.0)
-        ax.bar([k + i * width for k in range(len(attacks))], means, width, yerr=errs, color=colours[d], label=d)
+        ax.bar([k + i * width for k in range(len(attacks))], means, width, yerr=errs, color=colours[d], label=d,
+               hatch=hatches[d], edgecolor="white" if hatches[d] else None)  # fmt: skip
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(attacks))], attacks, fontsize=8)
     ax.set_ylabel("DER, % (50 = no effect)")
@@ -78,7 +82,7 @@ def write_plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.0, 0.45 * len(defenses) + 1.2))
     for i, d in enumerate(defenses):
         secs = [max(r["seconds"], 1e-3) for r in rows if r["defense"] == d]
-        ax.scatter(secs, [i] * len(secs), color=colours[d], s=28)
+        ax.scatter(secs, [i] * len(secs), color=colours[d], marker=markers[d], s=28)
         ax.plot([statistics.median(secs)] * 2, [i - 0.3, i + 0.3], color="black", lw=1.5)
     ax.set_xscale("log")
     ax.set_yticks(range(len(defenses)), defenses)
