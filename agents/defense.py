@@ -246,6 +246,11 @@ class ONP(Defense):
             return cfg
         return load_agent_config(str(source), sets)
 
+    def check_inputs(self, model: nn.Module, x: torch.Tensor) -> None:
+        """`repair_with`'s refusals (a shipped reference of another kind of model), before the agent runs."""
+        if self.repairer is not None:
+            self.repairer.check_inputs(model, x)
+
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Pruning order as a score: the first pruned unit scores highest, unpruned units -inf."""
         self.extra["agent"] = self.params.agent or "shipped"

@@ -71,6 +71,11 @@ class Defense(ABC):
         `onp bench` reserves for its cell. Methods that start threads of their own override it."""
         return threads
 
+    def check_inputs(self, model: nn.Module, x: torch.Tensor) -> None:
+        """Refuse, with one line and before any work, a model these settings cannot defend (e.g. one of another kind
+        than a shipped reference they read describes); `x`: a few defense images. Nothing to refuse by default."""
+        return None
+
     @abstractmethod
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Suspicion of every unit (higher = prune first)."""

@@ -176,6 +176,11 @@ class NC(Defense):
         self.kind, self.flag_line = "index", self.params.flag_index
         """How a class's trigger size is scored, and above what it is flagged (a subclass may read a rule)."""
 
+    def check_inputs(self, model: nn.Module, x: torch.Tensor) -> None:
+        """A shipped class reference (`reference_from`: it names every signal's) refuses a model of another kind."""
+        if self.signal.shipped is not None:
+            self.signal.shipped.check_model(model, x)
+
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.judge(model, layout, x, y)
         return self.late_gap(model, layout, x, y)

@@ -80,6 +80,8 @@ def _inspect(args: argparse.Namespace) -> None:
 def _defend(args: argparse.Namespace) -> None:
     from onp_env.config import apply_overrides
     from onp_env.defend import defend_artifact  # finds the method in onp_env.registry
+    from onp_env.presets import preset_of
+    from onp_env.registry import defense_class
 
     overrides = apply_overrides({}, args.set)
     if args.agent is not None:
@@ -92,6 +94,8 @@ def _defend(args: argparse.Namespace) -> None:
     b = report["before"]
     print(f"{report['method']}: pruned {report['pruned']} units in {report['seconds']:.1f} s "
           f"on {report['defense_images']} defense images")  # fmt: skip
+    if args.preset is not None:
+        print(f"  preset {args.preset}: {preset_of(defense_class(args.method), args.preset).summary}")
     print(f"  before  ACC {_pct(b['acc'])}  ASR {_pct(b['asr'])}  RA {_pct(b['ra'])}")
     print(f"  after   ACC {_pct(report['acc'])}  ASR {_pct(report['asr'])}  RA {_pct(report['ra'])}  "
           f"DER {report['der'] if report['der'] is None else round(report['der'], 4)}")  # fmt: skip
@@ -100,7 +104,7 @@ def _defend(args: argparse.Namespace) -> None:
         der = f["der"] if f["der"] is None else round(f["der"], 4)
         print(f"  tuned   ACC {_pct(f['acc'])}  ASR {_pct(f['asr'])}  RA {_pct(f['ra'])}  DER {der}  "
               f"(fine-tuned after pruning: {out / 'finetuned'})")  # fmt: skip
-    elif report["method"] == "onp" and args.preset is None and not overrides.get("repair_with"):
+    elif report["method"] == "onp" and args.preset is None and not overrides.get("repair_with") and not args.agent:
         print(
             "  (alone, the shipped agent left 22-39% mean ASR on held-out Fashion-MNIST models; --preset "
             "recommended adds verdict's sweep and repair: README, The learned defense)"

@@ -167,14 +167,20 @@ def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[st
     if progress and "progress" in {f.name for f in dataclasses.fields(cls.Params)}:
         overrides.setdefault("progress", True)
     device = resolve_device(run.device)
-    # checks its parameters' types and ranges (a preset's as it reads with many images: its `few` only moves values)
-    params = overrides if chosen is None else merged(chosen.resolve(chosen.few_below), overrides)
-    defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **params)
+    # checks its parameters' types and ranges (a preset's as it reads with few images and with many)
+    for params in [overrides] if chosen is None else [merged(chosen.resolve(n), overrides) for n in (0, 2**62)]:
+        defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **params)
     art = path if isinstance(path, Artifact) else load_artifact(path)
     x, y = defense_subset(art, run.defense_fraction, run.seed, data_root)
     if chosen is not None and merged(chosen.resolve(len(x)), overrides) != params:
         params = merged(chosen.resolve(len(x)), overrides)
         defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **params)
+    try:
+        getattr(defense, "check_inputs", lambda model, x: None)(art.model, x[:2])
+    except OnpError as e:  # e.g. a shipped reference refusing another kind of model
+        if chosen is None or not chosen.scope:
+            raise
+        raise OnpError(f"{e} (preset {preset!r} is for {chosen.scope})") from e
     out = Path(out) if out is not None else cache_dir().parent / "defenses" / art.path.name / method
     _check_output(out)
     # measured, not the manifest's claim (a crafted manifest could inflate the DER); this also builds
@@ -182,12 +188,7 @@ def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[st
     before = {k: v for k, v in _measure(art.model, art, None, data_root, device).items() if k in ("acc", "asr", "ra")}
     staging = _staging_folder(out)
     try:
-        try:
-            result, report, manifest = _run(defense, method, art, x, y, before, data_root, device)
-        except OnpError as e:  # e.g. a shipped reference refusing another kind of model
-            if chosen is None or not chosen.scope:
-                raise
-            raise OnpError(f"{e} (preset {preset!r} is for {chosen.scope})") from e
+        result, report, manifest = _run(defense, method, art, x, y, before, data_root, device)
         if preset is not None:
             report["preset"] = preset
         folder = staging / "out"  # built whole here, then renamed into place in one step

@@ -79,11 +79,22 @@ def test_a_bench_spec_takes_a_preset_per_cell(tmp_path, monkeypatch):
     rows = {r["fraction"]: r for r in read_cells(tmp_path / "b" / RESULTS)}
     assert rows[0.02]["defense_images"] < 40 <= rows[0.05]["defense_images"]
     assert rows[0.02]["pruned"] < rows[0.05]["pruned"] and {r["preset"] for r in rows.values()} == {"p"}
+    assert [rows[f]["preset_params"]["ratio"] for f in (0.02, 0.05)] == [0.1, 0.2]  # what ran, not only the name
 
 
-def test_a_preset_refused_by_a_model_it_was_not_measured_on_says_which_models_it_is_for(tiny_artifact, tmp_path,
-                                                                                       capsys):  # fmt: skip
-    args = ["defend", "--method", "verdict", "--preset", "recommended", "--artifact", str(tiny_artifact)]
+def test_a_bench_spec_whose_preset_breaks_only_with_few_images_is_refused_before_any_work(monkeypatch):
+    from onp_env import OnpError
+
+    monkeypatch.setattr(Magnitude, "presets", {"p": Preset("test", {"ratio": 0.2}, few={"ratio": 2.0}, few_below=40)})
+    with pytest.raises(OnpError, match="ratio"):
+        tiny(seeds=[101], defenses=[{"name": "magnitude", "preset": "p"}])
+
+
+@pytest.mark.parametrize("method", ["verdict", "onp"])
+def test_a_preset_refused_by_a_model_it_was_not_measured_on_says_which_models_it_is_for(
+    method, tiny_artifact, tmp_path, capsys, no_work
+):
+    args = ["defend", "--method", method, "--preset", "recommended", "--artifact", str(tiny_artifact)]
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "describes SmallCNN models of 206970 parameters" in err

@@ -71,7 +71,7 @@ class BenchConfig:
     fractions: list[float] = field(default_factory=lambda: [0.05])
     """Defense data as shares of the training split."""
     defenses: list[dict[str, Any]] = field(default_factory=list)
-    """DefenseSpec entries: {name, params, label}."""
+    """DefenseSpec entries: {name, params, label, preset}."""
     workers: int = bounded(1, ge=1, le=256)
     """Worker processes (workers x threads should not exceed the machine's cores)."""
     threads: int = bounded(1, ge=1, le=256)
@@ -158,13 +158,15 @@ def check(cfg: BenchConfig) -> None:
         check_run(run, spec.key)
         params = {k: v for k, v in spec.params.items() if k not in RUN_KEYS}
         cls = defense_class(spec.name)
+        variants = [params]  # a preset's as it reads with few images and with many, the spec's params on top
         if spec.preset is not None:
             chosen = preset_of(cls, spec.preset)
-            params = merged(chosen.resolve(chosen.few_below), params)
-        if hasattr(cls, "prepare"):  # a learned defense: its preparation's inputs (e.g. the agent config)
-            cls.prepare(params, None)
-        else:
-            cls(**params)
+            variants = [merged(chosen.resolve(n), params) for n in (0, 2**62)]
+        for variant in variants:
+            if hasattr(cls, "prepare"):  # a learned defense: its preparation's inputs (e.g. the agent config)
+                cls.prepare(variant, None)
+            else:
+                cls(**variant)
     cells = len(cfg.labs()) * len(cfg.fractions) * len(specs)
     if cells > MAX_CELLS:
         raise OnpError(f"the grid has {cells} cells (at most {MAX_CELLS}): split it into several configs")

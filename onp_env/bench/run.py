@@ -158,7 +158,7 @@ def cell_task(key: str, art: str, art_files: dict[str, bytes] | None, spec: dict
     config["attack"]["label"] = label
     return {
         "key": key, "defense": DefenseSpec(**spec).key, "method": spec["name"], "params": spec["params"],
-        **({"preset": spec["preset"]} if spec.get("preset") else {}),
+        **({"preset": spec["preset"], "preset_params": report["details"].get("params")} if spec.get("preset") else {}),
         "fraction": fraction, "seed": seed, "config": config,
         **{k: report[k] for k in ("acc", "asr", "ra", "der", "before", "pruned", "seconds", "defense_images")},
         "finetuned": report.get("finetuned"), "units": manifest["defense"]["pruned_units"],
