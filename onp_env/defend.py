@@ -35,7 +35,7 @@ from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.masking import SEMANTICS
 from onp_env.metrics import der, evaluate
-from onp_env.presets import merged, preset_of
+from onp_env.presets import preset_of
 from onp_env.registry import defense_class
 from onp_env.zoo import cache_dir
 
@@ -167,14 +167,18 @@ def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[st
     if progress and "progress" in {f.name for f in dataclasses.fields(cls.Params)}:
         overrides.setdefault("progress", True)
     device = resolve_device(run.device)
-    # checks its parameters' types and ranges (a preset's as it reads with few images and with many)
-    for params in [overrides] if chosen is None else [merged(chosen.resolve(n), overrides) for n in (0, 2**62)]:
-        defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **params)
+    # checks its parameters' types and ranges; a preset's as it reads with few images and with many, the one for this
+    # defense set kept once its size is known
+    if chosen is None:
+        defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **overrides)
+    else:
+        few, many = (
+            cls(semantics=run.semantics, seed=run.seed, device=run.device, **p) for p in chosen.both(overrides)
+        )
     art = path if isinstance(path, Artifact) else load_artifact(path)
     x, y = defense_subset(art, run.defense_fraction, run.seed, data_root)
-    if chosen is not None and merged(chosen.resolve(len(x)), overrides) != params:
-        params = merged(chosen.resolve(len(x)), overrides)
-        defense = cls(semantics=run.semantics, seed=run.seed, device=run.device, **params)
+    if chosen is not None:
+        defense = few if len(x) < chosen.few_below else many
     try:
         getattr(defense, "check_inputs", lambda model, x: None)(art.model, x[:2])
     except OnpError as e:  # e.g. a shipped reference refusing another kind of model

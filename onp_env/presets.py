@@ -30,6 +30,11 @@ class Preset:
         """The parameters for a defense set of `images` images."""
         return merged(self.params, self.few if images < self.few_below else {})
 
+    def both(self, over: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Its parameters with few images and with many, `over` (the user's) on top: what is checked before the
+        defense set's size is known."""
+        return merged(self.resolve(0), over), merged(self.resolve(self.few_below), over)
+
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`base` updated by `over`, nested dicts key by key (a user's `--set repair.repair_epochs=5` changes one key

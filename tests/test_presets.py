@@ -29,6 +29,8 @@ def test_a_preset_takes_its_few_images_values_below_its_line():
                few_below=1342)  # fmt: skip
     assert p.resolve(600) == {"repair": {"repair_epochs": 8, "unlearn": 0.5}}
     assert p.resolve(1342) == p.resolve(3000) == {"repair": {"repair_epochs": 3, "unlearn": 0.5}}
+    assert p.both({"repair": {"unlearn": 0.4}}) == ({"repair": {"repair_epochs": 8, "unlearn": 0.4}},
+                                                    {"repair": {"repair_epochs": 3, "unlearn": 0.4}})  # fmt: skip
 
 
 @pytest.mark.parametrize(

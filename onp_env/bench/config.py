@@ -31,7 +31,7 @@ from onp_env.defend import RUN_KEYS, check_run
 from onp_env.devices import resolve_device
 from onp_env.errors import OnpError
 from onp_env.models import build_model
-from onp_env.presets import merged, preset_of
+from onp_env.presets import preset_of
 from onp_env.registry import defense_class
 from onp_env.training import AUGMENTS
 
@@ -158,11 +158,8 @@ def check(cfg: BenchConfig) -> None:
         check_run(run, spec.key)
         params = {k: v for k, v in spec.params.items() if k not in RUN_KEYS}
         cls = defense_class(spec.name)
-        variants = [params]  # a preset's as it reads with few images and with many, the spec's params on top
-        if spec.preset is not None:
-            chosen = preset_of(cls, spec.preset)
-            variants = [merged(chosen.resolve(n), params) for n in (0, 2**62)]
-        for variant in variants:
+        # a preset's as it reads with few images and with many, the spec's params on top
+        for variant in [params] if spec.preset is None else preset_of(cls, spec.preset).both(params):
             if hasattr(cls, "prepare"):  # a learned defense: its preparation's inputs (e.g. the agent config)
                 cls.prepare(variant, None)
             else:
