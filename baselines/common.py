@@ -71,6 +71,12 @@ class Defense(ABC):
         `onp bench` reserves for its cell. Methods that start threads of their own override it."""
         return threads
 
+    @classmethod
+    def run_hint(cls, params: dict[str, Any]) -> str | None:
+        """A line `onp defend` prints after a run with these parameters and no preset, where a better-measured
+        setting of the method exists (None: nothing to say)."""
+        return None
+
     def check_inputs(self, model: nn.Module, x: torch.Tensor) -> None:
         """Refuse, with one line and before any work, a model these settings cannot defend (e.g. one of another kind
         than a shipped reference they read describes); `x`: a few defense images. Nothing to refuse by default."""

@@ -104,11 +104,8 @@ def _defend(args: argparse.Namespace) -> None:
         der = f["der"] if f["der"] is None else round(f["der"], 4)
         print(f"  tuned   ACC {_pct(f['acc'])}  ASR {_pct(f['asr'])}  RA {_pct(f['ra'])}  DER {der}  "
               f"(fine-tuned after pruning: {out / 'finetuned'})")  # fmt: skip
-    elif report["method"] == "onp" and args.preset is None and not overrides.get("repair_with") and not args.agent:
-        print(
-            "  (alone, the shipped agent left 22-39% mean ASR on held-out Fashion-MNIST models; --preset "
-            "recommended adds verdict's sweep and repair: README, The learned defense)"
-        )
+    elif args.preset is None and (hint := defense_class(args.method).run_hint(overrides)):
+        print(f"  ({hint})")
     print(out)
 
 

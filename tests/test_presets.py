@@ -103,3 +103,13 @@ def test_a_preset_refused_by_a_model_it_was_not_measured_on_says_which_models_it
     assert err.rstrip().endswith("(preset 'recommended' is for Fashion-MNIST small CNNs: it reads the class "
                                  "reference measured on them)")  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_the_hint_after_a_run_is_the_defense_classs_and_only_where_a_better_measured_setting_exists():
+    from onp_env.registry import defense_class
+
+    onp = defense_class("onp")
+    assert "--preset recommended" in onp.run_hint({})
+    # an agent of one's own, or a run already repaired, is not the case the hint's numbers describe
+    assert onp.run_hint({"agent": "my-agent"}) is None and onp.run_hint({"repair_with": "verdict"}) is None
+    assert defense_class("magnitude").run_hint({}) is None
