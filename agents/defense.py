@@ -165,7 +165,8 @@ FEW_IMAGES = 2324
 epochs were chosen at 600 Fashion-MNIST images (1% of its training split) and again at 1200 and 1800
 (benchmarks/onp_repair_knobs.py `few-images`: 1.24 and 1.26 points lost against 3 epochs' 1.72 and 1.62); 3 at 3000,
 among the epochs that keep the deployment within a tenth of ANP's time. The line is the geometric mean of 1800 and
-3000; 8 epochs over more than 1800 images were not measured."""
+3000; with 2280 images 8 epochs take 0.082 of ANP's time (benchmarks/deploy_cost.py), their outcome there was not
+measured."""
 RECOMMENDED = Preset(
     "the README's agent command for Fashion-MNIST small CNNs: the agent's units, verdict's sweep from them with a "
     "budget of its own, and the recommended verdict's repair at lr 0.02 over 3 epochs, or 8 with fewer than "

@@ -107,7 +107,8 @@ and the repair recovers less from 600 images (50 SGD steps over 5 epochs) than f
   Measured: 8 epochs at both. With 2%, 91.0 / 4.6 / 1.24, 79 of 90 within, against 3 epochs' 90.6 / 4.8 / 1.72, 55;
   with 3%, 91.6 / 3.3 / 1.26, 78, against 91.4 / 3.3 / 1.62, 74 (8 ahead on every seed's accuracy lost). So
   FEW_IMAGES is 2324 since: 8 epochs up to the 1800 images measured, 3 from the 3000 where the time bound chose them
-  (`epochs` at 5% compared 3 and 2 only; 8 epochs over 3000 images were never run).
+  (`epochs` at 5% compared 3 and 2 only; 8 epochs over 3000 images were never run). With 2280 images, just below
+  the new switch, 8 epochs take a median 0.082 of ANP's time (deploy_cost.py 'agent command below the switch').
 
 Each of the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml) is defended by the leave-one-attack-out
 agent that never saw its attack (onp_repair_sweep.fold_agent) with the pipeline of onp_vs_baselines's `shipped agent
@@ -147,7 +148,8 @@ FEW_SEEDS = (15, 16, 17)
 FEW_FRACTIONS = (0.02, 0.03)
 """`few-images`' defense data: 1200 and 1800 Fashion-MNIST images, either side of FEW_IMAGES."""
 FEW_ORDER = {0.02: ("8 epochs", "3 epochs"), 0.03: ("3 epochs", "8 epochs")}
-"""`few-images`' settings at each fraction, the one the agent's command takes there today first."""
+"""`few-images`' settings at each fraction, first the one the agent's command took there when the study ran (its switch
+at 1342 images)."""
 STUDIES: dict[str, dict[str, dict[str, Any]]] = {
     "augment": {
         "none": {},
@@ -359,8 +361,8 @@ WHAT = {
     "false, the defense's seed 7 or 8, each from empty memos",
     "repair-layout": "`repair_lr` 0.02 over 8 epochs with 1%, 3 with 5% (the agent's command), its repair trained in "
     "the default memory layout or channels-last on the CPU, the defense's seed 0, 1 or 2, each from empty memos",
-    "few-images": "`repair_lr` 0.02 over 8 or 3 epochs (the agent's command with fewer or more than 1342 defense "
-    "images), the defense's seed 15, 16 or 17",
+    "few-images": "`repair_lr` 0.02 over 8 or 3 epochs (the agent's command below or above its switch, 1342 defense "
+    "images when this ran), the defense's seed 15, 16 or 17",
     "hedge": "the agent's command (channels-last) without and with verdict's `hedge`, the defense's seed 9, 10, 11 or "
     "12, each from empty memos (a run whose verdicts hold no flagged runner-up of another class is the command's "
     "cell, copied: `hedge` cannot change it)",
@@ -463,7 +465,7 @@ def few_verdict(fraction: float, rows: Rows) -> list[str]:
              "setting):", "", "| setting | agent DER | agent ASR | agent lost | repaired DER | repaired ASR | "
              "repaired lost | within |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {epochs} | {outcome(pooled(epochs))} |" for epochs in order]
-    lines += ["", f"Choice (onp_prunable.py's rule, a tie keeps {order[0]}, the agent's command's today): "
+    lines += ["", f"Choice (onp_prunable.py's rule, a tie keeps {order[0]}, the agent's command's when this ran): "
               f"{best(order, pooled)}."]  # fmt: skip
     return lines
 
