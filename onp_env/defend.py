@@ -178,9 +178,9 @@ def defend_artifact(path: str | Path | Artifact, method: str, overrides: dict[st
     art = path if isinstance(path, Artifact) else load_artifact(path)
     x, y = defense_subset(art, run.defense_fraction, run.seed, data_root)
     if chosen is not None:
-        defense = few if len(x) < chosen.few_below else many
+        defense = few if chosen.is_few(len(x)) else many
     try:
-        getattr(defense, "check_inputs", lambda model, x: None)(art.model, x[:2])
+        defense.check_inputs(art.model, x[:2])
     except OnpError as e:  # e.g. a shipped reference refusing another kind of model
         if chosen is None or not chosen.scope:
             raise

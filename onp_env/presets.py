@@ -28,7 +28,11 @@ class Preset:
 
     def resolve(self, images: int) -> dict[str, Any]:
         """The parameters for a defense set of `images` images."""
-        return merged(self.params, self.few if images < self.few_below else {})
+        return merged(self.params, self.few if self.is_few(images) else {})
+
+    def is_few(self, images: int) -> bool:
+        """Whether a defense set of `images` images takes the `few` values."""
+        return images < self.few_below
 
     def both(self, over: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Its parameters with few images and with many, `over` (the user's) on top: what is checked before the
