@@ -22,6 +22,7 @@ def test_merged_changes_one_key_of_a_section_and_neither_input():
     assert base["repair"] == {"repair_epochs": 3, "unlearn": 0.5} and over == {"repair": {"repair_epochs": 5},
                                                                                 "budget": 0.1}  # fmt: skip
     assert merged({"repair": {"a": 1}}, {"repair": 7}) == {"repair": 7}  # a value replaces a section whole
+    assert merged({"repair": {"a": 1}, "b": 2}, {"repair": {}}) == {"repair": {}, "b": 2}  # an empty one empties it
 
 
 def test_a_preset_takes_its_few_images_values_below_its_line():
@@ -31,6 +32,7 @@ def test_a_preset_takes_its_few_images_values_below_its_line():
     assert p.resolve(1342) == p.resolve(3000) == {"repair": {"repair_epochs": 3, "unlearn": 0.5}}
     assert p.both({"repair": {"unlearn": 0.4}}) == ({"repair": {"repair_epochs": 8, "unlearn": 0.4}},
                                                     {"repair": {"repair_epochs": 3, "unlearn": 0.4}})  # fmt: skip
+    assert p.both({"repair": {}}) == ({"repair": {}}, {"repair": {}})  # `--set repair={}`: the section goes
 
 
 @pytest.mark.parametrize(
