@@ -26,6 +26,7 @@ prunes is unchanged; the repair's cost (the other defense's inversions) comes on
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -51,6 +52,7 @@ from onp_env.errors import OnpError
 from onp_env.graph.units import UnitLayout
 from onp_env.masking import Masks
 from onp_env.presets import Preset
+from onp_env.training import reestimate_batchnorm
 
 SHIPPED = Path(__file__).resolve().parent / "pretrained" / "fashion-mnist"
 """The agent `onp defend --method onp` runs without --agent (agents/pretrained/README.md: what it
@@ -90,6 +92,14 @@ class ONPParams:
     """With `repair_sweep`: the sweep's accuracy limit (`repair.max_acc_drop`) is measured from the `agent`'s pruned
     model (a budget of its own; chosen on shadow models, docs/methods.md) or from the `unpruned` model (the agent's
     units spend part of it: a costly agent cut leaves the sweep nothing)."""
+
+    sweep_reestimate: bool = False
+    """[ours] With `repair_sweep`: the sweep judges the agent's pruned model with its BatchNorm running statistics
+    re-estimated on the defense images (onp_env.training.reestimate_batchnorm; no weight changed), as the repair's
+    training will re-estimate them. On a PreAct ResNet the agent's cuts, spread over every block, hide a Blended
+    backdoor behind the statistics they made stale (0.0% ASR), and re-estimating them alone brings it back to 81-100%
+    (benchmarks/results/bn_revival.md): the sweep then stops at once ("backdoor gone") and the repair revives it.
+    Re-estimated, the sweep there still did not hold it down (37.2% against 40.5% ASR; docs/methods.md)."""
 
     sweep_spare: float | None = None
     """[ours] With `repair_sweep`: after the sweep, give back the agent's units its reversed trigger does not need
@@ -303,6 +313,11 @@ class ONP(Defense):
             assert self.repairer is not None and hasattr(self.repairer, "sweep") and hasattr(self.repairer, "spare")
             _, _, judged = self.repairer.scored(model, x, y)  # on the unpruned model, as finetune would
             self._judged = True
+            if self.params.sweep_reestimate:  # the statistics under the agent's cut; the masks go again
+                model = copy.deepcopy(model)
+                with Masks(model, layout, self.semantics) as masks:
+                    masks.prune(order)
+                    reestimate_batchnorm(model, x)
             added = self.repairer.sweep(judged, model, layout, x, y, order, self.params.sweep_limit_from == "agent")
             self.extra["swept"] = [f"{lay.name}[{c}]" for lay, c in map(layout.locate, added)]
             if self.params.sweep_spare is not None:
@@ -348,6 +363,9 @@ def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: 
         raise OnpError(f"onp parameters: sweep_limit_from must be unpruned or agent, got {params.sweep_limit_from!r}")
     if params.sweep_spare is not None and not 0 <= params.sweep_spare <= 1:
         raise OnpError(f"onp parameters: sweep_spare is a share of images, in [0, 1]: got {params.sweep_spare}")
+    if params.sweep_reestimate and not params.repair_sweep:
+        raise OnpError("onp parameters: sweep_reestimate re-estimates BatchNorm for repair_sweep's sweep: set "
+                       "repair_sweep=true, or drop sweep_reestimate")  # fmt: skip
     if params.sweep_spare is not None and not params.repair_sweep:
         raise OnpError("onp parameters: sweep_spare gives back units after repair_sweep's sweep: set "
                        "repair_sweep=true, or drop sweep_spare")  # fmt: skip

@@ -125,3 +125,26 @@ def train(
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval().cpu()  # artifacts, metrics and defenses take it on the CPU
     return time.perf_counter() - start
+
+
+def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64, only: str = "") -> nn.Module:
+    """`model` with its BatchNorm layers' running statistics re-estimated on `x` (cumulative averages over its
+    batches, with whatever forward hooks it holds, e.g. pruning masks): those whose names start with `only`, every
+    one where it is empty. No weight changes; the model is left in eval mode. A cut upstream of a BatchNorm layer
+    shifts what that layer sees; its stale statistics can then hide a behaviour (a backdoor, say) that any training
+    on clean images, which re-estimates them, brings back."""
+    norms = [
+        m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and n.startswith(only)
+    ]
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size])
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return model.eval()

@@ -820,6 +820,51 @@ def test_repair_sweep_goes_on_from_the_agents_units_until_the_reversed_trigger_f
         ONP(repair_with="nc", repair=repair, repair_sweep=True, sweep_limit_from="other")
 
 
+def test_sweep_reestimate_hands_the_sweep_the_agents_cut_with_batchnorm_statistics_under_it(monkeypatch,
+                                                                                            tiny_artifact):  # fmt: skip
+    """The sweep judges the unpruned model with the agent's units masked; with sweep_reestimate its BatchNorm
+    statistics are the defense images' under those masks (no weight changed), as the repair would find them."""
+    import copy
+
+    import agents.defense
+    from agents.defense import ONP
+    from baselines.nc import NC
+    from onp_env.masking import Masks
+    from onp_env.training import reestimate_batchnorm
+
+    art = load_artifact(tiny_artifact)
+    model, (x, y) = art.model, art.defense_set()
+    layout, _ = find_units(model, x[:2])
+    cut = [layout.layers[0].offset, layout.layers[0].offset + 1]
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: (cut, [{"acc": 1.0}] * 2))
+    monkeypatch.setattr(NC, "scored", lambda self, m, x, y: (m, layout, torch.zeros(layout.num_units)))
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def sweep(self, scores, judged, *args):
+        seen.append(copy.deepcopy(judged.state_dict()))
+        raise Seen
+
+    monkeypatch.setattr(NC, "sweep", sweep)
+    for again in (False, True):
+        with pytest.raises(Seen):
+            ONP(repair_with="nc", repair={"repair_epochs": 1}, repair_sweep=True, sweep_reestimate=again).run(
+                model, x, y
+            )
+    expected = copy.deepcopy(model)
+    with Masks(expected, layout) as masks:
+        masks.prune(cut)
+        reestimate_batchnorm(expected, x)
+    plain, again = seen
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in plain.items())
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in again.items())
+    stats = [k for k in again if k.endswith("running_mean")]
+    assert all(torch.equal(again[k], plain[k]) for k in again if "running" not in k and "num_batches" not in k)
+    assert any(not torch.equal(again[k], plain[k]) for k in stats[1:])  # the layers below the cut moved
+
+
 def test_sweep_spare_gives_back_the_agents_units_that_cost_accuracy_while_the_reversed_trigger_still_fails(
     monkeypatch,
 ):
@@ -968,6 +1013,10 @@ def test_a_verdict_repair_of_a_latent_sweep_shifts_the_classifier_input_less_the
     [
         ({"repair": {"repair_epochs": 5}}, "repair needs repair_with's defense: set repair_with"),
         ({"repair_sweep": True}, "repair_sweep needs repair_with's defense: set repair_with"),
+        (
+            {"repair_with": "nc", "repair": {"repair_epochs": 1}, "sweep_reestimate": True},
+            "sweep_reestimate re-estimates BatchNorm for repair_sweep's sweep: set repair_sweep=true",
+        ),
         (
             {"repair_with": "fp", "repair": {"finetune_epochs": 1}, "repair_sweep": True},
             "repair_sweep goes on with repair_with's pruning sweep, which fp has not",

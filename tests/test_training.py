@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from onp_env import OnpError, build_artifact, load_artifact
-from onp_env.training import augment
+from onp_env.training import augment, reestimate_batchnorm
 
 from .conftest import tiny_config
 
@@ -50,3 +50,24 @@ def test_device_selection(tmp_path, monkeypatch):
     with pytest.raises(OnpError, match="torch sees no GPU"):
         build_artifact(tiny_config("train.device=cuda"), tmp_path, progress=False)
     assert cpu.config.fingerprint() != auto.config.fingerprint()  # where it trained is part of the result
+
+
+def test_reestimate_batchnorm_takes_the_images_statistics_under_the_models_hooks_and_changes_no_weight():
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 4),
+                                torch.nn.BatchNorm1d(4))  # fmt: skip
+    model[1].register_forward_hook(lambda m, i, out: out * torch.tensor([0.0, 1.0, 1.0, 1.0]))  # a mask: unit 0 cut
+    x = torch.randn(96, 3, generator=g) * 3 + 1
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    with torch.no_grad():
+        first = model[0](x)
+        second = model[:4].train()(x)  # one batch: what the second layer sees while the first re-estimates
+    reestimate_batchnorm(model.eval(), x, batch_size=len(x))
+    assert not model.training and model[1].momentum == model[4].momentum == 0.1
+    assert torch.allclose(model[1].running_mean, first.mean(0), atol=1e-5)
+    assert torch.allclose(model[1].running_var, first.var(0), atol=1e-4)
+    assert torch.allclose(model[4].running_mean, second.mean(0), atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    before = model[1].running_mean.clone()
+    reestimate_batchnorm(model, x[:32], only="4")  # the named layers only
+    assert torch.equal(model[1].running_mean, before) and not torch.allclose(model[4].running_mean, second.mean(0))
