@@ -43,7 +43,7 @@ class Preset:
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`base` updated by `over`, nested dicts key by key (a user's `--set repair.repair_epochs=5` changes one key
     of a preset's `repair`, not the whole of it), except that an empty dict empties its section (`--set repair={}`
-    runs a preset without its `repair`); neither is changed."""
+    leaves the repairing defense at its own defaults); neither is changed."""
     out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and value and isinstance(out.get(key), dict):
