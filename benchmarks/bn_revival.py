@@ -12,9 +12,10 @@ its BatchNorm running statistics are re-estimated on the defense images (clean; 
 no weight changes), every BatchNorm layer at once and one residual block at a time; the unpruned model re-estimated the
 same way is the control. The oracle (the activation gap with the true trigger, on the defense images) cuts as many
 units, measured the same two ways: whether the cut units were the backdoor's or only upset the statistics below them.
-Beside them the repaired model of the bench's `onp-verdict-repair` spec (the same pruned
-model, repaired). The models: the ResNet bench's six, the two shadow ResNets of fashion-mnist-resnet-shadow-2.yaml, and
-for comparison the five small-CNN held-out models of seed 101, on which the repair revives nothing. This uses the test
+Beside them the repaired model of the bench's `onp-verdict-repair` spec (the same pruned model, repaired). The models:
+the ResNet bench's six (the run of 2026-12-06 measured its two Blended ones; the other four were not built on that
+host), the two shadow ResNets of fashion-mnist-resnet-shadow-2.yaml, and for comparison the five small-CNN held-out
+models of seed 101, on which the repair revives nothing. This uses the test
 split and the trigger to measure, and chooses nothing. One torch thread per worker; one JSON line per model in
 bn_revival.jsonl (resumable), then bn_revival.md."""
 
@@ -152,11 +153,8 @@ def report(rows: Rows) -> str:
     ]
     for r in rows:
         c, base = r["cells"], r["cells"]["before"]
-        # "agent, model re-estimated": rows of 2026-12-06 named the ResNets' top-level BatchNorm so and re-estimated
-        # every layer there, as "agent, re-estimated" does
-        whole = ("agent, re-estimated", "agent, model re-estimated")
-        staged = [(k.split(", ")[1].split(" ")[0], v) for k, v in c.items()
-                  if k.startswith("agent, ") and k.endswith(" re-estimated") and k not in whole]  # fmt: skip
+        staged = [(k.split(", ")[1].split(" ")[0], v) for k, v in c.items()  # "agent, BLOCK re-estimated"
+                  if k.startswith("agent, ") and k.endswith(" re-estimated") and k.count(" ") == 2]  # fmt: skip
         lines.append(f"- {r['model']}: " + "; ".join(f"{s} {cell(v, base)}" for s, v in staged))
     return "\n".join(lines) + "\n"
 
