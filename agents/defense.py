@@ -99,8 +99,7 @@ class ONPParams:
     training will re-estimate them. On a PreAct ResNet the agent's cuts, spread over every block, hide a Blended
     backdoor behind the statistics they made stale (0.0% and 24.9% ASR), and re-estimating them alone brings it back
     to 81-100% (benchmarks/results/bn_revival.md): the sweep then stops at once ("backdoor gone") and the repair
-    revives it.
-    Re-estimated, the sweep there still did not hold it down (37.2% against 40.5% ASR; docs/methods.md)."""
+    revives it. Re-estimated, the sweep there still did not hold it down (37.2% against 40.5% ASR; docs/methods.md)."""
 
     sweep_spare: float | None = None
     """[ours] With `repair_sweep`: after the sweep, give back the agent's units its reversed trigger does not need

@@ -71,10 +71,10 @@ def stages(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n.rsplit(".", 1)[0] + "." if "." in n else n for n in names))
 
 
-def oracle_cut(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Any, count: int) -> tuple[nn.Module, dict]:
+def oracle_cut(model: nn.Module, layout: Any, x: torch.Tensor, y: torch.Tensor, attack: Any,
+               count: int) -> tuple[nn.Module, dict]:  # fmt: skip
     """`model` with the `count` units of the largest activation gap between the defense images of the other classes
     with the true trigger and without it (the oracle's ranking) pruned, and how many of them each layer holds."""
-    layout, _ = find_units(model, x[:2])
     other = attack.targets(y) != y
     gap = activation_gap(model, layout, x[other], y[other], attack.apply(x[other]), y[other])
     units = top_units(gap, torch.isfinite(gap))[:count]
@@ -110,9 +110,9 @@ def measure(name: str, role: str, path: str) -> dict[str, Any]:
     for stage in stages(pruned):
         cells[f"agent, {stage.rstrip('.')} re-estimated"] = score(recalibrated(pruned, x, stage))
     cells["repaired"] = score(result.finetuned) if result.finetuned is not None else None
-    oracle, oracle_layers = oracle_cut(art.model, x, y, art.attack, len(result.pruned))
-    cells["oracle"], cells["oracle, re-estimated"] = score(oracle), score(recalibrated(oracle, x))
     layout, _ = find_units(art.model, x[:2])
+    oracle, oracle_layers = oracle_cut(art.model, layout, x, y, art.attack, len(result.pruned))
+    cells["oracle"], cells["oracle, re-estimated"] = score(oracle), score(recalibrated(oracle, x))
     return {"model": name, "role": role, "units": len(result.pruned), "defense_images": len(x),
             "agent_layers": per_layer(layout, result.pruned), "oracle_layers": oracle_layers,
             "host": platform.node(), "torch": torch.__version__, "cells": cells}  # fmt: skip
