@@ -71,6 +71,10 @@ class ONPParams:
     prunable: str | None = None
     """Which units the policy may prune (onp_env.env.EnvConfig.prunable): all, or last (the last unit layer's,
     where NC and verdict prune; the policy sees the whole model either way). Default: the training env's."""
+    bn_stats: str | None = None
+    """How the agent's env reads each pruned model (onp_env.env.EnvConfig.bn_stats): kept (the BatchNorm statistics
+    the model was trained with) or reestimated (those below each cut re-estimated on the defense images, as the
+    repair's training will). Default: the training env's."""
     undo_collapse: bool = True
     """Leave out the last step when it took the defense-set accuracy past the training env's limit
     (`max_acc_drop`); False: return every unit the episode pruned."""
@@ -216,7 +220,7 @@ class ONP(Defense):
         self.agent = agent_of(self.params)  # validated before any expensive step
         self.trained_on = _trained_on(self.agent)
         env = replace(self.agent.env, semantics=semantics, device=str(self.device))
-        self.agent.env = with_prunable(env, self.params.prunable)
+        self.agent.env = deployed_env(env, self.params)
         self.agent.net.to(self.device)
 
     @classmethod
@@ -230,7 +234,7 @@ class ONP(Defense):
         if workdir is None:  # the repair's parameters too, before any model is built
             parsed = from_dict(ONPParams, params, "onp parameters")
             repairer(parsed)
-            with_prunable(cfg.env if cfg is not None else agent_of(parsed).env, parsed.prunable)  # the cells' agent
+            deployed_env(cfg.env if cfg is not None else agent_of(parsed).env, parsed)  # the cells' agent
         if cfg is None:
             return params
         if workdir is None:
@@ -238,8 +242,8 @@ class ONP(Defense):
         settings = to_dict(cfg)
         for part, key, default in (("env", "signal_scale", "z"), ("env", "signal_spans", ["layer"]),
                                    ("env", "candidates", 0), ("env", "follow", "any"), ("env", "prunable", "all"),
-                                   ("imitation", "dagger_rounds", 0), ("policy", "skip", False),
-                                   ("policy", "verdict_head", False)):  # fmt: skip
+                                   ("env", "bn_stats", "kept"), ("imitation", "dagger_rounds", 0),
+                                   ("policy", "skip", False), ("policy", "verdict_head", False)):  # fmt: skip
             if settings[part][key] == default:  # hashed as before the field existed: trained agents are found
                 settings[part].pop(key)
         blob = json.dumps(settings, sort_keys=True).encode()
@@ -350,9 +354,11 @@ def agent_of(params: ONPParams) -> Agent:
     return load_agent(params.agent or SHIPPED)
 
 
-def with_prunable(env: EnvConfig, prunable: str | None) -> EnvConfig:
-    """The agent's env with `prunable` (None: its own), refused with one line where that env cannot take it."""
-    return env if prunable is None else replace(env, prunable=prunable).validate("onp parameters: the agent's env")
+def deployed_env(env: EnvConfig, params: ONPParams) -> EnvConfig:
+    """The agent's env with `params`' `prunable` and `bn_stats` (None: its own), refused with one line where that env
+    cannot take them."""
+    changes = {k: v for k in ("prunable", "bn_stats") if (v := getattr(params, k)) is not None}
+    return replace(env, **changes).validate("onp parameters: the agent's env") if changes else env
 
 
 def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: str = "cpu") -> Defense | None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from onp_env.attacks.poison import PoisonedSet
@@ -133,9 +134,13 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64
     one where it is empty. No weight changes; the model is left in eval mode. A cut upstream of a BatchNorm layer
     shifts what that layer sees; its stale statistics can then hide a behaviour (a backdoor, say) that any training
     on clean images, which re-estimates them, brings back."""
-    norms = [
-        m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and n.startswith(only)
-    ]
+    norms = [m for n, m in model.named_modules() if isinstance(m, _BatchNorm) and n.startswith(only)]
+    return reestimate_norms(model, norms, x, batch_size)
+
+
+def reestimate_norms(model: nn.Module, norms: list[_BatchNorm], x: torch.Tensor, batch_size: int = 64) -> nn.Module:
+    """`model` with the running statistics of `norms` (BatchNorm layers of it) re-estimated on `x`, as
+    reestimate_batchnorm does; the others keep theirs."""
     momenta = [m.momentum for m in norms]
     model.eval()
     for m in norms:

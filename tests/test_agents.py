@@ -229,6 +229,27 @@ def test_onp_with_prunable_last_prunes_only_the_last_unit_layer(agent_dir):
         ONP(agent=str(agent_dir), prunable="some")
 
 
+def test_onp_deploys_with_the_bn_stats_it_is_given_and_refuses_others(agent_dir, monkeypatch):
+    from agents import defense
+    from agents.defense import ONP
+
+    seen = []
+    real = defense.NeuronPruningEnv
+
+    def spy(cfg, **kw):
+        seen.append(cfg.bn_stats)
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(defense, "NeuronPruningEnv", spy)
+    art = load_artifact(default_artifact())
+    x, y = art.defense_set()
+    ONP(agent=str(agent_dir), budget=0.05, bn_stats="reestimated").run(art.model, x, y)
+    ONP(agent=str(agent_dir), budget=0.05).run(art.model, x, y)
+    assert seen == ["reestimated", "kept"]  # the second: the training env's
+    with pytest.raises(OnpError, match="unknown bn_stats .fresh. in onp parameters: the agent.s env"):
+        ONP(agent=str(agent_dir), bn_stats="fresh")
+
+
 def test_deploying_with_the_attack_known_reports_asr_and_prunes_the_same_units(agent_dir):
     agent = load_agent(agent_dir)
     art = load_artifact(default_artifact())

@@ -604,3 +604,59 @@ def test_an_evaluator_reruns_only_the_hooks_of_a_linear_unit_layer_whose_inputs_
         assert torch.equal(ev.logits(["fc"]), Evaluator(gm, x + 1.0, ["fc"], cache=False).logits())
         assert not ev.raw
         handle.remove()
+
+
+def _resnet_with_defense_statistics(n: int = 64):
+    """A tiny PreAct ResNet whose BatchNorm statistics are those of its n defense images (one batch), so that
+    re-estimating every layer after a cut changes only those below it: the reference for bn_stats."""
+    from onp_env.models import build_model
+    from onp_env.training import reestimate_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 10
+    torch.manual_seed(0)
+    model = build_model("preact_resnet18", (1, 8, 8), 10, width=0.125)
+    return reestimate_batchnorm(model, x, batch_size=n), x, y
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_reestimated_bn_stats_read_each_cut_as_the_model_with_its_statistics_reestimated(cache):
+    from onp_env.training import reestimate_batchnorm
+
+    model, x, y = _resnet_with_defense_statistics()
+    start = copy.deepcopy(model.state_dict())
+    kw = {"score": "none", "cache": cache, "eval_images": len(x), "budget": 1.0, "max_acc_drop": 1.0}
+    envs = {s: NeuronPruningEnv(targets=[PruningTarget("r", model, x, y)], bn_stats=s, **kw)
+            for s in ("kept", "reestimated")}  # fmt: skip
+    layout = envs["kept"].task.layout
+    cut = [layout.layers[1].offset + 1, layout.layers[3].offset, layout.layers[3].offset + 2]  # two layers, early
+    logits = {}
+    for s, env in envs.items():
+        env.reset(seed=0)
+        for u in cut:
+            env.step(u)
+        logits[s] = env.task.clean.last
+    expected = copy.deepcopy(model)
+    with Masks(expected, layout) as masks:
+        masks.prune(cut)
+        with torch.no_grad():
+            stale = expected.eval()(envs["kept"].task.clean.x)
+        reestimate_batchnorm(expected, x, batch_size=len(x))
+        with torch.no_grad():
+            fresh = expected(envs["reestimated"].task.clean.x)
+    assert torch.allclose(logits["kept"], stale, atol=1e-5)
+    # the reference re-estimates every layer at once, normalising those above the cut with their batch's biased
+    # variance as it goes; the env keeps their statistics (the images' unbiased ones): 2e-3 apart here
+    assert torch.allclose(logits["reestimated"], fresh, atol=1e-2)
+    assert (logits["kept"] - fresh).abs().max() > 0.5  # the cut shifted the statistics below it this much
+    env = envs["reestimated"]
+    env.reset(seed=0)  # each episode starts from the statistics the model was trained with
+    now = env.task.model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in start.items())
+    with torch.no_grad():
+        assert torch.equal(env.task.clean.last, model.eval()(env.task.clean.x))
+
+
+def test_bn_stats_is_kept_or_reestimated():
+    with pytest.raises(OnpError, match="unknown bn_stats 'fresh'"):
+        NeuronPruningEnv(bn_stats="fresh")

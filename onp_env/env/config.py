@@ -21,6 +21,7 @@ from onp_env.masking import SEMANTICS
 
 ACTION_MODES = ("neuron", "layer", "signal")
 PRUNABLE = ("all", "last")
+BN_STATS = ("kept", "reestimated")
 FOLLOWS = ("any", "verdict")
 
 
@@ -48,6 +49,13 @@ class EnvConfig:
     """Prune the coupled channels of a residual group together."""
     semantics: str = "zero"
     """Mask semantics: zero (unit outputs 0) or gamma (only the BatchNorm weight is masked)."""
+    bn_stats: str = "kept"
+    """How each pruned model is read. kept: its BatchNorm layers normalise with the running statistics it was
+    trained with; reestimated: after each cut, those downstream of a cut layer with statistics re-estimated on the
+    env's defense images (onp_env.training.reestimate_norms; no weight changes), as any training on clean images
+    would re-estimate them. On a PreAct ResNet a cut spread over its blocks can hide a backdoor behind the statistics
+    it made stale, which re-estimating brings back (benchmarks/results/bn_revival.md); each step then costs a full
+    pass over those images more."""
     score: str = "oracle"
     """Backdoor score: oracle (needs the trigger), unlearn or anp (trigger-free), or none (no backdoor
     term: for deploying a learned policy, whose reward nobody reads)."""
@@ -114,7 +122,7 @@ class EnvConfig:
                 raise OnpError(f"{where}.{key} must be a finite number, got {value!r}")
         cfg = from_dict(cls, data, where)
         for key, allowed in (("action_mode", ACTION_MODES), ("follow", FOLLOWS), ("semantics", SEMANTICS),
-                             ("score", SCORES), ("prunable", PRUNABLE)):  # fmt: skip
+                             ("score", SCORES), ("prunable", PRUNABLE), ("bn_stats", BN_STATS)):  # fmt: skip
             value = getattr(cfg, key)
             if value not in allowed:
                 raise OnpError(f"unknown {key} '{value}' in {where}: choose one of {', '.join(allowed)}")

@@ -43,6 +43,7 @@ import torch
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from onp_env.attacks import Attack
 from onp_env.devices import resolve_device
@@ -63,6 +64,7 @@ from onp_env.graph.build import EDGE_TYPES, NeuronGraph, build_graph
 from onp_env.graph.features import FEATURES, Z_CLIP
 from onp_env.graph.units import find_units
 from onp_env.masking import Masks
+from onp_env.training import reestimate_norms
 
 GLOBALS = ("step_fraction", "pruned_fraction", "accuracy", "accuracy_drop", "budget_left")
 STEP_MARGIN = 16
@@ -130,6 +132,19 @@ class Task:
         self.y = y
         self.dynamic = DynamicStats(self.layout) if "dynamic" in cfg.features else None
         self.clean = Evaluator(gm, x, names, cfg.cache, watch=self.dynamic is not None)
+        # with bn_stats reestimated: each unit layer's downstream BatchNorm layers (its own input does not change)
+        # and every BatchNorm layer's statistics as trained, which each episode starts from
+        self.norms_below: dict[str, list[_BatchNorm]] | None = None
+        self.norm_start: dict[str, torch.Tensor] = {}
+        if cfg.bn_stats == "reestimated":
+            modules = dict(gm.named_modules())
+            self.norms_below = {
+                name: [m for n in run if n.op == "call_module" and n.target != name
+                       and isinstance(m := modules[str(n.target)], _BatchNorm)]
+                for name, run in self.clean.downstream.items()
+            }  # fmt: skip
+            self.norm_start = {f"{n}.{b}": t.clone() for n, m in self.model.named_modules() if isinstance(m, _BatchNorm)
+                               for b, t in m.named_buffers(recurse=False)}  # fmt: skip
         self.signals, self.signal_globals = compute_signals(cfg.features, cfg.signal_params, target.model, self.layout,
                                                             target.x, target.y, device=cfg.device,
                                                             scale=cfg.signal_scale, spans=cfg.signal_spans)  # fmt: skip
@@ -182,6 +197,9 @@ class Task:
 
     def measure(self, changed: list[str] | None) -> tuple[float, float | None, float]:
         """(accuracy, ASR or None, backdoor score) on the defense data after masks changed."""
+        if self.norms_below is not None and changed:  # the evaluators run downstream of `changed` again
+            norms = list({id(m): m for name in changed for m in self.norms_below[name]}.values())
+            reestimate_norms(self.model, norms, self.clean.x)
         acc = (self.clean.logits(changed).argmax(1) == self.y).float().mean().item()
         if self.dynamic is not None:
             self.dynamic.update(self.clean.fresh)
@@ -203,6 +221,8 @@ class Task:
         so its full pass runs on the first reset only; later resets restore the evaluators' caches and
         the dynamic statistics it left (the trigger-free score, which may be stateful, runs again)."""
         evaluators = [e for e in (self.clean, self.triggered, self.probe) if e is not None]
+        if self.norm_start:
+            self.model.load_state_dict(self.norm_start, strict=False)
         if self._start is None:
             result = self.measure(None)
             state = [(dict(e.values), e.last, dict(e.fresh)) for e in evaluators]
