@@ -80,6 +80,7 @@ from onp_env.signals.trigger_inversion import (
 )
 from onp_env.training import check_defense_augment, defense_augment
 
+SWEEP_LAYERS = ("last", "all")
 REPAIR_LAYOUT = torch.channels_last
 """The memory layout of the pruned model's 4-d weights while the repair trains it on a CPU (the model is returned in
 its own). A training step of the small CNN takes 0.64 of the default layout's time in channels-last
@@ -99,7 +100,13 @@ class NCParams(InversionParams):
     max_acc_drop: float = bounded(0.05, ge=0, le=1)
     """Never prune a unit that takes defense-set accuracy further than this below the unpruned model's."""
     max_ratio: float = bounded(0.5, gt=0, le=1)
-    """At most this share of the layer."""
+    """At most this share of the layer (of the model with `sweep_layers` all)."""
+    sweep_layers: str = "last"
+    """[ours] Which units the sweep ranks by the reversed trigger's gap: last, the last unit layer's (NC's late
+    layer); all, every unit layer's, one order over the whole model by the gap's raw value (a unit's shift in its
+    own clean std). On PreAct-ResNet-18 the gap ranks the oracle's units at ROC-AUC 1.00 over the whole model, and
+    they lie in the last block as well as the final BatchNorm (benchmarks/results/resnet_signals.md). A sweep that
+    follows the latent shift ranks its own layer's units either way."""
     candidates: int = bounded(1, ge=1, le=1000)
     """Each cut is the one of the next this many units of the order that leaves the most defense-set
     accuracy plus the least probability of the suspected class on reversed-trigger images (1: the order)."""
@@ -166,6 +173,9 @@ class NC(Defense):
             raise OnpError(f"{self.name} parameters: unlearn_line only chooses among the classes of unlearn_all: "
                            "set unlearn_all=true, or drop unlearn_line")  # fmt: skip
         check_defense_augment(self.params.repair_augment)
+        if self.params.sweep_layers not in SWEEP_LAYERS:
+            raise OnpError(f"{self.name} parameters: sweep_layers must be one of {', '.join(SWEEP_LAYERS)}, got "
+                           f"{self.params.sweep_layers!r}")  # fmt: skip
         restamps = [k for k in ("repair_blend", "repair_additive", "repair_reinvert") if getattr(self.params, k)]
         if len(restamps) > 1:
             raise OnpError(f"{self.name} parameters: {' and '.join(restamps)} restamp the same half of the images: "
@@ -195,9 +205,12 @@ class NC(Defense):
         self.extra.update(suspect=self.suspect, anomaly_index=float(index[self.suspect]),
                           flagged=bool(index[self.suspect] > self.params.flag_index),
                           mask_norms=self.inverted.norms.tolist())  # fmt: skip
-        lay = layout.layers[-1]
-        self.layers = [lay.name]
-        self.extra["layer"] = lay.name
+        self.layers = self.swept_layers(layout)
+        self.extra["layer"] = ", ".join(self.layers) if len(self.layers) == 1 else "all"
+
+    def swept_layers(self, layout: UnitLayout) -> list[str]:
+        """The unit layers whose units the sweep ranks by a reversed trigger's gap (`sweep_layers`)."""
+        return [lay.name for lay in (layout.layers if self.params.sweep_layers == "all" else layout.layers[-1:])]
 
     def invert_all(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Inverted:
         """Every class's trigger inverted (memoised by the signal)."""
@@ -207,12 +220,13 @@ class NC(Defense):
         """(units,) the reversed trigger's gap on the last unit layer, -inf elsewhere."""
         return self.late(trigger_gap(model, layout, x, y, self.inverted, self.suspect), layout)
 
-    @staticmethod
-    def late(gap: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
-        """`gap` on the last unit layer, -inf elsewhere: the units NC prunes."""
-        lay = layout.layers[-1]
+    def late(self, gap: torch.Tensor, layout: UnitLayout) -> torch.Tensor:
+        """`gap` on the units NC prunes (the last unit layer's, or every one's with `sweep_layers` all), -inf
+        elsewhere."""
         out = torch.full((layout.num_units,), float("-inf"))
-        out[lay.offset : lay.offset + lay.size] = gap[lay.offset : lay.offset + lay.size].cpu()
+        for name in self.swept_layers(layout):
+            lay = layout.by_name[name]
+            out[lay.offset : lay.offset + lay.size] = gap[lay.offset : lay.offset + lay.size].cpu()
         return out
 
     def select(self, scores, model, layout, x, y) -> list[int]:

@@ -516,10 +516,9 @@ class Verdict(NC):
         if index <= self.params.flag_index or (above is not None and index <= above):
             return None
         self.untargeted = inv
-        lay = layout.layers[-1]
-        self.layers = [lay.name]
+        self.layers = self.swept_layers(layout)
         self.extra.update(follows="untargeted", form=form, suspect=None, anomaly_index=index, flagged=True,
-                          layer=lay.name)  # fmt: skip
+                          layer=", ".join(self.layers) if len(self.layers) == 1 else "all")  # fmt: skip
         return self.late(untargeted_gap(model, layout, x, y, inv), layout)
 
     def follows_inversion(self) -> bool:

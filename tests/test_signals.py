@@ -188,6 +188,21 @@ def test_nc_leaves_a_model_it_does_not_flag_as_it_is():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_nc_sweeps_the_last_layer_or_every_layer_by_the_same_gap():
+    art = _build("badnets")
+    x, y = art.defense_set()
+    layout, _ = find_units(art.model, x[:2])
+    last, every = (NC(steps=40, sweep_layers=k).scores(art.model.eval(), layout, x, y) for k in ("last", "all"))
+    tail = layout.layers[-1]
+    inside = torch.zeros(layout.num_units, dtype=torch.bool)
+    inside[tail.offset : tail.offset + tail.size] = True
+    assert torch.isneginf(last[~inside]).all() and torch.equal(last[inside], every[inside])
+    for lay in layout.layers:  # every layer's units ranked, by the same gap
+        assert torch.isfinite(every[lay.offset : lay.offset + lay.size]).any(), lay.name
+    with pytest.raises(OnpError, match="sweep_layers must be one of last, all, got 'first'"):
+        NC(sweep_layers="first")
+
+
 def test_onp_detect_names_the_target_of_a_backdoored_model(capsys):
     from onp_env.cli import main
 
