@@ -79,7 +79,7 @@ def measure(name: str, role: str, path: str) -> dict[str, Any]:
     positive = torch.zeros(layout.num_units, dtype=torch.bool)
     positive[torch.argsort(-oracle_gap(art, layout, x, y))[:TOP]] = True
     held = [where[u] for u in torch.nonzero(positive).flatten().tolist()]
-    lay = layout.by_name[max(set(held), key=held.count)]
+    lay = max(reversed(layout.layers), key=lambda lay: held.count(lay.name))  # ties: the later layer
     sl = slice(lay.offset, lay.offset + lay.size)
     ds = art.dataset()
     before = evaluate(model, ds.test_x, ds.test_y, art.attack)
