@@ -76,7 +76,7 @@ class ONPParams:
     the model was trained with) or reestimated (those below each cut re-estimated on the defense images, as the
     repair's training will). Default: the training env's. On the two shadow ResNets of
     fashion-mnist-resnet-shadow-2.yaml reestimated (with `sweep_reestimate`) took the mean ASR after verdict's repair
-    from 12.7% to 2.5%; on the bench's two Blended ResNets from 40.5% to 73.9%, the agent stopping after 2-6 units
+    from 12.7% to 2.5%; on the bench's two Blended ResNets from 40.5% to 73.9%, the agent stopping after 4-6 units
     instead of 31-37 (benchmarks/results/resnet_bn_stats.md): not taken."""
     undo_collapse: bool = True
     """Leave out the last step when it took the defense-set accuracy past the training env's limit

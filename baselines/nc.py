@@ -17,6 +17,8 @@ onp_env.signals.base.class_reference), the anomaly index is taken against it [ou
 class every model reaches cheaply is not flagged; `reference_from` reads such a reference that ships
 with onp-env (onp_env.signals.shipped: `fashion-mnist`, for the small CNN).
 
+With `sweep_layers` all [ours], the sweep ranks every unit layer's units by the reversed trigger's gap in one order
+instead of the last layer's alone (on a PreAct ResNet the gap puts the backdoor's units in the last block as well).
 With `candidates` [ours], each cut is chosen among the next few units of the order as the oracle
 expert chooses among the true trigger's (agents.expert), with the reversed trigger: the unit whose
 cut keeps the most defense-set accuracy and takes the most probability of the suspected class off

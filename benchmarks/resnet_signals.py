@@ -14,7 +14,7 @@ agents.expert's quantity), and
   - the shipped agent's own cut, deployed as `onp` deploys it (deterministic, the model's seed), and how many of the
     oracle's units it holds, with its units' layers.
 bn_revival.md and resnet_bn_stats.md found that the agent's cut on the bench's Blended models hides the backdoor and,
-read with BatchNorm re-estimated, stops after 2-6 units: this says whether the signals or the policy miss the units.
+read with BatchNorm re-estimated, stops after 4-6 units: this says whether the signals or the policy miss the units.
 Then, what each signal's own ranking would buy: its top CUTS units over the whole model pruned (its raw values, as no
 per-layer z-score weighs them), with the test split's ASR and accuracy lost as the cut comes and with every BatchNorm
 layer's statistics re-estimated on the defense images (as a repair's training would; bn_revival.md). One JSON line per
