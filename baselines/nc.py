@@ -219,7 +219,7 @@ class NC(Defense):
         return self.signal.invert(model, x, y)
 
     def late_gap(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(units,) the reversed trigger's gap on the last unit layer, -inf elsewhere."""
+        """(units,) the reversed trigger's gap on the units the sweep ranks (`late`), -inf elsewhere."""
         return self.late(trigger_gap(model, layout, x, y, self.inverted, self.suspect), layout)
 
     def late(self, gap: torch.Tensor, layout: UnitLayout) -> torch.Tensor:

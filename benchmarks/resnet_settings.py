@@ -33,13 +33,12 @@ from __future__ import annotations
 import collections
 import json
 import platform
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from resnet_sweep_reestimate import PLAIN, SEEDS, models, summary
+from resnet_sweep_reestimate import PLAIN, SEEDS, role_models, summary
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 
@@ -132,16 +131,10 @@ def report(rows: Rows) -> str:
 
 
 def main() -> None:
-    role = sys.argv[sys.argv.index("--role") + 1] if "--role" in sys.argv else "shadow"
-    if role not in ("shadow", "bench"):
-        raise SystemExit("--role is shadow (the rule's models) or bench (the check)")
-    if "--role" in sys.argv:
-        del sys.argv[sys.argv.index("--role") : sys.argv.index("--role") + 2]
     option = ("--setting", {"choices": sorted(SETTINGS), "required": True},
               lambda s: HERE / "results" / f"{SETTINGS[s][1]}.jsonl")  # fmt: skip
-    picked = [m for m in models() if m[1] == "shadow" or role == "bench"]
     per_model_main(
-        __doc__, HERE / "results" / "resnet_settings.jsonl", picked, measure, report, option=option
+        __doc__, HERE / "results" / "resnet_settings.jsonl", role_models(), measure, report, option=option
     )  # fmt: skip (the results file is the setting's)
 
 

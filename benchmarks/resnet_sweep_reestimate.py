@@ -114,14 +114,19 @@ def report(rows: Rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def role_models() -> list[tuple[str, str, Any]]:
+    """models() for `--role` (taken out of sys.argv): shadow, the rule's models; bench, theirs and then the check's
+    (the shadow models measured first where they are not yet: the rule comes first)."""
     role = sys.argv[sys.argv.index("--role") + 1] if "--role" in sys.argv else "shadow"
     if role not in ("shadow", "bench"):
         raise SystemExit("--role is shadow (the rule's models) or bench (the check)")
     if "--role" in sys.argv:
         del sys.argv[sys.argv.index("--role") : sys.argv.index("--role") + 2]
-    # the bench's models after the shadow models (measured first where they are not yet: the rule comes first)
-    per_model_main(__doc__, RESULTS, [m for m in models() if m[1] == "shadow" or role == "bench"], measure, report)
+    return [m for m in models() if m[1] == "shadow" or role == "bench"]
+
+
+def main() -> None:
+    per_model_main(__doc__, RESULTS, role_models(), measure, report)
 
 
 if __name__ == "__main__":
