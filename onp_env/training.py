@@ -141,8 +141,10 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64
 def reestimate_norms(model: nn.Module, norms: list[_BatchNorm], x: torch.Tensor, batch_size: int = 64) -> nn.Module:
     """`model` with the running statistics of `norms` (BatchNorm layers of it) re-estimated on `x`, as
     reestimate_batchnorm does; the others keep theirs."""
-    momenta = [m.momentum for m in norms]
     model.eval()
+    if not norms:  # nothing to re-estimate (a cut below the last BatchNorm layer): no pass over `x`
+        return model
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
