@@ -191,7 +191,7 @@ class NC(Defense):
     def check_inputs(self, model: nn.Module, x: torch.Tensor) -> None:
         """A shipped class reference (`reference_from`: it names every signal's) refuses a model of another kind."""
         if self.signal.shipped is not None:
-            self.signal.shipped.check_model(model, x)
+            self.signal.shipped.check_model(model, x, self.params.reference_transfer)
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.judge(model, layout, x, y)

@@ -306,7 +306,13 @@ class Verdict(NC):
         # `reference_from` names both signals' references; built here to refuse what they cannot use first
         self.latent = LatentShift(seed=self.seed, device=str(self.device), images=self.params.latent_images,
                                   reference=self.params.latent_reference,
-                                  reference_from=self.params.reference_from)  # fmt: skip
+                                  reference_from=self.params.reference_from,
+                                  reference_transfer=self.params.reference_transfer)  # fmt: skip
+        absolute = [k for k in ("flag_rule", "untargeted", "class_spread") if getattr(self.params, k)]
+        if self.params.reference_transfer and absolute:
+            raise OnpError(f"verdict parameters: {absolute[0]} compares sizes across the reference's models, which "
+                           "another architecture does not share; reference_transfer carries over each class's size "
+                           "relative to the others only: drop one of them")  # fmt: skip
         self.rule: DetectRule | None = None
         if self.params.flag_rule:
             shipped = self.signal.shipped

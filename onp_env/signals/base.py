@@ -159,6 +159,12 @@ class VerdictParams:
     reference_from: str = ""
     """A class reference that ships with onp-env (onp_env.signals.shipped; `fashion-mnist`) in place of
     `reference`; empty: `reference` as given."""
+    reference_transfer: bool = False
+    """Read `reference_from` also on a model of another architecture that takes the same inputs and classes (a
+    PreAct-ResNet-18 on Fashion-MNIST, say) [ours]. The anomaly index against a reference reads only each class's
+    size relative to the others (scaling every reference size by one factor leaves it unchanged), so what carries
+    over is which classes the data makes cheap to reach, not how large a trigger this architecture needs. Measured:
+    benchmarks/results/resnet_reference_transfer.md."""
 
 
 @dataclass
@@ -186,6 +192,10 @@ class Signal(ABC):
             if self.params.reference:
                 raise OnpError(f"signal {self.name} parameters: reference_from replaces reference; set one of them")
             self.shipped = shipped_reference(self.params.reference_from)
+        if isinstance(self.params, VerdictParams) and self.params.reference_transfer and not self.shipped:
+            raise OnpError(f"signal {self.name} parameters: reference_transfer reads a shipped reference on another "
+                           "architecture: set reference_from, or drop reference_transfer")  # fmt: skip
+        if self.shipped is not None:
             self.params.reference = self.shipped.sizes(self.name, self.version, dataclasses.asdict(self.params))
         reference: list[float] = self.params.reference if isinstance(self.params, VerdictParams) else []
         if len(reference) > MAX_CLASSES:
@@ -218,7 +228,7 @@ class Signal(ABC):
         """The reference, refused (before any work) where it was computed for another class count, or
         shipped for models of another kind than `model` (reading inputs like `x`)."""
         if self.shipped is not None:
-            self.shipped.check_model(model, x)
+            self.shipped.check_model(model, x, self.params.reference_transfer)
         return self.reference_for(classes)
 
     def class_spread(self) -> ClassSpread | None:

@@ -27,7 +27,7 @@ from onp_env.models import MAX_CLASSES
 REFERENCES = Path(__file__).resolve().parent / "references"
 FORMAT = "onp-class-reference"
 FORMAT_VERSION = 2
-READ_ONLY = ("reference", "reference_from", "gate")
+READ_ONLY = ("reference", "reference_from", "reference_transfer", "gate")
 """Signal settings that change only how a verdict is read, not the trigger sizes a reference holds."""
 SCORES = ("index", "ratio")
 """How a class's size is judged against the reference: NC's anomaly index (onp_env.signals.base.
@@ -119,12 +119,18 @@ class ShippedReference:
         entry = self.signals[signal].get("spread")
         return None if entry is None else (list(entry["median"]), list(entry["spread"]))
 
-    def check_model(self, model: nn.Module, x: torch.Tensor) -> None:
-        """Refuse a model of another kind than the reference's shadow models."""
+    def check_model(self, model: nn.Module, x: torch.Tensor, transfer: bool = False) -> None:
+        """Refuse a model of another kind than the reference's shadow models; with `transfer` (a signal's
+        reference_transfer), only one of other inputs or another class count."""
         with torch.no_grad():
             found = (type(model).__name__, sum(p.numel() for p in model.parameters()), tuple(x.shape[1:]),
                      int(model(x[:1]).shape[1]))  # fmt: skip
-        if found != (self.architecture, self.parameters, self.input_shape, self.classes):
+        if transfer and found[2:] != (self.input_shape, self.classes):
+            raise OnpError(f"the shipped class reference {self.name!r} describes models with {list(self.input_shape)} "
+                           f"inputs and {self.classes} classes, not {list(found[2])} and {found[3]}: "
+                           "reference_transfer carries a reference to other architectures of the same data only: "
+                           "leave reference_from empty")  # fmt: skip
+        if not transfer and found != (self.architecture, self.parameters, self.input_shape, self.classes):
             raise OnpError(f"the shipped class reference {self.name!r} describes {self.architecture} models of "
                            f"{self.parameters} parameters with {list(self.input_shape)} inputs and {self.classes} "
                            f"classes, not {found[0]} of {found[1]} with {list(found[2])} and {found[3]}: leave "
