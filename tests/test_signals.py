@@ -930,6 +930,51 @@ def test_verdict_takes_the_shipped_reference_only_for_a_model_of_its_kind(monkey
     assert nc.signal.params.reference == sizes["inversion"]
 
 
+def test_reference_transfer_reads_the_shipped_reference_on_another_architecture_of_the_same_data(monkeypatch):
+    from baselines.verdict import Verdict
+    from onp_env.models import build_model
+    from onp_env.signals.base import anomaly_index
+    from onp_env.signals.shipped import REFERENCES
+
+    class Seen(Exception):
+        pass
+
+    def seen(self, *args):
+        raise Seen(self.signal.params.reference, self.latent.params.reference)
+
+    sizes = {n: e["sizes"] for n, e in json.loads((REFERENCES / "fashion-mnist.json").read_text())["signals"].items()}
+    torch.manual_seed(0)
+    other = build_model("small_cnn", (1, 28, 28), 10, (0.5,), (0.5,), hidden=64)  # another width: another kind
+    x = torch.rand(4, 1, 28, 28)
+    layout, _ = find_units(other, x[:2])
+    with pytest.raises(OnpError, match="describes SmallCNN models of 206970 parameters"):
+        Verdict(reference_from="fashion-mnist").check_inputs(other, x[:2])
+    with pytest.raises(OnpError, match="describes SmallCNN models of 206970 parameters"):
+        Verdict(reference_from="fashion-mnist").latent.check_reference(other, x[:1], 10)
+    transfer = Verdict(reference_from="fashion-mnist", reference_transfer=True)
+    transfer.check_inputs(other, x[:2])
+    assert transfer.signal.check_reference(other, x[:1], 10) == sizes["inversion"]
+    assert transfer.latent.check_reference(other, x[:1], 10) == sizes["latent_gap"]
+    monkeypatch.setattr(NC, "judge", seen)
+    with pytest.raises(Seen) as got:  # both signals pass the model's check and read the shipped sizes
+        transfer.scores(other, layout, x, torch.zeros(4, dtype=torch.long))
+    assert list(got.value.args) == [sizes["inversion"], sizes["latent_gap"]]
+    monkeypatch.undo()
+    # what carries over is each class's size relative to the others: one factor on every reference size changes nothing
+    norms, ref = torch.tensor([3.0, 9.0, 4.0, 5.0, 1.0]), torch.tensor([2.0, 8.0, 3.0, 6.0, 5.0])
+    assert torch.allclose(anomaly_index(norms, ref), anomaly_index(norms, 3.7 * ref))
+    digits = _build("badnets")  # other inputs: refused with transfer too, before any inversion
+    with pytest.raises(OnpError, match=r"describes models with \[1, 28, 28\] inputs and 10 classes, not \[1, 8, 8\]"):
+        NC(reference_from="fashion-mnist", reference_transfer=True).run(digits.model, *digits.defense_set())
+    with pytest.raises(OnpError, match="reference_transfer reads a shipped reference .* set reference_from"):
+        Verdict(reference_transfer=True)
+    for absolute in ("untargeted", "class_spread"):  # sizes compared across the reference's models
+        with pytest.raises(OnpError, match=f"{absolute} compares sizes across the reference's models"):
+            Verdict(reference_from="fashion-mnist", reference_transfer=True, blend_verdict=True, **{absolute: True})
+    with pytest.raises(OnpError, match="flag_rule compares sizes across"):
+        Verdict(reference_from="fashion-mnist-clean", reference_transfer=True, flag_rule=True)
+
+
 def spread_sizes(ref: torch.Tensor, width: float, low: float) -> torch.Tensor:
     """`ref`'s per-class sizes with the classes spread evenly over +-`width` in log and class 4 at `low`: a class
     below the others by a margin its spread sets, so that its score is finite."""
