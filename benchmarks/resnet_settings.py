@@ -27,12 +27,18 @@ cells (the sweep alone re-estimated) are read from resnet_sweep_reestimate.jsonl
   On the bench's Blended s201 verdict's mask inversion names class 8 (the bag, the class the small CNNs reach most
   cheaply: 19.3 in the reference against a median of 37.0) with all three seeds, where sweep-all misses; seen on the
   bench model before this rule was written (resnet_reference_transfer.md gives each verdict with and without it).
+- `no-distill` (2026-12-07; resnet_no_distill.jsonl): `reference-transfer` with the repair's targets the true labels
+  alone (`repair.repair_distill: 0`), not half the unpruned, backdoored model's output. On the bench's Blended s201
+  the sweep's pruned model keeps 0.0% ASR with its BatchNorm statistics re-estimated, and the repair brings 14.9%
+  back with the model's seed; a diagnostic run of that cell without distillation left 6.9% (seen before this rule
+  was written).
 
 The rule, for each setting written before its run: on the two shadow ResNets of fashion-mnist-resnet-shadow-2.yaml (a
 0.25 blend and a warp, target 5, the defender's own) the setting is taken as the ResNet setting if its mean ASR after
 the repair over the six cells is lower than both earlier settings' (12.7% and 12.5%), or for `reference-transfer` at
 most `sweep-all`'s (9.9%: on the shadow models every verdict already names the target, so they can show harm, not the
-gain), and its mean accuracy loss is at most 2 points. The bench's two Blended models (`--role bench`) are the check,
+gain), for `no-distill` lower than both `sweep-all`'s and `reference-transfer`'s (9.9% and 9.8%), and its mean
+accuracy loss is at most 2 points. The bench's two Blended models (`--role bench`) are the check,
 reported whatever the rule said, and choose nothing. One torch thread per worker; one JSON line per model in the
 setting's results file (resumable per model), then its .md."""
 
@@ -61,6 +67,8 @@ SETTINGS = {
                         ("plain", "reestimated"), True),
     "sweep-all": (SWEEP_ALL, "resnet_sweep_all", ("plain", "reestimated"), True),
     "reference-transfer": (TRANSFER, "resnet_reference_transfer", ("sweep-all",), False),
+    "no-distill": ({**TRANSFER, "repair": {**TRANSFER["repair"], "repair_distill": 0.0}}, "resnet_no_distill",
+                   ("sweep-all", "reference-transfer"), True),
 }  # fmt: skip
 """Setting name: (onp's parameters, results file stem, the earlier settings its rule compares with, whether it must be
 lower than each (else at most))."""
