@@ -189,7 +189,8 @@ class NC(Defense):
         """How a class's trigger size is scored, and above what it is flagged (a subclass may read a rule)."""
 
     def check_inputs(self, model: nn.Module, x: torch.Tensor) -> None:
-        """A shipped class reference (`reference_from`: it names every signal's) refuses a model of another kind."""
+        """A shipped class reference (`reference_from`: it names every signal's) refuses a model of another kind (with
+        `reference_transfer`, of other inputs or classes)."""
         if self.signal.shipped is not None:
             self.signal.shipped.check_model(model, x, self.params.reference_transfer)
 
