@@ -52,11 +52,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bn_revival import recalibrated
 from resnet_sweep_reestimate import PLAIN, SEEDS, role_models, summary
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 
-from onp_env.defend import defend_artifact
+from onp_env import load_artifact
+from onp_env.defend import defend_artifact, defense_subset
+from onp_env.metrics import evaluate
 
 EARLIER = HERE / "results" / "resnet_sweep_reestimate.jsonl"
 SWEEP_ALL = {**PLAIN, "sweep_reestimate": True, "repair": {**PLAIN["repair"], "sweep_layers": "all"}}
@@ -80,15 +83,22 @@ LAST = ("layers.7.", "bn")
 def measure(name: str, role: str, path: str, setting: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     model_seed = int(name.rsplit("-s", 1)[1])
+    art = load_artifact(path)
+    ds = art.dataset(None)
     cells = []
     for seed in (model_seed, *SEEDS):
         with tempfile.TemporaryDirectory() as tmp:
             params = {**SETTINGS[setting][0], "defense_fraction": 0.05, "seed": seed}
-            _, r = defend_artifact(path, "onp", params, Path(tmp) / "o")
+            out, r = defend_artifact(path, "onp", params, Path(tmp) / "o")
+            # the cut before the repair, its statistics re-estimated: what stale ones hid, apart from what training adds
+            x, _ = defense_subset(art, 0.05, seed)
+            again = evaluate(recalibrated(load_artifact(out).model.eval(), x).eval(), ds.test_x, ds.test_y, art.attack)
         details, repair = r["details"], r["details"].get("repair", {})
         agent, swept = details.get("sequence", []), details.get("swept", [])
         cells.append({"setting": setting, "seed": seed, "before": r["before"], "pruned_model": {
-            "acc": r["acc"], "asr": r["asr"]}, "finetuned": r["finetuned"], "units": r["pruned"],
+            "acc": r["acc"], "asr": r["asr"]},
+            "pruned_reestimated": {"acc": again["acc"], "asr": again["asr"]}, "finetuned": r["finetuned"],
+            "units": r["pruned"],
             "swept": len(swept), "agent_last": sum(u.startswith(LAST) for u in agent),
             "swept_last": sum(u.startswith(LAST) for u in swept),
             "agent_blocks": dict(collections.Counter(u.split("[")[0].rsplit(".", 1)[0] for u in agent)),
@@ -111,6 +121,7 @@ def report(rows: Rows) -> str:
     setting = rows[0]["cells"][0]["setting"] if rows else "?"
     against, strict = SETTINGS[setting][2:] if setting in SETTINGS else (("plain", "reestimated"), True)
     before = earlier()
+    recut = any("pruned_reestimated" in c for r in rows for c in r["cells"])
     shown = {"plain": "plain", "reestimated": "sweep re-estimated"}
     lines = [
         f"# A ResNet setting of the agent's command: `{setting}`",
@@ -123,12 +134,14 @@ def report(rows: Rows) -> str:
         "after the repair and accuracy lost, %/points; units: the agent's and the sweep's; swept: the sweep's; last: "
         "the agent's units in the last block and the final BatchNorm (swept last: the sweep's); agent stop: what ended "
         "its episode; sweep stop: why the sweep ended; follows: the trigger verdict followed, and its class where "
-        "recorded. The rule (the script's docstring) reads the shadow models only. Hosts: "
+        "recorded; cut, re-estimated: the ASR of the cut before the repair with its BatchNorm statistics re-estimated "
+        "on the defense images, where recorded. The rule (the script's docstring) reads the shadow models only. Hosts: "
         f"{', '.join(sorted({r['host'] for r in rows}))}.",
         "",
-        "| model | role | seed | units | swept | last | swept last | agent stop | sweep stop | follows | ASR after "
-        f"| lost | {' | '.join(f'{shown.get(a, a)} ASR' for a in against)} |",
-        f"|---|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|{'---:|' * len(against)}",
+        "| model | role | seed | units | swept | last | swept last | agent stop | sweep stop | follows "
+        f"{'| cut, re-estimated ' if recut else ''}| ASR after | lost | "
+        f"{' | '.join(f'{shown.get(a, a)} ASR' for a in against)} |",
+        f"|---|---|---:|---:|---:|---:|---:|---|---|---|{'---:|' * (2 + recut + len(against))}",
     ]
     for r in rows:
         old = {(c["setting"], c["seed"]): c for c in before.get(r["model"], {}).get("cells", [])}
@@ -137,9 +150,11 @@ def report(rows: Rows) -> str:
             was = [old.get((s, c["seed"])) for s in against]
             was_asr = [f"{100 * w['finetuned']['asr']:.1f}" if w else "—" for w in was]
             follows = c["follows"] if c.get("suspect") is None else f"{c['follows']} ({c['suspect']})"
+            again = c.get("pruned_reestimated")
+            cut = "" if not recut else "— | " if again is None else f"{100 * again['asr']:.1f} | "
             lines.append(f"| {r['model'].split('preact_resnet18-')[-1]} | {r['role']} | {c['seed']} | {c['units']} "
                          f"| {c['swept']} | {c['agent_last']} | {c.get('swept_last', '—')} | {c['stopped_by']} "
-                         f"| {c['stopped']} | {follows} | {100 * c['finetuned']['asr']:.1f} | {lost:.2f} "
+                         f"| {c['stopped']} | {follows} | {cut}{100 * c['finetuned']['asr']:.1f} | {lost:.2f} "
                          f"| {' | '.join(was_asr)} |")  # fmt: skip
     lines += ["", "| role | setting | cells | mean ASR after | mean lost | ASR < 5% |", "|---|---|---:|---:|---:|---:|"]
     means = {}
