@@ -17,7 +17,6 @@ verdicts, choosing nothing. One torch thread per worker; one JSON line per model
 
 from __future__ import annotations
 
-import json
 import platform
 from typing import Any
 
@@ -31,7 +30,7 @@ from onp_env import load_artifact
 from onp_env.bench.config import load_bench_config
 from onp_env.defend import defense_subset
 from onp_env.signals.base import anomaly_index
-from onp_env.signals.shipped import BLEND_SIGNAL, REFERENCES
+from onp_env.signals.shipped import BLEND_SIGNAL, shipped_reference
 from onp_env.signals.trigger_inversion import invert
 
 SEEDS = (1, 2)
@@ -72,7 +71,7 @@ def judged(sizes: list[float], reference: list[float] | None) -> tuple[int, floa
 
 
 def report(rows: Rows) -> str:
-    shipped = json.loads((REFERENCES / "fashion-mnist.json").read_text())["signals"]
+    shipped = shipped_reference("fashion-mnist").signals
     refs = {v: shipped[s]["sizes"] for v, s in VERDICTS.items()}
     lines = [
         "# verdict's three verdicts on the ResNets, alone and against the small CNNs' class reference",

@@ -888,18 +888,22 @@ def test_candidates_cut_the_unit_that_keeps_accuracy_and_takes_the_trigger_away(
         assert nc.next_cut([fc + 0, fc + 1, fc + 3], masks, clean, None, y) == fc + 3
 
 
+class Seen(Exception):
+    pass
+
+
+def _seen_references(self, *args):
+    """In place of NC.judge on a Verdict: stop with what the inversion and the latent shift would judge the classes
+    against."""
+    raise Seen(self.signal.params.reference, self.latent.params.reference)
+
+
 def test_verdict_takes_the_shipped_reference_only_for_a_model_of_its_kind(monkeypatch):
     from baselines.verdict import Verdict
     from onp_env.models import build_model
     from onp_env.signals.shipped import REFERENCES
 
-    class Seen(Exception):
-        pass
-
-    def seen(self, *args):  # what the inversion and the latent shift would judge the classes against
-        raise Seen(self.signal.params.reference, self.latent.params.reference)
-
-    monkeypatch.setattr(NC, "judge", seen)
+    monkeypatch.setattr(NC, "judge", _seen_references)
     shipped = json.loads((REFERENCES / "fashion-mnist.json").read_text())
     sizes = {name: entry["sizes"] for name, entry in shipped["signals"].items()}
     assert len(shipped["models"]) == 30 and len(sizes["inversion"]) == len(sizes["latent_gap"]) == 10
@@ -936,12 +940,6 @@ def test_reference_transfer_reads_the_shipped_reference_on_another_architecture_
     from onp_env.signals.base import anomaly_index
     from onp_env.signals.shipped import REFERENCES
 
-    class Seen(Exception):
-        pass
-
-    def seen(self, *args):
-        raise Seen(self.signal.params.reference, self.latent.params.reference)
-
     sizes = {n: e["sizes"] for n, e in json.loads((REFERENCES / "fashion-mnist.json").read_text())["signals"].items()}
     torch.manual_seed(0)
     other = build_model("small_cnn", (1, 28, 28), 10, (0.5,), (0.5,), hidden=64)  # another width: another kind
@@ -955,7 +953,7 @@ def test_reference_transfer_reads_the_shipped_reference_on_another_architecture_
     transfer.check_inputs(other, x[:2])
     assert transfer.signal.check_reference(other, x[:1], 10) == sizes["inversion"]
     assert transfer.latent.check_reference(other, x[:1], 10) == sizes["latent_gap"]
-    monkeypatch.setattr(NC, "judge", seen)
+    monkeypatch.setattr(NC, "judge", _seen_references)
     with pytest.raises(Seen) as got:  # both signals pass the model's check and read the shipped sizes
         transfer.scores(other, layout, x, torch.zeros(4, dtype=torch.long))
     assert list(got.value.args) == [sizes["inversion"], sizes["latent_gap"]]
