@@ -25,7 +25,10 @@ cut keeps the most defense-set accuracy and takes the most probability of the su
 reversed-trigger images. With `reinvert` [ours], a sweep whose reversed trigger no longer works
 inverts every class again on the pruned model and, while the suspected class is still flagged (a
 small trigger still reaches it: a route the first trigger did not use), goes on pruning the layer's
-remaining units in the new trigger's order, at most `reinvert` times.
+remaining units in the new trigger's order, at most `reinvert` times. With `sweep_margin` [ours], a sweep
+whose trigger no longer works cuts that share more of its own units in the same order, within the accuracy limit:
+on a PreAct ResNet the sweep's pruned model keeps no backdoor, and the repair trains it back
+(benchmarks/results/resnet_no_distill.md).
 
 With `repair_epochs` [ours: NC's two mitigations chained], the pruned model of a flagged sweep is
 then fine-tuned on the defense set, the pruned units held at zero as Fine-Pruning holds them, with
@@ -57,6 +60,7 @@ after one epoch was almost never flagged any more, and the results did not move.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,6 +116,10 @@ class NCParams(InversionParams):
     candidates: int = bounded(1, ge=1, le=1000)
     """Each cut is the one of the next this many units of the order that leaves the most defense-set
     accuracy plus the least probability of the suspected class on reversed-trigger images (1: the order)."""
+    sweep_margin: float = bounded(0.0, ge=0, le=10)
+    """[ours] Once the sweep's reversed trigger no longer works (and `reinvert` finds no other), cut this share more
+    of the sweep's own units, rounded up, in the same order and within the accuracy limit: a margin against a
+    backdoor the repair trains back from units the trigger no longer needs (0: NC's stop)."""
     reinvert: int = bounded(0, ge=0, le=20)
     """Once the reversed trigger no longer works, invert every class again on the pruned model and, while
     the suspected class is still flagged, go on in the new trigger's order: at most this many times."""
@@ -267,24 +275,27 @@ class NC(Defense):
             trials = (lambda: self.triggered(gm, x, y)) if self.params.candidates > 1 else lambda: None
             trig = trials()
             self.extra["stopped"] = "max_ratio"  # why the sweep ended, for a reader of the report
-            rounds = 0
+            rounds, end = 0, None  # end: the sweep's length once its margin is cut
             with tqdm(total=limit, desc=f"{self.name}: pruning", disable=not self.params.progress,
                       leave=False) as sweep:  # fmt: skip
-                while order and len(chosen) < limit:
+                while order and len(chosen) < (limit if end is None else min(limit, end)):
                     u = self.next_cut(order, masks, clean, trig, y)
                     masks.prune([u])
                     acc = (clean.logits(layers).argmax(1) == y).float().mean().item()
                     if base - acc > self.params.max_acc_drop:
-                        self.extra["stopped"] = "max_acc_drop"
+                        self.extra["stopped"] = "max_acc_drop" if end is None else "backdoor gone"
                         break
                     chosen.append(u)
                     sweep.update()
-                    if gone(cut + chosen):
+                    if end is None and gone(cut + chosen):
                         again = (self.reinverted(work, layout, x, y, cut + chosen) if rounds < self.params.reinvert
                                  else None)  # fmt: skip
                         if again is None:
                             self.extra["stopped"] = "backdoor gone"
-                            break
+                            end = len(chosen) + math.ceil(self.params.sweep_margin * len(chosen))
+                            if self.params.sweep_margin:
+                                self.extra["gone_after"] = len(chosen)
+                            continue
                         rounds += 1
                         order, gone, trig = again, self.backdoor_gone(gm, work, layout, x, y), trials()
         return chosen

@@ -32,15 +32,20 @@ cells (the sweep alone re-estimated) are read from resnet_sweep_reestimate.jsonl
   the sweep's pruned model keeps 0.0% ASR with its BatchNorm statistics re-estimated, and the repair brings 14.9%
   back with the model's seed; a diagnostic run of that cell without distillation left 6.9% (seen before this rule
   was written).
+- `sweep-margin` (2026-12-07; resnet_sweep_margin.jsonl): `no-distill` with verdict's sweep cutting half as many
+  units again, in its order, once its reversed trigger no longer works (`repair.sweep_margin: 0.5`), within the
+  accuracy limit. With no-distill every bench Blended cut keeps 0.0% ASR re-estimated before the repair and s201
+  comes back to 2.2-6.7% in it, where its sweep stopped on the trigger after 26-28 units; s202's ran on to the
+  accuracy limit (35-39) and keeps 0.2-2.5% (seen before this rule was written).
 
 The rule, for each setting written before its run: on the two shadow ResNets of fashion-mnist-resnet-shadow-2.yaml (a
 0.25 blend and a warp, target 5, the defender's own) the setting is taken as the ResNet setting if its mean ASR after
 the repair over the six cells is lower than both earlier settings' (12.7% and 12.5%), or for `reference-transfer` at
 most `sweep-all`'s (9.9%: on the shadow models every verdict already names the target, so they can show harm, not the
-gain), for `no-distill` lower than both `sweep-all`'s and `reference-transfer`'s (9.9% and 9.8%), and its mean
-accuracy loss is at most 2 points. The bench's two Blended models (`--role bench`) are the check,
-reported whatever the rule said, and choose nothing. One torch thread per worker; one JSON line per model in the
-setting's results file (resumable per model), then its .md."""
+gain), for `no-distill` lower than both `sweep-all`'s and `reference-transfer`'s (9.9% and 9.8%), for `sweep-margin`
+lower than `no-distill`'s (7.2%), and its mean accuracy loss is at most 2 points. The bench's two Blended models
+(`--role bench`) are the check, reported whatever the rule said, and choose nothing. One torch thread per worker; one
+JSON line per model in the setting's results file (resumable per model), then its .md."""
 
 from __future__ import annotations
 
@@ -65,13 +70,15 @@ EARLIER = HERE / "results" / "resnet_sweep_reestimate.jsonl"
 SWEEP_ALL = {**PLAIN, "sweep_reestimate": True, "repair": {**PLAIN["repair"], "sweep_layers": "all"}}
 TRANSFER = {**SWEEP_ALL, "repair": {**SWEEP_ALL["repair"], "reference_from": "fashion-mnist",
                                     "reference_transfer": True}}  # fmt: skip
+NO_DISTILL = {**TRANSFER, "repair": {**TRANSFER["repair"], "repair_distill": 0.0}}
 SETTINGS = {
     "env-reestimated": ({**PLAIN, "bn_stats": "reestimated", "sweep_reestimate": True}, "resnet_bn_stats",
                         ("plain", "reestimated"), True),
     "sweep-all": (SWEEP_ALL, "resnet_sweep_all", ("plain", "reestimated"), True),
     "reference-transfer": (TRANSFER, "resnet_reference_transfer", ("sweep-all",), False),
-    "no-distill": ({**TRANSFER, "repair": {**TRANSFER["repair"], "repair_distill": 0.0}}, "resnet_no_distill",
-                   ("sweep-all", "reference-transfer"), True),
+    "no-distill": (NO_DISTILL, "resnet_no_distill", ("sweep-all", "reference-transfer"), True),
+    "sweep-margin": ({**NO_DISTILL, "repair": {**NO_DISTILL["repair"], "sweep_margin": 0.5}}, "resnet_sweep_margin",
+                     ("no-distill",), True),
 }  # fmt: skip
 """Setting name: (onp's parameters, results file stem, the earlier settings its rule compares with, whether it must be
 lower than each (else at most))."""
@@ -103,7 +110,8 @@ def measure(name: str, role: str, path: str, setting: str) -> dict[str, Any]:
             "swept_last": sum(u.startswith(LAST) for u in swept),
             "agent_blocks": dict(collections.Counter(u.split("[")[0].rsplit(".", 1)[0] for u in agent)),
             "stopped_by": details.get("stopped_by"), "stopped": repair.get("stopped"),
-            "follows": repair.get("follows"), "suspect": repair.get("suspect"), "seconds": r["seconds"]})  # fmt: skip
+            "gone_after": repair.get("gone_after"), "follows": repair.get("follows"), "suspect": repair.get("suspect"),
+            "seconds": r["seconds"]})  # fmt: skip
     return {"model": name, "role": role, "host": platform.node(), "torch": torch.__version__, "cells": cells}
 
 
@@ -133,7 +141,8 @@ def report(rows: Rows) -> str:
         "`plain`, and `reestimated`, the sweep alone judging re-estimated; the other settings' results files). ASR "
         "after the repair and accuracy lost, %/points; units: the agent's and the sweep's; swept: the sweep's; last: "
         "the agent's units in the last block and the final BatchNorm (swept last: the sweep's); agent stop: what ended "
-        "its episode; sweep stop: why the sweep ended; follows: the trigger verdict followed, and its class where "
+        "its episode; sweep stop: why the sweep ended (and after how many of its units the trigger went, where a "
+        "margin followed); follows: the trigger verdict followed, and its class where "
         "recorded; cut, re-estimated: the ASR of the cut before the repair with its BatchNorm statistics re-estimated "
         "on the defense images, where recorded. The rule (the script's docstring) reads the shadow models only. Hosts: "
         f"{', '.join(sorted({r['host'] for r in rows}))}.",
@@ -152,9 +161,10 @@ def report(rows: Rows) -> str:
             follows = c["follows"] if c.get("suspect") is None else f"{c['follows']} ({c['suspect']})"
             again = c.get("pruned_reestimated")
             cut = "" if not recut else "— | " if again is None else f"{100 * again['asr']:.1f} | "
+            stop = c["stopped"] if c.get("gone_after") is None else f"{c['stopped']} after {c['gone_after']}"
             lines.append(f"| {r['model'].split('preact_resnet18-')[-1]} | {r['role']} | {c['seed']} | {c['units']} "
                          f"| {c['swept']} | {c['agent_last']} | {c.get('swept_last', '—')} | {c['stopped_by']} "
-                         f"| {c['stopped']} | {follows} | {cut}{100 * c['finetuned']['asr']:.1f} | {lost:.2f} "
+                         f"| {stop} | {follows} | {cut}{100 * c['finetuned']['asr']:.1f} | {lost:.2f} "
                          f"| {' | '.join(was_asr)} |")  # fmt: skip
     lines += ["", "| role | setting | cells | mean ASR after | mean lost | ASR < 5% |", "|---|---|---:|---:|---:|---:|"]
     means = {}

@@ -749,6 +749,31 @@ def test_reinvert_follows_a_second_route_to_the_target_once_the_first_trigger_is
     assert (model(triggered).argmax(1) == 2).all() and not (result.model(triggered).argmax(1) == 2).any()
 
 
+def test_sweep_margin_cuts_a_share_more_of_the_sweep_once_its_trigger_is_gone_within_the_accuracy_limit(monkeypatch):
+    import baselines.nc
+
+    model, x, y = two_routes()
+    layout, _ = find_units(model, x[:2])
+    fc = layout.by_name["fc"].offset
+
+    def run(**params):
+        trigger_inversion._INVERTED.clear()
+        return NC(stop_asr=0.0, **params).run(model, x, y)
+
+    for target in (trigger_inversion, baselines.nc):
+        monkeypatch.setattr(target, "invert", lambda *args, **kwargs: pixel_trigger(2))
+    plain = run()
+    assert plain.pruned == [fc + 2] and "gone_after" not in plain.details
+    # the order's next units carry the clean classes: the accuracy limit keeps them, and the stop stays the trigger's
+    held = run(sweep_margin=1.0)
+    assert held.pruned == [fc + 2] and held.details["stopped"] == "backdoor gone" and held.details["gone_after"] == 1
+    # without the limit the margin is a share of the sweep's units when the trigger went, rounded up
+    for margin, more in ((0.5, 1), (1.0, 1), (2.0, 2)):
+        free = run(sweep_margin=margin, max_acc_drop=1.0, max_ratio=1.0)
+        assert free.pruned[0] == fc + 2 and len(free.pruned) == 1 + more and free.details["gone_after"] == 1
+        assert free.details["stopped"] == "backdoor gone"
+
+
 def repair_data(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (images, labels) each repair of baselines.nc trains on, appended as it starts."""
     import baselines.nc
