@@ -11,12 +11,15 @@ inversion), and from them each verdict's suspect and anomaly index without a ref
 `fashion-mnist` reference (each class's median size over the 30 shadow small CNNs; the index reads only each class's
 size relative to the others). The table also gives class 0's mask size against that reference, as a share of the
 median class's: every bench ResNet targets class 0, the shadow ones class 5, so a class 0 the transfer makes look
-cheap on the shadow models is a bias the bench's verdicts could ride on. Reads no trigger: a diagnostic of the
-verdicts, choosing nothing. One torch thread per worker; one JSON line per model (resumable per model), then its .md.
+cheap on the shadow models is a bias the bench's verdicts could ride on. Two clean ResNets of the bench's recipe
+(seeds 401 and 402, added 2026-12-07) measure the false flags (index above 2) each verdict raises alone and against
+the transferred reference. Reads no trigger: a diagnostic of the verdicts, choosing nothing. One torch thread per
+worker; one JSON line per model (resumable per model), then its .md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from typing import Any
 
@@ -35,14 +38,21 @@ from onp_env.signals.trigger_inversion import invert
 
 SEEDS = (1, 2)
 """Besides the model's own seed (the bench cell's)."""
+CLEAN_SEEDS = (401, 402)
+"""Clean ResNets of the bench's recipe (no attack): what the transferred reference flags where there is nothing."""
+NAME = "fashion-mnist-resnet-fashion-mnist-preact_resnet18-clean"
 VERDICTS = {"mask": "inversion", "latent": "latent_gap", "blend": BLEND_SIGNAL}
 """Verdict -> the shipped reference's signal name for its sizes."""
 
 
 def models() -> list[tuple[str, str, Any]]:
-    return [(lab.name, role, lab) for role, config in (("bench", "fashion-mnist-resnet.yaml"),
-                                                       ("shadow", "fashion-mnist-resnet-shadow-2.yaml"))
-            for lab in load_bench_config(CONFIGS / config).labs()]  # fmt: skip
+    out = [(lab.name, role, lab) for role, config in (("bench", "fashion-mnist-resnet.yaml"),
+                                                      ("shadow", "fashion-mnist-resnet-shadow-2.yaml"))
+           for lab in load_bench_config(CONFIGS / config).labs()]  # fmt: skip
+    recipe = out[0][2]
+    return out + [(f"{NAME}-s{seed}", "clean",
+                   dataclasses.replace(recipe, name=f"{NAME}-s{seed}", seed=seed, attack=None))
+                  for seed in CLEAN_SEEDS]  # fmt: skip
 
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:
@@ -88,25 +98,44 @@ def report(rows: Rows) -> str:
         "|---|---|---:|---:|---|---|---|---|---:|",
     ]
     named = {(v, how): [0, 0] for v in VERDICTS for how in ("alone", "transfer")}
+    flagged: dict[tuple[str, str], list[int]] = {key: [] for key in named}
+    either = {"alone": 0, "transfer": 0}  # clean cells where the mask or the latent shift is flagged
     for r in rows:
         for c in r["cells"]:
             shown = []
+            if r["target"] is None:
+                for how, use in (("alone", False), ("transfer", True)):
+                    either[how] += any(
+                        judged(c["sizes"][v], refs[v] if use else None)[1] > 2 for v in ("mask", "latent")
+                    )
             for v in VERDICTS:
                 both = []
                 for how, ref in (("alone", None), ("transfer", refs[v])):
                     k, index = judged(c["sizes"][v], ref)
                     hit = k == r["target"]
-                    named[v, how][0] += hit
-                    named[v, how][1] += 1
+                    if r["target"] is None:
+                        flagged[v, how] += [k] if index > 2 else []
+                    else:
+                        named[v, how][0] += hit
+                        named[v, how][1] += 1
                     both.append(f"**{k}**: {index:.1f}" if hit else f"{k}: {index:.1f}")
                 shown.append(" -> ".join(both))
             ratio = torch.tensor(c["sizes"]["mask"]) / torch.tensor(refs["mask"])
             share = float(ratio[0] / ratio.median())
-            lines.append(f"| {r['model'].split('preact_resnet18-')[-1]} | {r['role']} | {r['target']} | {c['seed']} "
+            target = "-" if r["target"] is None else r["target"]
+            lines.append(f"| {r['model'].split('preact_resnet18-')[-1]} | {r['role']} | {target} | {c['seed']} "
                          f"| {c['follows']} | {' | '.join(shown)} | {share:.2f} |")  # fmt: skip
     lines += ["", "Cells whose verdict names the target:", ""]
     lines += [f"- {v}: {named[v, 'alone'][0]} of {named[v, 'alone'][1]} alone, {named[v, 'transfer'][0]} against the "
               "transferred reference" for v in VERDICTS]  # fmt: skip
+    clean = sum(len(r["cells"]) for r in rows if r["target"] is None)
+    if clean:
+        lines += ["", f"Clean cells flagged (index above 2) of {clean}, with the classes named:", ""]
+        lines += [f"- {v}: {len(flagged[v, 'alone'])} alone {sorted(flagged[v, 'alone'])}, "
+                  f"{len(flagged[v, 'transfer'])} against the transferred reference {sorted(flagged[v, 'transfer'])}"
+                  for v in VERDICTS]  # fmt: skip
+        lines += [f"- the mask or the latent shift (what verdict's sweep follows here): {either['alone']} alone, "
+                  f"{either['transfer']} against the transferred reference"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
