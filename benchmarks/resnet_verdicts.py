@@ -102,12 +102,7 @@ def report(rows: Rows) -> str:
     either = {"alone": 0, "transfer": 0}  # clean cells where the mask or the latent shift is flagged
     for r in rows:
         for c in r["cells"]:
-            shown = []
-            if r["target"] is None:
-                for how, use in (("alone", False), ("transfer", True)):
-                    either[how] += any(
-                        judged(c["sizes"][v], refs[v] if use else None)[1] > 2 for v in ("mask", "latent")
-                    )
+            shown, raised = [], {"alone": False, "transfer": False}
             for v in VERDICTS:
                 both = []
                 for how, ref in (("alone", None), ("transfer", refs[v])):
@@ -115,11 +110,14 @@ def report(rows: Rows) -> str:
                     hit = k == r["target"]
                     if r["target"] is None:
                         flagged[v, how] += [k] if index > 2 else []
+                        raised[how] |= index > 2 and v != "blend"
                     else:
                         named[v, how][0] += hit
                         named[v, how][1] += 1
                     both.append(f"**{k}**: {index:.1f}" if hit else f"{k}: {index:.1f}")
                 shown.append(" -> ".join(both))
+            for how in either:
+                either[how] += raised[how]
             ratio = torch.tensor(c["sizes"]["mask"]) / torch.tensor(refs["mask"])
             share = float(ratio[0] / ratio.median())
             target = "-" if r["target"] is None else r["target"]
