@@ -154,6 +154,12 @@ class NCParams(InversionParams):
     """With `repair_epochs`: BatchNorm layers normalise with their running statistics during the repair
     and keep them (eval mode; their scales and shifts still train): a few hundred defense images, half of
     them stamped, in batches of 64, would otherwise replace the statistics of the whole training set."""
+    repair_reinit_head: bool = False
+    """[ours, after FT-init in Min, Cheng, Chen, Liu, Ma, Song, Zhao, Zhang, "Towards Stable Backdoor Purification
+    through Feature Shift Tuning", NeurIPS 2023] With `repair_epochs`: the model's last linear layer is drawn afresh
+    (PyTorch's default initialisation, with the seed) before the repair, so that what the head learnt to read in a
+    surviving unit's trigger response is not what the repair starts from (the paper re-initialises the head of the
+    unpruned model and fine-tunes it all; here it follows the sweep's cut)."""
     repair_reinvert: bool = False
     """With `repair_epochs`, where the sweep follows a reversed trigger: before each repair epoch after the
     first, that trigger is inverted again on the model being repaired (the suspected class's, or `verdict`'s
@@ -198,9 +204,12 @@ class NC(Defense):
 
     def check_inputs(self, model: nn.Module, x: torch.Tensor) -> None:
         """A shipped class reference (`reference_from`: it names every signal's) refuses a model of another kind (with
-        `reference_transfer`, of other inputs or classes)."""
+        `reference_transfer`, of other inputs or classes); `repair_reinit_head` one without a linear layer."""
         if self.signal.shipped is not None:
             self.signal.shipped.check_model(model, x, self.params.reference_transfer)
+        if self.params.repair_reinit_head and not any(isinstance(m, nn.Linear) for m in model.modules()):
+            raise OnpError(f"{self.name} parameters: repair_reinit_head draws the model's last linear layer afresh, "
+                           "and this model has none: drop repair_reinit_head")  # fmt: skip
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.judge(model, layout, x, y)
@@ -390,6 +399,8 @@ class NC(Defense):
         restamp = self.restamping(clean, x, y) if p.repair_reinvert and self.follows_inversion() else None
         if not self.follows_inversion() and p.unlearn:
             shift = self.unlearning_hooks(layout, pruned)
+        if p.repair_reinit_head:
+            pruned_model = reinit_head(pruned_model, self.seed)
         frozen = {name: _eval_mode for name, m in pruned_model.named_modules()
                   if p.repair_frozen_bn and isinstance(m, nn.modules.batchnorm._BatchNorm)}  # fmt: skip
         self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped, "shifted": bool(shift)}
@@ -552,6 +563,16 @@ class NC(Defense):
         return lambda _cut: (
             (trig.logits(self.layers).argmax(1) == self.suspect).float().mean().item() <= self.params.stop_asr
         )
+
+
+def reinit_head(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of `model` with its last nn.Linear drawn afresh by its own reset_parameters, with `seed`."""
+    fresh = copy.deepcopy(model)
+    head = [m for m in fresh.modules() if isinstance(m, nn.Linear)][-1]  # check_inputs refused a model without one
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head.reset_parameters()
+    return fresh
 
 
 def _eval_mode(module: nn.Module, args: tuple) -> None:

@@ -1310,6 +1310,39 @@ def test_repair_frozen_bn_keeps_the_batchnorm_statistics_and_still_trains_the_re
     assert stats == {False: False, True: True}
 
 
+def test_repair_reinit_head_starts_the_repair_from_a_seeded_fresh_head_and_nothing_else_changed(tmp_path, monkeypatch):
+    import baselines.nc
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), ref)  # class 4 flagged
+    started = []
+    real = baselines.nc.finetune_pruned
+    monkeypatch.setattr(baselines.nc, "finetune_pruned", lambda m, *a, **k: started.append(m) or real(m, *a, **k))
+    for reinit, seed in ((False, 0), (True, 0), (True, 0), (True, 1)):
+        NC(reference_from="fashion-mnist", stop_asr=0.0, max_ratio=0.1, max_acc_drop=1.0, repair_epochs=1,
+           repair_reinit_head=reinit, seed=seed).run(art.model, x, y)  # fmt: skip
+    heads = [dict(m.classifier.named_parameters()) for m in started]
+    assert all(torch.equal(heads[0][k], v) for k, v in dict(art.model.classifier.named_parameters()).items())
+    assert all(torch.equal(heads[1][k], heads[2][k]) for k in heads[0])  # seeded
+    assert not any(torch.equal(heads[i][k], heads[j][k]) for i, j in ((0, 1), (1, 3)) for k in heads[0])
+    rest = [{k: v for k, v in m.state_dict().items() if not k.startswith("classifier.")} for m in started]
+    assert all(torch.equal(rest[0][k], rest[1][k]) for k in rest[0])  # the same cut; only the head drawn afresh
+
+    class NoHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 10, 28)
+
+        def forward(self, t):
+            return self.conv(t).flatten(1)
+
+    with pytest.raises(OnpError, match="repair_reinit_head .* has none: drop repair_reinit_head"):
+        NC(repair_epochs=1, repair_reinit_head=True).check_inputs(NoHead(), x[:2])
+
+
 def test_repair_augment_shifts_the_repair_batches_seeded_and_auto_leaves_grayscale_images_alone(tmp_path, monkeypatch):
     import onp_env.training
     from onp_env.signals.shipped import shipped_reference
