@@ -38,21 +38,30 @@ cells (the sweep alone re-estimated) are read from resnet_sweep_reestimate.jsonl
   comes back to 2.2-6.7% in it, where its sweep stopped on the trigger after 26-28 units; s202's ran on to the
   accuracy limit (35-39) and keeps 0.2-2.5% (seen before this rule was written).
 - `reinit-head` (2026-12-07; resnet_reinit_head.jsonl): `no-distill` with the model's head drawn afresh before the
-  repair (`repair.repair_reinit_head: true`, after Min et al.'s FT-init, NeurIPS 2023): the backdoor comes back in
+  repair (`repair.repair_reinit_head`, after Min et al.'s FT-init, NeurIPS 2023): the backdoor comes back in
   the repair on true labels alone, through units the cut left whose trigger response the old head still reads. On
   the bench's Blended s201 with its seed, diagnostic runs of no-distill's cut left 3.4% with it (6.7% without), and
   without it 9.7% with repair_lr 0.005, 4.3% with 0.02, 9.4% with 0.04 and 11.6% with `unlearn` 0.75: one seed each,
   within no-distill's spread over seeds (2.2-6.7%), so a new head is the one tried here (seen before this rule was
-  written).
+  written). Run with every repair's head drawn afresh (`all`; the parameter was a switch then).
+- `reinit-inversion` (2026-12-07; resnet_reinit_inversion.jsonl): `reinit-head` only where the sweep follows a
+  reversed input trigger (`repair.repair_reinit_head: inversion`). reinit-head's warp shadow cells (its first three,
+  the sweep following verdict's latent shift) kept 35.3%, 38.8% and 40.6% against no-distill's 10.9%, 23.5% and
+  5.4%: that repair unlearns a shift computed through the old head, which a fresh head no longer reads. This rule
+  was written after those three cells and before any blend cell was seen; the warp shadow's cells here take
+  no-distill's path (expected equal to its cells), so the rule asks whether a fresh head lowers the blend shadow's
+  0.5%, 0.0% and 3.0%. Its check on the bench's Blended models is reinit-head's (every one of those sweeps follows an
+  inversion: the same path); only the shadow models are run (`--role shadow`).
 
 The rule, for each setting written before its run: on the two shadow ResNets of fashion-mnist-resnet-shadow-2.yaml (a
 0.25 blend and a warp, target 5, the defender's own) the setting is taken as the ResNet setting if its mean ASR after
 the repair over the six cells is lower than both earlier settings' (12.7% and 12.5%), or for `reference-transfer` at
 most `sweep-all`'s (9.9%: on the shadow models every verdict already names the target, so they can show harm, not the
-gain), for `no-distill` lower than both `sweep-all`'s and `reference-transfer`'s (9.9% and 9.8%), for `sweep-margin`
-and `reinit-head` lower than `no-distill`'s (7.2%), and its mean accuracy loss is at most 2 points. The bench's two
-Blended models (`--role bench`) are the check, reported whatever the rule said, and choose nothing. One torch thread
-per worker; one JSON line per model in the setting's results file (resumable per model), then its .md."""
+gain), for `no-distill` lower than both `sweep-all`'s and `reference-transfer`'s (9.9% and 9.8%), for `sweep-margin`,
+`reinit-head` and `reinit-inversion` lower than `no-distill`'s (7.2%), and its mean accuracy loss is at most 2 points.
+The bench's two Blended models (`--role bench`) are the check, reported whatever the rule said, and choose nothing.
+One torch thread per worker; one JSON line per model in the setting's results file (resumable per model), then its
+.md."""
 
 from __future__ import annotations
 
@@ -86,8 +95,10 @@ SETTINGS = {
     "no-distill": (NO_DISTILL, "resnet_no_distill", ("sweep-all", "reference-transfer"), True),
     "sweep-margin": ({**NO_DISTILL, "repair": {**NO_DISTILL["repair"], "sweep_margin": 0.5}}, "resnet_sweep_margin",
                      ("no-distill",), True),
-    "reinit-head": ({**NO_DISTILL, "repair": {**NO_DISTILL["repair"], "repair_reinit_head": True}},
+    "reinit-head": ({**NO_DISTILL, "repair": {**NO_DISTILL["repair"], "repair_reinit_head": "all"}},
                     "resnet_reinit_head", ("no-distill",), True),
+    "reinit-inversion": ({**NO_DISTILL, "repair": {**NO_DISTILL["repair"], "repair_reinit_head": "inversion"}},
+                         "resnet_reinit_inversion", ("no-distill",), True),
 }  # fmt: skip
 """Setting name: (onp's parameters, results file stem, the earlier settings its rule compares with, whether it must be
 lower than each (else at most))."""

@@ -1321,12 +1321,12 @@ def test_repair_reinit_head_starts_the_repair_from_a_seeded_fresh_head_and_nothi
     started = []
     real = baselines.nc.finetune_pruned
     monkeypatch.setattr(baselines.nc, "finetune_pruned", lambda m, *a, **k: started.append(m) or real(m, *a, **k))
-    for reinit, seed in ((False, 0), (True, 0), (True, 0), (True, 1)):
+    for reinit, seed in (("none", 0), ("all", 0), ("inversion", 0), ("all", 1)):
         NC(reference_from="fashion-mnist", stop_asr=0.0, max_ratio=0.1, max_acc_drop=1.0, repair_epochs=1,
            repair_reinit_head=reinit, seed=seed).run(art.model, x, y)  # fmt: skip
     heads = [dict(m.classifier.named_parameters()) for m in started]
     assert all(torch.equal(heads[0][k], v) for k, v in dict(art.model.classifier.named_parameters()).items())
-    assert all(torch.equal(heads[1][k], heads[2][k]) for k in heads[0])  # seeded
+    assert all(torch.equal(heads[1][k], heads[2][k]) for k in heads[0])  # seeded; NC's sweep follows its inversion
     assert not any(torch.equal(heads[i][k], heads[j][k]) for i, j in ((0, 1), (1, 3)) for k in heads[0])
     rest = [{k: v for k, v in m.state_dict().items() if not k.startswith("classifier.")} for m in started]
     assert all(torch.equal(rest[0][k], rest[1][k]) for k in rest[0])  # the same cut; only the head drawn afresh
@@ -1340,7 +1340,9 @@ def test_repair_reinit_head_starts_the_repair_from_a_seeded_fresh_head_and_nothi
             return self.conv(t).flatten(1)
 
     with pytest.raises(OnpError, match="repair_reinit_head .* has none: drop repair_reinit_head"):
-        NC(repair_epochs=1, repair_reinit_head=True).check_inputs(NoHead(), x[:2])
+        NC(repair_epochs=1, repair_reinit_head="inversion").check_inputs(NoHead(), x[:2])
+    with pytest.raises(OnpError, match="repair_reinit_head must be one of none, inversion, all, got 'yes'"):
+        NC(repair_reinit_head="yes")
 
 
 def test_repair_augment_shifts_the_repair_batches_seeded_and_auto_leaves_grayscale_images_alone(tmp_path, monkeypatch):
