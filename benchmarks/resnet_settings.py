@@ -198,6 +198,9 @@ def report(rows: Rows) -> str:
             asr, lost = means[role, name] = summary(cells)
             within = sum(c["finetuned"]["asr"] < 0.05 for c in cells)
             lines.append(f"| {role} | {name} | {len(cells)} | {asr:.1f} | {lost:.2f} | {within} |")
+    if not any(r["role"] == "bench" for r in rows):
+        lines += ["", "The bench's models were not run with this setting (`--role shadow`): the script's docstring "
+                      "says where its check is."]  # fmt: skip
     if all(("shadow", s) in means for s in (*against, setting)):
         asr, lost = means["shadow", setting]
         bars = [means["shadow", a][0] for a in against]
