@@ -256,6 +256,17 @@ def fm_like(tmp_path, monkeypatch) -> str:
     return str(build_artifact(lab, tmp_path / "cache", progress=False))
 
 
+def flagged_fm_like(tmp_path, monkeypatch):
+    """fm_like's model and defense set, every inversion finding class 4 a quarter of its shipped typical size
+    (flagged against the reference); the latent shift finds the reference's sizes."""
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), ref)
+    return (art, *art.defense_set())
+
+
 def stub_sizes(monkeypatch, inversion: torch.Tensor, latent: torch.Tensor) -> None:
     """The inversion and the latent shift then find these per-class sizes."""
     from onp_env.signals import latent_shift
@@ -1289,12 +1300,7 @@ def test_blend_reuse_stamps_the_blend_verdicts_own_trigger_instead_of_inverting_
 
 
 def test_repair_frozen_bn_keeps_the_batchnorm_statistics_and_still_trains_the_rest(tmp_path, monkeypatch):
-    from onp_env.signals.shipped import shipped_reference
-
-    art = load_artifact(fm_like(tmp_path, monkeypatch))
-    x, y = art.defense_set()
-    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
-    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), ref)  # class 4 flagged
+    art, x, y = flagged_fm_like(tmp_path, monkeypatch)  # class 4 flagged
     stats = {}
     for frozen in (False, True):
         result = NC(reference_from="fashion-mnist", stop_asr=0.0, max_ratio=0.1, max_acc_drop=1.0, repair_epochs=1,
@@ -1312,12 +1318,8 @@ def test_repair_frozen_bn_keeps_the_batchnorm_statistics_and_still_trains_the_re
 
 def test_repair_reinit_head_starts_the_repair_from_a_seeded_fresh_head_and_nothing_else_changed(tmp_path, monkeypatch):
     import baselines.nc
-    from onp_env.signals.shipped import shipped_reference
 
-    art = load_artifact(fm_like(tmp_path, monkeypatch))
-    x, y = art.defense_set()
-    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
-    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), ref)  # class 4 flagged
+    art, x, y = flagged_fm_like(tmp_path, monkeypatch)  # class 4 flagged
     started = []
     real = baselines.nc.finetune_pruned
     monkeypatch.setattr(baselines.nc, "finetune_pruned", lambda m, *a, **k: started.append(m) or real(m, *a, **k))
@@ -1347,12 +1349,8 @@ def test_repair_reinit_head_starts_the_repair_from_a_seeded_fresh_head_and_nothi
 
 def test_repair_augment_shifts_the_repair_batches_seeded_and_auto_leaves_grayscale_images_alone(tmp_path, monkeypatch):
     import onp_env.training
-    from onp_env.signals.shipped import shipped_reference
 
-    art = load_artifact(fm_like(tmp_path, monkeypatch))
-    x, y = art.defense_set()
-    ref = torch.tensor(shipped_reference("fashion-mnist").signals["inversion"]["sizes"])
-    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 4, ref / 4, ref), ref)  # class 4 flagged
+    art, x, y = flagged_fm_like(tmp_path, monkeypatch)  # class 4 flagged
     fed = []
     real = onp_env.training.augment
 
