@@ -2,6 +2,7 @@
 user's own settings on top, the values that depend on the defense set's size resolved once it is read."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,15 @@ def test_an_unknown_preset_exits_2_with_one_line_before_any_work(method, preset,
     err = capsys.readouterr().err
     assert err.startswith("onp: error: ") and err.count("\n") == 1 and __import__("re").search(message, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_onps_resnet_preset_is_the_setting_its_bench_config_measured():
+    from agents.defense import ONP
+    from onp_env.bench.config import load_bench_config
+
+    path = Path(__file__).parents[1] / "configs" / "bench" / "fashion-mnist-resnet-onp-reinit-inversion.yaml"
+    (spec,) = load_bench_config(path).defenses
+    assert spec["name"] == "onp" and ONP.presets["resnet"].resolve(3000) == spec["params"]
 
 
 def test_a_users_set_that_breaks_a_preset_is_refused_before_any_work(tiny_artifact, tmp_path, capsys, no_work):
