@@ -53,11 +53,12 @@ def test_an_unknown_preset_exits_2_with_one_line_before_any_work(method, preset,
 
 
 def test_onps_resnet_preset_is_the_setting_its_bench_config_measured():
+    import yaml
+
     from agents.defense import ONP
-    from onp_env.bench.config import load_bench_config
 
     path = Path(__file__).parents[1] / "configs" / "bench" / "fashion-mnist-resnet-onp-reinit-inversion.yaml"
-    (spec,) = load_bench_config(path).defenses
+    (spec,) = yaml.safe_load(path.read_text())["defenses"]  # read as text: the grid's Fashion-MNIST is optional here
     assert spec["name"] == "onp" and ONP.presets["resnet"].resolve(3000) == spec["params"]
 
 
