@@ -163,7 +163,7 @@ class NCParams(InversionParams):
     unpruned model and fine-tunes it all; here it follows the sweep's cut). all: every repair; inversion: only where
     the sweep follows a reversed input trigger, not `verdict`'s latent shift, which is unlearnt as a shift read
     through the old head (a fresh head left 35-41% of the warp shadow ResNet's backdoor against 5-24%:
-    benchmarks/results/resnet_reinit_head.md); none: the model's own head."""
+    benchmarks/results/resnet_reinit_head.md); none: the model's own head. Recorded as the repair's `fresh_head`."""
     repair_reinvert: bool = False
     """With `repair_epochs`, where the sweep follows a reversed trigger: before each repair epoch after the
     first, that trigger is inverted again on the model being repaired (the suspected class's, or `verdict`'s
@@ -406,11 +406,14 @@ class NC(Defense):
         restamp = self.restamping(clean, x, y) if p.repair_reinvert and self.follows_inversion() else None
         if not self.follows_inversion() and p.unlearn:
             shift = self.unlearning_hooks(layout, pruned)
-        if p.repair_reinit_head == "all" or (p.repair_reinit_head == "inversion" and self.follows_inversion()):
+        fresh_head = p.repair_reinit_head == "all" or (p.repair_reinit_head == "inversion" and self.follows_inversion())
+        if fresh_head:
             pruned_model = reinit_head(pruned_model, self.seed)
         frozen = {name: _eval_mode for name, m in pruned_model.named_modules()
                   if p.repair_frozen_bn and isinstance(m, nn.modules.batchnorm._BatchNorm)}  # fmt: skip
         self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped, "shifted": bool(shift)}
+        if fresh_head:
+            self.extra["repair"]["fresh_head"] = True
         if restamp is not None:
             self.extra["repair"]["reinverted"] = []
         hedge = self.hedged(clean, target)

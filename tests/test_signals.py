@@ -1324,8 +1324,9 @@ def test_repair_reinit_head_starts_the_repair_from_a_seeded_fresh_head_and_nothi
     real = baselines.nc.finetune_pruned
     monkeypatch.setattr(baselines.nc, "finetune_pruned", lambda m, *a, **k: started.append(m) or real(m, *a, **k))
     for reinit, seed in (("none", 0), ("all", 0), ("inversion", 0), ("all", 1)):
-        NC(reference_from="fashion-mnist", stop_asr=0.0, max_ratio=0.1, max_acc_drop=1.0, repair_epochs=1,
-           repair_reinit_head=reinit, seed=seed).run(art.model, x, y)  # fmt: skip
+        d = NC(reference_from="fashion-mnist", stop_asr=0.0, max_ratio=0.1, max_acc_drop=1.0, repair_epochs=1,
+               repair_reinit_head=reinit, seed=seed).run(art.model, x, y).details  # fmt: skip
+        assert d["repair"].get("fresh_head", False) is (reinit != "none")  # recorded where it was drawn
     heads = [dict(m.classifier.named_parameters()) for m in started]
     assert all(torch.equal(heads[0][k], v) for k, v in dict(art.model.classifier.named_parameters()).items())
     assert all(torch.equal(heads[1][k], heads[2][k]) for k in heads[0])  # seeded; NC's sweep follows its inversion
