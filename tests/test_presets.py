@@ -60,6 +60,8 @@ def test_onps_resnet_preset_is_the_setting_its_bench_config_measured():
     path = Path(__file__).parents[1] / "configs" / "bench" / "fashion-mnist-resnet-onp-reinit-inversion.yaml"
     (spec,) = yaml.safe_load(path.read_text())["defenses"]  # read as text: the grid's Fashion-MNIST is optional here
     assert spec["name"] == "onp" and ONP.presets["resnet"].resolve(3000) == spec["params"]
+    defense = ONP(**spec["params"])  # its parameters pass the checks a deployment makes first
+    assert defense.repairer is not None and defense.repairer.params.repair_reinit_head == "inversion"
 
 
 def test_a_users_set_that_breaks_a_preset_is_refused_before_any_work(tiny_artifact, tmp_path, capsys, no_work):
