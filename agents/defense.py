@@ -204,7 +204,8 @@ RESNET = Preset(
     "configs/bench/fashion-mnist-resnet-onp-reinit-inversion.yaml's setting for PreAct-ResNet-18: the agent's units, "
     "verdict's sweep over every layer judged with re-estimated BatchNorm statistics, the small CNNs' class reference "
     "read by relative sizes, and a 5-epoch repair on the true labels from a fresh head where the sweep follows a "
-    "reversed trigger (benchmarks/resnet_settings.py: ASR below 5% on the six bench ResNets with 5% defense data)",
+    "reversed trigger, each step taken by benchmarks/resnet_settings.py's rules on two shadow ResNets (that config's "
+    "results: ASR below 5% on the six bench ResNets with 5% defense data)",
     {
         "repair_with": "verdict",
         "repair_sweep": True,

@@ -157,7 +157,7 @@ class NCParams(InversionParams):
     them stamped, in batches of 64, would otherwise replace the statistics of the whole training set."""
     repair_reinit_head: str = "none"
     """[ours, after FT-init in Min, Cheng, Chen, Liu, Ma, Song, Zhao, Zhang, "Towards Stable Backdoor Purification
-    through Feature Shift Tuning", NeurIPS 2023] With `repair_epochs`: the model's last linear layer is drawn afresh
+    through Feature Shift Tuning", NeurIPS 2023] With `repair_epochs`: the model's output layer is drawn afresh
     (PyTorch's default initialisation, with the seed) before the repair, so that what the head learnt to read in a
     surviving unit's trigger response is not what the repair starts from (the paper re-initialises the head of the
     unpruned model and fine-tunes it all; here it follows the sweep's cut). all: every repair; inversion: only where
@@ -211,12 +211,9 @@ class NC(Defense):
 
     def check_inputs(self, model: nn.Module, x: torch.Tensor) -> None:
         """A shipped class reference (`reference_from`: it names every signal's) refuses a model of another kind (with
-        `reference_transfer`, of other inputs or classes); `repair_reinit_head` one without a linear layer."""
+        `reference_transfer`, of other inputs or classes)."""
         if self.signal.shipped is not None:
             self.signal.shipped.check_model(model, x, self.params.reference_transfer)
-        if self.params.repair_reinit_head != "none" and not any(isinstance(m, nn.Linear) for m in model.modules()):
-            raise OnpError(f"{self.name} parameters: repair_reinit_head draws the model's last linear layer afresh, "
-                           "and this model has none: drop repair_reinit_head")  # fmt: skip
 
     def scores(self, model: nn.Module, layout: UnitLayout, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.judge(model, layout, x, y)
@@ -408,7 +405,7 @@ class NC(Defense):
             shift = self.unlearning_hooks(layout, pruned)
         fresh_head = p.repair_reinit_head == "all" or (p.repair_reinit_head == "inversion" and self.follows_inversion())
         if fresh_head:
-            pruned_model = reinit_head(pruned_model, self.seed)
+            pruned_model = reinit_head(pruned_model, layout.output, self.seed)
         frozen = {name: _eval_mode for name, m in pruned_model.named_modules()
                   if p.repair_frozen_bn and isinstance(m, nn.modules.batchnorm._BatchNorm)}  # fmt: skip
         self.extra["repair"] = {"epochs": p.repair_epochs, "stamped": stamped, "shifted": bool(shift)}
@@ -575,13 +572,19 @@ class NC(Defense):
         )
 
 
-def reinit_head(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of `model` with its last nn.Linear drawn afresh by its own reset_parameters, with `seed`."""
+def reinit_head(model: nn.Module, head: str, seed: int) -> nn.Module:
+    """A copy of `model` whose output layer `head` (an nn.Linear: the layout's output) is drawn afresh as PyTorch
+    initialises a new one, from the CPU generator seeded with `seed` (every generator's state left as it was)."""
     fresh = copy.deepcopy(model)
-    head = [m for m in fresh.modules() if isinstance(m, nn.Linear)][-1]  # check_inputs refused a model without one
+    old = fresh.get_submodule(head)
+    assert isinstance(old, nn.Linear), head  # find_units refuses a model whose output layer is not one
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head.reset_parameters()
+        torch.random.default_generator.manual_seed(seed)
+        drawn = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+    with torch.no_grad():
+        old.weight.copy_(drawn.weight)
+        if old.bias is not None:
+            old.bias.copy_(drawn.bias)
     return fresh
 
 

@@ -43,7 +43,8 @@ cells (the sweep alone re-estimated) are read from resnet_sweep_reestimate.jsonl
   the bench's Blended s201 with its seed, diagnostic runs of no-distill's cut left 3.4% with it (6.7% without), and
   without it 9.7% with repair_lr 0.005, 4.3% with 0.02, 9.4% with 0.04 and 11.6% with `unlearn` 0.75: one seed each,
   within no-distill's spread over seeds (2.2-6.7%), so a new head is the one tried here (seen before this rule was
-  written). Run with every repair's head drawn afresh (`all`; the parameter was a switch then).
+  written; one-off runs of defend_artifact with the setting's parameters, not kept as a results file). Run with
+  every repair's head drawn afresh (`all`; the parameter was a switch then).
 - `reinit-inversion` (2026-12-07; resnet_reinit_inversion.jsonl): `reinit-head` only where the sweep follows a
   reversed input trigger (`repair.repair_reinit_head: inversion`). reinit-head's warp shadow cells (its first three,
   the sweep following verdict's latent shift) kept 35.3%, 38.8% and 40.6% against no-distill's 10.9%, 23.5% and

@@ -1,6 +1,7 @@
 """Trigger-free signals (onp_env.signals) and the defense built on one (`nc`): they find what the
 oracle finds with the trigger, they never see the trigger, and bad parameters are refused first."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -1334,18 +1335,40 @@ def test_repair_reinit_head_starts_the_repair_from_a_seeded_fresh_head_and_nothi
     rest = [{k: v for k, v in m.state_dict().items() if not k.startswith("classifier.")} for m in started]
     assert all(torch.equal(rest[0][k], rest[1][k]) for k in rest[0])  # the same cut; only the head drawn afresh
 
-    class NoHead(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(1, 10, 28)
-
-        def forward(self, t):
-            return self.conv(t).flatten(1)
-
-    with pytest.raises(OnpError, match="repair_reinit_head .* has none: drop repair_reinit_head"):
-        NC(repair_epochs=1, repair_reinit_head="inversion").check_inputs(NoHead(), x[:2])
     with pytest.raises(OnpError, match="repair_reinit_head must be one of none, inversion, all, got 'yes'"):
         NC(repair_reinit_head="yes")
+
+
+def test_reinit_head_draws_the_output_layer_as_a_seeded_new_one_and_leaves_every_generator_as_it_was():
+    from baselines.nc import reinit_head
+
+    model, _, _ = planted()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    fresh = reinit_head(model, "classifier", 7)
+    assert torch.equal(torch.get_rng_state(), state)
+    expected = copy.deepcopy(model.classifier)
+    torch.manual_seed(7)
+    expected.reset_parameters()  # what a new nn.Linear draws from that seed
+    assert torch.equal(fresh.classifier.weight, expected.weight) and torch.equal(fresh.classifier.bias, expected.bias)
+    rest = {k: v for k, v in fresh.state_dict().items() if not k.startswith("classifier.")}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in rest.items())
+    assert not torch.equal(model.classifier.weight, fresh.classifier.weight)  # the model handed in is not changed
+
+
+def test_repair_reinit_head_inversion_keeps_the_head_of_a_repair_that_follows_the_latent_shift():
+    import baselines.nc
+    from baselines.verdict import Verdict
+
+    model, x, y = planted()
+    started = []
+    real = baselines.nc.finetune_pruned
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(baselines.nc, "finetune_pruned", lambda m, *a, **k: started.append(m) or real(m, *a, **k))
+        d = Verdict(steps=40, images=64, repair_epochs=1, unlearn=0.5, repair_reinit_head="inversion").run(
+            model, x, y).details  # fmt: skip
+    assert d["follows"] == "latent_gap" and "fresh_head" not in d["repair"]
+    assert torch.equal(started[0].classifier.weight, model.classifier.weight)
 
 
 def test_repair_augment_shifts_the_repair_batches_seeded_and_auto_leaves_grayscale_images_alone(tmp_path, monkeypatch):
