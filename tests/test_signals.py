@@ -627,18 +627,10 @@ def test_verdict_follows_the_latent_shift_to_a_backdoor_no_pixel_reaches_and_sto
 
 
 def test_a_latent_sweeps_repair_unlearns_the_shift_at_the_classifiers_input_during_training_only(monkeypatch):
-    import baselines.nc
     from baselines.verdict import Verdict
 
     model, x, y = planted()
-    seen = []
-    real = baselines.nc.finetune_pruned
-
-    def spy(*args):
-        seen.append(args[10])  # the pre-hooks
-        return real(*args)
-
-    monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
+    seen = spy_repairs(monkeypatch, lambda *args: args[10])  # the pre-hooks
     result = Verdict(steps=40, images=64, repair_epochs=2, unlearn=0.5).run(model, x, y)
     assert result.details["follows"] == "latent_gap" and result.details["repair"]["shifted"]
     assert result.details["repair"]["stamped"] == 0  # no reversed trigger is stamped on a latent sweep
@@ -786,19 +778,24 @@ def test_sweep_margin_cuts_a_share_more_of_the_sweep_once_its_trigger_is_gone_wi
         assert free.details["stopped"] == "backdoor gone"
 
 
-def repair_data(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (images, labels) each repair of baselines.nc trains on, appended as it starts."""
+def spy_repairs(monkeypatch, pick) -> list:
+    """`pick(*args)` of each call of baselines.nc's finetune_pruned (each repair), appended as it starts."""
     import baselines.nc
 
     seen = []
     real = baselines.nc.finetune_pruned
 
-    def spy(model, layout, pruned, xs, ys, *args):
-        seen.append((xs, ys))
-        return real(model, layout, pruned, xs, ys, *args)
+    def spy(*args, **kwargs):
+        seen.append(pick(*args, **kwargs))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(baselines.nc, "finetune_pruned", spy)
     return seen
+
+
+def repair_data(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (images, labels) each repair of baselines.nc trains on, appended as it starts."""
+    return spy_repairs(monkeypatch, lambda model, layout, pruned, xs, ys, *args: (xs, ys))
 
 
 def test_repair_unlearns_the_reversed_trigger_on_a_share_of_the_images_and_keeps_the_pruned_units_cut(monkeypatch):
@@ -1318,12 +1315,8 @@ def test_repair_frozen_bn_keeps_the_batchnorm_statistics_and_still_trains_the_re
 
 
 def test_repair_reinit_head_starts_the_repair_from_a_seeded_fresh_head_and_nothing_else_changed(tmp_path, monkeypatch):
-    import baselines.nc
-
     art, x, y = flagged_fm_like(tmp_path, monkeypatch)  # class 4 flagged
-    started = []
-    real = baselines.nc.finetune_pruned
-    monkeypatch.setattr(baselines.nc, "finetune_pruned", lambda m, *a, **k: started.append(m) or real(m, *a, **k))
+    started = spy_repairs(monkeypatch, lambda model, *args: model)
     for reinit, seed in (("none", 0), ("all", 0), ("inversion", 0), ("all", 1)):
         d = NC(reference_from="fashion-mnist", stop_asr=0.0, max_ratio=0.1, max_acc_drop=1.0, repair_epochs=1,
                repair_reinit_head=reinit, seed=seed).run(art.model, x, y).details  # fmt: skip
@@ -1356,17 +1349,13 @@ def test_reinit_head_draws_the_output_layer_as_a_seeded_new_one_and_leaves_every
     assert not torch.equal(model.classifier.weight, fresh.classifier.weight)  # the model handed in is not changed
 
 
-def test_repair_reinit_head_inversion_keeps_the_head_of_a_repair_that_follows_the_latent_shift():
-    import baselines.nc
+def test_repair_reinit_head_inversion_keeps_the_head_of_a_repair_that_follows_the_latent_shift(monkeypatch):
     from baselines.verdict import Verdict
 
     model, x, y = planted()
-    started = []
-    real = baselines.nc.finetune_pruned
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(baselines.nc, "finetune_pruned", lambda m, *a, **k: started.append(m) or real(m, *a, **k))
-        d = Verdict(steps=40, images=64, repair_epochs=1, unlearn=0.5, repair_reinit_head="inversion").run(
-            model, x, y).details  # fmt: skip
+    started = spy_repairs(monkeypatch, lambda model, *args: model)
+    d = Verdict(steps=40, images=64, repair_epochs=1, unlearn=0.5, repair_reinit_head="inversion").run(
+        model, x, y).details  # fmt: skip
     assert d["follows"] == "latent_gap" and "fresh_head" not in d["repair"]
     assert torch.equal(started[0].classifier.weight, model.classifier.weight)
 
