@@ -108,6 +108,14 @@ class ONPParams:
     to 81-100% (benchmarks/results/bn_revival.md): the sweep then stops at once ("backdoor gone") and the repair
     revives it. Re-estimated, the sweep there still did not hold it down (37.2% against 40.5% ASR; docs/methods.md)."""
 
+    unflagged: str = "keep"
+    """[ours] What becomes of the agent's units where `repair_with` (`verdict` or `nc`, which judge whether the model
+    is backdoored before they sweep or repair) flags no class: `keep` them (their repair then returns the agent's
+    pruned model as it is) or `give_back` every one (the model is returned unpruned, `given_back` in the report
+    listing them). On a PreAct ResNet the agent's cut left unrepaired hides a backdoor behind stale BatchNorm
+    statistics rather than removing it (benchmarks/results/bn_revival.md) and cost two clean ResNets 8.4 and 12.8
+    points of accuracy (benchmarks/results/resnet_clean_preset.md); a backdoor verdict misses is then kept whole."""
+
     sweep_spare: float | None = None
     """[ours] With `repair_sweep`: after the sweep, give back the agent's units its reversed trigger does not need
     (NC.spare: the latest first, each whose return raises the defense-set accuracy while that trigger sends at most
@@ -341,11 +349,16 @@ class ONP(Defense):
     def select(self, scores, model, layout, x, y) -> list[int]:
         order = list(self._order)
         self._judged = False
+        if not (self.params.repair_sweep or self.params.unflagged == "give_back"):
+            return order
+        # repairer() admits these only with a defense that flags and has a pruning sweep: NC's, which also spares
+        assert self.repairer is not None and hasattr(self.repairer, "sweep") and hasattr(self.repairer, "spare")
+        _, _, judged = self.repairer.scored(model, x, y)  # on the unpruned model, as finetune would
+        self._judged = True
+        if self.params.unflagged == "give_back" and not self.repairer.extra["flagged"]:
+            self.extra["given_back"] = self.extra["sequence"]
+            return []
         if self.params.repair_sweep:
-            # repairer() admits only a defense with a pruning sweep: NC's, which also spares
-            assert self.repairer is not None and hasattr(self.repairer, "sweep") and hasattr(self.repairer, "spare")
-            _, _, judged = self.repairer.scored(model, x, y)  # on the unpruned model, as finetune would
-            self._judged = True
             if self.params.sweep_reestimate:  # the statistics under the agent's cut; the masks go again
                 model = copy.deepcopy(model)
                 with Masks(model, layout, self.semantics) as masks:
@@ -404,7 +417,12 @@ def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: 
     if params.sweep_spare is not None and not params.repair_sweep:
         raise OnpError("onp parameters: sweep_spare gives back units after repair_sweep's sweep: set "
                        "repair_sweep=true, or drop sweep_spare")  # fmt: skip
+    if params.unflagged not in ("keep", "give_back"):
+        raise OnpError(f"onp parameters: unflagged must be keep or give_back, got {params.unflagged!r}")
     if not name:
+        if params.unflagged != "keep":
+            raise OnpError("onp parameters: unflagged=give_back needs repair_with's verdict on the model: set "
+                           "repair_with to verdict or nc, or drop unflagged")  # fmt: skip
         if settings or params.repair_sweep:
             raise OnpError(f"onp parameters: {'repair' if settings else 'repair_sweep'} needs repair_with's defense: "
                            "set repair_with (verdict, say), or drop it")  # fmt: skip
@@ -426,6 +444,9 @@ def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: 
     if params.repair_sweep and not hasattr(built, "sweep"):
         raise OnpError(f"onp parameters: repair_sweep goes on with repair_with's pruning sweep, which {name} has not: "
                        "set repair_with to verdict or nc, or drop repair_sweep")  # fmt: skip
+    if params.unflagged != "keep" and not hasattr(built, "sweep"):
+        raise OnpError(f"onp parameters: unflagged=give_back reads whether repair_with flags the model, which {name} "
+                       "does not judge: set repair_with to verdict or nc, or drop unflagged")  # fmt: skip
     if getattr(built.params, "repair_epochs", 1) == 0:
         raise OnpError(f"onp parameters: {name} repairs nothing with repair_epochs 0: set "
                        "repair.repair_epochs=5 (the README's setting)")  # fmt: skip

@@ -925,6 +925,44 @@ def test_sweep_spare_gives_back_the_agents_units_that_cost_accuracy_while_the_re
         ONP(repair_with="nc", repair=repair, repair_sweep=True, sweep_spare=2.0)
 
 
+def test_unflagged_give_back_returns_the_unpruned_model_where_the_repairer_flags_nothing(monkeypatch):
+    """A model NC flags: the same units, sweep and repair with `give_back` as with `keep`; one it does not flag:
+    every agent unit given back (listed), the model and its repair the unpruned one."""
+    import agents.defense
+    from agents.defense import ONP
+    from onp_env.signals import trigger_inversion
+
+    from .test_signals import pixel_trigger, two_routes
+
+    model, x, y = two_routes()
+    layout, _ = find_units(model, x[:2])
+    fc = layout.by_name["fc"].offset
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: ([fc + 3, fc + 1], [{"acc": 1.0}] * 3))
+    repair = {"repair_epochs": 1, "unlearn": 0.3, "stop_asr": 0.0}
+    runs = {}
+    for target in (2, None):
+        monkeypatch.setattr(trigger_inversion, "invert", lambda *a, t=target, **k: pixel_trigger(t))
+        for unflagged in ("keep", "give_back"):
+            for sweep in (True, False):
+                trigger_inversion._INVERTED.clear()
+                runs[target, unflagged, sweep] = ONP(
+                    repair_with="nc", repair=repair, repair_sweep=sweep, unflagged=unflagged, seed=3
+                ).run(model, x, y)
+    for sweep in (True, False):
+        kept, given = runs[2, "keep", sweep], runs[2, "give_back", sweep]
+        assert given.details["repair"]["flagged"] and "given_back" not in given.details
+        assert given.pruned == kept.pruned == [fc + 3, fc + 1, *([fc + 2] if sweep else [])]
+        assert all(torch.equal(a, b) for a, b in zip(given.finetuned.parameters(), kept.finetuned.parameters(),
+                                                       strict=True))  # fmt: skip
+        assert runs[None, "keep", sweep].pruned == [fc + 3, fc + 1]
+        given = runs[None, "give_back", sweep]
+        assert given.pruned == [] and given.details["given_back"] == ["fc[3]", "fc[1]"]
+        assert not given.details["repair"]["flagged"]
+        for out in (given.model, given.finetuned):
+            assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), model.state_dict().values(),
+                                                           strict=True))  # fmt: skip
+
+
 def test_spare_decides_each_unit_as_full_forward_passes_would(monkeypatch):
     """NC.spare reruns only the layers whose masks changed: its choices across several layers are those of the
     plain greedy with every check a whole forward pass of the masked model."""
@@ -1041,6 +1079,15 @@ def test_a_verdict_repair_of_a_latent_sweep_shifts_the_classifier_input_less_the
         (
             {"repair_with": "fp", "repair": {"finetune_epochs": 1}, "repair_sweep": True},
             "repair_sweep goes on with repair_with's pruning sweep, which fp has not",
+        ),
+        ({"unflagged": "give_back"}, "unflagged=give_back needs repair_with's verdict on the model"),
+        (
+            {"repair_with": "nc", "repair": {"repair_epochs": 1}, "unflagged": "drop"},
+            "unflagged must be keep or give_back",
+        ),
+        (
+            {"repair_with": "fp", "repair": {"finetune_epochs": 1}, "unflagged": "give_back"},
+            "unflagged=give_back reads whether repair_with flags the model, which fp does not judge",
         ),
         ({"repair_with": "mnp"}, "mnp has no repair of its own: set repair_with to one of bnp, fp, nc, verdict"),
         ({"repair_with": "onp"}, "onp has no repair of its own"),
