@@ -1,14 +1,25 @@
-"""What onp's `resnet` preset costs on a PreAct-ResNet-18 with no backdoor.
+"""What onp's `resnet` preset costs on a PreAct-ResNet-18 with no backdoor, and `unflagged: give_back`.
 
     ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/resnet_clean_preset.py [--workers 2]
 
 The preset (agents/defense.py's RESNET: the agent's units, verdict's sweep over every layer, the small CNNs' class
 reference read by relative sizes, a repair on true labels from a fresh head where the sweep follows a reversed trigger)
 was chosen on backdoored ResNets. resnet_verdicts.md found that against the transferred reference the mask or the
-latent shift flags 3 of 6 cells of two clean ResNets of the bench's recipe (seeds 401 and 402). Here the preset
-defends those two models with 5% defense data and the model's seed: the accuracy it costs, the units it prunes and
-whether verdict flagged anything. Chooses nothing. One torch thread per worker; one JSON line per model (resumable per
-model), then its .md.
+latent shift flags 3 of 6 cells of two clean ResNets of the bench's recipe (seeds 401 and 402, each with the model's
+seed and seeds 1 and 2). Here the preset defends those 6 cells with 5% defense data: the accuracy it costs, the units it
+prunes, whether verdict flagged the model, and the agent's cut with its BatchNorm statistics re-estimated on the
+defense images (a diagnostic: what stale statistics cost, no weight changed). One torch thread per worker; one JSON
+line per model (resumable per model), then its .md.
+
+Settings: `keep` is the preset as measured on 2026-12-07 (8.39 and 12.82 points lost with the model's seed, where
+verdict flagged nothing and the agent's 31 and 19 units stayed unrepaired); `give-back` adds `unflagged: give_back`
+(where verdict flags nothing, every agent unit is given back and the model returned unpruned).
+
+Rule, written before either setting's run on these 6 cells: `give-back` goes into the `resnet` preset if its mean
+accuracy lost over the 6 cells is below `keep`'s. On a flagged cell both take the same path (tests/test_agents.py), so
+the six bench ResNets' results and the two shadow ResNets' (every one of their cells flagged a class) stand as
+measured: no backdoored run is repeated. What the rule cannot weigh is a backdoored ResNet that verdict misses, whose
+backdoor `give-back` keeps whole where `keep` hides it behind stale statistics (benchmarks/results/bn_revival.md).
 """
 
 from __future__ import annotations
@@ -19,11 +30,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bn_revival import recalibrated
+from resnet_sweep_reestimate import SEEDS
 from resnet_verdicts import models as verdict_models
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 
-from onp_env.defend import defend_artifact
+from onp_env import load_artifact
+from onp_env.defend import defend_artifact, defense_subset
+from onp_env.metrics import evaluate
+
+SETTINGS = {"keep": {}, "give-back": {"unflagged": "give_back"}}
+"""Setting name: onp's parameters on top of the `resnet` preset."""
 
 
 def models() -> list[tuple[str, str, Any]]:
@@ -32,38 +50,64 @@ def models() -> list[tuple[str, str, Any]]:
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:
     torch.set_num_threads(1)
-    seed = int(name.rsplit("-s", 1)[1])
-    with tempfile.TemporaryDirectory() as tmp:
-        _, r = defend_artifact(path, "onp", {"defense_fraction": 0.05, "seed": seed}, Path(tmp) / "o", preset="resnet")
-    details, repair = r["details"], r["details"].get("repair", {})
-    return {"model": name, "role": role, "host": platform.node(), "torch": torch.__version__, "seed": seed,
-            "before": r["before"], "pruned_model": {"acc": r["acc"]}, "finetuned": r["finetuned"],
-            "units": r["pruned"], "agent_units": len(details.get("sequence", [])),
-            "swept": len(details.get("swept", [])), "flagged": repair.get("flagged"), "follows": repair.get("follows"),
-            "suspect": repair.get("suspect"), "fresh_head": bool(repair.get("repair", {}).get("fresh_head")),
-            "seconds": r["seconds"]}  # fmt: skip
+    model_seed = int(name.rsplit("-s", 1)[1])
+    art = load_artifact(path)
+    ds = art.dataset(None)
+    cells = []
+    for seed in (model_seed, *SEEDS):
+        for setting, params in SETTINGS.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                run = {**params, "defense_fraction": 0.05, "seed": seed}
+                out, r = defend_artifact(path, "onp", run, Path(tmp) / "o", preset="resnet")
+                x, _ = defense_subset(art, 0.05, seed)
+                again = evaluate(recalibrated(load_artifact(out).model.eval(), x).eval(), ds.test_x, ds.test_y, None)
+            details, repair = r["details"], r["details"].get("repair", {})
+            cells.append({"setting": setting, "seed": seed, "before": r["before"], "pruned_model": {"acc": r["acc"]},
+                          "pruned_reestimated": {"acc": again["acc"]}, "finetuned": r["finetuned"],
+                          "units": r["pruned"], "agent_units": len(details.get("sequence", [])),
+                          "given_back": len(details.get("given_back", [])), "swept": len(details.get("swept", [])),
+                          "flagged": repair.get("flagged"), "follows": repair.get("follows"),
+                          "suspect": repair.get("suspect"), "seconds": r["seconds"],
+                          "fresh_head": bool(repair.get("repair", {}).get("fresh_head"))})  # fmt: skip
+    return {"model": name, "role": role, "host": platform.node(), "torch": torch.__version__, "cells": cells}
+
+
+def lost(cell: dict[str, Any]) -> float:
+    """Points of clean accuracy the defended model lost (its repair's where one ran)."""
+    return 100 * (cell["before"]["acc"] - (cell["finetuned"] or cell["pruned_model"])["acc"])
 
 
 def report(rows: Rows) -> str:
     lines = [
-        "# onp's `resnet` preset on clean PreAct-ResNet-18",
+        "# onp's `resnet` preset on clean PreAct-ResNet-18, and `unflagged: give_back`",
         "",
         f"Generated by `python benchmarks/resnet_clean_preset.py` from its results file: {len(rows)} clean "
-        "PreAct-ResNet-18 models of the ResNet bench's recipe, `onp defend --preset resnet` with 5% defense data and "
-        "the model's seed. Accuracy in %, lost in points; units: all it pruned (the agent's, the sweep's); flagged: "
-        "whether verdict flagged a class (suspect, followed signal); fresh head: whether the repair drew one. Hosts: "
-        f"{', '.join(sorted({r['host'] for r in rows}))}.",
+        "PreAct-ResNet-18 models of the ResNet bench's recipe, each with the model's seed and seeds 1 and 2, "
+        "`onp defend --preset resnet` with 5% defense data as it is (`keep`) and with `--set unflagged=give_back`. "
+        "Accuracy in %, lost in points (after the repair where one ran); units: all it pruned (the agent's, the "
+        "sweep's, given back); flagged: whether verdict flagged a class (suspect, followed signal); re-estimated: the "
+        "pruned model before any repair with its BatchNorm statistics re-estimated on the defense images (a "
+        f"diagnostic). Hosts: {', '.join(sorted({r['host'] for r in rows}))}.",
         "",
-        "| model | seed | accuracy before | after | lost | units | agent | swept | flagged | fresh head | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+        "| model | seed | setting | accuracy before | after | lost | units | agent | swept | given back | flagged "
+        "| fresh head | re-estimated | seconds |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in rows:
-        after = r["finetuned"] or r["pruned_model"]
-        lost = 100 * (r["before"]["acc"] - after["acc"])
-        flag = f"{r['flagged']} ({r['suspect']}, {r['follows']})" if r["flagged"] else str(r["flagged"])
-        lines.append(f"| {r['model'].rsplit('-', 1)[-1]} | {r['seed']} | {100 * r['before']['acc']:.2f} "
-                     f"| {100 * after['acc']:.2f} | {lost:.2f} | {r['units']} | {r['agent_units']} | {r['swept']} "
-                     f"| {flag} | {r['fresh_head']} | {r['seconds']:.0f} |")  # fmt: skip
+        for c in r["cells"]:
+            after = c["finetuned"] or c["pruned_model"]
+            flag = f"{c['flagged']} ({c['suspect']}, {c['follows']})" if c["flagged"] else str(c["flagged"])
+            lines.append(f"| {r['model'].rsplit('-', 1)[-1]} | {c['seed']} | {c['setting']} "
+                         f"| {100 * c['before']['acc']:.2f} | {100 * after['acc']:.2f} | {lost(c):.2f} | {c['units']} "
+                         f"| {c['agent_units']} | {c['swept']} | {c['given_back']} | {flag} | {c['fresh_head']} "
+                         f"| {100 * c['pruned_reestimated']['acc']:.2f} | {c['seconds']:.0f} |")  # fmt: skip
+    lines += ["", "Mean points lost over the cells, per setting (the rule: `give-back` is taken if below `keep`):", ""]
+    for setting in SETTINGS:
+        cells = [c for r in rows for c in r["cells"] if c["setting"] == setting]
+        if cells:
+            worst = max(lost(c) for c in cells)
+            lines.append(f"- {setting}: {sum(map(lost, cells)) / len(cells):.2f} over {len(cells)} cells "
+                         f"(worst {worst:.2f}; {sum(bool(c['flagged']) for c in cells)} flagged)")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
