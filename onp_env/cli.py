@@ -106,6 +106,8 @@ def _defend(args: argparse.Namespace) -> None:
               f"(fine-tuned after pruning: {out / 'finetuned'})")  # fmt: skip
     elif args.preset is None and (hint := defense_class(args.method).run_hint(overrides)):
         print(f"  ({hint})")
+    for note in report["details"].get("notes", []):  # what the method decided on its way, for the reader
+        print(f"  {note}")
     print(out)
 
 

@@ -957,6 +957,8 @@ def test_unflagged_give_back_returns_the_unpruned_model_where_the_repairer_flags
         assert runs[None, "keep", sweep].pruned == [fc + 3, fc + 1]
         given = runs[None, "give_back", sweep]
         assert given.pruned == [] and given.details["given_back"] == ["fc[3]", "fc[1]"]
+        assert given.details["notes"] == ["nc flagged no class: the agent's 2 units given back, the model returned "
+                                          "unpruned (unflagged=give_back)"]  # fmt: skip
         assert not given.details["repair"]["flagged"]
         for out in (given.model, given.finetuned):
             assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), model.state_dict().values(),

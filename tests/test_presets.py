@@ -120,6 +120,21 @@ def test_a_preset_refused_by_a_model_it_was_not_measured_on_says_which_models_it
     assert not (tmp_path / "o").exists()
 
 
+def test_defend_prints_the_notes_a_method_left_in_its_details(tiny_artifact, tmp_path, monkeypatch, capsys):
+    scores = Magnitude.scores
+
+    def noting(self, *args):
+        self.extra["notes"] = ["first thing decided", "second"]
+        return scores(self, *args)
+
+    monkeypatch.setattr(Magnitude, "scores", noting)
+    assert (
+        main(["defend", "--method", "magnitude", "--artifact", str(tiny_artifact), "--out", str(tmp_path / "o")]) == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:] == ["  first thing decided", "  second", str(tmp_path / "o")]
+
+
 def test_the_hint_after_a_run_is_the_defense_classs_and_only_where_a_better_measured_setting_exists():
     from onp_env.registry import defense_class
 
