@@ -113,8 +113,10 @@ class ONPParams:
     is backdoored before they sweep or repair) flags no class: `keep` them (their repair then returns the agent's
     pruned model as it is) or `give_back` every one (the model is returned unpruned, `given_back` in the report
     listing them). On a PreAct ResNet the agent's cut left unrepaired hides a backdoor behind stale BatchNorm
-    statistics rather than removing it (benchmarks/results/bn_revival.md) and cost two clean ResNets 8.4 and 12.8
-    points of accuracy (benchmarks/results/resnet_clean_preset.md); a backdoor verdict misses is then kept whole."""
+    statistics rather than removing it (benchmarks/results/bn_revival.md) and cost the first builds of two clean
+    ResNets 8.4 and 12.8 points of accuracy (benchmarks/results/resnet_clean_preset_first_build.md); a backdoor
+    verdict misses is then kept whole. Not in a preset: on the rebuilt clean ResNets it never came into play
+    (benchmarks/results/resnet_clean_preset.md; docs/methods.md)."""
 
     sweep_spare: float | None = None
     """[ours] With `repair_sweep`: after the sweep, give back the agent's units its reversed trigger does not need
