@@ -115,8 +115,9 @@ class ONPParams:
     listing them). On a PreAct ResNet the agent's cut left unrepaired hides a backdoor behind stale BatchNorm
     statistics rather than removing it (benchmarks/results/bn_revival.md) and cost the first builds of two clean
     ResNets 8.4 and 12.8 points of accuracy (benchmarks/results/resnet_clean_preset_first_build.md); a backdoor
-    verdict misses is then kept whole. Not in a preset: on the rebuilt clean ResNets it never came into play
-    (benchmarks/results/resnet_clean_preset.md; docs/methods.md)."""
+    verdict misses is then kept whole. In the `recommended` preset by benchmarks/onp_unflagged.py's rule (clean small
+    CNNs lose less, no shadow model's ASR rises); not in `resnet`, where it never came into play on the rebuilt clean
+    ResNets (benchmarks/results/resnet_clean_preset.md; docs/methods.md)."""
 
     sweep_spare: float | None = None
     """[ours] With `repair_sweep`: after the sweep, give back the agent's units its reversed trigger does not need
@@ -198,12 +199,14 @@ RECOMMENDED = Preset(
     "the README's agent command for Fashion-MNIST small CNNs: the agent's units, verdict's sweep from them with a "
     "budget of its own, and the recommended verdict's repair at lr 0.02 over 3 epochs, or 8 with fewer than "
     f"{FEW_IMAGES} defense images (benchmarks/onp_vs_baselines.py: 'shipped agent verdict repair sweep agent limit "
-    "lr 3 epochs' and '... 8 epochs')",
+    "lr 3 epochs' and '... 8 epochs'), with the agent's units given back where verdict flags nothing "
+    "(benchmarks/onp_unflagged.py's rule)",
     {
         "repair_with": "verdict",
         "repair": {**VERDICT_RECOMMENDED.params, "repair_lr": 0.02, "repair_epochs": 3},
         "repair_sweep": True,
         "sweep_limit_from": "agent",
+        "unflagged": "give_back",
     },
     few={"repair": {"repair_epochs": 8}},
     few_below=FEW_IMAGES,
