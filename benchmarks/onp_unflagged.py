@@ -59,7 +59,8 @@ def role_models() -> list[tuple[str, str, Any]]:
         raise SystemExit("--role is choose (the rule's models) or check (then the held-out ones)")
     if "--role" in sys.argv:
         del sys.argv[sys.argv.index("--role") : sys.argv.index("--role") + 2]
-    return [m for m in models() if m[1] in ("shadow", "clean") or role == "check"]
+    every = role == "check" or "--report-only" in sys.argv  # a report reads whatever rows there are
+    return [m for m in models() if m[1] in ("shadow", "clean") or every]
 
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:
@@ -133,8 +134,9 @@ def report(rows: Rows) -> str:
                 lost = f"{s['lost']:.2f} ({s['max_lost']:.2f})"
                 lines.append(f"| {role} | {fraction:.0%} | {setting} | {s['n']} | {asr} | {lost} | {s['flagged']} "
                              f"| {s['pruned']:.1f} |")  # fmt: skip
-    lines += ["", f"Rule (shadow ASR at most keep's + 0.5, clean loss lower, at both fractions): {verdict(rows)}.", "",
-              "Models verdict left unflagged (ASR before -> after keep / give-back, 1% | 5%):", ""]  # fmt: skip
+    rule = f"Rule (shadow ASR at most keep's + 0.5, clean loss lower, at both fractions): {verdict(rows)}."
+    lines += ["", rule, "", "Backdoored models verdict left unflagged (ASR before -> after keep / give-back, 1% | 5%):",
+              ""]  # fmt: skip
     for r in rows:
         by = {(c["setting"], c["fraction"]): c for c in r["cells"]}
         if all(by["keep", f]["flagged"] for f in FRACTIONS if ("keep", f) in by) or r["role"].endswith("clean"):

@@ -86,9 +86,11 @@ def report(rows: Rows) -> str:
         "PreAct-ResNet-18 models of the ResNet bench's recipe, each with the model's seed and seeds 1 and 2, "
         "`onp defend --preset resnet` with 5% defense data as it is (`keep`) and with `--set unflagged=give_back`. "
         "Accuracy in %, lost in points (after the repair where one ran); units: all it pruned (the agent's, the "
-        "sweep's, given back); flagged: whether verdict flagged a class (suspect, followed signal); re-estimated: the "
+        "sweep's); given back: the agent's units handed back unpruned; "
+        "flagged: whether verdict flagged a class (suspect, followed signal); re-estimated: the "
         "pruned model before any repair with its BatchNorm statistics re-estimated on the defense images (a "
-        f"diagnostic). Hosts: {', '.join(sorted({r['host'] for r in rows}))}.",
+        "diagnostic); seconds: the defense's, where a later setting reuses the inversions an earlier one cached "
+        f"for the same model and seed. Hosts: {', '.join(sorted({r['host'] for r in rows}))}.",
         "",
         "| model | seed | setting | accuracy before | after | lost | units | agent | swept | given back | flagged "
         "| fresh head | re-estimated | seconds |",

@@ -133,7 +133,7 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
         name = f"shipped agent verdict repair sweep agent limit lr {epochs} epochs"
         # give_back changes only a model verdict does not flag (benchmarks/onp_unflagged.py): the runs measured stand
         resolved = preset.resolve(images)
-        assert resolved.pop("unflagged") == "give_back" and "`--set unflagged=give_back`" in said
+        assert resolved.pop("unflagged") == "give_back" and "and `--set unflagged=give_back` (since 2026-12-07" in said
         assert settings[name] == ("onp", resolved) and name in timed
     assert preset.resolve(600)["repair"] == {**settings[benchmark_settings(monkeypatch).RECOMMENDED][1],
                                              "repair_lr": 0.02, "repair_epochs": 8}  # fmt: skip
