@@ -26,20 +26,16 @@ backdoor `give-back` keeps whole where `keep` hides it behind stale statistics (
 from __future__ import annotations
 
 import platform
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
-from bn_revival import recalibrated
+from resnet_settings import defended
 from resnet_sweep_reestimate import SEEDS
 from resnet_verdicts import models as verdict_models
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 
 from onp_env import load_artifact
-from onp_env.defend import defend_artifact, defense_subset
-from onp_env.metrics import evaluate
 
 SETTINGS = {"keep": {}, "give-back": {"unflagged": "give_back"}}
 """Setting name: onp's parameters on top of the `resnet` preset."""
@@ -57,11 +53,7 @@ def measure(name: str, role: str, path: str) -> dict[str, Any]:
     cells = []
     for seed in (model_seed, *SEEDS):
         for setting, params in SETTINGS.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                run = {**params, "defense_fraction": 0.05, "seed": seed}
-                out, r = defend_artifact(path, "onp", run, Path(tmp) / "o", preset="resnet")
-                x, _ = defense_subset(art, 0.05, seed)
-                again = evaluate(recalibrated(load_artifact(out).model.eval(), x).eval(), ds.test_x, ds.test_y, None)
+            r, again = defended(art, ds, path, params, seed, preset="resnet")  # art.attack: None, a clean model
             details, repair = r["details"], r["details"].get("repair", {})
             cells.append({"setting": setting, "seed": seed, "before": r["before"], "pruned_model": {"acc": r["acc"]},
                           "pruned_reestimated": {"acc": again["acc"]}, "finetuned": r["finetuned"],

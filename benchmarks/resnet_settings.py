@@ -108,6 +108,19 @@ LAST = ("layers.7.", "bn")
 (bn_revival.md)."""
 
 
+def defended(art: Any, ds: Any, path: str, params: dict[str, Any], seed: int,
+             preset: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """onp on the artifact at `path` (loaded: `art`, its data `ds`) with 5% defense data and `seed`: its report, and the
+    test metrics of its cut before the repair with BatchNorm statistics re-estimated on the defense images (what stale
+    ones hid, apart from what training adds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = {**params, "defense_fraction": 0.05, "seed": seed}
+        out, r = defend_artifact(path, "onp", run, Path(tmp) / "o", preset=preset)
+        x, _ = defense_subset(art, 0.05, seed)
+        again = evaluate(recalibrated(load_artifact(out).model.eval(), x).eval(), ds.test_x, ds.test_y, art.attack)
+    return r, again
+
+
 def measure(name: str, role: str, path: str, setting: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     model_seed = int(name.rsplit("-s", 1)[1])
@@ -115,12 +128,7 @@ def measure(name: str, role: str, path: str, setting: str) -> dict[str, Any]:
     ds = art.dataset(None)
     cells = []
     for seed in (model_seed, *SEEDS):
-        with tempfile.TemporaryDirectory() as tmp:
-            params = {**SETTINGS[setting][0], "defense_fraction": 0.05, "seed": seed}
-            out, r = defend_artifact(path, "onp", params, Path(tmp) / "o")
-            # the cut before the repair, its statistics re-estimated: what stale ones hid, apart from what training adds
-            x, _ = defense_subset(art, 0.05, seed)
-            again = evaluate(recalibrated(load_artifact(out).model.eval(), x).eval(), ds.test_x, ds.test_y, art.attack)
+        r, again = defended(art, ds, path, SETTINGS[setting][0], seed)
         details, repair = r["details"], r["details"].get("repair", {})
         agent, swept = details.get("sequence", []), details.get("swept", [])
         cells.append({"setting": setting, "seed": seed, "before": r["before"], "pruned_model": {
