@@ -698,10 +698,14 @@ def report_md(results: Path, out: Path) -> None:
     names = [*agents(cells), *ABLATIONS, *ORACLES, *BASELINES, *SETTINGS]
     folds = {m: {r["attack"] for r in cells if r["method"] == m} for m in names}
     main = [m for m in folds if folds[m] and (m not in ABLATIONS or everywhere(cells, m))]
-    # a baseline still running (fewer cells than the most complete method) would shrink every paired
-    # table to the models it has reached: it is listed apart until it catches up
-    count = {m: sum(r["method"] == m for r in cells) for m in main}
-    running = [m for m in main if m in (*BASELINES, *SETTINGS) and count[m] < max(count.values())]
+    fractions = sorted({r["fraction"] for r in cells})
+    # a baseline still running (fewer cells, at a fraction it runs at, than the most complete method there) would
+    # shrink every paired table to the models it has reached: it is listed apart until it catches up. A setting
+    # run at one fraction only (a command whose epochs depend on it) is complete once it has every model there.
+    count = {(m, f): sum(r["method"] == m and r["fraction"] == f for r in cells) for m in main for f in fractions}
+    most = {f: max(count[m, f] for m in main) for f in fractions}
+    short = {m: [f for f in fractions if 0 < count[m, f] < most[f]] for m in main}
+    running = [m for m in main if m in (*BASELINES, *SETTINGS) and short[m]]
     main = [m for m in main if m not in running]
     ablation = [m for m in ABLATIONS if folds[m]]
     single = [m for m in ABLATIONS if len(folds[m]) == 1]  # the ablation proper: one held-out attack
@@ -731,11 +735,14 @@ def report_md(results: Path, out: Path) -> None:
     if running:
         lines += [
             "Still running, left out of the tables until they reach every model: "
-            + ", ".join(f"`{m}` ({count[m]} of {max(count.values())} cells)" for m in running)
+            + ", ".join(
+                f"`{m}` ({sum(count[m, f] for f in short[m])} of {sum(most[f] for f in short[m])} cells)"
+                for m in running
+            )
             + ".",
             "",
         ]
-    for fraction in sorted({r["fraction"] for r in cells}):
+    for fraction in fractions:
         # paired: only the held-out models on which every method has run (a partial run compares like with like)
         methods: dict[tuple, set] = {}
         for r in cells:

@@ -355,6 +355,32 @@ def test_the_protocol_report_tables_a_fraction_without_the_methods_run_only_at_a
     )  # without the oracle: one before a model
 
 
+def test_the_protocol_report_tables_a_setting_run_at_one_fraction_and_holds_back_one_still_running(
+    monkeypatch, tmp_path
+):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("onp_vs_baselines", ROOT / "benchmarks" / "onp_vs_baselines.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    command = "shipped agent verdict repair sweep agent limit lr {} epochs"
+    assert {command.format(8), command.format(3)} <= set(script.SETTINGS)
+    path, out = tmp_path / "p.jsonl", tmp_path / "p.md"
+    ran = {(0.01, command.format(8)): (101, 102), (0.05, command.format(3)): (101, 102),
+           (0.01, "mnp"): (101, 102), (0.05, "mnp"): (101, 102), (0.05, "anp"): (101,)}  # fmt: skip
+    for (fraction, method), seeds in ran.items():
+        for seed in seeds:
+            append(path, {**PROTOCOL, "key": f"badnets/s{seed}/{fraction:g}/{method}", "seed": seed,
+                          "fraction": fraction, "method": method})  # fmt: skip
+    script.report_md(path, out)
+    text = out.read_text()
+    # each command has every model at the one fraction it runs at: a row of its table, not "still running";
+    # anp has one model of two at 5%
+    assert "Still running, left out of the tables until they reach every model: `anp` (1 of 2 cells)." in text
+    for fraction, epochs in (("1%", 8), ("5%", 3)):
+        table = text.split(f"## All held-out attacks, {fraction} defense data (badnets; 2 models")[1].split("##")[0]
+        assert f"| {command.format(epochs)} | 2 |" in table and "| mnp | 2 |" in table and "anp" not in table
+
+
 def test_the_verdicts_report_counts_the_larger_verdict_naming_the_target(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("signal_verdicts", ROOT / "benchmarks" / "signal_verdicts.py")
