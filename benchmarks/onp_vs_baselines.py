@@ -180,6 +180,21 @@ SETTINGS = {
         )
         for n in (3, 8)
     },
+    # ... and the agent's units given back where verdict flags no class: the recommended preset since 2026-12-07
+    # (onp_unflagged.md)
+    **{
+        f"shipped agent verdict repair sweep agent limit lr {n} epochs give back": (
+            "onp",
+            {
+                "repair_with": "verdict",
+                "repair": {**_DISTILL, "repair_lr": 0.02, "repair_epochs": n},
+                "repair_sweep": True,
+                "sweep_limit_from": "agent",
+                "unflagged": "give_back",
+            },
+        )
+        for n in (3, 8)
+    },
     # ... and verdict's choice between its verdicts made on scores standardised per class, moving only to a mask or
     # blend inversion (onp_repair_spread-input_{1,5}.md)
     **{
@@ -265,6 +280,8 @@ REPAIRED = (
     "shipped agent verdict repair sweep agent limit lr 8 epochs",
     "shipped agent verdict repair sweep agent limit lr 3 epochs spread",
     "shipped agent verdict repair sweep agent limit lr 8 epochs spread",
+    "shipped agent verdict repair sweep agent limit lr 3 epochs give back",
+    "shipped agent verdict repair sweep agent limit lr 8 epochs give back",
     "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
@@ -477,7 +494,8 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
             shutil.rmtree(out)
         _, report = defend_artifact(art_path, name, params, out)
         report["units"] = load_artifact(out).manifest["defense"]["pruned_units"]
-        if method in REPAIRED or repaired:
+        # a run that returns the model unpruned (given back where verdict flags nothing) has nothing to repair
+        if (method in REPAIRED or repaired) and (report["pruned"] or "finetuned" in report):
             report |= {k: report["finetuned"][k] for k in ("acc", "asr", "ra", "der")}
     attack, seed, _, _ = key.split("/")
     row = {"key": key, "attack": attack, "seed": int(seed[1:]), "fraction": fraction, "method": method,

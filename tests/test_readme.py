@@ -132,6 +132,7 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
     for images, epochs in ((600, 8), (3000, 3)):
         name = f"shipped agent verdict repair sweep agent limit lr {epochs} epochs"
         # give_back changes only a model verdict does not flag (benchmarks/onp_unflagged.py): the runs measured stand
+        assert settings[f"{name} give back"] == ("onp", preset.resolve(images))  # the preset as it runs today
         resolved = preset.resolve(images)
         assert resolved.pop("unflagged") == "give_back" and "and `--set unflagged=give_back` (since 2026-12-07" in said
         assert settings[name] == ("onp", resolved) and name in timed
