@@ -362,8 +362,9 @@ class ONP(Defense):
         self._judged = True
         if self.params.unflagged == "give_back" and not self.repairer.extra["flagged"]:
             self.extra["given_back"] = self.extra["sequence"]
-            self.extra["notes"] = [f"{self.repairer.name} flagged no class: the agent's {len(order)} units given "
-                                   "back, the model returned unpruned (unflagged=give_back)"]  # fmt: skip
+            cut = f"the agent's {len(order)} units given back" if order else "the agent cut no unit"
+            self.extra["notes"] = [f"{self.repairer.name} flagged no class: {cut}, the model returned unpruned "
+                                   "(unflagged=give_back)"]  # fmt: skip
             return []
         if self.params.repair_sweep:
             if self.params.sweep_reestimate:  # the statistics under the agent's cut; the masks go again

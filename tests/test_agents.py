@@ -963,6 +963,34 @@ def test_unflagged_give_back_returns_the_unpruned_model_where_the_repairer_flags
         for out in (given.model, given.finetuned):
             assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), model.state_dict().values(),
                                                            strict=True))  # fmt: skip
+    # an agent that cut nothing: the note says so rather than "0 units given back"
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: ([], [{"acc": 1.0}]))
+    trigger_inversion._INVERTED.clear()
+    given = ONP(repair_with="nc", repair=repair, unflagged="give_back", seed=3).run(model, x, y)
+    assert given.pruned == [] and given.details["given_back"] == []
+    assert given.details["notes"] == ["nc flagged no class: the agent cut no unit, the model returned unpruned "
+                                      "(unflagged=give_back)"]  # fmt: skip
+
+
+def test_onp_defend_prints_why_it_returned_the_model_unpruned(tmp_path, monkeypatch, capsys):
+    """Through the command line: a model the repairer does not flag comes back with no unit pruned, and the run
+    says why under its result."""
+    import agents.defense
+    from onp_env.signals import trigger_inversion
+
+    art = default_artifact()
+    shape = load_artifact(art).defense_set()[0].shape[1:]
+    quiet = trigger_inversion.Inverted(torch.zeros(10, *shape), torch.zeros(10, *shape), torch.linspace(3.0, 3.3, 10),
+                                       torch.ones(10, dtype=torch.bool), 1)  # fmt: skip
+    monkeypatch.setattr(trigger_inversion, "invert", lambda *a, **k: quiet)
+    monkeypatch.setattr(trigger_inversion, "_INVERTED", type(trigger_inversion._INVERTED)())
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: ([3, 1], [{"acc": 1.0}] * 3))
+    args = ["defend", "--method", "onp", "--artifact", str(art), "--set", "repair_with=nc", "--set",
+            "repair.repair_epochs=1", "--set", "unflagged=give_back", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 0
+    assert ("  nc flagged no class: the agent's 2 units given back, the model returned unpruned (unflagged=give_back)"
+            in capsys.readouterr().out.splitlines())  # fmt: skip
+    assert load_artifact(tmp_path / "o").manifest["defense"]["pruned_units"] == []
 
 
 def test_spare_decides_each_unit_as_full_forward_passes_would(monkeypatch):
