@@ -494,8 +494,7 @@ def run_cell(key: str, art_path: str, fraction: float, method: str, agent: Path 
             shutil.rmtree(out)
         _, report = defend_artifact(art_path, name, params, out)
         report["units"] = load_artifact(out).manifest["defense"]["pruned_units"]
-        # a run that returns the model unpruned (given back where verdict flags nothing) has nothing to repair
-        if (method in REPAIRED or repaired) and (report["pruned"] or "finetuned" in report):
+        if method in REPAIRED or repaired:
             report |= {k: report["finetuned"][k] for k in ("acc", "asr", "ra", "der")}
     attack, seed, _, _ = key.split("/")
     row = {"key": key, "attack": attack, "seed": int(seed[1:]), "fraction": fraction, "method": method,
@@ -719,7 +718,8 @@ def report_md(results: Path, out: Path) -> None:
     fractions = sorted({r["fraction"] for r in cells})
     # a baseline still running (fewer cells, at a fraction it runs at, than the most complete method there) would
     # shrink every paired table to the models it has reached: it is listed apart until it catches up. A setting
-    # run at one fraction only (a command whose epochs depend on it) is complete once it has every model there.
+    # run at one fraction only (a command whose epochs depend on it) is complete once it has every model there; a
+    # method not yet started at a fraction is absent from that fraction's tables.
     count = {(m, f): sum(r["method"] == m and r["fraction"] == f for r in cells) for m in main for f in fractions}
     most = {f: max(count[m, f] for m in main) for f in fractions}
     short = {m: [f for f in fractions if 0 < count[m, f] < most[f]] for m in main}

@@ -6,8 +6,8 @@ shift_seeds.py runs the README target table's two commands from the bench config
 2026-12-07; since then the agent's preset gives the agent's units back where verdict flags no class
 (`unflagged: give_back`, taken on the shadow and calibration-clean models by onp_unflagged.py). Here each model of
 configs/bench/fashion-mnist-shift.yaml, as the cache holds it on this host (rebuilt 2026-12-07: the first build's
-models bit for bit, the one shift_seeds.jsonl measured; bench-fashion-mnist-shift-rebuilt's header says how that was
-checked), is defended by `onp defend --method onp --preset recommended`, by the same preset with
+models in every measure recorded, the one shift_seeds.jsonl measured; bench-fashion-mnist-shift-rebuilt's header
+says how that was checked), is defended by `onp defend --method onp --preset recommended`, by the same preset with
 `unflagged: keep` (the preset before), and by `onp defend --method verdict --preset recommended`, with the model's seed
 (the cells of bench-fashion-mnist-shift-rebuilt, number for number) and shift_seeds.SEEDS, at 1% and 5%. Nothing
 is chosen here: it measures whether verdict leaves a backdoored model of the set unflagged, and what giving back

@@ -12,9 +12,7 @@ defended by the table's two commands (METHODS: the agent's, with its repair's ep
 recommended `verdict`) with the model's seed and with SEEDS, at 1% and 5%. Nothing is chosen here. One torch thread
 per worker; the runs of one model share one process and its memoised inversions, so their seconds are not compared.
 One JSON line per model in shift_seeds.jsonl (resumable), then shift_seeds.md. The rows of 2026-12-06 lack the
-pruned model's ACC and ASR (`pruned_model`) and record no `follows` or `suspect` for `verdict` (null). Where a
-defense returns no repaired model (a given-back or unflagged run), `finetuned` holds the returned model's metrics and
-`repaired` is false (rows before 2026-12-07 lack `repaired`: every run there was repaired).
+pruned model's ACC and ASR (`pruned_model`) and record no `follows` or `suspect` for `verdict` (null).
 `--repair-layout` pins the repair's layout on the CPU (nc.REPAIR_LAYOUT): `default`, as shift_seeds.jsonl recorded it
 (the default until 2026-12-06), or `channels-last`, as it ships since, in shift_seeds_repair_channels_last.jsonl."""
 
@@ -62,7 +60,8 @@ def defended_cells(path: str, methods: dict[str, dict[float, tuple[Any, ...]]], 
                    extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Each method at each fraction with the bench's or protocol's own seed `own` and SEEDS (`extra` added to every
     run's parameters): the cells of one model. A method's entry per fraction is (defense, parameters) or (defense,
-    parameters, preset), the preset resolved for the defense set as `onp defend --preset` resolves it."""
+    parameters, preset), the preset resolved for the defense set as `onp defend --preset` resolves it; a run where the
+    agent's units were given back records them (`given_back`)."""
     cells = []
     for method, per_fraction in methods.items():
         for fraction, (defense, params, *preset) in per_fraction.items():
@@ -74,8 +73,7 @@ def defended_cells(path: str, methods: dict[str, dict[float, tuple[Any, ...]]], 
                 verdicts = d if "follows" in d else d.get("repair", {})  # verdict's own, or the agent's repair's
                 cells.append({"method": method, "fraction": fraction, "seed": seed, "model_seed": seed == own,
                               "before": r["before"], "pruned_model": {k: r[k] for k in ("acc", "asr")},
-                              "finetuned": r.get("finetuned") or {k: r[k] for k in ("acc", "asr", "ra", "der")},
-                              "repaired": "finetuned" in r, "pruned": r["pruned"], "follows": verdicts.get("follows"),
+                              "finetuned": r["finetuned"], "pruned": r["pruned"], "follows": verdicts.get("follows"),
                               "suspect": verdicts.get("suspect"),
                               **({"given_back": d["given_back"]} if "given_back" in d else {})})  # fmt: skip
     return cells
