@@ -20,6 +20,8 @@ from onp_env.config import from_dict
 from onp_env.results import append, end_last_line
 from onp_env.suite.evaluate import read_suite_rows
 
+from .test_readme import benchmark_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -315,10 +317,7 @@ def test_optional_fields_are_checked_where_present(tmp_path):
 
 
 def test_the_protocol_report_groups_a_configs_training_seeds_and_pairs_their_models(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the script imports rows as a sibling
-    spec = importlib.util.spec_from_file_location("onp_vs_baselines", ROOT / "benchmarks" / "onp_vs_baselines.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_settings(monkeypatch)
     names = ["onp", "cand", "cand seed 1", "cand seed 2", "orphan seed 1"]
     assert script.training_seeds(names) == {"cand": {0: "cand", 1: "cand seed 1", 2: "cand seed 2"}}
 
@@ -334,10 +333,7 @@ def test_the_protocol_report_groups_a_configs_training_seeds_and_pairs_their_mod
 
 
 def test_the_protocol_report_tables_a_fraction_without_the_methods_run_only_at_another(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("onp_vs_baselines", ROOT / "benchmarks" / "onp_vs_baselines.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_settings(monkeypatch)
     path, out = tmp_path / "p.jsonl", tmp_path / "p.md"
     ran = {0.01: ["onp", "onp verdict repair sweep agent limit lr 8 epochs"],
            0.05: ["onp", "onp verdict repair sweep agent limit lr 3 epochs"]}  # fmt: skip
@@ -358,10 +354,7 @@ def test_the_protocol_report_tables_a_fraction_without_the_methods_run_only_at_a
 def test_the_protocol_report_tables_a_setting_run_at_one_fraction_and_holds_back_one_still_running(
     monkeypatch, tmp_path
 ):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("onp_vs_baselines", ROOT / "benchmarks" / "onp_vs_baselines.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_settings(monkeypatch)
     command = "shipped agent verdict repair sweep agent limit lr {} epochs"
     assert {command.format(8), command.format(3)} <= set(script.SETTINGS)
     path, out = tmp_path / "p.jsonl", tmp_path / "p.md"
@@ -382,10 +375,7 @@ def test_the_protocol_report_tables_a_setting_run_at_one_fraction_and_holds_back
 
 
 def test_the_verdicts_report_counts_the_larger_verdict_naming_the_target(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("signal_verdicts", ROOT / "benchmarks" / "signal_verdicts.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_settings(monkeypatch, "signal_verdicts")
 
     def row(model, attack, inversion, latent):
         verdicts = {"inversion": dict(zip(("suspect", "anomaly_index"), inversion, strict=True)),
@@ -405,10 +395,7 @@ def test_the_verdicts_report_counts_the_larger_verdict_naming_the_target(monkeyp
 
 
 def test_the_verdict_stop_report_marks_the_setting_with_the_best_shadow_der(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("verdict_stop", ROOT / "benchmarks" / "verdict_stop.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_settings(monkeypatch, "verdict_stop")
     before = {"acc": 0.9, "asr": 1.0, "ra": 0.0}
 
     def row(model, attack, stop_index, der, acc=0.89):
