@@ -38,6 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from rows import exit_2_on_bad_input, read_protocol
@@ -79,6 +80,21 @@ _SPREAD_INPUT = {"class_spread": True, "spread_latent": False}
 NO_MNP = HERE / "runs" / "agents" / "fashion-mnist-sampled-no-mnp" / "agent"
 """Where `onp train-agent --config configs/agent/fashion-mnist-sampled-no-mnp.yaml --out` HERE/runs/agents/
 fashion-mnist-sampled-no-mnp writes its agent (git-ignored)."""
+
+
+def _agent_command(epochs: int, repair: dict | None = None, **more: Any) -> tuple[str, dict]:
+    """The agent's command: verdict's sweep from the agent's units with the accuracy limit from the agent's model, then
+    the repair at lr 0.02 over `epochs`; `repair` adds to the repair's parameters, `more` to onp's."""
+    repaired = {**_DISTILL, "repair_lr": 0.02, "repair_epochs": epochs, **(repair or {})}
+    return "onp", {
+        "repair_with": "verdict",
+        "repair": repaired,
+        "repair_sweep": True,
+        "sweep_limit_from": "agent",
+        **more,
+    }
+
+
 SETTINGS = {
     "nc ungated": ("nc", {"flag_index": 0.0}),
     "verdict shadow reference": ("verdict", {}),
@@ -168,45 +184,19 @@ SETTINGS = {
             "sweep_limit_from": "agent",
         },
     ),
-    **{
-        f"shipped agent verdict repair sweep agent limit lr {n} epochs": (
-            "onp",
-            {
-                "repair_with": "verdict",
-                "repair": {**_DISTILL, "repair_lr": 0.02, "repair_epochs": n},
-                "repair_sweep": True,
-                "sweep_limit_from": "agent",
-            },
-        )
-        for n in (3, 8)
-    },
+    **{f"shipped agent verdict repair sweep agent limit lr {n} epochs": _agent_command(n) for n in (3, 8)},
     # ... and the agent's units given back where verdict flags no class: the recommended preset since 2026-12-07
     # (onp_unflagged.md)
     **{
-        f"shipped agent verdict repair sweep agent limit lr {n} epochs give back": (
-            "onp",
-            {
-                "repair_with": "verdict",
-                "repair": {**_DISTILL, "repair_lr": 0.02, "repair_epochs": n},
-                "repair_sweep": True,
-                "sweep_limit_from": "agent",
-                "unflagged": "give_back",
-            },
+        f"shipped agent verdict repair sweep agent limit lr {n} epochs give back": _agent_command(
+            n, unflagged="give_back"
         )
         for n in (3, 8)
     },
     # ... and verdict's choice between its verdicts made on scores standardised per class, moving only to a mask or
     # blend inversion (onp_repair_spread-input_{1,5}.md)
     **{
-        f"shipped agent verdict repair sweep agent limit lr {n} epochs spread": (
-            "onp",
-            {
-                "repair_with": "verdict",
-                "repair": {**_DISTILL, "repair_lr": 0.02, "repair_epochs": n, **_SPREAD_INPUT},
-                "repair_sweep": True,
-                "sweep_limit_from": "agent",
-            },
-        )
+        f"shipped agent verdict repair sweep agent limit lr {n} epochs spread": _agent_command(n, _SPREAD_INPUT)
         for n in (3, 8)
     },
     # an agent trained without MNP's signal (configs/agent/fashion-mnist-sampled-no-mnp.yaml, trained into NO_MNP),
