@@ -1,0 +1,180 @@
+"""Should the recommended commands take verdict's `verify_sweep` (the followed class's mask inverted again on the
+pruned model; where still flagged, the repair unlearns it)?
+
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/verify_sweep.py --set choose|shift|held-out [--workers 2]
+
+The configuration-shift set's one miss of the target with 5% defense data is the centred 3-pixel TrojanNN s202 with
+the defense's seeds 1 and 2 (53.8% and 56.5% ASR after the agent's command: shift_presets.md). There the sweep follows
+a class-6 trigger (a blend with seed 1, a mask of 16.6 pixels with seed 2) to `max_ratio`; after the cut that
+trigger sends 6-20% of the other classes' images to class 6 while the real one still sends 97%, and class 6's mask
+inverted alone on the pruned model measures 13.1-13.4 pixels, flagged (scores 5.1-7.5; unpruned 16.6-21.0). With the
+repair unlearning that trigger, the two runs end at 3.0% and 2.4% ASR, 1.99 and 2.04 points lost (a probe of those two
+runs, which suggested the change: the change's one setting, a single inversion from the defense's seed judged at the
+flag line, was not tuned on them). Whether the commands take it is decided on the defender's own models:
+
+- `--set choose`: the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml; the shipped agent trained on
+  them, so its units there are in-sample) and the 12 clean calibration models (detect_calibration.py, seeds 201-212),
+  the defense's seeds 18 and 19 (run by no study before), at 1% and 5%. Rule, written before the run: a command's
+  preset (`onp --preset recommended`, `verdict --preset recommended`) takes `verify_sweep` where, at both fractions
+  over both seeds, on the shadow models onp_repair_knobs.CHANGE_RULE holds (mean DER not below, mean ASR and points
+  lost at most 0.1 above, runs within the target not fewer) and on the clean models the mean points lost are at most
+  0.1 above; else not. The agent's preset's repair is verdict's recommended one, so either may take it alone.
+- `--set shift`: the 12 configuration-shift models with the model's seed and shift_seeds.SEEDS (shift_presets.md's
+  runs), for the report only;
+- `--set held-out`: the protocol's 15 held-out backdoored models and 9 clean ones (detect_shipped.py's), seed 0, for
+  the report only.
+
+Each run goes with the change first; where `verify` does not flag (nothing changes after the sweep: its one inversion
+draws from its own generator) the run without it is that run, copied (`copied`); where it flags, the run without is
+made in the same process (reusing the memoised inversions: no seconds compared). One torch thread per worker; one JSON
+line per model in verify_sweep_SET.jsonl (resumable), then verify_sweep_SET.md."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from detect_calibration import calibration_models
+from detect_shipped import models as held_out_models
+from onp_prunable import repaired_means
+from onp_repair_knobs import CHANGE_RULE, judged, moved
+from rows import exit_2_on_bad_input
+from shift_seeds import SEEDS as SHIFT_SEEDS
+from shift_seeds import models as shift_models
+from signal_models import HERE, Rows, per_model_main
+
+from onp_env.defend import defend_artifact
+
+FRACTIONS = (0.01, 0.05)
+CHOOSE_SEEDS = (18, 19)
+COMMANDS = {"agent's preset": "onp", "verdict's preset": "verdict"}
+"""Command name: the registered defense run with `--preset recommended`."""
+SETS = {
+    "choose": calibration_models,
+    "shift": shift_models,
+    "held-out": lambda: [(n, "held-out clean" if a == "clean" else "held-out", lab) for n, a, lab in held_out_models()],
+}
+CLEAN_ROLES = ("clean", "held-out clean")
+
+
+def results_of(which: str) -> Path:
+    return HERE / "results" / f"verify_sweep_{which}.jsonl"
+
+
+def seeds_of(name: str, role: str) -> tuple[int, ...]:
+    if role in ("shadow", "clean"):
+        return CHOOSE_SEEDS
+    return (int(name.rsplit("-s", 1)[1]), *SHIFT_SEEDS) if role == "shift" else (0,)
+
+
+def run(path: str, command: str, fraction: float, seed: int, verify: bool) -> dict[str, Any]:
+    """One run of `command`'s preset, with or without `verify_sweep`: the cell's fields."""
+    defense = COMMANDS[command]
+    change = {"verify_sweep": verify}
+    params = {"repair": change} if defense == "onp" else change
+    with tempfile.TemporaryDirectory() as tmp:
+        _, r = defend_artifact(path, defense, {**params, "defense_fraction": fraction, "seed": seed},
+                               Path(tmp) / "out", preset="recommended")  # fmt: skip
+    d = r["details"]
+    v = d if defense == "verdict" else d.get("repair", {})
+    after = r["finetuned"] or {k: r[k] for k in ("acc", "asr")}
+    return {"command": command, "setting": "with" if verify else "without", "fraction": fraction, "seed": seed,
+            "before": r["before"], "repaired": after, "pruned": r["pruned"], "flagged": v.get("flagged"),
+            "verdict": {"follows": v.get("follows"), "suspect": v.get("suspect")}, "stopped": v.get("stopped"),
+            "verified": v.get("verified"), "seconds": r["seconds"]}  # fmt: skip
+
+
+def measure(name: str, role: str, path: str, which: str) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    cells = []
+    for command in COMMANDS:
+        for fraction in FRACTIONS:
+            for seed in seeds_of(name, role):
+                with_it = run(path, command, fraction, seed, True)
+                fired = bool((with_it["verified"] or {}).get("flagged"))
+                without = run(path, command, fraction, seed, False) if fired else {
+                    **with_it, "setting": "without", "copied": True}  # fmt: skip
+                cells += [without, with_it]
+    return {"model": name, "role": role, "set": which, "host": platform.node(), "torch": torch.__version__,
+            "cells": cells}  # fmt: skip
+
+
+def cells_of(rows: Rows, roles: tuple[str, ...], command: str, fraction: float, setting: str) -> dict:
+    return {(r["model"], c["seed"]): c for r in rows if r["role"] in roles for c in r["cells"]
+            if c["command"] == command and c["fraction"] == fraction and c["setting"] == setting}  # fmt: skip
+
+
+def lost(cells: list[dict[str, Any]]) -> float:
+    return statistics.mean(100 * (c["before"]["acc"] - c["repaired"]["acc"]) for c in cells)
+
+
+def decision(rows: Rows, command: str) -> str:
+    """The rule of `--set choose` for one command (read once all 42 models are in)."""
+    if len(rows) < 42:
+        return "not yet read (42 models needed)"
+    holds = []
+    for fraction in FRACTIONS:
+        shadow = [cells_of(rows, ("shadow",), command, fraction, s) for s in ("without", "with")]
+        clean = [list(cells_of(rows, ("clean",), command, fraction, s).values()) for s in ("without", "with")]
+        (der, asr, points, within), (der0, asr0, points0, within0) = (repaired_means(list(s.values()))
+                                                                      for s in shadow[::-1])  # fmt: skip
+        d_der, d_asr, d_lost, _ = CHANGE_RULE
+        holds.append(der >= der0 - d_der and asr <= asr0 + d_asr and points <= points0 + d_lost
+                     and within >= within0 and lost(clean[1]) <= lost(clean[0]) + 0.1)  # fmt: skip
+    return "takes `verify_sweep`" if all(holds) else "does not take `verify_sweep`"
+
+
+def report(rows: Rows) -> str:
+    which = rows[0]["set"] if rows else "?"
+    lines = [
+        f"# verdict's `verify_sweep` in the recommended commands ({which} models)",
+        "",
+        f"Generated by `python benchmarks/verify_sweep.py --set {which}` from verify_sweep_{which}.jsonl: {len(rows)} "
+        "models, each command by its recommended preset without and with `verify_sweep` (a run where verify did not "
+        "flag is one run, copied). Backdoored models: mean DER / ASR left / points lost after the repair and the runs "
+        "within the target (ASR <= 5%, <= 2 points lost), by onp_repair_knobs.CHANGE_RULE's comparison; clean models: "
+        f"mean points lost. Hosts: {', '.join(sorted({r['host'] for r in rows}))}.",
+    ]
+    roles = sorted({r["role"] for r in rows})
+    backdoored = tuple(r for r in roles if r not in CLEAN_ROLES)
+    clean = tuple(r for r in roles if r in CLEAN_ROLES)
+    for command in COMMANDS:
+        for fraction in FRACTIONS:
+            by = {s: cells_of(rows, backdoored, command, fraction, s) for s in ("without", "with")}
+            if not by["with"]:
+                continue
+            seeds = len({seed for _, seed in by["with"]})
+            fired = [c for c in by["with"].values() if (c["verified"] or {}).get("flagged")]
+            lines += ["", f"## {command}, {fraction:.0%} defense data", "",
+                      f"Backdoored ({', '.join(backdoored)}; {len(by['with'])} runs): "
+                      f"{judged(list(by['with'].values()), list(by['without'].values()), CHANGE_RULE, seeds)}. "
+                      f"Verify flagged on {len(fired)} runs."]  # fmt: skip
+            if clean:
+                cs = {s: list(cells_of(rows, clean, command, fraction, s).values()) for s in ("without", "with")}
+                n_fired = sum(bool((c["verified"] or {}).get("flagged")) for c in cs["with"])
+                lines.append(f"Clean ({', '.join(clean)}; {len(cs['with'])} runs): {lost(cs['with']):.2f} points "
+                             f"lost against {lost(cs['without']):.2f}; verify flagged on {n_fired}.")  # fmt: skip
+            lines += ["", *moved(by["without"], by["with"])]
+    if which == "choose":
+        agent, verdict = (decision(rows, command) for command in COMMANDS)
+        lines += ["", "Rule (CHANGE_RULE on the shadow models and clean loss at most 0.1 above, both fractions, seeds "
+                  f"{', '.join(map(str, CHOOSE_SEEDS))}): the agent's preset {agent}; verdict's preset "
+                  f"{verdict}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--set", choices=list(SETS), required=True)
+    which = peek.parse_known_args()[0].set
+    per_model_main(__doc__, results_of(which), SETS[which](), measure, report,
+                   option=("--set", {"choices": list(SETS), "required": True}, results_of))  # fmt: skip
+
+
+if __name__ == "__main__":
+    exit_2_on_bad_input(main)
