@@ -21,8 +21,9 @@ flag line, was not tuned on them). Whether the commands take it is decided on th
   0.1 above; else not. The agent's preset's repair is verdict's recommended one, so either may take it alone.
 - `--set shift`: the 12 configuration-shift models with the model's seed and shift_seeds.SEEDS (shift_presets.md's
   runs), for the report only;
-- `--set held-out`: the protocol's 15 held-out backdoored models and 9 clean ones (detect_shipped.py's), seed 0, for
-  the report only.
+- `--set held-out`: the protocol's 15 held-out backdoored models and 9 clean ones (detect_shipped.py's), verdict's
+  preset alone with the defense's seeds 0-2 (protocol_seeds.py's), for the report only (written after `choose` was
+  read: the agent's preset does not take the change, verdict's does).
 
 Each run goes with the change first; where `verify` does not flag (nothing changes after the sweep: its one inversion
 draws from its own generator) the run without it is that run, copied (`copied`); where it flags, the run without is
@@ -69,7 +70,11 @@ def results_of(which: str) -> Path:
 def seeds_of(name: str, role: str) -> tuple[int, ...]:
     if role in ("shadow", "clean"):
         return CHOOSE_SEEDS
-    return (int(name.rsplit("-s", 1)[1]), *SHIFT_SEEDS) if role == "shift" else (0,)
+    return (int(name.rsplit("-s", 1)[1]), *SHIFT_SEEDS) if role == "shift" else (0, *SHIFT_SEEDS)
+
+
+def commands_of(role: str) -> tuple[str, ...]:
+    return ("verdict's preset",) if role.startswith("held-out") else tuple(COMMANDS)
 
 
 def run(path: str, command: str, fraction: float, seed: int, verify: bool) -> dict[str, Any]:
@@ -92,7 +97,7 @@ def run(path: str, command: str, fraction: float, seed: int, verify: bool) -> di
 def measure(name: str, role: str, path: str, which: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     cells = []
-    for command in COMMANDS:
+    for command in commands_of(role):
         for fraction in FRACTIONS:
             for seed in seeds_of(name, role):
                 with_it = run(path, command, fraction, seed, True)

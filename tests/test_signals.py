@@ -1662,3 +1662,47 @@ def test_mask_restarts_invert_the_top_classes_again_and_keep_each_ones_smallest_
     assert d["anomaly_index"] == plain_index  # no score moves
     with pytest.raises(OnpError, match="restart_scope 'all': one of candidates, followed"):
         Verdict(mask_restarts=1, restart_scope="all")
+
+
+def test_verify_sweep_inverts_the_followed_class_again_on_the_pruned_model_and_repairs_with_it_where_still_flagged(
+    tmp_path, monkeypatch
+):
+    import baselines.verdict
+    from baselines.verdict import Verdict
+    from onp_env.metrics import logits
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    shipped = shipped_reference("fashion-mnist")
+    ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 8, ref / 4, ref), latent)  # class 8's mask, flagged
+    unpruned, calls, found = logits(art.model, x), [], [ref[8] / 10]
+
+    def again(model, x, y, target, p, seed, device, form="mask"):  # a mask over the whole image, of value 0.5
+        calls.append((target, seed, form, bool((logits(model, x) != unpruned).any())))
+        ones = torch.ones(1, 1, 28, 28)
+        return trigger_inversion.Inverted(ones, ones / 2, found[0].view(1), torch.ones(1, dtype=torch.bool), 5)
+
+    monkeypatch.setattr(baselines.verdict, "invert_toward", again)
+    seen = repair_data(monkeypatch)
+    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "repair_epochs": 1,
+              "unlearn": 0.5, "seed": 3}  # fmt: skip
+    plain = Verdict(**params).run(art.model, x, y)
+    assert not calls and "verified" not in plain.details
+    v = Verdict(verify_sweep=True, **params)
+    d = v.run(art.model, x, y).details
+    assert calls == [(8, 3, "mask", True)]  # the followed class alone, on the model with the sweep's cut
+    assert d["follows"] == "inversion" and d["suspect"] == 8 and d["verified"]["flagged"]
+    assert d["verified"]["size"] == pytest.approx(float(ref[8] / 10), abs=0.01) and d["verified"]["score"] > 2
+    assert v.inverted is not None and v.masks is not None and float(v.inverted.norms[8]) == pytest.approx(ref[8] / 10)
+    assert torch.equal(v.inverted.norms[:8], v.masks.norms[:8])  # the other classes' rows as first inverted
+    (xs0, _), (xs, _) = seen
+    stamped = (xs != x).flatten(1).any(1)
+    assert int(stamped.sum()) == round(0.5 * len(x)) and (xs[stamped] == 0.5).all()  # the verified trigger's stamps
+    assert not torch.equal(xs, xs0)
+    found[0] = ref[8] * 2  # the pruned model needs a larger trigger than a typical class 8: the cut took the backdoor
+    v = Verdict(verify_sweep=True, **params)
+    d = v.run(art.model, x, y).details
+    assert d["verified"]["flagged"] is False and v.inverted is v.masks
+    assert torch.equal(seen[2][0], xs0)  # the repair as without the check
