@@ -74,6 +74,10 @@ Two rules for the race between the three [ours], neither in the recommended comm
 flagged verdicts of one class outvote a third) and `class_spread` (the race run on each class's score
 standardised by its spread over the reference's models), measured in docs/methods.md.
 
+With `verify_sweep` [ours] the sweep is checked where it followed a class's mask or blend trigger: that class's mask
+is inverted again on the pruned model, and where it is still flagged the repair unlearns it instead: a trigger the
+inversion found can be a part of the real one, whose units the sweep cuts while the real trigger's stay.
+
 This combination is this project's [ours]: neither paper combines the two, and the latent-shift
 paper removes the backdoor by fine-tuning with the shift, not by pruning. With `reference` and
 `latent_reference` (each class's typical trigger size on the defender's own models of the same data:
@@ -247,7 +251,9 @@ class VerdictParams(NCParams):
     TrojanNN s202 with 5% data the followed class-6 triggers (a blend, and a mask of 16.6-21.0 pixels) send 6-20%
     of the other classes' images to class 6 after the cut, the real trigger still 97%, and the mask inverted on
     the pruned model measures 13.1-13.4 pixels (scores 5.1-7.5 against the line of 2) where it measured 16.6-21.0
-    unpruned. One single-class inversion on every flagged run that follows a reversed trigger."""
+    unpruned. One single-class inversion on every flagged run that follows a reversed trigger. In the recommended
+    preset by benchmarks/verify_sweep.py's rule (on the shadow models it flagged 2 of 120 runs); not in the agent's
+    command, where it failed that rule (docs/methods.md)."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
@@ -284,8 +290,10 @@ def choose(found: dict[str, dict], line: float, inversion_first: bool, flagged_p
 
 RECOMMENDED = Preset(
     "the README's recommended command for Fashion-MNIST small CNNs: the shipped class reference, the repair that "
-    "unlearns the reversed trigger on half the images toward half the unpruned model's output (benchmarks/"
-    "onp_vs_baselines.py: 'verdict shipped repair untargeted blend verdict outranks reuse distill')",
+    "unlearns the reversed trigger on half the images toward half the unpruned model's output, and after the sweep "
+    "the followed class's mask inverted again on the pruned model, unlearnt in its place where still flagged "
+    "(benchmarks/onp_vs_baselines.py: 'verdict shipped repair untargeted blend verdict outranks reuse distill verify'"
+    "; verify_sweep by benchmarks/verify_sweep.py's rule)",
     {
         "reference_from": "fashion-mnist",
         "inversion_first": True,
@@ -299,6 +307,7 @@ RECOMMENDED = Preset(
         "untargeted_outranks": True,
         "blend_reuse": True,
         "repair_distill": 0.5,
+        "verify_sweep": True,
     },
     scope="Fashion-MNIST small CNNs: it reads the class reference measured on them",
 )

@@ -152,6 +152,12 @@ SETTINGS = {
         "verdict",
         {**_REUSE, "repair_distill": 1.0},
     ),
+    # ... and the followed class's mask inverted again on the pruned model, unlearnt where still flagged
+    # (verify_sweep.md; since 2026-12-07)
+    "verdict shipped repair untargeted blend verdict outranks reuse distill verify": (
+        "verdict",
+        {**_DISTILL, "verify_sweep": True},
+    ),
     # the agent that ships (trained on every attack type: not leave-one-attack-out; before 2026-12-05 the one with
     # MNP's signal), alone and with the repair of
     # the recommended command on its pruned model (`repair_with`)
@@ -246,8 +252,9 @@ AGENT_REPAIRS = {
 """Method-name suffixes of a fold's agent repaired as the shipped one is by that SETTINGS entry (--agent-repair: the
 first; --repair-sweep: the second; --sweep-agent-limit: the third; --sweep-spare: the fourth; --sweep-lr: the
 fifth; --sweep-epochs N: the one of N epochs; with --spread also its `spread` form)."""
-RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill"
-"""The SETTINGS entry that is the README's recommended `verdict` command."""
+RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill verify"
+"""The SETTINGS entry that is the README's recommended `verdict` command (until 2026-12-07 the same without
+`verify`: the runs of every report before then)."""
 REPAIRED = (
     "verdict shipped repair",
     "verdict shipped unlearn line1",
@@ -261,6 +268,7 @@ REPAIRED = (
     "verdict shipped repair untargeted blend verdict outranks reuse",
     "verdict shipped repair untargeted blend verdict outranks reuse distill",
     "verdict shipped repair untargeted blend verdict outranks reuse distill1",
+    "verdict shipped repair untargeted blend verdict outranks reuse distill verify",
     "shipped agent verdict repair",
     "shipped agent verdict repair sweep",
     "shipped agent verdict repair sweep agent limit",

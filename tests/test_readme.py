@@ -136,7 +136,8 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
         resolved = preset.resolve(images)
         assert resolved.pop("unflagged") == "give_back" and "and `--set unflagged=give_back` (since 2026-12-07" in said
         assert settings[name] == ("onp", resolved) and name in timed
-    assert preset.resolve(600)["repair"] == {**settings[benchmark_settings(monkeypatch).RECOMMENDED][1],
-                                             "repair_lr": 0.02, "repair_epochs": 8}  # fmt: skip
+    verdict = dict(settings[benchmark_settings(monkeypatch).RECOMMENDED][1])
+    assert verdict.pop("verify_sweep") is True  # verdict's alone: the agent's command failed verify_sweep.py's rule
+    assert preset.resolve(600)["repair"] == {**verdict, "repair_lr": 0.02, "repair_epochs": 8}
     defense = ONP(**preset.resolve(600))
     assert not defense.params.agent and defense.repairer is not None
