@@ -1669,7 +1669,6 @@ def test_verify_sweep_inverts_the_followed_class_again_on_the_pruned_model_and_r
 ):
     import baselines.verdict
     from baselines.verdict import Verdict
-    from onp_env.metrics import logits
     from onp_env.signals.shipped import shipped_reference
 
     art = load_artifact(fm_like(tmp_path, monkeypatch))
@@ -1677,22 +1676,24 @@ def test_verify_sweep_inverts_the_followed_class_again_on_the_pruned_model_and_r
     shipped = shipped_reference("fashion-mnist")
     ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
     stub_sizes(monkeypatch, torch.where(torch.arange(10) == 8, ref / 4, ref), latent)  # class 8's mask, flagged
-    unpruned, calls, found = logits(art.model, x), [], [ref[8] / 10]
+    calls, found = [], [ref[8] / 10]
 
     def again(model, x, y, target, p, seed, device, form="mask"):  # a mask over the whole image, of value 0.5
-        calls.append((target, seed, form, bool((logits(model, x) != unpruned).any())))
+        hooked = any(m._forward_hooks for m in model.modules())  # the Masks of the sweep's cut
+        calls.append((target, seed, form, hooked and model is not art.model))
         ones = torch.ones(1, 1, 28, 28)
         return trigger_inversion.Inverted(ones, ones / 2, found[0].view(1), torch.ones(1, dtype=torch.bool), 5)
 
     monkeypatch.setattr(baselines.verdict, "invert_toward", again)
     seen = repair_data(monkeypatch)
-    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_ratio": 0.1, "repair_epochs": 1,
-              "unlearn": 0.5, "seed": 3}  # fmt: skip
+    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_acc_drop": 1.0, "max_ratio": 0.1,
+              "repair_epochs": 1, "unlearn": 0.5, "seed": 3}  # fmt: skip
     plain = Verdict(**params).run(art.model, x, y)
     assert not calls and "verified" not in plain.details
     v = Verdict(verify_sweep=True, **params)
-    d = v.run(art.model, x, y).details
-    assert calls == [(8, 3, "mask", True)]  # the followed class alone, on the model with the sweep's cut
+    result = v.run(art.model, x, y)
+    d = result.details
+    assert result.pruned and calls == [(8, 3, "mask", True)]  # the followed class alone, with the sweep's cut
     assert d["follows"] == "inversion" and d["suspect"] == 8 and d["verified"]["flagged"]
     assert d["verified"]["size"] == pytest.approx(float(ref[8] / 10), abs=0.01) and d["verified"]["score"] > 2
     assert v.inverted is not None and v.masks is not None and float(v.inverted.norms[8]) == pytest.approx(ref[8] / 10)
