@@ -248,10 +248,11 @@ class VerdictParams(NCParams):
     inverted), the backdoor has outlived the cut, and the repair stamps that trigger in place of the followed one
     (the blend half of `repair_blend` kept). An inverted trigger can be a part of the real one, or another path to
     its class, whose units the sweep cuts while the real trigger's stay: on the configuration-shift set's centred
-    TrojanNN s202 with 5% data the followed class-6 triggers (a blend, and a mask of 16.6-21.0 pixels) send 6-20%
-    of the other classes' images to class 6 after the cut, the real trigger still 97%, and the mask inverted on
-    the pruned model measures 13.1-13.4 pixels (scores 5.1-7.5 against the line of 2) where it measured 16.6-21.0
-    unpruned. One single-class inversion on every flagged run that follows a reversed trigger. In the recommended
+    TrojanNN s202 with 5% data and seeds 1-2, in the agent's command, the followed class-6 triggers (a blend, and a
+    mask of 16.6 pixels) send 6-20% of the other classes' images to class 6 after the cut, the real trigger still
+    97%, and the mask inverted on the pruned model measures 13.1-13.4 pixels (scores 5.1-7.5 against the line of 2)
+    where the all-class run measured 16.6-21.0 unpruned (in `verdict`'s own runs 11.9 and 14.1, scores 9.0 and 4.6).
+    One single-class inversion on every flagged run that follows a mask or blend trigger. In the recommended
     preset by benchmarks/verify_sweep.py's rule (on the shadow models it flagged 2 of 120 runs); not in the agent's
     command, where it failed that rule (docs/methods.md)."""
     flag_rule: bool = False

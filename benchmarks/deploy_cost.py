@@ -9,7 +9,7 @@ verdict_repair.md, which also counted the test set's evaluation, against ANP's o
 Here both run as `onp defend` runs them (onp_env.defend.defend_artifact: its `seconds` time the defense
 alone, repair included, not the measurements around it), on the same model and the same defense images,
 one torch thread each, at 1% and 5% defense data: `verdict` with the README's settings
-(onp_vs_baselines.RECOMMENDED), or the onp_vs_baselines.SETTINGS entry --setting names, and ANP at its
+(onp_vs_baselines.BEFORE_VERIFY), or the onp_vs_baselines.SETTINGS entry --setting names, and ANP at its
 paper's settings (sequential: `parallel` would use a second core). Which of the two runs first alternates
 from cell to cell, so that a load on the shared host that drifts does not favour one.
 
@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from onp_vs_baselines import RECOMMENDED, SETTINGS
+from onp_vs_baselines import BEFORE_VERIFY, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
 
@@ -72,7 +72,7 @@ PIPELINES = {
         0.01: "shipped agent verdict repair sweep agent limit lr 8 epochs",
         0.05: "shipped agent verdict repair sweep agent limit lr 3 epochs",
     },
-    "verdict channels last": {0.01: RECOMMENDED, 0.05: RECOMMENDED},
+    "verdict channels last": {0.01: BEFORE_VERIFY, 0.05: BEFORE_VERIFY},
 }
 """--setting names that time one SETTINGS entry per defense fraction: `agent pipeline`, the agent's command once the
 study epochs had chosen 3 epochs with 5% defense data and before epochs-high chose 8 with 1% (onp_repair_knobs.py);
@@ -100,8 +100,8 @@ COMPARED = {
             "shipped agent verdict repair sweep agent limit lr 8 epochs",
         ),
     ),
-    "commands at 5%": (0.05, ("shipped agent verdict repair sweep agent limit lr 3 epochs", RECOMMENDED)),
-    "commands at 1%": (0.01, ("shipped agent verdict repair sweep agent limit lr 8 epochs", RECOMMENDED)),
+    "commands at 5%": (0.05, ("shipped agent verdict repair sweep agent limit lr 3 epochs", BEFORE_VERIFY)),
+    "commands at 1%": (0.01, ("shipped agent verdict repair sweep agent limit lr 8 epochs", BEFORE_VERIFY)),
     "agent command below the switch": (
         0.038,
         (
@@ -125,8 +125,8 @@ COMPARED = {
             (
                 f"shipped agent verdict repair sweep agent limit lr {epochs} epochs{DEFAULT_LAYOUT}",
                 f"shipped agent verdict repair sweep agent limit lr {epochs} epochs{CHANNELS_LAST}",
-                f"{RECOMMENDED}{DEFAULT_LAYOUT}",
-                f"{RECOMMENDED}{CHANNELS_LAST}",
+                f"{BEFORE_VERIFY}{DEFAULT_LAYOUT}",
+                f"{BEFORE_VERIFY}{CHANNELS_LAST}",
             ),
         )
         for fraction, epochs in ((0.05, 3), (0.01, 8))
@@ -166,10 +166,10 @@ def defend(path: str, method: str, params: dict[str, Any], fraction: float) -> d
 def results_of(setting: str) -> Path:
     """The results file of `setting`: deploy_cost.jsonl for the recommended one."""
     slug = re.sub(r"\W+", "_", setting).strip("_")
-    return RESULTS if setting == RECOMMENDED else RESULTS.with_stem(f"deploy_cost_{slug}")
+    return RESULTS if setting == BEFORE_VERIFY else RESULTS.with_stem(f"deploy_cost_{slug}")
 
 
-def measure(name: str, role: str, path: str, setting: str = RECOMMENDED) -> dict[str, Any]:
+def measure(name: str, role: str, path: str, setting: str = BEFORE_VERIFY) -> dict[str, Any]:
     torch.set_num_threads(1)
     if setting in COMPARED:
         return {"model": name, "role": role, "setting": setting, "host": platform.node(), "torch": torch.__version__,
@@ -242,7 +242,7 @@ def report(rows: Rows) -> str:
     settings = sorted({r["setting"] for r in rows})
     # a cell's key: the timed defense's name (each setting has its own file)
     method = SETTINGS[setting_at(settings[0], FRACTIONS[0])][0]
-    what = "the recommended `verdict`" if settings == [RECOMMENDED] else f"`{'`, `'.join(settings)}`"
+    what = "the recommended `verdict`" if settings == [BEFORE_VERIFY] else f"`{'`, `'.join(settings)}`"
     timed = ", ".join(dict.fromkeys(f"`{setting_at(s, f)}`" + (f" with {f:.0%}" if s in PIPELINES else "")
                                     for s in settings for f in FRACTIONS))  # fmt: skip
     lines = [
@@ -284,7 +284,7 @@ def report(rows: Rows) -> str:
 
 
 def main() -> None:
-    setting = {"choices": sorted([*SETTINGS, *PIPELINES, *COMPARED]), "default": RECOMMENDED,
+    setting = {"choices": sorted([*SETTINGS, *PIPELINES, *COMPARED]), "default": BEFORE_VERIFY,
                "help": "onp_vs_baselines.SETTINGS entry to time, or a PIPELINES or COMPARED name"}  # fmt: skip
     per_model_main(__doc__, RESULTS, models(), measure, report, option=("--setting", setting, results_of))
 

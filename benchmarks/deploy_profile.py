@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from onp_vs_baselines import RECOMMENDED, SETTINGS
+from onp_vs_baselines import BEFORE_VERIFY, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import CACHE, sampled_and_held_out
 
@@ -28,7 +28,7 @@ from onp_env.errors import OnpError
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--setting", choices=sorted(SETTINGS), default=RECOMMENDED)
+    p.add_argument("--setting", choices=sorted(SETTINGS), default=BEFORE_VERIFY)
     p.add_argument("--fraction", type=float, default=0.05)
     p.add_argument("--model", default="badnets-000", help="part of a sampled shadow model's name")
     p.add_argument("--top", type=int, default=40)

@@ -3,7 +3,7 @@
     ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/distill_split.py [--models wanet-012 ...] \
         [--fractions 0.05]
 
-With the README's `verdict` (onp_vs_baselines.RECOMMENDED), shadow WaNet-012 at 5% kept 19.7% ASR after the
+With the README's `verdict` (onp_vs_baselines.BEFORE_VERIFY), shadow WaNet-012 at 5% kept 19.7% ASR after the
 distilled repair against 4.6% without (verdict_repair_second_build.md). Here one sweep per model and fraction
 (seed 0, as verdict_repair.py runs them) is repaired four ways: labels only (`repair_distill` 0), the
 README's 0.5 on every image, and 0.5 only on the images that carry a trigger (`stamped`) or only on the others
@@ -19,7 +19,7 @@ import copy
 import dataclasses
 
 import torch
-from onp_vs_baselines import RECOMMENDED, SETTINGS
+from onp_vs_baselines import BEFORE_VERIFY, SETTINGS
 from rows import exit_2_on_bad_input
 from verdict_repair import CONFIG, sweep_of
 
@@ -37,7 +37,7 @@ SPLITS = ("labels", "every image", "stamped", "clean")
 
 def repair(defense: Verdict, art, ds, result, layout, x, y, split: str) -> dict:
     """The pruned model repaired with the soft targets on `split`'s images only."""
-    recommended = SETTINGS[RECOMMENDED][1]
+    recommended = SETTINGS[BEFORE_VERIFY][1]
     epochs, unlearn, distill = recommended["repair_epochs"], recommended["unlearn"], recommended["repair_distill"]
     distill = 0.0 if split == "labels" else distill
     defense.params = dataclasses.replace(defense.params, repair_epochs=epochs, unlearn=unlearn, repair_distill=distill)
@@ -76,7 +76,7 @@ def main() -> None:
         before, ds = art.metrics, art.dataset()
         for fraction in args.fractions:
             x, y = defense_subset(art, fraction)
-            defense = Verdict(**sweep_of(RECOMMENDED))  # the sweep alone: each split repairs it
+            defense = Verdict(**sweep_of(BEFORE_VERIFY))  # the sweep alone: each split repairs it
             result = defense.run(art.model, x, y)
             layout, _ = find_units(copy.deepcopy(art.model).eval(), x[:2])
             for split in SPLITS:

@@ -6,10 +6,10 @@ A user runs `onp defend --method onp` before knowing whether the model is backdo
 detection: it prunes until its STOP action, and verdict's repair (`repair_with`) fine-tunes only a model it flags (an
 unflagged one is handed back as the agent pruned it), so on a clean model the agent's cut is paid in full unless
 verdict flags the model wrongly. verdict_rule.md measured `verdict`'s false alarms on these models; this measures
-the agent's settings beside the recommended `verdict` (onp_vs_baselines.RECOMMENDED), each as onp_vs_baselines.SETTINGS
-runs it, at 1% and 5% defense data: `shipped agent` (alone), `shipped agent verdict repair` (the README's command) and
-`shipped agent verdict repair sweep agent limit` (with `repair_sweep` and the sweep's limit from the agent's model,
-the default since 2026-12-05; recommended with 1%).
+the agent's settings beside the recommended `verdict` (onp_vs_baselines.BEFORE_VERIFY), each as
+onp_vs_baselines.SETTINGS runs it, at 1% and 5% defense data: `shipped agent` (alone), `shipped agent verdict
+repair` (the README's command) and `shipped agent verdict repair sweep agent limit` (with `repair_sweep` and the
+sweep's limit from the agent's model, the default since 2026-12-05; recommended with 1%).
 
 Models: detect_shipped.py's clean ones (the lab's recipe without an attack, seeds 101-109); none chose anything
 here. Per cell: accuracy lost by the model the defense hands back (the repaired one where there is one), units cut,
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from detect_shipped import models as detect_models
-from onp_vs_baselines import RECOMMENDED, SETTINGS
+from onp_vs_baselines import BEFORE_VERIFY, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 
@@ -36,7 +36,12 @@ from onp_env.defend import defend_artifact
 
 RESULTS = HERE / "results" / "onp_clean.jsonl"
 FRACTIONS = (0.01, 0.05)
-RUNS = ("shipped agent", "shipped agent verdict repair", "shipped agent verdict repair sweep agent limit", RECOMMENDED)
+RUNS = (
+    "shipped agent",
+    "shipped agent verdict repair",
+    "shipped agent verdict repair sweep agent limit",
+    BEFORE_VERIFY,
+)
 PRESET = "onp --preset recommended"
 
 

@@ -253,8 +253,11 @@ AGENT_REPAIRS = {
 first; --repair-sweep: the second; --sweep-agent-limit: the third; --sweep-spare: the fourth; --sweep-lr: the
 fifth; --sweep-epochs N: the one of N epochs; with --spread also its `spread` form)."""
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill verify"
-"""The SETTINGS entry that is the README's recommended `verdict` command (until 2026-12-07 the same without
-`verify`: the runs of every report before then)."""
+"""The SETTINGS entry that is the README's recommended `verdict` command since 2026-12-07 (verify_sweep.md)."""
+BEFORE_VERIFY = "verdict shipped repair untargeted blend verdict outranks reuse distill"
+"""The README's recommended `verdict` command until 2026-12-07, before `verify_sweep`: the setting the benchmarks that
+measured it keep (deploy_cost, protocol_seeds, verdict_choice, verdict_spread, distill_split, onp_clean, pool_speed),
+so that their committed rows and a resumed run measure one setting."""
 REPAIRED = (
     "verdict shipped repair",
     "verdict shipped unlearn line1",

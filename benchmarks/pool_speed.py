@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from onp_vs_baselines import RECOMMENDED, SETTINGS
+from onp_vs_baselines import BEFORE_VERIFY, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import CACHE, sampled_and_held_out
 
@@ -112,12 +112,12 @@ def defend_rows(models: list[str]) -> list[str]:
         if name is None:
             raise SystemExit(f"no sampled shadow model's name contains {part!r}: try badnets-000")
         path = build_artifact(shadows[name], CACHE, progress=False)
-        for setting in (RECOMMENDED, AGENT):
+        for setting in (BEFORE_VERIFY, AGENT):
             seconds, reports = {}, {}
             for kernel in (True, False):
                 with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as fresh:
                     seconds[kernel], reports[kernel] = fresh.submit(defend, str(path), setting, kernel).result()
-            label = "verdict (recommended)" if setting == RECOMMENDED else AGENT
+            label = "verdict (recommended)" if setting == BEFORE_VERIFY else AGENT
             same = reports[True] == reports[False]
             rows.append(f"| {name} | {label} | {seconds[True]:.1f} | {seconds[False]:.1f} | "
                         f"{seconds[True] / seconds[False]:.2f}x | {same} |")  # fmt: skip

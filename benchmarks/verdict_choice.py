@@ -2,7 +2,7 @@
 
     ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/verdict_choice.py [--workers 2] [--report-only]
 
-The README's `verdict` (onp_vs_baselines.SETTINGS's RECOMMENDED entry) names a suspected class three ways:
+The README's `verdict` (onp_vs_baselines.SETTINGS's BEFORE_VERIFY entry) names a suspected class three ways:
 NC's mask inversion, the latent shift and the whole-image blend inversion, each with a score against the
 shipped reference; `choose` picks the one the sweep follows, and the untargeted look (with
 `untargeted_outranks`, on every model whose class verdicts score at most `outrank_ceiling`) is followed where
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from onp_vs_baselines import RECOMMENDED, SETTINGS
+from onp_vs_baselines import BEFORE_VERIFY, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
 
@@ -73,7 +73,7 @@ def measure(name: str, role: str, path: str, seed_option: int = 0) -> dict[str, 
     torch.set_num_threads(1)
     art = load_artifact(path)
     attack = art.manifest["attack"]
-    method, params = SETTINGS[RECOMMENDED]
+    method, params = SETTINGS[BEFORE_VERIFY]
     assert method == "verdict"
     # as the runs this dump explains draw them: verdict_repair.py's with seed 0, a bench cell's with its model's seed
     seed = seed_option or (art.manifest["config"]["seed"] if role == "shift" else 0)
@@ -100,7 +100,7 @@ def report(rows: Rows) -> str:
         "fraction, the suspect of NC's mask inversion (`mask`), the latent shift (`latent`) and the whole-image "
         "blend inversion (`blend`), each with its score against the shipped reference (the anomaly index; "
         "flagged above 2), and the verdict `choose` follows (`followed`; `untargeted` where the untargeted "
-        f"look flagged a trigger). Settings: `{RECOMMENDED}` (onp_vs_baselines.py). Names: the suspect is the "
+        f"look flagged a trigger). Settings: `{BEFORE_VERIFY}` (onp_vs_baselines.py). Names: the suspect is the "
         "all-to-one target. The shadow models are in the shipped reference (in-sample).",
         "",
     ]

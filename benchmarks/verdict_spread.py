@@ -4,7 +4,7 @@
 
 The agent's command took `class_spread` with `spread_latent=false` on 2026-12-06 (onp_repair_knobs.py's study
 spread-input): its verdict chooses which class to follow on each verdict's scores standardised per class, and moves
-the class only to a mask or blend inversion. The README's recommended `verdict` (onp_vs_baselines.RECOMMENDED) runs
+the class only to a mask or blend inversion. The README's recommended `verdict` (onp_vs_baselines.BEFORE_VERIFY) runs
 the same verdicts without the agent's units before them, so its races are the same but its sweep and repair start
 from the unpruned model. Here each of the 30 sampled shadow models is defended by that command without and with the
 change (SETTINGS), with 1% and 5% defense data, with the defense's seeds 7 and 8 (SEEDS): verdict_choice.py recorded
@@ -25,7 +25,7 @@ import torch
 from onp_prunable import FRACTIONS, outcome, repaired_outcome, verdicts_of
 from onp_repair_knobs import CHANGE_RULE, judged, moved
 from onp_repair_sweep import models
-from onp_vs_baselines import RECOMMENDED
+from onp_vs_baselines import BEFORE_VERIFY
 from onp_vs_baselines import SETTINGS as PROTOCOL
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
@@ -40,7 +40,7 @@ SETTINGS = {"command": {}, "input spread": {"class_spread": True, "spread_latent
 
 def measure(name: str, role: str, path: str) -> dict[str, Any]:
     torch.set_num_threads(1)
-    method, params = PROTOCOL[RECOMMENDED]
+    method, params = PROTOCOL[BEFORE_VERIFY]
     cells = []
     for fraction in FRACTIONS:
         for seed in SEEDS:

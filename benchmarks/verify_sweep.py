@@ -103,7 +103,7 @@ def measure(name: str, role: str, path: str, which: str) -> dict[str, Any]:
                 with_it = run(path, command, fraction, seed, True)
                 fired = bool((with_it["verified"] or {}).get("flagged"))
                 without = run(path, command, fraction, seed, False) if fired else {
-                    **with_it, "setting": "without", "copied": True}  # fmt: skip
+                    **with_it, "setting": "without", "verified": None, "copied": True}  # fmt: skip
                 cells += [without, with_it]
     return {"model": name, "role": role, "set": which, "host": platform.node(), "torch": torch.__version__,
             "cells": cells}  # fmt: skip
