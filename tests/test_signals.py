@@ -1707,3 +1707,38 @@ def test_verify_sweep_inverts_the_followed_class_again_on_the_pruned_model_and_r
     d = v.run(art.model, x, y).details
     assert d["verified"]["flagged"] is False and v.inverted is v.masks
     assert torch.equal(seen[2][0], xs0)  # the repair as without the check
+
+
+def test_verify_sweep_after_a_blend_verdict_stamps_the_pruned_models_mask_beside_the_blend(tmp_path, monkeypatch):
+    import baselines.verdict
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import BLEND_SIGNAL, shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    shipped = shipped_reference("fashion-mnist")
+    ref, latent, blend = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap", BLEND_SIGNAL))
+    stub_sizes(monkeypatch, ref, latent)  # no mask flagged
+    sizes = torch.where(torch.arange(10) == 7, blend / 4, blend)  # class 7's blend, flagged and followed
+
+    def blended(model, x, y, classes, p, seed, device, form):  # class k's row: a 0.3 opacity of the value k / 10
+        masks, patterns = torch.full((classes, 1, 28, 28), 0.3), torch.arange(classes).view(-1, 1, 1, 1) / 10
+        return trigger_inversion.Inverted(masks, patterns.expand(classes, 1, 28, 28), sizes,
+                                          torch.ones(classes, dtype=torch.bool), 9, "blend")  # fmt: skip
+
+    def again(model, x, y, target, p, seed, device, form="mask"):  # a small mask over the whole image, of value 0.5
+        ones = torch.ones(1, 1, 28, 28)
+        return trigger_inversion.Inverted(ones, ones / 2, (ref[7] / 10).view(1), torch.ones(1, dtype=torch.bool), 5)
+
+    monkeypatch.setattr(baselines.verdict, "invert", blended)
+    monkeypatch.setattr(baselines.verdict, "invert_toward", again)
+    seen = repair_data(monkeypatch)
+    params = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_acc_drop": 1.0, "max_ratio": 0.1,
+              "repair_epochs": 1, "unlearn": 0.5, "blend_verdict": True, "repair_blend": True, "blend_reuse": True,
+              "verify_sweep": True, "seed": 3}  # fmt: skip
+    d = Verdict(**params).run(art.model, x, y).details
+    assert d["follows"] == "blend" and d["suspect"] == 7 and d["verified"]["flagged"]
+    (xs, _) = seen[0]
+    drawn = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))[: round(0.5 * len(x))]
+    assert (xs[drawn[0::2]] == 0.5).all()  # the mask inverted on the pruned model, where the blend was
+    assert torch.allclose(xs[drawn[1::2]], 0.7 * x[drawn[1::2]] + 0.3 * 0.7)  # the blend verdict's row, kept
