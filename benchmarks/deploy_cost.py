@@ -37,7 +37,8 @@ run per model, with every 4-d weight in channels-last for the inversions. deploy
 time both commands with their repair trained in the default layout and in channels-last (REPAIR_LAYOUTS) against one ANP
 run per model. deploy_cost_spread_command_at_5.md and
 _at_1.md time the agent's command with `class_spread` and `spread_latent=false` (2026-12-06) beside the same command
-without them."""
+without them. deploy_cost_verify_at_5.md times the recommended `verdict` with `verify_sweep` (onp_vs_baselines.
+RECOMMENDED since 2026-12-07) beside it without (BEFORE_VERIFY) against one ANP run per model, with 5% defense data."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from onp_vs_baselines import BEFORE_VERIFY, SETTINGS
+from onp_vs_baselines import BEFORE_VERIFY, RECOMMENDED, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
 
@@ -102,6 +103,7 @@ COMPARED = {
     ),
     "commands at 5%": (0.05, ("shipped agent verdict repair sweep agent limit lr 3 epochs", BEFORE_VERIFY)),
     "commands at 1%": (0.01, ("shipped agent verdict repair sweep agent limit lr 8 epochs", BEFORE_VERIFY)),
+    "verify at 5%": (0.05, (BEFORE_VERIFY, RECOMMENDED)),
     "agent command below the switch": (
         0.038,
         (
