@@ -262,6 +262,14 @@ class VerdictParams(NCParams):
     is at most that line; `flag_index` and `stop_index` are then not read."""
 
 
+def with_row(inv: Inverted, k: int, one: Inverted) -> Inverted:
+    """`inv` (left as it is) with class k's row replaced by the one row of `one` (a single class's inversion)."""
+    rows = {f: getattr(inv, f).clone() for f in ("masks", "patterns", "norms", "reached")}
+    for f, rest in rows.items():
+        rest[k] = getattr(one, f)[0]
+    return dataclasses.replace(inv, **rows)
+
+
 RESTART_SCOPES = ("candidates", "followed")
 """The classes `mask_restarts` inverts again (VerdictParams.restart_scope)."""
 
@@ -474,22 +482,16 @@ class Verdict(NC):
                   classes: list[int]) -> Inverted:  # fmt: skip
         """`inv` with each of `classes`' rows replaced by the smallest working trigger of `mask_restarts` runs of that
         class alone, where one is smaller (or the row never worked); every run's size recorded."""
-        masks, patterns, norms, reached = (
-            inv.masks.clone(),
-            inv.patterns.clone(),
-            inv.norms.clone(),
-            inv.reached.clone(),
-        )
         sizes: dict[str, list[float]] = {}
         for k in classes:
-            sizes[str(k)] = [float(norms[k])]
+            sizes[str(k)] = [float(inv.norms[k])]
             for r in range(self.params.mask_restarts):
                 one = invert_toward(model, x, y, k, self.signal.params, self.seed + r, self.device)
                 sizes[str(k)].append(float(one.norms[0]))
-                if bool(one.reached[0]) and (not bool(reached[k]) or bool(one.norms[0] < norms[k])):
-                    masks[k], patterns[k], norms[k], reached[k] = one.masks[0], one.patterns[0], one.norms[0], True
+                if bool(one.reached[0]) and (not bool(inv.reached[k]) or bool(one.norms[0] < inv.norms[k])):
+                    inv = with_row(inv, k, one)
         self.extra["restarts"] = sizes
-        return dataclasses.replace(inv, masks=masks, patterns=patterns, norms=norms, reached=reached)
+        return inv
 
     def spread_choice(self, found: dict[str, dict], follows: str,
                       norms: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any] | None]:  # fmt: skip
@@ -571,10 +573,7 @@ class Verdict(NC):
         flagged = bool(one.reached[0]) and score > self.flag_line
         self.extra["verified"] = {"size": round(float(one.norms[0]), 2), "score": round(score, 3), "flagged": flagged}
         if flagged:
-            rows = {f: getattr(self.masks, f).clone() for f in ("masks", "patterns", "norms", "reached")}
-            for f, rest in rows.items():
-                rest[k] = getattr(one, f)[0]
-            self.inverted = dataclasses.replace(self.masks, **rows)
+            self.inverted = with_row(self.masks, k, one)
 
     def follows_inversion(self) -> bool:
         """Whether the sweep follows a reversed trigger: the inversion's (mask or blend), or the untargeted one."""

@@ -476,13 +476,19 @@ def study_cells(study: str, fraction: float) -> list[tuple[str, dict[str, Any]]]
     return [(r["model"], c) for r in rows for c in r["cells"]]
 
 
+def rule_holds(new: list[dict[str, Any]], old: list[dict[str, Any]], rule: tuple[float, ...], seeds: int) -> bool:
+    """Whether `rule` (LAYOUT_RULE's order; the count's slack per seed) holds for `new`'s means against `old`'s."""
+    (der, asr, lost, within), (der0, asr0, lost0, within0) = repaired_means(new), repaired_means(old)
+    d_der, d_asr, d_lost, d_within = rule
+    return (
+        der >= der0 - d_der and asr <= asr0 + d_asr and lost <= lost0 + d_lost and within >= within0 - d_within * seeds
+    )
+
+
 def judged(new: list[dict[str, Any]], old: list[dict[str, Any]], rule: tuple[float, ...], seeds: int) -> str:
     """The means of `new` against `old` and whether `rule` (LAYOUT_RULE's order; the count's slack per seed) holds."""
     (der, asr, lost, within), (der0, asr0, lost0, within0) = repaired_means(new), repaired_means(old)
-    d_der, d_asr, d_lost, d_within = rule
-    holds = (
-        der >= der0 - d_der and asr <= asr0 + d_asr and lost <= lost0 + d_lost and within >= within0 - d_within * seeds
-    )
+    holds = rule_holds(new, old, rule, seeds)
     return (
         f"{der:.1f} / {asr:.1f} / {lost:.2f}, {within} within, against {der0:.1f} / {asr0:.1f} / {lost0:.2f}, "
         f"{within0}: {'holds' if holds else 'fails'}"

@@ -42,8 +42,7 @@ from typing import Any
 import torch
 from detect_calibration import calibration_models
 from detect_shipped import models as held_out_models
-from onp_prunable import repaired_means
-from onp_repair_knobs import CHANGE_RULE, judged, moved
+from onp_repair_knobs import CHANGE_RULE, judged, moved, rule_holds
 from rows import exit_2_on_bad_input
 from shift_seeds import SEEDS as SHIFT_SEEDS
 from shift_seeds import models as shift_models
@@ -124,13 +123,9 @@ def decision(rows: Rows, command: str) -> str:
         return "not yet read (42 models needed)"
     holds = []
     for fraction in FRACTIONS:
-        shadow = [cells_of(rows, ("shadow",), command, fraction, s) for s in ("without", "with")]
+        old, new = (list(cells_of(rows, ("shadow",), command, fraction, s).values()) for s in ("without", "with"))
         clean = [list(cells_of(rows, ("clean",), command, fraction, s).values()) for s in ("without", "with")]
-        (der, asr, points, within), (der0, asr0, points0, within0) = (repaired_means(list(s.values()))
-                                                                      for s in shadow[::-1])  # fmt: skip
-        d_der, d_asr, d_lost, _ = CHANGE_RULE
-        holds.append(der >= der0 - d_der and asr <= asr0 + d_asr and points <= points0 + d_lost
-                     and within >= within0 and lost(clean[1]) <= lost(clean[0]) + 0.1)  # fmt: skip
+        holds.append(rule_holds(new, old, CHANGE_RULE, len(CHOOSE_SEEDS)) and lost(clean[1]) <= lost(clean[0]) + 0.1)
     return "takes `verify_sweep`" if all(holds) else "does not take `verify_sweep`"
 
 
