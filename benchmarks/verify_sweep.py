@@ -19,6 +19,18 @@ flag line, was not tuned on them). Whether the commands take it is decided on th
   over both seeds, on the shadow models onp_repair_knobs.CHANGE_RULE holds (mean DER not below, mean ASR and points
   lost at most 0.1 above, runs within the target not fewer) and on the clean models the mean points lost are at most
   0.1 above; else not. The agent's preset's repair is verdict's recommended one, so either may take it alone.
+- `--set choose-folds` (written 2026-12-07 after `choose` was read, where the agent's preset failed by 0.0035 DER
+  with 1% on one run of 60): the shipped agent trained on the shadow models, so `choose` measured the agent's command
+  with in-sample units, not as it deploys. Here each of the 30 shadow models is defended by the agent's preset with
+  the leave-one-attack-out agent that never trained on its attack (configs/agent/fashion-mnist-sampled-no-mnp.yaml,
+  the shipped agent's config, with zoo.exclude=[that attack]; trained where missing into
+  benchmarks/runs/onp-no-mnp/without-A/onp, where onp_vs_baselines.py trains and reads it); the class reference
+  stays the shipped one, which holds these models (both settings alike). Defense seeds 20 and 21 (run by no study
+  before), 1% and 5%. Rule, written before the run: the agent's preset takes `verify_sweep` where CHANGE_RULE holds
+  on these 30 models at both fractions over both seeds, read on this set alone (not pooled with `choose`'s seeds
+  18-19); the clean part of the rule is `choose`'s (the shipped agent never trained on the clean models: 0 of 48
+  runs flagged, points lost unchanged at both fractions). A second try after a failed check: the note and the
+  README say so whichever way it falls.
 - `--set shift`: the 12 configuration-shift models with the model's seed and shift_seeds.SEEDS (shift_presets.md's
   runs), for the report only;
 - `--set held-out`: the protocol's 15 held-out backdoored models and 9 clean ones (detect_shipped.py's), verdict's
