@@ -54,7 +54,9 @@ from typing import Any
 import torch
 from detect_calibration import calibration_models
 from detect_shipped import models as held_out_models
+from filelock import FileLock
 from onp_repair_knobs import CHANGE_RULE, judged, moved, rule_holds
+from onp_vs_baselines import train_variant
 from rows import exit_2_on_bad_input
 from shift_seeds import SEEDS as SHIFT_SEEDS
 from shift_seeds import models as shift_models
@@ -64,10 +66,15 @@ from onp_env.defend import defend_artifact
 
 FRACTIONS = (0.01, 0.05)
 CHOOSE_SEEDS = (18, 19)
+FOLD_SEEDS = (20, 21)
+FOLD_CONFIG = HERE.parent / "configs" / "agent" / "fashion-mnist-sampled-no-mnp.yaml"
+FOLDS = HERE / "runs" / "onp-no-mnp"
+"""onp_vs_baselines.py --agent-config FOLD_CONFIG --runs FOLDS: its fold agents, in without-A/onp/agent."""
 COMMANDS = {"agent's preset": "onp", "verdict's preset": "verdict"}
 """Command name: the registered defense run with `--preset recommended`."""
 SETS = {
     "choose": calibration_models,
+    "choose-folds": lambda: [m for m in calibration_models() if m[1] == "shadow"],
     "shift": shift_models,
     "held-out": lambda: [(n, "held-out clean" if a == "clean" else "held-out", lab) for n, a, lab in held_out_models()],
 }
@@ -78,21 +85,39 @@ def results_of(which: str) -> Path:
     return HERE / "results" / f"verify_sweep_{which}.jsonl"
 
 
-def seeds_of(name: str, role: str) -> tuple[int, ...]:
+def seeds_of(name: str, role: str, which: str) -> tuple[int, ...]:
+    if which == "choose-folds":
+        return FOLD_SEEDS
     if role in ("shadow", "clean"):
         return CHOOSE_SEEDS
     return (int(name.rsplit("-s", 1)[1]), *SHIFT_SEEDS) if role == "shift" else (0, *SHIFT_SEEDS)
 
 
-def commands_of(role: str) -> tuple[str, ...]:
+def commands_of(role: str, which: str) -> tuple[str, ...]:
+    if which == "choose-folds":
+        return ("agent's preset",)
     return ("verdict's preset",) if role.startswith("held-out") else tuple(COMMANDS)
 
 
-def run(path: str, command: str, fraction: float, seed: int, verify: bool) -> dict[str, Any]:
-    """One run of `command`'s preset, with or without `verify_sweep`: the cell's fields."""
+def fold_agent(name: str) -> Path:
+    """The leave-one-attack-out agent that never trained on shadow model `name`'s attack, trained first where it is
+    missing (one worker at a time per fold; resumed from its checkpoints where a run was cut short)."""
+    attack = name.split("-shadow-")[1].split("-")[0]
+    out = FOLDS / f"without-{attack}" / "onp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.parent / ".train.lock"):
+        train_variant(str(FOLD_CONFIG), [f"zoo.exclude=[{attack}]"], out)
+    return out / "agent"
+
+
+def run(path: str, command: str, fraction: float, seed: int, verify: bool, agent: Path | None = None) -> dict:
+    """One run of `command`'s preset, with or without `verify_sweep` (the agent's with `agent`, else the shipped
+    one): the cell's fields."""
     defense = COMMANDS[command]
     change = {"verify_sweep": verify}
     params = {"repair": change} if defense == "onp" else change
+    if agent is not None:
+        params["agent"] = str(agent)
     with tempfile.TemporaryDirectory() as tmp:
         _, r = defend_artifact(path, defense, {**params, "defense_fraction": fraction, "seed": seed},
                                Path(tmp) / "out", preset="recommended")  # fmt: skip
@@ -102,18 +127,20 @@ def run(path: str, command: str, fraction: float, seed: int, verify: bool) -> di
     return {"command": command, "setting": "with" if verify else "without", "fraction": fraction, "seed": seed,
             "before": r["before"], "repaired": after, "pruned": r["pruned"], "flagged": v.get("flagged"),
             "verdict": {"follows": v.get("follows"), "suspect": v.get("suspect")}, "stopped": v.get("stopped"),
-            "verified": v.get("verified"), "seconds": r["seconds"]}  # fmt: skip
+            "verified": v.get("verified"), "seconds": r["seconds"],
+            **({"agent": agent.parent.parent.name} if agent is not None else {})}  # fmt: skip
 
 
 def measure(name: str, role: str, path: str, which: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     cells = []
-    for command in commands_of(role):
+    agent = fold_agent(name) if which == "choose-folds" else None
+    for command in commands_of(role, which):
         for fraction in FRACTIONS:
-            for seed in seeds_of(name, role):
-                with_it = run(path, command, fraction, seed, True)
+            for seed in seeds_of(name, role, which):
+                with_it = run(path, command, fraction, seed, True, agent)
                 fired = bool((with_it["verified"] or {}).get("flagged"))
-                without = run(path, command, fraction, seed, False) if fired else {
+                without = run(path, command, fraction, seed, False, agent) if fired else {
                     **with_it, "setting": "without", "verified": None, "copied": True}  # fmt: skip
                 cells += [without, with_it]
     return {"model": name, "role": role, "set": which, "host": platform.node(), "torch": torch.__version__,
@@ -129,15 +156,19 @@ def lost(cells: list[dict[str, Any]]) -> float:
     return statistics.mean(100 * (c["before"]["acc"] - c["repaired"]["acc"]) for c in cells)
 
 
-def decision(rows: Rows, command: str) -> str:
-    """The rule of `--set choose` for one command (read once all 42 models are in)."""
-    if len(rows) < 42:
-        return "not yet read (42 models needed)"
+def decision(rows: Rows, command: str, which: str = "choose") -> str:
+    """The rule of `--set choose` or `choose-folds` for one command (read once every model is in; choose-folds has
+    no clean models: its clean part is choose's)."""
+    needed = len(SETS[which]())
+    if len(rows) < needed:
+        return f"not yet read ({needed} models needed)"
+    seeds = FOLD_SEEDS if which == "choose-folds" else CHOOSE_SEEDS
     holds = []
     for fraction in FRACTIONS:
         old, new = (list(cells_of(rows, ("shadow",), command, fraction, s).values()) for s in ("without", "with"))
         clean = [list(cells_of(rows, ("clean",), command, fraction, s).values()) for s in ("without", "with")]
-        holds.append(rule_holds(new, old, CHANGE_RULE, len(CHOOSE_SEEDS)) and lost(clean[1]) <= lost(clean[0]) + 0.1)
+        keeps_clean = not clean[0] or lost(clean[1]) <= lost(clean[0]) + 0.1
+        holds.append(rule_holds(new, old, CHANGE_RULE, len(seeds)) and keeps_clean)
     return "takes `verify_sweep`" if all(holds) else "does not take `verify_sweep`"
 
 
@@ -177,6 +208,13 @@ def report(rows: Rows) -> str:
         lines += ["", "Rule (CHANGE_RULE on the shadow models and clean loss at most 0.1 above, both fractions, seeds "
                   f"{', '.join(map(str, CHOOSE_SEEDS))}): the agent's preset {agent}; verdict's preset "
                   f"{verdict}."]  # fmt: skip
+    if which == "choose-folds":
+        agents = ", ".join(sorted({c["agent"] for r in rows for c in r["cells"]}))
+        ruled = decision(rows, "agent's preset", which)
+        seeds = ", ".join(map(str, FOLD_SEEDS))
+        lines += ["", f"Each shadow model defended with the fold agent that never trained on its attack ({agents}: "
+                  f"{FOLDS.relative_to(HERE.parent)}). Rule (CHANGE_RULE on these models, both fractions, seeds "
+                  f"{seeds}; the clean part is `choose`'s): the agent's preset {ruled}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
