@@ -439,6 +439,12 @@ def repairer(params: ONPParams, semantics: str = "zero", seed: int = 0, device: 
             raise OnpError(f"onp parameters: {'repair' if settings else 'repair_sweep'} needs repair_with's defense: "
                            "set repair_with (verdict, say), or drop it")  # fmt: skip
         return None
+    if settings.get("verify_sweep") and not params.repair_sweep:
+        raise OnpError("onp parameters: repair.verify_sweep checks repair_sweep's sweep: set repair_sweep=true, or "
+                       "drop repair.verify_sweep")  # fmt: skip
+    if settings.get("verify_sweep") and params.sweep_spare is not None:
+        raise OnpError("onp parameters: sweep_spare would give back units by the trigger repair.verify_sweep may "
+                       "replace: drop one of them")  # fmt: skip
     from onp_env.registry import defense_class, defense_names
 
     def repairs(n: str) -> bool:

@@ -254,7 +254,8 @@ class VerdictParams(NCParams):
     where the all-class run measured 16.6-21.0 unpruned (in `verdict`'s own runs 11.9 and 14.1, scores 9.0 and 4.6).
     One single-class inversion on every flagged run that follows a mask or blend trigger. In the recommended
     preset by benchmarks/verify_sweep.py's rule (on the shadow models it flagged 2 of 120 runs); not in the agent's
-    command, where it failed that rule (docs/methods.md)."""
+    command, where it failed that rule (docs/methods.md). Not with `reinvert` (the check would replace its trigger
+    with the first inversion's rows) or `class_spread` (the check scores unstandardised)."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names
     (`onp detect`'s; fashion-mnist-clean: the log ratio, calibrated line 0.27): the larger score is
@@ -392,6 +393,10 @@ class Verdict(NC):
         if self.params.restart_scope not in RESTART_SCOPES:
             raise OnpError(f"verdict parameters: restart_scope {self.params.restart_scope!r}: one of "
                            f"{', '.join(RESTART_SCOPES)}")  # fmt: skip
+        mixed = [k for k in ("reinvert", "class_spread") if self.params.verify_sweep and getattr(self.params, k)]
+        if mixed:  # reinvert's trigger would be dropped for the first inversion's rows; class_spread scores otherwise
+            raise OnpError(f"verdict parameters: verify_sweep replaces the followed trigger judged by plain scores, "
+                           f"which {mixed[0]} changes: drop one of them")  # fmt: skip
         if not self.params.spread_latent and not self.params.class_spread:
             raise OnpError("verdict parameters: spread_latent limits class_spread's moves: set class_spread=true")
         self.spreads: dict[str, ClassSpread | None] = {}

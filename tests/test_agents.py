@@ -1112,6 +1112,19 @@ def test_a_verdict_repair_of_a_latent_sweep_shifts_the_classifier_input_less_the
         ),
         ({"unflagged": "give_back"}, "unflagged=give_back needs repair_with's verdict on the model"),
         (
+            {"repair_with": "verdict", "repair": {"repair_epochs": 1, "verify_sweep": True}},
+            "repair.verify_sweep checks repair_sweep's sweep: set repair_sweep=true",
+        ),
+        (
+            {
+                "repair_with": "verdict",
+                "repair": {"repair_epochs": 1, "verify_sweep": True},
+                "repair_sweep": True,
+                "sweep_spare": 0.5,
+            },
+            "sweep_spare would give back units by the trigger repair.verify_sweep may replace",
+        ),
+        (
             {"repair_with": "nc", "repair": {"repair_epochs": 1}, "unflagged": "drop"},
             "unflagged must be keep or give_back",
         ),

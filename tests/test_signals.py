@@ -1252,6 +1252,9 @@ def test_verdict_follows_a_blend_trigger_where_the_blend_verdict_is_the_stronges
             Verdict(blend_verdict=True, **wrong)
     with pytest.raises(OnpError, match="blend_verdict follows a blend trigger, which unlearn_all does not read"):
         Verdict(blend_verdict=True, unlearn_all=True, reference_from="fashion-mnist")
+    for mixed in ({"reinvert": 2}, {"class_spread": True, "blend_verdict": True}):
+        with pytest.raises(OnpError, match=f"verify_sweep replaces .* which {next(iter(mixed))} changes"):
+            Verdict(verify_sweep=True, reference_from="fashion-mnist", **mixed)
 
 
 def test_blend_reuse_stamps_the_blend_verdicts_own_trigger_instead_of_inverting_it_again(tmp_path, monkeypatch):
