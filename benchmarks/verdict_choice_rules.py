@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from onp_vs_baselines import RECOMMENDED, SETTINGS
+from onp_vs_baselines import BEFORE_VERIFY, SETTINGS
 from rows import exit_2_on_bad_input, read_verdict_choice
 from signal_models import HERE
 
@@ -65,8 +65,9 @@ def flagged_pair(cell: dict[str, Any]) -> int:
     return cell["found"][choose(cell["found"], LINE, True, flagged_pair=True)]["suspect"]
 
 
-SPREAD = Verdict(**{**SETTINGS[RECOMMENDED][1], "class_spread": True})
-"""The README's `verdict` with `class_spread`: its spread_choice reads the shipped spreads."""
+SPREAD = Verdict(**{**SETTINGS[BEFORE_VERIFY][1], "class_spread": True})
+"""The README's `verdict` (as the records were made: before `verify_sweep`, which class_spread refuses and `choose`
+does not read) with `class_spread`: its spread_choice reads the shipped spreads."""
 
 
 def class_spread(cell: dict[str, Any]) -> int:
