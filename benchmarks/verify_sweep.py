@@ -1,7 +1,7 @@
 """Should the recommended commands take verdict's `verify_sweep` (the followed class's mask inverted again on the
 pruned model; where still flagged, the repair unlearns it)?
 
-    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/verify_sweep.py --set choose|shift|held-out [--workers 2]
+    ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/verify_sweep.py --set SET [--workers 2]
 
 The configuration-shift set's one miss of the target with 5% defense data is the centred 3-pixel TrojanNN s202 with
 the defense's seeds 1 and 2 (53.8% and 56.5% ASR after the agent's command: shift_presets.md). There the sweep follows
@@ -35,7 +35,10 @@ flag line, was not tuned on them). Whether the commands take it is decided on th
   runs), for the report only;
 - `--set held-out`: the protocol's 15 held-out backdoored models and 9 clean ones (detect_shipped.py's), verdict's
   preset alone with the defense's seeds 0-2 (protocol_seeds.py's), for the report only (written after `choose` was
-  read: the agent's preset does not take the change, verdict's does).
+  read: the agent's preset does not take the change, verdict's does);
+- `--set held-out-folds`: the same 15 backdoored models, the agent's preset with each model's fold agent (never
+  trained on its attack: the protocol's deployment, as onp_no_mnp_spread.md runs it) and the defense's seeds 0-2, for
+  the report only (written before `choose-folds` was read).
 
 Each run goes with the change first; where `verify` does not flag (nothing changes after the sweep: its one inversion
 draws from its own generator) the run without it is that run, copied (`copied`); where it flags, the run without is
@@ -77,6 +80,7 @@ SETS = {
     "choose-folds": lambda: [m for m in calibration_models() if m[1] == "shadow"],
     "shift": shift_models,
     "held-out": lambda: [(n, "held-out clean" if a == "clean" else "held-out", lab) for n, a, lab in held_out_models()],
+    "held-out-folds": lambda: [(n, "held-out", lab) for n, a, lab in held_out_models() if a != "clean"],
 }
 CLEAN_ROLES = ("clean", "held-out clean")
 
@@ -88,21 +92,24 @@ def results_of(which: str) -> Path:
 def seeds_of(name: str, role: str, which: str) -> tuple[int, ...]:
     if which == "choose-folds":
         return FOLD_SEEDS
+    if which == "held-out-folds":
+        return (0, *SHIFT_SEEDS)
     if role in ("shadow", "clean"):
         return CHOOSE_SEEDS
     return (int(name.rsplit("-s", 1)[1]), *SHIFT_SEEDS) if role == "shift" else (0, *SHIFT_SEEDS)
 
 
 def commands_of(role: str, which: str) -> tuple[str, ...]:
-    if which == "choose-folds":
+    if which in ("choose-folds", "held-out-folds"):
         return ("agent's preset",)
     return ("verdict's preset",) if role.startswith("held-out") else tuple(COMMANDS)
 
 
 def fold_agent(name: str) -> Path:
-    """The leave-one-attack-out agent that never trained on shadow model `name`'s attack, trained first where it is
-    missing (one worker at a time per fold; resumed from its checkpoints where a run was cut short)."""
-    attack = name.split("-shadow-")[1].split("-")[0]
+    """The leave-one-attack-out agent that never trained on model `name`'s attack (a sampled shadow model's or a
+    held-out one's), trained first where it is missing (one worker at a time per fold; resumed from its checkpoints
+    where a run was cut short)."""
+    attack = name.split("-shadow-")[1].split("-")[0] if "-shadow-" in name else name.split("-")[1]
     out = FOLDS / f"without-{attack}" / "onp"
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out.parent / ".train.lock"):
@@ -134,7 +141,7 @@ def run(path: str, command: str, fraction: float, seed: int, verify: bool, agent
 def measure(name: str, role: str, path: str, which: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     cells = []
-    agent = fold_agent(name) if which == "choose-folds" else None
+    agent = fold_agent(name) if which.endswith("-folds") else None
     for command in commands_of(role, which):
         for fraction in FRACTIONS:
             for seed in seeds_of(name, role, which):
@@ -208,13 +215,14 @@ def report(rows: Rows) -> str:
         lines += ["", "Rule (CHANGE_RULE on the shadow models and clean loss at most 0.1 above, both fractions, seeds "
                   f"{', '.join(map(str, CHOOSE_SEEDS))}): the agent's preset {agent}; verdict's preset "
                   f"{verdict}."]  # fmt: skip
-    if which == "choose-folds":
+    if which.endswith("-folds"):
         agents = ", ".join(sorted({c["agent"] for r in rows for c in r["cells"]}))
-        ruled = decision(rows, "agent's preset", which)
-        seeds = ", ".join(map(str, FOLD_SEEDS))
-        lines += ["", f"Each shadow model defended with the fold agent that never trained on its attack ({agents}: "
-                  f"{FOLDS.relative_to(HERE.parent)}). Rule (CHANGE_RULE on these models, both fractions, seeds "
-                  f"{seeds}; the clean part is `choose`'s): the agent's preset {ruled}."]  # fmt: skip
+        lines += ["", f"Each model defended with the fold agent that never trained on its attack ({agents}: "
+                  f"{FOLDS.relative_to(HERE.parent)})."]  # fmt: skip
+    if which == "choose-folds":
+        seeds, ruled = ", ".join(map(str, FOLD_SEEDS)), decision(rows, "agent's preset", which)
+        lines.append(f"Rule (CHANGE_RULE on these models, both fractions, seeds {seeds}; the clean part is "
+                     f"`choose`'s): the agent's preset {ruled}.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
