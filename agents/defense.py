@@ -88,8 +88,8 @@ class ONPParams:
     regularised toward zero (its AR), and those units are cut again afterwards. Empty: no repair."""
     repair: dict[str, Any] = field(default_factory=dict)
     """That defense's parameters (`--set repair.KEY=VALUE`), checked as its own are. Those of its pruning sweep
-    (`stop_asr`, `max_ratio`, `candidates`, `reinvert`, `verify_sweep`, ...) change nothing here unless `repair_sweep`:
-    the agent chose the units."""
+    (`stop_asr`, `max_ratio`, `candidates`, `reinvert`, ...) change nothing here unless `repair_sweep`: the agent
+    chose the units (`verify_sweep`, which checks that sweep, is refused without it)."""
     repair_sweep: bool = False
     """[ours] Before the repair, `repair_with`'s own pruning sweep (`verdict` or `nc`) goes on from the agent's
     units: in its order, the agent's units held at zero, until its reversed trigger no longer works after them
@@ -195,19 +195,16 @@ epochs were chosen at 600 Fashion-MNIST images (1% of its training split) and ag
 among the epochs that keep the deployment within a tenth of ANP's time. The line is the geometric mean of 1800 and
 3000; with 2280 images 8 epochs take 0.082 of ANP's time (benchmarks/deploy_cost.py), their outcome there was not
 measured."""
-_VERDICT_REPAIR = {k: v for k, v in VERDICT_RECOMMENDED.params.items() if k != "verify_sweep"}
-"""Verdict's recommended parameters but `verify_sweep`, which failed benchmarks/verify_sweep.py's rule in the agent's
-command on the shadow models (with 1% defense data, by 0.0035 DER: one run of 60 moved) and held in verdict's."""
 RECOMMENDED = Preset(
     "the README's agent command for Fashion-MNIST small CNNs: the agent's units, verdict's sweep from them with a "
-    "budget of its own, and the recommended verdict's repair (but its verify_sweep) at lr 0.02 over 3 epochs, or 8 "
-    "with fewer than "
-    f"{FEW_IMAGES} defense images (benchmarks/onp_vs_baselines.py: 'shipped agent verdict repair sweep agent limit "
-    "lr 3 epochs' and '... 8 epochs'), with the agent's units given back where verdict flags nothing "
-    "(benchmarks/onp_unflagged.py's rule)",
+    "budget of its own, and the recommended verdict's repair at lr 0.02 over 3 epochs, or 8 with fewer than "
+    f"{FEW_IMAGES} defense images, with the agent's units given back where verdict flags nothing "
+    "(benchmarks/onp_unflagged.py's rule) and the sweep checked by verdict's verify_sweep (benchmarks/verify_sweep.py, "
+    "choose-folds); benchmarks/onp_vs_baselines.py: 'shipped agent verdict repair sweep agent limit lr 3 epochs give "
+    "back verify' and '... 8 epochs give back verify'",
     {
         "repair_with": "verdict",
-        "repair": {**_VERDICT_REPAIR, "repair_lr": 0.02, "repair_epochs": 3},
+        "repair": {**VERDICT_RECOMMENDED.params, "repair_lr": 0.02, "repair_epochs": 3},
         "repair_sweep": True,
         "sweep_limit_from": "agent",
         "unflagged": "give_back",

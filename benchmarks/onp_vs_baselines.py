@@ -199,6 +199,14 @@ SETTINGS = {
         )
         for n in (3, 8)
     },
+    # ... and the sweep checked (verdict's verify_sweep): the recommended preset since 2026-12-07, night
+    # (verify_sweep_choose-folds.md)
+    **{
+        f"shipped agent verdict repair sweep agent limit lr {n} epochs give back verify": _agent_command(
+            n, {"verify_sweep": True}, unflagged="give_back"
+        )
+        for n in (3, 8)
+    },
     # ... and verdict's choice between its verdicts made on scores standardised per class, moving only to a mask or
     # blend inversion (onp_repair_spread-input_{1,5}.md)
     **{
@@ -283,6 +291,8 @@ REPAIRED = (
     "shipped agent verdict repair sweep agent limit lr 8 epochs spread",
     "shipped agent verdict repair sweep agent limit lr 3 epochs give back",
     "shipped agent verdict repair sweep agent limit lr 8 epochs give back",
+    "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
+    "shipped agent verdict repair sweep agent limit lr 8 epochs give back verify",
     "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""

@@ -1,5 +1,6 @@
 """The README's examples run as written."""
 
+import copy
 import re
 from pathlib import Path
 
@@ -131,13 +132,14 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
     preset = ONP.presets["recommended"]
     for images, epochs in ((600, 8), (3000, 3)):
         name = f"shipped agent verdict repair sweep agent limit lr {epochs} epochs"
-        # give_back changes only a model verdict does not flag (benchmarks/onp_unflagged.py): the runs measured stand
-        assert settings[f"{name} give back"] == ("onp", preset.resolve(images))  # the preset as it runs today
-        resolved = preset.resolve(images)
+        resolved = copy.deepcopy(preset.resolve(images))
+        assert settings[f"{name} give back verify"] == ("onp", resolved)  # the preset as it runs today
+        # verify_sweep since 2026-12-07 (verify_sweep_choose-folds.md), give_back since that morning: each changes only
+        # the runs it flags or a model verdict does not flag (onp_unflagged.py), so the runs measured before stand
+        assert resolved["repair"].pop("verify_sweep") is True and settings[f"{name} give back"] == ("onp", resolved)
         assert resolved.pop("unflagged") == "give_back" and "and `--set unflagged=give_back` (since 2026-12-07" in said
         assert settings[name] == ("onp", resolved) and name in timed
-    verdict = dict(settings[benchmark_settings(monkeypatch).RECOMMENDED][1])
-    assert verdict.pop("verify_sweep") is True  # verdict's alone: the agent's command failed verify_sweep.py's rule
+    verdict = settings[benchmark_settings(monkeypatch).RECOMMENDED][1]
     assert preset.resolve(600)["repair"] == {**verdict, "repair_lr": 0.02, "repair_epochs": 8}
     defense = ONP(**preset.resolve(600))
     assert not defense.params.agent and defense.repairer is not None
