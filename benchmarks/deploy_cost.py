@@ -38,7 +38,8 @@ time both commands with their repair trained in the default layout and in channe
 run per model. deploy_cost_spread_command_at_5.md and
 _at_1.md time the agent's command with `class_spread` and `spread_latent=false` (2026-12-06) beside the same command
 without them. deploy_cost_verify_at_5.md times the recommended `verdict` with `verify_sweep` (onp_vs_baselines.
-RECOMMENDED since 2026-12-07) beside it without (BEFORE_VERIFY) against one ANP run per model, with 5% defense data."""
+RECOMMENDED since 2026-12-07) beside it without (BEFORE_VERIFY) against one ANP run per model, with 5% defense data;
+deploy_cost_agent_verify_at_5.md the agent's command so (its preset since that night)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,13 @@ COMPARED = {
     "commands at 5%": (0.05, ("shipped agent verdict repair sweep agent limit lr 3 epochs", BEFORE_VERIFY)),
     "commands at 1%": (0.01, ("shipped agent verdict repair sweep agent limit lr 8 epochs", BEFORE_VERIFY)),
     "verify at 5%": (0.05, (BEFORE_VERIFY, RECOMMENDED)),
+    "agent verify at 5%": (
+        0.05,
+        (
+            "shipped agent verdict repair sweep agent limit lr 3 epochs give back",
+            "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
+        ),
+    ),
     "agent command below the switch": (
         0.038,
         (
