@@ -253,8 +253,9 @@ class VerdictParams(NCParams):
     97%, and the mask inverted on the pruned model measures 13.1-13.4 pixels (scores 5.1-7.5 against the line of 2)
     where the all-class run measured 16.6-21.0 unpruned (in `verdict`'s own runs 11.9 and 14.1, scores 9.0 and 4.6).
     One single-class inversion on every flagged run that follows a mask or blend trigger. In the recommended
-    preset by benchmarks/verify_sweep.py's rule (on the shadow models it flagged 2 of 120 runs); not in the agent's
-    command, where it failed that rule (docs/methods.md). Not with `reinvert` (the check would replace its trigger
+    preset by benchmarks/verify_sweep.py's rule (on the shadow models it flagged 2 of 120 runs), and in the agent's
+    command since its second check, with leave-one-attack-out agents (the first, with the shipped agent, failed by
+    0.0035 DER; docs/methods.md). Not with `reinvert` (the check would replace its trigger
     with the first inversion's rows) or `class_spread` (the check scores unstandardised)."""
     flag_rule: bool = False
     """Read both verdicts with the detection rule of the shipped reference `reference_from` names

@@ -33,7 +33,9 @@ flag line, was not tuned on them). Whether the commands take it is decided on th
   README say so whichever way it falls.
 - `--set shift`: the 12 configuration-shift models with the model's seed and shift_seeds.SEEDS (shift_presets.md's
   runs), for the report only;
-- `--set held-out`: the protocol's 15 held-out backdoored models and 9 clean ones (detect_shipped.py's), verdict's
+- `--set held-out`: the signal study's 15 held-out backdoored models and 9 clean ones (detect_shipped.py's: the
+  protocol's attack settings with seeds 101-103 and targets 0 / 3 / 7; those of seed 101 are the protocol's own
+  held-out models, the others differ from them in their target), verdict's
   preset alone with the defense's seeds 0-2 (protocol_seeds.py's), for the report only (written after `choose` was
   read: the agent's preset does not take the change, verdict's does);
 - `--set held-out-folds`: the same 15 backdoored models, the agent's preset with each model's fold agent (never
