@@ -39,8 +39,10 @@ from signal_models import HERE, Rows, per_model_main
 
 from onp_env.defend import defend_artifact
 
-SETTINGS = {"keep": {}, "give-back": {"unflagged": "give_back"}}
-"""Setting name: onp's parameters on top of the recommended preset."""
+_BEFORE_VERIFY = {"repair": {"verify_sweep": False}}
+SETTINGS = {"keep": _BEFORE_VERIFY, "give-back": {**_BEFORE_VERIFY, "unflagged": "give_back"}}
+"""Setting name: onp's parameters on top of the recommended preset, as it was when these runs were made (before
+`verify_sweep`, pinned off so that a resumed run measures what the committed rows did)."""
 FRACTIONS = (0.01, 0.05)
 ROLES = ("shadow", "clean", "held-out", "held-out clean")
 

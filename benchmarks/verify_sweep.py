@@ -111,7 +111,8 @@ def fold_agent(name: str) -> Path:
     """The leave-one-attack-out agent that never trained on model `name`'s attack (a sampled shadow model's or a
     held-out one's), trained first where it is missing (one worker at a time per fold; resumed from its checkpoints
     where a run was cut short)."""
-    attack = name.split("-shadow-")[1].split("-")[0] if "-shadow-" in name else name.split("-")[1]
+    lab = next(lab for n, _, lab in calibration_models() + held_out_models() if n == name)
+    attack = lab.attack.name
     out = FOLDS / f"without-{attack}" / "onp"
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out.parent / ".train.lock"):
