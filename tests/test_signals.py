@@ -1712,6 +1712,44 @@ def test_verify_sweep_inverts_the_followed_class_again_on_the_pruned_model_and_r
     assert torch.equal(seen[2][0], xs0)  # the repair as without the check
 
 
+def test_verify_sweep_in_the_agents_command_inverts_on_the_model_with_the_agents_units_cut_as_well(
+    tmp_path, monkeypatch
+):
+    import agents.defense
+    import baselines.verdict
+    from agents.defense import ONP
+    from baselines.verdict import Verdict
+    from onp_env.signals.shipped import shipped_reference
+
+    art = load_artifact(fm_like(tmp_path, monkeypatch))
+    x, y = art.defense_set()
+    shipped = shipped_reference("fashion-mnist")
+    ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 8, ref / 4, ref), latent)  # class 8's mask, flagged
+    agents_cut = [find_units(art.model, x[:2])[0].layers[-1].offset]  # the agent's one unit: the last layer's first
+    monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: (agents_cut, [{"acc": 1.0}] * 2))
+    checked, real = [], Verdict.verify
+
+    def verify(self, model, layout, x, y, pruned):  # what the check is handed, then the check itself
+        checked.append(list(pruned))
+        return real(self, model, layout, x, y, pruned)
+
+    monkeypatch.setattr(Verdict, "verify", verify)
+    ones = torch.ones(1, 1, 28, 28)
+    monkeypatch.setattr(baselines.verdict, "invert_toward", lambda *a, **k: trigger_inversion.Inverted(
+        ones, ones / 2, (ref[8] / 10).view(1), torch.ones(1, dtype=torch.bool), 5))  # fmt: skip
+    repair = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_acc_drop": 1.0, "max_ratio": 0.1,
+              "repair_epochs": 1, "unlearn": 0.5, "verify_sweep": True}  # fmt: skip
+    seen = repair_data(monkeypatch)
+    result = ONP(repair_with="verdict", repair=repair, repair_sweep=True, seed=3).run(art.model, x, y)
+    d = result.details["repair"]
+    assert d["follows"] == "inversion" and d["suspect"] == 8 and d["verified"]["flagged"]
+    assert checked == [result.pruned] and result.pruned[: len(agents_cut)] == agents_cut  # the agent's cut included
+    (xs, _), *_ = seen
+    stamped = (xs != x).flatten(1).any(1)
+    assert stamped.any() and (xs[stamped] == 0.5).all()  # the repair unlearns the trigger the check found
+
+
 def test_verify_sweep_after_a_blend_verdict_stamps_the_pruned_models_mask_beside_the_blend(tmp_path, monkeypatch):
     import baselines.verdict
     from baselines.verdict import Verdict
