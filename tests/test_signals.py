@@ -1667,18 +1667,26 @@ def test_mask_restarts_invert_the_top_classes_again_and_keep_each_ones_smallest_
         Verdict(mask_restarts=1, restart_scope="all")
 
 
-def test_verify_sweep_inverts_the_followed_class_again_on_the_pruned_model_and_repairs_with_it_where_still_flagged(
-    tmp_path, monkeypatch
-):
-    import baselines.verdict
-    from baselines.verdict import Verdict
+def class_8_flagged(tmp_path, monkeypatch) -> tuple:
+    """fm_like's model, its defense set and the shipped reference's mask sizes, the inversion stubbed to find class 8's
+    mask a quarter of its typical size (flagged) and every other class's typical."""
     from onp_env.signals.shipped import shipped_reference
 
     art = load_artifact(fm_like(tmp_path, monkeypatch))
     x, y = art.defense_set()
     shipped = shipped_reference("fashion-mnist")
     ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
-    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 8, ref / 4, ref), latent)  # class 8's mask, flagged
+    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 8, ref / 4, ref), latent)
+    return art, x, y, ref
+
+
+def test_verify_sweep_inverts_the_followed_class_again_on_the_pruned_model_and_repairs_with_it_where_still_flagged(
+    tmp_path, monkeypatch
+):
+    import baselines.verdict
+    from baselines.verdict import Verdict
+
+    art, x, y, ref = class_8_flagged(tmp_path, monkeypatch)
     calls, found = [], [ref[8] / 10]
 
     def again(model, x, y, target, p, seed, device, form="mask"):  # a mask over the whole image, of value 0.5
@@ -1719,13 +1727,8 @@ def test_verify_sweep_in_the_agents_command_inverts_on_the_model_with_the_agents
     import baselines.verdict
     from agents.defense import ONP
     from baselines.verdict import Verdict
-    from onp_env.signals.shipped import shipped_reference
 
-    art = load_artifact(fm_like(tmp_path, monkeypatch))
-    x, y = art.defense_set()
-    shipped = shipped_reference("fashion-mnist")
-    ref, latent = (torch.tensor(shipped.signals[s]["sizes"]) for s in ("inversion", "latent_gap"))
-    stub_sizes(monkeypatch, torch.where(torch.arange(10) == 8, ref / 4, ref), latent)  # class 8's mask, flagged
+    art, x, y, ref = class_8_flagged(tmp_path, monkeypatch)
     agents_cut = [find_units(art.model, x[:2])[0].layers[-1].offset]  # the agent's one unit: the last layer's first
     monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: (agents_cut, [{"acc": 1.0}] * 2))
     checked, real = [], Verdict.verify
