@@ -14,8 +14,9 @@ data, defense seed 0, on
   backdoored; the shipped agent trained on them and the shipped class reference summarises them, so verdict flags
   them more readily than a model it never saw) and the 12 clean calibration models (detect_calibration.py, seeds
   201-212);
-- `--role check`: those, then the 15 held-out backdoored models of the protocol and the 9 clean held-out ones
-  (detect_shipped.py's), read only if the rule takes `give-back`.
+- `--role check`: those, then the signal study's 15 held-out backdoored models (the protocol's attack settings with
+  seeds 101-103 and targets 0 / 3 / 7) and the 9 clean held-out ones (detect_shipped.py's), read only if the rule
+  takes `give-back`.
 
 Rule, written before either setting's run: `give-back` goes into the recommended preset if, on the choose models at
 both fractions, the shadow models' mean ASR after it is at most `keep`'s plus 0.5 points and the clean models' mean
