@@ -39,7 +39,11 @@ run per model. deploy_cost_spread_command_at_5.md and
 _at_1.md time the agent's command with `class_spread` and `spread_latent=false` (2026-12-06) beside the same command
 without them. deploy_cost_verify_at_5.md times the recommended `verdict` with `verify_sweep` (onp_vs_baselines.
 RECOMMENDED since 2026-12-07) beside it without (BEFORE_VERIFY) against one ANP run per model, with 5% defense data;
-deploy_cost_agent_verify_at_5.md the agent's command so (its preset since that night)."""
+deploy_cost_agent_verify_at_5.md the agent's command so (its preset since that night).
+deploy_cost_agent_repair_epochs_at_5.md times that command with 5 repair epochs (verdict's own) beside its 3 with 5%
+defense data: 5 epochs scored better on the shadow models (onp_repair_epochs_5.md) but were left out on 2026-12-05 for
+the deployment bound, before the inversions ran channels-last; a profile of the command now puts the repair at 2.4 of
+19.3 s (deploy_profile.py). Nothing is chosen here."""
 
 from __future__ import annotations
 
@@ -110,6 +114,13 @@ COMPARED = {
         (
             "shipped agent verdict repair sweep agent limit lr 3 epochs give back",
             "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
+        ),
+    ),
+    "agent repair epochs at 5%": (
+        0.05,
+        (
+            "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
+            "shipped agent verdict repair sweep agent limit lr 5 epochs give back verify",
         ),
     ),
     "agent command below the switch": (

@@ -200,12 +200,12 @@ SETTINGS = {
         for n in (3, 8)
     },
     # ... and the sweep checked (verdict's verify_sweep): the recommended preset since 2026-12-07, night
-    # (verify_sweep_choose-folds.md)
+    # (verify_sweep_choose-folds.md); 5 epochs (verdict's own) timed against 3 with 5% (deploy_cost.py), not chosen
     **{
         f"shipped agent verdict repair sweep agent limit lr {n} epochs give back verify": _agent_command(
             n, {"verify_sweep": True}, unflagged="give_back"
         )
-        for n in (3, 8)
+        for n in (3, 5, 8)
     },
     # ... and verdict's choice between its verdicts made on scores standardised per class, moving only to a mask or
     # blend inversion (onp_repair_spread-input_{1,5}.md)
@@ -293,6 +293,7 @@ REPAIRED = (
     "shipped agent verdict repair sweep agent limit lr 8 epochs give back",
     "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
     "shipped agent verdict repair sweep agent limit lr 8 epochs give back verify",
+    "shipped agent verdict repair sweep agent limit lr 5 epochs give back verify",
     "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""
