@@ -42,8 +42,8 @@ RECOMMENDED since 2026-12-07) beside it without (BEFORE_VERIFY) against one ANP 
 deploy_cost_agent_verify_at_5.md the agent's command so (its preset since that night).
 deploy_cost_agent_repair_epochs_at_5.md times that command with 5 repair epochs (verdict's own) beside its 3 with 5%
 defense data: 5 epochs scored better on the shadow models (onp_repair_epochs_5.md) but were left out on 2026-12-05 for
-the deployment bound, before the inversions ran channels-last; a profile of the command now puts the repair at 2.4 of
-19.3 s (deploy_profile.py). Nothing is chosen here."""
+the deployment bound, before the inversions ran channels-last; a profile of the command now puts the repair at 2.5 s
+of it (deploy_profile_agent_command_at_5.md). Nothing is chosen here."""
 
 from __future__ import annotations
 

@@ -61,8 +61,9 @@ def measure(name: str, role: str, path: str, preset: bool = False) -> dict[str, 
     torch.set_num_threads(1)
     cells = []
     for run in (PRESET,) if preset else RUNS:
-        # the preset as the committed rows ran it: before `verify_sweep` (2026-12-07, night)
-        method, setting = ("onp", {"repair": {"verify_sweep": False}}) if run == PRESET else SETTINGS[run]
+        # the preset as the committed rows ran it (2026-12-06): before `unflagged: give_back` and `verify_sweep`
+        before = {"repair": {"verify_sweep": False}, "unflagged": "keep"}
+        method, setting = ("onp", before) if run == PRESET else SETTINGS[run]
         for fraction in FRACTIONS:
             with tempfile.TemporaryDirectory() as tmp:
                 _, r = defend_artifact(path, method, {**setting, "defense_fraction": fraction}, Path(tmp) / "out",

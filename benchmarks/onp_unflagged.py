@@ -8,8 +8,8 @@ small CNNs that cut costs 0.44-8.76 points on the 3 of 9 verdict leaves unflagge
 path: tests/test_agents.py). What it risks is a backdoored model verdict misses, whose backdoor the agent's cut may
 have removed (a SIG model, say: bn_revival.md's signals-sig-s101 goes from 67.6% to 0.3% ASR under the agent's cut).
 
-Both settings (`keep`: the preset as it ships; `give-back`: with `--set unflagged=give_back`) run at 1% and 5% defense
-data, defense seed 0, on
+Both settings (`keep`: the preset as it shipped before this rule; `give-back`: with `--set unflagged=give_back`) run
+at 1% and 5% defense data, defense seed 0, on
 - `--role choose`: the defender's own models: the 30 sampled shadow models (configs/agent/fashion-mnist-sampled.yaml,
   backdoored; the shipped agent trained on them and the shipped class reference summarises them, so verdict flags
   them more readily than a model it never saw) and the 12 clean calibration models (detect_calibration.py, seeds
@@ -41,7 +41,7 @@ from signal_models import HERE, Rows, per_model_main
 from onp_env.defend import defend_artifact
 
 _BEFORE_VERIFY = {"repair": {"verify_sweep": False}}
-SETTINGS = {"keep": _BEFORE_VERIFY, "give-back": {**_BEFORE_VERIFY, "unflagged": "give_back"}}
+SETTINGS = {"keep": {**_BEFORE_VERIFY, "unflagged": "keep"}, "give-back": {**_BEFORE_VERIFY, "unflagged": "give_back"}}
 """Setting name: onp's parameters on top of the recommended preset, as it was when these runs were made (before
 `verify_sweep`, pinned off so that a resumed run measures what the committed rows did)."""
 FRACTIONS = (0.01, 0.05)

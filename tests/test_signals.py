@@ -1729,7 +1729,8 @@ def test_verify_sweep_in_the_agents_command_inverts_on_the_model_with_the_agents
     from baselines.verdict import Verdict
 
     art, x, y, ref = class_8_flagged(tmp_path, monkeypatch)
-    agents_cut = [find_units(art.model, x[:2])[0].layers[-1].offset]  # the agent's one unit: the last layer's first
+    layer = find_units(art.model, x[:2])[0].layers[-1]
+    agents_cut = [layer.offset]  # the agent's one unit: the last layer's first
     monkeypatch.setattr(agents.defense, "deploy", lambda *a, **k: (agents_cut, [{"acc": 1.0}] * 2))
     checked, real = [], Verdict.verify
 
@@ -1738,9 +1739,20 @@ def test_verify_sweep_in_the_agents_command_inverts_on_the_model_with_the_agents
         return real(self, model, layout, x, y, pruned)
 
     monkeypatch.setattr(Verdict, "verify", verify)
-    ones = torch.ones(1, 1, 28, 28)
-    monkeypatch.setattr(baselines.verdict, "invert_toward", lambda *a, **k: trigger_inversion.Inverted(
-        ones, ones / 2, (ref[8] / 10).view(1), torch.ones(1, dtype=torch.bool), 5))  # fmt: skip
+    ones, silent = torch.ones(1, 1, 28, 28), []
+
+    def first_unit(model) -> torch.Tensor:  # the agent's unit's output on four images
+        out = {}
+        hook = dict(model.named_modules())[layer.name].register_forward_hook(lambda m, i, o: out.setdefault("o", o))
+        model(x[:4])
+        hook.remove()
+        return out["o"][:, 0].detach()
+
+    def again(model, *args, **kwargs):  # the agent's unit silent in the model the check inverts on
+        silent.append(model is not art.model and bool((first_unit(model) == 0).all()))
+        return trigger_inversion.Inverted(ones, ones / 2, (ref[8] / 10).view(1), torch.ones(1, dtype=torch.bool), 5)
+
+    monkeypatch.setattr(baselines.verdict, "invert_toward", again)
     repair = {"reference_from": "fashion-mnist", "stop_asr": 0.0, "max_acc_drop": 1.0, "max_ratio": 0.1,
               "repair_epochs": 1, "unlearn": 0.5, "verify_sweep": True}  # fmt: skip
     seen = repair_data(monkeypatch)
@@ -1748,6 +1760,7 @@ def test_verify_sweep_in_the_agents_command_inverts_on_the_model_with_the_agents
     d = result.details["repair"]
     assert d["follows"] == "inversion" and d["suspect"] == 8 and d["verified"]["flagged"]
     assert checked == [result.pruned] and result.pruned[: len(agents_cut)] == agents_cut  # the agent's cut included
+    assert silent == [True] and not (first_unit(art.model) == 0).all()  # silent by the cut alone
     (xs, _), *_ = seen
     stamped = (xs != x).flatten(1).any(1)
     assert stamped.any() and (xs[stamped] == 0.5).all()  # the repair unlearns the trigger the check found
