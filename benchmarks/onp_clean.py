@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from detect_shipped import models as detect_models
-from onp_vs_baselines import BEFORE_VERIFY, SETTINGS
+from onp_vs_baselines import BEFORE_VERIFY, SETTINGS, VERIFY_OFF
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 
@@ -43,6 +43,9 @@ RUNS = (
     BEFORE_VERIFY,
 )
 PRESET = "onp --preset recommended"
+BEFORE = {"repair": VERIFY_OFF, "unflagged": "keep"}
+"""PRESET's parameters over the preset as the committed rows ran it (2026-12-06): before `unflagged: give_back` and
+`verify_sweep`."""
 
 
 def models() -> list[tuple[str, str, Any]]:
@@ -61,9 +64,7 @@ def measure(name: str, role: str, path: str, preset: bool = False) -> dict[str, 
     torch.set_num_threads(1)
     cells = []
     for run in (PRESET,) if preset else RUNS:
-        # the preset as the committed rows ran it (2026-12-06): before `unflagged: give_back` and `verify_sweep`
-        before = {"repair": {"verify_sweep": False}, "unflagged": "keep"}
-        method, setting = ("onp", before) if run == PRESET else SETTINGS[run]
+        method, setting = ("onp", BEFORE) if run == PRESET else SETTINGS[run]
         for fraction in FRACTIONS:
             with tempfile.TemporaryDirectory() as tmp:
                 _, r = defend_artifact(path, method, {**setting, "defense_fraction": fraction}, Path(tmp) / "out",

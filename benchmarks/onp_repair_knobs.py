@@ -478,7 +478,12 @@ def study_cells(study: str, fraction: float) -> list[tuple[str, dict[str, Any]]]
 
 def rule_holds(new: list[dict[str, Any]], old: list[dict[str, Any]], rule: tuple[float, ...], seeds: int) -> bool:
     """Whether `rule` (LAYOUT_RULE's order; the count's slack per seed) holds for `new`'s means against `old`'s."""
-    (der, asr, lost, within), (der0, asr0, lost0, within0) = repaired_means(new), repaired_means(old)
+    return means_hold(repaired_means(new), repaired_means(old), rule, seeds)
+
+
+def means_hold(means: tuple, means0: tuple, rule: tuple[float, ...], seeds: int) -> bool:
+    """rule_holds on means already taken (repaired_means')."""
+    (der, asr, lost, within), (der0, asr0, lost0, within0) = means, means0
     d_der, d_asr, d_lost, d_within = rule
     return (
         der >= der0 - d_der and asr <= asr0 + d_asr and lost <= lost0 + d_lost and within >= within0 - d_within * seeds
@@ -487,8 +492,9 @@ def rule_holds(new: list[dict[str, Any]], old: list[dict[str, Any]], rule: tuple
 
 def judged(new: list[dict[str, Any]], old: list[dict[str, Any]], rule: tuple[float, ...], seeds: int) -> str:
     """The means of `new` against `old` and whether `rule` (LAYOUT_RULE's order; the count's slack per seed) holds."""
-    (der, asr, lost, within), (der0, asr0, lost0, within0) = repaired_means(new), repaired_means(old)
-    holds = rule_holds(new, old, rule, seeds)
+    means, means0 = repaired_means(new), repaired_means(old)
+    (der, asr, lost, within), (der0, asr0, lost0, within0) = means, means0
+    holds = means_hold(means, means0, rule, seeds)
     return (
         f"{der:.1f} / {asr:.1f} / {lost:.2f}, {within} within, against {der0:.1f} / {asr0:.1f} / {lost0:.2f}, "
         f"{within0}: {'holds' if holds else 'fails'}"

@@ -35,13 +35,16 @@ from typing import Any
 import torch
 from detect_calibration import calibration_models
 from detect_shipped import models as held_out_models
+from onp_vs_baselines import VERIFY_OFF
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 
 from onp_env.defend import defend_artifact
 
-_BEFORE_VERIFY = {"repair": {"verify_sweep": False}}
-SETTINGS = {"keep": {**_BEFORE_VERIFY, "unflagged": "keep"}, "give-back": {**_BEFORE_VERIFY, "unflagged": "give_back"}}
+SETTINGS = {
+    "keep": {"repair": VERIFY_OFF, "unflagged": "keep"},
+    "give-back": {"repair": VERIFY_OFF, "unflagged": "give_back"},
+}
 """Setting name: onp's parameters on top of the recommended preset, as it was when these runs were made (before
 `verify_sweep`, pinned off so that a resumed run measures what the committed rows did)."""
 FRACTIONS = (0.01, 0.05)

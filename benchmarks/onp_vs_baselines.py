@@ -266,6 +266,9 @@ BEFORE_VERIFY = "verdict shipped repair untargeted blend verdict outranks reuse 
 """The README's recommended `verdict` command until 2026-12-07, before `verify_sweep`: the setting the benchmarks that
 measured it keep (deploy_cost, protocol_seeds, verdict_choice, verdict_spread, distill_split, onp_clean, pool_speed),
 so that their committed rows and a resumed run measure one setting."""
+VERIFY_OFF = {"verify_sweep": False}
+"""Over `verdict`'s recommended preset (under `repair` over the agent's): that preset as it ran before `verify_sweep`,
+pinned by the benchmarks whose committed rows ran the presets before it (shift_presets, onp_unflagged, onp_clean)."""
 REPAIRED = (
     "verdict shipped repair",
     "verdict shipped unlearn line1",

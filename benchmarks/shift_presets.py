@@ -12,9 +12,9 @@ says how that was checked), is defended by `onp defend --method onp --preset rec
 (the cells of bench-fashion-mnist-shift-rebuilt, number for number) and shift_seeds.SEEDS, at 1% and 5%. Nothing
 is chosen here: it measures whether verdict leaves a backdoored model of the set unflagged, and what giving back
 costs there. Both presets took `verify_sweep` later that day (verify_sweep.py, whose `--set shift` has these runs
-with it): it is pinned off here (BEFORE_VERIFY), so that a resumed run measures what the committed rows did. One torch
-thread per worker; the runs of one model share one process and its memoised inversions, so
-their seconds are not compared. One JSON line per model in shift_presets.jsonl (resumable), then shift_presets.md."""
+with it): it is pinned off here (onp_vs_baselines.VERIFY_OFF), so that a resumed run measures what the committed
+rows did. One torch thread per worker; the runs of one model share one process and its memoised inversions, so their
+seconds are not compared. One JSON line per model in shift_presets.jsonl (resumable), then shift_presets.md."""
 
 from __future__ import annotations
 
@@ -22,19 +22,16 @@ import platform
 from typing import Any
 
 import torch
+from onp_vs_baselines import VERIFY_OFF
 from rows import exit_2_on_bad_input
 from shift_seeds import FRACTIONS, SEEDS, defended_cells, models, seeds_report
 from signal_models import HERE, Rows, per_model_main
 
 RESULTS = HERE / "results" / "shift_presets.jsonl"
-BEFORE_VERIFY = {"verify_sweep": False}
-"""Over either preset's verdict parameters: the presets as they ran before `verify_sweep`."""
 METHODS = {
-    "agent's preset": {f: ("onp", {"repair": BEFORE_VERIFY}, "recommended") for f in FRACTIONS},
-    "agent's preset, keep": {
-        f: ("onp", {"unflagged": "keep", "repair": BEFORE_VERIFY}, "recommended") for f in FRACTIONS
-    },
-    "verdict's preset": {f: ("verdict", BEFORE_VERIFY, "recommended") for f in FRACTIONS},
+    "agent's preset": {f: ("onp", {"repair": VERIFY_OFF}, "recommended") for f in FRACTIONS},
+    "agent's preset, keep": {f: ("onp", {"unflagged": "keep", "repair": VERIFY_OFF}, "recommended") for f in FRACTIONS},
+    "verdict's preset": {f: ("verdict", VERIFY_OFF, "recommended") for f in FRACTIONS},
 }
 """Per method and fraction: the registered defense, the parameters over its preset, and the preset."""
 
