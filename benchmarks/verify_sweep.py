@@ -123,9 +123,15 @@ def fold_agent(name: str) -> Path:
 def run(path: str, command: str, fraction: float, seed: int, verify: bool, agent: Path | None = None) -> dict:
     """One run of `command`'s preset, with or without `verify_sweep` (the agent's with `agent`, else the shipped
     one): the cell's fields."""
+    return run_changed(path, command, fraction, seed, {"verify_sweep": verify}, "with" if verify else "without", agent)
+
+
+def run_changed(path: str, command: str, fraction: float, seed: int, change: dict[str, Any], setting: str,
+                agent: Path | None = None) -> dict:  # fmt: skip
+    """One run of `command`'s preset with `change` to its verdict parameters (the agent's preset: to its repair's),
+    the agent's with `agent`, else the shipped one: the cell's fields, `setting` naming the change."""
     defense = COMMANDS[command]
-    change = {"verify_sweep": verify}
-    params = {"repair": change} if defense == "onp" else change
+    params: dict[str, Any] = {"repair": change} if defense == "onp" else dict(change)
     if agent is not None:
         params["agent"] = str(agent)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +140,7 @@ def run(path: str, command: str, fraction: float, seed: int, verify: bool, agent
     d = r["details"]
     v = d if defense == "verdict" else d.get("repair", {})
     after = r["finetuned"] or {k: r[k] for k in ("acc", "asr")}
-    return {"command": command, "setting": "with" if verify else "without", "fraction": fraction, "seed": seed,
+    return {"command": command, "setting": setting, "fraction": fraction, "seed": seed,
             "before": r["before"], "repaired": after, "pruned": r["pruned"], "flagged": v.get("flagged"),
             "verdict": {"follows": v.get("follows"), "suspect": v.get("suspect")}, "stopped": v.get("stopped"),
             "verified": v.get("verified"), "seconds": r["seconds"],
