@@ -43,7 +43,9 @@ deploy_cost_agent_verify_at_5.md the agent's command so (its preset since that n
 deploy_cost_agent_repair_epochs_at_5.md times that command with 5 repair epochs (verdict's own) beside its 3 with 5%
 defense data: 5 epochs scored better on the shadow models (onp_repair_epochs_5.md) but were left out on 2026-12-05 for
 the deployment bound, before the inversions ran channels-last; a profile of the command now puts the repair at 2.5 s
-of it (deploy_profile_agent_command_at_5.md). Nothing is chosen here."""
+of it (deploy_profile_agent_command_at_5.md). deploy_cost_agent_repair_4_epochs_at_5.md times it with 4 epochs beside
+3: the second part of repair_epochs_folds.py's rule (every model within a tenth, one run, not re-run on the same
+code)."""
 
 from __future__ import annotations
 
@@ -121,6 +123,13 @@ COMPARED = {
         (
             "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
             "shipped agent verdict repair sweep agent limit lr 5 epochs give back verify",
+        ),
+    ),
+    "agent repair 4 epochs at 5%": (
+        0.05,
+        (
+            "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
+            "shipped agent verdict repair sweep agent limit lr 4 epochs give back verify",
         ),
     ),
     "agent command below the switch": (

@@ -200,12 +200,13 @@ SETTINGS = {
         for n in (3, 8)
     },
     # ... and the sweep checked (verdict's verify_sweep): the recommended preset since 2026-12-07, night
-    # (verify_sweep_choose-folds.md); 5 epochs (verdict's own) timed against 3 with 5% (deploy_cost.py), not chosen
+    # (verify_sweep_choose-folds.md); 4 and 5 epochs (5: verdict's own) timed against 3 with 5% (deploy_cost.py)
+    # and weighed on the fold agents' shadow models (repair_epochs_folds.py)
     **{
         f"shipped agent verdict repair sweep agent limit lr {n} epochs give back verify": _agent_command(
             n, {"verify_sweep": True}, unflagged="give_back"
         )
-        for n in (3, 5, 8)
+        for n in (3, 4, 5, 8)
     },
     # ... and verdict's choice between its verdicts made on scores standardised per class, moving only to a mask or
     # blend inversion (onp_repair_spread-input_{1,5}.md)
@@ -296,6 +297,7 @@ REPAIRED = (
     "shipped agent verdict repair sweep agent limit lr 8 epochs give back",
     "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
     "shipped agent verdict repair sweep agent limit lr 8 epochs give back verify",
+    "shipped agent verdict repair sweep agent limit lr 4 epochs give back verify",
     "shipped agent verdict repair sweep agent limit lr 5 epochs give back verify",
     "no-mnp agent verdict repair",
 )
