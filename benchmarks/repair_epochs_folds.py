@@ -22,6 +22,11 @@ ANP's time, at most 0.105, 4 of 5 models within a tenth; deploy_cost_agent_repai
   repair 4 epochs at 5%').
 - `--set held-out-folds`: the signal study's 15 held-out backdoored models (verify_sweep.py's set of that name), the
   same three settings with each model's fold agent, the defense's seeds 0-2, for the report only.
+- `--set protocol` (written after `choose-folds` and the timing were read, before any of its runs): the protocol's 15
+  held-out models (protocol_seeds.py's: five attacks, seeds 101-103, as this host builds them), the same three
+  settings with the fold agent that never saw the model's attack (onp_repair_sweep.fold_agent) and the recommended
+  `verdict` (its preset), the defense's seeds 0-2, for the report only: whether the agent's preset with 4 epochs has
+  the best mean DER there, the README's target.
 
 Each run of a model goes in one process, 3 epochs first: the 4- and 5-epoch runs reuse the memoised inversions and the
 agent's deployment (its repair alone differs; no seconds are compared). One torch thread per worker; one JSON line per
@@ -35,17 +40,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from onp_prunable import repaired_means
 from onp_repair_knobs import CHANGE_RULE, judged, moved, rule_holds
+from onp_repair_sweep import fold_agent as attack_fold_agent
+from protocol_seeds import models as protocol_models
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 from verify_sweep import FOLDS, SETS, cells_of, fold_agent, run_changed
 
 FRACTION = 0.05
-SEEDS = {"choose-folds": (22, 23), "held-out-folds": (0, 1, 2)}
+SEEDS = {"choose-folds": (22, 23), "held-out-folds": (0, 1, 2), "protocol": (0, 1, 2)}
+MODELS = {"choose-folds": SETS["choose-folds"], "held-out-folds": SETS["held-out-folds"], "protocol": protocol_models}
+"""Set -> its models (name, role, lab): the protocol's role is the model's attack."""
 SETTINGS = {"3 epochs": {"repair_epochs": 3}, "4 epochs": {"repair_epochs": 4}, "5 epochs": {"repair_epochs": 5}}
 """Setting name -> change to the agent's preset's repair (the first: the preset as it ships; an empty change would
 empty the preset's repair section, onp_env.presets.merged)."""
-COMMAND = "agent's preset"
+COMMAND, VERDICT = "agent's preset", "verdict's preset"
 
 
 def results_of(which: str) -> Path:
@@ -54,9 +64,11 @@ def results_of(which: str) -> Path:
 
 def measure(name: str, role: str, path: str, which: str) -> dict[str, Any]:
     torch.set_num_threads(1)
-    agent = fold_agent(name)
+    agent = attack_fold_agent(role) if which == "protocol" else fold_agent(name)
     cells = [run_changed(path, COMMAND, FRACTION, seed, change, setting, agent)
              for seed in SEEDS[which] for setting, change in SETTINGS.items()]  # fmt: skip
+    if which == "protocol":
+        cells += [run_changed(path, VERDICT, FRACTION, seed, {}, "verdict") for seed in SEEDS[which]]
     return {"model": name, "role": role, "set": which, "host": platform.node(), "torch": torch.__version__,
             "cells": cells}  # fmt: skip
 
@@ -85,8 +97,17 @@ def report(rows: Rows) -> str:
         new = list(by[setting].values())
         lines += ["", f"## {setting}", "", f"Against {base} ({len(new)} runs): "
                   f"{judged(new, old, CHANGE_RULE, len(seeds))}.", "", *moved(by[base], by[setting])]  # fmt: skip
+    verdict = list(cells_of(rows, roles, VERDICT, FRACTION, "verdict").values())
+    if verdict:
+        lines += ["", "| command | mean DER | mean ASR | points lost | within |", "|---|---:|---:|---:|---:|"]
+        for name, cs in (
+            *((f"agent's preset, {s}", list(by[s].values())) for s in SETTINGS),
+            ("`verdict`'s preset", verdict),
+        ):
+            der, asr, lost, within = repaired_means(cs)
+            lines.append(f"| {name} | {der:.2f} | {asr:.2f} | {lost:.2f} | {within} of {len(cs)} |")
     if which == "choose-folds":
-        ready = len(rows) == len(SETS[which]())
+        ready = len(rows) == len(MODELS[which]())
         holding = [s for s in reversed(longer) if rule_holds(list(by[s].values()), old, CHANGE_RULE, len(seeds))]
         said = ("not yet read" if not ready else f"holds for {', '.join(holding)}" if holding
                 else "holds for neither: the preset keeps 3 epochs")  # fmt: skip
@@ -100,7 +121,7 @@ def main() -> None:
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--set", choices=list(SEEDS), required=True)
     which = peek.parse_known_args()[0].set
-    per_model_main(__doc__, results_of(which), SETS[which](), measure, report,
+    per_model_main(__doc__, results_of(which), MODELS[which](), measure, report,
                    option=("--set", {"choices": list(SEEDS), "required": True}, results_of))  # fmt: skip
 
 
