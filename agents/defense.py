@@ -189,22 +189,23 @@ def _trained_on(agent: Agent) -> tuple[list[int], int] | None:
 
 
 FEW_IMAGES = 2324
-"""Below this many defense images the recommended preset's repair runs 8 epochs, else 3. On the shadow models 8
+"""Below this many defense images the recommended preset's repair runs 8 epochs, else 4. On the shadow models 8
 epochs were chosen at 600 Fashion-MNIST images (1% of its training split) and again at 1200 and 1800
-(benchmarks/onp_repair_knobs.py `few-images`: 1.24 and 1.26 points lost against 3 epochs' 1.72 and 1.62); 3 at 3000,
-among the epochs that keep the deployment within a tenth of ANP's time. The line is the geometric mean of 1800 and
-3000; with 2280 images 8 epochs take 0.082 of ANP's time (benchmarks/deploy_cost.py), their outcome there was not
-measured."""
+(benchmarks/onp_repair_knobs.py `few-images`: 1.24 and 1.26 points lost against 3 epochs' 1.72 and 1.62); at 3000, the
+most epochs that keep the deployment within a tenth of ANP's time: 3 until 2026-12-07, 4 since
+(benchmarks/repair_epochs_folds.py, with the fold agents: 1.05 points lost against 3 epochs' 1.19). The line is the
+geometric mean of 1800 and 3000; with 2280 images 8 epochs take 0.082 of ANP's time (benchmarks/deploy_cost.py), their
+outcome there was not measured."""
 RECOMMENDED = Preset(
     "the README's agent command for Fashion-MNIST small CNNs: the agent's units, verdict's sweep from them with a "
-    "budget of its own, and the recommended verdict's repair at lr 0.02 over 3 epochs, or 8 with fewer than "
-    f"{FEW_IMAGES} defense images, with the agent's units given back where verdict flags nothing "
-    "(benchmarks/onp_unflagged.py's rule) and the sweep checked by verdict's verify_sweep (benchmarks/verify_sweep.py, "
-    "choose-folds); benchmarks/onp_vs_baselines.py: 'shipped agent verdict repair sweep agent limit lr 3 epochs give "
-    "back verify' and '... 8 epochs give back verify'",
+    "budget of its own, and the recommended verdict's repair at lr 0.02 over 4 epochs (benchmarks/"
+    f"repair_epochs_folds.py), or 8 with fewer than {FEW_IMAGES} defense images, with the agent's units given back "
+    "where verdict flags nothing (benchmarks/onp_unflagged.py's rule) and the sweep checked by verdict's verify_sweep "
+    "(benchmarks/verify_sweep.py, choose-folds); benchmarks/onp_vs_baselines.py: 'shipped agent verdict repair sweep "
+    "agent limit lr 4 epochs give back verify' and '... 8 epochs give back verify'",
     {
         "repair_with": "verdict",
-        "repair": {**VERDICT_RECOMMENDED.params, "repair_lr": 0.02, "repair_epochs": 3},
+        "repair": {**VERDICT_RECOMMENDED.params, "repair_lr": 0.02, "repair_epochs": 4},
         "repair_sweep": True,
         "sweep_limit_from": "agent",
         "unflagged": "give_back",

@@ -118,7 +118,7 @@ def test_the_recommended_command_is_the_setting_the_benchmarks_time_and_dump(mon
 
 def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatch):
     """The README's `onp defend --method onp --preset recommended` is onp_vs_baselines' agent command measured with
-    600 images (1% of Fashion-MNIST's training split: 8 epochs) and with 3000 (5%: 3 epochs), which deploy_cost.py
+    600 images (1% of Fashion-MNIST's training split: 8 epochs) and with 3000 (5%: 4 epochs), which deploy_cost.py
     times side by side with ANP; the README says what the preset stands for."""
     from agents.defense import FEW_IMAGES, ONP
 
@@ -126,14 +126,21 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
     assert "onp defend --method onp --preset recommended --artifact ARTIFACT_DIR" in text
     said = " ".join(text.split())
     assert f"or `--set repair.repair_epochs=8` where the defense set holds fewer than {FEW_IMAGES} images" in said
-    assert "`--set repair_sweep=true --set repair.repair_lr=0.02 --set repair.repair_epochs=3`" in said
+    assert "`--set repair_sweep=true --set repair.repair_lr=0.02 --set repair.repair_epochs=4`" in said
     settings = benchmark_settings(monkeypatch).SETTINGS
     timed = {name for _, names in benchmark_settings(monkeypatch, "deploy_cost").COMPARED.values() for name in names}
     preset = ONP.presets["recommended"]
+    for images, epochs in ((600, 8), (3000, 4)):  # the preset as it runs today
+        assert settings[f"shipped agent verdict repair sweep agent limit lr {epochs} epochs give back verify"] == (
+            "onp", preset.resolve(images))  # fmt: skip
+    assert "shipped agent verdict repair sweep agent limit lr 4 epochs give back verify" in timed  # 4 since 2026-12-07
+    # 4 epochs with 3000 images since 2026-12-07 (repair_epochs_folds_choose-folds.md): the runs measured before it
+    # with 3, and before verify_sweep and give_back, are the preset with those changed
     for images, epochs in ((600, 8), (3000, 3)):
         name = f"shipped agent verdict repair sweep agent limit lr {epochs} epochs"
         resolved = copy.deepcopy(preset.resolve(images))
-        assert settings[f"{name} give back verify"] == ("onp", resolved)  # the preset as it runs today
+        resolved["repair"]["repair_epochs"] = epochs
+        assert settings[f"{name} give back verify"] == ("onp", resolved)
         # verify_sweep since 2026-12-07 (verify_sweep_choose-folds.md), give_back since that morning: each changes only
         # the runs it flags or a model verdict does not flag (onp_unflagged.py), so the runs measured before stand
         assert resolved["repair"].pop("verify_sweep") is True and settings[f"{name} give back"] == ("onp", resolved)
