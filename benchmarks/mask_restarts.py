@@ -36,7 +36,6 @@ JSON line per model in mask_restarts_RUN.jsonl (resumable), then mask_restarts_R
 
 from __future__ import annotations
 
-import argparse
 import platform
 import tempfile
 from pathlib import Path
@@ -48,7 +47,7 @@ from onp_repair_sweep import models as shadow_models
 from rows import exit_2_on_bad_input
 from shift_seeds import METHODS, SEEDS
 from shift_seeds import models as shift_models
-from signal_models import HERE, Rows, per_model_main
+from signal_models import HERE, Rows, per_set_main
 
 from baselines.verdict import RESTART_SCOPES
 from onp_env.defend import defend_artifact
@@ -118,11 +117,7 @@ def report(rows: Rows) -> str:
 
 
 def main() -> None:
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--run", choices=RUNS, required=True)
-    run = peek.parse_known_args()[0].run
-    per_model_main(__doc__, results_of(run), SETS[run.split("-", 1)[0]](), measure, report,
-                   option=("--run", {"choices": RUNS, "required": True}, results_of))  # fmt: skip
+    per_set_main(__doc__, "--run", {run: SETS[run.split("-", 1)[0]] for run in RUNS}, results_of, measure, report)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ model in repair_epochs_folds_SET.jsonl (resumable), then repair_epochs_folds_SET
 
 from __future__ import annotations
 
-import argparse
 import platform
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from onp_repair_knobs import CHANGE_RULE, judged, moved, rule_holds
 from onp_repair_sweep import fold_agent as attack_fold_agent
 from protocol_seeds import models as protocol_models
 from rows import exit_2_on_bad_input
-from signal_models import HERE, Rows, per_model_main
+from signal_models import HERE, Rows, per_set_main
 from verify_sweep import FOLDS, SETS, cells_of, fold_agent, run_changed
 
 FRACTION = 0.05
@@ -118,11 +117,7 @@ def report(rows: Rows) -> str:
 
 
 def main() -> None:
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--set", choices=list(SEEDS), required=True)
-    which = peek.parse_known_args()[0].set
-    per_model_main(__doc__, results_of(which), MODELS[which](), measure, report,
-                   option=("--set", {"choices": list(SEEDS), "required": True}, results_of))  # fmt: skip
+    per_set_main(__doc__, "--set", MODELS, results_of, measure, report)
 
 
 if __name__ == "__main__":

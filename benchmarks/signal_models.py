@@ -106,6 +106,18 @@ def complete_rows(results: Path, models: list[tuple[str, str, LabConfig]], worke
             write_text_atomic(results, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def per_set_main(doc: str, flag: str, models_of: dict[str, Callable[[], list[tuple[str, str, LabConfig]]]],
+                 results_of: Callable[[str], Path], measure: Callable[..., dict[str, Any]],
+                 report: Callable[[Rows], str]) -> None:  # fmt: skip
+    """per_model_main over the models of one set, named by `flag` (required; its value goes to `measure` after the
+    artifact path): `models_of` maps each value to its models, `results_of` to its results file."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument(flag, choices=list(models_of), required=True)
+    value = getattr(peek.parse_known_args()[0], flag.lstrip("-").replace("-", "_"))
+    per_model_main(doc, results_of(value), models_of[value](), measure, report,
+                   option=(flag, {"choices": list(models_of), "required": True}, results_of))  # fmt: skip
+
+
 def per_model_main(doc: str, results: Path, models: list[tuple[str, str, LabConfig]],
                    measure: Callable[..., dict[str, Any]], report: Callable[[Rows], str],
                    complete: Callable[[dict[str, Any]], list[str]] | None = None,

@@ -49,7 +49,6 @@ line per model in verify_sweep_SET.jsonl (resumable), then verify_sweep_SET.md."
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import tempfile
@@ -65,7 +64,7 @@ from onp_vs_baselines import train_variant
 from rows import exit_2_on_bad_input
 from shift_seeds import SEEDS as SHIFT_SEEDS
 from shift_seeds import models as shift_models
-from signal_models import HERE, Rows, per_model_main
+from signal_models import HERE, Rows, per_set_main
 
 from onp_env.defend import defend_artifact
 
@@ -236,11 +235,7 @@ def report(rows: Rows) -> str:
 
 
 def main() -> None:
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--set", choices=list(SETS), required=True)
-    which = peek.parse_known_args()[0].set
-    per_model_main(__doc__, results_of(which), SETS[which](), measure, report,
-                   option=("--set", {"choices": list(SETS), "required": True}, results_of))  # fmt: skip
+    per_set_main(__doc__, "--set", SETS, results_of, measure, report)
 
 
 if __name__ == "__main__":
