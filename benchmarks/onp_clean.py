@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from detect_shipped import models as detect_models
-from onp_vs_baselines import BEFORE_VERIFY, SETTINGS, VERIFY_OFF
+from onp_vs_baselines import BEFORE_VERIFY, SETTINGS, VERIFY_OFF, repair_before_4_epochs
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 
@@ -45,7 +45,7 @@ RUNS = (
 PRESET = "onp --preset recommended"
 BEFORE = {"repair": VERIFY_OFF, "unflagged": "keep"}
 """PRESET's parameters over the preset as the committed rows ran it (2026-12-06): before `unflagged: give_back` and
-`verify_sweep`."""
+`verify_sweep`; with 5% defense data also its 3 repair epochs (onp_vs_baselines.repair_before_4_epochs)."""
 
 
 def models() -> list[tuple[str, str, Any]]:
@@ -66,8 +66,10 @@ def measure(name: str, role: str, path: str, preset: bool = False) -> dict[str, 
     for run in (PRESET,) if preset else RUNS:
         method, setting = ("onp", BEFORE) if run == PRESET else SETTINGS[run]
         for fraction in FRACTIONS:
+            pinned = {**setting, "repair": repair_before_4_epochs(fraction, BEFORE["repair"])}
+            params = pinned if run == PRESET else setting
             with tempfile.TemporaryDirectory() as tmp:
-                _, r = defend_artifact(path, method, {**setting, "defense_fraction": fraction}, Path(tmp) / "out",
+                _, r = defend_artifact(path, method, {**params, "defense_fraction": fraction}, Path(tmp) / "out",
                                        preset="recommended" if run == PRESET else None)  # fmt: skip
             out = r.get("finetuned", r)
             cells.append({"run": run, "fraction": fraction, "acc_before": r["before"]["acc"], "acc": out["acc"],

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from detect_calibration import calibration_models
 from detect_shipped import models as held_out_models
-from onp_vs_baselines import VERIFY_OFF
+from onp_vs_baselines import VERIFY_OFF, repair_before_4_epochs
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main
 
@@ -46,7 +46,8 @@ SETTINGS = {
     "give-back": {"repair": VERIFY_OFF, "unflagged": "give_back"},
 }
 """Setting name: onp's parameters on top of the recommended preset, as it was when these runs were made (before
-`verify_sweep`, pinned off so that a resumed run measures what the committed rows did)."""
+`verify_sweep`, pinned off, and with its 3 repair epochs with 5% defense data, onp_vs_baselines.
+repair_before_4_epochs: so that a resumed run measures what the committed rows did)."""
 FRACTIONS = (0.01, 0.05)
 ROLES = ("shadow", "clean", "held-out", "held-out clean")
 
@@ -75,7 +76,8 @@ def measure(name: str, role: str, path: str) -> dict[str, Any]:
     for fraction in FRACTIONS:
         for setting, params in SETTINGS.items():
             with tempfile.TemporaryDirectory() as tmp:
-                _, r = defend_artifact(path, "onp", {**params, "defense_fraction": fraction}, Path(tmp) / "o",
+                pinned = {**params, "repair": repair_before_4_epochs(fraction, params["repair"])}
+                _, r = defend_artifact(path, "onp", {**pinned, "defense_fraction": fraction}, Path(tmp) / "o",
                                        preset="recommended")  # fmt: skip
             out = r["finetuned"] or {k: r[k] for k in ("acc", "asr")}
             details = r["details"]

@@ -270,6 +270,17 @@ so that their committed rows and a resumed run measure one setting."""
 VERIFY_OFF = {"verify_sweep": False}
 """Over `verdict`'s recommended preset (under `repair` over the agent's): that preset as it ran before `verify_sweep`,
 pinned by the benchmarks whose committed rows ran the presets before it (shift_presets, onp_unflagged, onp_clean)."""
+
+
+def repair_before_4_epochs(fraction: float, repair: dict[str, Any]) -> dict[str, Any]:
+    """`repair` (over the agent's recommended preset's) with the 3 epochs that preset repaired over with 5% of
+    Fashion-MNIST's training split (3000 images, above agents.defense.FEW_IMAGES) until 2026-12-07, late (4 since:
+    repair_epochs_folds.py); with 1% (600 images) its 8 epochs did not change. Pinned by the benchmarks whose committed
+    rows ran the agent's preset before (shift_presets, onp_unflagged, onp_clean, verify_sweep), so that a resumed run
+    measures what their rows did."""
+    return {**repair, "repair_epochs": 3} if fraction >= 0.05 else repair
+
+
 REPAIRED = (
     "verdict shipped repair",
     "verdict shipped unlearn line1",

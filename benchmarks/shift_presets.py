@@ -12,9 +12,11 @@ says how that was checked), is defended by `onp defend --method onp --preset rec
 (the cells of bench-fashion-mnist-shift-rebuilt, number for number) and shift_seeds.SEEDS, at 1% and 5%. Nothing
 is chosen here: it measures whether verdict leaves a backdoored model of the set unflagged, and what giving back
 costs there. Both presets took `verify_sweep` later that day (verify_sweep.py, whose `--set shift` has these runs
-with it): it is pinned off here (onp_vs_baselines.VERIFY_OFF), so that a resumed run measures what the committed
-rows did. One torch thread per worker; the runs of one model share one process and its memoised inversions, so their
-seconds are not compared. One JSON line per model in shift_presets.jsonl (resumable), then shift_presets.md."""
+with it): it is pinned off here (onp_vs_baselines.VERIFY_OFF), and the agent's preset's 3 repair epochs with 5%
+(4 since 2026-12-07, late: onp_vs_baselines.repair_before_4_epochs) pinned, so that a resumed run measures what the
+committed rows did. One torch thread per worker; the runs of one model share one process and its memoised
+inversions, so their seconds are not compared. One JSON line per model in shift_presets.jsonl (resumable), then
+shift_presets.md."""
 
 from __future__ import annotations
 
@@ -22,15 +24,18 @@ import platform
 from typing import Any
 
 import torch
-from onp_vs_baselines import VERIFY_OFF
+from onp_vs_baselines import VERIFY_OFF, repair_before_4_epochs
 from rows import exit_2_on_bad_input
 from shift_seeds import FRACTIONS, SEEDS, defended_cells, models, seeds_report
 from signal_models import HERE, Rows, per_model_main
 
 RESULTS = HERE / "results" / "shift_presets.jsonl"
 METHODS = {
-    "agent's preset": {f: ("onp", {"repair": VERIFY_OFF}, "recommended") for f in FRACTIONS},
-    "agent's preset, keep": {f: ("onp", {"unflagged": "keep", "repair": VERIFY_OFF}, "recommended") for f in FRACTIONS},
+    "agent's preset": {f: ("onp", {"repair": repair_before_4_epochs(f, VERIFY_OFF)}, "recommended") for f in FRACTIONS},
+    "agent's preset, keep": {
+        f: ("onp", {"unflagged": "keep", "repair": repair_before_4_epochs(f, VERIFY_OFF)}, "recommended")
+        for f in FRACTIONS
+    },
     "verdict's preset": {f: ("verdict", VERIFY_OFF, "recommended") for f in FRACTIONS},
 }
 """Per method and fraction: the registered defense, the parameters over its preset, and the preset."""

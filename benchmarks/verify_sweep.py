@@ -60,7 +60,7 @@ from detect_calibration import calibration_models
 from detect_shipped import models as held_out_models
 from filelock import FileLock
 from onp_repair_knobs import CHANGE_RULE, judged, moved, rule_holds
-from onp_vs_baselines import train_variant
+from onp_vs_baselines import repair_before_4_epochs, train_variant
 from rows import exit_2_on_bad_input
 from shift_seeds import SEEDS as SHIFT_SEEDS
 from shift_seeds import models as shift_models
@@ -122,7 +122,10 @@ def fold_agent(name: str) -> Path:
 def run(path: str, command: str, fraction: float, seed: int, verify: bool, agent: Path | None = None) -> dict:
     """One run of `command`'s preset, with or without `verify_sweep` (the agent's with `agent`, else the shipped
     one): the cell's fields."""
-    return run_changed(path, command, fraction, seed, {"verify_sweep": verify}, "with" if verify else "without", agent)
+    change: dict[str, Any] = {"verify_sweep": verify}
+    if COMMANDS[command] == "onp":  # its rows ran the agent's preset's 3 repair epochs with 5%
+        change = repair_before_4_epochs(fraction, change)
+    return run_changed(path, command, fraction, seed, change, "with" if verify else "without", agent)
 
 
 def run_changed(path: str, command: str, fraction: float, seed: int, change: dict[str, Any], setting: str,
