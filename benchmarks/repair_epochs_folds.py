@@ -2,15 +2,16 @@
 
     ONP_CACHE=$PWD/benchmarks/runs/cache python benchmarks/repair_epochs_folds.py --set SET [--workers 2]
 
-With 5% defense data (3000 Fashion-MNIST images) the agent's preset trails the recommended `verdict` by 0.05-0.10 mean
-DER on the protocol's held-out models and on seeds 104-109 (README, "Not met"): the same ASR, 0.1-0.2 points more
-accuracy lost on every attack. Its repair runs 3 epochs where `verdict`'s runs 5: 5 epochs scored better on the
-shadow models on 2026-12-05 (onp_repair_epochs_5.md: 92.7 / 1.3 / 0.9 against 92.6 / 1.5 / 1.0, the command of that
-day, its agents' units in-sample) and were left out for the deployment bound (with `verify_sweep`: a median 0.091 of
-ANP's time, at most 0.105, 4 of 5 models within a tenth; deploy_cost_agent_repair_epochs_at_5.md).
+Written 2026-12-07, when with 5% defense data (3000 Fashion-MNIST images) the agent's preset trailed the recommended
+`verdict` by 0.05-0.10 mean DER on the protocol's held-out models and on seeds 104-109 (the README's "Not met" then):
+the same ASR, 0.1-0.2 points more accuracy lost on every attack. Its repair ran 3 epochs where `verdict`'s runs 5: 5
+epochs scored better on the shadow models on 2026-12-05 (onp_repair_epochs_5.md: 92.7 / 1.3 / 0.9 against 92.6 / 1.5 /
+1.0, the command of that day, its agents' units in-sample) and were left out for the deployment bound (with
+`verify_sweep`: a median 0.091 of ANP's time, at most 0.105, 4 of 5 models within a tenth;
+deploy_cost_agent_repair_epochs_at_5.md).
 
-- `--set choose-folds`: the 30 sampled shadow models, each defended by the agent's preset as it ships and with
-  `repair_epochs` 4 and 5, with the leave-one-attack-out agent that never trained on its attack
+- `--set choose-folds`: the 30 sampled shadow models, each defended by the agent's preset as it shipped then (3
+  repair epochs) and with `repair_epochs` 4 and 5, with the leave-one-attack-out agent that never trained on its attack
   (verify_sweep.fold_agent), the defense's seeds 22 and 23 (run by no study before), 5% defense data. Rule, written
   before the run: the preset takes, from FEW_IMAGES images up, the most epochs among 5 and 4 for which
   onp_repair_knobs.CHANGE_RULE holds against 3 on these runs over both seeds (mean DER not below, mean ASR and points
@@ -43,6 +44,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import deploy_cost
 import torch
 from onp_prunable import repaired_means
 from onp_repair_knobs import CHANGE_RULE, judged, moved, rule_holds
@@ -61,9 +63,28 @@ VERIFY_SHIFT = HERE / "results" / "verify_sweep_shift.jsonl"
 MODELS = {**{k: SETS[k] for k in ("choose-folds", "held-out-folds", "shift")}, "protocol": protocol_models}
 """Set -> its models (name, role, lab): the protocol's role is the model's attack."""
 SETTINGS = {"3 epochs": {"repair_epochs": 3}, "4 epochs": {"repair_epochs": 4}, "5 epochs": {"repair_epochs": 5}}
-"""Setting name -> change to the agent's preset's repair (the first: the preset as it ships; an empty change would
-empty the preset's repair section, onp_env.presets.merged)."""
+"""Setting name -> change to the agent's preset's repair (the first: the preset until 2026-12-07, late; an empty change
+would empty the preset's repair section, onp_env.presets.merged)."""
 COMMAND, VERDICT = "agent's preset", "verdict's preset"
+
+
+TIMINGS = {"5 epochs": "agent repair epochs at 5%", "4 epochs": "agent repair 4 epochs at 5%"}
+"""Setting -> the deploy_cost.py COMPARED entry that timed it beside 3 epochs (5 epochs': 2026-12-07, before this
+study; 4 epochs': after its choose-folds runs)."""
+
+
+def timing_holds(setting: str) -> bool | None:
+    """Whether every model of the setting's timing ran within a tenth of its ANP run (None: not timed)."""
+    path = deploy_cost.results_of(TIMINGS[setting])
+    if not path.is_file():
+        return None
+    name = f"shipped agent verdict repair sweep agent limit lr {setting} give back verify"
+    cells = [c for line in path.read_text().splitlines() for c in json.loads(line)["cells"]]
+    return all(c[name]["seconds"] <= deploy_cost.TENTH * c["anp"]["seconds"] for c in cells)
+
+
+def what(timed: bool | None) -> str:
+    return "not timed" if timed is None else "holds" if timed else "fails"
 
 
 def results_of(which: str) -> Path:
@@ -112,7 +133,12 @@ def report(rows: Rows) -> str:
     verdict = list(cells_of(rows, roles, VERDICT, FRACTION, "verdict").values())
     if which == "shift" and VERIFY_SHIFT.is_file():  # the recommended verdict as it ships, on the same seeds
         shift_rows = [json.loads(line) for line in VERIFY_SHIFT.read_text().splitlines()]
-        verdict = list(cells_of(shift_rows, ("shift",), VERDICT, FRACTION, "with").values())
+        found = cells_of(shift_rows, ("shift",), VERDICT, FRACTION, "with")
+        verdict = [c for key, c in found.items() if key in by[base]]
+        agent_rows = cells_of(shift_rows, ("shift",), COMMAND, FRACTION, "with")
+        same = all(agent_rows[key]["repaired"] == c["repaired"] for key, c in by[base].items())
+        lines += ["", f"This set's 3-epoch runs {'equal' if same else 'differ from'} verify_sweep_shift.jsonl's runs "
+                  "of the agent's preset (with `verify_sweep`), whose `verdict` rows the table reads."]  # fmt: skip
     if verdict:
         lines += ["", "| command | mean DER | mean ASR | points lost | within |", "|---|---:|---:|---:|---:|"]
         for name, cs in (
@@ -126,9 +152,13 @@ def report(rows: Rows) -> str:
         holding = [s for s in reversed(longer) if rule_holds(list(by[s].values()), old, CHANGE_RULE, len(seeds))]
         said = ("not yet read" if not ready else f"holds for {', '.join(holding)}" if holding
                 else "holds for neither: the preset keeps 3 epochs")  # fmt: skip
+        timed = {s: timing_holds(s) for s in holding}
+        taken = next((s for s in holding if timed[s]), base) if ready else "not yet read"
         lines += ["", f"Rule, first part (CHANGE_RULE against {base} on these runs, seeds "
-                  f"{', '.join(map(str, seeds))}): {said}. Second part: a deploy_cost.py timing with every model "
-                  "within a tenth of ANP's time (the module's docstring)."]  # fmt: skip
+                  f"{', '.join(map(str, seeds))}): {said}. Second part, every model within a tenth of ANP's time in "
+                  "the setting's one deploy_cost.py timing beside 3 epochs (TIMINGS; a failed timing is not re-run "
+                  f"on the same code): {'; '.join(f'{s} {what(t)}' for s, t in timed.items()) or 'not read'}. "
+                  f"Taken: {taken}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
