@@ -191,9 +191,10 @@ def _trained_on(agent: Agent) -> tuple[list[int], int] | None:
 FEW_IMAGES = 2324
 """Below this many defense images the recommended preset's repair runs 8 epochs, else 4. On the shadow models 8
 epochs were chosen at 600 Fashion-MNIST images (1% of its training split) and again at 1200 and 1800
-(benchmarks/onp_repair_knobs.py `few-images`: 1.24 and 1.26 points lost against 3 epochs' 1.72 and 1.62); at 3000, the
-most epochs that keep the deployment within a tenth of ANP's time: 3 until 2026-12-07, 4 since
-(benchmarks/repair_epochs_folds.py, with the fold agents: 1.05 points lost against 3 epochs' 1.19). The line is the
+(benchmarks/onp_repair_knobs.py `few-images`: 1.24 and 1.26 points lost against 3 epochs' 1.72 and 1.62); at 3000, 3
+until 2026-12-07 and 4 since (benchmarks/repair_epochs_folds.py, with the fold agents: 1.05 points lost against 3
+epochs' 1.19), whose one timing kept every model within a tenth of ANP's time, in a run where 3 epochs reached 0.102 on
+one model (5 epochs' timing failed). The line is the
 geometric mean of 1800 and 3000; with 2280 images 8 epochs take 0.082 of ANP's time (benchmarks/deploy_cost.py), their
 outcome there was not measured."""
 RECOMMENDED = Preset(

@@ -15,8 +15,8 @@ Models: detect_shipped.py's clean ones (the lab's recipe without an attack, seed
 here. Per cell: accuracy lost by the model the defense hands back (the repaired one where there is one), units cut,
 and whether verdict flagged the model. One torch thread per worker. One JSON line per model in onp_clean.jsonl
 (resumable), then onp_clean.md. `--preset`: the agent's command as `onp defend --method onp --preset recommended`
-runs it (lr 0.02 and 8 or 3 epochs by the defense set's size: agents.defense.RECOMMENDED), in onp_clean_preset.jsonl
-and .md."""
+runs it (lr 0.02 and 8 or 3 epochs by the defense set's size, as its rows ran: agents.defense.RECOMMENDED has
+repaired over 4 with 5% since 2026-12-07, late), in onp_clean_preset.jsonl and .md."""
 
 from __future__ import annotations
 

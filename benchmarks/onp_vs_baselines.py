@@ -200,8 +200,8 @@ SETTINGS = {
         for n in (3, 8)
     },
     # ... and the sweep checked (verdict's verify_sweep): the recommended preset since 2026-12-07, night
-    # (verify_sweep_choose-folds.md); 4 and 5 epochs (5: verdict's own) timed against 3 with 5% (deploy_cost.py)
-    # and weighed on the fold agents' shadow models (repair_epochs_folds.py)
+    # (verify_sweep_choose-folds.md), with 3 epochs with 5% until late that night and 4 since (repair_epochs_folds.py,
+    # which weighed 4 and 5, verdict's own, on the fold agents' shadow models; both timed against 3 by deploy_cost.py)
     **{
         f"shipped agent verdict repair sweep agent limit lr {n} epochs give back verify": _agent_command(
             n, {"verify_sweep": True}, unflagged="give_back"
@@ -242,7 +242,8 @@ with that sweep's accuracy limit measured from the agent's pruned model (`sweep_
 then giving back the agent's units whose return raises accuracy while the reversed trigger sends at most 1% of the
 images to its class (`sweep_spare: 0.01`), `... agent limit lr` is `... agent limit` with the repair's learning rate
 at 0.02 (`repair.repair_lr`, onp_repair_knobs.py's study lr-high), `... lr 3 epochs`/`8 epochs` that repair over 3 or 8
-epochs instead of 5 (`repair.repair_epochs`, the studies epochs and epochs-high), `... epochs spread` that repair
+epochs instead of 5 (`repair.repair_epochs`, the studies epochs and epochs-high; `... lr 4 epochs give back verify`,
+the agent's preset with 5% since 2026-12-07, late: repair_epochs_folds.py), `... epochs spread` that repair
 with verdict choosing on scores standardised per class, moved only to a mask or blend inversion (`repair.class_spread`,
 `repair.spread_latent: false`, the study spread-input);
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
