@@ -233,6 +233,11 @@ def compared(name: str, path: str, fraction: float, settings: tuple[str, ...]) -
     return {"fraction": fraction, "order": order, **got}
 
 
+def compared_ratios(rows: Rows, setting: str) -> list[float]:
+    """Per model of a COMPARED entry's rows: `setting`'s seconds as a share of that model's ANP run."""
+    return [r["cells"][0][setting]["seconds"] / r["cells"][0]["anp"]["seconds"] for r in rows]
+
+
 def compared_report(rows: Rows) -> str:
     setting = rows[0]["setting"]
     fraction, settings = COMPARED[setting]
@@ -257,7 +262,7 @@ def compared_report(rows: Rows) -> str:
     lines += ["", "| setting | median / ANP | max | within a tenth | mean ASR % | mean ACC lost |",
               "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for s in settings:
-        ratios = [r["cells"][0][s]["seconds"] / r["cells"][0]["anp"]["seconds"] for r in rows]
+        ratios = compared_ratios(rows, s)
         outs = [r["cells"][0][s] for r in rows]
         asr = statistics.mean(o["asr"] for o in outs) * 100
         lost = statistics.mean((o["before"]["acc"] - o["acc"]) * 100 for o in outs)

@@ -66,8 +66,9 @@ def measure(name: str, role: str, path: str, preset: bool = False) -> dict[str, 
     for run in (PRESET,) if preset else RUNS:
         method, setting = ("onp", BEFORE) if run == PRESET else SETTINGS[run]
         for fraction in FRACTIONS:
-            pinned = {**setting, "repair": repair_before_4_epochs(fraction, BEFORE["repair"])}
-            params = pinned if run == PRESET else setting
+            params = setting
+            if run == PRESET:
+                params = {**BEFORE, "repair": repair_before_4_epochs(fraction, BEFORE["repair"])}
             with tempfile.TemporaryDirectory() as tmp:
                 _, r = defend_artifact(path, method, {**params, "defense_fraction": fraction}, Path(tmp) / "out",
                                        preset="recommended" if run == PRESET else None)  # fmt: skip

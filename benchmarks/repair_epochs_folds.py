@@ -66,8 +66,6 @@ SETTINGS = {"3 epochs": {"repair_epochs": 3}, "4 epochs": {"repair_epochs": 4}, 
 """Setting name -> change to the agent's preset's repair (the first: the preset until 2026-12-07, late; an empty change
 would empty the preset's repair section, onp_env.presets.merged)."""
 COMMAND, VERDICT = "agent's preset", "verdict's preset"
-
-
 TIMINGS = {"5 epochs": "agent repair epochs at 5%", "4 epochs": "agent repair 4 epochs at 5%"}
 """Setting -> the deploy_cost.py COMPARED entry that timed it beside 3 epochs (5 epochs': 2026-12-07, before this
 study; 4 epochs': after its choose-folds runs)."""
@@ -78,9 +76,9 @@ def timing_holds(setting: str) -> bool | None:
     path = deploy_cost.results_of(TIMINGS[setting])
     if not path.is_file():
         return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
     name = f"shipped agent verdict repair sweep agent limit lr {setting} give back verify"
-    cells = [c for line in path.read_text().splitlines() for c in json.loads(line)["cells"]]
-    return all(c[name]["seconds"] <= deploy_cost.TENTH * c["anp"]["seconds"] for c in cells)
+    return all(x <= deploy_cost.TENTH for x in deploy_cost.compared_ratios(rows, name))
 
 
 def what(timed: bool | None) -> str:
