@@ -96,7 +96,7 @@ def _lost(c: dict[str, Any]) -> float:
     return 100 * (c["before"]["acc"] - c["finetuned"]["acc"])
 
 
-def _means(cells: list[dict[str, Any]]) -> tuple[float, float, float, int]:
+def finetuned_means(cells: list[dict[str, Any]]) -> tuple[float, float, float, int]:
     """Mean DER, ASR (%) and points lost after the repair, and the runs within the target."""
     der = statistics.mean(100 * c["finetuned"]["der"] for c in cells)
     asr = statistics.mean(100 * c["finetuned"]["asr"] for c in cells)
@@ -118,7 +118,7 @@ def seeds_report(rows: Rows, methods: dict[str, Any], head: list[str], own: str)
                                 ("all three", lambda c: True)):  # fmt: skip
                 chosen = [c for c in mine if pick(c)]
                 if chosen:
-                    der, asr, lost, within = _means(chosen)
+                    der, asr, lost, within = finetuned_means(chosen)
                     lines.append(f"| {method} | {fraction:.0%} | {label} | {der:.1f} | {asr:.1f} | {lost:.2f} | "
                                  f"{within} of {len(chosen)} |")  # fmt: skip
     lines += ["", f"Per model, ASR left after the repair with each seed ({own}, then {', '.join(map(str, SEEDS))}), %:",
