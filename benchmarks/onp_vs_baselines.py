@@ -13,8 +13,9 @@ the trigger; no defense does). Then the ablations (--ablations), on the first he
 --agent-repair also runs each fold's agent with verdict's repair of its pruned model (`onp verdict repair`, as the
 README deploys the shipped agent), --repair-sweep with verdict's sweep going on from its units before that repair
 (`onp verdict repair sweep`, `repair_sweep`); onp_no_mnp.md holds the folds of the shipped agent's config so.
---spread runs each --sweep-epochs run also with `class_spread` (onp_no_mnp_spread.md). Cells of one model in one worker
-share its memoised inversions, so a cell's seconds there depend on what ran before it.
+--spread runs each --sweep-epochs run also with `class_spread` (onp_no_mnp_spread.md). --agent-preset runs each fold's
+agent by the agent's recommended preset as it resolves at each fraction, named by its setting. Cells of one model in
+one worker share its memoised inversions, so a cell's seconds there depend on what ran before it.
 --variants runs chosen ablation variants on every fold and fraction instead: a variant picked from the
 ablation table has to be confirmed on held-out models the pick did not see (--seeds, a --results file
 of its own), or the test models will have chosen it.
@@ -45,6 +46,7 @@ from rows import exit_2_on_bad_input, read_protocol
 from tqdm import tqdm
 
 from agents.config import AgentConfig, load_agent_config
+from agents.defense import ONP
 from agents.expert import OracleExpert, run_expert
 from agents.io import load_agent
 from agents.train import train_agent, zoo_configs
@@ -54,6 +56,7 @@ from onp_env.config import AttackConfig, LabConfig, from_dict
 from onp_env.defend import defend_artifact, defense_subset
 from onp_env.env import NeuronPruningEnv, PruningTarget
 from onp_env.env.signals import reference_norms
+from onp_env.errors import OnpError
 from onp_env.masking import Masks
 from onp_env.metrics import der, evaluate
 from onp_env.results import append
@@ -258,10 +261,26 @@ AGENT_REPAIRS = {
     " verdict repair sweep agent limit lr 3 epochs": "shipped agent verdict repair sweep agent limit lr 3 epochs",
     " verdict repair sweep agent limit lr 8 epochs": "shipped agent verdict repair sweep agent limit lr 8 epochs",
     **{f"{_LR} {n} epochs spread": f"shipped agent{_LR} {n} epochs spread" for n in (3, 8)},
+    **{f"{_LR} {n} epochs give back verify": f"shipped agent{_LR} {n} epochs give back verify" for n in (3, 4, 5, 8)},
 }
 """Method-name suffixes of a fold's agent repaired as the shipped one is by that SETTINGS entry (--agent-repair: the
 first; --repair-sweep: the second; --sweep-agent-limit: the third; --sweep-spare: the fourth; --sweep-lr: the
-fifth; --sweep-epochs N: the one of N epochs; with --spread also its `spread` form)."""
+fifth; --sweep-epochs N: the one of N epochs; with --spread also its `spread` form; --agent-preset: the `give back
+verify` one that is the agent's preset for the defense set's size, preset_suffix)."""
+
+
+def preset_suffix(images: int) -> str:
+    """The AGENT_REPAIRS suffix whose SETTINGS entry is `onp --preset recommended` as it resolves for a defense set of
+    `images` images (so a run's name spells the setting it measured, whatever the preset becomes), refused with one
+    line where the preset changed into a setting no entry holds."""
+    resolved = ONP.presets["recommended"].resolve(images)
+    for suffix, setting in AGENT_REPAIRS.items():
+        if SETTINGS[setting] == ("onp", resolved):
+            return suffix
+    raise OnpError(f"onp's recommended preset with {images} defense images is no SETTINGS entry of AGENT_REPAIRS: "
+                   "add its setting to both before running --agent-preset")  # fmt: skip
+
+
 RECOMMENDED = "verdict shipped repair untargeted blend verdict outranks reuse distill verify"
 """The SETTINGS entry that is the README's recommended `verdict` command since 2026-12-07 (verify_sweep.md)."""
 BEFORE_VERIFY = "verdict shipped repair untargeted blend verdict outranks reuse distill"
@@ -630,13 +649,18 @@ def run(args: argparse.Namespace) -> None:
         suffixes = [s for s, on in zip(named, asked, strict=False) if on]  # the protocol agent's repaired runs
         suffixes += [f"{named[len(asked) - 1]} {n} epochs" for n in args.sweep_epochs]  # --sweep-lr's, N epochs
         suffixes += [f"{named[len(asked) - 1]} {n} epochs spread" for n in args.sweep_epochs if args.spread]
+        by_fraction = {f: suffixes for f in args.fractions}
+        if args.agent_preset:  # the preset's setting for each fraction's defense set, measured on a held-out model
+            art = load_artifact(paths[next(iter(held_labs.values())).name])
+            for f in args.fractions:
+                by_fraction[f] = list(dict.fromkeys([*suffixes, preset_suffix(len(defense_subset(art, f)[1]))]))
         ready: list[tuple[int, int, tuple]] = []
         waiting: dict[tuple[str, str], list[tuple]] = {}
         for (held, seed), hl in held_labs.items():
             for fraction in args.fractions:
                 ablate = fraction == max(args.fractions)
                 for variant in [v for (h, v) in variants if h == held and (ablate or v in everywhere)]:
-                    repaired = [variant + s for s in suffixes] if variant == args.name else []
+                    repaired = [variant + s for s in by_fraction[fraction]] if variant == args.name else []
                     for method in [variant, *repaired]:
                         key = f"{held}/s{seed}/{fraction:g}/{method}"
                         if key not in finished:
@@ -998,6 +1022,10 @@ def main() -> None:
     p.add_argument("--sweep-lr", action="store_true",
                    help=f"also run each fold's agent with that sweep, the limit from the agent's model, and the "
                         f"repair at lr 0.02 (`{AGENT_REPAIRS[lr]}`), as `NAME{lr}`")  # fmt: skip
+    p.add_argument("--agent-preset", action="store_true",
+                   help="also run each fold's agent by the agent's recommended preset as it resolves for each "
+                        "fraction's defense set (`onp --preset recommended`), under the name of its setting "
+                        f"(`NAME{lr} N epochs give back verify`)")  # fmt: skip
     p.add_argument("--sweep-epochs", nargs="+", type=int, default=[], choices=(3, 8), metavar="N",
                    help=f"also run each fold's agent as with --sweep-lr, the repair over N epochs (3 or 8: "
                         f"`{AGENT_REPAIRS[lr]} N epochs`), as `NAME{lr} N epochs`")  # fmt: skip

@@ -130,9 +130,14 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
     settings = benchmark_settings(monkeypatch).SETTINGS
     timed = {name for _, names in benchmark_settings(monkeypatch, "deploy_cost").COMPARED.values() for name in names}
     preset = ONP.presets["recommended"]
-    for images, epochs in ((600, 8), (3000, 4)):  # the preset as it runs today
+    protocol = benchmark_settings(monkeypatch)
+    for images, epochs in ((600, 8), (3000, 4)):  # the preset as it runs today, and as --agent-preset names it
         assert settings[f"shipped agent verdict repair sweep agent limit lr {epochs} epochs give back verify"] == (
             "onp", preset.resolve(images))  # fmt: skip
+        suffix = protocol.preset_suffix(images)
+        assert protocol.AGENT_REPAIRS[suffix] == f"shipped agent{suffix}" and suffix.endswith(
+            f" {epochs} epochs give back verify"
+        )
     assert "shipped agent verdict repair sweep agent limit lr 4 epochs give back verify" in timed  # 4 since 2026-12-07
     # 4 epochs with 3000 images since 2026-12-07 (repair_epochs_folds_choose-folds.md): the runs measured before it
     # with 3, and before verify_sweep and give_back, are the preset with those changed
