@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from onp_vs_baselines import BEFORE_VERIFY, RECOMMENDED, SETTINGS
+from onp_vs_baselines import AGENT_COMMAND, BEFORE_VERIFY, RECOMMENDED, SETTINGS
 from rows import exit_2_on_bad_input
 from signal_models import HERE, Rows, per_model_main, sampled_and_held_out
 
@@ -73,12 +73,12 @@ FRACTIONS = (0.01, 0.05)
 TENTH = 0.1
 PIPELINES = {
     "agent pipeline": {
-        0.01: "shipped agent verdict repair sweep agent limit lr",
-        0.05: "shipped agent verdict repair sweep agent limit lr 3 epochs",
+        0.01: AGENT_COMMAND,
+        0.05: f"{AGENT_COMMAND} 3 epochs",
     },
     "agent command": {
-        0.01: "shipped agent verdict repair sweep agent limit lr 8 epochs",
-        0.05: "shipped agent verdict repair sweep agent limit lr 3 epochs",
+        0.01: f"{AGENT_COMMAND} 8 epochs",
+        0.05: f"{AGENT_COMMAND} 3 epochs",
     },
     "verdict channels last": {0.01: BEFORE_VERIFY, 0.05: BEFORE_VERIFY},
 }
@@ -97,54 +97,54 @@ COMPARED = {
         0.05,
         (
             "shipped agent verdict repair",
-            "shipped agent verdict repair sweep agent limit lr",
-            "shipped agent verdict repair sweep agent limit lr 3 epochs",
+            AGENT_COMMAND,
+            f"{AGENT_COMMAND} 3 epochs",
         ),
     ),
     "agent repairs at 1%": (
         0.01,
         (
-            "shipped agent verdict repair sweep agent limit lr",
-            "shipped agent verdict repair sweep agent limit lr 8 epochs",
+            AGENT_COMMAND,
+            f"{AGENT_COMMAND} 8 epochs",
         ),
     ),
-    "commands at 5%": (0.05, ("shipped agent verdict repair sweep agent limit lr 3 epochs", BEFORE_VERIFY)),
-    "commands at 1%": (0.01, ("shipped agent verdict repair sweep agent limit lr 8 epochs", BEFORE_VERIFY)),
+    "commands at 5%": (0.05, (f"{AGENT_COMMAND} 3 epochs", BEFORE_VERIFY)),
+    "commands at 1%": (0.01, (f"{AGENT_COMMAND} 8 epochs", BEFORE_VERIFY)),
     "verify at 5%": (0.05, (BEFORE_VERIFY, RECOMMENDED)),
     "agent verify at 5%": (
         0.05,
         (
-            "shipped agent verdict repair sweep agent limit lr 3 epochs give back",
-            "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
+            f"{AGENT_COMMAND} 3 epochs give back",
+            f"{AGENT_COMMAND} 3 epochs give back verify",
         ),
     ),
     "agent repair epochs at 5%": (
         0.05,
         (
-            "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
-            "shipped agent verdict repair sweep agent limit lr 5 epochs give back verify",
+            f"{AGENT_COMMAND} 3 epochs give back verify",
+            f"{AGENT_COMMAND} 5 epochs give back verify",
         ),
     ),
     "agent repair 4 epochs at 5%": (
         0.05,
         (
-            "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
-            "shipped agent verdict repair sweep agent limit lr 4 epochs give back verify",
+            f"{AGENT_COMMAND} 3 epochs give back verify",
+            f"{AGENT_COMMAND} 4 epochs give back verify",
         ),
     ),
     "agent command below the switch": (
         0.038,
         (
-            "shipped agent verdict repair sweep agent limit lr 8 epochs",
-            "shipped agent verdict repair sweep agent limit lr 3 epochs",
+            f"{AGENT_COMMAND} 8 epochs",
+            f"{AGENT_COMMAND} 3 epochs",
         ),
     ),
     **{
         f"spread command at {fraction:.0%}": (
             fraction,
             (
-                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs spread",
-                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs",
+                f"{AGENT_COMMAND} {epochs} epochs spread",
+                f"{AGENT_COMMAND} {epochs} epochs",
             ),
         )
         for fraction, epochs in ((0.05, 3), (0.01, 8))
@@ -153,8 +153,8 @@ COMPARED = {
         f"repair layout at {fraction:.0%}": (
             fraction,
             (
-                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs{DEFAULT_LAYOUT}",
-                f"shipped agent verdict repair sweep agent limit lr {epochs} epochs{CHANNELS_LAST}",
+                f"{AGENT_COMMAND} {epochs} epochs{DEFAULT_LAYOUT}",
+                f"{AGENT_COMMAND} {epochs} epochs{CHANNELS_LAST}",
                 f"{BEFORE_VERIFY}{DEFAULT_LAYOUT}",
                 f"{BEFORE_VERIFY}{CHANNELS_LAST}",
             ),
@@ -163,7 +163,7 @@ COMPARED = {
     },
     "presets at 1%": (
         0.01,
-        ("shipped agent verdict repair sweep agent limit lr 8 epochs give back verify", RECOMMENDED),
+        (f"{AGENT_COMMAND} 8 epochs give back verify", RECOMMENDED),
     ),
 }
 """--setting names that time several SETTINGS entries against one ANP run per model, at one fraction, in an order that

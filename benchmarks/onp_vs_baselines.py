@@ -98,6 +98,10 @@ def _agent_command(epochs: int, repair: dict | None = None, **more: Any) -> tupl
     }
 
 
+AGENT_COMMAND = "shipped agent verdict repair sweep agent limit lr"
+"""The agent's command's SETTINGS name (the shipped agent, verdict's sweep from its units with the accuracy limit from
+its pruned model, the repair at lr 0.02); `AGENT_COMMAND N epochs` and its later forms the same over N epochs."""
+
 SETTINGS = {
     "nc ungated": ("nc", {"flag_index": 0.0}),
     "verdict shadow reference": ("verdict", {}),
@@ -184,7 +188,7 @@ SETTINGS = {
             "sweep_spare": 0.01,
         },
     ),
-    "shipped agent verdict repair sweep agent limit lr": (
+    AGENT_COMMAND: (
         "onp",
         {
             "repair_with": "verdict",
@@ -193,30 +197,20 @@ SETTINGS = {
             "sweep_limit_from": "agent",
         },
     ),
-    **{f"shipped agent verdict repair sweep agent limit lr {n} epochs": _agent_command(n) for n in (3, 8)},
+    **{f"{AGENT_COMMAND} {n} epochs": _agent_command(n) for n in (3, 8)},
     # ... and the agent's units given back where verdict flags no class: the recommended preset since 2026-12-07
     # (onp_unflagged.md)
-    **{
-        f"shipped agent verdict repair sweep agent limit lr {n} epochs give back": _agent_command(
-            n, unflagged="give_back"
-        )
-        for n in (3, 8)
-    },
+    **{f"{AGENT_COMMAND} {n} epochs give back": _agent_command(n, unflagged="give_back") for n in (3, 8)},
     # ... and the sweep checked (verdict's verify_sweep): the recommended preset since 2026-12-07, night
     # (verify_sweep_choose-folds.md), with 3 epochs with 5% until late that night and 4 since (repair_epochs_folds.py,
     # which weighed 4 and 5, verdict's own, on the fold agents' shadow models; both timed against 3 by deploy_cost.py)
     **{
-        f"shipped agent verdict repair sweep agent limit lr {n} epochs give back verify": _agent_command(
-            n, {"verify_sweep": True}, unflagged="give_back"
-        )
+        f"{AGENT_COMMAND} {n} epochs give back verify": _agent_command(n, {"verify_sweep": True}, unflagged="give_back")
         for n in (3, 4, 5, 8)
     },
     # ... and verdict's choice between its verdicts made on scores standardised per class, moving only to a mask or
     # blend inversion (onp_repair_spread-input_{1,5}.md)
-    **{
-        f"shipped agent verdict repair sweep agent limit lr {n} epochs spread": _agent_command(n, _SPREAD_INPUT)
-        for n in (3, 8)
-    },
+    **{f"{AGENT_COMMAND} {n} epochs spread": _agent_command(n, _SPREAD_INPUT) for n in (3, 8)},
     # an agent trained without MNP's signal (configs/agent/fashion-mnist-sampled-no-mnp.yaml, trained into NO_MNP),
     # alone and with the same repair
     "no-mnp agent": ("onp", {"agent": str(NO_MNP)}),
@@ -252,16 +246,19 @@ with verdict choosing on scores standardised per class, moved only to a mask or 
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
 ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
 _LR = " verdict repair sweep agent limit lr"
+_SHIPPED = "shipped agent"
 AGENT_REPAIRS = {
-    " verdict repair": "shipped agent verdict repair",
-    " verdict repair sweep": "shipped agent verdict repair sweep",
-    " verdict repair sweep agent limit": "shipped agent verdict repair sweep agent limit",
-    " verdict repair sweep spare": "shipped agent verdict repair sweep spare",
-    " verdict repair sweep agent limit lr": "shipped agent verdict repair sweep agent limit lr",
-    " verdict repair sweep agent limit lr 3 epochs": "shipped agent verdict repair sweep agent limit lr 3 epochs",
-    " verdict repair sweep agent limit lr 8 epochs": "shipped agent verdict repair sweep agent limit lr 8 epochs",
-    **{f"{_LR} {n} epochs spread": f"shipped agent{_LR} {n} epochs spread" for n in (3, 8)},
-    **{f"{_LR} {n} epochs give back verify": f"shipped agent{_LR} {n} epochs give back verify" for n in (3, 4, 5, 8)},
+    suffix: _SHIPPED + suffix
+    for suffix in (
+        " verdict repair",
+        " verdict repair sweep",
+        " verdict repair sweep agent limit",
+        " verdict repair sweep spare",
+        _LR,
+        *(f"{_LR} {n} epochs" for n in (3, 8)),
+        *(f"{_LR} {n} epochs spread" for n in (3, 8)),
+        *(f"{_LR} {n} epochs give back verify" for n in (3, 4, 5, 8)),
+    )
 }
 """Method-name suffixes of a fold's agent repaired as the shipped one is by that SETTINGS entry (--agent-repair: the
 first; --repair-sweep: the second; --sweep-agent-limit: the third; --sweep-spare: the fourth; --sweep-lr: the
@@ -319,17 +316,17 @@ REPAIRED = (
     "shipped agent verdict repair sweep",
     "shipped agent verdict repair sweep agent limit",
     "shipped agent verdict repair sweep spare",
-    "shipped agent verdict repair sweep agent limit lr",
-    "shipped agent verdict repair sweep agent limit lr 3 epochs",
-    "shipped agent verdict repair sweep agent limit lr 8 epochs",
-    "shipped agent verdict repair sweep agent limit lr 3 epochs spread",
-    "shipped agent verdict repair sweep agent limit lr 8 epochs spread",
-    "shipped agent verdict repair sweep agent limit lr 3 epochs give back",
-    "shipped agent verdict repair sweep agent limit lr 8 epochs give back",
-    "shipped agent verdict repair sweep agent limit lr 3 epochs give back verify",
-    "shipped agent verdict repair sweep agent limit lr 8 epochs give back verify",
-    "shipped agent verdict repair sweep agent limit lr 4 epochs give back verify",
-    "shipped agent verdict repair sweep agent limit lr 5 epochs give back verify",
+    AGENT_COMMAND,
+    f"{AGENT_COMMAND} 3 epochs",
+    f"{AGENT_COMMAND} 8 epochs",
+    f"{AGENT_COMMAND} 3 epochs spread",
+    f"{AGENT_COMMAND} 8 epochs spread",
+    f"{AGENT_COMMAND} 3 epochs give back",
+    f"{AGENT_COMMAND} 8 epochs give back",
+    f"{AGENT_COMMAND} 3 epochs give back verify",
+    f"{AGENT_COMMAND} 8 epochs give back verify",
+    f"{AGENT_COMMAND} 4 epochs give back verify",
+    f"{AGENT_COMMAND} 5 epochs give back verify",
     "no-mnp agent verdict repair",
 )
 """Methods whose output is the model they fine-tune after pruning: their cells measure that model."""

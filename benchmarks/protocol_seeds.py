@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 from onp_repair_sweep import fold_agent
-from onp_vs_baselines import ATTACKS, BEFORE_VERIFY, SETTINGS, held_out_labs
+from onp_vs_baselines import AGENT_COMMAND, ATTACKS, BEFORE_VERIFY, SETTINGS, held_out_labs
 from rows import exit_2_on_bad_input
 from shift_seeds import FRACTIONS, SEEDS, defended_cells, seeds_report
 from signal_models import HERE, Rows, per_model_main
 
 RESULTS = HERE / "results" / "protocol_seeds.jsonl"
-_COMMAND = "shipped agent verdict repair sweep agent limit lr {} epochs"
+_COMMAND = AGENT_COMMAND + " {} epochs"
 METHODS = {
     "agent's command": {0.01: SETTINGS[_COMMAND.format(8)], 0.05: SETTINGS[_COMMAND.format(3)]},
     "verdict": {f: SETTINGS[BEFORE_VERIFY] for f in FRACTIONS},

@@ -49,6 +49,7 @@ import torch
 from onp_prunable import repaired_means
 from onp_repair_knobs import CHANGE_RULE, judged, moved, rule_holds
 from onp_repair_sweep import fold_agent as attack_fold_agent
+from onp_vs_baselines import AGENT_COMMAND
 from protocol_seeds import models as protocol_models
 from rows import exit_2_on_bad_input
 from shift_seeds import SEEDS as SHIFT_SEEDS
@@ -77,7 +78,7 @@ def timing_holds(setting: str) -> bool | None:
     if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    name = f"shipped agent verdict repair sweep agent limit lr {setting} give back verify"
+    name = f"{AGENT_COMMAND} {setting} give back verify"
     return all(x <= deploy_cost.TENTH for x in deploy_cost.compared_ratios(rows, name))
 
 
