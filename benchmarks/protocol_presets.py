@@ -33,6 +33,9 @@ from onp_env.registry import defense_class
 RESULTS = HERE / "results" / "protocol_presets.jsonl"
 COMMANDS = {"agent's preset": "onp", "verdict's preset": "verdict"}
 """Method name in the rows: the registered defense run with `--preset recommended`."""
+FOLDS_PROTOCOL = HERE / "results" / "repair_epochs_folds_protocol.jsonl"
+SAME_AS = {"agent's preset": "4 epochs", "verdict's preset": "verdict"}
+"""Command -> the setting of FOLDS_PROTOCOL that is its preset with 5% (the agent's since 2026-12-07, late)."""
 METHODS = {method: {f: (defense, {}, "recommended") for f in FRACTIONS} for method, defense in COMMANDS.items()}
 
 
@@ -64,6 +67,23 @@ def _best(rows: Rows) -> list[str]:
         lines.append(f"- {fraction:.0%}: {first} {der[first]:.2f} against {second}'s {der[second]:.2f} mean DER "
                      f"({der[first] - der[second]:+.2f}).")  # fmt: skip
     return lines
+
+
+def _as_before(rows: Rows) -> str:
+    """Whether the 5% runs repeat repair_epochs_folds.py's `protocol` runs of the same settings (its `4 epochs` and
+    `verdict`, run on this host's build with the same fold agents and seeds) to the last digit."""
+    if not FOLDS_PROTOCOL.is_file():
+        return f"{FOLDS_PROTOCOL.name} is not here: the 5% runs were not compared with it."
+    before = {}
+    for line in FOLDS_PROTOCOL.read_text().splitlines():
+        r = json.loads(line)
+        before |= {(r["model"], c["setting"], c["seed"]): c["repaired"] for c in r["cells"]}
+    pairs = [(c["finetuned"], before.get((r["model"], SAME_AS[c["method"]], c["seed"])))
+             for r in rows for c in r["cells"] if c["fraction"] == 0.05]  # fmt: skip
+    met = [a for a, b in pairs if b is not None]
+    same = sum(all(a[k] == b[k] for k in ("acc", "asr", "der")) for a, b in pairs if b is not None)
+    return (f"Of the {len(pairs)} runs with 5%, {len(met)} were run by {FOLDS_PROTOCOL.name} too (its `4 epochs` and "
+            f"`verdict`): {same} of them end with the same accuracy, ASR and DER to the last digit.")  # fmt: skip
 
 
 def _per_attack(rows: Rows) -> list[str]:
@@ -103,6 +123,8 @@ def report(rows: Rows) -> str:
         "",
         "Best mean DER:",
         *_best(rows),
+        "",
+        _as_before(rows),
     ]
     return seeds_report(rows, METHODS, head, "0") + "\n".join(_per_attack(rows)) + "\n"
 
