@@ -98,9 +98,12 @@ def _agent_command(epochs: int, repair: dict | None = None, **more: Any) -> tupl
     }
 
 
-AGENT_COMMAND = "shipped agent verdict repair sweep agent limit lr"
-"""The agent's command's SETTINGS name (the shipped agent, verdict's sweep from its units with the accuracy limit from
-its pruned model, the repair at lr 0.02); `AGENT_COMMAND N epochs` and its later forms the same over N epochs."""
+_SHIPPED = "shipped agent"
+_LR = " verdict repair sweep agent limit lr"
+AGENT_COMMAND = _SHIPPED + _LR
+"""The base of the agent's command's SETTINGS names (the shipped agent, verdict's sweep from its units with the accuracy
+limit from its pruned model, the repair at lr 0.02); `AGENT_COMMAND N epochs` and its later forms (`... give back
+verify`: the preset) the same over N epochs."""
 
 SETTINGS = {
     "nc ungated": ("nc", {"flag_index": 0.0}),
@@ -245,8 +248,6 @@ with verdict choosing on scores standardised per class, moved only to a mask or 
 `repair.spread_latent: false`, the study spread-input);
 `no-mnp agent` and `no-mnp agent verdict repair` the same with the agent trained without MNP's signal (NO_MNP), which
 ships since 2026-12-05: `shipped agent` rows recorded before then are the agent with MNP's signal (git: 54f0def)."""
-_LR = " verdict repair sweep agent limit lr"
-_SHIPPED = "shipped agent"
 AGENT_REPAIRS = {
     suffix: _SHIPPED + suffix
     for suffix in (
@@ -1036,6 +1037,11 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=HERE / "runs" / "onp")
     p.add_argument("--results", type=Path, default=HERE / "results" / "onp.md")
     args = p.parse_args()
+    if args.agent_preset and args.no_agent:
+        p.error("--agent-preset runs the protocol's agent by its preset: drop --no-agent")
+    if args.agent_preset:  # refused before any model is built where the preset is no setting here
+        for images in (0, ONP.presets["recommended"].few_below):
+            preset_suffix(images)
     if args.spread and not args.sweep_epochs:
         p.error("--spread runs the --sweep-epochs runs' spread form: give --sweep-epochs N too")
     if args.report_only:

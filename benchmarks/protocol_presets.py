@@ -10,9 +10,10 @@ each of the protocol's 15 held-out models (protocol_seeds.models: five attacks, 
 them) is defended by `onp --preset recommended` with the fold agent that never saw the model's attack
 (onp_repair_sweep.fold_agent) and by `verdict --preset recommended`, nothing changed, with the defense's seeds 0, 1
 and 2 (protocol_seeds.py's) at 1% and 5%. Nothing is chosen here. Each row records both presets as the code held them
-when it ran; the report names any row whose presets differ from the code's now (its runs then measure another
-setting). One torch thread per worker; the runs of one model share one process and its memoised inversions, so their
-seconds are not compared. One JSON line per model in protocol_presets.jsonl (resumable), then protocol_presets.md."""
+when it ran; the report names any row whose preset parameters differ from the code's now (a change of a default or
+of the code itself is not seen so). One torch thread per worker; the runs of one model share one process and its
+memoised inversions, so their seconds are not compared. One JSON line per model in protocol_presets.jsonl
+(resumable), then protocol_presets.md."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ COMMANDS = {"agent's preset": "onp", "verdict's preset": "verdict"}
 """Method name in the rows: the registered defense run with `--preset recommended`."""
 FOLDS_PROTOCOL = HERE / "results" / "repair_epochs_folds_protocol.jsonl"
 SAME_AS = {"agent's preset": "4 epochs", "verdict's preset": "verdict"}
-"""Command -> the setting of FOLDS_PROTOCOL that is its preset with 5% (the agent's since 2026-12-07, late)."""
+"""Command -> the setting of FOLDS_PROTOCOL that is its preset with 5% (the agent's since 2026-12-07, late: a preset
+that changes makes the comparison count fewer runs the same, which the report says)."""
 METHODS = {method: {f: (defense, {}, "recommended") for f in FRACTIONS} for method, defense in COMMANDS.items()}
 
 
@@ -77,8 +79,8 @@ def _as_before(rows: Rows) -> str:
     before = {}
     for line in FOLDS_PROTOCOL.read_text().splitlines():
         r = json.loads(line)
-        before |= {(r["model"], c["setting"], c["seed"]): c["repaired"] for c in r["cells"]}
-    pairs = [(c["finetuned"], before.get((r["model"], SAME_AS[c["method"]], c["seed"])))
+        before |= {(r["model"], c["setting"], c["seed"], c["fraction"]): c["repaired"] for c in r["cells"]}
+    pairs = [(c["finetuned"], before.get((r["model"], SAME_AS[c["method"]], c["seed"], c["fraction"])))
              for r in rows for c in r["cells"] if c["fraction"] == 0.05]  # fmt: skip
     met = [a for a, b in pairs if b is not None]
     same = sum(all(a[k] == b[k] for k in ("acc", "asr", "der")) for a, b in pairs if b is not None)
@@ -89,12 +91,12 @@ def _as_before(rows: Rows) -> str:
 def _per_attack(rows: Rows) -> list[str]:
     lines = ["", "Per held-out attack, over its three models and three seeds: mean DER / ASR left / points lost "
              "(runs within the target):", "",
-             "| attack | " + " | ".join(f"{m} {f:.0%}" for f in FRACTIONS for m in COMMANDS) + " |",
+             "| attack | " + " | ".join(f"{m} {f:.0%}" for m in COMMANDS for f in FRACTIONS) + " |",
              "|---|" + "---:|" * (len(FRACTIONS) * len(COMMANDS))]  # fmt: skip
     for attack in dict.fromkeys(r["role"] for r in rows):
         parts = []
-        for fraction in FRACTIONS:
-            for method in COMMANDS:
+        for method in COMMANDS:
+            for fraction in FRACTIONS:
                 cells = [c for r in rows if r["role"] == attack for c in r["cells"]
                          if c["method"] == method and c["fraction"] == fraction]  # fmt: skip
                 der, asr, lost, within = finetuned_means(cells)
@@ -116,10 +118,10 @@ def report(rows: Rows) -> str:
         "within the target (ASR <= 5%, <= 2 points lost). Hosts: "
         f"{', '.join(sorted({r['host'] for r in rows}))}.",
         "",
-        "Every row ran the presets as the code holds them now."
+        "Every row ran the preset parameters the code holds now."
         if not other
-        else f"**{len(other)} rows ran other presets than the code's now** ({', '.join(other)}): re-run them into a "
-        "fresh results file before reading this.",
+        else f"**{len(other)} rows ran other preset parameters than the code's now** ({', '.join(other)}): re-run "
+        "them into a fresh results file before reading this.",
         "",
         "Best mean DER:",
         *_best(rows),

@@ -127,17 +127,21 @@ def test_the_shipped_agent_command_repairs_as_the_benchmarks_measured(monkeypatc
     said = " ".join(text.split())
     assert f"or `--set repair.repair_epochs=8` where the defense set holds fewer than {FEW_IMAGES} images" in said
     assert "`--set repair_sweep=true --set repair.repair_lr=0.02 --set repair.repair_epochs=4`" in said
-    settings = benchmark_settings(monkeypatch).SETTINGS
-    timed = {name for _, names in benchmark_settings(monkeypatch, "deploy_cost").COMPARED.values() for name in names}
+    script = benchmark_settings(monkeypatch)
+    settings = script.SETTINGS
+    compared = benchmark_settings(monkeypatch, "deploy_cost").COMPARED
+    timed = {name for _, names in compared.values() for name in names}
     preset = ONP.presets["recommended"]
-    protocol = benchmark_settings(monkeypatch)
-    for images, epochs in ((600, 8), (3000, 4)):  # the preset as it runs today, and as --agent-preset names it
+    for images, epochs in ((600, 8), (3000, 4)):  # the preset as it runs today
         assert settings[f"shipped agent verdict repair sweep agent limit lr {epochs} epochs give back verify"] == (
             "onp", preset.resolve(images))  # fmt: skip
-        suffix = protocol.preset_suffix(images)
-        assert protocol.AGENT_REPAIRS[suffix] == f"shipped agent{suffix}" and suffix.endswith(
-            f" {epochs} epochs give back verify"
-        )
+        # as onp_vs_baselines --agent-preset names its runs (run_cell finds the setting by the name's ending) and as
+        # deploy_cost's `presets at N%` times it
+        suffix = script.preset_suffix(images)
+        assert next(s for s in script.AGENT_REPAIRS if f"onp{suffix}".endswith(s)) == suffix
+        assert script.SETTINGS[script.AGENT_REPAIRS[suffix]] == ("onp", preset.resolve(images))
+        fraction, names = compared[f"presets at {images // 600}%"]
+        assert fraction == images / 60_000 and names[0] == script.AGENT_REPAIRS[suffix]
     assert "shipped agent verdict repair sweep agent limit lr 4 epochs give back verify" in timed  # 4 since 2026-12-07
     # 4 epochs with 3000 images since 2026-12-07 (repair_epochs_folds_choose-folds.md): the runs measured before it
     # with 3, and before verify_sweep and give_back, are the preset with those changed
