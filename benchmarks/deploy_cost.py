@@ -171,9 +171,11 @@ turns from model to model: ratios from separate runs move by up to 15% with the 
 seconds a setting saves (two of the 5% repair's epochs: 12% in deploy_cost_agent_repairs_at_5.md). `agent command below
 the switch`: the agent's command with 2280 defense images (3.8%), just below agents.defense.FEW_IMAGES (2324), where
 its preset runs the most repair steps, 8 epochs, beside the 3 it runs from the switch on. `presets at 1%`: both
-recommended presets as they ship with 1% defense data (until 2026-12-07 timed with 1% only before `unflagged` and
-`verify_sweep`); `presets at 5%` with 5% (timed before only beside other settings of the agent's or verdict's, one at a
-time), run once after it, whatever it shows: for the report only."""
+recommended presets as they ship with 1% defense data (before this run, 2026-12-07 at night, timed with 1% only as
+they were before `unflagged` and `verify_sweep`); `presets at 5%` the same with 5% (timed before only one at a time
+beside other settings of their own), run once after `presets at 1%` and reported whatever it showed; a test ties both
+to the agent's preset (test_readme). For the report only: in both runs the agent's preset ran before `verdict`'s on
+4 of 5 models, so the two are not compared with each other."""
 
 
 def setting_at(setting: str, fraction: float) -> str:
