@@ -14,7 +14,8 @@ the trigger; no defense does). Then the ablations (--ablations), on the first he
 README deploys the shipped agent), --repair-sweep with verdict's sweep going on from its units before that repair
 (`onp verdict repair sweep`, `repair_sweep`); onp_no_mnp.md holds the folds of the shipped agent's config so.
 --spread runs each --sweep-epochs run also with `class_spread` (onp_no_mnp_spread.md). --agent-preset runs each fold's
-agent by the agent's recommended preset as it resolves at each fraction, named by its setting. Cells of one model in
+agent by the agent's recommended preset as it resolves at each fraction, named by its setting (onp_no_mnp_presets.md,
+beside `verdict`'s preset). Cells of one model in
 one worker share its memoised inversions, so a cell's seconds there depend on what ran before it.
 --variants runs chosen ablation variants on every fold and fraction instead: a variant picked from the
 ablation table has to be confirmed on held-out models the pick did not see (--seeds, a --results file
