@@ -26,7 +26,7 @@ from onp_repair_sweep import fold_agent
 from protocol_seeds import models
 from rows import exit_2_on_bad_input
 from shift_seeds import FRACTIONS, defended_cells, finetuned_means, seeds_report
-from signal_models import HERE, Rows, per_model_main
+from signal_models import HERE, Rows, per_model_main, read_rows
 
 from onp_env.presets import preset_of
 from onp_env.registry import defense_class
@@ -53,8 +53,8 @@ def presets_now() -> dict[str, dict[str, Any]]:
 def measure(name: str, attack: str, path: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     agent = {"agent": str(fold_agent(attack))}
-    cells = defended_cells(path, {m: METHODS[m] for m in ("agent's preset",)}, 0, agent)
-    cells += defended_cells(path, {m: METHODS[m] for m in ("verdict's preset",)}, 0)
+    cells = defended_cells(path, {"agent's preset": METHODS["agent's preset"]}, 0, agent)
+    cells += defended_cells(path, {"verdict's preset": METHODS["verdict's preset"]}, 0)
     return {"model": name, "role": attack, "host": platform.node(), "torch": torch.__version__,
             "presets": presets_now(), "cells": cells}  # fmt: skip
 
@@ -77,8 +77,7 @@ def _as_before(rows: Rows) -> str:
     if not FOLDS_PROTOCOL.is_file():
         return f"{FOLDS_PROTOCOL.name} is not here: the 5% runs were not compared with it."
     before = {}
-    for line in FOLDS_PROTOCOL.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_rows(FOLDS_PROTOCOL):
         before |= {(r["model"], c["setting"], c["seed"], c["fraction"]): c["repaired"] for c in r["cells"]}
     pairs = [(c["finetuned"], before.get((r["model"], SAME_AS[c["method"]], c["seed"], c["fraction"])))
              for r in rows for c in r["cells"] if c["fraction"] == 0.05]  # fmt: skip

@@ -39,7 +39,6 @@ model in repair_epochs_folds_SET.jsonl (resumable), then repair_epochs_folds_SET
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from onp_vs_baselines import AGENT_COMMAND
 from protocol_seeds import models as protocol_models
 from rows import exit_2_on_bad_input
 from shift_seeds import SEEDS as SHIFT_SEEDS
-from signal_models import HERE, Rows, per_set_main
+from signal_models import HERE, Rows, per_set_main, read_rows
 from verify_sweep import FOLDS, SETS, cells_of, fold_agent, run_changed, seeds_of
 
 FRACTION = 0.05
@@ -77,7 +76,7 @@ def timing_holds(setting: str) -> bool | None:
     path = deploy_cost.results_of(TIMINGS[setting])
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = read_rows(path)
     name = f"{AGENT_COMMAND} {setting} give back verify"
     return all(x <= deploy_cost.TENTH for x in deploy_cost.compared_ratios(rows, name))
 
@@ -131,7 +130,7 @@ def report(rows: Rows) -> str:
                   f"{judged(new, old, CHANGE_RULE, len(seeds))}.", "", *moved(by[base], by[setting])]  # fmt: skip
     verdict = list(cells_of(rows, roles, VERDICT, FRACTION, "verdict").values())
     if which == "shift" and VERIFY_SHIFT.is_file():  # the recommended verdict as it ships, on the same seeds
-        shift_rows = [json.loads(line) for line in VERIFY_SHIFT.read_text().splitlines()]
+        shift_rows = read_rows(VERIFY_SHIFT)
         found = cells_of(shift_rows, ("shift",), VERDICT, FRACTION, "with")
         verdict = [c for key, c in found.items() if key in by[base]]
         agent_rows = cells_of(shift_rows, ("shift",), COMMAND, FRACTION, "with")

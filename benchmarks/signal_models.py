@@ -82,6 +82,11 @@ def measure_models(results: Path, done: set[str], models: list[tuple[str, str, L
 Rows = list[dict[str, Any]]
 
 
+def read_rows(results: Path) -> Rows:
+    """The rows of a results file, one JSON line each."""
+    return [json.loads(line) for line in results.read_text().splitlines()]
+
+
 def complete_rows(results: Path, models: list[tuple[str, str, LabConfig]], workers: int,
                   measure: Callable[..., dict[str, Any]],
                   missing: Callable[[dict[str, Any]], list[str]]) -> None:  # fmt: skip
@@ -91,7 +96,7 @@ def complete_rows(results: Path, models: list[tuple[str, str, LabConfig]], worke
     atomically after each model."""
     from onp_env.artifacts import write_text_atomic
 
-    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    rows = read_rows(results)
     todo = {r["model"]: missing(r) for r in rows if missing(r)}
     if not todo:
         return
@@ -138,13 +143,13 @@ def per_model_main(doc: str, results: Path, models: list[tuple[str, str, LabConf
     extra = () if option is None else (getattr(args, option[0].lstrip("-").replace("-", "_")),)
     if option is not None:
         results = option[2](extra[0])
-    done = {json.loads(line)["model"] for line in results.read_text().splitlines()} if results.is_file() else set()
+    done = {r["model"] for r in read_rows(results)} if results.is_file() else set()
     if not args.report_only:
         measure_models(results, done, models, args.workers, measure, *extra)
         if complete is not None:
             complete_rows(results, models, args.workers, measure, complete)
     order = {name: i for i, (name, _, _) in enumerate(models)}
-    rows = sorted((json.loads(line) for line in results.read_text().splitlines()), key=lambda r: order[r["model"]])
+    rows = sorted(read_rows(results), key=lambda r: order[r["model"]])
     out = results.with_suffix(".md")
     out.write_text(report(rows))
     print(out)
